@@ -1,0 +1,77 @@
+"""The ragged batch: everything one engine step tells the model, built once per step and read by every layer.
+
+A step packs the scheduled work of many requests (prefill chunks and decodes) into one flat token stream of
+length T. Sequence n owns tokens cu_seqlens[n]:cu_seqlens[n+1]. KDA layers read their recurrent and conv
+states from slot `state_slots[n]` of their pools (starting from zero where `has_initial_state[n]` is False)
+and write them back in place; MLA layers append the new tokens' latent KV at `slot_mapping` and attend over
+the blocks listed in `block_tables[n]`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class StateCheckpoints:
+    """KDA states to save inside this step's prefill, for the prefix cache (see docs/kda-contract.md).
+
+    seq[m] indexes the batch's sequences; after its first pos[m] *new* tokens of this step, the recurrent
+    state is written to pool slot slot[m] (pos[m] a multiple of the checkpoint alignment).
+    """
+
+    seq: torch.Tensor  # [M] int32
+    pos: torch.Tensor  # [M] int32
+    slot: torch.Tensor  # [M] int32
+
+
+@dataclass
+class RaggedBatch:
+    input_ids: torch.Tensor  # [T] int64, the new tokens of all sequences, packed
+    positions: torch.Tensor  # [T] int64, absolute position of each token within its sequence
+    cu_seqlens: torch.Tensor  # [N+1] int32, new-token boundaries per sequence
+    context_lens: torch.Tensor  # [N] int32, tokens already cached for the sequence before this step
+    seq_lens: torch.Tensor  # [N] int32, context_lens + new tokens
+    state_slots: torch.Tensor  # [N] int32, KDA recurrent/conv state slot of each sequence
+    has_initial_state: torch.Tensor  # [N] bool, context_lens > 0
+    block_tables: torch.Tensor  # [N, max_blocks] int32, MLA latent-KV blocks per sequence (-1 = none)
+    slot_mapping: torch.Tensor  # [T] int64, flat KV-cache slot (block * block_size + offset) of each new token
+    logits_indices: torch.Tensor  # [N] int64, index in [0, T) of the token whose logits each sequence needs
+    query_lens: list[int] = field(default_factory=list)  # host copy of the new-token counts
+    is_decode: bool = False  # every sequence has exactly one new token and a cached context
+    checkpoints: StateCheckpoints | None = None
+
+    @property
+    def num_seqs(self) -> int:
+        return int(self.cu_seqlens.shape[0]) - 1
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def to(self, device: torch.device | str) -> "RaggedBatch":
+        """The same batch with every tensor on `device` (non-blocking copies from pinned memory where given)."""
+
+        def move(t):
+            return t.to(device, non_blocking=True) if isinstance(t, torch.Tensor) else t
+
+        ckpt = self.checkpoints
+        if ckpt is not None:
+            ckpt = StateCheckpoints(move(ckpt.seq), move(ckpt.pos), move(ckpt.slot))
+        return RaggedBatch(
+            input_ids=move(self.input_ids),
+            positions=move(self.positions),
+            cu_seqlens=move(self.cu_seqlens),
+            context_lens=move(self.context_lens),
+            seq_lens=move(self.seq_lens),
+            state_slots=move(self.state_slots),
+            has_initial_state=move(self.has_initial_state),
+            block_tables=move(self.block_tables),
+            slot_mapping=move(self.slot_mapping),
+            logits_indices=move(self.logits_indices),
+            query_lens=list(self.query_lens),
+            is_decode=self.is_decode,
+            checkpoints=ckpt,
+        )

@@ -1,0 +1,123 @@
+"""The short causal convolution Kimi-Linear applies to q, k and v before KDA (depthwise, kernel W=4, SiLU).
+
+The conv state of a sequence is its last W-1 inputs, kept in a pool `conv_pool [S, W-1, D]` (token-major, so
+a decode step reads and writes D contiguous values per row) and indexed like the KDA state pool.
+
+    y_t = act(bias + sum_{w < W} weight[:, w] * x_{t - (W-1) + w})        (x before the sequence = conv state)
+
+Prefill runs over a packed varlen batch (x [T, D], cu_seqlens [N+1]); decode takes one token per sequence
+(x [N, D]). Both update the pool in place; index -1 marks a padded entry (zero output, no state change).
+Registered as torch custom ops like the KDA ops; CPU tensors run the PyTorch code here, CUDA tensors the
+kernels in csrc/conv through kda_serving/ops/cuda_decode.py.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .contract import PAD_SLOT, validate_conv_args
+
+Tensor = torch.Tensor
+
+
+def _finish(y: Tensor, bias: Tensor | None, silu: bool) -> Tensor:
+    if bias is not None:
+        y = y + bias.float()
+    return F.silu(y) if silu else y
+
+
+@torch.library.custom_op("kda_serving::causal_conv1d_prefill_", mutates_args=("out", "conv_pool"))
+def _conv_prefill_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], cu_seqlens: Tensor, conv_pool: Tensor,
+                     state_indices: Tensor, has_initial_state: Optional[Tensor], silu: bool, out: Tensor) -> None:
+    T, D = x.shape
+    W = weight.shape[1]
+    lens = cu_seqlens.detach().cpu().long().diff()
+    N = lens.numel()
+    idx = state_indices.long()
+    real = idx != PAD_SLOT
+    start = torch.zeros((N, W - 1, D), dtype=torch.float32, device=x.device)
+    use = real if has_initial_state is None else real & has_initial_state
+    start[use] = conv_pool[idx[use]].float()
+    # One buffer holding, per sequence, its W-1 carried inputs followed by its new ones.
+    seg = lens + (W - 1)
+    seg_start = torch.cumsum(seg, 0) - seg
+    buf = torch.empty((int(seg.sum()), D), dtype=torch.float32, device=x.device)
+    seq_of_tok = torch.repeat_interleave(torch.arange(N), lens)
+    tok_off = torch.arange(T) - (torch.cumsum(lens, 0) - lens)[seq_of_tok]
+    buf[(seg_start[seq_of_tok] + (W - 1) + tok_off).to(x.device)] = x.float()
+    carry_pos = (seg_start.unsqueeze(1) + torch.arange(W - 1)).reshape(-1)
+    buf[carry_pos.to(x.device)] = start.reshape(-1, D)
+    window = (seg_start[seq_of_tok] + tok_off).unsqueeze(1) + torch.arange(W)  # [T, W] rows of buf
+    y = torch.einsum("twd,dw->td", buf[window.to(x.device)], weight.float())
+    y = _finish(y, bias, silu)
+    y[~real.to(y.device)[seq_of_tok.to(y.device)]] = 0
+    out.copy_(y.to(out.dtype))
+    tail = (seg_start + seg - (W - 1)).unsqueeze(1) + torch.arange(W - 1)  # [N, W-1] last W-1 of each segment
+    new_state = buf[tail.to(x.device)]
+    conv_pool[idx[real]] = new_state[real].to(conv_pool.dtype)
+
+
+@_conv_prefill_op.register_kernel("cuda")
+def _conv_prefill_cuda(x, weight, bias, cu_seqlens, conv_pool, state_indices, has_initial_state, silu, out):
+    from . import cuda_decode
+
+    cuda_decode.conv_prefill(x, weight, bias, cu_seqlens, conv_pool, state_indices, has_initial_state, silu, out)
+
+
+@_conv_prefill_op.register_fake
+def _(*args, **kwargs) -> None:
+    return None
+
+
+@torch.library.custom_op("kda_serving::causal_conv1d_decode_", mutates_args=("out", "conv_pool"))
+def _conv_decode_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], conv_pool: Tensor, state_indices: Tensor,
+                    silu: bool, out: Tensor) -> None:
+    idx = state_indices.long()
+    real = idx != PAD_SLOT
+    N, D = x.shape
+    W = weight.shape[1]
+    window = torch.zeros((N, W, D), dtype=torch.float32, device=x.device)
+    window[real, : W - 1] = conv_pool[idx[real]].float()
+    window[:, W - 1] = x.float()
+    y = _finish(torch.einsum("nwd,dw->nd", window, weight.float()), bias, silu)
+    y[~real] = 0
+    out.copy_(y.to(out.dtype))
+    conv_pool[idx[real]] = window[real, 1:].to(conv_pool.dtype)
+
+
+@_conv_decode_op.register_kernel("cuda")
+def _conv_decode_cuda(x, weight, bias, conv_pool, state_indices, silu, out):
+    from . import cuda_decode
+
+    cuda_decode.conv_decode(x, weight, bias, conv_pool, state_indices, silu, out)
+
+
+@_conv_decode_op.register_fake
+def _(*args, **kwargs) -> None:
+    return None
+
+
+def causal_conv1d_prefill(x: Tensor, weight: Tensor, bias: Tensor | None, cu_seqlens: Tensor, conv_pool: Tensor,
+                          state_indices: Tensor, has_initial_state: Tensor | None = None,
+                          activation: str | None = "silu") -> Tensor:
+    """Causal depthwise conv over packed sequences. x [T, D]; weight [D, W]; bias [D] or None;
+    cu_seqlens [N+1]; conv_pool [S, W-1, D] (read where has_initial_state, then overwritten with each
+    sequence's last W-1 inputs); state_indices [N]. Returns y [T, D] in x's dtype."""
+    validate_conv_args(x, weight, bias, conv_pool, state_indices, cu_seqlens=cu_seqlens,
+                       has_initial_state=has_initial_state, activation=activation)
+    out = torch.empty_like(x)
+    torch.ops.kda_serving.causal_conv1d_prefill_(x, weight, bias, cu_seqlens, conv_pool, state_indices,
+                                                 has_initial_state, activation == "silu", out)
+    return out
+
+
+def causal_conv1d_decode(x: Tensor, weight: Tensor, bias: Tensor | None, conv_pool: Tensor, state_indices: Tensor,
+                         activation: str | None = "silu") -> Tensor:
+    """One new token per sequence: x [N, D] -> y [N, D]; conv_pool [S, W-1, D] shifted in place."""
+    validate_conv_args(x, weight, bias, conv_pool, state_indices, activation=activation, decode=True)
+    out = torch.empty_like(x)
+    torch.ops.kda_serving.causal_conv1d_decode_(x, weight, bias, conv_pool, state_indices, activation == "silu", out)
+    return out

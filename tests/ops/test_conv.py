@@ -1,0 +1,75 @@
+"""The short causal convolution against torch's own conv1d, sequence by sequence."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kda_testing import cu_seqlens_of, rel_err
+from kda_serving.ops import PAD_SLOT, causal_conv1d_decode, causal_conv1d_prefill
+
+
+def conv_truth(x, weight, bias, init):
+    """F.conv1d over [W-1 carried inputs, x] for one sequence, float64. x [L, D], init [W-1, D]."""
+    W = weight.shape[1]
+    if x.shape[0] == 0:
+        return x.double(), init
+    xs = torch.cat([init, x]).double().t().unsqueeze(0)  # [1, D, W-1+L]
+    y = F.conv1d(xs, weight.double().unsqueeze(1), None if bias is None else bias.double(), groups=x.shape[1])
+    return F.silu(y[0].t()), torch.cat([init, x])[-(W - 1):]
+
+
+@pytest.mark.parametrize("lengths", [[1, 2, 3, 7], [0, 5, 64], [17]])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_prefill_matches_conv1d(lengths, with_bias):
+    gen = torch.Generator().manual_seed(len(lengths))
+    D, W, S = 12, 4, 8
+    x = torch.randn(sum(lengths), D, generator=gen)
+    w = torch.randn(D, W, generator=gen)
+    b = torch.randn(D, generator=gen) if with_bias else None
+    pool = torch.randn(S, W - 1, D, generator=gen)
+    before = pool.clone()
+    slots = torch.randperm(S, generator=gen)[: len(lengths)]
+    has_init = torch.tensor([n % 2 == 0 for n in range(len(lengths))])
+    y = causal_conv1d_prefill(x, w, b, cu_seqlens_of(lengths), pool, slots, has_init)
+    start = 0
+    for n, L in enumerate(lengths):
+        init = before[slots[n]] if has_init[n] else torch.zeros(W - 1, D)
+        ref_y, ref_state = conv_truth(x[start:start + L], w, b, init)
+        if L:
+            assert rel_err(y[start:start + L], ref_y) < 1e-6
+        assert torch.allclose(pool[slots[n]], ref_state, atol=1e-7)
+        start += L
+    for s in set(range(S)) - set(slots.tolist()):
+        assert torch.equal(pool[s], before[s])
+
+
+def test_decode_equals_prefill_token_by_token():
+    gen = torch.Generator().manual_seed(1)
+    D, W, L = 10, 4, 6
+    x = torch.randn(2 * L, D, generator=gen)
+    w, b = torch.randn(D, W, generator=gen), torch.randn(D, generator=gen)
+    pool_a = torch.randn(4, W - 1, D, generator=gen)
+    pool_b = pool_a.clone()
+    slots = torch.tensor([3, 1])
+    y_pre = causal_conv1d_prefill(x, w, b, cu_seqlens_of([L, L]), pool_a, slots)
+    ys = []
+    for t in range(L):
+        ys.append(causal_conv1d_decode(torch.stack([x[t], x[L + t]]), w, b, pool_b, slots))
+    y_dec = torch.stack(ys, 1).reshape(2 * L, D)
+    assert torch.allclose(y_pre, y_dec, atol=1e-6)
+    assert torch.allclose(pool_a, pool_b, atol=1e-7)
+
+
+def test_padding_and_bf16():
+    gen = torch.Generator().manual_seed(2)
+    D, W = 8, 4
+    x = torch.randn(5, D, generator=gen).bfloat16()
+    w = torch.randn(D, W, generator=gen).bfloat16()
+    pool = torch.randn(3, W - 1, D, generator=gen).bfloat16()
+    before = pool.clone()
+    y = causal_conv1d_prefill(x, w, None, cu_seqlens_of([2, 3]), pool, torch.tensor([PAD_SLOT, 1]))
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y[:2], torch.zeros_like(y[:2]))
+    assert torch.equal(pool[[0, 2]], before[[0, 2]])
+    ref_y, _ = conv_truth(x[2:].float(), w.float(), None, before[1].float())
+    assert rel_err(y[2:], ref_y) < 1e-2

@@ -1,0 +1,43 @@
+"""The ops are real torch custom ops: schema, fake (meta) implementation and mutation declarations hold."""
+
+import torch
+from torch.library import opcheck
+
+from kda_testing import cu_seqlens_of, make_kda_inputs
+from kda_serving.ops import kda_prefill  # noqa: F401  (registers the ops)
+
+
+def test_prefill_op_passes_opcheck():
+    q, k, v, g, beta, A_log, dt = make_kda_inputs(1, 40, 2, 16, generator=torch.Generator().manual_seed(0))
+    pool = torch.randn(3, 2, 16, 16)
+    args = (q, k, v, g, beta, A_log, dt, 0.25, None, cu_seqlens_of([15, 25]), None, None, pool,
+            torch.tensor([2, 0]), torch.tensor([True, False]), None, None, None, torch.empty_like(v))
+    opcheck(torch.ops.kda_serving.kda_prefill_.default, args,
+            test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_decode_op_passes_opcheck():
+    q, k, v, g, beta, A_log, dt = make_kda_inputs(2, 1, 2, 16, generator=torch.Generator().manual_seed(1))
+    pool = torch.randn(3, 2, 16, 16)
+    args = (q, k, v, g, beta, A_log, dt, 0.25, -5.0, pool, torch.tensor([2, 0]), None, torch.empty_like(v))
+    opcheck(torch.ops.kda_serving.kda_decode_.default, args,
+            test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_conv_ops_pass_opcheck():
+    x, w = torch.randn(9, 6), torch.randn(6, 4)
+    pool = torch.randn(4, 3, 6)
+    opcheck(torch.ops.kda_serving.causal_conv1d_prefill_.default,
+            (x, w, None, cu_seqlens_of([4, 5]), pool, torch.tensor([1, 3]), None, True, torch.empty_like(x)),
+            test_utils=("test_schema", "test_faketensor"))
+    opcheck(torch.ops.kda_serving.causal_conv1d_decode_.default,
+            (x[:2], w, torch.randn(6), pool, torch.tensor([1, 3]), True, torch.empty_like(x[:2])),
+            test_utils=("test_schema", "test_faketensor"))
+
+
+def test_torch_compile_traces_through_prefill():
+    from kda_serving.ops import kda_prefill as fn
+
+    q, k, v, g, beta, A_log, dt = make_kda_inputs(1, 20, 2, 16, generator=torch.Generator().manual_seed(2))
+    compiled = torch.compile(lambda *a: fn(*a).out * 2, fullgraph=True, backend="eager")
+    assert torch.allclose(compiled(q, k, v, g, beta, A_log, dt), fn(q, k, v, g, beta, A_log, dt).out * 2)

@@ -1,0 +1,120 @@
+"""State-pool semantics of kda_prefill and kda_decode: indexing, in-place updates, padding, masks."""
+
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kda_testing import EXTREME_GATES, cu_seqlens_of, make_kda_inputs, rel_err
+from kda_serving.ops import PAD_SLOT, kda_decode, kda_prefill, kda_recurrent_reference
+
+TOL = 1e-4
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    lengths=st.lists(st.integers(0, 90), min_size=1, max_size=6),
+    pool_extra=st.integers(0, 5),
+    data=st.data(),
+)
+def test_pool_prefill_equals_independent_dense_calls(lengths, pool_extra, data):
+    """Each sequence of a packed pool-mode call gets exactly what it would get alone with a dense state."""
+    N = len(lengths)
+    S = N + pool_extra
+    slots = data.draw(st.permutations(range(S)))[:N]
+    has_init = data.draw(st.lists(st.booleans(), min_size=N, max_size=N))
+    seed = data.draw(st.integers(0, 2**31 - 1))
+    lb = data.draw(st.sampled_from([None, -5.0]))
+    gen = torch.Generator().manual_seed(seed)
+    H, K, V = 2, 16, 8
+    T = sum(lengths)
+    q, k, v, g, beta, A_log, dt = make_kda_inputs(1, T, H, K, V, generator=gen, **EXTREME_GATES)
+    pool = torch.randn(S, H, V, K, generator=gen)
+    before = pool.clone()
+    idx = torch.tensor(slots, dtype=torch.int32)
+    mask = torch.tensor(has_init)
+    got = kda_prefill(q, k, v, g, beta, A_log, dt, lower_bound=lb, cu_seqlens=cu_seqlens_of(lengths),
+                      state_pool=pool, state_indices=idx, has_initial_state=mask)
+    start = 0
+    for n, L in enumerate(lengths):
+        init = before[slots[n]] if has_init[n] else torch.zeros(H, V, K)
+        part = [x[:, start:start + L] for x in (q, k, v, g, beta)]
+        ref = kda_recurrent_reference(*part, A_log, dt, lower_bound=lb, initial_state=init.unsqueeze(0),
+                                      output_final_state=True)
+        if L:
+            assert rel_err(got.out[:, start:start + L], ref.out) <= TOL
+        assert rel_err(pool[slots[n]], ref.final_state[0]) <= TOL or L == 0 and torch.equal(pool[slots[n]], init)
+        start += L
+    for s in set(range(S)) - set(slots):
+        assert torch.equal(pool[s], before[s]), f"slot {s} not in state_indices was modified"
+
+
+def test_padding_entries_touch_nothing():
+    gen = torch.Generator().manual_seed(1)
+    q, k, v, g, beta, A_log, dt = make_kda_inputs(1, 30, 2, 16, generator=gen)
+    pool = torch.randn(4, 2, 16, 16, generator=gen)
+    before = pool.clone()
+    out, _ = kda_prefill(q, k, v, g, beta, A_log, dt, cu_seqlens=cu_seqlens_of([10, 20]), state_pool=pool,
+                         state_indices=torch.tensor([PAD_SLOT, 2]))
+    assert torch.equal(out[:, :10], torch.zeros_like(out[:, :10]))
+    assert torch.equal(pool[[0, 1, 3]], before[[0, 1, 3]])
+    assert not torch.equal(pool[2], before[2])
+
+
+def test_pool_bf16_rounds_once():
+    gen = torch.Generator().manual_seed(2)
+    q, k, v, g, beta, A_log, dt = make_kda_inputs(1, 50, 2, 16, generator=gen, **EXTREME_GATES)
+    pool = torch.randn(3, 2, 16, 16, generator=gen).bfloat16()
+    init = pool[1].float().clone()
+    kda_prefill(q, k, v, g, beta, A_log, dt, state_pool=pool, state_indices=torch.tensor([1]))
+    ref = kda_recurrent_reference(q, k, v, g, beta, A_log, dt, initial_state=init.unsqueeze(0), output_final_state=True)
+    assert pool.dtype == torch.bfloat16
+    assert rel_err(pool[1], ref.final_state[0]) <= 1e-2
+
+
+def _decode_inputs(gen, N, T, H=2, K=16, V=8):
+    q, k, v, g, beta, A_log, dt = make_kda_inputs(N, T, H, K, V, generator=gen, **EXTREME_GATES)
+    return q, k, v, g, beta, A_log, dt
+
+
+def test_decode_steps_equal_prefill():
+    """T decode steps on the pool == one prefill of T tokens, for every sequence."""
+    gen = torch.Generator().manual_seed(3)
+    N, T, H, K, V = 3, 5, 2, 16, 8
+    q, k, v, g, beta, A_log, dt = _decode_inputs(gen, N, T, H, K, V)
+    pool = torch.randn(6, H, V, K, generator=gen)
+    slots = torch.tensor([4, 0, 2])
+    init = pool[slots].clone()
+    outs = []
+    for t in range(T):
+        outs.append(kda_decode(*(x[:, t:t + 1].contiguous() for x in (q, k, v, g, beta)), A_log, dt, pool, slots))
+    ref = kda_recurrent_reference(q, k, v, g, beta, A_log, dt, initial_state=init, output_final_state=True)
+    assert rel_err(torch.cat(outs, 1), ref.out) <= TOL
+    assert rel_err(pool[slots], ref.final_state) <= TOL
+
+
+def test_decode_multi_token_intermediate_slots():
+    gen = torch.Generator().manual_seed(4)
+    N, T, H, K, V = 2, 3, 2, 16, 8
+    q, k, v, g, beta, A_log, dt = _decode_inputs(gen, N, T, H, K, V)
+    pool = torch.randn(10, H, V, K, generator=gen)
+    before = pool.clone()
+    slots = torch.tensor([1, 5])
+    inter = torch.tensor([[2, 3, 4], [6, 7, 8]])
+    out = kda_decode(q, k, v, g, beta, A_log, dt, pool, slots, intermediate_slots=inter)
+    assert torch.equal(pool[slots], before[slots]), "with intermediate slots the starting slot is only read"
+    for t in range(T):
+        part = [x[:, : t + 1].contiguous() for x in (q, k, v, g, beta)]
+        ref = kda_recurrent_reference(*part, A_log, dt, initial_state=before[slots], output_final_state=True)
+        assert rel_err(pool[inter[:, t]], ref.final_state) <= TOL
+        assert rel_err(out[:, : t + 1], ref.out) <= TOL
+    assert torch.equal(pool[[0, 9]], before[[0, 9]])
+
+
+def test_decode_padding():
+    gen = torch.Generator().manual_seed(5)
+    q, k, v, g, beta, A_log, dt = _decode_inputs(gen, 2, 1)
+    pool = torch.randn(3, 2, 8, 16, generator=gen)
+    before = pool.clone()
+    out = kda_decode(q, k, v, g, beta, A_log, dt, pool, torch.tensor([PAD_SLOT, 0]))
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+    assert torch.equal(pool[1:], before[1:]) and not torch.equal(pool[0], before[0])
