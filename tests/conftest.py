@@ -10,6 +10,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # for tests/kda_testin
 
 HAS_CUDA = torch.cuda.is_available()
 
+# The CPU tests run many small matrix products; one thread avoids OpenMP overhead and contention on the
+# 2-core CI machine and makes timings of the CPU path repeatable.
+torch.set_num_threads(1)
+
 
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:

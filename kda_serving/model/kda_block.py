@@ -1,0 +1,91 @@
+"""The Kimi Delta Attention token mixer: projections, short convolution, the KDA recurrence, gated output norm.
+
+Per token x [hidden]:  q, k, v = silu(causal_conv(W_q x, W_k x, W_v x));  g = f_b(f_a(x)) (raw forget gate);
+beta = b(x) (logits); o = KDA(q, k, v, g, beta; A_log, dt_bias) per head; y = o_proj(rmsnorm(o) * sigmoid(g_b(g_a(x)))).
+The gate activation (softplus form) and sigmoid(beta) are applied inside kda_prefill/kda_decode, so the raw
+projections go straight to the op. The six projections that read x are stored as one matrix and run as one
+matmul; the loader fills its row blocks from the checkpoint's separate tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops import causal_conv1d_decode, causal_conv1d_prefill, kda_decode, kda_prefill
+from ..ops.contract import KDACheckpoints
+from .batch import RaggedBatch
+from .config import ModelConfig
+from .norm import gated_rms_norm
+
+
+def _param(*shape: int, dtype: torch.dtype, device) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
+
+
+class KDABlock(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device):
+        super().__init__()
+        H, K, D = cfg.linear_num_heads, cfg.linear_head_dim, cfg.kda_dim
+        self.num_heads, self.head_dim, self.dim = H, K, D
+        self.eps = cfg.rms_norm_eps
+        # rows: q | k | v (D each) | f_a (K) | g_a (K) | b (H)
+        self.split_sizes = [3 * D, K, K, H]
+        self.in_proj = _param(3 * D + 2 * K + H, cfg.hidden_size, dtype=dtype, device=device)
+        self.conv_weight = _param(3 * D, cfg.conv_kernel_size, dtype=dtype, device=device)  # [3D, W]
+        self.f_b_proj = _param(D, K, dtype=dtype, device=device)
+        self.g_b_proj = _param(D, K, dtype=dtype, device=device)
+        self.A_log = _param(H, dtype=torch.float32, device=device)
+        self.dt_bias = _param(H, K, dtype=torch.float32, device=device)
+        self.o_norm = _param(K, dtype=dtype, device=device)
+        self.o_proj = _param(cfg.hidden_size, D, dtype=dtype, device=device)
+
+    def forward(
+        self, x: torch.Tensor, batch: RaggedBatch, state_pool: torch.Tensor, conv_pool: torch.Tensor
+    ) -> torch.Tensor:
+        """x [T, hidden] -> [T, hidden]; state_pool [S, H, V, K] and conv_pool [S, W-1, 3D] updated in place."""
+        T, H, K = x.shape[0], self.num_heads, self.head_dim
+        mixed, f_a, g_a, beta = F.linear(x, self.in_proj).split(self.split_sizes, dim=-1)
+        mixed = mixed.contiguous()
+        if batch.is_decode:
+            mixed = causal_conv1d_decode(mixed, self.conv_weight, None, conv_pool, batch.state_slots)
+        else:
+            if batch.checkpoints is not None:
+                self._checkpoint_conv_states(mixed, batch, conv_pool)
+            mixed = causal_conv1d_prefill(
+                mixed, self.conv_weight, None, batch.cu_seqlens, conv_pool, batch.state_slots,
+                batch.has_initial_state,
+            )
+        q, k, v = (t.contiguous() for t in mixed.view(T, 3, H, K).unbind(1))
+        g = F.linear(f_a, self.f_b_proj).view(T, H, K)
+        beta = beta.contiguous()
+        if batch.is_decode:
+            out = kda_decode(
+                q[:, None], k[:, None], v[:, None], g[:, None], beta[:, None], self.A_log, self.dt_bias,
+                state_pool, batch.state_slots,
+            ).view(T, H, K)
+        else:
+            ckpt = batch.checkpoints
+            out = kda_prefill(
+                q[None], k[None], v[None], g[None], beta[None], self.A_log, self.dt_bias,
+                cu_seqlens=batch.cu_seqlens, state_pool=state_pool, state_indices=batch.state_slots,
+                has_initial_state=batch.has_initial_state,
+                checkpoints=None if ckpt is None else KDACheckpoints(ckpt.seq, ckpt.pos, ckpt.slot),
+            ).out.view(T, H, K)
+        gate = F.linear(g_a, self.g_b_proj).view(T, H, K)
+        out = gated_rms_norm(out, gate, self.o_norm, self.eps)
+        return F.linear(out.reshape(T, self.dim), self.o_proj)
+
+    @staticmethod
+    def _checkpoint_conv_states(mixed: torch.Tensor, batch: RaggedBatch, conv_pool: torch.Tensor) -> None:
+        """conv_pool[slot[m]] = the W-1 conv inputs just before new token pos[m] of sequence seq[m].
+
+        Checkpoint positions are multiples of CHECKPOINT_ALIGN (64) >= W-1, so the window lies inside this
+        step's tokens and the previous conv state is never needed.
+        """
+        ckpt = batch.checkpoints
+        width = conv_pool.shape[1]
+        ends = batch.cu_seqlens.long()[ckpt.seq.long()] + ckpt.pos.long()  # [M]
+        rows = ends[:, None] - width + torch.arange(width, device=mixed.device)  # [M, W-1]
+        conv_pool[ckpt.slot.long()] = mixed[rows].to(conv_pool.dtype)

@@ -1,0 +1,116 @@
+"""The Kimi-Linear causal LM over a ragged batch: embeddings, KDA/MLA decoder layers, final norm, lm_head.
+
+One forward call runs one engine step: the packed new tokens of every scheduled sequence (prefill chunks and
+decodes together) go through every layer once; KDA layers read/write their state slots, MLA layers their KV
+blocks (see RaggedBatch). Only the rows named by batch.logits_indices reach the final norm and lm_head.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .batch import RaggedBatch
+from .caches import ModelCaches
+from .config import DENSE, KDA, ModelConfig
+from .kda_block import KDABlock
+from .mla_block import MLABlock
+from .moe import DenseMLP, MoE
+from .norm import rms_norm
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm residual block: x + mixer(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, layer: int, dtype: torch.dtype, device):
+        super().__init__()
+        self.is_kda = cfg.layer_types[layer] == KDA
+        self.self_attn = KDABlock(cfg, dtype, device) if self.is_kda else MLABlock(cfg, dtype, device)
+        if cfg.mlp_types[layer] == DENSE:
+            self.mlp = DenseMLP(cfg.hidden_size, cfg.intermediate_size, dtype, device)
+        else:
+            self.mlp = MoE(cfg, dtype, device)
+        self.input_layernorm = nn.Parameter(torch.empty(cfg.hidden_size, dtype=dtype, device=device), False)
+        self.post_attention_layernorm = nn.Parameter(torch.empty(cfg.hidden_size, dtype=dtype, device=device), False)
+        self.eps = cfg.rms_norm_eps
+
+    def forward(self, h: torch.Tensor, batch: RaggedBatch, caches: ModelCaches, index: int) -> torch.Tensor:
+        """h [T, hidden] -> [T, hidden]; `index` is this layer's position in caches.recurrent/conv or caches.kv."""
+        x = rms_norm(h, self.input_layernorm, self.eps)
+        if self.is_kda:
+            x = self.self_attn(x, batch, caches.recurrent[index], caches.conv[index])
+        else:
+            x = self.self_attn(x, batch, caches.kv[index])
+        h = h + x
+        return h + self.mlp(rms_norm(h, self.post_attention_layernorm, self.eps))
+
+
+class KimiLinearModel(nn.Module):
+    """Parameters are created empty (torch.empty) and filled by the loader; use load_model() to get one."""
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.float32, device="cpu", path: str | None = None):
+        super().__init__()
+        self.config = cfg
+        self.dtype = dtype
+        self.path = path  # the checkpoint directory (tokenizer files live there too)
+        vocab, hidden = cfg.vocab_size, cfg.hidden_size
+        self.embed_tokens = nn.Parameter(torch.empty(vocab, hidden, dtype=dtype, device=device), False)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, dtype, device) for i in range(cfg.num_hidden_layers))
+        self.norm = nn.Parameter(torch.empty(hidden, dtype=dtype, device=device), False)
+        # With tie_word_embeddings the loader makes lm_head share embed_tokens, but only when the checkpoint has
+        # no lm_head.weight: transformers' KimiLinearForCausalLM never ties, so a stored head is used as is.
+        self.lm_head = nn.Parameter(torch.empty(vocab, hidden, dtype=dtype, device=device), False)
+        # position of each layer's state in ModelCaches.recurrent/conv (KDA) or ModelCaches.kv (MLA)
+        kda, mla = cfg.kda_layers, cfg.mla_layers
+        self._cache_index = [kda.index(i) if i in kda else mla.index(i) for i in range(cfg.num_hidden_layers)]
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.device
+
+    @property
+    def max_model_len(self) -> int:
+        return self.config.max_model_len
+
+    @torch.inference_mode()
+    def forward(self, batch: RaggedBatch, caches: ModelCaches) -> torch.Tensor:
+        """Runs one step; returns fp32 logits [N, vocab] for the tokens at batch.logits_indices."""
+        h = F.embedding(batch.input_ids, self.embed_tokens)  # [T, hidden]
+        for layer, index in zip(self.layers, self._cache_index):
+            h = layer(h, batch, caches, index)
+        last = rms_norm(h[batch.logits_indices], self.norm, self.config.rms_norm_eps)
+        return F.linear(last, self.lm_head).float()
+
+    def allocate_caches(self, num_state_slots: int, num_kv_blocks: int, block_size: int) -> ModelCaches:
+        """Zeroed pools: per KDA layer recurrent [S, H, V, K] fp32 and conv [S, W-1, 3*H*K] in the model dtype;
+        per MLA layer latent KV [num_kv_blocks, block_size, kv_lora_rank + qk_rope_head_dim]."""
+        for name, value in (("num_state_slots", num_state_slots), ("num_kv_blocks", num_kv_blocks),
+                            ("block_size", block_size)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"allocate_caches: '{name}' must be an int, got {type(value).__name__}")
+            if value <= 0:
+                raise ValueError(f"allocate_caches: '{name}' must be positive, got {value}")
+        cfg, dev = self.config, self.device
+        H, K = cfg.linear_num_heads, cfg.linear_head_dim
+        recurrent = [torch.zeros(num_state_slots, H, K, K, dtype=torch.float32, device=dev) for _ in cfg.kda_layers]
+        conv = [
+            torch.zeros(num_state_slots, cfg.conv_kernel_size - 1, cfg.conv_dim, dtype=self.dtype, device=dev)
+            for _ in cfg.kda_layers
+        ]
+        kv = [
+            torch.zeros(num_kv_blocks, block_size, cfg.latent_dim, dtype=self.dtype, device=dev)
+            for _ in cfg.mla_layers
+        ]
+        return ModelCaches(recurrent, conv, kv)
+
+    def state_slot_bytes(self) -> int:
+        """Bytes one state slot takes across all KDA layers (recurrent fp32 + conv window)."""
+        cfg = self.config
+        per_layer = cfg.linear_num_heads * cfg.linear_head_dim**2 * 4
+        per_layer += (cfg.conv_kernel_size - 1) * cfg.conv_dim * self.dtype.itemsize
+        return per_layer * len(cfg.kda_layers)
+
+    def kv_block_bytes(self, block_size: int) -> int:
+        """Bytes one KV block of `block_size` tokens takes across all MLA layers."""
+        return block_size * self.config.latent_dim * self.dtype.itemsize * len(self.config.mla_layers)

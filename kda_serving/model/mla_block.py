@@ -1,0 +1,157 @@
+"""Multi-head latent attention (MLA, NoPE as in Kimi-Linear) over a paged cache of latents.
+
+Each token is cached as one latent row [kv_lora_rank + qk_rope_head_dim]: the RMS-normalised KV latent c
+followed by the shared key part r. Keys and values of head h are k_h = [W_uk[h] c, r], v_h = W_uv[h] c,
+with W_uk, W_uv the two halves of kv_b_proj. Attention is computed in the absorbed form, on the latents
+themselves: score = [W_uk[h]^T q_nope, q_rope] . [c, r] and out_h = W_uv[h] (sum_l p_l c_l), which is the same
+function as expanding keys and values but never materialises them, so the cost per token is that of one
+multi-query attention of head size kv_lora_rank + qk_rope_head_dim. The softmax scale stays qk_head_dim ** -0.5.
+No rotary embedding is applied (mla_use_nope), exactly as transformers' KimiLinearAttention.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .batch import RaggedBatch
+from .config import ModelConfig
+from .norm import LATENT_NORM_EPS, rms_norm
+
+# Bounds on the attention's temporaries, in elements: one [seqs, heads, queries, keys] score block (512 MiB in
+# fp32) and one gather of cached latents [seqs, keys, latent] (512 MiB in bf16).
+SCORE_BUDGET = 1 << 27
+LATENT_BUDGET = 1 << 28
+
+
+def _param(*shape: int, dtype: torch.dtype, device) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
+
+
+class MLABlock(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device):
+        super().__init__()
+        self.num_heads = nh = cfg.num_attention_heads
+        self.nope_dim, self.rope_dim, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.kv_lora_rank = cfg.kv_lora_rank
+        self.scale = cfg.qk_head_dim**-0.5
+        qk = nh * cfg.qk_head_dim
+        self.q_lora_rank = cfg.q_lora_rank
+        if cfg.q_lora_rank is None:
+            self.q_proj = _param(qk, cfg.hidden_size, dtype=dtype, device=device)
+        else:
+            self.q_a_proj = _param(cfg.q_lora_rank, cfg.hidden_size, dtype=dtype, device=device)
+            self.q_a_layernorm = _param(cfg.q_lora_rank, dtype=dtype, device=device)
+            self.q_b_proj = _param(qk, cfg.q_lora_rank, dtype=dtype, device=device)
+        self.kv_a_proj_with_mqa = _param(cfg.latent_dim, cfg.hidden_size, dtype=dtype, device=device)
+        self.kv_a_layernorm = _param(cfg.kv_lora_rank, dtype=dtype, device=device)
+        self.kv_b_proj = _param(nh * (self.nope_dim + self.v_dim), cfg.kv_lora_rank, dtype=dtype, device=device)
+        self.o_proj = _param(cfg.hidden_size, nh * self.v_dim, dtype=dtype, device=device)
+        self.attention_bias = cfg.attention_bias
+        if cfg.attention_bias:  # transformers puts biases on q_a_proj, kv_a_proj_with_mqa and o_proj only
+            if cfg.q_lora_rank is not None:
+                self.q_a_proj_bias = _param(cfg.q_lora_rank, dtype=dtype, device=device)
+            self.kv_a_proj_with_mqa_bias = _param(cfg.latent_dim, dtype=dtype, device=device)
+            self.o_proj_bias = _param(cfg.hidden_size, dtype=dtype, device=device)
+
+    def _bias(self, name: str):
+        return getattr(self, name + "_bias", None) if self.attention_bias else None
+
+    def forward(self, x: torch.Tensor, batch: RaggedBatch, kv_cache: torch.Tensor) -> torch.Tensor:
+        """x [T, hidden] -> [T, hidden]. Writes the new latents into kv_cache [blocks, block_size, latent]."""
+        T, nh = x.shape[0], self.num_heads
+        if self.q_lora_rank is None:
+            q = F.linear(x, self.q_proj)
+        else:
+            q_lat = F.linear(x, self.q_a_proj, self._bias("q_a_proj"))
+            q = F.linear(rms_norm(q_lat, self.q_a_layernorm, LATENT_NORM_EPS), self.q_b_proj)
+        q_nope, q_rope = q.view(T, nh, -1).split([self.nope_dim, self.rope_dim], dim=-1)
+
+        c, r = F.linear(x, self.kv_a_proj_with_mqa, self._bias("kv_a_proj_with_mqa")).split(
+            [self.kv_lora_rank, self.rope_dim], dim=-1
+        )
+        latent = torch.cat([rms_norm(c, self.kv_a_layernorm, LATENT_NORM_EPS), r], dim=-1)  # [T, L]
+        flat_cache = kv_cache.view(-1, kv_cache.shape[-1])
+        flat_cache[batch.slot_mapping] = latent.to(kv_cache.dtype)
+
+        w_kv = self.kv_b_proj.view(nh, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        w_uk, w_uv = w_kv[:, : self.nope_dim], w_kv[:, self.nope_dim :]
+        q_absorbed = torch.cat([torch.einsum("thd,hdc->thc", q_nope, w_uk), q_rope], dim=-1)  # [T, nh, L]
+        out_latent = self._attend(q_absorbed, batch, flat_cache, kv_cache.shape[1])  # [T, nh, kv_lora_rank]
+        out = torch.einsum("thc,hvc->thv", out_latent, w_uv).reshape(T, nh * self.v_dim)
+        return F.linear(out, self.o_proj, self._bias("o_proj"))
+
+    def _attend(self, q: torch.Tensor, batch: RaggedBatch, flat_cache: torch.Tensor, block_size: int):
+        """Causal attention of the new tokens' queries q [T, nh, L] over each sequence's cached latents.
+
+        Sequences are taken in groups small enough that the gathered latents [n, Lmax, L] and one score block
+        [n, nh, Qc, Lmax] stay within fixed budgets (long prompts are also split along the queries), so the
+        activation memory is bounded whatever the batch; a tiny model's step is a single group.
+        """
+        T, nh, L = q.shape
+        q_lens = list(batch.query_lens) if batch.query_lens else batch.cu_seqlens.diff().tolist()
+        kv_lens = batch.seq_lens.tolist()
+        starts = [0]
+        for n in q_lens:
+            starts.append(starts[-1] + n)
+        out = q.new_empty(T, nh, self.kv_lora_rank)
+        s, N = 0, len(q_lens)
+        while s < N:
+            e, q_max, l_max = s + 1, q_lens[s], kv_lens[s]
+            while e < N:
+                qm, lm = max(q_max, q_lens[e]), max(l_max, kv_lens[e])
+                n = e - s + 1
+                if n * nh * qm * lm > SCORE_BUDGET or n * lm * L > LATENT_BUDGET:
+                    break
+                q_max, l_max, e = qm, lm, e + 1
+            if starts[e] > starts[s]:
+                out[starts[s] : starts[e]] = self._attend_group(
+                    q[starts[s] : starts[e]], batch, s, e, q_lens[s:e], q_max, l_max, flat_cache, block_size
+                )
+            s = e
+        return out
+
+    def _attend_group(self, q, batch: RaggedBatch, s: int, e: int, q_lens: list[int], q_max: int, l_max: int,
+                      flat_cache: torch.Tensor, block_size: int) -> torch.Tensor:
+        """Sequences s..e-1 (tokens q [Tg, nh, L]) padded to q_max queries and l_max keys; returns [Tg, nh, C].
+
+        The heads are folded into the query axis (all heads share the one latent key/value row), so each SDPA
+        call is q [n, 1, Qc * nh, L], k [n, 1, Lmax, L], v [n, 1, Lmax, C] with C = kv_lora_rank.
+        """
+        Tg, nh, L = q.shape
+        n, device = e - s, q.device
+        key_pos = torch.arange(l_max, device=device)
+        blocks = batch.block_tables[s:e].long()[:, key_pos // block_size]  # [n, Lmax]
+        valid = key_pos[None, :] < batch.seq_lens[s:e].long()[:, None]
+        slots = torch.where(valid, blocks * block_size + key_pos % block_size, 0)
+        # rows past a sequence's end are zeroed, not just masked: a reused block may hold anything
+        keys = torch.where(valid[..., None], flat_cache[slots].to(q.dtype), 0)  # [n, Lmax, L]
+        positions = batch.positions[batch.cu_seqlens[s].long() :][:Tg].long()
+
+        padded = q_max > 1 or Tg != n
+        if padded:
+            q_lens_t = torch.tensor(q_lens, device=device)
+            seq_of = torch.repeat_interleave(torch.arange(n, device=device), q_lens_t, output_size=Tg)
+            offset = torch.arange(Tg, device=device) - (torch.cumsum(q_lens_t, 0) - q_lens_t)[seq_of]
+            q_pad = q.new_zeros(n, q_max, nh, L)
+            q_pad[seq_of, offset] = q
+            q_pos = torch.zeros(n, q_max, dtype=torch.long, device=device)  # padding rows see key 0: no NaN
+            q_pos[seq_of, offset] = positions
+        else:  # one query per sequence (decode): no padding
+            q_pad, q_pos = q[:, None], positions[:, None]
+
+        chunk = max(1, SCORE_BUDGET // (n * nh * l_max))
+        outs = []
+        for a in range(0, q_max, chunk):
+            qc = q_pad[:, a : a + chunk]
+            c = qc.shape[1]
+            mask = key_pos[None, None, :] <= q_pos[:, a : a + chunk, None]  # [n, Qc, Lmax], causal by position
+            mask = mask[:, :, None, :].expand(n, c, nh, l_max).reshape(n, 1, c * nh, l_max)
+            o = F.scaled_dot_product_attention(
+                qc.reshape(n, 1, c * nh, L), keys[:, None], keys[:, None, :, : self.kv_lora_rank],
+                attn_mask=mask, scale=self.scale,
+            )
+            outs.append(o.view(n, c, nh, self.kv_lora_rank))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+        return out[seq_of, offset] if padded else out[:, 0]

@@ -1,0 +1,96 @@
+"""Feed-forward blocks: the dense SwiGLU MLP and the sigmoid-routed mixture of experts with shared experts.
+
+Routing (transformers' KimiLinearTopkRouter, DeepSeek-V3 style), per token, in fp32:
+    s = sigmoid(W_router x);  choice = s + e_score_correction_bias
+    groups scored by the sum of their top-2 choice values; keep the best topk_group groups
+    top_k experts by choice among the kept groups; weights w = s[top_k] (the bias only steers the choice)
+    w = w / (sum(w) + 1e-20) if moe_renormalize;  w = w * routed_scaling_factor
+    y = sum_e w_e expert_e(x) + shared_experts(x)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+
+def _param(*shape: int, dtype: torch.dtype, device) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
+
+
+def swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """down(silu(gate x) * up x) with gate_up [2I, hidden] = [gate; up] and down [hidden, I]."""
+    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
+    return F.linear(F.silu(gate) * up, down)
+
+
+class DenseMLP(nn.Module):
+    def __init__(self, hidden: int, intermediate: int, dtype: torch.dtype, device):
+        super().__init__()
+        self.gate_up_proj = _param(2 * intermediate, hidden, dtype=dtype, device=device)  # [gate; up]
+        self.down_proj = _param(hidden, intermediate, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return swiglu(x, self.gate_up_proj, self.down_proj)
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device):
+        super().__init__()
+        E, I, hidden = cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size
+        self.num_experts, self.top_k = E, cfg.num_experts_per_token
+        self.num_groups, self.topk_group = cfg.num_expert_group, cfg.topk_group
+        self.renormalize, self.scaling = cfg.moe_renormalize, cfg.routed_scaling_factor
+        self.router = _param(E, hidden, dtype=dtype, device=device)
+        self.e_score_correction_bias = _param(E, dtype=torch.float32, device=device)
+        self.gate_up_proj = _param(E, 2 * I, hidden, dtype=dtype, device=device)  # per expert [gate; up]
+        self.down_proj = _param(E, hidden, I, dtype=dtype, device=device)
+        shared = I * cfg.num_shared_experts
+        self.shared_experts = DenseMLP(hidden, shared, dtype, device) if shared else None
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, hidden] -> (expert ids [T, top_k] int64, weights [T, top_k] fp32)."""
+        T, E = x.shape[0], self.num_experts
+        scores = F.linear(x.float(), self.router.float()).sigmoid()
+        choice = scores + self.e_score_correction_bias
+        if self.num_groups > 1:
+            per_group = choice.view(T, self.num_groups, E // self.num_groups)
+            group_scores = per_group.topk(2, dim=-1).values.sum(-1)  # [T, G]
+            best = group_scores.topk(self.topk_group, dim=-1, sorted=False).indices
+            keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
+            choice = choice.masked_fill(~keep.repeat_interleave(E // self.num_groups, dim=1), float("-inf"))
+        ids = choice.topk(self.top_k, dim=-1, sorted=False).indices
+        weights = scores.gather(1, ids)
+        if self.renormalize:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return ids, weights * self.scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids, weights = self.route(x)
+        out = self._experts(x, ids, weights)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out
+
+    def _experts(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Token-expert pairs sorted by expert, one SwiGLU per expert that has tokens (a loop over experts),
+        weighted and summed per token in fp32."""
+        flat_ids = ids.reshape(-1)
+        order = flat_ids.argsort(stable=True)
+        token = order // self.top_k  # which token each sorted pair belongs to
+        counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()
+        rows = x[token]
+        y = torch.empty_like(rows)
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                y[start : start + n] = swiglu(rows[start : start + n], self.gate_up_proj[e], self.down_proj[e])
+                start += n
+        # back to (token, k) order, then a plain sum over each token's k experts (no atomics, deterministic)
+        pairs = torch.empty_like(y)
+        pairs[order] = y
+        pairs = pairs.float().view(*ids.shape, -1) * weights[..., None]
+        return pairs.sum(1).to(x.dtype)

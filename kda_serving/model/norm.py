@@ -1,0 +1,24 @@
+"""RMS norms, computed in fp32 the way transformers' KimiLinearRMSNorm / KimiLinearRMSNormGated are."""
+
+from __future__ import annotations
+
+import torch
+
+# transformers builds the MLA latent norms (q_a_layernorm, kv_a_layernorm) with its default eps, not
+# config.rms_norm_eps; the checkpoints were trained that way.
+LATENT_NORM_EPS = 1e-6
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [..., D] normalised in fp32, cast back to x's dtype, then scaled by weight [D]."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The KDA output norm: rms_norm(x) * weight * sigmoid(gate), all in fp32; x, gate [..., D], weight [D]."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    h = weight.float() * h * torch.sigmoid(gate.float())
+    return h.to(x.dtype)
