@@ -49,15 +49,15 @@ class KDABlock(nn.Module):
         mixed, f_a, g_a, beta = F.linear(x, self.in_proj).split(self.split_sizes, dim=-1)
         mixed = mixed.contiguous()
         if batch.is_decode:
-            mixed = causal_conv1d_decode(mixed, self.conv_weight, None, conv_pool, batch.state_slots)
+            mixed = causal_conv1d_decode(mixed, self.conv_weight, None, conv_pool, batch.state_slots, split=3)
         else:
             if batch.checkpoints is not None:
                 self._checkpoint_conv_states(mixed, batch, conv_pool)
             mixed = causal_conv1d_prefill(
                 mixed, self.conv_weight, None, batch.cu_seqlens, conv_pool, batch.state_slots,
-                batch.has_initial_state,
+                batch.has_initial_state, split=3,
             )
-        q, k, v = (t.contiguous() for t in mixed.view(T, 3, H, K).unbind(1))
+        q, k, v = mixed.view(3, T, H, K).unbind(0)  # the conv wrote q, k and v as contiguous parts
         g = F.linear(f_a, self.f_b_proj).view(T, H, K)
         beta = beta.contiguous()
         if batch.is_decode:

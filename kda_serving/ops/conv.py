@@ -23,6 +23,21 @@ from .contract import PAD_SLOT, validate_conv_args
 Tensor = torch.Tensor
 
 
+def _write_output(out: Tensor, y: Tensor) -> None:
+    """out is [rows, D], or [P, rows, D / P] when the caller asked for the channels split into P parts."""
+    if out.dim() == 3:
+        y = y.view(y.shape[0], out.shape[0], out.shape[2]).transpose(0, 1)
+    out.copy_(y.to(out.dtype))
+
+
+def _split_output(x: Tensor, split: int) -> Tensor:
+    if isinstance(split, bool) or not isinstance(split, int) or split < 1 or x.shape[1] % split:
+        raise ValueError(f"kda: argument 'split': must be a positive divisor of D={x.shape[1]}, got {split!r}")
+    if split == 1:
+        return torch.empty_like(x)
+    return x.new_empty((split, x.shape[0], x.shape[1] // split))
+
+
 def _finish(y: Tensor, bias: Tensor | None, silu: bool) -> Tensor:
     if bias is not None:
         y = y + bias.float()
@@ -54,7 +69,7 @@ def _conv_prefill_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], cu_seqle
     y = torch.einsum("twd,dw->td", buf[window.to(x.device)], weight.float())
     y = _finish(y, bias, silu)
     y[~real.to(y.device)[seq_of_tok.to(y.device)]] = 0
-    out.copy_(y.to(out.dtype))
+    _write_output(out, y)
     tail = (seg_start + seg - (W - 1)).unsqueeze(1) + torch.arange(W - 1)  # [N, W-1] last W-1 of each segment
     new_state = buf[tail.to(x.device)]
     conv_pool[idx[real]] = new_state[real].to(conv_pool.dtype)
@@ -84,7 +99,7 @@ def _conv_decode_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], conv_pool
     window[:, W - 1] = x.float()
     y = _finish(torch.einsum("nwd,dw->nd", window, weight.float()), bias, silu)
     y[~real] = 0
-    out.copy_(y.to(out.dtype))
+    _write_output(out, y)
     conv_pool[idx[real]] = window[real, 1:].to(conv_pool.dtype)
 
 
@@ -102,22 +117,24 @@ def _(*args, **kwargs) -> None:
 
 def causal_conv1d_prefill(x: Tensor, weight: Tensor, bias: Tensor | None, cu_seqlens: Tensor, conv_pool: Tensor,
                           state_indices: Tensor, has_initial_state: Tensor | None = None,
-                          activation: str | None = "silu") -> Tensor:
+                          activation: str | None = "silu", split: int = 1) -> Tensor:
     """Causal depthwise conv over packed sequences. x [T, D]; weight [D, W]; bias [D] or None;
     cu_seqlens [N+1]; conv_pool [S, W-1, D] (read where has_initial_state, then overwritten with each
-    sequence's last W-1 inputs); state_indices [N]. Returns y [T, D] in x's dtype."""
+    sequence's last W-1 inputs); state_indices [N]. Returns y [T, D] in x's dtype, or with split=P the
+    channels as P contiguous parts [P, T, D / P] (a fused q|k|v conv hands back q, k, v without copies)."""
     validate_conv_args(x, weight, bias, conv_pool, state_indices, cu_seqlens=cu_seqlens,
                        has_initial_state=has_initial_state, activation=activation)
-    out = torch.empty_like(x)
+    out = _split_output(x, split)
     torch.ops.kda_serving.causal_conv1d_prefill_(x, weight, bias, cu_seqlens, conv_pool, state_indices,
                                                  has_initial_state, activation == "silu", out)
     return out
 
 
 def causal_conv1d_decode(x: Tensor, weight: Tensor, bias: Tensor | None, conv_pool: Tensor, state_indices: Tensor,
-                         activation: str | None = "silu") -> Tensor:
-    """One new token per sequence: x [N, D] -> y [N, D]; conv_pool [S, W-1, D] shifted in place."""
+                         activation: str | None = "silu", split: int = 1) -> Tensor:
+    """One new token per sequence: x [N, D] -> y [N, D] (or [split, N, D / split], as in the prefill);
+    conv_pool [S, W-1, D] shifted in place."""
     validate_conv_args(x, weight, bias, conv_pool, state_indices, activation=activation, decode=True)
-    out = torch.empty_like(x)
+    out = _split_output(x, split)
     torch.ops.kda_serving.causal_conv1d_decode_(x, weight, bias, conv_pool, state_indices, activation == "silu", out)
     return out

@@ -73,3 +73,21 @@ def test_padding_and_bf16():
     assert torch.equal(pool[[0, 2]], before[[0, 2]])
     ref_y, _ = conv_truth(x[2:].float(), w.float(), None, before[1].float())
     assert rel_err(y[2:], ref_y) < 1e-2
+
+
+def test_split_output_is_the_same_channels_in_parts():
+    gen = torch.Generator().manual_seed(3)
+    D, W = 12, 4
+    x = torch.randn(7, D, generator=gen)
+    w = torch.randn(D, W, generator=gen)
+    pool_a = torch.randn(3, W - 1, D, generator=gen)
+    pool_b = pool_a.clone()
+    cu, slots = cu_seqlens_of([3, 4]), torch.tensor([2, 0])
+    whole = causal_conv1d_prefill(x, w, None, cu, pool_a, slots)
+    parts = causal_conv1d_prefill(x, w, None, cu, pool_b, slots, split=3)
+    assert parts.shape == (3, 7, 4) and parts.is_contiguous()
+    assert torch.equal(torch.cat(list(parts.unbind(0)), dim=1), whole)
+    dec = causal_conv1d_decode(x[:2], w, None, pool_b, slots, split=3)
+    assert torch.equal(torch.cat(list(dec.unbind(0)), dim=1), causal_conv1d_decode(x[:2], w, None, pool_a, slots))
+    with pytest.raises(ValueError, match="'split'"):
+        causal_conv1d_prefill(x, w, None, cu, pool_a, slots, split=5)
