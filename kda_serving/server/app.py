@@ -1,0 +1,142 @@
+"""The FastAPI app: routes, bearer auth, OpenAI-format errors, and the engine's lifetime.
+
+    app = create_app(AsyncLLMEngine(EngineConfig()), ServerConfig(api_key="secret"))
+    uvicorn.run(app, host="127.0.0.1", port=8000)
+
+The app starts the engine when it starts (ASGI lifespan) and shuts it down when it stops. Nothing is written to
+disk: a killed server loses only its in-flight requests and restarts clean.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import FastAPI
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from kda_serving.server.chat import create_chat_completion
+from kda_serving.server.completions import create_completion
+from kda_serving.server.config import ServerConfig
+from kda_serving.server.errors import APIError, error_response
+from kda_serving.server.metrics import ServerMetrics
+
+logger = logging.getLogger(__name__)
+
+PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+@dataclass
+class ServerState:
+    """What every handler needs, kept on `app.state.server`."""
+
+    engine: object  # kda_serving.engine.AsyncLLMEngine or anything with its interface
+    config: ServerConfig
+    metrics: ServerMetrics
+    started_at: int = 0
+    ready: bool = False
+
+
+class BearerAuth:
+    """Refuses /v1 requests without `Authorization: Bearer <api_key>` (401 in OpenAI's format).
+
+    A plain ASGI middleware rather than Starlette's BaseHTTPMiddleware, which would buffer streamed answers and
+    hide client disconnects from the stream.
+    """
+
+    def __init__(self, app: ASGIApp, api_key: str, metrics: ServerMetrics):
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                self.metrics.http_errors.labels(status="401").inc()
+                message = "Invalid API key." if given else "Missing API key: send 'Authorization: Bearer <key>'."
+                response = error_response(401, message, code="invalid_api_key",
+                                          headers={"WWW-Authenticate": "Bearer"})
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
+    """An app serving `engine` (not yet started: the app's lifespan starts and stops it)."""
+    config = config or ServerConfig()
+    server = ServerState(engine=engine, config=config, metrics=ServerMetrics(engine))
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        await engine.start()
+        server.started_at = int(time.time())
+        server.ready = True
+        logger.info("serving model %r (max_model_len %d)", engine.model_name, engine.max_model_len)
+        try:
+            yield
+        finally:
+            server.ready = False
+            await engine.shutdown()
+
+    app = FastAPI(title="kda-serving", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = server
+    if config.api_key is not None:
+        app.add_middleware(BearerAuth, api_key=config.api_key, metrics=server.metrics)
+
+    @app.exception_handler(APIError)
+    async def on_api_error(_request: Request, exc: APIError) -> JSONResponse:
+        server.metrics.http_errors.labels(status=str(exc.status)).inc()
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        server.metrics.http_errors.labels(status=str(exc.status_code)).inc()
+        return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error on %s %s", request.method, request.url.path)
+        server.metrics.http_errors.labels(status="500").inc()
+        return error_response(500, f"Internal server error: {type(exc).__name__}")
+
+    @app.get("/health")
+    async def health() -> Response:
+        if not server.ready or not getattr(engine, "is_running", True):
+            return error_response(503, "The engine is not running.")
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(server.metrics.render(), media_type=PROMETHEUS_CONTENT_TYPE)
+
+    @app.get("/v1/models")
+    async def list_models() -> JSONResponse:
+        return JSONResponse({"object": "list", "data": [_model_card(server)]})
+
+    @app.get("/v1/models/{model:path}")
+    async def retrieve_model(model: str) -> JSONResponse:
+        if model != engine.model_name:
+            raise APIError(404, f"The model '{model}' does not exist.", param="model", code="model_not_found")
+        return JSONResponse(_model_card(server))
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await create_completion(request, server)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await create_chat_completion(request, server)
+
+    return app
+
+
+def _model_card(server: ServerState) -> dict:
+    return {"id": server.engine.model_name, "object": "model", "created": server.started_at,
+            "owned_by": "kda-serving", "max_model_len": int(server.engine.max_model_len)}

@@ -1,0 +1,57 @@
+"""POST /v1/chat/completions: messages through the tokenizer's chat template, `n` choices."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from kda_serving.server.errors import bad_request
+from kda_serving.server.generation import Choice
+from kda_serving.server.intake import chat_prompt_ids, check_model, read_json_body, resolve_max_tokens, sampling_params
+from kda_serving.server.logprobs import chat_logprobs
+from kda_serving.server.protocol import ChatCompletionRequest, parse_request
+from kda_serving.server.serving import EndpointFormat, ResponseHeader, respond
+
+
+async def create_chat_completion(request: Request, server) -> Response:
+    engine, config = server.engine, server.config
+    req = parse_request(ChatCompletionRequest, await read_json_body(request, config.max_request_bytes))
+    check_model(engine, req.model)
+    if req.n > config.max_n:
+        raise bad_request(f"n: at most {config.max_n} choices per request, got {req.n}", param="n")
+    ids = chat_prompt_ids(engine, req)
+    max_tokens = resolve_max_tokens(engine, config.max_prompt_tokens, len(ids), req.requested_max_tokens(),
+                                    "messages")
+    response_id = f"chatcmpl-{uuid.uuid4().hex}"
+    num_logprobs = req.num_logprobs()
+    choices = [Choice(index=j, request_id=f"{response_id}-{j}", prompt_token_ids=ids,
+                      params=sampling_params(req, max_tokens, j, num_logprobs)) for j in range(req.n)]
+    header = ResponseHeader(response_id, int(time.time()), engine.model_name)
+    return await respond(request, server, choices, header, _format(engine.tokenizer, num_logprobs is not None),
+                         stream=req.stream, include_usage=req.include_usage_in_stream())
+
+
+def _format(tokenizer, with_logprobs: bool) -> EndpointFormat:
+    def chunk(choice: Choice, out) -> dict | None:
+        first = choice.num_updates == 1
+        if not first and not out.delta_text and not out.finished and not (with_logprobs and out.new_token_ids):
+            return None
+        delta = {"role": "assistant", "content": out.delta_text} if first else {"content": out.delta_text}
+        if out.finished and not out.delta_text and not first:
+            delta = {}
+        logprobs = None
+        if with_logprobs:
+            logprobs = chat_logprobs(tokenizer, out.new_token_ids, out.logprobs or [], out.top_logprobs or [])
+        return {"index": choice.index, "delta": delta, "logprobs": logprobs, "finish_reason": choice.finish_reason}
+
+    def final(choice: Choice) -> dict:
+        logprobs = None
+        if with_logprobs:
+            logprobs = chat_logprobs(tokenizer, choice.output_token_ids, choice.logprobs, choice.top_logprobs)
+        return {"index": choice.index, "message": {"role": "assistant", "content": choice.text, "refusal": None},
+                "logprobs": logprobs, "finish_reason": choice.finish_reason}
+
+    return EndpointFormat("chat", "chat.completion", "chat.completion.chunk", chunk, final)

@@ -1,0 +1,97 @@
+"""`kda-serve`: the OpenAI-compatible server on the command line (also `python -m kda_serving.server`).
+
+    kda-serve                                  # the embedded default model on 127.0.0.1:8000, CPU
+    kda-serve --model /ckpt/kimi-linear --device cuda --api-key "$KEY" --host 0.0.0.0
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+API_KEY_ENV = "KDA_SERVE_API_KEY"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kda-serve", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    http = p.add_argument_group("HTTP")
+    http.add_argument("--host", default="127.0.0.1", help="address to bind; loopback unless you mean to expose it")
+    http.add_argument("--port", type=int, default=8000)
+    http.add_argument("--api-key", default=None,
+                      help=f"require 'Authorization: Bearer KEY' on /v1 (default: ${API_KEY_ENV} if set, else none)")
+    http.add_argument("--max-request-bytes", type=int, default=4 << 20, help="larger request bodies get a 413")
+    http.add_argument("--max-prompt-tokens", type=int, default=None,
+                      help="longer prompts get a 400 (default: max-model-len minus one)")
+    http.add_argument("--max-n", type=int, default=16, help="most choices per request")
+    http.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+
+    eng = p.add_argument_group("engine")
+    eng.add_argument("--model", default=None, help="checkpoint directory (default: the embedded default model)")
+    eng.add_argument("--served-model-name", default=None, help="the `model` name clients use")
+    eng.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    eng.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                     help="default: float32 on CPU, bfloat16 on CUDA")
+    eng.add_argument("--max-num-seqs", type=int, default=None, help="sequences per engine step")
+    eng.add_argument("--max-num-batched-tokens", type=int, default=None, help="new tokens per engine step")
+    eng.add_argument("--max-model-len", type=int, default=None, help="prompt + completion limit")
+    eng.add_argument("--num-state-slots", type=int, default=None, help="KDA state slots (default: from memory)")
+    eng.add_argument("--num-kv-blocks", type=int, default=None, help="MLA KV blocks (default: from memory)")
+    eng.add_argument("--block-size", type=int, default=None, help="tokens per MLA KV block")
+    eng.add_argument("--gpu-memory-utilization", type=float, default=None)
+    eng.add_argument("--cpu-cache-bytes", type=int, default=None, help="cache budget on CPU")
+    eng.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false", default=None,
+                     help="recompute every prompt from scratch")
+    eng.add_argument("--prefix-cache-interval", type=int, default=None,
+                     help="prompt tokens between cached states (multiple of 64 and of the block size)")
+    eng.add_argument("--seed", type=int, default=None, help="engine seed for unseeded sampling")
+    eng.add_argument("--cpu-threads", type=int, default=None,
+                     help="torch intra-op threads (default: torch's choice); 1 is fastest for the small "
+                          "default model on a busy machine, where extra threads only spin")
+    return p
+
+
+ENGINE_FLAGS = ("model", "served_model_name", "device", "dtype", "max_num_seqs", "max_num_batched_tokens",
+                "max_model_len", "num_state_slots", "num_kv_blocks", "block_size", "gpu_memory_utilization",
+                "cpu_cache_bytes", "enable_prefix_caching", "prefix_cache_interval", "seed")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    # Imported here so that --help and argument errors answer without loading torch.
+    import uvicorn
+
+    from kda_serving.engine import AsyncLLMEngine, EngineConfig
+    from kda_serving.server.app import create_app
+    from kda_serving.server.config import ServerConfig
+
+    engine_kwargs = {k: getattr(args, k) for k in ENGINE_FLAGS if getattr(args, k) is not None}
+    try:
+        engine_config = EngineConfig(**engine_kwargs)
+        server_config = ServerConfig(api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+                                     max_request_bytes=args.max_request_bytes,
+                                     max_prompt_tokens=args.max_prompt_tokens, max_n=args.max_n)
+    except (TypeError, ValueError) as exc:
+        parser.error(str(exc))
+    if args.host not in LOOPBACK_HOSTS and server_config.api_key is None:
+        logging.getLogger("kda_serving.server").warning(
+            "listening on %s without --api-key: anyone who can reach this port can use the model", args.host)
+
+    if args.cpu_threads is not None:
+        if args.cpu_threads < 1:
+            parser.error(f"--cpu-threads must be at least 1, got {args.cpu_threads}")
+        import torch
+
+        torch.set_num_threads(args.cpu_threads)
+    app = create_app(AsyncLLMEngine(engine_config), server_config)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

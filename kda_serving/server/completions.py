@@ -1,0 +1,64 @@
+"""POST /v1/completions: text (or token-id) prompts, possibly batched, `n` choices each."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from kda_serving.server.errors import bad_request
+from kda_serving.server.generation import Choice
+from kda_serving.server.intake import (check_model, completion_prompt_ids, read_json_body, resolve_max_tokens,
+                                       sampling_params)
+from kda_serving.server.logprobs import completion_logprobs
+from kda_serving.server.protocol import CompletionRequest, parse_request
+from kda_serving.server.serving import EndpointFormat, ResponseHeader, respond
+
+
+async def create_completion(request: Request, server) -> Response:
+    engine, config = server.engine, server.config
+    req = parse_request(CompletionRequest, await read_json_body(request, config.max_request_bytes))
+    check_model(engine, req.model)
+    prompts = req.prompts()
+    if len(prompts) * req.n > config.max_n:
+        raise bad_request(f"n: {len(prompts)} prompts x n={req.n} choices is more than the limit of {config.max_n}",
+                          param="n")
+    response_id = f"cmpl-{uuid.uuid4().hex}"
+    choices = []
+    for p, prompt in enumerate(prompts):
+        ids = completion_prompt_ids(engine, prompt)
+        max_tokens = resolve_max_tokens(engine, config.max_prompt_tokens, len(ids), req.max_tokens, "prompt")
+        for j in range(req.n):
+            index = p * req.n + j
+            choices.append(Choice(index=index, request_id=f"{response_id}-{index}", prompt_token_ids=ids,
+                                  params=sampling_params(req, max_tokens, j, req.logprobs), prompt_index=p))
+    header = ResponseHeader(response_id, int(time.time()), engine.model_name)
+    return await respond(request, server, choices, header, _format(engine.tokenizer, req.logprobs is not None),
+                         stream=req.stream, include_usage=req.include_usage_in_stream())
+
+
+def _format(tokenizer, with_logprobs: bool) -> EndpointFormat:
+    text_offsets: dict[int, int] = {}  # per choice, where the next streamed token starts in its text
+
+    def chunk(choice: Choice, out) -> dict | None:
+        if not out.delta_text and not out.finished and not (with_logprobs and out.new_token_ids):
+            return None
+        logprobs = None
+        if with_logprobs:
+            offset = text_offsets.get(choice.index, 0)
+            logprobs = completion_logprobs(tokenizer, out.new_token_ids, out.logprobs or [], out.top_logprobs or [],
+                                           offset)
+            text_offsets[choice.index] = offset + sum(len(t) for t in logprobs["tokens"])
+        return {"index": choice.index, "text": out.delta_text, "logprobs": logprobs,
+                "finish_reason": choice.finish_reason}
+
+    def final(choice: Choice) -> dict:
+        logprobs = None
+        if with_logprobs:
+            logprobs = completion_logprobs(tokenizer, choice.output_token_ids, choice.logprobs, choice.top_logprobs, 0)
+        return {"index": choice.index, "text": choice.text, "logprobs": logprobs,
+                "finish_reason": choice.finish_reason}
+
+    return EndpointFormat("completions", "text_completion", "text_completion", chunk, final)

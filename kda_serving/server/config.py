@@ -1,0 +1,32 @@
+"""The HTTP layer's own settings (the engine has its EngineConfig), validated on construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class ServerConfig:
+    """Limits and access control of one server.
+
+    api_key: when set, every /v1 request needs `Authorization: Bearer <api_key>` (/health and /metrics stay
+    open for probes and scrapers). max_request_bytes: larger request bodies get a 413 before they are parsed.
+    max_prompt_tokens: longer prompts get a 400; None means the engine's max_model_len minus one generated
+    token. max_n: the most choices (n times the number of prompts) one request may ask for.
+    """
+
+    api_key: str | None = None
+    max_request_bytes: int = 4 << 20
+    max_prompt_tokens: int | None = None
+    max_n: int = 16
+
+    def __post_init__(self):
+        if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key):
+            raise ValueError("ServerConfig: 'api_key' must be a non-empty string or None")
+        for name in ("max_request_bytes", "max_n"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"ServerConfig: '{name}' must be a positive int, got {value!r}")
+        limit = self.max_prompt_tokens
+        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+            raise ValueError(f"ServerConfig: 'max_prompt_tokens' must be a positive int or None, got {limit!r}")

@@ -1,0 +1,215 @@
+"""Request bodies of the OpenAI API subset we serve, validated strictly.
+
+Strict means: unknown fields are refused (a typo such as `max_token` must not silently fall back to a default),
+no type coercion (`"max_tokens": "5"` and `"n": 2.0` are errors), and every range is checked here, before the
+engine sees the request, so the answer is a 400 naming the parameter. OpenAI fields we know but do not
+implement (penalties, tools, `echo`, ...) are accepted only at their neutral value and refused otherwise.
+Three vLLM-style extensions are accepted because the engine has them: `top_k`, `ignore_eos`, `stop_token_ids`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from kda_serving.server.errors import APIError, bad_request
+
+MAX_STOP_SEQUENCES = 4  # OpenAI's limit
+MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for /v1/completions `logprobs`
+MAX_CHAT_TOP_LOGPROBS = 20  # OpenAI's limit for chat `top_logprobs`
+INT64_MAX = 2**63 - 1
+
+NonNegInt = Annotated[int, Field(ge=0)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _SamplingFields(_Strict):
+    """The fields /v1/completions and /v1/chat/completions share."""
+
+    model: str
+    n: int = Field(1, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    seed: int | None = Field(None, ge=0, le=INT64_MAX)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    # vLLM-style extensions the engine implements.
+    top_k: int | None = Field(None, ge=-1)  # -1 or 0: no top-k cut
+    ignore_eos: bool = False
+    stop_token_ids: list[NonNegInt] | None = None
+
+    @model_validator(mode="after")
+    def _check_shared(self):
+        stops = self.stop_list()
+        if len(stops) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"stop: at most {MAX_STOP_SEQUENCES} stop sequences are allowed, got {len(stops)}")
+        if any(s == "" for s in stops):
+            raise ValueError("stop: stop sequences must be non-empty strings")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name) not in (None, 0.0):
+                raise ValueError(f"{name}: only 0 is supported")
+        if self.logit_bias:
+            raise ValueError("logit_bias: not supported")
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options: only allowed when stream is true")
+        return self
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    def include_usage_in_stream(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class CompletionRequest(_SamplingFields):
+    """POST /v1/completions. `prompt` is text, token ids, or a batch of either (one choice set per prompt)."""
+
+    prompt: str | list[str] | list[int] | list[list[NonNegInt]]
+    max_tokens: int | None = 16
+    logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+    @model_validator(mode="after")
+    def _check_completion(self):
+        if self.echo:
+            raise ValueError("echo: not supported")
+        if self.suffix:
+            raise ValueError("suffix: not supported")
+        if self.best_of not in (None, 1):
+            raise ValueError("best_of: only 1 is supported")
+        if isinstance(self.prompt, list) and len(self.prompt) == 0:
+            raise ValueError("prompt: must not be empty")
+        return self
+
+    def prompts(self) -> list[str | list[int]]:
+        """The batch of prompts: a single prompt is a batch of one."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if all(isinstance(x, int) for x in p):
+            return [list(p)]
+        return list(p)
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None
+    # Fields the official client echoes back when an assistant reply is appended to the history as is.
+    refusal: str | None = None
+    tool_calls: list[Any] | None = None
+    function_call: Any | None = None
+    audio: Any | None = None
+    annotations: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _no_tools(self):
+        if self.tool_calls or self.function_call is not None or self.audio is not None:
+            raise ValueError("tool calls and audio are not supported")
+        return self
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(_SamplingFields):
+    """POST /v1/chat/completions. The prompt is the tokenizer's chat template applied to `messages`."""
+
+    messages: list[ChatMessage]
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_CHAT_TOP_LOGPROBS)
+    tools: list[Any] | None = None
+    tool_choice: Any | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _check_chat(self):
+        if len(self.messages) == 0:
+            raise ValueError("messages: must contain at least one message")
+        if self.tools or self.tool_choice not in (None, "none"):
+            raise ValueError("tools: tool calling is not supported")
+        if self.response_format not in (None, {"type": "text"}):
+            raise ValueError("response_format: only {'type': 'text'} is supported")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs: requires logprobs to be true")
+        if self.max_tokens is not None and self.max_completion_tokens is not None:
+            raise ValueError("max_tokens: give max_tokens or max_completion_tokens, not both")
+        return self
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def num_logprobs(self) -> int | None:
+        """How many log-probabilities per token the engine must return (None: none)."""
+        if not self.logprobs:
+            return None
+        return self.top_logprobs or 0
+
+    def template_messages(self) -> list[dict[str, str]]:
+        return [{"role": m.role, "content": m.text()} for m in self.messages]
+
+
+def parse_request(model_cls: type[_Strict], body: Any):
+    """Validate a decoded JSON body; an invalid one raises a 400 APIError naming the first bad parameter."""
+    if not isinstance(body, dict):
+        raise bad_request("The request body must be a JSON object.")
+    try:
+        return model_cls.model_validate(body)
+    except ValidationError as exc:
+        raise _validation_error(exc) from None
+
+
+# Pydantic names the member of a union that failed inside the location ("prompt.list[int].0"); cut it there.
+_UNION_MEMBER = re.compile(r"^(str|int|float|bool|.*\[.*\])$")
+
+
+def _validation_error(exc: ValidationError) -> APIError:
+    err = exc.errors(include_url=False)[0]
+    parts = [str(part) for part in err["loc"]]
+    union_at = next((i for i, part in enumerate(parts) if _UNION_MEMBER.match(part)), None)
+    if union_at is not None:
+        loc = ".".join(parts[:union_at])
+        return bad_request(f"{loc}: invalid type or value ({err['msg'].lower()} in {'.'.join(parts)})", param=loc)
+    loc = ".".join(parts)
+    if err["type"] == "extra_forbidden":
+        return bad_request(f"Unrecognized request argument supplied: {loc}", param=loc,
+                           code="unrecognized_argument")
+    if err["type"] == "missing":
+        return bad_request(f"Missing required parameter: '{loc}'.", param=loc, code="missing_required_parameter")
+    message = err["msg"]
+    if err["type"] == "value_error":
+        # Our own validators put the parameter name first: "stop: at most 4 ...".
+        message = message.removeprefix("Value error, ")
+        name, sep, _ = message.partition(":")
+        if sep and " " not in name:
+            return bad_request(message, param=name)
+        return bad_request(message, param=loc or None)
+    return bad_request(f"{loc}: {message}" if loc else message, param=loc or None)

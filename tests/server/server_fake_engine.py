@@ -1,0 +1,120 @@
+"""A stand-in engine with AsyncLLMEngine's interface, for in-process server tests that must run in milliseconds.
+
+It "generates" a deterministic cycle of lowercase letters, holds one of `max_num_seqs` slots per running
+request (others wait), reports the longest prompt prefix it has seen before as cached tokens, and records
+aborts, so the HTTP layer's bookkeeping (queueing, freeing, usage) can be checked exactly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from kda_serving.engine.outputs import EngineStats, RequestOutput
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per byte plus a few specials: tiny, offline, and with a chat template."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|eos|>")
+    fast.add_special_tokens({"additional_special_tokens": ["<|user|>", "<|assistant|>", "<|system|>",
+                                                          "<|developer|>", "<|end|>"]})
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+class FakeEngine:
+    model_name = "fake-kda"
+
+    def __init__(self, max_num_seqs: int = 4, max_model_len: int = 256, token_delay: float = 0.001):
+        self.tokenizer = byte_tokenizer()
+        self.max_model_len = max_model_len
+        self.max_num_seqs = max_num_seqs
+        self.token_delay = token_delay
+        self.running: set[str] = set()
+        self.waiting: set[str] = set()
+        self.aborted: list[str] = []
+        self.seen_prompts: list[list[int]] = []
+        self.started = False
+        self.fail_with: Exception | None = None  # raised by generate() before any output, when set
+        self._slots: asyncio.Semaphore | None = None
+        self._abort_events: dict[str, asyncio.Event] = {}
+
+    async def start(self):
+        self._slots = asyncio.Semaphore(self.max_num_seqs)
+        self.started = True
+
+    async def shutdown(self):
+        self.started = False
+
+    def abort(self, request_id: str) -> None:
+        self.aborted.append(request_id)
+        if request_id in self._abort_events:
+            self._abort_events[request_id].set()
+
+    def stats(self) -> EngineStats:
+        return EngineStats(num_running=len(self.running), num_waiting=len(self.waiting),
+                           state_slots_used=len(self.running), state_slots_total=self.max_num_seqs,
+                           kv_blocks_used=4 * len(self.running), kv_blocks_total=4 * self.max_num_seqs)
+
+    def _cached_prefix(self, prompt: list[int]) -> int:
+        best = 0
+        for seen in self.seen_prompts:
+            n = 0
+            for a, b in zip(seen, prompt):
+                if a != b:
+                    break
+                n += 1
+            best = max(best, min(n, len(prompt) - 1))
+        return best
+
+    async def generate(self, request_id, prompt_token_ids, params):
+        if self.fail_with is not None:
+            raise self.fail_with
+        aborted = self._abort_events[request_id] = asyncio.Event()
+        self.waiting.add(request_id)
+        try:
+            async with self._slots:
+                self.waiting.discard(request_id)
+                self.running.add(request_id)
+                cached = self._cached_prefix(prompt_token_ids)
+                out_ids: list[int] = []
+                text = ""
+                while True:
+                    await asyncio.sleep(self.token_delay)
+                    if aborted.is_set():
+                        yield RequestOutput(request_id, prompt_token_ids, out_ids, [], text, "", True, "abort", cached)
+                        return
+                    new = self.tokenizer.convert_tokens_to_ids(chr(ord("a") + len(out_ids) % 26))
+                    out_ids = out_ids + [new]
+                    delta = self.tokenizer.decode([new])
+                    text += delta
+                    stop = next((s for s in params.stop if s in text), None)
+                    reason = None
+                    if stop is not None:
+                        delta = delta[: len(delta) - (len(text) - text.index(stop))]
+                        text, reason = text[: text.index(stop)], "stop"
+                    elif len(out_ids) >= params.max_tokens:
+                        reason = "length"
+                    lp = [-0.5] if params.logprobs is not None else None
+                    top = [{new: -0.5, new + 1: -1.5}] if params.logprobs is not None else None
+                    yield RequestOutput(request_id, prompt_token_ids, list(out_ids), [new], text, delta,
+                                        reason is not None, reason, cached, lp, top)
+                    if reason is not None:
+                        self.seen_prompts.append(list(prompt_token_ids) + out_ids)
+                        return
+        finally:
+            self.waiting.discard(request_id)
+            self.running.discard(request_id)
+            self._abort_events.pop(request_id, None)

@@ -1,0 +1,152 @@
+"""Helpers for the server tests: SSE and Prometheus parsing, and running the real `kda-serve` process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+# The process tests' server: fewer state slots (24) than the load test has clients, so requests queue; one
+# torch thread, since on a two-core machine shared with the test client a second one only spins.
+STATE_SLOTS = 24
+MAX_REQUEST_BYTES = 256 << 10
+SERVER_ARGS = ("--max-num-seqs", "32", "--num-state-slots", str(STATE_SLOTS), "--cpu-threads", "1",
+               "--max-request-bytes", str(MAX_REQUEST_BYTES))
+
+
+def parse_sse(text: str) -> tuple[list[dict], bool]:
+    """The JSON events of an SSE body, and whether it ended with `data: [DONE]`."""
+    events, done = [], False
+    for block in text.split("\n\n"):
+        block = block.strip()
+        if not block:
+            continue
+        assert block.startswith("data: "), f"not an SSE data event: {block!r}"
+        assert not done, "event after [DONE]"
+        data = block[len("data: "):]
+        if data == "[DONE]":
+            done = True
+        else:
+            events.append(json.loads(data))
+    return events, done
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text format -> {'name{labels}': value} (labels kept verbatim)."""
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    return values
+
+
+def assert_openai_error(response: httpx.Response, status: int, param: str | None = None) -> dict:
+    assert response.status_code == status, (response.status_code, response.text)
+    body = response.json()
+    assert set(body) == {"error"}, body
+    err = body["error"]
+    assert set(err) == {"message", "type", "param", "code"}, err
+    assert isinstance(err["message"], str) and err["message"], err
+    assert isinstance(err["type"], str) and err["type"], err
+    if param is not None:
+        assert err["param"] == param, err
+    return err
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`python -m kda_serving.server ARGS` on a free loopback port, killed on exit."""
+
+    def __init__(self, *args: str, port: int | None = None, api_key: str | None = None, startup_timeout=120.0,
+                 env: dict[str, str] | None = None):
+        self.port = port or free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.args = ["--port", str(self.port), "--log-level", "warning", *args]
+        if api_key:
+            self.args += ["--api-key", api_key]
+        self.startup_timeout = startup_timeout
+        self.env = env or {}
+        self.proc: subprocess.Popen | None = None
+
+    def spawn(self) -> "ServerProcess":
+        """Start the process without waiting for it to be ready."""
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **self.env)
+        fd, self.log_path = tempfile.mkstemp(prefix=f"kda-serve-{self.port}-", suffix=".log")
+        with os.fdopen(fd, "wb") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "kda_serving.server", *self.args], cwd=REPO_ROOT,
+                                         env=env, stdout=log, stderr=subprocess.STDOUT)
+        return self
+
+    def start(self) -> "ServerProcess":
+        """Start the process and wait until /health answers 200."""
+        self.spawn()
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"kda-serve exited with {self.proc.returncode} during start-up:\n{self.log_tail()}")
+            try:
+                if httpx.get(self.base_url + "/health", timeout=1.0).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        tail = self.log_tail()
+        self.stop()
+        raise RuntimeError(f"kda-serve not healthy within {self.startup_timeout} s:\n{tail}")
+
+    def log_tail(self, chars: int = 4000) -> str:
+        return Path(self.log_path).read_text(errors="replace")[-chars:]
+
+    def kill9(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.kill9()
+        if self.proc is not None and os.path.exists(self.log_path):
+            os.unlink(self.log_path)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def metrics(srv) -> dict[str, float]:
+    return parse_metrics(httpx.get(srv.base_url + "/metrics", timeout=10).text)
+
+
+def wait_until_free(srv, timeout=60.0) -> dict[str, float]:
+    """Poll /metrics until nothing runs, waits or holds a slot/block; return the last scrape."""
+    keys = ("num_running", "num_waiting", "state_slots_used", "kv_blocks_used")
+    deadline = time.monotonic() + timeout
+    while True:
+        m = metrics(srv)
+        if all(m[f"kda_serving_engine_{k}"] == 0 for k in keys) and m["kda_serving_http_requests_in_flight"] == 0:
+            return m
+        if time.monotonic() > deadline:
+            held = {k: m[f"kda_serving_engine_{k}"] for k in keys}
+            raise AssertionError(f"engine not free after {timeout} s: {held}")
+        time.sleep(0.2)

@@ -1,0 +1,348 @@
+"""The HTTP layer in-process, on a stand-in engine: wire format, usage, errors, auth, limits, metrics, aborts.
+
+These run in milliseconds; tests/server/test_server_process.py repeats the essentials against the real
+`kda-serve` process on the embedded model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+from server_fake_engine import FakeEngine
+from server_testing import assert_openai_error, parse_metrics, parse_sse
+
+from kda_serving.server.app import create_app
+from kda_serving.server.config import ServerConfig
+
+MODEL = FakeEngine.model_name
+
+
+def serve(test, engine: FakeEngine | None = None, config: ServerConfig | None = None, headers=None):
+    """Run `await test(client, engine)` against a started app."""
+    engine = engine or FakeEngine()
+    app = create_app(engine, config or ServerConfig())
+
+    async def main():
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test", headers=headers) as client:
+                return await test(client, engine)
+
+    return asyncio.run(main())
+
+
+def letters(n: int) -> str:
+    return "".join(chr(ord("a") + i % 26) for i in range(n))
+
+
+def test_models():
+    async def test(client, engine):
+        listing = (await client.get("/v1/models")).json()
+        assert listing["object"] == "list"
+        assert [m["id"] for m in listing["data"]] == [MODEL]
+        assert listing["data"][0]["max_model_len"] == engine.max_model_len
+        assert (await client.get(f"/v1/models/{MODEL}")).json()["id"] == MODEL
+        assert_openai_error(await client.get("/v1/models/other"), 404, param="model")
+        assert (await client.get("/health")).json() == {"status": "ok"}
+
+    serve(test)
+
+
+def test_completion_text_usage_and_stream_agree():
+    async def test(client, engine):
+        body = {"model": MODEL, "prompt": "hello world", "max_tokens": 7}
+        r = await client.post("/v1/completions", json=body)
+        assert r.status_code == 200, r.text
+        out = r.json()
+        assert out["object"] == "text_completion" and out["model"] == MODEL and out["id"].startswith("cmpl-")
+        [choice] = out["choices"]
+        assert choice == {"index": 0, "text": letters(7), "logprobs": None, "finish_reason": "length"}
+        prompt_tokens = len(engine.tokenizer.encode("hello world"))
+        assert out["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": 7,
+                                "total_tokens": prompt_tokens + 7, "prompt_tokens_details": {"cached_tokens": 0}}
+
+        r = await client.post("/v1/completions", json={**body, "stream": True,
+                                                       "stream_options": {"include_usage": True}})
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events, done = parse_sse(r.text)
+        assert done
+        *chunks, last = events
+        assert all(c["object"] == "text_completion" and c["usage"] is None for c in chunks)
+        assert "".join(c["choices"][0]["text"] for c in chunks) == letters(7)
+        assert [c["choices"][0]["finish_reason"] for c in chunks][-1] == "length"
+        assert last["choices"] == [] and last["usage"]["completion_tokens"] == 7
+        # The second identical prompt is found in the (stand-in) prefix cache and usage says so.
+        assert last["usage"]["prompt_tokens_details"]["cached_tokens"] == prompt_tokens - 1
+
+    serve(test)
+
+
+def test_chat_stream_n_choices():
+    async def test(client, engine):
+        body = {"model": MODEL, "messages": [{"role": "system", "content": "be brief"},
+                                             {"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+                "max_tokens": 5, "n": 3, "stream": True}
+        r = await client.post("/v1/chat/completions", json=body)
+        events, done = parse_sse(r.text)
+        assert done and all(e["object"] == "chat.completion.chunk" for e in events)
+        texts, roles, reasons = {}, {}, {}
+        for e in events:
+            [c] = e["choices"]
+            roles.setdefault(c["index"], c["delta"].get("role"))
+            texts[c["index"]] = texts.get(c["index"], "") + c["delta"].get("content", "")
+            reasons[c["index"]] = c["finish_reason"]
+        assert texts == {i: letters(5) for i in range(3)}
+        assert roles == {i: "assistant" for i in range(3)}
+        assert reasons == {i: "length" for i in range(3)}
+
+        r = await client.post("/v1/chat/completions", json={**body, "stream": False, "n": 1})
+        out = r.json()
+        assert out["object"] == "chat.completion"
+        assert out["choices"][0]["message"] == {"role": "assistant", "content": letters(5), "refusal": None}
+        prompt = engine.tokenizer.apply_chat_template([{"role": "system", "content": "be brief"},
+                                                       {"role": "user", "content": "hi"}],
+                                                      add_generation_prompt=True, tokenize=False)
+        assert out["usage"]["prompt_tokens"] == len(engine.tokenizer.encode(prompt, add_special_tokens=False))
+
+    serve(test)
+
+
+def test_batched_prompts_stop_and_token_ids():
+    async def test(client, engine):
+        for prompt, prompt_tokens in ((["one", "three"], len(engine.tokenizer.encode("one three")) - 1),
+                                      ([[65, 66, 67], [68]], 4)):
+            r = await client.post("/v1/completions", json={"model": MODEL, "prompt": prompt, "n": 2,
+                                                           "max_tokens": 10, "stop": ["e", "zz"]})
+            out = r.json()
+            assert [c["index"] for c in out["choices"]] == [0, 1, 2, 3]
+            assert all(c["text"] == "abcd" and c["finish_reason"] == "stop" for c in out["choices"])
+            assert out["usage"]["prompt_tokens"] == prompt_tokens
+            assert out["usage"]["completion_tokens"] == 4 * 5  # "abcde": the stop string's token is generated
+        mixed = await client.post("/v1/completions", json={"model": MODEL, "prompt": ["one", [65]]})
+        assert_openai_error(mixed, 400, param="prompt")
+
+    serve(test)
+
+
+def test_logprobs_shapes():
+    async def test(client, engine):
+        r = await client.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 3, "logprobs": 1})
+        lp = r.json()["choices"][0]["logprobs"]
+        assert lp["tokens"] == ["a", "b", "c"] and lp["token_logprobs"] == [-0.5] * 3
+        assert lp["text_offset"] == [0, 1, 2] and lp["top_logprobs"][0] == {"a": -0.5, "b": -1.5}
+        r = await client.post("/v1/chat/completions", json={"model": MODEL, "max_tokens": 2, "logprobs": True,
+                                                            "top_logprobs": 1, "stream": True,
+                                                            "messages": [{"role": "user", "content": "x"}]})
+        events, _ = parse_sse(r.text)
+        content = [t for e in events for t in (e["choices"][0]["logprobs"] or {"content": []})["content"]]
+        assert [t["token"] for t in content] == ["a", "b"]
+        assert content[0]["bytes"] == [97] and content[0]["top_logprobs"][1]["token"] == "b"
+
+    serve(test)
+
+
+BAD_REQUESTS = {
+    "wrong type max_tokens": ({"prompt": "x", "max_tokens": "5"}, 400, "max_tokens"),
+    "float n": ({"prompt": "x", "n": 2.0}, 400, "n"),
+    "unknown field": ({"prompt": "x", "max_token": 5}, 400, "max_token"),
+    "negative max_tokens": ({"prompt": "x", "max_tokens": -1}, 400, "max_tokens"),
+    "zero max_tokens": ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+    "huge max_tokens": ({"prompt": "x", "max_tokens": 10**12}, 400, "max_tokens"),
+    "prompt too long": ({"prompt": "y" * 300}, 400, "prompt"),
+    "empty prompt": ({"prompt": ""}, 400, "prompt"),
+    "unknown model": ({"prompt": "x", "model": "gpt-9"}, 404, "model"),
+    "missing model": ({"prompt": "x", "model": None}, 400, "model"),
+    "token id out of range": ({"prompt": [1, 10**6]}, 400, "prompt"),
+    "temperature out of range": ({"prompt": "x", "temperature": 5.0}, 400, "temperature"),
+    "nan temperature": ('{"model": "fake-kda", "prompt": "x", "temperature": NaN}', 400, None),
+    "too many stops": ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    "n over limit": ({"prompt": "x", "n": 17}, 400, "n"),
+    "echo": ({"prompt": "x", "echo": True}, 400, "echo"),
+    "invalid json": ("{not json", 400, None),
+    "json array": ("[1, 2]", 400, None),
+    "negative seed": ({"prompt": "x", "seed": -3}, 400, "seed"),
+    "lone surrogate": ('{"model": "fake-kda", "prompt": "a\\ud800b"}', 400, "prompt"),
+    "deep nesting": ('{"model": "fake-kda", "prompt": ' + "[" * 100000 + "]" * 100000 + "}", 400, None),
+}
+
+BAD_CHAT_REQUESTS = {
+    "empty messages": ({"messages": []}, 400, "messages"),
+    "no content": ({"messages": [{"role": "user"}]}, 400, "messages.0.content"),
+    "bad role": ({"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages.0.role"),
+    "image part": ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, 400,
+                   "messages.0.content"),
+    "tools": ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, 400, "tools"),
+    "both max tokens": ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 2,
+                         "max_completion_tokens": 2}, 400, "max_tokens"),
+    "messages not a list": ({"messages": "hi"}, 400, "messages"),
+    "lone surrogate": ('{"model": "fake-kda", "messages": [{"role": "user", "content": "\\ud800"}]}', 400,
+                       "messages"),
+}
+
+
+def _send_bad(client, path: str, body):
+    if isinstance(body, str):
+        return client.post(path, content=body.encode(), headers={"content-type": "application/json"})
+    body = {"model": MODEL, **body}
+    if body["model"] is None:
+        del body["model"]
+    return client.post(path, json=body)
+
+
+@pytest.mark.parametrize("path, case", [("/v1/completions", c) for c in BAD_REQUESTS] +
+                         [("/v1/chat/completions", c) for c in BAD_CHAT_REQUESTS],
+                         ids=list(BAD_REQUESTS) + [f"chat {c}" for c in BAD_CHAT_REQUESTS])
+def test_malformed_requests_get_openai_errors_and_touch_no_engine_state(path, case):
+    body, status, param = (BAD_REQUESTS if path == "/v1/completions" else BAD_CHAT_REQUESTS)[case]
+
+    async def test(client, engine):
+        assert_openai_error(await _send_bad(client, path, body), status, param=param)
+        assert engine.seen_prompts == [] and not engine.running and not engine.waiting
+        good = await client.post("/v1/completions", json={"model": MODEL, "prompt": "ok", "max_tokens": 2})
+        assert good.status_code == 200 and good.json()["choices"][0]["text"] == "ab"
+
+    serve(test)
+
+
+def test_http_errors_and_body_limit():
+    async def test(client, engine):
+        assert_openai_error(await client.get("/v1/nothing-here"), 404)
+        assert_openai_error(await client.get("/v1/completions"), 405)
+        big = {"model": MODEL, "prompt": "x" * 5000}
+        assert_openai_error(await client.post("/v1/completions", json=big), 413)
+        metrics = parse_metrics((await client.get("/metrics")).text)
+        assert metrics['kda_serving_http_errors_total{status="413"}'] == 1
+        assert metrics['kda_serving_http_errors_total{status="404"}'] == 1
+
+    serve(test, config=ServerConfig(max_request_bytes=4096))
+
+
+def test_prompt_token_limit():
+    async def test(client, engine):
+        assert (await client.post("/v1/completions", json={"model": MODEL, "prompt": "x" * 10,
+                                                           "max_tokens": 1})).status_code == 200
+        err = assert_openai_error(await client.post("/v1/completions", json={"model": MODEL, "prompt": "x" * 11}),
+                                  400, param="prompt")
+        assert err["code"] == "context_length_exceeded"
+
+    serve(test, config=ServerConfig(max_prompt_tokens=10))
+
+
+def test_bearer_auth():
+    async def test(client, engine):
+        body = {"model": MODEL, "prompt": "x", "max_tokens": 1}
+        err = assert_openai_error(await client.post("/v1/completions", json=body), 401)
+        assert err["type"] == "authentication_error"
+        assert_openai_error(await client.get("/v1/models", headers={"Authorization": "Bearer wrong"}), 401)
+        assert_openai_error(await client.get("/v1/models", headers={"Authorization": "secret"}), 401)
+        ok = await client.post("/v1/completions", json=body, headers={"Authorization": "Bearer secret"})
+        assert ok.status_code == 200
+        assert (await client.get("/health")).status_code == 200
+        assert (await client.get("/metrics")).status_code == 200
+
+    serve(test, config=ServerConfig(api_key="secret"))
+
+
+def test_metrics_count_requests_tokens_latency_and_engine_state():
+    async def test(client, engine):
+        for _ in range(3):
+            await client.post("/v1/completions", json={"model": MODEL, "prompt": "abcdef", "max_tokens": 4})
+        m = parse_metrics((await client.get("/metrics")).text)
+        assert m['kda_serving_requests_total{endpoint="completions",finish_reason="length"}'] == 3
+        assert m["kda_serving_generation_tokens_total"] == 12
+        assert m["kda_serving_prompt_tokens_total"] == 18
+        assert m["kda_serving_cached_prompt_tokens_total"] == 10  # 5 of 6 tokens on the 2nd and 3rd request
+        assert m["kda_serving_prefix_cache_hit_rate"] == pytest.approx(10 / 18)
+        assert m["kda_serving_time_to_first_token_seconds_count"] == 3
+        assert m["kda_serving_inter_token_latency_seconds_count"] == 9
+        assert m["kda_serving_engine_state_slots_used"] == 0
+        assert m["kda_serving_engine_state_slots_total"] == engine.max_num_seqs
+        assert m["kda_serving_http_requests_in_flight"] == 0
+
+    serve(test)
+
+
+def test_more_requests_than_slots_queue_and_complete():
+    async def test(client, engine):
+        body = {"model": MODEL, "prompt": "q", "max_tokens": 5, "stream": True}
+        responses = await asyncio.gather(*(client.post("/v1/completions", json=body) for _ in range(12)))
+        for r in responses:
+            events, done = parse_sse(r.text)
+            assert done and "".join(e["choices"][0]["text"] for e in events) == letters(5)
+        assert not engine.running and not engine.waiting and not engine.aborted
+
+    serve(test, engine=FakeEngine(max_num_seqs=2))
+
+
+@pytest.mark.parametrize("failure, status", [(ValueError("params rejected"), 400), (RuntimeError("engine died"), 500)],
+                         ids=["engine refuses", "engine fails"])
+def test_engine_errors_become_openai_errors(failure, status):
+    async def test(client, engine):
+        engine.fail_with = failure
+        body = {"model": MODEL, "prompt": "x", "max_tokens": 2}
+        err = assert_openai_error(await client.post("/v1/completions", json=body), status)
+        assert str(failure) in err["message"] or status == 500
+        r = await client.post("/v1/completions", json={**body, "stream": True})
+        assert r.status_code == 200  # the stream had started: the error travels as an event
+        events, done = parse_sse(r.text)
+        assert done and events[-1]["error"]["type"] == ("invalid_request_error" if status == 400 else "internal_error")
+        engine.fail_with = None
+        assert (await client.post("/v1/completions", json=body)).status_code == 200
+        m = parse_metrics((await client.get("/metrics")).text)
+        assert m.get('kda_serving_requests_aborted_total{endpoint="completions"}', 0) == (0 if status == 400 else 2)
+
+    serve(test)
+
+
+async def _call_and_disconnect(app, body: dict, disconnect_after_chunks: int) -> list[bytes]:
+    """Drive the ASGI app by hand: send `body`, then disconnect once `disconnect_after_chunks` chunks arrived."""
+    chunks: list[bytes] = []
+    gone = asyncio.Event()
+    sent_body = False
+
+    async def receive():
+        nonlocal sent_body
+        if not sent_body:
+            sent_body = True
+            return {"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        if message["type"] == "http.response.body" and message.get("body"):
+            chunks.append(message["body"])
+            if len(chunks) >= disconnect_after_chunks:
+                gone.set()
+
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions",
+             "query_string": b"", "root_path": "", "headers": [(b"content-type", b"application/json")],
+             "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000)}
+    if disconnect_after_chunks == 0:
+        asyncio.get_running_loop().call_later(0.05, gone.set)
+    await asyncio.wait_for(app(scope, receive, send), timeout=10)
+    return chunks
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "non-stream"])
+def test_client_disconnect_aborts_engine_requests(stream):
+    engine = FakeEngine(token_delay=0.005)
+    app = create_app(engine)
+
+    async def main():
+        async with app.router.lifespan_context(app):
+            body = {"model": MODEL, "prompt": "p", "max_tokens": 200, "n": 2, "stream": stream}
+            chunks = await _call_and_disconnect(app, body, 3 if stream else 0)
+            assert len(chunks) < 20  # it stopped long before 2 x 200 tokens
+            assert sorted(engine.aborted) == sorted(f"{rid}-{i}" for rid in {engine.aborted[0].rsplit("-", 1)[0]}
+                                                    for i in range(2))
+            await asyncio.sleep(0.05)  # the stand-in ends its generators on its next tick
+            assert not engine.running and not engine.waiting
+            m = parse_metrics(app.state.server.metrics.render().decode())
+            assert m['kda_serving_requests_aborted_total{endpoint="completions"}'] == 2
+            assert m["kda_serving_http_requests_in_flight"] == 0
+
+    asyncio.run(main())

@@ -1,0 +1,35 @@
+"""`kda-serve` argument handling: bad flags fail fast with a message naming them, before any model loads."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from kda_serving.engine import EngineConfig
+from kda_serving.server.cli import ENGINE_FLAGS, build_parser, main
+
+
+def test_every_engine_flag_is_an_engine_config_field():
+    fields = {f.name for f in dataclasses.fields(EngineConfig)}
+    assert set(ENGINE_FLAGS) <= fields
+    args = build_parser().parse_args(["--device", "cuda:1", "--max-num-seqs", "8", "--no-prefix-caching"])
+    given = {k: getattr(args, k) for k in ENGINE_FLAGS if getattr(args, k) is not None}
+    assert given == {"device": "cuda:1", "max_num_seqs": 8, "enable_prefix_caching": False}
+    defaults = build_parser().parse_args([])
+    assert (defaults.host, defaults.port, defaults.api_key) == ("127.0.0.1", 8000, None)
+
+
+@pytest.mark.parametrize("argv, names", [
+    (["--device", "tpu"], "device"),
+    (["--max-num-seqs", "0"], "max_num_seqs"),
+    (["--prefix-cache-interval", "100"], "prefix_cache_interval"),
+    (["--max-request-bytes", "0"], "max_request_bytes"),
+    (["--cpu-threads", "0"], "--cpu-threads"),
+    (["--port", "eighty"], "--port"),
+], ids=["device", "max-num-seqs", "prefix-cache-interval", "max-request-bytes", "cpu-threads", "port"])
+def test_bad_flags_exit_2_naming_the_flag(argv, names, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert names in capsys.readouterr().err

@@ -1,0 +1,220 @@
+"""The real `kda-serve` process on the embedded default model, over loopback HTTP: load, disconnects, bad
+input, queueing, the official `openai` client, and kill -9 then restart.
+
+One server is shared by the module (starting one costs ~10 s on two cores). It has fewer state slots than the
+load test has clients, so requests must queue. `--cpu-threads 1`: on a two-core machine shared with the test
+client, a second torch thread only spins. Afterwards "free" means the engine reports no running or waiting
+request and no state slot or KV block held by a request (the prefix cache may keep reclaimable ones).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import random
+import time
+
+import httpx
+import pytest
+from server_testing import (MAX_REQUEST_BYTES, REPO_ROOT, SERVER_ARGS, ServerProcess, assert_openai_error, metrics,
+                            parse_metrics, parse_sse, wait_until_free)
+
+API_KEY = "test-key"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+WORDS = ["kernel", "state", "chunk", "decay", "gate", "token", "model", "serve", "cache", "prefix"]
+
+
+@pytest.fixture(scope="module")
+def server():
+    with ServerProcess(*SERVER_ARGS, api_key=API_KEY) as srv:
+        srv.model = httpx.get(srv.base_url + "/v1/models", headers=AUTH).json()["data"][0]["id"]
+        yield srv
+
+
+def prompt(rng: random.Random) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(rng.choice([1, 7, 30, 90])))
+
+
+def test_200_concurrent_streaming_clients_complete_and_free_everything(server):
+    rng = random.Random(0)
+    prompts = [prompt(rng) for _ in range(200)]
+    max_waiting = 0
+
+    async def client_task(client, i):
+        if i % 2:
+            body = {"model": server.model, "prompt": prompts[i], "max_tokens": 2 + i % 2, "stream": True}
+            path = "/v1/completions"
+        else:
+            body = {"model": server.model, "messages": [{"role": "user", "content": prompts[i]}],
+                    "max_tokens": 2 + i % 3, "stream": True, "stream_options": {"include_usage": True}}
+            path = "/v1/chat/completions"
+        r = await client.post(path, json=body)
+        assert r.status_code == 200, r.text
+        events, done = parse_sse(r.text)
+        assert done, f"client {i}: stream did not end with [DONE]"
+        assert not any("error" in e for e in events), events
+        reasons = [c["finish_reason"] for e in events for c in e["choices"] if c["finish_reason"]]
+        assert reasons in (["length"], ["stop"]), (i, reasons)
+        if path == "/v1/chat/completions":
+            assert events[-1]["usage"]["completion_tokens"] <= body["max_tokens"]
+
+    async def watch(client, stop: asyncio.Event):
+        nonlocal max_waiting
+        while not stop.is_set():
+            m = parse_metrics((await client.get("/metrics")).text)
+            max_waiting = max(max_waiting, m["kda_serving_engine_num_waiting"])
+            await asyncio.sleep(0.5)
+
+    async def main():
+        limits = httpx.Limits(max_connections=250, max_keepalive_connections=250)
+        async with httpx.AsyncClient(base_url=server.base_url, headers=AUTH, timeout=300, limits=limits) as client:
+            stop = asyncio.Event()
+            watcher = asyncio.create_task(watch(client, stop))
+            try:
+                await asyncio.gather(*(client_task(client, i) for i in range(200)))
+            finally:
+                stop.set()
+                await watcher
+
+    before = metrics(server)
+    asyncio.run(main())
+    m = wait_until_free(server)
+    finished = sum(v for k, v in m.items() if k.startswith("kda_serving_requests_total{"))
+    finished -= sum(v for k, v in before.items() if k.startswith("kda_serving_requests_total{"))
+    assert finished == 200
+    assert max_waiting > 0, "200 clients on 24 state slots never queued"
+    ttft = "kda_serving_time_to_first_token_seconds_count"
+    assert m[ttft] - before[ttft] == 200
+
+
+def test_disconnecting_clients_are_aborted_and_freed(server):
+    n_stream, n_plain = 6, 2
+    before = metrics(server)
+
+    async def stream_then_leave(client):
+        body = {"model": server.model, "prompt": "tell me a long story", "max_tokens": 3000, "ignore_eos": True,
+                "stream": True}
+        async with client.stream("POST", "/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if line.startswith("data: "):
+                    return  # leave after the first token: closing the stream drops the connection
+
+    async def wait_then_leave(client):
+        body = {"model": server.model, "prompt": "tell me a long story", "max_tokens": 3000, "ignore_eos": True}
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(client.post("/v1/completions", json=body), timeout=3)
+
+    async def main():
+        async with httpx.AsyncClient(base_url=server.base_url, headers=AUTH, timeout=120) as client:
+            await asyncio.gather(*[stream_then_leave(client) for _ in range(n_stream)],
+                                 *[wait_then_leave(client) for _ in range(n_plain)])
+
+    started = time.monotonic()
+    asyncio.run(main())
+    m = wait_until_free(server, timeout=30)
+    # 3000 tokens each would take minutes; being free this soon means the engine aborted them.
+    assert time.monotonic() - started < 60
+    aborted = m['kda_serving_requests_aborted_total{endpoint="completions"}'] - \
+        before.get('kda_serving_requests_aborted_total{endpoint="completions"}', 0)
+    assert aborted == n_stream + n_plain
+    assert m["kda_serving_engine_requests_aborted_total"] - before["kda_serving_engine_requests_aborted_total"] \
+        == n_stream + n_plain
+
+
+def test_malformed_requests_get_openai_errors_and_server_keeps_serving(server):
+    url, model = server.base_url, server.model
+    chat, comp = url + "/v1/chat/completions", url + "/v1/completions"
+    user = [{"role": "user", "content": "hi"}]
+    long_prompt = " ".join(["kernel"] * 5000)  # > max_model_len (4096) tokens
+    cases = [
+        (httpx.post(chat, content=b'{"model": "x", "messages": [', headers=AUTH), 400, None),
+        (httpx.post(chat, content=b"\xff\xfe garbage", headers=AUTH), 400, None),
+        (httpx.post(chat, json={"model": model, "messages": user, "max_tokens": "ten"}, headers=AUTH), 400,
+         "max_tokens"),
+        (httpx.post(chat, json={"model": model, "messages": user, "temperature": "hot"}, headers=AUTH), 400,
+         "temperature"),
+        (httpx.post(chat, json={"model": model, "messages": user, "frobnicate": 1}, headers=AUTH), 400,
+         "frobnicate"),
+        (httpx.post(chat, json={"model": model, "messages": user, "max_tokens": -5}, headers=AUTH), 400,
+         "max_tokens"),
+        (httpx.post(chat, json={"model": model, "messages": user, "max_tokens": 10**9}, headers=AUTH), 400,
+         "max_tokens"),
+        (httpx.post(chat, json={"model": model, "messages": []}, headers=AUTH), 400, "messages"),
+        (httpx.post(chat, json={"model": model, "messages": [{"role": "user", "content": long_prompt}]},
+                    headers=AUTH), 400, "messages"),
+        (httpx.post(comp, json={"model": model, "prompt": long_prompt}, headers=AUTH), 400, "prompt"),
+        (httpx.post(chat, json={"model": "gpt-4o", "messages": user}, headers=AUTH), 404, "model"),
+        (httpx.post(chat, json={"model": model, "messages": user}), 401, None),
+        (httpx.post(chat, json={"model": model, "messages": user}, headers={"Authorization": "Bearer nope"}), 401,
+         None),
+        (httpx.post(comp, content=b'{"model": "' + b"x" * MAX_REQUEST_BYTES + b'"}', headers=AUTH), 413, None),
+        (httpx.get(url + "/v1/unknown", headers=AUTH), 404, None),
+    ]
+    for i, (response, status, param) in enumerate(cases):
+        try:
+            assert_openai_error(response, status, param=param)
+        except AssertionError as exc:
+            raise AssertionError(f"case {i}: {exc}") from None
+    m = wait_until_free(server, timeout=10)
+    assert m["kda_serving_http_errors_total{status=\"400\"}"] >= 10
+    ok = httpx.post(chat, json={"model": model, "messages": user, "max_tokens": 2}, headers=AUTH, timeout=60)
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_sampling_fields_reach_the_engine(server):
+    comp = server.base_url + "/v1/completions"
+    body = {"model": server.model, "prompt": "The kernel", "max_tokens": 8, "temperature": 1.0, "seed": 1234,
+            "ignore_eos": True, "logprobs": 2}
+    first = httpx.post(comp, json=body, headers=AUTH, timeout=60).json()
+    again = httpx.post(comp, json=body, headers=AUTH, timeout=60).json()
+    assert first["choices"][0]["text"] == again["choices"][0]["text"]  # seeded: reproducible
+    lp = first["choices"][0]["logprobs"]
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == 8
+    assert all(v <= 0 for v in lp["token_logprobs"]) and all(len(t) <= 3 for t in lp["top_logprobs"])
+    if not any("\ufffd" in t for t in lp["tokens"]):  # a token can be part of a UTF-8 character
+        assert "".join(lp["tokens"]) == first["choices"][0]["text"]
+
+    text = first["choices"][0]["text"]
+    stop = text[len(text) // 2:][:2]  # a stop string we know the seeded sample reaches
+    assert stop, text
+    stopped = httpx.post(comp, json={**body, "stop": [stop]}, headers=AUTH, timeout=60).json()["choices"][0]
+    assert stopped["finish_reason"] == "stop" and stop not in stopped["text"]
+    assert text.startswith(stopped["text"])
+
+    two = httpx.post(comp, json={**body, "n": 2, "logprobs": None}, headers=AUTH, timeout=60).json()
+    assert [c["index"] for c in two["choices"]] == [0, 1]
+    assert two["choices"][0]["text"] == text  # choice j is seeded with seed + j
+    assert two["usage"]["completion_tokens"] == 16
+    wait_until_free(server, timeout=10)
+
+
+def _load_example():
+    spec = importlib.util.spec_from_file_location("chat_multiturn", REPO_ROOT / "examples" / "chat_multiturn.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_openai_client_multiturn_chat_reuses_the_prefix(server):
+    from openai import OpenAI
+
+    example = _load_example()
+    client = OpenAI(base_url=server.base_url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+    assert [m.id for m in client.models.list().data] == [server.model]
+    turns = example.chat(client, server.model, example.QUESTIONS[:3], max_tokens=8)
+    assert all(t["completion_tokens"] >= 1 and isinstance(t["reply"], str) for t in turns)
+    for previous, turn in zip(turns, turns[1:]):
+        assert turn["prompt_tokens"] > previous["prompt_tokens"] + previous["completion_tokens"] - 2
+        # The conversation so far (system + earlier turns) comes from the prefix cache.
+        assert turn["cached_tokens"] > 0, turns
+        assert turn["cached_tokens"] < turn["prompt_tokens"]
+    # The official client raises its own exception classes from our error bodies.
+    import openai
+
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=server.model, messages=[])
+    with pytest.raises(openai.AuthenticationError):
+        OpenAI(base_url=server.base_url + "/v1", api_key="wrong", max_retries=0).models.list()
