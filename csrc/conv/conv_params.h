@@ -23,6 +23,7 @@ struct ConvParams {
   const void* weight;
   const void* bias;  // null: no bias
   void* conv_pool;
+  int64_t pool_slot_stride;  // elements between slots (>= (W-1)*D; larger when slots live inside bigger pages)
   const void* state_indices;
   const void* cu_seqlens;          // prefill only
   const bool* has_initial_state;   // prefill only; null: every sequence continues its state

@@ -14,6 +14,7 @@ extern "C" {
 
 int kda_serving_decode(const void* q, const void* k, const void* v, const void* g, const void* beta,
                        const float* A_log, const float* dt_bias, void* state_pool, int state_is_bf16,
+                       int64_t pool_slot_stride,
                        const void* state_indices, int indices_int64, const void* intermediate_slots,
                        int slots_int64, void* out, int64_t num_seqs, int tokens, int heads, float scale,
                        int use_lower_bound, float lower_bound, void* stream) {
@@ -26,6 +27,7 @@ int kda_serving_decode(const void* q, const void* k, const void* v, const void* 
   p.A_log = A_log;
   p.dt_bias = dt_bias;
   p.state_pool = state_pool;
+  p.pool_slot_stride = pool_slot_stride;
   p.state_indices = state_indices;
   p.intermediate_slots = intermediate_slots;
   p.out = static_cast<__nv_bfloat16*>(out);

@@ -51,7 +51,8 @@ __global__ void __launch_bounds__(kThreads) kda_decode_bf16_step_kernel(const De
     return;
   }
 
-  const int64_t state_offset = (slot * p.heads + h) * kHeadDim * kHeadDim + static_cast<int64_t>(row) * kHeadDim;
+  const int64_t state_offset = slot * p.pool_slot_stride + static_cast<int64_t>(h) * kHeadDim * kHeadDim +
+                               static_cast<int64_t>(row) * kHeadDim;
   uint4* state = reinterpret_cast<uint4*>(static_cast<__nv_bfloat16*>(p.state_pool) + state_offset);
   uint4 raw[kStepChunks];  // chunk j holds columns (lane + 4 j) * 8 .. + 7
 #pragma unroll

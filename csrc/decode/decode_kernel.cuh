@@ -199,7 +199,7 @@ __global__ void __launch_bounds__(kThreads) kda_decode_kernel(const DecodeParams
 
   // Issue the state loads first: nothing below depends on them until the row update.
   StateT* pool = static_cast<StateT*>(p.state_pool);
-  const int64_t slot_stride = static_cast<int64_t>(p.heads) * kHeadDim * kHeadDim;
+  const int64_t slot_stride = p.pool_slot_stride;
   const int64_t row_offset = (static_cast<int64_t>(h) * kHeadDim + row) * kHeadDim;
   float s[kElemsPerLane];  // this lane's part of state row `row`, fp32
   load_row(pool + slot * slot_stride + row_offset, lane, s);

@@ -25,6 +25,7 @@ struct DecodeParams {
   const float* A_log;
   const float* dt_bias;
   void* state_pool;
+  int64_t pool_slot_stride;  // elements between slots (>= H*V*K; larger when slots live inside bigger pages)
   const void* state_indices;
   const void* intermediate_slots;  // null: the final state goes back to state_indices[n]
   __nv_bfloat16* out;

@@ -1,11 +1,10 @@
 """Handing a framework's state pool to our ops.
 
-Our ops take a pool `[S, ...]` that is contiguous. vLLM and SGLang keep each layer's recurrent and conv
-states inside per-block pages, so a layer's pool can be a strided view whose slot stride (dim 0) is the page
-size. When the pool is contiguous it goes to the op as it is (the normal case, and no copy). Otherwise the
-slots the call touches are copied into a contiguous working pool, the op runs on it, and they are copied
-back: correct for any strides (a page-padded slot stride, or vLLM's dim-first conv layout seen through a
-transpose), at the cost of that copy, and logged once so it is visible. The copies are gathers and scatters on
+Our ops take a pool `[S, ...]` whose slots are each contiguous, with any slot stride (docs/kda-contract.md).
+vLLM and SGLang keep each layer's recurrent and conv states inside per-block pages, so a layer's pool is a
+strided view whose slot stride (dim 0) is the page size: that goes to the op as it is, in place, no copy.
+Only a layout whose slots are not contiguous (vLLM's dim-first conv layout seen through a transpose) falls
+back to copying the slots the call touches into a contiguous working pool and back, logged once. The copies are gathers and scatters on
 the device with no host synchronisation, so they also run inside CUDA graph capture.
 """
 
@@ -24,6 +23,19 @@ from .switches import log_once
 R = TypeVar("R")
 
 
+def takes_in_place(pool: torch.Tensor) -> bool:
+    """Whether our ops can use `pool` directly: every slot contiguous, slots apart by at least a slot, and on
+    CUDA a slot stride and base that keep the kernels' 16-byte accesses aligned."""
+    if pool.shape[0] == 0 or not pool[0].is_contiguous():
+        return pool.is_contiguous()
+    stride = pool.stride(0) if pool.shape[0] > 1 else pool[0].numel()
+    if stride < pool[0].numel():
+        return False
+    if pool.is_cuda:
+        return (stride * pool.element_size()) % 16 == 0 and pool.data_ptr() % 16 == 0
+    return True
+
+
 def run_on_pool(
     pool: torch.Tensor,
     indices: torch.Tensor,
@@ -36,7 +48,7 @@ def run_on_pool(
     marks padding). A non-contiguous pool is replaced by a working pool holding entry n's slot in row n, with
     `indices` renumbered to the rows (padding stays PAD_SLOT), and the rows are written back after the call.
     """
-    if pool.is_contiguous():
+    if takes_in_place(pool):
         return call(pool, indices)
     if indices.numel() == 0:
         return call(pool.new_empty((0, *pool.shape[1:])), indices)

@@ -57,6 +57,21 @@ def _fail(kind: type[Exception], name: str, message: str):
     raise kind(f"kda: argument '{name}': {message}")
 
 
+def _check_pool(name: str, t, ndim: int, dtypes, device) -> torch.Tensor:
+    """A slot pool [S, ...]: each slot contiguous, the slot dimension with any non-overlapping stride (serving
+    engines such as vLLM keep several state tensors of one sequence inside one page)."""
+    if not isinstance(t, torch.Tensor):
+        _fail(TypeError, name, f"expected a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        _fail(ValueError, name, f"expected {ndim} dimensions, got shape {tuple(t.shape)}")
+    if t.shape[0] == 0:
+        _fail(ValueError, name, "the pool has no slots")
+    _check_tensor(name, t[0], ndim - 1, dtypes, device)
+    if t.shape[0] > 1 and t.stride(0) < t[0].numel():
+        _fail(ValueError, name, f"slot stride {t.stride(0)} is smaller than a slot ({t[0].numel()} elements)")
+    return t
+
+
 def _check_tensor(name: str, t, ndim: int | None = None, dtypes=None, device=None) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         _fail(TypeError, name, f"expected a torch.Tensor, got {type(t).__name__}")
@@ -199,7 +214,7 @@ def validate_kda_args(
         _check_shape("initial_state", initial_state, (N, H, V, K))
         mode = "dense"
     if state_pool is not None:
-        _check_tensor("state_pool", state_pool, 4, STATE_DTYPES, device)
+        _check_pool("state_pool", state_pool, 4, STATE_DTYPES, device)
         if tuple(state_pool.shape[1:]) != (H, V, K):
             _fail(ValueError, "state_pool", f"expected shape (S, {H}, {V}, {K}), got {tuple(state_pool.shape)}")
         if state_indices is None:
@@ -294,7 +309,7 @@ def validate_decode_args(
         _fail(ValueError, "q", f"the CUDA kernels need K == V == {CUDA_HEAD_DIM}, got K={K}, V={V}")
     validate_gate_params(A_log, dt_bias, lower_bound, H, K, device)
     validate_scale(scale, K)
-    _check_tensor("state_pool", state_pool, 4, STATE_DTYPES, device)
+    _check_pool("state_pool", state_pool, 4, STATE_DTYPES, device)
     if tuple(state_pool.shape[1:]) != (H, V, K):
         _fail(ValueError, "state_pool", f"expected shape (S, {H}, {V}, {K}), got {tuple(state_pool.shape)}")
     validate_slot_indices("state_indices", state_indices, N, state_pool.shape[0], device)
@@ -327,7 +342,7 @@ def validate_conv_args(x, weight, bias, conv_pool, state_indices, *, cu_seqlens=
         _check_shape("bias", bias, (D,))
     if activation not in ("silu", None):
         _fail(ValueError, "activation", f"expected 'silu' or None, got {activation!r}")
-    _check_tensor("conv_pool", conv_pool, 3, (torch.float32, torch.bfloat16, torch.float16, torch.float64), device)
+    _check_pool("conv_pool", conv_pool, 3, (torch.float32, torch.bfloat16, torch.float16, torch.float64), device)
     if tuple(conv_pool.shape[1:]) != (W - 1, D):
         _fail(ValueError, "conv_pool", f"expected shape (S, {W - 1}, {D}), got {tuple(conv_pool.shape)}")
     if decode:

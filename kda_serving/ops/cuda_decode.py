@@ -35,9 +35,10 @@ _L = ctypes.c_int64
 _F = ctypes.c_float
 
 _SIGNATURES = {
-    "kda_serving_decode": [_P, _P, _P, _P, _P, _P, _P, _P, _I, _P, _I, _P, _I, _P, _L, _I, _I, _F, _I, _F, _P],
-    "kda_serving_conv_prefill": [_P, _P, _I, _P, _I, _P, _I, _P, _I, _P, _I, _P, _P, _I, _L, _L, _I, _I, _I, _P],
-    "kda_serving_conv_decode": [_P, _P, _I, _P, _I, _P, _I, _P, _I, _P, _I, _L, _I, _I, _I, _P],
+    "kda_serving_decode": [_P, _P, _P, _P, _P, _P, _P, _P, _I, _L, _P, _I, _P, _I, _P, _L, _I, _I, _F, _I, _F, _P],
+    "kda_serving_conv_prefill": [_P, _P, _I, _P, _I, _P, _I, _L, _P, _I, _P, _I, _P, _P, _I, _L, _L, _I, _I, _I,
+                                 _P],
+    "kda_serving_conv_decode": [_P, _P, _I, _P, _I, _P, _I, _L, _P, _I, _P, _I, _L, _I, _I, _I, _P],
 }
 
 
@@ -75,6 +76,25 @@ def _tensor(name: str, t, dtypes, device=None, ndim=None) -> torch.Tensor:
     return t
 
 
+def _pool(name: str, t, dtypes, device, ndim: int) -> int:
+    """A state pool: each slot contiguous, the slot dimension with any stride (vLLM keeps a layer's conv and
+    recurrent states of one sequence in one page). Returns the slot stride in elements."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"kda: argument '{name}': expected a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"kda: argument '{name}': expected {ndim} dimensions, got shape {tuple(t.shape)}")
+    if t.shape[0] == 0:
+        raise ValueError(f"kda: argument '{name}': the pool has no slots")
+    if not t[0].is_contiguous():
+        raise ValueError(f"kda: argument '{name}': each slot must be contiguous")
+    _tensor(name, t[0], dtypes, device)
+    stride = t.stride(0) if t.shape[0] > 1 else t[0].numel()
+    if stride < t[0].numel() or (stride * t.element_size()) % 16:
+        raise ValueError(f"kda: argument '{name}': slot stride {stride} must cover a slot and keep 16-byte alignment")
+    _aligned(name, t)
+    return stride
+
+
 def _aligned(name: str, t: torch.Tensor) -> None:
     if t.data_ptr() % 16:
         raise ValueError(f"kda: argument '{name}': the CUDA kernel needs 16-byte aligned data")
@@ -107,11 +127,10 @@ def decode(q, k, v, g, beta, A_log, dt_bias, scale, lower_bound, state_pool, sta
         raise ValueError(f"kda: argument 'A_log': expected shape {(H,)}, got {tuple(A_log.shape)}")
     if tuple(_tensor("dt_bias", dt_bias, _FP32, dev).shape) != (H, K):
         raise ValueError(f"kda: argument 'dt_bias': expected shape {(H, K)}, got {tuple(dt_bias.shape)}")
-    _tensor("state_pool", state_pool, _STATE, dev, ndim=4)
+    pool_stride = _pool("state_pool", state_pool, _STATE, dev, ndim=4)
     if tuple(state_pool.shape[1:]) != (H, HEAD_DIM, HEAD_DIM):
         raise ValueError(f"kda: argument 'state_pool': expected shape (S, {H}, {HEAD_DIM}, {HEAD_DIM}), "
                          f"got {tuple(state_pool.shape)}")
-    _aligned("state_pool", state_pool)
     if _tensor("state_indices", state_indices, _INDEX, dev).numel() != N:
         raise ValueError(f"kda: argument 'state_indices': expected {N} entries, got {state_indices.numel()}")
     slots_ptr, slots_int64 = None, 0
@@ -122,7 +141,7 @@ def decode(q, k, v, g, beta, A_log, dt_bias, scale, lower_bound, state_pool, sta
         slots_ptr, slots_int64 = intermediate_slots.data_ptr(), int(intermediate_slots.dtype == torch.int64)
     code = library().kda_serving_decode(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), g.data_ptr(), beta.data_ptr(), A_log.data_ptr(),
-        dt_bias.data_ptr(), state_pool.data_ptr(), int(state_pool.dtype == torch.bfloat16),
+        dt_bias.data_ptr(), state_pool.data_ptr(), int(state_pool.dtype == torch.bfloat16), pool_stride,
         state_indices.data_ptr(), int(state_indices.dtype == torch.int64), slots_ptr, slots_int64,
         out.data_ptr(), N, T, H, float(scale), int(lower_bound is not None),
         0.0 if lower_bound is None else float(lower_bound), _stream(dev),
@@ -141,13 +160,13 @@ def _conv_common(x, weight, bias, conv_pool, state_indices, out):
                          f"got {tuple(weight.shape)}")
     if bias is not None and tuple(_tensor("bias", bias, _STATE, dev).shape) != (D,):
         raise ValueError(f"kda: argument 'bias': expected shape {(D,)}, got {tuple(bias.shape)}")
-    _tensor("conv_pool", conv_pool, _STATE, dev, ndim=3)
+    _pool("conv_pool", conv_pool, _STATE, dev, ndim=3)
     if tuple(conv_pool.shape[1:]) != (CONV_WIDTH - 1, D):
         raise ValueError(f"kda: argument 'conv_pool': expected shape (S, {CONV_WIDTH - 1}, {D}), "
                          f"got {tuple(conv_pool.shape)}")
     _tensor("state_indices", state_indices, _INDEX, dev)
     parts = _output_parts(_tensor("out", out, _BF16, dev), rows, D)
-    for name, t in (("x", x), ("weight", weight), ("conv_pool", conv_pool), ("out", out)):
+    for name, t in (("x", x), ("weight", weight), ("out", out)):
         _aligned(name, t)
     return dev, rows, D, parts
 
@@ -168,6 +187,7 @@ def _conv_dtype_args(weight, bias, conv_pool, state_indices):
         weight.data_ptr(), int(weight.dtype == torch.bfloat16),
         None if bias is None else bias.data_ptr(), int(bias is not None and bias.dtype == torch.bfloat16),
         conv_pool.data_ptr(), int(conv_pool.dtype == torch.bfloat16),
+        conv_pool.stride(0) if conv_pool.shape[0] > 1 else conv_pool[0].numel(),
         state_indices.data_ptr(), int(state_indices.dtype == torch.int64),
     )
 

@@ -225,15 +225,28 @@ def test_mixed_qkv_shape_is_checked():
 
 
 def test_run_on_pool_with_only_padding_changes_nothing():
-    pool = torch.randn(4, 6)[:, :3]
+    pool = torch.randn(6, 4).t()
     before = pool.clone()
     # like our ops, the call writes only the rows of real entries: here none
     run_on_pool(pool, torch.tensor([PAD_SLOT, PAD_SLOT]), lambda work, idx: None)
     assert torch.equal(pool, before)
 
 
-def test_run_on_pool_renumbers_and_writes_back():
+def test_page_strided_pools_go_to_the_op_in_place():
     pool = torch.arange(5 * 6, dtype=torch.float32).view(5, 6)[:, :4]  # slot stride 6, slot size 4
+    seen = {}
+
+    def call(work, idx):
+        seen["same"], seen["idx"] = work.data_ptr() == pool.data_ptr() and work.stride() == pool.stride(), idx
+        return "done"
+
+    indices = torch.tensor([3, PAD_SLOT, 1])
+    assert run_on_pool(pool, indices, call) == "done"
+    assert seen["same"] and seen["idx"] is indices
+
+
+def test_run_on_pool_renumbers_and_writes_back():
+    pool = torch.arange(5 * 4, dtype=torch.float32).view(4, 5).t()  # slots are columns: not contiguous
     before = pool.clone()
     seen = {}
 

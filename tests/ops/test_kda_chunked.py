@@ -6,7 +6,7 @@ import torch
 from kda_testing import EXTREME_GATES, MILD_GATES, cu_seqlens_of, make_kda_inputs, max_err, rel_err
 from kda_serving.ops import KDACheckpoints, kda_prefill, kda_recurrent_reference
 
-FP32_TOL = 1e-4  # float32 rounding, amplified a little by the chunk's triangular solve
+FP32_TOL = 3e-4  # float32 rounding, amplified by the chunk's triangular solve when gates are extreme
 GATES = {"mild": MILD_GATES, "extreme": EXTREME_GATES}
 FORMS = {"softplus": None, "lower_bound": -5.0}
 

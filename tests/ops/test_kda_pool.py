@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from kda_testing import EXTREME_GATES, cu_seqlens_of, make_kda_inputs, rel_err
 from kda_serving.ops import PAD_SLOT, kda_decode, kda_prefill, kda_recurrent_reference
 
-TOL = 1e-4
+TOL = 3e-4  # float32 rounding, amplified by the chunk's triangular solve when gates are extreme
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -118,3 +118,24 @@ def test_decode_padding():
     out = kda_decode(q, k, v, g, beta, A_log, dt, pool, torch.tensor([PAD_SLOT, 0]))
     assert torch.equal(out[0], torch.zeros_like(out[0]))
     assert torch.equal(pool[1:], before[1:]) and not torch.equal(pool[0], before[0])
+
+
+def test_pools_with_strided_slots_are_used_in_place():
+    """A pool that is a view into bigger pages (vLLM's layout): results equal a contiguous pool's, in place."""
+    gen = torch.Generator().manual_seed(6)
+    H, K, V, S = 2, 16, 8, 5
+    q, k, v, g, beta, A_log, dt = make_kda_inputs(1, 40, H, K, V, generator=gen, **EXTREME_GATES)
+    pages = torch.randn(S, H * V * K + 24, generator=gen)  # each page: this state plus 24 other values
+    strided = pages[:, : H * V * K].view(S, H, V, K)
+    assert not strided.is_contiguous()
+    dense = strided.clone()
+    others = pages[:, H * V * K:].clone()
+    kw = dict(cu_seqlens=cu_seqlens_of([15, 25]), state_indices=torch.tensor([3, 1]))
+    a = kda_prefill(q, k, v, g, beta, A_log, dt, state_pool=strided, **kw).out
+    b = kda_prefill(q, k, v, g, beta, A_log, dt, state_pool=dense, **kw).out
+    assert torch.equal(a, b) and torch.equal(strided, dense)
+    assert torch.equal(pages[:, H * V * K:], others), "the rest of each page must be untouched"
+    q1, k1, v1, g1, b1, _, _ = make_kda_inputs(2, 1, H, K, V, generator=gen)
+    o1 = kda_decode(q1, k1, v1, g1, b1, A_log, dt, strided, torch.tensor([3, 1]))
+    o2 = kda_decode(q1, k1, v1, g1, b1, A_log, dt, dense, torch.tensor([3, 1]))
+    assert torch.equal(o1, o2) and torch.equal(strided, dense)

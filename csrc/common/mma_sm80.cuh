@@ -1,0 +1,66 @@
+// Warp-level tensor-core helpers on CuTe's SM80 atoms (mma.sync m16n8k16, bf16 in, fp32 accumulate) and
+// cp.async with zero fill. Fragment layouts (PTX ISA, m16n8k16, g = lane / 4, q = lane % 4):
+//   A 16x16 row-major: a[0] = A[g][2q..2q+1]  a[1] = A[g+8][2q..]  a[2] = A[g][2q+8..]  a[3] = A[g+8][2q+8..]
+//   B 16x8  (k x n)  : b[0] = B[2q..2q+1][g]  b[1] = B[2q+8..2q+9][g]
+//   C 16x8  fp32     : c[0..1] = C[g][2q..2q+1]  c[2..3] = C[g+8][2q..2q+1]
+// So two C tiles side by side (columns 0..7 and 8..15) are exactly one A fragment: an accumulator feeds the
+// next product without a trip through shared memory.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cstdint>
+
+#include <cute/arch/copy_sm80.hpp>
+#include <cute/arch/mma_sm80.hpp>
+
+namespace kda {
+
+__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// x ~= hi + lo with both halves in bf16: 16 mantissa bits, enough to carry an fp32 state through bf16 MMAs.
+__device__ __forceinline__ void split_bf16x2(float x0, float x1, uint32_t& hi, uint32_t& lo) {
+  __nv_bfloat162 h = __floats2bfloat162_rn(x0, x1);
+  float2 hf = __bfloat1622float2(h);
+  __nv_bfloat162 l = __floats2bfloat162_rn(x0 - hf.x, x1 - hf.y);
+  hi = *reinterpret_cast<uint32_t*>(&h);
+  lo = *reinterpret_cast<uint32_t*>(&l);
+}
+
+// d += A * B for one 16x8x16 tile.
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  cute::SM80_16x8x16_F32BF16BF16F32_TN::fma(d[0], d[1], d[2], d[3], a[0], a[1], a[2], a[3], b0, b1,
+                                             d[0], d[1], d[2], d[3]);
+}
+
+// A fragment from two fp32 accumulator tiles (columns 0..7 in c0, 8..15 in c1), rounded to bf16.
+__device__ __forceinline__ void acc_to_a(const float (&c0)[4], const float (&c1)[4], uint32_t (&a)[4]) {
+  a[0] = pack_bf16x2(c0[0], c0[1]);
+  a[1] = pack_bf16x2(c0[2], c0[3]);
+  a[2] = pack_bf16x2(c1[0], c1[1]);
+  a[3] = pack_bf16x2(c1[2], c1[3]);
+}
+
+// The same, split into hi + lo bf16 fragments (two MMAs recover ~fp32 accuracy of the accumulator operand).
+__device__ __forceinline__ void acc_to_a_split(const float (&c0)[4], const float (&c1)[4], uint32_t (&hi)[4],
+                                               uint32_t (&lo)[4]) {
+  split_bf16x2(c0[0], c0[1], hi[0], lo[0]);
+  split_bf16x2(c0[2], c0[3], hi[1], lo[1]);
+  split_bf16x2(c1[0], c1[1], hi[2], lo[2]);
+  split_bf16x2(c1[2], c1[3], hi[3], lo[3]);
+}
+
+// 16-byte global -> shared copy that fills zeros when !pred (the source is not read then).
+__device__ __forceinline__ void cp_async_16(void* smem_dst, const void* gmem_src, bool pred) {
+  cute::SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<cute::uint128_t>::copy(
+      *reinterpret_cast<const cute::uint128_t*>(gmem_src), *reinterpret_cast<cute::uint128_t*>(smem_dst), pred);
+}
+
+__device__ __forceinline__ void cp_async_commit() { cute::cp_async_fence(); }
+__device__ __forceinline__ void cp_async_wait_all() { cute::cp_async_wait<0>(); }
+
+__device__ __forceinline__ uint32_t lds_u32(const __nv_bfloat16* p) { return *reinterpret_cast<const uint32_t*>(p); }
+
+}  // namespace kda

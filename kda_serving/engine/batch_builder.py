@@ -1,0 +1,61 @@
+"""Turns the scheduler's decisions into the step's RaggedBatch (host tensors; the runner moves them)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..model.batch import RaggedBatch, StateCheckpoints
+from .scheduler import SchedulerOutput
+
+
+def build_batch(out: SchedulerOutput, block_size: int, pin_memory: bool = False) -> RaggedBatch:
+    """One RaggedBatch for the scheduled chunks, in chunk order (sequence n = out.chunks[n]).
+
+    Every sequence gets a logits row (logits_indices = its last new token); rows of prefill chunks that do
+    not end the prompt are simply not sampled.
+    """
+    input_ids, positions, slot_mapping = [], [], []
+    cu_seqlens, context_lens, seq_lens, state_slots, query_lens, logits_indices = [0], [], [], [], [], []
+    max_blocks = max((len(c.seq.block_table) for c in out.chunks), default=0)
+    block_tables = []
+    for chunk in out.chunks:
+        seq, start, n = chunk.seq, chunk.start, chunk.num_tokens
+        end = start + n
+        input_ids += seq.token_ids[start:end]
+        positions += range(start, end)
+        table = seq.block_table
+        slot_mapping += [table[p // block_size] * block_size + p % block_size for p in range(start, end)]
+        cu_seqlens.append(cu_seqlens[-1] + n)
+        context_lens.append(start)
+        seq_lens.append(end)
+        state_slots.append(seq.state_slot)
+        query_lens.append(n)
+        logits_indices.append(cu_seqlens[-1] - 1)
+        block_tables.append(table + [-1] * (max_blocks - len(table)))
+
+    def tensor(data, dtype):
+        t = torch.tensor(data, dtype=dtype)
+        return t.pin_memory() if pin_memory else t
+
+    checkpoints = None
+    if out.checkpoints:
+        seq_idx, pos, slot = zip(*out.checkpoints)
+        checkpoints = StateCheckpoints(
+            tensor(list(seq_idx), torch.int32), tensor(list(pos), torch.int32), tensor(list(slot), torch.int32)
+        )
+    context = tensor(context_lens, torch.int32)
+    return RaggedBatch(
+        input_ids=tensor(input_ids, torch.int64),
+        positions=tensor(positions, torch.int64),
+        cu_seqlens=tensor(cu_seqlens, torch.int32),
+        context_lens=context,
+        seq_lens=tensor(seq_lens, torch.int32),
+        state_slots=tensor(state_slots, torch.int32),
+        has_initial_state=context > 0,
+        block_tables=tensor(block_tables, torch.int32).reshape(len(out.chunks), max_blocks),
+        slot_mapping=tensor(slot_mapping, torch.int64),
+        logits_indices=tensor(logits_indices, torch.int64),
+        query_lens=query_lens,
+        is_decode=out.is_decode,
+        checkpoints=checkpoints,
+    )

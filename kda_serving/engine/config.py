@@ -1,0 +1,102 @@
+"""The engine's one configuration dataclass, validated on construction.
+
+Derived values (state slots, KV blocks and the length limit, which depend on the model and the memory budget)
+start as None and are written back by the model runner once it has sized the caches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+CHECKPOINT_ALIGN = 64  # == kda_serving.ops.contract.CHECKPOINT_ALIGN; repeated so this module needs no torch
+_DEVICES = ("cpu", "cuda")
+_DTYPES = ("float32", "bfloat16")
+
+
+def _fail(kind, name, message):
+    raise kind(f"EngineConfig: '{name}' {message}")
+
+
+def _positive_int(name, value, allow_none=False):
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int) or isinstance(value, bool):
+        _fail(TypeError, name, f"must be an int, got {type(value).__name__}")
+    if value < 1:
+        _fail(ValueError, name, f"must be >= 1, got {value}")
+
+
+@dataclass
+class EngineConfig:
+    """Everything the engine needs to know before it loads a model.
+
+    model: a checkpoint directory, or None for the embedded default model.
+    device: "cpu" or "cuda" (optionally "cuda:N"). dtype: None picks float32 on CPU, bfloat16 on CUDA.
+    max_num_seqs / max_num_batched_tokens: per-step limits on sequences and new tokens (prefills are chunked
+    to fit the token budget).
+    Caches: `num_state_slots` KDA state slots and `num_kv_blocks` paged MLA blocks of `block_size` tokens.
+    Left None they are sized from the memory budget: on CUDA `gpu_memory_utilization` of the card minus the
+    weights and the measured activation peak, on CPU `cpu_cache_bytes`; `state_memory_fraction` of the
+    budget goes to state slots, the rest to KV blocks.
+    Prefix cache: states are saved every `prefix_cache_interval` prompt tokens (a multiple of the kernel's
+    64-token checkpoint alignment and of block_size), at branch points and at the end of every finished
+    turn; it shares the slot and block pools with running requests and is evicted LRU when they need room.
+    """
+
+    model: str | None = None
+    device: str = "cpu"
+    dtype: str | None = None
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None
+    block_size: int = 16
+    num_state_slots: int | None = None
+    num_kv_blocks: int | None = None
+    gpu_memory_utilization: float = 0.85
+    cpu_cache_bytes: int = 256 << 20
+    state_memory_fraction: float = 0.5
+    enable_prefix_caching: bool = True
+    prefix_cache_interval: int = 256
+    served_model_name: str | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.model is not None and not isinstance(self.model, str):
+            _fail(TypeError, "model", f"must be a path string or None, got {type(self.model).__name__}")
+        if not isinstance(self.device, str) or self.device.split(":")[0] not in _DEVICES:
+            _fail(ValueError, "device", f"must be one of {_DEVICES} (optionally 'cuda:N'), got {self.device!r}")
+        if self.dtype is None:
+            self.dtype = "float32" if self.device == "cpu" else "bfloat16"
+        if self.dtype not in _DTYPES:
+            _fail(ValueError, "dtype", f"must be one of {_DTYPES}, got {self.dtype!r}")
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "prefix_cache_interval"):
+            _positive_int(name, getattr(self, name))
+        for name in ("max_model_len", "num_state_slots", "num_kv_blocks"):
+            _positive_int(name, getattr(self, name), allow_none=True)
+        _positive_int("cpu_cache_bytes", self.cpu_cache_bytes)
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            _fail(
+                ValueError,
+                "max_num_batched_tokens",
+                f"({self.max_num_batched_tokens}) must be >= max_num_seqs ({self.max_num_seqs}): every running "
+                "sequence needs a token each step",
+            )
+        if self.block_size & (self.block_size - 1):
+            _fail(ValueError, "block_size", f"must be a power of two, got {self.block_size}")
+        interval = self.prefix_cache_interval
+        if interval % CHECKPOINT_ALIGN or interval % self.block_size:
+            _fail(
+                ValueError,
+                "prefix_cache_interval",
+                f"must be a multiple of {CHECKPOINT_ALIGN} and of block_size={self.block_size}, got {interval}",
+            )
+        for name in ("gpu_memory_utilization", "state_memory_fraction"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 < value < 1.0):
+                _fail(ValueError, name, f"must be a number in (0, 1), got {value!r}")
+        if not isinstance(self.enable_prefix_caching, bool):
+            _fail(TypeError, "enable_prefix_caching", "must be a bool")
+        if self.served_model_name is not None and not isinstance(self.served_model_name, str):
+            _fail(TypeError, "served_model_name", "must be a string or None")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            _fail(TypeError, "seed", "must be an int")

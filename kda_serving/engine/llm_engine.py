@@ -1,0 +1,225 @@
+"""The synchronous engine: requests in, one step at a time, RequestOutputs out.
+
+A step is schedule -> execute(batch) -> update: the scheduler picks the chunks and decodes, the runner
+builds nothing but executes the RaggedBatch, and the update advances every request, samples, detokenizes,
+checks the stop conditions and frees (or caches) what finished requests held.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+
+import torch
+
+from ..cache import KVBlockManager, PrefixCache, StateSlotPool
+from .batch_builder import build_batch
+from .config import EngineConfig
+from .detokenizer import IncrementalDetokenizer
+from .model_runner import ModelRunner
+from .outputs import EngineStats, RequestOutput, StepInfo
+from .sampler import Sampler
+from .sampling_params import SamplingParams
+from .scheduler import Scheduler
+from .sequence import Sequence
+
+DEFAULT_MODEL_NAME = "kda-serving-tiny"
+log = logging.getLogger(__name__)
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "tiktoken.model")
+
+
+def load_tokenizer(model):
+    """The tokenizer stored beside the checkpoint; None for a checkpoint without tokenizer files (token-id
+    prompts only, empty text)."""
+    path = getattr(model, "path", None)
+    if path is None or not any(os.path.exists(os.path.join(path, f)) for f in _TOKENIZER_FILES):
+        log.warning("no tokenizer files beside the model at %s: prompts must be token ids, outputs have no text", path)
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, model=None, tokenizer=None):
+        """model/tokenizer: already loaded objects to use instead of loading config.model (tests, benchmarks)."""
+        if not isinstance(config, EngineConfig):
+            raise TypeError(f"LLMEngine: 'config' must be an EngineConfig, got {type(config).__name__}")
+        self.config = config
+        self.runner = ModelRunner(config, model)
+        model = self.runner.model
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model)
+        self.model_name = config.served_model_name or (
+            os.path.basename(os.path.normpath(config.model)) if config.model else DEFAULT_MODEL_NAME
+        )
+        self.max_model_len = config.max_model_len
+        self.vocab_size = model.config.vocab_size
+        eos = tuple(getattr(model.config, "eos_token_ids", ()) or ())
+        if not eos and self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            eos = (self.tokenizer.eos_token_id,)
+        self.eos_token_ids = frozenset(eos)
+        self.slots = StateSlotPool(config.num_state_slots)
+        self.blocks = KVBlockManager(config.num_kv_blocks, config.block_size)
+        self.prefix_cache = (
+            PrefixCache(config.prefix_cache_interval, self.slots, self.blocks) if config.enable_prefix_caching else None
+        )
+        self.scheduler = Scheduler(
+            config.max_num_seqs, config.max_num_batched_tokens, self.slots, self.blocks, self.prefix_cache
+        )
+        self.device = self.runner.device
+        self._generator = torch.Generator(device=self.device)
+        self._generator.manual_seed(config.seed)
+        self.sampler = Sampler(self._generator)
+        self._pin = self.device.type == "cuda"
+        self._seqs: dict[str, Sequence] = {}
+        self._arrivals = itertools.count()
+        self._prompt_tokens = 0
+        self._generation_tokens = 0
+        self._finished = 0
+        self._aborted = 0
+        self._steps = 0
+        self._finish_reasons: dict[str, int] = {}
+        self.last_step: StepInfo | None = None
+
+    # ---- requests -----------------------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt_token_ids, params: SamplingParams | None = None) -> None:
+        """Queues a request. Raises TypeError/ValueError for a bad id, prompt or params."""
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"add_request: 'params' must be SamplingParams, got {type(params).__name__}")
+        if not isinstance(request_id, str):
+            raise TypeError(f"add_request: 'request_id' must be a str, got {type(request_id).__name__}")
+        if request_id in self._seqs:
+            raise ValueError(f"add_request: 'request_id' {request_id!r} is already in use")
+        if not isinstance(prompt_token_ids, (list, tuple)) or not all(
+            isinstance(t, int) and not isinstance(t, bool) for t in prompt_token_ids
+        ):
+            raise TypeError("add_request: 'prompt_token_ids' must be a list of ints")
+        if not prompt_token_ids:
+            raise ValueError("add_request: 'prompt_token_ids' must not be empty")
+        bad = [t for t in prompt_token_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(
+                f"add_request: 'prompt_token_ids' holds {bad[0]}, outside the vocabulary [0, {self.vocab_size})"
+            )
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise ValueError(
+                f"add_request: the prompt has {len(prompt_token_ids)} tokens; this engine's limit is "
+                f"{self.max_model_len - 1} (max_model_len {self.max_model_len} includes one generated token)"
+            )
+        seq = Sequence(request_id, list(prompt_token_ids), params, next(self._arrivals))
+        if params.seed is not None and not params.greedy:
+            seq.generator = torch.Generator(device=self.device)
+            seq.generator.manual_seed(params.seed)
+        seq.detokenizer = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, params.stop)
+        self._seqs[request_id] = seq
+        self._prompt_tokens += len(prompt_token_ids)
+        self.scheduler.add(seq)
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Ends a request now, freeing its slot and blocks; its final output (None if unknown or done)."""
+        seq = self._seqs.pop(request_id, None)
+        if seq is None:
+            return None
+        self.scheduler.abort(seq)
+        self._aborted += 1
+        self._finish_reasons["abort"] = self._finish_reasons.get("abort", 0) + 1
+        return self._output(seq, [], [], [])
+
+    def abort_all(self) -> list[RequestOutput]:
+        """Aborts every unfinished request; their final outputs."""
+        return [self.abort_request(request_id) for request_id in list(self._seqs)]
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._seqs)
+
+    # ---- the step -----------------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        out = self.scheduler.schedule()
+        if not out.chunks:
+            return []
+        batch = build_batch(out, self.config.block_size, pin_memory=self._pin)
+        logits = self.runner.execute(out, batch)
+        self.scheduler.update(out)
+        self._steps += 1
+        decodes = sum(1 for c in out.chunks if c.num_tokens == 1 and c.start >= c.seq.num_prompt_tokens)
+        self.last_step = StepInfo(len(out.chunks), out.num_tokens, out.num_tokens - decodes, out.is_decode)
+        rows = [i for i, c in enumerate(out.chunks) if c.sample]
+        if not rows:
+            return []
+        seqs = [out.chunks[i].seq for i in rows]
+        index = torch.tensor(rows, device=logits.device)
+        result = self.sampler(logits[index], [s.params for s in seqs], [s.generator for s in seqs])
+        outputs = []
+        for j, seq in enumerate(seqs):
+            token = result.token_ids[j]
+            seq.token_ids.append(token)
+            self._generation_tokens += 1
+            reason = self._stop_reason(seq, token)
+            if reason is not None:
+                self.scheduler.finish(seq, reason)
+                del self._seqs[seq.request_id]
+                self._finished += 1
+                self._finish_reasons[reason] = self._finish_reasons.get(reason, 0) + 1
+            lp = [result.logprobs[j]] if seq.params.logprobs is not None else None
+            top = [result.top_logprobs[j]] if seq.params.logprobs is not None else None
+            outputs.append(self._output(seq, [token], lp, top))
+        return outputs
+
+    def _stop_reason(self, seq: Sequence, token: int) -> str | None:
+        p = seq.params
+        hit_stop_string = seq.detokenizer.append([token])
+        if hit_stop_string or token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
+            return "stop"
+        if seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def _output(self, seq: Sequence, new_tokens, logprobs, top_logprobs) -> RequestOutput:
+        finished = seq.is_finished
+        return RequestOutput(
+            request_id=seq.request_id,
+            prompt_token_ids=seq.prompt_token_ids,
+            output_token_ids=seq.output_token_ids,
+            new_token_ids=list(new_tokens),
+            text=seq.detokenizer.text,
+            delta_text=seq.detokenizer.take_delta(finished),
+            finished=finished,
+            finish_reason=seq.finish_reason,
+            num_cached_tokens=seq.num_cached_tokens or 0,
+            logprobs=logprobs,
+            top_logprobs=top_logprobs,
+        )
+
+    # ---- accounting ---------------------------------------------------------------------------------------
+
+    def stats(self) -> EngineStats:
+        s, cache = self.scheduler, self.prefix_cache
+        request_blocks = s.request_blocks()
+        return EngineStats(
+            num_running=len(s.running),
+            num_waiting=len(s.waiting),
+            state_slots_used=s.request_slots(),
+            state_slots_cached=cache.num_entries if cache else 0,
+            state_slots_total=self.slots.num_slots,
+            kv_blocks_used=request_blocks,
+            kv_blocks_cached=self.blocks.num_used - request_blocks,  # every used block not a request's is the cache's
+            kv_blocks_total=self.blocks.num_blocks,
+            prefix_cache_entries=cache.num_entries if cache else 0,
+            prefix_cache_queries=s.prefix_queries,
+            prefix_cache_hits=s.prefix_hits,
+            prefix_cache_query_tokens=s.prefix_query_tokens,
+            prefix_cache_hit_tokens=s.prefix_hit_tokens,
+            prompt_tokens_total=self._prompt_tokens,
+            generation_tokens_total=self._generation_tokens,
+            requests_finished_total=self._finished,
+            requests_aborted_total=self._aborted,
+            num_preemptions_total=s.num_preemptions,
+            num_steps_total=self._steps,
+            finish_reasons=dict(self._finish_reasons),
+        )

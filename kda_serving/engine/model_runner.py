@@ -1,0 +1,125 @@
+"""Owns the model and its caches: sizes the caches from the memory budget and executes one step."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..model.batch import RaggedBatch
+from .config import EngineConfig
+from .scheduler import SchedulerOutput
+
+log = logging.getLogger(__name__)
+
+
+class ModelRunner:
+    """Runs steps of `model` (the kda_serving.model API: forward(batch, caches), allocate_caches(...),
+    state_slot_bytes(), kv_block_bytes(block_size), max_model_len) on config.device.
+
+    Sizing: state slots and KV blocks split the cache budget by config.state_memory_fraction. The budget is
+    config.cpu_cache_bytes on the CPU; on CUDA it is gpu_memory_utilization of the card minus what is in use
+    after loading (weights, other processes) minus the activation peak of a profiling step of
+    max_num_batched_tokens tokens. Explicit num_state_slots / num_kv_blocks win. The derived values are
+    written back into config.
+    """
+
+    def __init__(self, config: EngineConfig, model=None):
+        self.config = config
+        self.device = torch.device(config.device)
+        if model is None:
+            from ..model import load_model
+
+            model = load_model(config.model, device=self.device, dtype=config.dtype)
+        self.model = model
+        self._size_caches()
+        self.caches = model.allocate_caches(config.num_state_slots, config.num_kv_blocks, config.block_size)
+
+    def _size_caches(self) -> None:
+        cfg, model = self.config, self.model
+        slot_bytes, block_bytes = model.state_slot_bytes(), model.kv_block_bytes(cfg.block_size)
+        if cfg.num_state_slots is None or cfg.num_kv_blocks is None:
+            budget = self._cache_budget() if self.device.type == "cuda" else cfg.cpu_cache_bytes
+            if cfg.num_state_slots is None and cfg.num_kv_blocks is None:
+                state_budget = budget * cfg.state_memory_fraction
+            elif cfg.num_state_slots is None:
+                state_budget = budget - cfg.num_kv_blocks * block_bytes
+            else:
+                state_budget = cfg.num_state_slots * slot_bytes
+            if cfg.num_state_slots is None:
+                cfg.num_state_slots = int(state_budget // slot_bytes)
+            if cfg.num_kv_blocks is None:
+                cfg.num_kv_blocks = int((budget - cfg.num_state_slots * slot_bytes) // block_bytes)
+            if cfg.num_state_slots < 1 or cfg.num_kv_blocks < 1:
+                raise ValueError(
+                    f"EngineConfig: a cache budget of {budget / 2**20:.1f} MiB holds {cfg.num_state_slots} state slots "
+                    f"({slot_bytes / 2**20:.2f} MiB each) and {cfg.num_kv_blocks} KV blocks "
+                    f"({block_bytes / 2**20:.3f} MiB each); raise the budget or set the counts"
+                )
+        model_len = cfg.max_model_len or model.max_model_len
+        cfg.max_model_len = min(model_len, cfg.num_kv_blocks * cfg.block_size)
+        log.info(
+            "caches: %d state slots (%.1f MiB), %d KV blocks of %d tokens (%.1f MiB), max_model_len %d",
+            cfg.num_state_slots, cfg.num_state_slots * slot_bytes / 2**20, cfg.num_kv_blocks, cfg.block_size,
+            cfg.num_kv_blocks * block_bytes / 2**20, cfg.max_model_len,
+        )
+
+    def _cache_budget(self) -> int:
+        """Free CUDA memory for caches: the utilisation cap minus memory in use minus the activation peak."""
+        cfg = self.config
+        tokens = min(cfg.max_num_batched_tokens, cfg.max_model_len or self.model.max_model_len)
+        blocks = -(-tokens // cfg.block_size)
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        caches = self.model.allocate_caches(1, blocks, cfg.block_size)
+        self.model.forward(profile_batch(tokens, cfg.block_size).to(self.device), caches)
+        torch.cuda.synchronize(self.device)
+        activation = torch.cuda.max_memory_allocated(self.device) - base
+        del caches
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(self.device)
+        budget = int(total * cfg.gpu_memory_utilization - (total - free) - activation)
+        log.info("profiling: activation peak %.2f GiB, cache budget %.2f GiB", activation / 2**30, budget / 2**30)
+        return max(budget, 0)
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput, batch: RaggedBatch) -> torch.Tensor:
+        """Restores cached prefixes, runs the step, saves states for the prefix cache; logits [N, vocab] fp32."""
+        if out.state_restores:
+            src, dst = zip(*out.state_restores)
+            self.caches.copy_states(list(src), list(dst))
+        if out.block_copies:
+            self._copy_kv_blocks(*zip(*out.block_copies))
+        logits = self.model.forward(batch.to(self.device), self.caches)
+        if out.state_saves:
+            src, dst = zip(*out.state_saves)
+            self.caches.copy_states(list(src), list(dst))
+        return logits
+
+    def _copy_kv_blocks(self, src, dst) -> None:
+        """Copy-on-write of partly filled shared KV blocks, in every MLA layer."""
+        src_t = torch.tensor(src, dtype=torch.long, device=self.device)
+        dst_t = torch.tensor(dst, dtype=torch.long, device=self.device)
+        for kv in self.caches.kv:
+            kv.index_copy_(0, dst_t, kv.index_select(0, src_t))
+
+
+def profile_batch(tokens: int, block_size: int) -> RaggedBatch:
+    """A prefill of one sequence of `tokens` tokens from scratch in slot 0, blocks 0.., for memory profiling."""
+    blocks = -(-tokens // block_size)
+    zeros = torch.zeros(1, dtype=torch.int32)
+    return RaggedBatch(
+        input_ids=torch.zeros(tokens, dtype=torch.int64),
+        positions=torch.arange(tokens, dtype=torch.int64),
+        cu_seqlens=torch.tensor([0, tokens], dtype=torch.int32),
+        context_lens=zeros,
+        seq_lens=torch.tensor([tokens], dtype=torch.int32),
+        state_slots=zeros,
+        has_initial_state=torch.zeros(1, dtype=torch.bool),
+        block_tables=torch.arange(blocks, dtype=torch.int32)[None],
+        slot_mapping=torch.arange(tokens, dtype=torch.int64),
+        logits_indices=torch.tensor([tokens - 1], dtype=torch.int64),
+        query_lens=[tokens],
+    )

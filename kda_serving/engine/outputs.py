@@ -1,0 +1,74 @@
+"""What the engine hands back: per-request outputs and engine-wide counters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class RequestOutput:
+    """One update of one request. Token lists and `text` are cumulative; `new_token_ids`, `delta_text`,
+    `logprobs` and `top_logprobs` cover only what this update added.
+
+    finish_reason: "stop" (eos, a stop token or a stop string), "length" (max_tokens or the model's length
+    limit), "abort", or None while running. num_cached_tokens: prompt tokens restored from the prefix cache.
+    logprobs[i]: log probability of new_token_ids[i] (None unless SamplingParams.logprobs is set);
+    top_logprobs[i]: {token_id: logprob} of the SamplingParams.logprobs most likely tokens at that step.
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    new_token_ids: list[int]
+    text: str
+    delta_text: str
+    finished: bool
+    finish_reason: str | None
+    num_cached_tokens: int = 0
+    logprobs: list[float] | None = None
+    top_logprobs: list[dict[int, float]] | None = None
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What the last engine step ran (for benchmarks and metrics)."""
+
+    num_seqs: int
+    num_tokens: int  # new tokens in the ragged batch
+    num_prefill_tokens: int  # of which prompt (chunk) tokens; the rest are decodes
+    is_decode: bool
+
+
+@dataclass
+class EngineStats:
+    """A snapshot of the engine's queues, memory and counters (totals since start).
+
+    `*_used` counts what running requests hold; `*_cached` what only the prefix cache holds (reclaimable at
+    any time). With no request running, state_slots_used == kv_blocks_used == 0.
+    """
+
+    num_running: int = 0
+    num_waiting: int = 0
+    state_slots_used: int = 0
+    state_slots_cached: int = 0
+    state_slots_total: int = 0
+    kv_blocks_used: int = 0
+    kv_blocks_cached: int = 0
+    kv_blocks_total: int = 0
+    prefix_cache_entries: int = 0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    prefix_cache_query_tokens: int = 0
+    prefix_cache_hit_tokens: int = 0
+    prompt_tokens_total: int = 0
+    generation_tokens_total: int = 0
+    requests_finished_total: int = 0
+    requests_aborted_total: int = 0
+    num_preemptions_total: int = 0
+    num_steps_total: int = 0
+    finish_reasons: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        """Fraction of queried prompt tokens served from the cache."""
+        return self.prefix_cache_hit_tokens / self.prefix_cache_query_tokens if self.prefix_cache_query_tokens else 0.0

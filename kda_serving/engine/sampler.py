@@ -1,0 +1,80 @@
+"""Picks each sequence's next token from its logits: greedy, or temperature / top-k / top-p sampling."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .sampling_params import SamplingParams
+
+
+@dataclass
+class SampleResult:
+    token_ids: list[int]
+    logprobs: list[float | None]  # of the chosen token, where asked for
+    top_logprobs: list[dict[int, float] | None]
+
+
+class Sampler:
+    """Samples rows of logits [N, vocab] (fp32), one SamplingParams per row.
+
+    Sampling uses the exponential race (argmax of p / E with E ~ Exp(1)), which draws from p exactly and
+    lets each row take its noise from its own generator: a seeded request gets the same tokens whatever it
+    is batched with. Unseeded rows share the engine's generator. Logprobs are of the full (temperature 1)
+    distribution, as the OpenAI API reports them.
+    """
+
+    def __init__(self, generator: torch.Generator):
+        self.generator = generator
+
+    def __call__(self, logits: torch.Tensor, params: list[SamplingParams], generators: list) -> SampleResult:
+        logits = logits.float()
+        n, vocab = logits.shape
+        tokens = logits.argmax(dim=-1)
+        random_rows = [i for i, p in enumerate(params) if not p.greedy]
+        if random_rows:
+            rows = torch.tensor(random_rows, device=logits.device)
+            probs = self._filtered_probs(logits[rows], [params[i] for i in random_rows])
+            noise = torch.empty_like(probs)
+            for j, i in enumerate(random_rows):
+                noise[j].exponential_(generator=generators[i] or self.generator)
+            noise.clamp_(min=torch.finfo(noise.dtype).tiny)
+            tokens[rows] = (probs / noise).argmax(dim=-1)
+        token_list = tokens.tolist()
+        want = [i for i, p in enumerate(params) if p.logprobs is not None]
+        logprobs: list[float | None] = [None] * n
+        top: list[dict[int, float] | None] = [None] * n
+        if want:
+            rows = torch.tensor(want, device=logits.device)
+            logp = torch.log_softmax(logits[rows], dim=-1)
+            chosen = logp.gather(1, tokens[rows].unsqueeze(1)).squeeze(1).tolist()
+            k = max(params[i].logprobs for i in want)
+            top_vals, top_ids = logp.topk(min(k, vocab), dim=-1) if k else (None, None)
+            for j, i in enumerate(want):
+                logprobs[i] = chosen[j]
+                ki = params[i].logprobs
+                top[i] = dict(zip(top_ids[j, :ki].tolist(), top_vals[j, :ki].tolist())) if ki else {}
+        return SampleResult(token_list, logprobs, top)
+
+    @staticmethod
+    def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+        """Softmax of logits / temperature with everything outside each row's top-k and top-p set to 0."""
+        temps = torch.tensor([p.temperature for p in params], device=logits.device).unsqueeze(1)
+        logits = logits / temps
+        vocab = logits.shape[1]
+        top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params], device=logits.device)
+        # top_p 1 keeps everything (a cumulative sum can round past 1 before the last token)
+        top_p = torch.tensor([p.top_p if p.top_p < 1 else float("inf") for p in params], device=logits.device)
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        rank = torch.arange(vocab, device=logits.device).unsqueeze(0)
+        sorted_logits = sorted_logits.masked_fill(rank >= top_k.unsqueeze(1), float("-inf"))
+        sorted_probs = sorted_logits.softmax(dim=-1)
+        # Keep the smallest set whose mass (within the top-k) reaches top_p: a token goes when the mass before
+        # it already does. The most likely token always stays.
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        drop = mass_before >= top_p.unsqueeze(1)
+        drop[:, 0] = False
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        filtered = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
+        return filtered.softmax(dim=-1)

@@ -1,0 +1,85 @@
+"""How one request samples and when it stops."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+MAX_LOGPROBS = 20  # top alternatives one token may report; the OpenAI API allows at most 20
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Sampling and stopping for one request.
+
+    temperature 0 is greedy (top_p/top_k/seed are then ignored). top_k 0 means no top-k cut. `stop` strings end
+    the text at (not including) the first match; `stop_token_ids` and the tokenizer's eos end it after that
+    token (eos unless ignore_eos). `logprobs` None returns none; k >= 0 returns the chosen token's log
+    probability and the k most likely alternatives for every new token. `seed` makes a sampled request
+    reproducible regardless of what it is batched with.
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None
+
+    def __post_init__(self):
+        if not _is_int(self.max_tokens):
+            raise TypeError(f"SamplingParams: 'max_tokens' must be an int, got {type(self.max_tokens).__name__}")
+        if self.max_tokens < 1:
+            raise ValueError(f"SamplingParams: 'max_tokens' must be at least 1, got {self.max_tokens}")
+        if not _is_number(self.temperature):
+            raise TypeError(f"SamplingParams: 'temperature' must be a number, got {type(self.temperature).__name__}")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"SamplingParams: 'temperature' must be finite and >= 0, got {self.temperature}")
+        if not _is_number(self.top_p):
+            raise TypeError(f"SamplingParams: 'top_p' must be a number, got {type(self.top_p).__name__}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise ValueError(f"SamplingParams: 'top_p' must be in (0, 1], got {self.top_p}")
+        if not _is_int(self.top_k):
+            raise TypeError(f"SamplingParams: 'top_k' must be an int, got {type(self.top_k).__name__}")
+        if self.top_k < 0:
+            raise ValueError(f"SamplingParams: 'top_k' must be >= 0 (0 = no limit), got {self.top_k}")
+        if self.seed is not None and not _is_int(self.seed):
+            raise TypeError(f"SamplingParams: 'seed' must be an int or None, got {type(self.seed).__name__}")
+        if self.seed is not None and not (0 <= self.seed < 2**63):
+            raise ValueError(f"SamplingParams: 'seed' must be in [0, 2**63), got {self.seed}")
+        stop = (self.stop,) if isinstance(self.stop, str) else self.stop
+        if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
+            raise TypeError("SamplingParams: 'stop' must be a string or a sequence of strings")
+        if any(s == "" for s in stop):
+            raise ValueError("SamplingParams: 'stop' strings must not be empty")
+        object.__setattr__(self, "stop", tuple(stop))
+        ids = self.stop_token_ids
+        if not isinstance(ids, (list, tuple)) or not all(_is_int(t) for t in ids):
+            raise TypeError("SamplingParams: 'stop_token_ids' must be a sequence of ints")
+        if any(t < 0 for t in ids):
+            raise ValueError("SamplingParams: 'stop_token_ids' must be non-negative token ids")
+        object.__setattr__(self, "stop_token_ids", tuple(ids))
+        if not isinstance(self.ignore_eos, bool):
+            raise TypeError(f"SamplingParams: 'ignore_eos' must be a bool, got {type(self.ignore_eos).__name__}")
+        if self.logprobs is not None:
+            if not _is_int(self.logprobs):
+                raise TypeError(
+                    f"SamplingParams: 'logprobs' must be an int or None, got {type(self.logprobs).__name__}"
+                )
+            if not (0 <= self.logprobs <= MAX_LOGPROBS):
+                raise ValueError(f"SamplingParams: 'logprobs' must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0

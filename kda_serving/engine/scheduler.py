@@ -1,0 +1,286 @@
+"""Continuous batching with chunked prefill over a state-slot pool, paged KV blocks and the prefix cache.
+
+Each step: running requests first (decodes, one token each, then the next chunks of prompts being
+prefilled, in admission order), then waiting requests, first come first served, while the step has token
+budget, a sequence place, a free state slot and the KV blocks for the whole prompt (evicting prefix-cache
+entries when needed). A decode that needs a new KV block and finds none preempts the most recently admitted
+request, which frees everything and is recomputed later. Finished and aborted requests free their slot and
+blocks at once; a finished turn's slot and blocks become a prefix-cache entry instead.
+
+Plain Python: no torch. The engine turns a SchedulerOutput into a RaggedBatch.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from dataclasses import dataclass, field
+
+from ..cache import KVBlockManager, PrefixCache, StateSlotPool
+from .chunk_plan import plan_chunk
+from .config import CHECKPOINT_ALIGN
+from .sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledChunk:
+    seq: Sequence
+    start: int  # first new token position (== tokens already cached)
+    num_tokens: int
+    sample: bool  # this chunk ends at the last token: its logits give the next output token
+
+
+@dataclass
+class PendingSave:
+    """A prefix-cache entry being written this step: state at `length` tokens of seq into cache slot `slot`."""
+
+    seq: Sequence
+    length: int
+    slot: int
+    boundary_hash: int | None  # chained hash of an aligned save point (None for a branch point)
+
+
+@dataclass
+class SchedulerOutput:
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    state_restores: list[tuple[int, int]] = field(default_factory=list)  # before the step: cache slot -> request slot
+    block_copies: list[tuple[int, int]] = field(default_factory=list)  # before the step: copy-on-write src -> dst
+    checkpoints: list[tuple[int, int, int]] = field(default_factory=list)  # (chunk index, new-token count, slot)
+    state_saves: list[tuple[int, int]] = field(default_factory=list)  # after the step: request slot -> cache slot
+    pending_saves: list[PendingSave] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+    @property
+    def is_decode(self) -> bool:
+        return bool(self.chunks) and all(c.num_tokens == 1 and c.start > 0 for c in self.chunks)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        slots: StateSlotPool,
+        blocks: KVBlockManager,
+        prefix_cache: PrefixCache | None = None,
+        checkpoint_align: int = CHECKPOINT_ALIGN,
+    ):
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.slots = slots
+        self.blocks = blocks
+        self.cache = prefix_cache
+        self.checkpoint_align = checkpoint_align  # the kernel's checkpoint granularity (tests use small ones)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self._pending_hashes: Counter[int] = Counter()  # aligned save points being written this step
+        self._slot_reserve = 0  # slots this step's saves must leave free for admissions
+        self.num_preemptions = 0
+        self.prefix_queries = 0
+        self.prefix_hits = 0
+        self.prefix_query_tokens = 0
+        self.prefix_hit_tokens = 0
+
+    # ---- queue --------------------------------------------------------------------------------------------
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- the step -----------------------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        # Slots that checkpoints must leave free for requests that could still be admitted this step.
+        self._slot_reserve = min(len(self.waiting), self.max_num_seqs - len(self.running))
+        # Decodes first, so that running generations never wait behind a long prompt's chunks.
+        for seq in [s for s in self.running if s.num_tokens - s.num_computed_tokens == 1]:
+            if budget == 0:
+                break
+            if seq.status is SequenceStatus.RUNNING and self._grow_blocks(seq, out):
+                budget -= self._schedule_chunk(seq, budget, out)
+        for seq in [s for s in self.running if s.num_tokens - s.num_computed_tokens > 1]:
+            if budget == 0:
+                break
+            budget -= self._schedule_chunk(seq, budget, out)
+        skipped = []
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting.popleft()
+            admitted = self._admit(seq, out)
+            if admitted is None:
+                skipped.append(seq)  # waits for a concurrent request to cache the prefix it shares
+                continue
+            if not admitted:
+                self.waiting.appendleft(seq)
+                break
+            self._slot_reserve = max(0, self._slot_reserve - 1)
+            budget -= self._schedule_chunk(seq, budget, out)
+        self.waiting.extendleft(reversed(skipped))
+        return out
+
+    def _grow_blocks(self, seq: Sequence, out: SchedulerOutput) -> bool:
+        """Gives seq the KV block its next token needs, evicting cache entries or preempting the last request."""
+        if self.blocks.blocks_for(seq.num_computed_tokens + 1) <= len(seq.block_table):
+            return True
+        while True:
+            if self.blocks.num_free or (self.cache is not None and self.cache.make_room(0, 1)):
+                seq.block_table += self.blocks.allocate(1)
+                return True
+            victim = self.running[-1]
+            self._preempt(victim, out)
+            if victim is seq:
+                return False
+
+    def _admit(self, seq: Sequence, out: SchedulerOutput) -> bool | None:
+        """Gives a waiting request its slot and blocks (restoring a cached prefix). False: no room, None: wait."""
+        bs = self.blocks.block_size
+        hit = None
+        if self.cache is not None:
+            hit = self.cache.lookup(seq.token_ids, seq.num_tokens - 1)
+            awaited = self.cache.boundary_hashes(seq.token_ids, seq.num_tokens - 1)[hit.length // self.cache.interval :]
+            if any(h in self._pending_hashes for h in awaited):
+                return None
+        length = hit.length if hit is not None else 0
+        shared = hit.blocks[: length // bs] if length else []
+        need_blocks = self.blocks.blocks_for(seq.num_tokens) - len(shared)
+        if hit is not None and hit.node is not None:
+            self.cache.pin(hit.node)
+        room = self.slots.num_free >= 1 and self.blocks.num_free >= need_blocks
+        if not room and self.cache is not None:
+            room = self.cache.make_room(1, need_blocks)
+        if not room:
+            if hit is not None and hit.node is not None:
+                self.cache.unpin(hit.node)
+            return False
+        seq.state_slot = self.slots.allocate()
+        self.blocks.incref(shared)
+        fresh = self.blocks.allocate(need_blocks)
+        seq.block_table = shared + fresh
+        seq.num_computed_tokens = length
+        if length:
+            out.state_restores.append((hit.slot, seq.state_slot))
+            seq.pinned = hit.node
+            if length % bs:
+                out.block_copies.append((hit.blocks[-1], fresh[0]))
+        if hit is not None:
+            seq.branch_point = hit.match_len if length < hit.match_len < seq.num_tokens else None
+        if seq.num_cached_tokens is None:
+            seq.num_cached_tokens = length
+            if self.cache is not None:
+                self.prefix_queries += 1
+                self.prefix_query_tokens += seq.num_prompt_tokens
+                self.prefix_hit_tokens += length
+                self.prefix_hits += length > 0
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+        return True
+
+    def _schedule_chunk(self, seq: Sequence, budget: int, out: SchedulerOutput) -> int:
+        start, total = seq.num_computed_tokens, seq.num_tokens
+        saves = self._save_points(seq, start, total) if total - start > 1 else set()
+        branch = seq.branch_point if self.cache is not None and total - start > 1 else None
+        plan = plan_chunk(start, total, budget, saves, self.checkpoint_align, branch)
+        index = len(out.chunks)
+        out.chunks.append(ScheduledChunk(seq, start, plan.end - start, plan.end == total))
+        for b in plan.checkpoints:
+            slot = self._save_slot(seq, b, out)
+            if slot is not None:
+                out.checkpoints.append((index, b - start, slot))
+        if plan.save_at_end:
+            slot = self._save_slot(seq, plan.end, out)
+            if slot is not None:
+                out.state_saves.append((seq.state_slot, slot))
+        return plan.end - start
+
+    def _save_points(self, seq: Sequence, start: int, total: int) -> set[int]:
+        if self.cache is None:
+            return set()
+        interval = self.cache.interval
+        points = set(range((start // interval + 1) * interval, total + 1, interval))
+        points -= self.cache.cached_lengths(seq.token_ids[:total])
+        return points
+
+    def _save_slot(self, seq: Sequence, length: int, out: SchedulerOutput) -> int | None:
+        """A free slot for a new cache entry at length tokens of seq, unless the entry exists or slots are short."""
+        if self.slots.num_free <= self._slot_reserve:
+            return None
+        boundary_hash = None
+        if length % self.cache.interval == 0:
+            boundary_hash = self.cache.boundary_hashes(seq.token_ids, length)[-1]
+            if boundary_hash in self._pending_hashes:
+                return None
+        slot = self.slots.allocate()
+        self._pending_hashes[boundary_hash] += boundary_hash is not None
+        out.pending_saves.append(PendingSave(seq, length, slot, boundary_hash))
+        return slot
+
+    def update(self, out: SchedulerOutput) -> None:
+        """Closes a step: advances computed tokens, releases pins and commits this step's cache entries."""
+        for chunk in out.chunks:
+            chunk.seq.num_computed_tokens += chunk.num_tokens
+            if chunk.seq.pinned is not None:
+                self.cache.unpin(chunk.seq.pinned)
+                chunk.seq.pinned = None
+        for save in out.pending_saves:
+            if save.boundary_hash is not None:
+                self._pending_hashes[save.boundary_hash] -= 1
+                if not self._pending_hashes[save.boundary_hash]:
+                    del self._pending_hashes[save.boundary_hash]
+            if not self.cache.insert(save.seq.token_ids, save.length, save.seq.block_table, save.slot):
+                self.slots.free(save.slot)
+
+    # ---- leaving ------------------------------------------------------------------------------------------
+
+    def _release(self, seq: Sequence, cache_it: bool) -> None:
+        if seq.pinned is not None:
+            self.cache.unpin(seq.pinned)
+            seq.pinned = None
+        if seq.state_slot is not None:
+            kept = False
+            if cache_it and self.cache is not None and seq.num_computed_tokens > 0:
+                kept = self.cache.insert(seq.token_ids, seq.num_computed_tokens, seq.block_table, seq.state_slot)
+            if not kept:
+                self.slots.free(seq.state_slot)
+            seq.state_slot = None
+        self.blocks.decref(seq.block_table)
+        seq.block_table = []
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        self.running.remove(seq)
+        self._release(seq, cache_it=False)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        out.preempted.append(seq)
+        self.num_preemptions += 1
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Ends a running request after a step: its state and KV become a prefix-cache entry (stop/length)."""
+        self.running.remove(seq)
+        self._release(seq, cache_it=reason in ("stop", "length"))
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+
+    def abort(self, seq: Sequence) -> None:
+        """Ends a request between steps, freeing everything it holds."""
+        if seq.status is SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        elif seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+            self._release(seq, cache_it=False)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = "abort"
+
+    # ---- accounting ---------------------------------------------------------------------------------------
+
+    def request_slots(self) -> int:
+        return len(self.running)
+
+    def request_blocks(self) -> int:
+        return len({b for seq in self.running for b in seq.block_table})

@@ -1,0 +1,69 @@
+"""One request's state as the engine tracks it."""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+from .sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"  # queued (new, or preempted and to be recomputed)
+    RUNNING = "running"  # holds a state slot and KV blocks
+    FINISHED = "finished"
+
+
+class Sequence:
+    """A request: its tokens, how many of them the caches hold, and the cache resources it owns.
+
+    token_ids = prompt + output. The engine computes token_ids[num_computed_tokens:] (a prefill, possibly in
+    chunks, then one token per decode step); the logits of the last token give the next output token.
+    state_slot and block_table are owned by the request while it runs (block_table may begin with blocks it
+    shares, read-only, with the prefix cache).
+    """
+
+    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, arrival: int):
+        self.request_id = request_id
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.token_ids = list(prompt_token_ids)
+        self.params = params
+        self.arrival = arrival
+        self.status = SequenceStatus.WAITING
+        self.num_computed_tokens = 0
+        self.num_cached_tokens: int | None = None  # prompt tokens restored from the prefix cache (first admission)
+        self.state_slot: int | None = None
+        self.block_table: list[int] = []
+        self.pinned = None  # the prefix-cache node whose state this request restores in its next step
+        self.branch_point: int | None = None  # where the prompt leaves a cached path (a save point)
+        self.finish_reason: str | None = None
+        self.generator: Any = None  # the per-request torch.Generator of a seeded request
+        self.detokenizer: Any = None
+        self.logprobs: list[float] = []
+        self.top_logprobs: list[dict[int, float]] = []
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[len(self.prompt_token_ids) :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - len(self.prompt_token_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def __repr__(self) -> str:
+        return (
+            f"Sequence({self.request_id!r}, {self.status.value}, tokens={self.num_tokens}, "
+            f"computed={self.num_computed_tokens}, slot={self.state_slot}, blocks={len(self.block_table)})"
+        )

@@ -1,0 +1,220 @@
+"""ctypes binding of the CUDA prefill kernel in csrc/prefill (one C-ABI library, kda_serving/_lib/libkda_serving.so).
+
+The library takes raw device pointers and a cudaStream_t, so it needs neither Python nor torch headers at
+build time (docs/build.md). `KDA_SERVING_LIB=<path to .so>` overrides where it is loaded from;
+`KDA_PREFILL_WARPS` (1, 2, 4 or 8) overrides the warps-per-CTA heuristic and `KDA_PREFILL_ALGO`
+(`two-pass`, the default, or `fused`) picks the kernel variant (benchmarks, tests).
+
+`prefill(...)` expects arguments already validated against docs/kda-contract.md and outputs allocated by
+kda_serving/ops/kda.py. It launches on torch.cuda.current_stream(), never synchronises with the host and
+allocates only through torch (the two-pass workspace of ~900 bytes per token and head, int64 casts,
+checkpoint sorting), so it can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+LIB_ENV = "KDA_SERVING_LIB"
+WARPS_ENV = "KDA_PREFILL_WARPS"
+ALGO_ENV = "KDA_PREFILL_ALGO"
+ALGOS = {"two-pass": 0, "fused": 1}
+PAIRS_ENV = "KDA_PREFILL_PAIRS"  # "mma" (default) or "simt": how pass 1 forms the cross block of its pair sums
+CHUNK = 16  # tokens per chunk of the kernels
+_DEFAULT_LIB = Path(__file__).resolve().parent.parent / "_lib" / "libkda_serving.so"
+
+
+class _PrefillParams(ctypes.Structure):
+    """Mirror of KdaPrefillParams in csrc/prefill/params.h (same field order)."""
+
+    _fields_ = [
+        ("q", ctypes.c_void_p),
+        ("k", ctypes.c_void_p),
+        ("v", ctypes.c_void_p),
+        ("g", ctypes.c_void_p),
+        ("beta", ctypes.c_void_p),
+        ("out", ctypes.c_void_p),
+        ("A_log", ctypes.c_void_p),
+        ("dt_bias", ctypes.c_void_p),
+        ("cu_seqlens", ctypes.c_void_p),
+        ("initial_state", ctypes.c_void_p),
+        ("final_state", ctypes.c_void_p),
+        ("state_pool", ctypes.c_void_p),
+        ("state_indices", ctypes.c_void_p),
+        ("has_initial_state", ctypes.c_void_p),
+        ("ckpt_offsets", ctypes.c_void_p),
+        ("ckpt_pos", ctypes.c_void_p),
+        ("ckpt_slot", ctypes.c_void_p),
+        ("workspace", ctypes.c_void_p),
+        ("chunk_offsets", ctypes.c_void_p),
+        ("chunk_bound", ctypes.c_int64),
+        ("batch", ctypes.c_int64),
+        ("seq_len", ctypes.c_int64),
+        ("num_seqs", ctypes.c_int64),
+        ("heads", ctypes.c_int32),
+        ("initial_state_fp32", ctypes.c_int32),
+        ("final_state_fp32", ctypes.c_int32),
+        ("state_pool_fp32", ctypes.c_int32),
+        ("scale", ctypes.c_float),
+        ("lower_bound", ctypes.c_float),
+        ("use_lower_bound", ctypes.c_int32),
+        ("warps", ctypes.c_int32),
+        ("algo", ctypes.c_int32),
+        ("pairs_simt", ctypes.c_int32),
+        ("pool_slot_stride", ctypes.c_int64),
+    ]
+
+
+def library_path() -> Path:
+    env = os.environ.get(LIB_ENV)
+    return Path(env) if env else _DEFAULT_LIB
+
+
+@lru_cache(maxsize=None)
+def _load(path: str) -> ctypes.CDLL:
+    lib = ctypes.CDLL(path)
+    lib.kda_prefill_sm90.argtypes = [ctypes.POINTER(_PrefillParams), ctypes.c_void_p]
+    lib.kda_prefill_sm90.restype = ctypes.c_int
+    lib.kda_prefill_error_string.argtypes = [ctypes.c_int]
+    lib.kda_prefill_error_string.restype = ctypes.c_char_p
+    lib.kda_prefill_default_warps.argtypes = [ctypes.c_int64, ctypes.c_int32, ctypes.c_int32]
+    lib.kda_prefill_default_warps.restype = ctypes.c_int
+    lib.kda_prefill_chunk_ops_bytes.argtypes = []
+    lib.kda_prefill_chunk_ops_bytes.restype = ctypes.c_int64
+    return lib
+
+
+def load() -> ctypes.CDLL:
+    """The loaded library; raises RuntimeError naming the path when it is missing or unloadable."""
+    path = library_path()
+    if not path.exists():
+        raise RuntimeError(f"kda: CUDA library not found at {path} (build it with `python csrc/build.py`)")
+    try:
+        return _load(str(path))
+    except OSError as e:
+        raise RuntimeError(f"kda: cannot load CUDA library {path}: {e}") from e
+
+
+def available() -> bool:
+    """True when a CUDA device is visible and the library loads."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        load()
+    except RuntimeError:
+        return False
+    return True
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _as_int64(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.to(torch.int64).contiguous()
+
+
+def _algo() -> int:
+    value = os.environ.get(ALGO_ENV, "two-pass")
+    if value not in ALGOS:
+        raise ValueError(f"kda: {ALGO_ENV} must be one of {sorted(ALGOS)}, got {value!r}")
+    return ALGOS[value]
+
+
+def _pairs_simt() -> int:
+    value = os.environ.get(PAIRS_ENV, "mma")
+    if value not in ("mma", "simt"):
+        raise ValueError(f"kda: {PAIRS_ENV} must be 'mma' or 'simt', got {value!r}")
+    return int(value == "simt")
+
+
+def _warps_override(algo: int) -> int:
+    value = os.environ.get(WARPS_ENV, "")
+    if not value:
+        return 0
+    allowed = ("2", "4", "8") if algo == ALGOS["fused"] else ("1", "2", "4", "8")
+    if value not in allowed:
+        raise ValueError(f"kda: {WARPS_ENV} must be one of {', '.join(allowed)} here, got {value!r}")
+    return int(value)
+
+
+def default_warps(num_seqs: int, heads: int) -> int:
+    """Warps per recurrence CTA the kernel's heuristic picks (value slice = 16 * warps rows)."""
+    return int(load().kda_prefill_default_warps(num_seqs, heads, _algo()))
+
+
+def _chunk_layout(cu, B: int, T: int, N: int, device):
+    """(chunk_offsets [N+1] int64 or None, chunk_bound): global chunk ids of each sequence, without a sync.
+
+    Fixed-length rows own ceil(T/16) chunks each. Varlen: a prefix sum of ceil(len/16) on the device, and the
+    bound T // 16 + N (every sequence adds at most one partial chunk) sizes the grid and the workspace."""
+    if cu is None:
+        return None, B * ((T + CHUNK - 1) // CHUNK)
+    counts = (cu[1:] - cu[:-1] + CHUNK - 1) // CHUNK
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64, device=device), counts.cumsum(0)])
+    return offsets, T // CHUNK + N
+
+
+def sorted_checkpoints(seq, pos, slot, num_seqs: int, tokens: int):
+    """Checkpoints sorted by (sequence, position) and per-sequence offsets [N+1], all on the device, no sync."""
+    seq, pos, slot = _as_int64(seq), _as_int64(pos), _as_int64(slot)
+    order = torch.argsort(seq * (tokens + 1) + pos)
+    seq_sorted = seq[order]
+    bounds = torch.arange(num_seqs + 1, device=seq.device, dtype=torch.int64)
+    offsets = torch.searchsorted(seq_sorted, bounds).to(torch.int64)
+    return offsets, pos[order].contiguous(), slot[order].contiguous()
+
+
+def prefill(q, k, v, g, beta, A_log, dt_bias, scale, lower_bound, cu_seqlens, initial_state, final_state,
+            state_pool, state_indices, has_initial_state, ckpt_seq, ckpt_pos, ckpt_slot, out) -> None:
+    """Runs the SM90 prefill kernel. Shapes per docs/kda-contract.md (K == V == 128, bf16 activations).
+
+    Writes out [B, T, H, V], final_state [N, H, V, K] (dense mode) or the pool slots of state_indices and
+    the checkpoint slots (pool mode). Raises RuntimeError if the launch fails.
+    """
+    lib = load()
+    B, T, H, _ = q.shape
+    varlen = cu_seqlens is not None
+    N = cu_seqlens.shape[0] - 1 if varlen else B
+    cu = _as_int64(cu_seqlens)
+    indices = _as_int64(state_indices)
+    hist = has_initial_state.contiguous() if has_initial_state is not None else None
+    A_log32 = A_log.to(torch.float32).contiguous()
+    dt_bias32 = dt_bias.to(torch.float32).contiguous()
+    algo = _algo()
+    chunk_offsets, chunk_bound, workspace = None, 0, None
+    if algo == ALGOS["two-pass"]:
+        chunk_offsets, chunk_bound = _chunk_layout(cu, B, T, N, q.device)
+        nbytes = max(1, chunk_bound * H * int(lib.kda_prefill_chunk_ops_bytes()))
+        workspace = torch.empty(nbytes, dtype=torch.uint8, device=q.device)
+    ckpt_offsets = ckpt_positions = ckpt_slots = None
+    if ckpt_seq is not None and ckpt_seq.numel() > 0:
+        ckpt_offsets, ckpt_positions, ckpt_slots = sorted_checkpoints(ckpt_seq, ckpt_pos, ckpt_slot, N, T)
+
+    params = _PrefillParams(
+        q=_ptr(q), k=_ptr(k), v=_ptr(v), g=_ptr(g), beta=_ptr(beta), out=_ptr(out),
+        A_log=_ptr(A_log32), dt_bias=_ptr(dt_bias32), cu_seqlens=_ptr(cu),
+        initial_state=_ptr(initial_state), final_state=_ptr(final_state), state_pool=_ptr(state_pool),
+        state_indices=_ptr(indices), has_initial_state=_ptr(hist),
+        ckpt_offsets=_ptr(ckpt_offsets), ckpt_pos=_ptr(ckpt_positions), ckpt_slot=_ptr(ckpt_slots),
+        workspace=_ptr(workspace), chunk_offsets=_ptr(chunk_offsets), chunk_bound=chunk_bound,
+        batch=B, seq_len=T, num_seqs=N, heads=H,
+        initial_state_fp32=int(initial_state is not None and initial_state.dtype == torch.float32),
+        final_state_fp32=int(final_state is not None and final_state.dtype == torch.float32),
+        state_pool_fp32=int(state_pool is not None and state_pool.dtype == torch.float32),
+        scale=float(scale), lower_bound=0.0 if lower_bound is None else float(lower_bound),
+        use_lower_bound=int(lower_bound is not None), warps=_warps_override(algo), algo=algo,
+        pairs_simt=_pairs_simt(),
+        pool_slot_stride=0 if state_pool is None or state_pool.shape[0] < 2 else state_pool.stride(0),
+    )
+    stream = torch.cuda.current_stream(q.device).cuda_stream
+    with torch.cuda.device(q.device):
+        code = lib.kda_prefill_sm90(ctypes.byref(params), ctypes.c_void_p(stream))
+    if code != 0:
+        msg = lib.kda_prefill_error_string(code).decode()
+        raise RuntimeError(f"kda: prefill kernel launch failed: {msg} (cudaError {code})")

@@ -1,0 +1,134 @@
+"""LLMEngine / LLM behaviour: stop conditions, length limits, seeds, logprobs, aborts, bad requests."""
+
+import pytest
+
+from kda_serving.engine import EngineConfig, LLM, LLMEngine, SamplingParams
+
+from engine_testing import random_prompts
+
+
+def make_llm(model, **config):
+    config.setdefault("num_state_slots", 16)
+    config.setdefault("num_kv_blocks", 128)
+    config.setdefault("prefix_cache_interval", 64)
+    return LLM(model_obj=model, **config)
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_model):
+    return make_llm(tiny_model)
+
+
+def test_stop_token_ids_and_max_tokens(llm):
+    prompt = random_prompts([12], 211, seed=10)[0]
+    ref = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0]
+    assert ref.finish_reason == "length" and len(ref.output_token_ids) == 8
+    stop_at = ref.output_token_ids[3]
+    first = ref.output_token_ids.index(stop_at)
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=8, stop_token_ids=[stop_at]))[0]
+    assert out.finish_reason == "stop" and out.output_token_ids == ref.output_token_ids[: first + 1]
+
+
+def test_max_model_len_ends_generation_and_rejects_long_prompts(tiny_model):
+    llm = make_llm(tiny_model, max_model_len=20)
+    out = llm.generate([list(range(3, 18))], SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))[0]
+    assert out.finish_reason == "length" and len(out.output_token_ids) == 5
+    with pytest.raises(ValueError, match="limit is 19"):
+        llm.generate([list(range(3, 23))], SamplingParams())
+
+
+@pytest.mark.parametrize("prompt,error,match", [
+    ([], ValueError, "must not be empty"),
+    ([3, 500], ValueError, "outside the vocabulary"),
+    ([3, -1], ValueError, "outside the vocabulary"),
+    ([3, "a"], TypeError, "list of ints"),
+    ("abc", TypeError, "list of ints"),
+])
+def test_add_request_rejects_bad_prompts(llm, prompt, error, match):
+    with pytest.raises(error, match=match):
+        llm.engine.add_request("bad", prompt, SamplingParams())
+    assert not llm.engine.has_unfinished_requests()
+
+
+def test_duplicate_request_id_and_bad_params(llm):
+    llm.engine.add_request("dup", [3, 4], SamplingParams(max_tokens=1))
+    with pytest.raises(ValueError, match="already in use"):
+        llm.engine.add_request("dup", [3, 4], SamplingParams())
+    with pytest.raises(TypeError, match="params"):
+        llm.engine.add_request("x", [3, 4], {"max_tokens": 3})
+    while llm.engine.has_unfinished_requests():
+        llm.engine.step()
+
+
+def test_seeded_sampling_is_reproducible_whatever_the_batch(llm):
+    prompts = random_prompts([9, 30, 4], 211, seed=11)
+    seeded = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=6, ignore_eos=True)
+    alone = llm.generate([prompts[0]], seeded)[0].output_token_ids
+    mixed = llm.generate(prompts, [seeded, SamplingParams(temperature=1.0, max_tokens=6), SamplingParams(max_tokens=3)])
+    assert mixed[0].output_token_ids == alone
+    other = llm.generate([prompts[0]], SamplingParams(temperature=1.0, seed=99, max_tokens=6, ignore_eos=True))[0]
+    greedy = llm.generate([prompts[0]], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))[0]
+    assert len({tuple(alone), tuple(other.output_token_ids), tuple(greedy.output_token_ids)}) > 1
+
+
+def test_logprobs_returned_for_every_token(llm):
+    prompt = random_prompts([7], 211, seed=12)[0]
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=5, logprobs=2, ignore_eos=True))[0]
+    assert len(out.logprobs) == len(out.top_logprobs) == 5
+    for tok, lp, top in zip(out.output_token_ids, out.logprobs, out.top_logprobs):
+        assert lp <= 0 and next(iter(top)) == tok and abs(top[tok] - lp) < 1e-6 and len(top) == 2
+
+
+def test_abort_frees_slots_and_blocks_at_once(tiny_model):
+    engine = LLMEngine(
+        EngineConfig(num_state_slots=4, num_kv_blocks=64, enable_prefix_caching=False), model=tiny_model
+    )
+    prompts = random_prompts([40, 10, 25, 3, 8], 211, seed=13)
+    for i, p in enumerate(prompts):
+        engine.add_request(f"r{i}", p, SamplingParams(max_tokens=100, ignore_eos=True))
+    for _ in range(3):
+        engine.step()
+    stats = engine.stats()
+    assert stats.num_running == 4 and stats.num_waiting == 1 and stats.state_slots_used == 4
+    out = engine.abort_request("r1")
+    assert out.finished and out.finish_reason == "abort"
+    assert engine.stats().state_slots_used == 3 and engine.abort_request("r1") is None
+    for i in (0, 2, 3, 4):
+        engine.abort_request(f"r{i}")
+    stats = engine.stats()
+    assert stats.num_running == stats.num_waiting == stats.state_slots_used == stats.kv_blocks_used == 0
+    assert engine.slots.num_free == 4 and engine.blocks.num_free == 64 and stats.requests_aborted_total == 5
+    assert engine.step() == []
+
+
+def test_text_stop_strings_with_the_default_model():
+    llm = LLM(num_state_slots=8, num_kv_blocks=64)
+    prompt = "The quick brown fox"
+    ref = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0]
+    assert ref.text and ref.text == llm.tokenizer.decode(ref.output_token_ids, skip_special_tokens=True)
+    stop = ref.text[len(ref.text) // 2 : len(ref.text) // 2 + 3]
+    out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop=[stop]))[0]
+    assert out.finish_reason == "stop" and out.text == ref.text[: ref.text.index(stop)]
+    assert llm.engine.model_name == "kda-serving-tiny" and llm.engine.tokenizer is not None
+
+
+def test_engine_config_validation():
+    with pytest.raises(ValueError, match="device"):
+        EngineConfig(device="tpu")
+    with pytest.raises(ValueError, match="prefix_cache_interval"):
+        EngineConfig(prefix_cache_interval=100)
+    with pytest.raises(ValueError, match="block_size"):
+        EngineConfig(block_size=24)
+    with pytest.raises(TypeError, match="max_num_seqs"):
+        EngineConfig(max_num_seqs="8")
+    with pytest.raises(ValueError, match="max_num_batched_tokens"):
+        EngineConfig(max_num_seqs=64, max_num_batched_tokens=32)
+    with pytest.raises(ValueError, match="gpu_memory_utilization"):
+        EngineConfig(gpu_memory_utilization=1.5)
+    assert EngineConfig(device="cuda").dtype == "bfloat16" and EngineConfig().dtype == "float32"
+
+
+def test_generate_is_all_or_nothing_on_a_bad_prompt(llm):
+    with pytest.raises(ValueError, match="empty"):
+        llm.generate([[3, 4], []], SamplingParams(max_tokens=2))
+    assert not llm.engine.has_unfinished_requests()

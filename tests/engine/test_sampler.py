@@ -1,0 +1,89 @@
+"""Sampler: greedy, temperature, top-k, top-p, per-request seeds and logprobs, on synthetic logits."""
+
+import math
+
+import pytest
+import torch
+
+from kda_serving.engine.sampler import Sampler
+from kda_serving.engine.sampling_params import SamplingParams
+
+
+def sampler(seed=0):
+    return Sampler(torch.Generator().manual_seed(seed))
+
+
+def draw(s, logits, params, n, generators=None):
+    counts = torch.zeros(logits.shape[-1])
+    for _ in range(n):
+        tok = s(logits[None], [params], generators or [None]).token_ids[0]
+        counts[tok] += 1
+    return counts / n
+
+
+def test_greedy_picks_argmax_per_row():
+    logits = torch.randn(5, 50, generator=torch.Generator().manual_seed(1))
+    out = sampler()(logits, [SamplingParams(temperature=0)] * 5, [None] * 5)
+    assert out.token_ids == logits.argmax(-1).tolist()
+    assert out.logprobs == [None] * 5
+
+
+def test_temperature_sampling_follows_the_distribution():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = probs.log() * 2.0  # temperature 2 restores probs
+    freq = draw(sampler(), logits, SamplingParams(temperature=2.0), 4000)
+    assert torch.allclose(freq, probs, atol=0.03), freq
+
+
+def test_top_k_and_top_p_cut_the_tail():
+    logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()
+    freq_k = draw(sampler(), logits, SamplingParams(top_k=2), 2000)
+    assert freq_k[2:].sum() == 0 and abs(freq_k[0] - 0.625) < 0.04  # renormalised 0.5 / 0.8
+    freq_p = draw(sampler(), logits, SamplingParams(top_p=0.7), 2000)
+    assert freq_p[2:].sum() == 0  # 0.5 + 0.3 reaches 0.7; 0.15 and 0.05 go
+    freq_p = draw(sampler(), logits, SamplingParams(top_p=0.85), 2000)
+    assert freq_p[3] == 0 and freq_p[2] > 0
+    assert draw(sampler(), logits, SamplingParams(top_p=0.01), 200)[0] == 1.0
+
+
+def test_seeded_rows_do_not_depend_on_the_batch():
+    logits = torch.randn(4, 100, generator=torch.Generator().manual_seed(2))
+    params = [SamplingParams(temperature=1.0, seed=42)] * 4
+
+    def run(rows):  # a different engine generator each time: seeded rows must not use it
+        gens = [torch.Generator().manual_seed(42) for _ in rows]
+        return sampler(seed=len(rows))(logits[rows], [params[i] for i in rows], gens).token_ids
+
+    assert [run([i])[0] for i in range(4)] == run([0, 1, 2, 3])
+
+
+def test_logprobs_of_chosen_and_top_tokens():
+    logits = torch.randn(3, 30, generator=torch.Generator().manual_seed(3))
+    params = [SamplingParams(temperature=0, logprobs=3), SamplingParams(temperature=0.8, logprobs=0),
+              SamplingParams(temperature=0)]
+    out = sampler()(logits, params, [None] * 3)
+    ref = torch.log_softmax(logits.double(), -1)
+    for i in (0, 1):
+        assert math.isclose(out.logprobs[i], float(ref[i, out.token_ids[i]]), abs_tol=1e-5)
+    top = ref[0].topk(3)
+    assert list(out.top_logprobs[0]) == top.indices.tolist()
+    assert all(math.isclose(v, float(t), abs_tol=1e-5) for v, t in zip(out.top_logprobs[0].values(), top.values))
+    assert out.top_logprobs[1] == {} and out.logprobs[2] is None and out.top_logprobs[2] is None
+
+
+@pytest.mark.parametrize("kwargs,error", [
+    (dict(max_tokens=0), ValueError), (dict(max_tokens=1.5), TypeError), (dict(temperature=-1), ValueError),
+    (dict(temperature=float("nan")), ValueError), (dict(top_p=0), ValueError), (dict(top_p=1.5), ValueError),
+    (dict(top_k=-1), ValueError), (dict(seed="x"), TypeError), (dict(stop=[1]), TypeError),
+    (dict(stop=[""]), ValueError), (dict(stop_token_ids=[-1]), ValueError), (dict(logprobs=21), ValueError),
+    (dict(ignore_eos=1), TypeError), (dict(top_k=True), TypeError),
+], ids=lambda x: str(x) if not isinstance(x, type) else x.__name__)
+def test_sampling_params_reject_bad_values(kwargs, error):
+    name = next(iter(kwargs))
+    with pytest.raises(error, match=name):
+        SamplingParams(**kwargs)
+
+
+def test_sampling_params_normalise_stop():
+    assert SamplingParams(stop="END").stop == ("END",)
+    assert SamplingParams(stop=["a", "b"], stop_token_ids=[3]).stop_token_ids == (3,)
