@@ -176,7 +176,9 @@ def validate_kda_args(
     if not isinstance(q, torch.Tensor):
         _fail(TypeError, "q", f"expected a torch.Tensor, got {type(q).__name__}")
     device = q.device
-    dtypes = activation_dtypes(device)
+    if cuda_kernel is None:
+        cuda_kernel = device.type == "cuda"
+    dtypes = (torch.bfloat16,) if cuda_kernel else REFERENCE_DTYPES
     _check_tensor("q", q, 4, dtypes, device)
     B, T, H, K = q.shape
     _check_tensor("k", k, 4, (q.dtype,), device)
@@ -191,8 +193,6 @@ def validate_kda_args(
     _check_shape("beta", beta, (B, T, H))
     if H == 0 or K == 0 or V == 0:
         _fail(ValueError, "q", f"heads and head sizes must be positive, got H={H}, K={K}, V={V}")
-    if cuda_kernel is None:
-        cuda_kernel = device.type == "cuda"
     if cuda_kernel and (K != CUDA_HEAD_DIM or V != CUDA_HEAD_DIM):
         _fail(ValueError, "q", f"the CUDA kernels need K == V == {CUDA_HEAD_DIM}, got K={K}, V={V}")
     validate_gate_params(A_log, dt_bias, lower_bound, H, K, device)

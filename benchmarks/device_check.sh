@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# One call on the GPU machine: install the carried wheels, then either run every GPU test (`tests`) or the
+# benchmarks (`bench`, `bench-prefill`). Logs and result files go to $OUT (or ./device-out).
+# The library is built on the dev machine (`python csrc/build.py`) and carried with the call:
+#   carry: [".whl", "kda_serving/_lib"]   command: bash benchmarks/device_check.sh tests
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$PWD/device-out}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+install() { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$1" "${@:2}" \
+  || { echo "wheel install failed"; exit 1; }; }
+install /tmp/site .whl/*.whl
+install /tmp/site-fla .whl/fla/*.whl
+# fla stays off the path except where it is the baseline or the subject: installed, transformers' kimi_linear
+# would route even its CPU reference forward through fla's Triton kernels.
+export PYTHONPATH=/tmp/site:$PWD
+WITH_FLA=/tmp/site-fla:/tmp/site:$PWD
+nvidia-smi -L
+case "${1:-tests}" in  # tests | bench | bench-prefill [bench_prefill.py args]
+  tests)
+    # `tests [PATH...]`: all GPU tests, or those under the given paths.
+    paths=("${@:2}"); [ ${#paths[@]} -gt 0 ] || paths=(tests)
+    { python3 -m pytest -q -m gpu -p no:cacheprovider --ignore=tests/integrations/test_fla_gpu.py "${paths[@]}"
+      PYTHONPATH=$WITH_FLA python3 -m pytest -q -m gpu -p no:cacheprovider tests/integrations/test_fla_gpu.py
+    } 2>&1 | tee "$OUT/gpu-tests.log"
+    ;;
+  bench)
+    export PYTHONPATH=$WITH_FLA
+    { python3 benchmarks/bench_decode.py --out-dir "$OUT" &&
+      python3 benchmarks/bench_kda_layer.py --out-dir "$OUT" &&
+      python3 benchmarks/bench_engine.py --device cuda --out "$OUT/engine.json"; } 2>&1 | tee "$OUT/bench.log"
+    ;;
+  bench-prefill)
+    PYTHONPATH=$WITH_FLA python3 benchmarks/bench_prefill.py --out-dir "$OUT" "${@:2}" 2>&1 | tee "$OUT/bench-prefill.log"
+    ;;
+esac
