@@ -38,6 +38,14 @@ class ModelRunner:
     def _size_caches(self) -> None:
         cfg, model = self.config, self.model
         slot_bytes, block_bytes = model.state_slot_bytes(), model.kv_block_bytes(cfg.block_size)
+        if block_bytes == 0 and cfg.num_kv_blocks is None:
+            # No MLA layer (an all-KDA model): blocks hold nothing, so give every sequence room for the full
+            # context and spend the whole budget on state slots.
+            model_len = cfg.max_model_len or model.max_model_len
+            cfg.num_kv_blocks = cfg.max_num_seqs * -(-model_len // cfg.block_size)
+            if cfg.num_state_slots is None:
+                budget = self._cache_budget() if self.device.type == "cuda" else cfg.cpu_cache_bytes
+                cfg.num_state_slots = int(budget // slot_bytes)
         if cfg.num_state_slots is None or cfg.num_kv_blocks is None:
             budget = self._cache_budget() if self.device.type == "cuda" else cfg.cpu_cache_bytes
             if cfg.num_state_slots is None and cfg.num_kv_blocks is None:

@@ -25,7 +25,7 @@ def check_greedy_against_hf(hf_model, prompt, output):
     of the logits before it. This is exactly transformers' greedy generation, checked in one forward."""
     ids = torch.tensor([prompt + output[:-1]])
     with torch.no_grad():
-        logits = hf_model(ids).logits[0, len(prompt) - 1 :].double()
+        logits = hf_model(ids, use_cache=False).logits[0, len(prompt) - 1 :].double()
     expected = logits.argmax(-1).tolist()
     top2 = logits.topk(2, dim=-1).values
     margin = float((top2[:, 0] - top2[:, 1]).min())
@@ -108,6 +108,11 @@ OTHER_SHAPES = {  # transformers config overrides: MLA first + dense MLPs + q_lo
         q_lora_rank=12, num_expert_group=4, topk_group=2, num_experts_per_token=3, first_k_dense_replace=0,
         linear_attn_config={"kda_layers": [1, 3, 4], "full_attn_layers": [2], "num_heads": 3, "head_dim": 32,
                             "short_conv_kernel_size": 3},
+    ),
+    "all-kda-no-mla": dict(  # no MLA layer: KV blocks cost nothing and the budget goes to state slots
+        num_hidden_layers=3, first_k_dense_replace=3,
+        linear_attn_config={"kda_layers": [1, 2, 3], "full_attn_layers": [], "num_heads": 2, "head_dim": 32,
+                            "short_conv_kernel_size": 4},
     ),
 }
 
