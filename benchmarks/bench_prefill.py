@@ -119,7 +119,6 @@ def main(argv=None) -> int:
     ap.add_argument("--no-fla", action="store_true")
     ap.add_argument("--warps-sweep", action="store_true",
                     help="also time every warps-per-CTA variant of the two-pass kernel")
-    ap.add_argument("--fused", action="store_true", help="also time the fused single-pass variant")
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--profile", action="store_true", help="print the per-kernel split (torch.profiler)")
     ap.add_argument("--only", nargs="*", default=None, help="run only cases whose name contains one of these")
@@ -149,10 +148,6 @@ def main(argv=None) -> int:
                     os.environ[cuda_lib.WARPS_ENV] = w
                     row[f"ours_w{w}_ms"] = time_ms(ours_fn(p, lb), iters=args.iters)
                 os.environ.pop(cuda_lib.WARPS_ENV)
-            if args.fused:
-                os.environ[cuda_lib.ALGO_ENV] = "fused"
-                row["fused_ms"] = time_ms(ours_fn(p, lb), warmup=2, iters=5)
-                os.environ.pop(cuda_lib.ALGO_ENV)
             if not args.no_fla:
                 try:
                     row["fla_ms"] = time_ms(fla_fn(p, lb), iters=args.iters)

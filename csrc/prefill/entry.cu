@@ -18,17 +18,15 @@ int sm_count() {
 
 }  // namespace
 
-extern "C" int kda_prefill_default_warps(int64_t num_seqs, int32_t heads, int32_t algo) {
-  // Value slices trade CTA count against re-reading the chunk operands (two-pass) or recomputing them
-  // (fused). Measured on H200 (docs/prefill-kernel.md): one 8-warp CTA per (sequence, head) is best when
+extern "C" int kda_prefill_default_warps(int64_t num_seqs, int32_t heads) {
+  // Value slices trade CTA count against re-reading the chunk operands. Measured on H200 (docs/prefill-kernel.md): one 8-warp CTA per (sequence, head) is best when
   // that alone nearly fills the GPU, 4 warps when there are many pairs, and narrower slices only when there
   // are too few pairs to give every SM a CTA.
   const int64_t pairs = num_seqs * heads;
   const int64_t sms = sm_count();
   if (10 * pairs >= 7 * sms && pairs < 2 * sms) return 8;
-  const int narrowest = algo == 1 ? 2 : 1;
   int warps = 4;
-  while (warps > narrowest && 10 * pairs * (8 / warps) < 7 * sms) warps /= 2;
+  while (warps > 1 && 10 * pairs * (8 / warps) < 7 * sms) warps /= 2;
   return warps;
 }
 
@@ -36,17 +34,9 @@ extern "C" int kda_prefill_sm90(const KdaPrefillParams* params, void* stream) {
   if (params == nullptr || params->heads <= 0 || params->num_seqs < 0) return static_cast<int>(cudaErrorInvalidValue);
   const KdaPrefillParams& p = *params;
   const auto s = static_cast<cudaStream_t>(stream);
-  const int warps = p.warps != 0 ? p.warps : kda_prefill_default_warps(p.num_seqs, p.heads, p.algo);
+  const int warps = p.warps != 0 ? p.warps : kda_prefill_default_warps(p.num_seqs, p.heads);
   using namespace kda::prefill;
-  if (p.algo == 1) {
-    switch (warps) {
-      case 2: return launch_fused_w2(p, s);
-      case 4: return launch_fused_w4(p, s);
-      case 8: return launch_fused_w8(p, s);
-      default: return static_cast<int>(cudaErrorInvalidValue);
-    }
-  }
-  if (p.algo != 0 || p.workspace == nullptr) return static_cast<int>(cudaErrorInvalidValue);
+  if (p.workspace == nullptr) return static_cast<int>(cudaErrorInvalidValue);
   if (p.cu_seqlens != nullptr && p.chunk_offsets == nullptr) return static_cast<int>(cudaErrorInvalidValue);
   KDA_CUDA_TRY(static_cast<cudaError_t>(launch_chunk_ops(p, s)));
   switch (warps) {

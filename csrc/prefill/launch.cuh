@@ -15,10 +15,6 @@ int launch_recurrence_w1(const KdaPrefillParams& p, cudaStream_t stream);
 int launch_recurrence_w2(const KdaPrefillParams& p, cudaStream_t stream);
 int launch_recurrence_w4(const KdaPrefillParams& p, cudaStream_t stream);
 int launch_recurrence_w8(const KdaPrefillParams& p, cudaStream_t stream);
-// The fused single-pass variant (2, 4 or 8 warps).
-int launch_fused_w2(const KdaPrefillParams& p, cudaStream_t stream);
-int launch_fused_w4(const KdaPrefillParams& p, cudaStream_t stream);
-int launch_fused_w8(const KdaPrefillParams& p, cudaStream_t stream);
 
 // Grid of `ctas` CTAs of `threads` threads and `smem` dynamic shared bytes; returns a cudaError_t value.
 template <typename Kernel>

@@ -48,7 +48,6 @@ struct KdaPrefillParams {
   float lower_bound;        // used when use_lower_bound != 0
   int32_t use_lower_bound;  // 0 = softplus gate (Kimi-Linear-48B)
   int32_t warps;            // warps per recurrence CTA (value slice = 16 * warps rows); 0 = heuristic
-  int32_t algo;             // 0 = two-pass (chunk operands, then the recurrence), 1 = fused single pass
   int32_t pairs_simt;       // two-pass: 1 = all pair sums element-wise (reference variant), 0 = cross block on MMA
   // Elements between consecutive pool slots: H * V * K for a packed pool, more when each slot is a view into a
   // larger page (vLLM keeps a layer's conv and recurrent states of one sequence in one page). 0 = packed.
@@ -61,5 +60,5 @@ const char* kda_prefill_error_string(int code);
 // Workspace bytes per (chunk, head) of the two-pass path.
 int64_t kda_prefill_chunk_ops_bytes(void);
 // Warps per CTA the heuristic picks for N sequences and H heads on this device (for benchmarks and docs).
-int kda_prefill_default_warps(int64_t num_seqs, int32_t heads, int32_t algo);
+int kda_prefill_default_warps(int64_t num_seqs, int32_t heads);
 }

@@ -2,8 +2,7 @@
 
 The library takes raw device pointers and a cudaStream_t, so it needs neither Python nor torch headers at
 build time (docs/build.md). `KDA_SERVING_LIB=<path to .so>` overrides where it is loaded from;
-`KDA_PREFILL_WARPS` (1, 2, 4 or 8) overrides the warps-per-CTA heuristic and `KDA_PREFILL_ALGO`
-(`two-pass`, the default, or `fused`) picks the kernel variant (benchmarks, tests).
+`KDA_PREFILL_WARPS` (1, 2, 4 or 8) overrides the warps-per-CTA heuristic (benchmarks, tests).
 
 `prefill(...)` expects arguments already validated against docs/kda-contract.md and outputs allocated by
 kda_serving/ops/kda.py. It launches on torch.cuda.current_stream(), never synchronises with the host and
@@ -22,8 +21,6 @@ import torch
 
 LIB_ENV = "KDA_SERVING_LIB"
 WARPS_ENV = "KDA_PREFILL_WARPS"
-ALGO_ENV = "KDA_PREFILL_ALGO"
-ALGOS = {"two-pass": 0, "fused": 1}
 PAIRS_ENV = "KDA_PREFILL_PAIRS"  # "mma" (default) or "simt": how pass 1 forms the cross block of its pair sums
 CHUNK = 16  # tokens per chunk of the kernels
 _DEFAULT_LIB = Path(__file__).resolve().parent.parent / "_lib" / "libkda_serving.so"
@@ -64,7 +61,6 @@ class _PrefillParams(ctypes.Structure):
         ("lower_bound", ctypes.c_float),
         ("use_lower_bound", ctypes.c_int32),
         ("warps", ctypes.c_int32),
-        ("algo", ctypes.c_int32),
         ("pairs_simt", ctypes.c_int32),
         ("pool_slot_stride", ctypes.c_int64),
     ]
@@ -119,13 +115,6 @@ def _as_int64(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.to(torch.int64).contiguous()
 
 
-def _algo() -> int:
-    value = os.environ.get(ALGO_ENV, "two-pass")
-    if value not in ALGOS:
-        raise ValueError(f"kda: {ALGO_ENV} must be one of {sorted(ALGOS)}, got {value!r}")
-    return ALGOS[value]
-
-
 def _pairs_simt() -> int:
     value = os.environ.get(PAIRS_ENV, "mma")
     if value not in ("mma", "simt"):
@@ -133,11 +122,11 @@ def _pairs_simt() -> int:
     return int(value == "simt")
 
 
-def _warps_override(algo: int) -> int:
+def _warps_override() -> int:
     value = os.environ.get(WARPS_ENV, "")
     if not value:
         return 0
-    allowed = ("2", "4", "8") if algo == ALGOS["fused"] else ("1", "2", "4", "8")
+    allowed = ("1", "2", "4", "8")
     if value not in allowed:
         raise ValueError(f"kda: {WARPS_ENV} must be one of {', '.join(allowed)} here, got {value!r}")
     return int(value)
@@ -145,7 +134,7 @@ def _warps_override(algo: int) -> int:
 
 def default_warps(num_seqs: int, heads: int) -> int:
     """Warps per recurrence CTA the kernel's heuristic picks (value slice = 16 * warps rows)."""
-    return int(load().kda_prefill_default_warps(num_seqs, heads, _algo()))
+    return int(load().kda_prefill_default_warps(num_seqs, heads))
 
 
 def _chunk_layout(cu, B: int, T: int, N: int, device):
@@ -186,12 +175,9 @@ def prefill(q, k, v, g, beta, A_log, dt_bias, scale, lower_bound, cu_seqlens, in
     hist = has_initial_state.contiguous() if has_initial_state is not None else None
     A_log32 = A_log.to(torch.float32).contiguous()
     dt_bias32 = dt_bias.to(torch.float32).contiguous()
-    algo = _algo()
-    chunk_offsets, chunk_bound, workspace = None, 0, None
-    if algo == ALGOS["two-pass"]:
-        chunk_offsets, chunk_bound = _chunk_layout(cu, B, T, N, q.device)
-        nbytes = max(1, chunk_bound * H * int(lib.kda_prefill_chunk_ops_bytes()))
-        workspace = torch.empty(nbytes, dtype=torch.uint8, device=q.device)
+    chunk_offsets, chunk_bound = _chunk_layout(cu, B, T, N, q.device)
+    nbytes = max(1, chunk_bound * H * int(lib.kda_prefill_chunk_ops_bytes()))
+    workspace = torch.empty(nbytes, dtype=torch.uint8, device=q.device)
     ckpt_offsets = ckpt_positions = ckpt_slots = None
     if ckpt_seq is not None and ckpt_seq.numel() > 0:
         ckpt_offsets, ckpt_positions, ckpt_slots = sorted_checkpoints(ckpt_seq, ckpt_pos, ckpt_slot, N, T)
@@ -208,7 +194,7 @@ def prefill(q, k, v, g, beta, A_log, dt_bias, scale, lower_bound, cu_seqlens, in
         final_state_fp32=int(final_state is not None and final_state.dtype == torch.float32),
         state_pool_fp32=int(state_pool is not None and state_pool.dtype == torch.float32),
         scale=float(scale), lower_bound=0.0 if lower_bound is None else float(lower_bound),
-        use_lower_bound=int(lower_bound is not None), warps=_warps_override(algo), algo=algo,
+        use_lower_bound=int(lower_bound is not None), warps=_warps_override(),
         pairs_simt=_pairs_simt(),
         pool_slot_stride=0 if state_pool is None or state_pool.shape[0] < 2 else state_pool.stride(0),
     )

@@ -138,13 +138,9 @@ def test_final_state_without_initial():
 
 
 @on_gpu
-@pytest.mark.parametrize("algo,warps,pairs", [
-    ("two-pass", "1", "mma"), ("two-pass", "2", "mma"), ("two-pass", "4", "mma"), ("two-pass", "8", "mma"),
-    ("two-pass", "4", "simt"), ("fused", "2", "mma"), ("fused", "4", "mma"), ("fused", "8", "mma"),
-])
-def test_variants_repeatable(algo, warps, pairs, monkeypatch):
+@pytest.mark.parametrize("warps,pairs", [("1", "mma"), ("2", "mma"), ("4", "mma"), ("8", "mma"), ("4", "simt")])
+def test_variants_repeatable(warps, pairs, monkeypatch):
     """Every kernel variant and CTA shape is right, and two runs on the same inputs are bit-identical."""
-    monkeypatch.setenv(cuda_lib.ALGO_ENV, algo)
     monkeypatch.setenv(cuda_lib.WARPS_ENV, warps)
     monkeypatch.setenv(cuda_lib.PAIRS_ENV, pairs)
     cu = torch.tensor([0, 1300, 1847, 3895, 4000], device="cuda", dtype=torch.int64)
@@ -290,21 +286,12 @@ def test_public_ops_and_graph_capture():
 
 
 @on_gpu
-@pytest.mark.parametrize("env,value", [("KDA_PREFILL_WARPS", "3"), ("KDA_PREFILL_ALGO", "fast"),
-                                       ("KDA_PREFILL_PAIRS", "tensor")])
+@pytest.mark.parametrize("env,value", [("KDA_PREFILL_WARPS", "3"), ("KDA_PREFILL_PAIRS", "tensor")])
 def test_bad_overrides(env, value, monkeypatch):
     monkeypatch.setenv(env, value)
     inp = make_inputs(1, 16, 1)
     with pytest.raises(ValueError, match=env):
         run_prefill(inp, lower_bound=-5.0)
-
-
-@on_gpu
-@pytest.mark.parametrize("algo", ["two-pass", "fused"])
-def test_pool_and_checkpoints_fused_agrees(algo, monkeypatch):
-    """Pool mode with checkpoints through both kernel variants (the main tests run the default two-pass)."""
-    monkeypatch.setenv(cuda_lib.ALGO_ENV, algo)
-    test_checkpoints(torch.float32)
 
 
 # ----------------------------------------------------------------------------------- host-side helpers (CPU)
@@ -330,11 +317,11 @@ def test_sorted_checkpoints():
 
 
 def test_env_overrides_are_checked(monkeypatch):
-    monkeypatch.setenv(cuda_lib.ALGO_ENV, "fused")
-    assert cuda_lib._algo() == cuda_lib.ALGOS["fused"]
-    monkeypatch.setenv(cuda_lib.WARPS_ENV, "1")
+    monkeypatch.setenv(cuda_lib.WARPS_ENV, "2")
+    assert cuda_lib._warps_override() == 2
+    monkeypatch.setenv(cuda_lib.WARPS_ENV, "16")
     with pytest.raises(ValueError, match=cuda_lib.WARPS_ENV):
-        cuda_lib._warps_override(cuda_lib._algo())  # the fused kernel needs at least 2 warps
+        cuda_lib._warps_override()
     monkeypatch.setenv(cuda_lib.PAIRS_ENV, "simt")
     assert cuda_lib._pairs_simt() == 1
 
