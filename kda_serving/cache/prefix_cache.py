@@ -2,8 +2,8 @@
 
 A KDA layer's state is recurrent: it exists only at the exact length it was saved at, so an entry restores a
 request to exactly its length and the request computes the rest. Entries come from three places (all chosen
-by the scheduler): prefill checkpoints every `interval` prompt tokens, branch points (where a prompt leaves a
-cached path), and the end of every finished turn (prompt + generated tokens).
+by the scheduler): prefill checkpoints every `interval` prompt tokens, the end of each prompt, branch points
+(where a prompt leaves a cached path), and the end of every finished turn (prompt + generated tokens).
 
 The tree:
 - an *aligned* node covers `interval` tokens [start, start + interval) (start a multiple of interval) and

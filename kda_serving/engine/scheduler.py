@@ -203,6 +203,10 @@ class Scheduler:
             return set()
         interval = self.cache.interval
         points = set(range((start // interval + 1) * interval, total + 1, interval))
+        if total >= self.checkpoint_align:
+            # The end of the prompt: a chat follow-up repeats this prompt verbatim, while the reply it carries
+            # is re-tokenized and often differs from the generated ids, so the end-of-turn entry misses.
+            points.add(total)
         points -= self.cache.cached_lengths(seq.token_ids[:total])
         return points
 

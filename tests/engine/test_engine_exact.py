@@ -87,6 +87,19 @@ def test_multi_turn_reuse_equals_recompute(tiny_model, hf_model):
     assert stats.state_slots_cached == stats.prefix_cache_entries > 0 and stats.kv_blocks_cached > 0
 
 
+def test_follow_up_with_retokenized_reply_reuses_the_prompt(tiny_model, hf_model):
+    """A chat follow-up repeats the previous prompt verbatim but carries the reply re-tokenized (other ids than
+    were generated): the state saved at the end of the prompt still serves it, and results match transformers."""
+    llm = engine(tiny_model, max_num_batched_tokens=64, block_size=16)
+    first = random_prompts([150], 211, seed=9)[0]
+    reply = llm.generate([first], GREEDY)[0].output_token_ids
+    retokenized = [(t + 1) % 211 for t in reply]  # the same text, other ids
+    follow = first + retokenized + random_prompts([20], 211, seed=10)[0]
+    out = llm.generate([follow], GREEDY)[0]
+    assert out.num_cached_tokens == len(first)
+    check_greedy_against_hf(hf_model, follow, out.output_token_ids)
+
+
 def test_concurrent_identical_prefixes_share_and_match(tiny_model):
     shared = random_prompts([200], 211, seed=5)[0]
     tails = random_prompts([3, 4, 5], 211, seed=6)
