@@ -64,6 +64,8 @@ def main(argv=None) -> int:
     ap.add_argument("--build-dir", default=str(HERE / "build"))
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--arch", default="90a")
+    ap.add_argument("--define", action="append", default=[], metavar="NAME=VALUE",
+                    help="extra preprocessor definition (experiment variants; use with its own --build-dir)")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args(argv)
 
@@ -75,6 +77,7 @@ def main(argv=None) -> int:
         "-std=c++17", "-O3", "--use_fast_math", "-Xcompiler", "-fPIC", "--expt-relaxed-constexpr",
         f"-gencode=arch=compute_{args.arch},code=sm_{args.arch}", "-lineinfo",
         f"-I{HERE}", f"-I{inc}", "-DNDEBUG", "-Xptxas=-v" if args.verbose else "-Xptxas=-O3",
+        *(f"-D{d}" for d in args.define),
     ]
     srcs = sources()
     if not srcs:

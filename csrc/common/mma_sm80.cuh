@@ -10,6 +10,7 @@
 #include <cuda_bf16.h>
 #include <cstdint>
 
+#include <cute/arch/copy_sm75.hpp>
 #include <cute/arch/copy_sm80.hpp>
 #include <cute/arch/mma_sm80.hpp>
 
@@ -62,5 +63,24 @@ __device__ __forceinline__ void cp_async_commit() { cute::cp_async_fence(); }
 __device__ __forceinline__ void cp_async_wait_all() { cute::cp_async_wait<0>(); }
 
 __device__ __forceinline__ uint32_t lds_u32(const __nv_bfloat16* p) { return *reinterpret_cast<const uint32_t*>(p); }
+
+// B fragments of two adjacent n tiles from a 16 (n) x 16 (k) bf16 tile stored n-major in shared memory (row
+// stride kStride elements, rows 16-byte aligned): one ldmatrix.x4 instead of eight 4-byte loads.
+// d[0], d[1] = (b0, b1) of n rows 0..7; d[2], d[3] = those of n rows 8..15.
+template <int kStride>
+__device__ __forceinline__ void ldsm_b16x16(const __nv_bfloat16* tile, int lane, uint32_t (&d)[4]) {
+  const __nv_bfloat16* row = tile + ((lane & 7) + 8 * (lane >> 4)) * kStride + 8 * ((lane >> 3) & 1);
+  cute::SM75_U32x4_LDSM_N::copy(*reinterpret_cast<const cute::uint128_t*>(row), d[0], d[1], d[2], d[3]);
+}
+
+// The transpose of a 16 (k) x 16 (m) bf16 tile stored k-major (row stride kStride elements) in accumulator
+// order: d[0] = X[g][2q..2q+1], d[1] = X[g+8][2q..], d[2] = X[g][8+2q..], d[3] = X[g+8][8+2q..] for X = tile^T,
+// i.e. the bf16 pairs of the C fragments of n tiles 0 and 1 (ldmatrix.x4.trans).
+template <int kStride>
+__device__ __forceinline__ void ldsm_t16x16(const __nv_bfloat16* tile, int lane, uint32_t (&d)[4]) {
+  const int m = lane >> 3;
+  const __nv_bfloat16* row = tile + ((lane & 7) + 8 * (m >> 1)) * kStride + 8 * (m & 1);
+  cute::SM75_U16x8_LDSM_T::copy(*reinterpret_cast<const cute::uint128_t*>(row), d[0], d[1], d[2], d[3]);
+}
 
 }  // namespace kda

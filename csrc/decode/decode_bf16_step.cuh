@@ -22,6 +22,10 @@ constexpr int kStepChunks = 4;                                  // 16-byte chunk
 constexpr int kStepLanesPerRow = kHeadDim / (kStepChunks * 8);  // 4
 constexpr int kStepRowsPerCta = kThreads / kStepLanesPerRow;    // 32
 constexpr int kStepSlicesPerHead = kHeadDim / kStepRowsPerCta;  // 4
+// Registers bound the CTAs per SM and so the state bytes in flight: left free, the compiler takes 78-90
+// registers (6 CTAs per SM); capped at 64 (8 CTAs, 16 bytes of spill) the step measured 2-7 points closer
+// to the copy-rate floor on an H200 (docs/decode-kernel.md). 10 CTAs (51 registers) spill heavily: slower.
+constexpr int kStepMinCtasPerSm = 8;
 
 __device__ __forceinline__ float reduce_step_row(float x) {
 #pragma unroll
@@ -32,7 +36,7 @@ __device__ __forceinline__ float reduce_step_row(float x) {
 // Grid: N * H * kStepSlicesPerHead CTAs of kThreads. A template only so that it is instantiated in the one
 // translation unit that launches it (decode_state_bf16.cu).
 template <typename StateT>
-__global__ void __launch_bounds__(kThreads) kda_decode_bf16_step_kernel(const DecodeParams p) {
+__global__ void __launch_bounds__(kThreads, kStepMinCtasPerSm) kda_decode_bf16_step_kernel(const DecodeParams p) {
   static_assert(std::is_same_v<StateT, __nv_bfloat16>, "the raw-pair layout is bf16's");
   __shared__ __align__(16) TokenSmem sm;
 

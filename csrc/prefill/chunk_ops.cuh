@@ -6,18 +6,26 @@
 //   M[t,s] = b_t sum_c k_t k_s D_ts (s < t),  P[t,s] = scale sum_c q_t k_s D_ts (s <= t)
 //   Ab = (I + M)^-1 diag(b)   (forward substitution; stored as bf16 hi + lo)
 // q, k are L2-normalised, a is the contract's gate, b = sigmoid(beta). Decays are running products of
-// factors in [0, 1], so the unbounded softplus gate stays finite and a zero decay is exact. Tokens past the
-// end of the sequence are inert (k = q = 0, a = 0, b = 0), which makes a partial chunk need no special case.
+// factors in [0, 1], never exp of a positive number nor a ratio of products, so the unbounded softplus gate
+// stays finite and a zero decay is exact. Tokens past the end of the sequence are inert (k = q = 0, a = 0,
+// b = 0), which makes a partial chunk need no special case.
 //
-// The pair sums M and P are the costly part (136 pairs x 128 channels of running products). With kCrossMma
-// the 8 x 8 block of targets t >= 8 and sources s < 8 factors exactly through the anchor token 7,
-//   D_ts = (prod_{s<r<=7} e_r) (prod_{8<=r<=t} e_r),   both factors in [0, 1],
-// and runs as one warp's tensor-core product (bf16 hi + lo operands); only the two 8 x 8 diagonal blocks
-// (72 pairs) stay element-wise. Without it (kept as the simpler reference variant) all 136 pairs are
-// element-wise.
+// Layout: one CTA of 4 warps per (chunk, head); warp w owns the 4-token block 4w .. 4w + 3 and each lane 4
+// channels of it, in registers from the load to the stores. Channel-wise running products cross blocks
+// through one exchange of the 4 block products (2 KB of shared memory), so q, k and the decays never make a
+// round trip through shared memory (the previous design's limit: shared-memory bound at 80% L1 throughput).
 //
-// One CTA of 128 threads per (chunk, head); nothing depends on the state, so the whole grid runs at once and
-// the serial pass 2 (recurrence.cuh) only does tensor-core products.
+// The 120 pairs (t > s) of M and P split by the highest bit in which t and s differ, a binary tree of blocks:
+//   level 1: t in 8..15, s in 0..7     (64 pairs)  D_ts = (prod_{s<r<=7} e_r)(prod_{8<=r<=t} e_r)
+//   level 2: t in 4..7 x s in 0..3 and t in 12..15 x s in 8..11   (32 pairs), anchors 3 and 11
+//   levels 3-4 and the diagonal: pairs inside one 4-token block   (24 pairs + 16 diagonal P entries)
+// At levels 1 and 2 the decay factors exactly through the anchor into two products, each in [0, 1], so
+// the pair sums are one tensor-core product each ([k F'; q F'] x (k B')^T, bf16 hi + lo operands, three MMAs
+// per k-step: ~fp32 accuracy). The pairs inside a block are formed by the owning warp from its registers and
+// reduced across lanes with one reduce-scatter (16 shuffles for 16 sums).
+//
+// Nothing here depends on the state, so the whole grid runs at once and the serial pass 2
+// (recurrence.cuh) only does tensor-core products.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -30,159 +38,77 @@
 
 namespace kda::prefill {
 
-constexpr int kOpsThreads = 128;                    // one thread per channel in the scans
+constexpr int kOpsThreads = 128;
 constexpr int kOpsWarps = kOpsThreads / 32;
-constexpr int kPairGroups = kOpsThreads / 8;        // pair sums: 8 source pairs x 16 channel groups
-constexpr int kPairCh = kDim / kPairGroups;         // 8 channels per thread
-constexpr int kPairSlots = 8 * 17 * 2;              // (source pair, 17 targets, {kk, qk})
-constexpr int kHalf = kChunk / 2;                   // diagonal blocks of the kCrossMma variant
-constexpr int kOpRow = kDim + 8;                    // bf16 stride of the cross-block MMA operands
+constexpr int kBlockTokens = kChunk / kOpsWarps;  // 4 tokens per warp
+constexpr int kLaneCh = kDim / 32;                // 4 channels per lane
+constexpr int kOpRow = kDim + 8;                  // bf16 stride of the MMA operand rows: conflict-free fragments
+constexpr unsigned kFullMask = 0xffffffffu;
+static_assert(kBlockTokens == 4 && kLaneCh == 4, "the in-block pair list below is written for 4 x 4");
 
-struct alignas(16) ChunkOpsSmem {
-  alignas(16) float qn[kChunk][kDim];
-  alignas(16) float kn[kChunk][kDim];
-  alignas(16) float decay[kChunk][kDim];  // the log-decay a, then e = exp(a)
-  alignas(16) float pair_partial[kPairSlots][kPairGroups];
-  alignas(16) float mkk[kChunk][kChunk];
-  float b[kChunk];
-  // Cross-block operands (kCrossMma): rows 0..7 k_t F'_t, rows 8..15 q_t F'_t for t = 8..15; and k_s B'_s.
-  alignas(16) __nv_bfloat16 cross_a_hi[kChunk][kOpRow];
-  alignas(16) __nv_bfloat16 cross_a_lo[kChunk][kOpRow];
-  alignas(16) __nv_bfloat16 cross_b_hi[kHalf][kOpRow];
-  alignas(16) __nv_bfloat16 cross_b_lo[kHalf][kOpRow];
+// Operands of one tree level's product: A rows 0..7 = k of the 8 targets, rows 8..15 = q of them (times the
+// decay from the anchor to the target); B rows = k of the 8 sources (times the decay from the source to the
+// anchor). hi + lo bf16 halves.
+struct alignas(16) LevelOperands {
+  alignas(16) __nv_bfloat16 a_hi[kChunk][kOpRow];
+  alignas(16) __nv_bfloat16 a_lo[kChunk][kOpRow];
+  alignas(16) __nv_bfloat16 b_hi[kChunk / 2][kOpRow];
+  alignas(16) __nv_bfloat16 b_lo[kChunk / 2][kOpRow];
 };
 
-__device__ __forceinline__ void split_store(float x, __nv_bfloat16& hi, __nv_bfloat16& lo) {
-  hi = __float2bfloat16(x);
-  lo = __float2bfloat16(x - __bfloat162float(hi));
+struct alignas(16) ChunkOpsSmem {
+  LevelOperands level[2];
+  alignas(16) float block_decay[kOpsWarps][kDim];  // product of e over each warp's 4 tokens, per channel
+  alignas(16) float mkk[kChunk][kChunk];           // b_t * sum k_t k_s D_ts (s < t)
+  alignas(16) float pqk[kChunk][kChunk];           // sum q_t k_s D_ts (s <= t), unscaled
+  float b[kChunk];
+};
+
+// Writes x (4 channels) as hi + lo bf16 into row `row` of hi/lo at channel c0.
+__device__ __forceinline__ void store_split4(__nv_bfloat16 (*hi)[kOpRow], __nv_bfloat16 (*lo)[kOpRow], int row,
+                                             int c0, const float (&x)[kLaneCh]) {
+  uint32_t h01, l01, h23, l23;
+  split_bf16x2(x[0], x[1], h01, l01);
+  split_bf16x2(x[2], x[3], h23, l23);
+  *reinterpret_cast<uint2*>(&hi[row][c0]) = make_uint2(h01, h23);
+  *reinterpret_cast<uint2*>(&lo[row][c0]) = make_uint2(l01, l23);
 }
 
-// Sums over channel group [c0, c0 + kPairCh) of k_t k_s D_ts and q_t k_s D_ts for source `src` and targets
-// t = src .. t_end - 1, written to pair_partial rows (row0 + t - src) * 2 + {0, 1}, column grp.
-__device__ __forceinline__ void source_pair_sums(ChunkOpsSmem& sm, int src, int t_end, int row0, int grp) {
-  const int c0 = grp * kPairCh;
-  float ks[kPairCh], dec[kPairCh];
-#pragma unroll
-  for (int i = 0; i < kPairCh; i += 4) {
-    const float4 x = *reinterpret_cast<const float4*>(&sm.kn[src][c0 + i]);
-    ks[i] = x.x, ks[i + 1] = x.y, ks[i + 2] = x.z, ks[i + 3] = x.w;
-    dec[i] = dec[i + 1] = dec[i + 2] = dec[i + 3] = 1.f;
-  }
-  for (int t = src; t < t_end; ++t) {
-    float pk = 0.f, pq = 0.f;
-#pragma unroll
-    for (int i = 0; i < kPairCh; i += 4) {
-      const float4 e = *reinterpret_cast<const float4*>(&sm.decay[t][c0 + i]);
-      const float4 kt = *reinterpret_cast<const float4*>(&sm.kn[t][c0 + i]);
-      const float4 qt = *reinterpret_cast<const float4*>(&sm.qn[t][c0 + i]);
-      if (t > src) dec[i] *= e.x, dec[i + 1] *= e.y, dec[i + 2] *= e.z, dec[i + 3] *= e.w;
-      const float w0 = ks[i] * dec[i], w1 = ks[i + 1] * dec[i + 1];
-      const float w2 = ks[i + 2] * dec[i + 2], w3 = ks[i + 3] * dec[i + 3];
-      pk += kt.x * w0 + kt.y * w1 + kt.z * w2 + kt.w * w3;
-      pq += qt.x * w0 + qt.y * w1 + qt.z * w2 + qt.w * w3;
-    }
-    const int idx = (row0 + t - src) * 2;
-    sm.pair_partial[idx][grp] = pk;
-    sm.pair_partial[idx + 1][grp] = pq;
-  }
-}
-
-// Sum of the kPairGroups partials of pair_partial row `row`.
-__device__ __forceinline__ float sum_groups(const ChunkOpsSmem& sm, int row) {
-  float val = 0.f;
-#pragma unroll
-  for (int i = 0; i < kPairGroups; i += 4) {
-    const float4 x = *reinterpret_cast<const float4*>(&sm.pair_partial[row][i]);
-    val += (x.x + x.y) + (x.z + x.w);
-  }
-  return val;
-}
-
-// All 136 pairs element-wise: thread (pp, grp) runs sources pp and 15 - pp (17 targets together, so all
-// threads do equal work). Rows: (pp * 17 + target slot) * 2 + kind.
-__device__ __forceinline__ void all_pair_sums(ChunkOpsSmem& sm, int tid) {
-  const int pp = tid / kPairGroups, grp = tid % kPairGroups;
-  source_pair_sums(sm, pp, kChunk, pp * 17, grp);
-  source_pair_sums(sm, kChunk - 1 - pp, kChunk, pp * 17 + kChunk - pp, grp);
-}
-
-// M (times b_t) into shared memory and P (times scale) into the workspace, from all_pair_sums.
-__device__ __forceinline__ void reduce_all_pairs(ChunkOpsSmem& sm, ChunkOps& ops, float scale, int tid) {
-  for (int o = tid; o < 2 * kChunk * kChunk; o += kOpsThreads) {
-    const int kind = o / (kChunk * kChunk), t = (o / kChunk) % kChunk, src = o % kChunk;
-    float val = 0.f;
-    if (src <= t) {
-      const int pp = src < 8 ? src : kChunk - 1 - src;
-      const int slot = (src < 8 ? 0 : kChunk - pp) + (t - src);
-      val = sum_groups(sm, (pp * 17 + slot) * 2 + kind);
-    }
-    if (kind == 0) {
-      sm.mkk[t][src] = src < t ? sm.b[t] * val : 0.f;
-    } else {
-      ops.p[t][src] = __float2bfloat16(src <= t ? scale * val : 0.f);
-    }
-  }
-}
-
-// The two 8 x 8 diagonal blocks element-wise: thread (blk, pp, grp) runs sources pp and 7 - pp of block blk
-// (9 targets together). Rows: ((blk * 4 + pp) * 9 + target slot) * 2 + kind.
-__device__ __forceinline__ void diagonal_pair_sums(ChunkOpsSmem& sm, int tid) {
-  const int blk = tid / 64, pp = (tid / kPairGroups) % 4, grp = tid % kPairGroups;
-  const int base = kHalf * blk, end = base + kHalf, row0 = (blk * 4 + pp) * 9;
-  source_pair_sums(sm, base + pp, end, row0, grp);
-  source_pair_sums(sm, base + kHalf - 1 - pp, end, row0 + kHalf - pp, grp);
-}
-
-// Targets 8..15 x sources 0..7 on the tensor cores: C = [k F'; q F'] (16 x 128) times (k B')^T (128 x 8),
-// hi + lo operands (three products). Rows 0..7 of C are M, rows 8..15 are P (fragment rows g and g + 8).
-__device__ __forceinline__ void cross_block_mma(ChunkOpsSmem& sm, ChunkOps& ops, float scale, int lane) {
+// C[16 x 8] = A B^T of one level on the tensor cores, hi + lo operands (three products per k-step).
+__device__ __forceinline__ void level_product(const LevelOperands& op, int lane, float (&c)[4]) {
   const int g8 = lane / 4, q4 = lane % 4;
   float c_hh[4] = {}, c_lh[4] = {}, c_hl[4] = {};
 #pragma unroll
   for (int kk = 0; kk < kDim / 16; ++kk) {
     const int c0 = 16 * kk + 2 * q4;
-    const uint32_t ah[4] = {lds_u32(&sm.cross_a_hi[g8][c0]), lds_u32(&sm.cross_a_hi[g8 + 8][c0]),
-                            lds_u32(&sm.cross_a_hi[g8][c0 + 8]), lds_u32(&sm.cross_a_hi[g8 + 8][c0 + 8])};
-    const uint32_t al[4] = {lds_u32(&sm.cross_a_lo[g8][c0]), lds_u32(&sm.cross_a_lo[g8 + 8][c0]),
-                            lds_u32(&sm.cross_a_lo[g8][c0 + 8]), lds_u32(&sm.cross_a_lo[g8 + 8][c0 + 8])};
-    const uint32_t bh0 = lds_u32(&sm.cross_b_hi[g8][c0]), bh1 = lds_u32(&sm.cross_b_hi[g8][c0 + 8]);
-    const uint32_t bl0 = lds_u32(&sm.cross_b_lo[g8][c0]), bl1 = lds_u32(&sm.cross_b_lo[g8][c0 + 8]);
+    const uint32_t ah[4] = {lds_u32(&op.a_hi[g8][c0]), lds_u32(&op.a_hi[g8 + 8][c0]), lds_u32(&op.a_hi[g8][c0 + 8]),
+                            lds_u32(&op.a_hi[g8 + 8][c0 + 8])};
+    const uint32_t al[4] = {lds_u32(&op.a_lo[g8][c0]), lds_u32(&op.a_lo[g8 + 8][c0]), lds_u32(&op.a_lo[g8][c0 + 8]),
+                            lds_u32(&op.a_lo[g8 + 8][c0 + 8])};
+    const uint32_t bh0 = lds_u32(&op.b_hi[g8][c0]), bh1 = lds_u32(&op.b_hi[g8][c0 + 8]);
+    const uint32_t bl0 = lds_u32(&op.b_lo[g8][c0]), bl1 = lds_u32(&op.b_lo[g8][c0 + 8]);
     mma_16816(c_hh, ah, bh0, bh1);
     mma_16816(c_lh, al, bh0, bh1);
     mma_16816(c_hl, ah, bl0, bl1);
   }
-  const int t = kHalf + g8, s = 2 * q4;
-  float c[4];
 #pragma unroll
   for (int i = 0; i < 4; ++i) c[i] = c_hh[i] + (c_lh[i] + c_hl[i]);
-  sm.mkk[t][s] = sm.b[t] * c[0];
-  sm.mkk[t][s + 1] = sm.b[t] * c[1];
-  ops.p[t][s] = __float2bfloat16(scale * c[2]);
-  ops.p[t][s + 1] = __float2bfloat16(scale * c[3]);
 }
 
-// M and P entries of the diagonal blocks (and zeros above the diagonal) from diagonal_pair_sums; the cross
-// block was written by cross_block_mma.
-__device__ __forceinline__ void reduce_diagonal_pairs(ChunkOpsSmem& sm, ChunkOps& ops, float scale, int tid) {
-  for (int o = tid; o < 2 * kChunk * kChunk; o += kOpsThreads) {
-    const int kind = o / (kChunk * kChunk), t = (o / kChunk) % kChunk, src = o % kChunk;
-    if (t >= kHalf && src < kHalf) continue;  // cross block
-    float val = 0.f;
-    if (src <= t) {
-      const int blk = t / kHalf, sl = src % kHalf, tl = t % kHalf;
-      const int pp = sl < 4 ? sl : kHalf - 1 - sl;
-      const int slot = (sl < 4 ? 0 : kHalf - pp) + (tl - sl);
-      val = sum_groups(sm, ((blk * 4 + pp) * 9 + slot) * 2 + kind);
-    }
-    if (kind == 0) {
-      sm.mkk[t][src] = src < t ? sm.b[t] * val : 0.f;
-    } else {
-      ops.p[t][src] = __float2bfloat16(src <= t ? scale * val : 0.f);
-    }
+// One reduce-scatter step over lane bit `mask` on v[0, N): N values -> N / 2 in v[0, N / 2), each lane
+// keeping the half its bit selects (upper lanes the second half).
+template <int N, int M>
+__device__ __forceinline__ void reduce_scatter_step(float (&v)[M], int lane, int mask) {
+  static_assert(N <= M && N % 2 == 0, "halves of the live prefix");
+  const bool upper = (lane & mask) != 0;
+#pragma unroll
+  for (int i = 0; i < N / 2; ++i) {
+    const float send = upper ? v[i] : v[i + N / 2];
+    const float keep = upper ? v[i + N / 2] : v[i];
+    v[i] = keep + __shfl_xor_sync(kFullMask, send, mask);
   }
 }
 
-template <bool kCrossMma>
 __global__ void __launch_bounds__(kOpsThreads) chunk_ops_kernel(const KdaPrefillParams p) {
   extern __shared__ __align__(128) unsigned char smem_bytes[];
   ChunkOpsSmem& sm = *reinterpret_cast<ChunkOpsSmem*>(smem_bytes);
@@ -196,137 +122,265 @@ __global__ void __launch_bounds__(kOpsThreads) chunk_ops_kernel(const KdaPrefill
   const int64_t tok0 = bos + j * kChunk;
   const int L = chunk_tokens(len - j * kChunk);
   ChunkOps& ops = static_cast<ChunkOps*>(p.workspace)[chunk * p.heads + h];
+  const int t0 = kBlockTokens * warp;  // first token of this warp's block
+  const int c0 = kLaneCh * lane;       // first channel of this lane
 
-  // 1. Per token (a warp per token, 4 channels per lane): L2 norms, the gate, sigmoid(beta). All loads of
-  // the warp's 4 tokens are issued before the first use.
+  // 1. Loads: 4 tokens x 4 channels of q, k, g per lane (8-byte vectors), beta per token.
+  float q[kBlockTokens][kLaneCh], k[kBlockTokens][kLaneCh], e[kBlockTokens][kLaneCh], b[kBlockTokens];
   {
-    const auto* q = static_cast<const __nv_bfloat16*>(p.q);
-    const auto* k = static_cast<const __nv_bfloat16*>(p.k);
-    const auto* g = static_cast<const __nv_bfloat16*>(p.g);
-    const auto* beta = static_cast<const __nv_bfloat16*>(p.beta);
+    const auto* qp = static_cast<const __nv_bfloat16*>(p.q);
+    const auto* kp = static_cast<const __nv_bfloat16*>(p.k);
+    const auto* gp = static_cast<const __nv_bfloat16*>(p.g);
+    const auto* betap = static_cast<const __nv_bfloat16*>(p.beta);
+    uint2 qr[kBlockTokens], kr[kBlockTokens], gr[kBlockTokens];
+#pragma unroll
+    for (int i = 0; i < kBlockTokens; ++i) {
+      const bool valid = t0 + i < L;
+      const int64_t off = ((tok0 + (valid ? t0 + i : 0)) * p.heads + h) * kDim + c0;
+      qr[i] = valid ? __ldg(reinterpret_cast<const uint2*>(qp + off)) : make_uint2(0, 0);
+      kr[i] = valid ? __ldg(reinterpret_cast<const uint2*>(kp + off)) : make_uint2(0, 0);
+      gr[i] = valid ? __ldg(reinterpret_cast<const uint2*>(gp + off)) : make_uint2(0, 0);
+      b[i] = valid ? __bfloat162float(betap[(tok0 + t0 + i) * p.heads + h]) : 0.f;
+    }
     const float rate = __expf(p.A_log[h]);
     const bool use_lb = p.use_lower_bound != 0;
-    const float4 dtb = *reinterpret_cast<const float4*>(p.dt_bias + h * kDim + 4 * lane);
-    constexpr int kTok = kChunk / kOpsWarps;
-    uint2 qr[kTok], kr[kTok], gr[kTok];
-    float bl[kTok];
+    const float4 dtb = *reinterpret_cast<const float4*>(p.dt_bias + h * kDim + c0);
+    const float bias[kLaneCh] = {dtb.x, dtb.y, dtb.z, dtb.w};
 #pragma unroll
-    for (int i = 0; i < kTok; ++i) {
-      const int t = warp + kOpsWarps * i;
-      const bool valid = t < L;
-      const int64_t off = ((tok0 + (valid ? t : 0)) * p.heads + h) * kDim + 4 * lane;
-      qr[i] = valid ? __ldg(reinterpret_cast<const uint2*>(q + off)) : make_uint2(0, 0);
-      kr[i] = valid ? __ldg(reinterpret_cast<const uint2*>(k + off)) : make_uint2(0, 0);
-      gr[i] = valid ? __ldg(reinterpret_cast<const uint2*>(g + off)) : make_uint2(0, 0);
-      bl[i] = valid ? __bfloat162float(beta[(tok0 + t) * p.heads + h]) : 0.f;
-    }
-#pragma unroll
-    for (int i = 0; i < kTok; ++i) {
-      const int t = warp + kOpsWarps * i;
-      const bool valid = t < L;
+    for (int i = 0; i < kBlockTokens; ++i) {
+      const bool valid = t0 + i < L;
       const float2 q01 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&qr[i].x));
       const float2 q23 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&qr[i].y));
       const float2 k01 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&kr[i].x));
       const float2 k23 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&kr[i].y));
       const float2 g01 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&gr[i].x));
       const float2 g23 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&gr[i].y));
-      float sq = q01.x * q01.x + q01.y * q01.y + q23.x * q23.x + q23.y * q23.y;
-      float sk = k01.x * k01.x + k01.y * k01.y + k23.x * k23.x + k23.y * k23.y;
+      q[i][0] = q01.x, q[i][1] = q01.y, q[i][2] = q23.x, q[i][3] = q23.y;
+      k[i][0] = k01.x, k[i][1] = k01.y, k[i][2] = k23.x, k[i][3] = k23.y;
+      const float g[kLaneCh] = {g01.x, g01.y, g23.x, g23.y};
 #pragma unroll
-      for (int o = 16; o > 0; o >>= 1) {
-        sq += __shfl_xor_sync(0xffffffffu, sq, o);
-        sk += __shfl_xor_sync(0xffffffffu, sk, o);
-      }
-      const float rq = rsqrtf(sq + 1e-6f), rk = rsqrtf(sk + 1e-6f);
-      *reinterpret_cast<float4*>(&sm.qn[t][4 * lane]) = make_float4(q01.x * rq, q01.y * rq, q23.x * rq, q23.y * rq);
-      *reinterpret_cast<float4*>(&sm.kn[t][4 * lane]) = make_float4(k01.x * rk, k01.y * rk, k23.x * rk, k23.y * rk);
-      float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
-      if (valid) {
-        a.x = gate(g01.x, dtb.x, rate, p.lower_bound, use_lb);
-        a.y = gate(g01.y, dtb.y, rate, p.lower_bound, use_lb);
-        a.z = gate(g23.x, dtb.z, rate, p.lower_bound, use_lb);
-        a.w = gate(g23.y, dtb.w, rate, p.lower_bound, use_lb);
-      }
-      *reinterpret_cast<float4*>(&sm.decay[t][4 * lane]) = a;
-      if (lane == 0) sm.b[t] = valid ? 1.f / (1.f + __expf(-bl[i])) : 0.f;
+      for (int c = 0; c < kLaneCh; ++c) e[i][c] = valid ? __expf(gate(g[c], bias[c], rate, p.lower_bound, use_lb)) : 1.f;
+      b[i] = valid ? 1.f / (1.f + __expf(-b[i])) : 0.f;
     }
   }
-  __syncthreads();
+#pragma unroll
+  for (int i = 0; i < kBlockTokens; ++i) {
+    if (lane == i) sm.b[t0 + i] = b[i];
+  }
 
-  // 2. Per channel c = tid: running decay products forward (Kg, Qg, gate_end) and backward (Kd).
+  // 2. L2 norms of the 4 q and 4 k rows: reduce-scatter the 8 per-lane partial sums, then gather.
   {
-    const int c = tid;
-    float e[kChunk];
-    float F = 1.f;
+    float part[2 * kBlockTokens];
 #pragma unroll
-    for (int t = 0; t < kChunk; ++t) {
-      e[t] = __expf(sm.decay[t][c]);
-      F *= e[t];
-      ops.kg[t][c] = __float2bfloat16(sm.kn[t][c] * F);
-      ops.qg[t][c] = __float2bfloat16(p.scale * sm.qn[t][c] * F);
-      sm.decay[t][c] = e[t];
+    for (int i = 0; i < kBlockTokens; ++i) {
+      part[i] = q[i][0] * q[i][0] + q[i][1] * q[i][1] + q[i][2] * q[i][2] + q[i][3] * q[i][3];
+      part[kBlockTokens + i] = k[i][0] * k[i][0] + k[i][1] * k[i][1] + k[i][2] * k[i][2] + k[i][3] * k[i][3];
     }
-    ops.gate_end[c] = F;
-    float Bk = 1.f;
-    uint32_t kd[kChunk / 2];
+    reduce_scatter_step<8>(part, lane, 16);
+    reduce_scatter_step<4>(part, lane, 8);
+    reduce_scatter_step<2>(part, lane, 4);
+    float sum = part[0];
+    sum += __shfl_xor_sync(kFullMask, sum, 2);
+    sum += __shfl_xor_sync(kFullMask, sum, 1);  // lanes 4v .. 4v + 3 hold the total of value v
+    const float inv = rsqrtf(sum + 1e-6f);
 #pragma unroll
-    for (int t = kChunk - 1; t >= 0; t -= 2) {
-      const float hi = sm.kn[t][c] * Bk;
-      Bk *= e[t];
-      const float lo = sm.kn[t - 1][c] * Bk;
-      Bk *= e[t - 1];
-      kd[(t - 1) / 2] = pack_bf16x2(lo, hi);
+    for (int i = 0; i < kBlockTokens; ++i) {
+      const float iq = __shfl_sync(kFullMask, inv, 4 * i), ik = __shfl_sync(kFullMask, inv, 4 * (kBlockTokens + i));
+#pragma unroll
+      for (int c = 0; c < kLaneCh; ++c) q[i][c] *= iq, k[i][c] *= ik;
     }
-    *reinterpret_cast<uint4*>(&ops.kdT[c][0]) = make_uint4(kd[0], kd[1], kd[2], kd[3]);
-    *reinterpret_cast<uint4*>(&ops.kdT[c][8]) = make_uint4(kd[4], kd[5], kd[6], kd[7]);
-    if constexpr (kCrossMma) {
-      float Fx = 1.f;  // F'_t = prod_{8<=r<=t} e_r
+  }
+
+  // 3. Running products inside the block per channel: prefix pre[i] = prod_{i'<=i} e, suffix suf[i] =
+  // prod_{i'>i} e; the block product goes to shared memory for the other warps.
+  float pre[kBlockTokens][kLaneCh], suf[kBlockTokens][kLaneCh];
 #pragma unroll
-      for (int t = kHalf; t < kChunk; ++t) {
-        Fx *= e[t];
-        split_store(sm.kn[t][c] * Fx, sm.cross_a_hi[t - kHalf][c], sm.cross_a_lo[t - kHalf][c]);
-        split_store(sm.qn[t][c] * Fx, sm.cross_a_hi[t][c], sm.cross_a_lo[t][c]);
+  for (int c = 0; c < kLaneCh; ++c) {
+    pre[0][c] = e[0][c];
+#pragma unroll
+    for (int i = 1; i < kBlockTokens; ++i) pre[i][c] = pre[i - 1][c] * e[i][c];
+    suf[kBlockTokens - 1][c] = 1.f;
+#pragma unroll
+    for (int i = kBlockTokens - 2; i >= 0; --i) suf[i][c] = suf[i + 1][c] * e[i + 1][c];
+  }
+  *reinterpret_cast<float4*>(&sm.block_decay[warp][c0]) =
+      make_float4(pre[3][0], pre[3][1], pre[3][2], pre[3][3]);
+
+  // 4. Pairs inside the block (levels 3-4) and the diagonal of P: 16 sums, one reduce-scatter. Value v
+  // lands in lanes 2v, 2v + 1. Order: M (1,0) (2,0) (2,1) (3,0) (3,1) (3,2); P the same; P (0,0) .. (3,3).
+  {
+    constexpr int kT[6] = {1, 2, 2, 3, 3, 3}, kS[6] = {0, 0, 1, 0, 1, 2};
+    float v[16];
+#pragma unroll
+    for (int x = 0; x < 6; ++x) {
+      float mk = 0.f, pq = 0.f;
+#pragma unroll
+      for (int c = 0; c < kLaneCh; ++c) {
+        float d = 1.f;  // prod_{s<r<=t} e_r
+#pragma unroll
+        for (int r = kS[x] + 1; r <= kT[x]; ++r) d *= e[r][c];
+        const float w = k[kS[x]][c] * d;
+        mk = fmaf(k[kT[x]][c], w, mk);
+        pq = fmaf(q[kT[x]][c], w, pq);
       }
-      float Bx = 1.f;  // B'_s = prod_{s<r<=7} e_r
+      v[x] = mk;
+      v[6 + x] = pq;
+    }
 #pragma unroll
-      for (int t = kHalf - 1; t >= 0; --t) {
-        split_store(sm.kn[t][c] * Bx, sm.cross_b_hi[t][c], sm.cross_b_lo[t][c]);
-        Bx *= e[t];
+    for (int i = 0; i < kBlockTokens; ++i) {
+      v[12 + i] = q[i][0] * k[i][0] + q[i][1] * k[i][1] + q[i][2] * k[i][2] + q[i][3] * k[i][3];
+    }
+    reduce_scatter_step<16>(v, lane, 16);
+    reduce_scatter_step<8>(v, lane, 8);
+    reduce_scatter_step<4>(v, lane, 4);
+    reduce_scatter_step<2>(v, lane, 2);
+    const float sum = v[0] + __shfl_xor_sync(kFullMask, v[0], 1);
+    const int idx = lane / 2;
+    const int pair = idx < 6 ? idx : idx - 6;                // pair index of the M and P lists
+    const int t = pair >= 3 ? 3 : (pair >= 1 ? 2 : 1);       // (1,0) (2,0) (2,1) (3,0) (3,1) (3,2)
+    const int s = pair - t * (t - 1) / 2;
+    __syncwarp();  // sm.b of this block, written above by lanes 0..3
+    if ((lane & 1) == 0) {
+      if (idx < 6) {
+        sm.mkk[t0 + t][t0 + s] = sm.b[t0 + t] * sum;
+      } else if (idx < 12) {
+        sm.pqk[t0 + t][t0 + s] = sum;
+      } else {
+        sm.pqk[t0 + idx - 12][t0 + idx - 12] = sum;
       }
     }
   }
-  __syncthreads();
+  __syncthreads();  // block products exchanged
 
-  if constexpr (kCrossMma) {
-    diagonal_pair_sums(sm, tid);
-    if (warp == 0) cross_block_mma(sm, ops, p.scale, lane);
-    __syncthreads();
-    reduce_diagonal_pairs(sm, ops, p.scale, tid);
+  // 5. Decays across blocks: before = prod over earlier blocks, after = over later blocks. Then Kg, Qg,
+  // gate_end and Kd to the workspace, and the operands of tree levels 1 and 2 to shared memory.
+  {
+    float before[kLaneCh], after[kLaneCh], prev_block[kLaneCh], next_block[kLaneCh];
+#pragma unroll
+    for (int c = 0; c < kLaneCh; ++c) before[c] = after[c] = 1.f;
+#pragma unroll
+    for (int w = 0; w < kOpsWarps; ++w) {
+      const float4 x = *reinterpret_cast<const float4*>(&sm.block_decay[w][c0]);
+      const float bd[kLaneCh] = {x.x, x.y, x.z, x.w};
+#pragma unroll
+      for (int c = 0; c < kLaneCh; ++c) {
+        if (w < warp) before[c] *= bd[c];
+        if (w > warp) after[c] *= bd[c];
+        if (w == warp - 1) prev_block[c] = bd[c];
+        if (w == warp + 1) next_block[c] = bd[c];
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < kBlockTokens; ++i) {
+      float kg[kLaneCh], qg[kLaneCh];
+#pragma unroll
+      for (int c = 0; c < kLaneCh; ++c) {
+        const float F = before[c] * pre[i][c];
+        kg[c] = k[i][c] * F;
+        qg[c] = p.scale * q[i][c] * F;
+      }
+      *reinterpret_cast<uint2*>(&ops.kg[t0 + i][c0]) = make_uint2(pack_bf16x2(kg[0], kg[1]), pack_bf16x2(kg[2], kg[3]));
+      *reinterpret_cast<uint2*>(&ops.qg[t0 + i][c0]) = make_uint2(pack_bf16x2(qg[0], qg[1]), pack_bf16x2(qg[2], qg[3]));
+    }
+#pragma unroll
+    for (int c = 0; c < kLaneCh; ++c) {  // Kd^T row of channel c0 + c: this block's 4 tokens, 8 bytes
+      float kd[kBlockTokens];
+#pragma unroll
+      for (int i = 0; i < kBlockTokens; ++i) kd[i] = k[i][c] * suf[i][c] * after[c];
+      *reinterpret_cast<uint2*>(&ops.kdT[c0 + c][t0]) = make_uint2(pack_bf16x2(kd[0], kd[1]), pack_bf16x2(kd[2], kd[3]));
+    }
+    if (warp == kOpsWarps - 1) {
+      *reinterpret_cast<float4*>(&ops.gate_end[c0]) = make_float4(
+          before[0] * pre[3][0], before[1] * pre[3][1], before[2] * pre[3][2], before[3] * pre[3][3]);
+    }
+
+    // Level 1 (anchor 7): blocks 0, 1 are sources (decay to token 7), blocks 2, 3 targets (decay from 8).
+    // Level 2 (anchors 3 and 11): blocks 0, 2 are sources, blocks 1, 3 targets, each inside its half.
+    LevelOperands& l1 = sm.level[0];
+    LevelOperands& l2 = sm.level[1];
+#pragma unroll
+    for (int i = 0; i < kBlockTokens; ++i) {
+      float x1[kLaneCh], x2k[kLaneCh], x2q[kLaneCh];
+      if (warp < 2) {  // level 1 source: prod_{s<r<=7} e_r
+#pragma unroll
+        for (int c = 0; c < kLaneCh; ++c) x1[c] = k[i][c] * suf[i][c] * (warp == 0 ? next_block[c] : 1.f);
+        store_split4(l1.b_hi, l1.b_lo, t0 + i, c0, x1);
+      } else {  // level 1 target: prod_{8<=r<=t} e_r
+        float xq[kLaneCh];
+#pragma unroll
+        for (int c = 0; c < kLaneCh; ++c) {
+          const float f = pre[i][c] * (warp == 3 ? prev_block[c] : 1.f);
+          x1[c] = k[i][c] * f;
+          xq[c] = q[i][c] * f;
+        }
+        store_split4(l1.a_hi, l1.a_lo, t0 - 8 + i, c0, x1);
+        store_split4(l1.a_hi, l1.a_lo, t0 + i, c0, xq);  // rows 8 + (t - 8)
+      }
+      const int half = warp / 2;  // level 2 block pair
+      if (warp % 2 == 0) {  // level 2 source: prod_{s<r<=anchor} e_r = in-block suffix
+#pragma unroll
+        for (int c = 0; c < kLaneCh; ++c) x2k[c] = k[i][c] * suf[i][c];
+        store_split4(l2.b_hi, l2.b_lo, 4 * half + i, c0, x2k);
+      } else {  // level 2 target: in-block prefix
+#pragma unroll
+        for (int c = 0; c < kLaneCh; ++c) x2k[c] = k[i][c] * pre[i][c], x2q[c] = q[i][c] * pre[i][c];
+        store_split4(l2.a_hi, l2.a_lo, 4 * half + i, c0, x2k);
+        store_split4(l2.a_hi, l2.a_lo, 8 + 4 * half + i, c0, x2q);
+      }
+    }
+  }
+  __syncthreads();  // level operands ready
+
+  // 6. Levels 1 and 2 on the tensor cores (warps 0 and 1). C row r < 8: M of target r, r >= 8: P of target
+  // r - 8; column: source. Level 2 keeps only target/source pairs of the same half.
+  if (warp < 2) {
+    float c[4];
+    level_product(sm.level[warp], lane, c);
+    const int g8 = lane / 4, q4 = lane % 4;
+#pragma unroll
+    for (int x = 0; x < 2; ++x) {
+      const int col = 2 * q4 + x;
+      if (warp == 0) {
+        const int t = 8 + g8, s = col;
+        sm.mkk[t][s] = sm.b[t] * c[x];
+        sm.pqk[t][s] = c[2 + x];
+      } else if ((g8 < 4) == (col < 4)) {
+        const int t = 4 + (g8 < 4 ? g8 : 8 + g8 - 4), s = col < 4 ? col : 8 + col - 4;
+        sm.mkk[t][s] = sm.b[t] * c[x];
+        sm.pqk[t][s] = c[2 + x];
+      }
+    }
+  }
+  __syncthreads();  // M and P complete
+
+  // 7. Warp 0: Ab = (I + M)^-1 diag(b) by forward substitution, lane j solving column j. Warps 1-3: P.
+  if (warp == 0) {
+    if (lane < kChunk) {
+      const int col = lane;
+      float x[kChunk];
+#pragma unroll
+      for (int t = 0; t < kChunk; ++t) {
+        float acc = t == col ? 1.f : 0.f;
+#pragma unroll
+        for (int r = 0; r < t; ++r) acc -= sm.mkk[t][r] * x[r];
+        x[t] = acc;
+      }
+      const float bj = sm.b[col];
+#pragma unroll
+      for (int t = 0; t < kChunk; ++t) {
+        const float val = x[t] * bj;
+        const __nv_bfloat16 hi = __float2bfloat16(val);
+        ops.ab_hi[t][col] = hi;
+        ops.ab_lo[t][col] = __float2bfloat16(val - __bfloat162float(hi));
+      }
+    }
   } else {
-    all_pair_sums(sm, tid);
-    __syncthreads();
-    reduce_all_pairs(sm, ops, p.scale, tid);
-  }
-  __syncthreads();
-
-  // 5. Ab = (I + M)^-1 diag(b): forward substitution, lane j of warp 0 solves column j.
-  if (warp == 0 && lane < kChunk) {
-    const int col = lane;
-    float x[kChunk];
+    for (int o = tid - 32; o < kChunk * kChunk / 4; o += kOpsThreads - 32) {  // 4 entries of one row each
+      const int t = o / 4, s0 = 4 * (o % 4);
+      float val[4];
 #pragma unroll
-    for (int t = 0; t < kChunk; ++t) {
-      float acc = t == col ? 1.f : 0.f;
-#pragma unroll
-      for (int r = 0; r < t; ++r) acc -= sm.mkk[t][r] * x[r];
-      x[t] = acc;
-    }
-    const float bj = sm.b[col];
-#pragma unroll
-    for (int t = 0; t < kChunk; ++t) {
-      const float val = x[t] * bj;
-      const __nv_bfloat16 hi = __float2bfloat16(val);
-      ops.ab_hi[t][col] = hi;
-      ops.ab_lo[t][col] = __float2bfloat16(val - __bfloat162float(hi));
+      for (int x = 0; x < 4; ++x) val[x] = s0 + x <= t ? p.scale * sm.pqk[t][s0 + x] : 0.f;
+      *reinterpret_cast<uint2*>(&ops.p[t][s0]) = make_uint2(pack_bf16x2(val[0], val[1]), pack_bf16x2(val[2], val[3]));
     }
   }
 }

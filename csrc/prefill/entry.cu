@@ -4,6 +4,7 @@
 #include "common/cuda_check.h"
 #include "prefill/launch.cuh"
 #include "prefill/params.h"
+#include "prefill/schedule.cuh"
 
 namespace {
 
@@ -19,25 +20,28 @@ int sm_count() {
 }  // namespace
 
 extern "C" int kda_prefill_default_warps(int64_t num_seqs, int32_t heads) {
-  // Value slices trade CTA count against re-reading the chunk operands. Measured on H200 (docs/prefill-kernel.md): one 8-warp CTA per (sequence, head) is best when
-  // that alone nearly fills the GPU, 4 warps when there are many pairs, and narrower slices only when there
-  // are too few pairs to give every SM a CTA.
+  // Value slices trade CTA count against re-reading the chunk operands. Measured on H200 (docs/prefill-kernel.md,
+  // --warps-sweep): one 8-warp CTA per (sequence, head) is best as soon as the pairs alone give 0.7 CTAs per
+  // SM (H96 mixed6: 1.31 ms vs 1.41 at 4 warps; H64 1024x8: a tie); narrower slices only when there are too
+  // few pairs to give every SM a CTA (H32 with one sequence: 2 warps).
   const int64_t pairs = num_seqs * heads;
   const int64_t sms = sm_count();
-  if (10 * pairs >= 7 * sms && pairs < 2 * sms) return 8;
-  int warps = 4;
+  int warps = 8;
   while (warps > 1 && 10 * pairs * (8 / warps) < 7 * sms) warps /= 2;
   return warps;
 }
 
 extern "C" int kda_prefill_sm90(const KdaPrefillParams* params, void* stream) {
   if (params == nullptr || params->heads <= 0 || params->num_seqs < 0) return static_cast<int>(cudaErrorInvalidValue);
-  const KdaPrefillParams& p = *params;
+  KdaPrefillParams p = *params;  // a copy: pass 0 fills its derived pointers
   const auto s = static_cast<cudaStream_t>(stream);
   const int warps = p.warps != 0 ? p.warps : kda_prefill_default_warps(p.num_seqs, p.heads);
   using namespace kda::prefill;
-  if (p.workspace == nullptr) return static_cast<int>(cudaErrorInvalidValue);
-  if (p.cu_seqlens != nullptr && p.chunk_offsets == nullptr) return static_cast<int>(cudaErrorInvalidValue);
+  if (p.workspace == nullptr || p.ckpt_count < 0) return static_cast<int>(cudaErrorInvalidValue);
+  if (p.ckpt_count > 0 && (p.ckpt_seq_in == nullptr || p.ckpt_pos_in == nullptr || p.ckpt_slot_in == nullptr)) {
+    return static_cast<int>(cudaErrorInvalidValue);
+  }
+  KDA_CUDA_TRY(static_cast<cudaError_t>(launch_schedule(p, s)));
   KDA_CUDA_TRY(static_cast<cudaError_t>(launch_chunk_ops(p, s)));
   switch (warps) {
     case 1: return launch_recurrence_w1(p, s);

@@ -26,16 +26,17 @@ struct KdaPrefillParams {
   void* state_pool;
   const int64_t* state_indices;
   const uint8_t* has_initial_state;
-  // Checkpoints, sorted by (sequence, position): those of sequence n are ckpt_offsets[n] .. ckpt_offsets[n+1]-1;
-  // after ckpt_pos[m] tokens the state goes to state_pool[ckpt_slot[m]]. ckpt_offsets null = none.
-  const int64_t* ckpt_offsets;
-  const int64_t* ckpt_pos;
-  const int64_t* ckpt_slot;
-  // Two-pass path: per-chunk operands, ChunkOps (prefill/chunk_ops.cuh) per (chunk, head), chunk_bound * H of
-  // them; chunk_offsets [N + 1] int64 = first global chunk of each sequence (null for fixed-length rows,
-  // where sequence n owns chunks n * ceil(T / 16) ...). kda_prefill_workspace_bytes gives the size.
+  // Checkpoints, in any order: after ckpt_pos_in[m] tokens of sequence ckpt_seq_in[m] the state also goes to
+  // state_pool[ckpt_slot_in[m]] (pool mode). ckpt_count = 0: none.
+  const int64_t* ckpt_seq_in;
+  const int64_t* ckpt_pos_in;
+  const int64_t* ckpt_slot_in;
+  int64_t ckpt_count;
+  // Device scratch of kda_prefill_schedule_words(N, ckpt_count) int64, needed for varlen or checkpoints.
+  int64_t* schedule;
+  // Two-pass path: per-chunk operands, ChunkOps (prefill/chunk_layout.cuh) per (chunk, head), chunk_bound * H
+  // of them (kda_prefill_chunk_ops_bytes each).
   void* workspace;
-  const int64_t* chunk_offsets;
   int64_t chunk_bound;  // number of global chunk ids to launch (>= the real count; extras exit)
   int64_t batch;     // B
   int64_t seq_len;   // T
@@ -48,10 +49,18 @@ struct KdaPrefillParams {
   float lower_bound;        // used when use_lower_bound != 0
   int32_t use_lower_bound;  // 0 = softplus gate (Kimi-Linear-48B)
   int32_t warps;            // warps per recurrence CTA (value slice = 16 * warps rows); 0 = heuristic
-  int32_t pairs_simt;       // two-pass: 1 = all pair sums element-wise (reference variant), 0 = cross block on MMA
   // Elements between consecutive pool slots: H * V * K for a packed pool, more when each slot is a view into a
   // larger page (vLLM keeps a layer's conv and recurrent states of one sequence in one page). 0 = packed.
   int64_t pool_slot_stride;
+  // Derived by kda_prefill_sm90 (pass 0, prefill/schedule.cuh) into `schedule`; callers leave them null.
+  // chunk_offsets [N + 1]: first global chunk of each varlen sequence (fixed-length rows: sequence n owns
+  // chunks n * ceil(T / 16) ...). Checkpoints sorted by (sequence, position): those of sequence n are
+  // ckpt_offsets[n] .. ckpt_offsets[n + 1] - 1.
+  const int64_t* chunk_offsets;
+  const int64_t* ckpt_offsets;
+  const int64_t* ckpt_seq;
+  const int64_t* ckpt_pos;
+  const int64_t* ckpt_slot;
 };
 
 // Launches the prefill on `stream`. Returns 0 or a cudaError_t value (kda_prefill_error_string names it).
@@ -59,6 +68,8 @@ int kda_prefill_sm90(const KdaPrefillParams* params, void* stream);
 const char* kda_prefill_error_string(int code);
 // Workspace bytes per (chunk, head) of the two-pass path.
 int64_t kda_prefill_chunk_ops_bytes(void);
+// int64 words of the schedule scratch for N sequences and C checkpoints.
+int64_t kda_prefill_schedule_words(int64_t num_seqs, int64_t ckpt_count);
 // Warps per CTA the heuristic picks for N sequences and H heads on this device (for benchmarks and docs).
 int kda_prefill_default_warps(int64_t num_seqs, int32_t heads);
 }

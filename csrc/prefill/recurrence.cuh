@@ -3,10 +3,13 @@
 // The recurrence is independent per value row of S [V, K], so a CTA owns a slice of 16 * NW rows of one
 // (sequence, head) and each warp 16 of them, held in registers as m16n8k16 accumulators. Per chunk a warp
 // computes, with its rows of S (docs/prefill-kernel.md):
-//   X^T = S Kg^T                      (S as bf16 hi + lo: the state keeps ~fp32 accuracy through the MMA)
-//   U^T = (V^T - X^T) Ab^T            (hi + lo operands)
+//   X^T = S Kg^T                      (S rounded to one bf16 operand; the fp32 accumulators stay the master)
+//   U^T = (V^T - X^T) Ab^T            (hi + lo operands: the 16 x 16 solve is cheap and error-sensitive)
 //   O^T = S Qg^T + U^T P^T            (the chunk's output rows for this slice)
-//   S   = S diag(gate_end) + U^T Kd   (U as hi + lo)
+//   S   = S diag(gate_end) + U^T Kd   (U as one bf16 operand)
+// Splitting the state and U into bf16 hi + lo as well (a previous version) doubled the two big products for
+// ~15% lower error (worst 2.75e-3 vs 3.16e-3 against the float64 reference, bound 8e-3) and cost 10% of the
+// prefill time on an H200 (docs/prefill-kernel.md).
 // Every product takes its A operand straight from accumulators (see common/mma_sm80.cuh), so the only shared
 // memory traffic is the chunk operands, streamed through a STAGES-deep cp.async ring, one barrier per chunk.
 #pragma once
@@ -28,8 +31,8 @@ struct RecurrenceTraits {
   static constexpr int kSlice = 16 * NW;         // value rows per CTA
   static constexpr int kSlices = kDim / kSlice;  // CTAs per (sequence, head)
   static constexpr int kStages = 3;              // chunks in flight: hides the global latency of one chunk
-  static constexpr int kRowPad = kDim + 8;       // bf16 stride of Kg/Qg rows: conflict-free B fragment loads
-  static constexpr int kTPad = kChunk + 8;       // bf16 stride of KdT/Ab/P rows: conflict-free B fragment loads
+  static constexpr int kRowPad = kDim + 8;       // bf16 stride of Kg/Qg rows: conflict-free ldmatrix
+  static constexpr int kTPad = kChunk + 8;       // bf16 stride of KdT/Ab/P rows: conflict-free ldmatrix
 };
 
 template <int NW>
@@ -122,10 +125,12 @@ __global__ void __launch_bounds__(32 * NW) recurrence_kernel(const KdaPrefillPar
 #pragma unroll
     for (int nt = 0; nt < 16; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
   }
-  int64_t ck = 0, ck_end = 0;
+  // The next checkpoint of the sequence, its position kept in a register so the per-chunk test reads no memory.
+  int64_t ck = 0, ck_end = 0, ck_pos = -1;
   if (p.ckpt_offsets != nullptr) {
     ck = p.ckpt_offsets[n];
     ck_end = p.ckpt_offsets[n + 1];
+    if (ck < ck_end) ck_pos = p.ckpt_pos[ck];
   }
 
   const int64_t num_chunks = (len + kChunk - 1) / kChunk;
@@ -150,31 +155,29 @@ __global__ void __launch_bounds__(32 * NW) recurrence_kernel(const KdaPrefillPar
     const int64_t t0 = j * kChunk;
     const int L = chunk_tokens(len - t0);
 
-    // X^T = S Kg^T (S hi + lo) and O^T = S Qg^T (S hi): [16 rows, C]. Separate accumulators for hi/lo and
+    // X^T = S Kg^T and O^T = S Qg^T: [16 rows, C]. Separate accumulators for
     // even/odd k-steps keep the dependent MMA chains 4 deep instead of 16 (the recurrence is latency-bound).
     float xT[2][4], oT[2][4];
     {
-      float xa[2][2][4] = {}, xb[2][2][4] = {}, oa[2][2][4] = {};  // [k-step parity][n tile][fragment]
+      float xa[2][2][4] = {}, oa[2][2][4] = {};  // [k-step parity][n tile][fragment]
 #pragma unroll
       for (int kk = 0; kk < kDim / 16; ++kk) {
-        uint32_t s_hi[4], s_lo[4];
-        acc_to_a_split(s[2 * kk], s[2 * kk + 1], s_hi, s_lo);
+        uint32_t s_bf[4];
+        acc_to_a(s[2 * kk], s[2 * kk + 1], s_bf);
+        uint32_t bk[4], bq[4];
+        ldsm_b16x16<T::kRowPad>(&st.kg[0][16 * kk], lane, bk);
+        ldsm_b16x16<T::kRowPad>(&st.qg[0][16 * kk], lane, bq);
 #pragma unroll
         for (int nt = 0; nt < 2; ++nt) {
-          const uint32_t bk0 = lds_u32(&st.kg[8 * nt + g8][16 * kk + 2 * q4]);
-          const uint32_t bk1 = lds_u32(&st.kg[8 * nt + g8][16 * kk + 8 + 2 * q4]);
-          mma_16816(xa[kk & 1][nt], s_hi, bk0, bk1);
-          mma_16816(xb[kk & 1][nt], s_lo, bk0, bk1);
-          const uint32_t bq0 = lds_u32(&st.qg[8 * nt + g8][16 * kk + 2 * q4]);
-          const uint32_t bq1 = lds_u32(&st.qg[8 * nt + g8][16 * kk + 8 + 2 * q4]);
-          mma_16816(oa[kk & 1][nt], s_hi, bq0, bq1);
+          mma_16816(xa[kk & 1][nt], s_bf, bk[2 * nt], bk[2 * nt + 1]);
+          mma_16816(oa[kk & 1][nt], s_bf, bq[2 * nt], bq[2 * nt + 1]);
         }
       }
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt) {
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-          xT[nt][i] = (xa[0][nt][i] + xa[1][nt][i]) + (xb[0][nt][i] + xb[1][nt][i]);
+          xT[nt][i] = xa[0][nt][i] + xa[1][nt][i];
           oT[nt][i] = oa[0][nt][i] + oa[1][nt][i];
         }
       }
@@ -182,52 +185,58 @@ __global__ void __launch_bounds__(32 * NW) recurrence_kernel(const KdaPrefillPar
 
     // U^T = (V^T - X^T) Ab^T.
     float rT[2][4];
+    {
+      uint32_t vt[4];  // V^T of the warp's 16 value rows in accumulator order
+      ldsm_t16x16<T::kSlice>(&st.v[0][16 * warp], lane, vt);
 #pragma unroll
-    for (int nt = 0; nt < 2; ++nt) {
-      const int t = 8 * nt + 2 * q4, vr = 16 * warp + g8;
-      rT[nt][0] = __bfloat162float(st.v[t][vr]) - xT[nt][0];
-      rT[nt][1] = __bfloat162float(st.v[t + 1][vr]) - xT[nt][1];
-      rT[nt][2] = __bfloat162float(st.v[t][vr + 8]) - xT[nt][2];
-      rT[nt][3] = __bfloat162float(st.v[t + 1][vr + 8]) - xT[nt][3];
+      for (int nt = 0; nt < 2; ++nt) {
+        const float2 v0 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&vt[2 * nt]));
+        const float2 v1 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&vt[2 * nt + 1]));
+        rT[nt][0] = v0.x - xT[nt][0];
+        rT[nt][1] = v0.y - xT[nt][1];
+        rT[nt][2] = v1.x - xT[nt][2];
+        rT[nt][3] = v1.y - xT[nt][3];
+      }
     }
     uint32_t r_hi[4], r_lo[4];
     acc_to_a_split(rT[0], rT[1], r_hi, r_lo);
     float uT[2][4];
+    uint32_t ab_hi[4], ab_lo[4];
+    ldsm_b16x16<T::kTPad>(&st.ab_hi[0][0], lane, ab_hi);
+    ldsm_b16x16<T::kTPad>(&st.ab_lo[0][0], lane, ab_lo);
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt) {
-      const uint32_t bh0 = lds_u32(&st.ab_hi[8 * nt + g8][2 * q4]);
-      const uint32_t bh1 = lds_u32(&st.ab_hi[8 * nt + g8][8 + 2 * q4]);
-      const uint32_t bl0 = lds_u32(&st.ab_lo[8 * nt + g8][2 * q4]);
-      const uint32_t bl1 = lds_u32(&st.ab_lo[8 * nt + g8][8 + 2 * q4]);
       float u0[4] = {}, u1[4] = {}, u2[4] = {};  // three independent products, summed
-      mma_16816(u0, r_hi, bh0, bh1);
-      mma_16816(u1, r_lo, bh0, bh1);
-      mma_16816(u2, r_hi, bl0, bl1);
+      mma_16816(u0, r_hi, ab_hi[2 * nt], ab_hi[2 * nt + 1]);
+      mma_16816(u1, r_lo, ab_hi[2 * nt], ab_hi[2 * nt + 1]);
+      mma_16816(u2, r_hi, ab_lo[2 * nt], ab_lo[2 * nt + 1]);
 #pragma unroll
       for (int i = 0; i < 4; ++i) uT[nt][i] = u0[i] + (u1[i] + u2[i]);
     }
-    uint32_t u_hi[4], u_lo[4];
-    acc_to_a_split(uT[0], uT[1], u_hi, u_lo);
+    uint32_t u_bf[4];
+    acc_to_a(uT[0], uT[1], u_bf);
 
     // S <- S diag(gate_end) + U^T Kd.
 #pragma unroll
-    for (int nt = 0; nt < 16; ++nt) {
-      const float2 ge = *reinterpret_cast<const float2*>(&st.gate_end[8 * nt + 2 * q4]);
-      s[nt][0] *= ge.x, s[nt][1] *= ge.y, s[nt][2] *= ge.x, s[nt][3] *= ge.y;
-      const uint32_t b0 = lds_u32(&st.kdT[8 * nt + g8][2 * q4]);
-      const uint32_t b1 = lds_u32(&st.kdT[8 * nt + g8][8 + 2 * q4]);
-      mma_16816(s[nt], u_hi, b0, b1);
-      mma_16816(s[nt], u_lo, b0, b1);
+    for (int pair = 0; pair < 8; ++pair) {
+      uint32_t kd[4];
+      ldsm_b16x16<T::kTPad>(&st.kdT[16 * pair][0], lane, kd);
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int nt = 2 * pair + half;
+        const float2 ge = *reinterpret_cast<const float2*>(&st.gate_end[8 * nt + 2 * q4]);
+        s[nt][0] *= ge.x, s[nt][1] *= ge.y, s[nt][2] *= ge.x, s[nt][3] *= ge.y;
+        mma_16816(s[nt], u_bf, kd[2 * half], kd[2 * half + 1]);
+      }
     }
 
     // O^T += U^T P^T, staged per warp, then 16-byte stores of the valid rows.
     auto& ost = sm.out[warp];
+    uint32_t pb[4];
+    ldsm_b16x16<T::kTPad>(&st.p[0][0], lane, pb);
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt) {
-      const uint32_t b0 = lds_u32(&st.p[8 * nt + g8][2 * q4]);
-      const uint32_t b1 = lds_u32(&st.p[8 * nt + g8][8 + 2 * q4]);
-      mma_16816(oT[nt], u_hi, b0, b1);
-      mma_16816(oT[nt], u_lo, b0, b1);
+      mma_16816(oT[nt], u_bf, pb[2 * nt], pb[2 * nt + 1]);
       const int t = 8 * nt + 2 * q4;
       ost[t][g8] = __float2bfloat16(oT[nt][0]);
       ost[t + 1][g8] = __float2bfloat16(oT[nt][1]);
@@ -244,9 +253,10 @@ __global__ void __launch_bounds__(32 * NW) recurrence_kernel(const KdaPrefillPar
     }
     __syncwarp();
 
-    while (ck < ck_end && p.ckpt_pos[ck] == t0 + L) {
+    while (ck_pos == t0 + L) {
       store_state(s, p.state_pool, p.state_pool_fp32, p.ckpt_slot[ck], h, pool_state_stride(p), v_warp, lane);
       ++ck;
+      ck_pos = ck < ck_end ? p.ckpt_pos[ck] : -1;
     }
   }
   cute::cp_async_wait<0>();

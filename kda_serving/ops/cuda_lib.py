@@ -6,8 +6,8 @@ build time (docs/build.md). `KDA_SERVING_LIB=<path to .so>` overrides where it i
 
 `prefill(...)` expects arguments already validated against docs/kda-contract.md and outputs allocated by
 kda_serving/ops/kda.py. It launches on torch.cuda.current_stream(), never synchronises with the host and
-allocates only through torch (the two-pass workspace of ~900 bytes per token and head, int64 casts,
-checkpoint sorting), so it can be captured in a CUDA graph.
+allocates only through torch (the two-pass workspace of ~900 bytes per token and head, a small int64
+schedule scratch, int64 casts), so it can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import torch
 
 LIB_ENV = "KDA_SERVING_LIB"
 WARPS_ENV = "KDA_PREFILL_WARPS"
-PAIRS_ENV = "KDA_PREFILL_PAIRS"  # "mma" (default) or "simt": how pass 1 forms the cross block of its pair sums
 CHUNK = 16  # tokens per chunk of the kernels
 _DEFAULT_LIB = Path(__file__).resolve().parent.parent / "_lib" / "libkda_serving.so"
 
@@ -44,11 +43,12 @@ class _PrefillParams(ctypes.Structure):
         ("state_pool", ctypes.c_void_p),
         ("state_indices", ctypes.c_void_p),
         ("has_initial_state", ctypes.c_void_p),
-        ("ckpt_offsets", ctypes.c_void_p),
-        ("ckpt_pos", ctypes.c_void_p),
-        ("ckpt_slot", ctypes.c_void_p),
+        ("ckpt_seq_in", ctypes.c_void_p),
+        ("ckpt_pos_in", ctypes.c_void_p),
+        ("ckpt_slot_in", ctypes.c_void_p),
+        ("ckpt_count", ctypes.c_int64),
+        ("schedule", ctypes.c_void_p),
         ("workspace", ctypes.c_void_p),
-        ("chunk_offsets", ctypes.c_void_p),
         ("chunk_bound", ctypes.c_int64),
         ("batch", ctypes.c_int64),
         ("seq_len", ctypes.c_int64),
@@ -61,8 +61,13 @@ class _PrefillParams(ctypes.Structure):
         ("lower_bound", ctypes.c_float),
         ("use_lower_bound", ctypes.c_int32),
         ("warps", ctypes.c_int32),
-        ("pairs_simt", ctypes.c_int32),
         ("pool_slot_stride", ctypes.c_int64),
+        # Derived by the library (pass 0); left null here.
+        ("chunk_offsets", ctypes.c_void_p),
+        ("ckpt_offsets", ctypes.c_void_p),
+        ("ckpt_seq", ctypes.c_void_p),
+        ("ckpt_pos", ctypes.c_void_p),
+        ("ckpt_slot", ctypes.c_void_p),
     ]
 
 
@@ -78,10 +83,12 @@ def _load(path: str) -> ctypes.CDLL:
     lib.kda_prefill_sm90.restype = ctypes.c_int
     lib.kda_prefill_error_string.argtypes = [ctypes.c_int]
     lib.kda_prefill_error_string.restype = ctypes.c_char_p
-    lib.kda_prefill_default_warps.argtypes = [ctypes.c_int64, ctypes.c_int32, ctypes.c_int32]
+    lib.kda_prefill_default_warps.argtypes = [ctypes.c_int64, ctypes.c_int32]
     lib.kda_prefill_default_warps.restype = ctypes.c_int
     lib.kda_prefill_chunk_ops_bytes.argtypes = []
     lib.kda_prefill_chunk_ops_bytes.restype = ctypes.c_int64
+    lib.kda_prefill_schedule_words.argtypes = [ctypes.c_int64, ctypes.c_int64]
+    lib.kda_prefill_schedule_words.restype = ctypes.c_int64
     return lib
 
 
@@ -115,13 +122,6 @@ def _as_int64(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.to(torch.int64).contiguous()
 
 
-def _pairs_simt() -> int:
-    value = os.environ.get(PAIRS_ENV, "mma")
-    if value not in ("mma", "simt"):
-        raise ValueError(f"kda: {PAIRS_ENV} must be 'mma' or 'simt', got {value!r}")
-    return int(value == "simt")
-
-
 def _warps_override() -> int:
     value = os.environ.get(WARPS_ENV, "")
     if not value:
@@ -137,26 +137,11 @@ def default_warps(num_seqs: int, heads: int) -> int:
     return int(load().kda_prefill_default_warps(num_seqs, heads))
 
 
-def _chunk_layout(cu, B: int, T: int, N: int, device):
-    """(chunk_offsets [N+1] int64 or None, chunk_bound): global chunk ids of each sequence, without a sync.
-
-    Fixed-length rows own ceil(T/16) chunks each. Varlen: a prefix sum of ceil(len/16) on the device, and the
-    bound T // 16 + N (every sequence adds at most one partial chunk) sizes the grid and the workspace."""
-    if cu is None:
-        return None, B * ((T + CHUNK - 1) // CHUNK)
-    counts = (cu[1:] - cu[:-1] + CHUNK - 1) // CHUNK
-    offsets = torch.cat([torch.zeros(1, dtype=torch.int64, device=device), counts.cumsum(0)])
-    return offsets, T // CHUNK + N
-
-
-def sorted_checkpoints(seq, pos, slot, num_seqs: int, tokens: int):
-    """Checkpoints sorted by (sequence, position) and per-sequence offsets [N+1], all on the device, no sync."""
-    seq, pos, slot = _as_int64(seq), _as_int64(pos), _as_int64(slot)
-    order = torch.argsort(seq * (tokens + 1) + pos)
-    seq_sorted = seq[order]
-    bounds = torch.arange(num_seqs + 1, device=seq.device, dtype=torch.int64)
-    offsets = torch.searchsorted(seq_sorted, bounds).to(torch.int64)
-    return offsets, pos[order].contiguous(), slot[order].contiguous()
+def _chunk_bound(varlen: bool, B: int, T: int, N: int) -> int:
+    """Global chunk ids to launch, without a sync: fixed-length rows own ceil(T/16) chunks each; varlen
+    sequences at most T // 16 + N (each adds at most one partial chunk; the library's pass 0 computes the exact
+    offsets on the device and the extra ids exit)."""
+    return T // CHUNK + N if varlen else B * ((T + CHUNK - 1) // CHUNK)
 
 
 def prefill(q, k, v, g, beta, A_log, dt_bias, scale, lower_bound, cu_seqlens, initial_state, final_state,
@@ -175,27 +160,30 @@ def prefill(q, k, v, g, beta, A_log, dt_bias, scale, lower_bound, cu_seqlens, in
     hist = has_initial_state.contiguous() if has_initial_state is not None else None
     A_log32 = A_log.to(torch.float32).contiguous()
     dt_bias32 = dt_bias.to(torch.float32).contiguous()
-    chunk_offsets, chunk_bound = _chunk_layout(cu, B, T, N, q.device)
+    chunk_bound = _chunk_bound(varlen, B, T, N)
     nbytes = max(1, chunk_bound * H * int(lib.kda_prefill_chunk_ops_bytes()))
     workspace = torch.empty(nbytes, dtype=torch.uint8, device=q.device)
-    ckpt_offsets = ckpt_positions = ckpt_slots = None
-    if ckpt_seq is not None and ckpt_seq.numel() > 0:
-        ckpt_offsets, ckpt_positions, ckpt_slots = sorted_checkpoints(ckpt_seq, ckpt_pos, ckpt_slot, N, T)
+    has_ckpt = ckpt_seq is not None and ckpt_seq.numel() > 0
+    ckpt = tuple(_as_int64(t) for t in (ckpt_seq, ckpt_pos, ckpt_slot)) if has_ckpt else (None, None, None)
+    ckpt_count = ckpt_seq.numel() if has_ckpt else 0
+    schedule = None
+    if varlen or has_ckpt:
+        words = int(lib.kda_prefill_schedule_words(N, ckpt_count))
+        schedule = torch.empty(words, dtype=torch.int64, device=q.device)
 
     params = _PrefillParams(
         q=_ptr(q), k=_ptr(k), v=_ptr(v), g=_ptr(g), beta=_ptr(beta), out=_ptr(out),
         A_log=_ptr(A_log32), dt_bias=_ptr(dt_bias32), cu_seqlens=_ptr(cu),
         initial_state=_ptr(initial_state), final_state=_ptr(final_state), state_pool=_ptr(state_pool),
         state_indices=_ptr(indices), has_initial_state=_ptr(hist),
-        ckpt_offsets=_ptr(ckpt_offsets), ckpt_pos=_ptr(ckpt_positions), ckpt_slot=_ptr(ckpt_slots),
-        workspace=_ptr(workspace), chunk_offsets=_ptr(chunk_offsets), chunk_bound=chunk_bound,
+        ckpt_seq_in=_ptr(ckpt[0]), ckpt_pos_in=_ptr(ckpt[1]), ckpt_slot_in=_ptr(ckpt[2]), ckpt_count=ckpt_count,
+        schedule=_ptr(schedule), workspace=_ptr(workspace), chunk_bound=chunk_bound,
         batch=B, seq_len=T, num_seqs=N, heads=H,
         initial_state_fp32=int(initial_state is not None and initial_state.dtype == torch.float32),
         final_state_fp32=int(final_state is not None and final_state.dtype == torch.float32),
         state_pool_fp32=int(state_pool is not None and state_pool.dtype == torch.float32),
         scale=float(scale), lower_bound=0.0 if lower_bound is None else float(lower_bound),
         use_lower_bound=int(lower_bound is not None), warps=_warps_override(),
-        pairs_simt=_pairs_simt(),
         pool_slot_stride=0 if state_pool is None or state_pool.shape[0] < 2 else state_pool.stride(0),
     )
     stream = torch.cuda.current_stream(q.device).cuda_stream

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Experiment driver (not part of CI): compare library variants built with csrc/build.py --define.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT="${OUT:-$PWD/device-out}"; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+install() { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$1" "${@:2}" || exit 1; }
+install /tmp/site .whl/*.whl
+install /tmp/site-fla .whl/fla/*.whl
+export PYTHONPATH=/tmp/site:$PWD
+lib() { [ "$1" = default ] && echo "$PWD/kda_serving/_lib/libkda_serving.so" || echo "$PWD/kda_serving/_lib/variants/$1/libkda_serving.so"; }
+phase="$1"; shift
+case "$phase" in
+  prefill-acc)   # variants: accuracy on the hardest prefill tests
+    for v in "$@"; do
+      echo "=== $v"; KDA_SERVING_LIB=$(lib $v) timeout 200 python3 -m pytest -q -s -m gpu -p no:cacheprovider tests/gpu/test_prefill_cuda.py \
+        -k "extreme or 8192 or random_mixes or varlen or checkpoints or many" 2>&1 | grep -E "rel|passed|failed|Error" | sort -t' ' -k3 -g | tail -6
+    done 2>&1 | tee -a "$OUT/acc.log" ;;
+  prefill-speed)
+    for v in "$@"; do
+      echo "=== $v"; KDA_SERVING_LIB=$(lib $v) python3 benchmarks/bench_prefill.py --out-dir "$OUT/$v" --no-fla --iters 20 \
+        ${EXTRA:-} --only "H96 fixed 8192" "H64 varlen 1024x8" "H32 fixed 8192" "H32 fixed 32768" "H96 varlen mixed6" --profile 2>&1 \
+        | grep -E "^H|case|chunk_ops|recurrence|schedule|dense|copy" 
+    done 2>&1 | tee -a "$OUT/speed.log" ;;
+  decode)
+    for v in "$@"; do
+      echo "=== $v"; KDA_SERVING_LIB=$(lib $v) python3 benchmarks/bench_decode.py --out-dir "$OUT/$v" --no-fla --batch 1 64 256 2>&1 | grep -E "bf16|copy"
+    done 2>&1 | tee -a "$OUT/decode.log" ;;
+  tests)
+    python3 -m pytest -q -m gpu -p no:cacheprovider "$@" 2>&1 | tail -15 | tee -a "$OUT/tests.log" ;;
+esac
+case "$phase" in
+  ncu)
+    ncu --clock-control none --kernel-name regex:"chunk_ops|recurrence" --launch-skip 2 --launch-count 2 \
+      --section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats \
+      --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis --section SchedulerStats \
+      python3 benchmarks/experiments/ncu_prefill.py "$@" > "$OUT/ncu.txt" 2>&1; tail -5 "$OUT/ncu.txt" ;;
+  failing)
+    python3 -m pytest -x -q -m gpu -p no:cacheprovider tests/gpu/test_prefill_cuda.py -k "extreme or 8192 or random_mixes or varlen or checkpoints or many" 2>&1 | tail -40 ;;
+esac
