@@ -142,12 +142,15 @@ def main(argv=None) -> int:
             p = make_problem(H, lens, varlen)
             row = dict(case=name, H=H, lens=lens if len(lens) <= 8 else f"{lens[0]}x{len(lens)}",
                        lower_bound=lb, warps=cuda_lib.default_warps(p["N"], H))
+            row["key_split"] = cuda_lib.default_key_split(row["warps"])
             row["ours_ms"] = time_ms(ours_fn(p, lb), iters=args.iters)
             if args.warps_sweep:
                 for w in ("1", "2", "4", "8"):
-                    os.environ[cuda_lib.WARPS_ENV] = w
-                    row[f"ours_w{w}_ms"] = time_ms(ours_fn(p, lb), iters=args.iters)
+                    for ks in ("1", "2"):
+                        os.environ[cuda_lib.WARPS_ENV], os.environ[cuda_lib.KSPLIT_ENV] = w, ks
+                        row[f"ours_w{w}k{ks}_ms"] = time_ms(ours_fn(p, lb), iters=args.iters)
                 os.environ.pop(cuda_lib.WARPS_ENV)
+                os.environ.pop(cuda_lib.KSPLIT_ENV)
             if not args.no_fla:
                 try:
                     row["fla_ms"] = time_ms(fla_fn(p, lb), iters=args.iters)

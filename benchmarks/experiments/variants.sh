@@ -30,11 +30,12 @@ case "$phase" in
     python3 -m pytest -q -m gpu -p no:cacheprovider "$@" 2>&1 | tail -15 | tee -a "$OUT/tests.log" ;;
 esac
 case "$phase" in
-  ncu)
+  ncu)  # ncu H T: the two passes of one fixed-length case, with stall reasons
     ncu --clock-control none --kernel-name regex:"chunk_ops|recurrence" --launch-skip 2 --launch-count 2 \
       --section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats \
-      --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis --section SchedulerStats \
-      python3 benchmarks/experiments/ncu_prefill.py "$@" > "$OUT/ncu.txt" 2>&1; tail -5 "$OUT/ncu.txt" ;;
+      --section MemoryWorkloadAnalysis --section SchedulerStats \
+      --metrics regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio \
+      python3 benchmarks/experiments/ncu_prefill.py "$@" > "$OUT/ncu-$1-$2.txt" 2>&1; tail -3 "$OUT/ncu-$1-$2.txt" ;;
   failing)
     python3 -m pytest -x -q -m gpu -p no:cacheprovider tests/gpu/test_prefill_cuda.py -k "extreme or 8192 or random_mixes or varlen or checkpoints or many" 2>&1 | tail -40 ;;
 esac

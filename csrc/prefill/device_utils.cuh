@@ -38,15 +38,16 @@ __device__ __forceinline__ int64_t pool_state_stride(const KdaPrefillParams& p) 
   return p.pool_slot_stride > 0 ? p.pool_slot_stride : dense_state_stride(p);
 }
 
-// The warp's 16 state rows starting at v0 as 16 accumulator tiles (columns 8 nt .. 8 nt + 7).
-__device__ __forceinline__ void load_state(float (&s)[16][4], const void* base, bool fp32, int64_t entry, int h,
-                                           int64_t entry_stride, int v0, int lane) {
+// A warp's part of 16 state rows starting at v0: NT accumulator tiles, tile nt = columns 8 (nt0 + nt) .. + 7.
+template <int NT>
+__device__ __forceinline__ void load_state(float (&s)[NT][4], const void* base, bool fp32, int64_t entry, int h,
+                                           int64_t entry_stride, int v0, int lane, int nt0 = 0) {
   const int g = lane / 4, q = lane % 4;
 #pragma unroll
-  for (int nt = 0; nt < 16; ++nt) {
+  for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-      const int64_t off = state_offset(entry, entry_stride, h, v0 + g + 8 * half, 8 * nt + 2 * q);
+      const int64_t off = state_offset(entry, entry_stride, h, v0 + g + 8 * half, 8 * (nt0 + nt) + 2 * q);
       float2 x;
       if (fp32) {
         x = __ldg(reinterpret_cast<const float2*>(static_cast<const float*>(base) + off));
@@ -60,14 +61,15 @@ __device__ __forceinline__ void load_state(float (&s)[16][4], const void* base, 
   }
 }
 
-__device__ __forceinline__ void store_state(const float (&s)[16][4], void* base, bool fp32, int64_t entry, int h,
-                                            int64_t entry_stride, int v0, int lane) {
+template <int NT>
+__device__ __forceinline__ void store_state(const float (&s)[NT][4], void* base, bool fp32, int64_t entry, int h,
+                                            int64_t entry_stride, int v0, int lane, int nt0 = 0) {
   const int g = lane / 4, q = lane % 4;
 #pragma unroll
-  for (int nt = 0; nt < 16; ++nt) {
+  for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-      const int64_t off = state_offset(entry, entry_stride, h, v0 + g + 8 * half, 8 * nt + 2 * q);
+      const int64_t off = state_offset(entry, entry_stride, h, v0 + g + 8 * half, 8 * (nt0 + nt) + 2 * q);
       if (fp32) {
         *reinterpret_cast<float2*>(static_cast<float*>(base) + off) = make_float2(s[nt][2 * half], s[nt][2 * half + 1]);
       } else {

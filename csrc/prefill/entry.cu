@@ -21,14 +21,21 @@ int sm_count() {
 
 extern "C" int kda_prefill_default_warps(int64_t num_seqs, int32_t heads) {
   // Value slices trade CTA count against re-reading the chunk operands. Measured on H200 (docs/prefill-kernel.md,
-  // --warps-sweep): one 8-warp CTA per (sequence, head) is best as soon as the pairs alone give 0.7 CTAs per
-  // SM (H96 mixed6: 1.31 ms vs 1.41 at 4 warps; H64 1024x8: a tie); narrower slices only when there are too
-  // few pairs to give every SM a CTA (H32 with one sequence: 2 warps).
+  // --warps-sweep): one 8-row-group CTA per (sequence, head) is best when that alone nearly fills the GPU, 4 when
+  // there are many pairs, and narrower slices only when there are too few pairs to give every SM a CTA.
   const int64_t pairs = num_seqs * heads;
   const int64_t sms = sm_count();
-  int warps = 8;
+  if (10 * pairs >= 7 * sms && pairs < 2 * sms) return 8;
+  int warps = 4;
   while (warps > 1 && 10 * pairs * (8 / warps) < 7 * sms) warps /= 2;
   return warps;
+}
+
+extern "C" int kda_prefill_default_key_split(int32_t warps) {
+  // Two warps per row group shorten each chunk's dependent chain but add two pair barriers: a gain only
+  // where an SM holds a few warps (H32, one sequence: 2 row groups, -5%); at 4 and 8 row groups it measured
+  // 7-16% slower on an H200 (docs/prefill-kernel.md).
+  return warps <= 2 ? 2 : 1;
 }
 
 extern "C" int kda_prefill_sm90(const KdaPrefillParams* params, void* stream) {
@@ -36,6 +43,8 @@ extern "C" int kda_prefill_sm90(const KdaPrefillParams* params, void* stream) {
   KdaPrefillParams p = *params;  // a copy: pass 0 fills its derived pointers
   const auto s = static_cast<cudaStream_t>(stream);
   const int warps = p.warps != 0 ? p.warps : kda_prefill_default_warps(p.num_seqs, p.heads);
+  if (p.key_split == 0) p.key_split = kda_prefill_default_key_split(warps);
+  if (p.key_split != 1 && p.key_split != 2) return static_cast<int>(cudaErrorInvalidValue);
   using namespace kda::prefill;
   if (p.workspace == nullptr || p.ckpt_count < 0) return static_cast<int>(cudaErrorInvalidValue);
   if (p.ckpt_count > 0 && (p.ckpt_seq_in == nullptr || p.ckpt_pos_in == nullptr || p.ckpt_slot_in == nullptr)) {

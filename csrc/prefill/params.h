@@ -48,7 +48,8 @@ struct KdaPrefillParams {
   float scale;
   float lower_bound;        // used when use_lower_bound != 0
   int32_t use_lower_bound;  // 0 = softplus gate (Kimi-Linear-48B)
-  int32_t warps;            // warps per recurrence CTA (value slice = 16 * warps rows); 0 = heuristic
+  int32_t warps;            // row groups per recurrence CTA (value slice = 16 * warps rows); 0 = heuristic
+  int32_t key_split;        // warps per row group, 1 or 2 (each then holds half of the key columns); 0 = heuristic
   // Elements between consecutive pool slots: H * V * K for a packed pool, more when each slot is a view into a
   // larger page (vLLM keeps a layer's conv and recurrent states of one sequence in one page). 0 = packed.
   int64_t pool_slot_stride;
@@ -72,4 +73,6 @@ int64_t kda_prefill_chunk_ops_bytes(void);
 int64_t kda_prefill_schedule_words(int64_t num_seqs, int64_t ckpt_count);
 // Warps per CTA the heuristic picks for N sequences and H heads on this device (for benchmarks and docs).
 int kda_prefill_default_warps(int64_t num_seqs, int32_t heads);
+// Warps per row group (1 or 2) the heuristic picks for a CTA of `warps` row groups.
+int kda_prefill_default_key_split(int32_t warps);
 }

@@ -1,8 +1,8 @@
 // Pass 2 of the two-pass prefill: the state recurrence over the chunk operands of pass 1 (chunk_ops.cuh).
 //
 // The recurrence is independent per value row of S [V, K], so a CTA owns a slice of 16 * NW rows of one
-// (sequence, head) and each warp 16 of them, held in registers as m16n8k16 accumulators. Per chunk a warp
-// computes, with its rows of S (docs/prefill-kernel.md):
+// (sequence, head): NW row groups of 16 rows, held in registers as m16n8k16 accumulators. Per chunk, with
+// the rows of S of a row group (docs/prefill-kernel.md):
 //   X^T = S Kg^T                      (S rounded to one bf16 operand; the fp32 accumulators stay the master)
 //   U^T = (V^T - X^T) Ab^T            (hi + lo operands: the 16 x 16 solve is cheap and error-sensitive)
 //   O^T = S Qg^T + U^T P^T            (the chunk's output rows for this slice)
@@ -10,8 +10,16 @@
 // Splitting the state and U into bf16 hi + lo as well (a previous version) doubled the two big products for
 // ~15% lower error (worst 2.75e-3 vs 3.16e-3 against the float64 reference, bound 8e-3) and cost 10% of the
 // prefill time on an H200 (docs/prefill-kernel.md).
-// Every product takes its A operand straight from accumulators (see common/mma_sm80.cuh), so the only shared
-// memory traffic is the chunk operands, streamed through a STAGES-deep cp.async ring, one barrier per chunk.
+//
+// K split (KS = 2). The recurrence is latency-bound: a chunk is a dependent chain of MMAs per warp, and with
+// few (sequence, head) pairs an SM holds one or two warps. So each row group is served by KS warps that split
+// the key columns: each holds 16 x 128 / KS of S, computes its partial X and O over its columns, the partner
+// (columns 64..127) hands its partials to the leader through shared memory, the leader forms U and hands it
+// back, and both update their own columns. The chain per chunk roughly halves, for two pair barriers.
+//
+// Every product takes its A operand straight from accumulators (see common/mma_sm80.cuh); the chunk operands
+// stream through a kStages-deep cp.async ring with one CTA barrier per chunk, their B fragments read by
+// ldmatrix.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -24,12 +32,15 @@
 
 namespace kda::prefill {
 
-template <int NW>
+template <int NW, int KS>
 struct RecurrenceTraits {
-  static_assert(NW == 1 || NW == 2 || NW == 4 || NW == 8, "warps per CTA");
-  static constexpr int kThreads = 32 * NW;
+  static_assert(NW == 1 || NW == 2 || NW == 4 || NW == 8, "row groups per CTA");
+  static_assert(KS == 1 || KS == 2, "warps per row group");
+  static constexpr int kWarps = NW * KS;
+  static constexpr int kThreads = 32 * kWarps;
   static constexpr int kSlice = 16 * NW;         // value rows per CTA
   static constexpr int kSlices = kDim / kSlice;  // CTAs per (sequence, head)
+  static constexpr int kNt = 16 / KS;            // state n tiles (8 key columns each) per warp
   static constexpr int kStages = 3;              // chunks in flight: hides the global latency of one chunk
   static constexpr int kRowPad = kDim + 8;       // bf16 stride of Kg/Qg rows: conflict-free ldmatrix
   static constexpr int kTPad = kChunk + 8;       // bf16 stride of KdT/Ab/P rows: conflict-free ldmatrix
@@ -37,7 +48,7 @@ struct RecurrenceTraits {
 
 template <int NW>
 struct alignas(16) RecurrenceStage {
-  using T = RecurrenceTraits<NW>;
+  using T = RecurrenceTraits<NW, 1>;
   alignas(16) __nv_bfloat16 kg[kChunk][T::kRowPad];
   alignas(16) __nv_bfloat16 qg[kChunk][T::kRowPad];
   alignas(16) __nv_bfloat16 kdT[kDim][T::kTPad];
@@ -48,55 +59,88 @@ struct alignas(16) RecurrenceStage {
   alignas(16) __nv_bfloat16 v[kChunk][T::kSlice];
 };
 
-template <int NW>
+// What the partner warp of a row group hands the leader (partial X^T and O^T, as float4 [4][lane]) and the
+// leader hands back (U^T as a bf16 A fragment per lane).
+struct alignas(16) RowGroupExchange {
+  float4 part[4][32];
+  uint4 u[32];
+};
+
+template <int NW, int KS>
 struct alignas(16) RecurrenceSmem {
-  RecurrenceStage<NW> stage[RecurrenceTraits<NW>::kStages];
-  alignas(16) __nv_bfloat16 out[NW][kChunk][16 + 8];  // per-warp output staging (warp-private)
+  RecurrenceStage<NW> stage[RecurrenceTraits<NW, KS>::kStages];
+  alignas(16) __nv_bfloat16 out[NW][kChunk][16 + 8];  // per row group output staging (its leader's)
+  RowGroupExchange xch[KS == 2 ? NW : 1];
 };
 
 // Issues the copies of one chunk: operands (re-padded) and the CTA's value slice (rows >= L zero-filled).
-template <int NW>
+template <int NW, int kThreads>
 __device__ __forceinline__ void load_stage(RecurrenceStage<NW>& st, const ChunkOps& ops, const __nv_bfloat16* v,
                                            int64_t tok0, int L, int heads, int h, int v_base, int tid) {
-  using T = RecurrenceTraits<NW>;
-  for (int i = tid; i < kChunk * (kDim / 8); i += T::kThreads) {  // Kg, Qg: 16 vectors per row
+  using T = RecurrenceTraits<NW, 1>;
+  for (int i = tid; i < kChunk * (kDim / 8); i += kThreads) {  // Kg, Qg: 16 vectors per row
     const int t = i / (kDim / 8), c = (i % (kDim / 8)) * 8;
     cp_async_16(&st.kg[t][c], &ops.kg[t][c], true);
     cp_async_16(&st.qg[t][c], &ops.qg[t][c], true);
   }
-  for (int i = tid; i < kDim * 2; i += T::kThreads) {  // KdT: 2 vectors per row
+  for (int i = tid; i < kDim * 2; i += kThreads) {  // KdT: 2 vectors per row
     const int c = i / 2, t = (i % 2) * 8;
     cp_async_16(&st.kdT[c][t], &ops.kdT[c][t], true);
   }
-  for (int i = tid; i < kChunk * 2; i += T::kThreads) {  // Ab hi/lo, P: 2 vectors per row
+  for (int i = tid; i < kChunk * 2; i += kThreads) {  // Ab hi/lo, P: 2 vectors per row
     const int t = i / 2, s = (i % 2) * 8;
     cp_async_16(&st.ab_hi[t][s], &ops.ab_hi[t][s], true);
     cp_async_16(&st.ab_lo[t][s], &ops.ab_lo[t][s], true);
     cp_async_16(&st.p[t][s], &ops.p[t][s], true);
   }
-  for (int i = tid; i < kDim / 4; i += T::kThreads) cp_async_16(&st.gate_end[4 * i], &ops.gate_end[4 * i], true);
+  for (int i = tid; i < kDim / 4; i += kThreads) cp_async_16(&st.gate_end[4 * i], &ops.gate_end[4 * i], true);
   constexpr int kVecV = T::kSlice / 8;
-  for (int i = tid; i < kChunk * kVecV; i += T::kThreads) {
+  for (int i = tid; i < kChunk * kVecV; i += kThreads) {
     const int t = i / kVecV, c = (i % kVecV) * 8;
     const bool valid = t < L;
     cp_async_16(&st.v[t][c], v + ((tok0 + (valid ? t : 0)) * heads + h) * kDim + v_base + c, valid);
   }
 }
 
+// Barrier of the two warps of row group `group` (id 1 + group; id 0 is __syncthreads). Immediate ids, so the
+// kernel reserves NW + 1 hardware barriers rather than all 16 (which would cap CTAs per SM).
 template <int NW>
-__global__ void __launch_bounds__(32 * NW) recurrence_kernel(const KdaPrefillParams p) {
-  using T = RecurrenceTraits<NW>;
+__device__ __forceinline__ void row_group_barrier(int group) {
+#define KDA_GROUP_BARRIER(G)                                                   \
+  case G:                                                                      \
+    if constexpr (G < NW) asm volatile("bar.sync " #G " + 1, 64;" ::: "memory"); \
+    break;
+  switch (group) {
+    KDA_GROUP_BARRIER(0)
+    KDA_GROUP_BARRIER(1)
+    KDA_GROUP_BARRIER(2)
+    KDA_GROUP_BARRIER(3)
+    KDA_GROUP_BARRIER(4)
+    KDA_GROUP_BARRIER(5)
+    KDA_GROUP_BARRIER(6)
+    KDA_GROUP_BARRIER(7)
+  }
+#undef KDA_GROUP_BARRIER
+}
+
+template <int NW, int KS>
+__global__ void __launch_bounds__(32 * NW * KS) recurrence_kernel(const KdaPrefillParams p) {
+  using T = RecurrenceTraits<NW, KS>;
   extern __shared__ __align__(128) unsigned char smem_bytes[];
-  RecurrenceSmem<NW>& sm = *reinterpret_cast<RecurrenceSmem<NW>*>(smem_bytes);
+  RecurrenceSmem<NW, KS>& sm = *reinterpret_cast<RecurrenceSmem<NW, KS>*>(smem_bytes);
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int group = warp / KS;        // row group: value rows 16 group .. + 15 of the slice
+  const int part = warp % KS;         // key columns part * 128 / KS .. of them; part 0 leads the group
+  const int nt0 = part * T::kNt;      // first state n tile (8 columns) of this warp
+  const int kk0 = part * (8 / KS);    // first 16-column k step of this warp
   const int g8 = lane / 4, q4 = lane % 4;  // fragment coordinates (common/mma_sm80.cuh)
   const int64_t unit = blockIdx.x;
   const int slice = static_cast<int>(unit % T::kSlices);
   const int h = static_cast<int>((unit / T::kSlices) % p.heads);
   const int64_t n = unit / T::kSlices / p.heads;
-  const int v_base = slice * T::kSlice;  // first value row of the CTA
-  const int v_warp = v_base + 16 * warp;  // first value row of the warp
+  const int v_base = slice * T::kSlice;    // first value row of the CTA
+  const int v_warp = v_base + 16 * group;  // first value row of the warp
   int64_t bos, len;
   seq_bounds(p, n, bos, len);
   auto* out = static_cast<__nv_bfloat16*>(p.out);
@@ -116,14 +160,14 @@ __global__ void __launch_bounds__(32 * NW) recurrence_kernel(const KdaPrefillPar
     }
     has_init = p.has_initial_state == nullptr || p.has_initial_state[n] != 0;
   }
-  float s[16][4];  // the warp's 16 state rows, fp32
+  float s[T::kNt][4];  // this warp's columns of its 16 state rows, fp32
   if (has_init) {
     const bool pool = p.state_pool != nullptr;
     load_state(s, pool ? p.state_pool : p.initial_state, pool ? p.state_pool_fp32 : p.initial_state_fp32, slot, h,
-               pool ? pool_state_stride(p) : dense_state_stride(p), v_warp, lane);
+               pool ? pool_state_stride(p) : dense_state_stride(p), v_warp, lane, nt0);
   } else {
 #pragma unroll
-    for (int nt = 0; nt < 16; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+    for (int nt = 0; nt < T::kNt; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
   }
   // The next checkpoint of the sequence, its position kept in a register so the per-chunk test reads no memory.
   int64_t ck = 0, ck_end = 0, ck_pos = -1;
@@ -139,8 +183,8 @@ __global__ void __launch_bounds__(32 * NW) recurrence_kernel(const KdaPrefillPar
   const ChunkOps* ops = static_cast<const ChunkOps*>(p.workspace);
   auto issue = [&](int64_t j) {
     if (j < num_chunks) {
-      load_stage(sm.stage[j % T::kStages], ops[(first_chunk + j) * p.heads + h], v, bos + j * kChunk,
-                 chunk_tokens(len - j * kChunk), p.heads, h, v_base, tid);
+      load_stage<NW, T::kThreads>(sm.stage[j % T::kStages], ops[(first_chunk + j) * p.heads + h], v,
+                                  bos + j * kChunk, chunk_tokens(len - j * kChunk), p.heads, h, v_base, tid);
     }
     cp_async_commit();  // always commit, so the group count per chunk stays fixed
   };
@@ -155,22 +199,22 @@ __global__ void __launch_bounds__(32 * NW) recurrence_kernel(const KdaPrefillPar
     const int64_t t0 = j * kChunk;
     const int L = chunk_tokens(len - t0);
 
-    // X^T = S Kg^T and O^T = S Qg^T: [16 rows, C]. Separate accumulators for
-    // even/odd k-steps keep the dependent MMA chains 4 deep instead of 16 (the recurrence is latency-bound).
+    // X^T = S Kg^T and O^T = S Qg^T over this warp's columns: [16 rows, C]. Separate accumulators for even
+    // and odd k-steps keep the dependent MMA chains short (the recurrence is latency-bound).
     float xT[2][4], oT[2][4];
     {
       float xa[2][2][4] = {}, oa[2][2][4] = {};  // [k-step parity][n tile][fragment]
 #pragma unroll
-      for (int kk = 0; kk < kDim / 16; ++kk) {
-        uint32_t s_bf[4];
-        acc_to_a(s[2 * kk], s[2 * kk + 1], s_bf);
-        uint32_t bk[4], bq[4];
+      for (int kl = 0; kl < 8 / KS; ++kl) {
+        const int kk = kk0 + kl;
+        uint32_t s_bf[4], bk[4], bq[4];
+        acc_to_a(s[2 * kl], s[2 * kl + 1], s_bf);
         ldsm_b16x16<T::kRowPad>(&st.kg[0][16 * kk], lane, bk);
         ldsm_b16x16<T::kRowPad>(&st.qg[0][16 * kk], lane, bq);
 #pragma unroll
         for (int nt = 0; nt < 2; ++nt) {
-          mma_16816(xa[kk & 1][nt], s_bf, bk[2 * nt], bk[2 * nt + 1]);
-          mma_16816(oa[kk & 1][nt], s_bf, bq[2 * nt], bq[2 * nt + 1]);
+          mma_16816(xa[kl & 1][nt], s_bf, bk[2 * nt], bk[2 * nt + 1]);
+          mma_16816(oa[kl & 1][nt], s_bf, bq[2 * nt], bq[2 * nt + 1]);
         }
       }
 #pragma unroll
@@ -183,78 +227,105 @@ __global__ void __launch_bounds__(32 * NW) recurrence_kernel(const KdaPrefillPar
       }
     }
 
-    // U^T = (V^T - X^T) Ab^T.
-    float rT[2][4];
-    {
-      uint32_t vt[4];  // V^T of the warp's 16 value rows in accumulator order
-      ldsm_t16x16<T::kSlice>(&st.v[0][16 * warp], lane, vt);
+    uint32_t u_bf[4];  // U^T [16 rows, C] as a bf16 A fragment
+    if (part == 0) {
+      if constexpr (KS == 2) {  // add the partner's partial X^T and O^T
+        row_group_barrier<NW>(group);
+        const RowGroupExchange& xc = sm.xch[group];
+        const float4 x0 = xc.part[0][lane], x1 = xc.part[1][lane], o0 = xc.part[2][lane], o1 = xc.part[3][lane];
+        xT[0][0] += x0.x, xT[0][1] += x0.y, xT[0][2] += x0.z, xT[0][3] += x0.w;
+        xT[1][0] += x1.x, xT[1][1] += x1.y, xT[1][2] += x1.z, xT[1][3] += x1.w;
+        oT[0][0] += o0.x, oT[0][1] += o0.y, oT[0][2] += o0.z, oT[0][3] += o0.w;
+        oT[1][0] += o1.x, oT[1][1] += o1.y, oT[1][2] += o1.z, oT[1][3] += o1.w;
+      }
+      // U^T = (V^T - X^T) Ab^T.
+      float rT[2][4];
+      {
+        uint32_t vt[4];  // V^T of the group's 16 value rows in accumulator order
+        ldsm_t16x16<T::kSlice>(&st.v[0][16 * group], lane, vt);
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt) {
+          const float2 v0 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&vt[2 * nt]));
+          const float2 v1 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&vt[2 * nt + 1]));
+          rT[nt][0] = v0.x - xT[nt][0];
+          rT[nt][1] = v0.y - xT[nt][1];
+          rT[nt][2] = v1.x - xT[nt][2];
+          rT[nt][3] = v1.y - xT[nt][3];
+        }
+      }
+      uint32_t r_hi[4], r_lo[4];
+      acc_to_a_split(rT[0], rT[1], r_hi, r_lo);
+      float uT[2][4];
+      uint32_t ab_hi[4], ab_lo[4];
+      ldsm_b16x16<T::kTPad>(&st.ab_hi[0][0], lane, ab_hi);
+      ldsm_b16x16<T::kTPad>(&st.ab_lo[0][0], lane, ab_lo);
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt) {
-        const float2 v0 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&vt[2 * nt]));
-        const float2 v1 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&vt[2 * nt + 1]));
-        rT[nt][0] = v0.x - xT[nt][0];
-        rT[nt][1] = v0.y - xT[nt][1];
-        rT[nt][2] = v1.x - xT[nt][2];
-        rT[nt][3] = v1.y - xT[nt][3];
+        float u0[4] = {}, u1[4] = {}, u2[4] = {};  // three independent products, summed
+        mma_16816(u0, r_hi, ab_hi[2 * nt], ab_hi[2 * nt + 1]);
+        mma_16816(u1, r_lo, ab_hi[2 * nt], ab_hi[2 * nt + 1]);
+        mma_16816(u2, r_hi, ab_lo[2 * nt], ab_lo[2 * nt + 1]);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) uT[nt][i] = u0[i] + (u1[i] + u2[i]);
       }
+      acc_to_a(uT[0], uT[1], u_bf);
+      if constexpr (KS == 2) {
+        sm.xch[group].u[lane] = make_uint4(u_bf[0], u_bf[1], u_bf[2], u_bf[3]);
+        row_group_barrier<NW>(group);
+      }
+    } else if constexpr (KS == 2) {  // hand the partials to the leader, take U back
+      RowGroupExchange& xc = sm.xch[group];
+      xc.part[0][lane] = make_float4(xT[0][0], xT[0][1], xT[0][2], xT[0][3]);
+      xc.part[1][lane] = make_float4(xT[1][0], xT[1][1], xT[1][2], xT[1][3]);
+      xc.part[2][lane] = make_float4(oT[0][0], oT[0][1], oT[0][2], oT[0][3]);
+      xc.part[3][lane] = make_float4(oT[1][0], oT[1][1], oT[1][2], oT[1][3]);
+      row_group_barrier<NW>(group);
+      row_group_barrier<NW>(group);
+      const uint4 u = xc.u[lane];
+      u_bf[0] = u.x, u_bf[1] = u.y, u_bf[2] = u.z, u_bf[3] = u.w;
     }
-    uint32_t r_hi[4], r_lo[4];
-    acc_to_a_split(rT[0], rT[1], r_hi, r_lo);
-    float uT[2][4];
-    uint32_t ab_hi[4], ab_lo[4];
-    ldsm_b16x16<T::kTPad>(&st.ab_hi[0][0], lane, ab_hi);
-    ldsm_b16x16<T::kTPad>(&st.ab_lo[0][0], lane, ab_lo);
-#pragma unroll
-    for (int nt = 0; nt < 2; ++nt) {
-      float u0[4] = {}, u1[4] = {}, u2[4] = {};  // three independent products, summed
-      mma_16816(u0, r_hi, ab_hi[2 * nt], ab_hi[2 * nt + 1]);
-      mma_16816(u1, r_lo, ab_hi[2 * nt], ab_hi[2 * nt + 1]);
-      mma_16816(u2, r_hi, ab_lo[2 * nt], ab_lo[2 * nt + 1]);
-#pragma unroll
-      for (int i = 0; i < 4; ++i) uT[nt][i] = u0[i] + (u1[i] + u2[i]);
-    }
-    uint32_t u_bf[4];
-    acc_to_a(uT[0], uT[1], u_bf);
 
-    // S <- S diag(gate_end) + U^T Kd.
+    // S <- S diag(gate_end) + U^T Kd over this warp's columns.
 #pragma unroll
-    for (int pair = 0; pair < 8; ++pair) {
+    for (int pl = 0; pl < T::kNt / 2; ++pl) {
+      const int pair = nt0 / 2 + pl;
       uint32_t kd[4];
       ldsm_b16x16<T::kTPad>(&st.kdT[16 * pair][0], lane, kd);
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
-        const int nt = 2 * pair + half;
-        const float2 ge = *reinterpret_cast<const float2*>(&st.gate_end[8 * nt + 2 * q4]);
-        s[nt][0] *= ge.x, s[nt][1] *= ge.y, s[nt][2] *= ge.x, s[nt][3] *= ge.y;
-        mma_16816(s[nt], u_bf, kd[2 * half], kd[2 * half + 1]);
+        const int nl = 2 * pl + half;
+        const float2 ge = *reinterpret_cast<const float2*>(&st.gate_end[8 * (nt0 + nl) + 2 * q4]);
+        s[nl][0] *= ge.x, s[nl][1] *= ge.y, s[nl][2] *= ge.x, s[nl][3] *= ge.y;
+        mma_16816(s[nl], u_bf, kd[2 * half], kd[2 * half + 1]);
       }
     }
 
-    // O^T += U^T P^T, staged per warp, then 16-byte stores of the valid rows.
-    auto& ost = sm.out[warp];
-    uint32_t pb[4];
-    ldsm_b16x16<T::kTPad>(&st.p[0][0], lane, pb);
+    if (part == 0) {  // O^T += U^T P^T, staged per row group, then 16-byte stores of the valid rows.
+      auto& ost = sm.out[group];
+      uint32_t pb[4];
+      ldsm_b16x16<T::kTPad>(&st.p[0][0], lane, pb);
 #pragma unroll
-    for (int nt = 0; nt < 2; ++nt) {
-      mma_16816(oT[nt], u_bf, pb[2 * nt], pb[2 * nt + 1]);
-      const int t = 8 * nt + 2 * q4;
-      ost[t][g8] = __float2bfloat16(oT[nt][0]);
-      ost[t + 1][g8] = __float2bfloat16(oT[nt][1]);
-      ost[t][g8 + 8] = __float2bfloat16(oT[nt][2]);
-      ost[t + 1][g8 + 8] = __float2bfloat16(oT[nt][3]);
-    }
-    __syncwarp();
-    {
-      const int t = lane / 2, half = lane % 2;
-      if (t < L) {
-        *reinterpret_cast<uint4*>(out + ((bos + t0 + t) * p.heads + h) * kDim + v_warp + 8 * half) =
-            *reinterpret_cast<const uint4*>(&ost[t][8 * half]);
+      for (int nt = 0; nt < 2; ++nt) {
+        mma_16816(oT[nt], u_bf, pb[2 * nt], pb[2 * nt + 1]);
+        const int t = 8 * nt + 2 * q4;
+        ost[t][g8] = __float2bfloat16(oT[nt][0]);
+        ost[t + 1][g8] = __float2bfloat16(oT[nt][1]);
+        ost[t][g8 + 8] = __float2bfloat16(oT[nt][2]);
+        ost[t + 1][g8 + 8] = __float2bfloat16(oT[nt][3]);
       }
+      __syncwarp();
+      {
+        const int t = lane / 2, half = lane % 2;
+        if (t < L) {
+          *reinterpret_cast<uint4*>(out + ((bos + t0 + t) * p.heads + h) * kDim + v_warp + 8 * half) =
+              *reinterpret_cast<const uint4*>(&ost[t][8 * half]);
+        }
+      }
+      __syncwarp();
     }
-    __syncwarp();
 
     while (ck_pos == t0 + L) {
-      store_state(s, p.state_pool, p.state_pool_fp32, p.ckpt_slot[ck], h, pool_state_stride(p), v_warp, lane);
+      store_state(s, p.state_pool, p.state_pool_fp32, p.ckpt_slot[ck], h, pool_state_stride(p), v_warp, lane, nt0);
       ++ck;
       ck_pos = ck < ck_end ? p.ckpt_pos[ck] : -1;
     }
@@ -262,9 +333,9 @@ __global__ void __launch_bounds__(32 * NW) recurrence_kernel(const KdaPrefillPar
   cute::cp_async_wait<0>();
 
   if (p.state_pool != nullptr) {
-    store_state(s, p.state_pool, p.state_pool_fp32, slot, h, pool_state_stride(p), v_warp, lane);
+    store_state(s, p.state_pool, p.state_pool_fp32, slot, h, pool_state_stride(p), v_warp, lane, nt0);
   } else if (p.final_state != nullptr) {
-    store_state(s, p.final_state, p.final_state_fp32, n, h, dense_state_stride(p), v_warp, lane);
+    store_state(s, p.final_state, p.final_state_fp32, n, h, dense_state_stride(p), v_warp, lane, nt0);
   }
 }
 

@@ -1,11 +1,18 @@
-// Pass 2 instantiation: 1 warp(s) per CTA, value slice of 16 rows.
+// Pass 2 instantiations: 1 row group(s) of 16 value rows per CTA, one or two warps per row group.
 #include "prefill/launch.cuh"
 #include "prefill/recurrence.cuh"
 
 namespace kda::prefill {
+namespace {
+template <int KS>
+int launch(const KdaPrefillParams& p, cudaStream_t stream) {
+  using T = RecurrenceTraits<1, KS>;
+  return launch_kernel(recurrence_kernel<1, KS>, p.num_seqs * p.heads * T::kSlices, T::kThreads,
+                       static_cast<int>(sizeof(RecurrenceSmem<1, KS>)), p, stream);
+}
+}  // namespace
+
 int launch_recurrence_w1(const KdaPrefillParams& p, cudaStream_t stream) {
-  using T = RecurrenceTraits<1>;
-  return launch_kernel(recurrence_kernel<1>, p.num_seqs * p.heads * T::kSlices, T::kThreads,
-                       static_cast<int>(sizeof(RecurrenceSmem<1>)), p, stream);
+  return p.key_split == 2 ? launch<2>(p, stream) : launch<1>(p, stream);
 }
 }  // namespace kda::prefill

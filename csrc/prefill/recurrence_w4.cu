@@ -1,11 +1,18 @@
-// Pass 2 instantiation: 4 warp(s) per CTA, value slice of 64 rows.
+// Pass 2 instantiations: 4 row group(s) of 16 value rows per CTA, one or two warps per row group.
 #include "prefill/launch.cuh"
 #include "prefill/recurrence.cuh"
 
 namespace kda::prefill {
+namespace {
+template <int KS>
+int launch(const KdaPrefillParams& p, cudaStream_t stream) {
+  using T = RecurrenceTraits<4, KS>;
+  return launch_kernel(recurrence_kernel<4, KS>, p.num_seqs * p.heads * T::kSlices, T::kThreads,
+                       static_cast<int>(sizeof(RecurrenceSmem<4, KS>)), p, stream);
+}
+}  // namespace
+
 int launch_recurrence_w4(const KdaPrefillParams& p, cudaStream_t stream) {
-  using T = RecurrenceTraits<4>;
-  return launch_kernel(recurrence_kernel<4>, p.num_seqs * p.heads * T::kSlices, T::kThreads,
-                       static_cast<int>(sizeof(RecurrenceSmem<4>)), p, stream);
+  return p.key_split == 2 ? launch<2>(p, stream) : launch<1>(p, stream);
 }
 }  // namespace kda::prefill

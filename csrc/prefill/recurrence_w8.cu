@@ -1,11 +1,18 @@
-// Pass 2 instantiation: 8 warp(s) per CTA, value slice of 128 rows.
+// Pass 2 instantiations: 8 row group(s) of 16 value rows per CTA, one or two warps per row group.
 #include "prefill/launch.cuh"
 #include "prefill/recurrence.cuh"
 
 namespace kda::prefill {
+namespace {
+template <int KS>
+int launch(const KdaPrefillParams& p, cudaStream_t stream) {
+  using T = RecurrenceTraits<8, KS>;
+  return launch_kernel(recurrence_kernel<8, KS>, p.num_seqs * p.heads * T::kSlices, T::kThreads,
+                       static_cast<int>(sizeof(RecurrenceSmem<8, KS>)), p, stream);
+}
+}  // namespace
+
 int launch_recurrence_w8(const KdaPrefillParams& p, cudaStream_t stream) {
-  using T = RecurrenceTraits<8>;
-  return launch_kernel(recurrence_kernel<8>, p.num_seqs * p.heads * T::kSlices, T::kThreads,
-                       static_cast<int>(sizeof(RecurrenceSmem<8>)), p, stream);
+  return p.key_split == 2 ? launch<2>(p, stream) : launch<1>(p, stream);
 }
 }  // namespace kda::prefill

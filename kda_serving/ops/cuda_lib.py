@@ -2,7 +2,8 @@
 
 The library takes raw device pointers and a cudaStream_t, so it needs neither Python nor torch headers at
 build time (docs/build.md). `KDA_SERVING_LIB=<path to .so>` overrides where it is loaded from;
-`KDA_PREFILL_WARPS` (1, 2, 4 or 8) overrides the warps-per-CTA heuristic (benchmarks, tests).
+`KDA_PREFILL_WARPS` (1, 2, 4 or 8) overrides the row-groups-per-CTA heuristic and `KDA_PREFILL_KSPLIT` (1 or 2) the
+warps per row group (benchmarks, tests).
 
 `prefill(...)` expects arguments already validated against docs/kda-contract.md and outputs allocated by
 kda_serving/ops/kda.py. It launches on torch.cuda.current_stream(), never synchronises with the host and
@@ -21,6 +22,7 @@ import torch
 
 LIB_ENV = "KDA_SERVING_LIB"
 WARPS_ENV = "KDA_PREFILL_WARPS"
+KSPLIT_ENV = "KDA_PREFILL_KSPLIT"
 CHUNK = 16  # tokens per chunk of the kernels
 _DEFAULT_LIB = Path(__file__).resolve().parent.parent / "_lib" / "libkda_serving.so"
 
@@ -61,6 +63,7 @@ class _PrefillParams(ctypes.Structure):
         ("lower_bound", ctypes.c_float),
         ("use_lower_bound", ctypes.c_int32),
         ("warps", ctypes.c_int32),
+        ("key_split", ctypes.c_int32),
         ("pool_slot_stride", ctypes.c_int64),
         # Derived by the library (pass 0); left null here.
         ("chunk_offsets", ctypes.c_void_p),
@@ -85,6 +88,8 @@ def _load(path: str) -> ctypes.CDLL:
     lib.kda_prefill_error_string.restype = ctypes.c_char_p
     lib.kda_prefill_default_warps.argtypes = [ctypes.c_int64, ctypes.c_int32]
     lib.kda_prefill_default_warps.restype = ctypes.c_int
+    lib.kda_prefill_default_key_split.argtypes = [ctypes.c_int32]
+    lib.kda_prefill_default_key_split.restype = ctypes.c_int
     lib.kda_prefill_chunk_ops_bytes.argtypes = []
     lib.kda_prefill_chunk_ops_bytes.restype = ctypes.c_int64
     lib.kda_prefill_schedule_words.argtypes = [ctypes.c_int64, ctypes.c_int64]
@@ -132,9 +137,23 @@ def _warps_override() -> int:
     return int(value)
 
 
+def _key_split_override() -> int:
+    value = os.environ.get(KSPLIT_ENV, "")
+    if not value:
+        return 0
+    if value not in ("1", "2"):
+        raise ValueError(f"kda: {KSPLIT_ENV} must be 1 or 2 here, got {value!r}")
+    return int(value)
+
+
 def default_warps(num_seqs: int, heads: int) -> int:
     """Warps per recurrence CTA the kernel's heuristic picks (value slice = 16 * warps rows)."""
     return int(load().kda_prefill_default_warps(num_seqs, heads))
+
+
+def default_key_split(warps: int) -> int:
+    """Warps per row group the kernel's heuristic picks for a CTA of `warps` row groups (1 or 2)."""
+    return int(load().kda_prefill_default_key_split(warps))
 
 
 def _chunk_bound(varlen: bool, B: int, T: int, N: int) -> int:
@@ -183,7 +202,7 @@ def prefill(q, k, v, g, beta, A_log, dt_bias, scale, lower_bound, cu_seqlens, in
         final_state_fp32=int(final_state is not None and final_state.dtype == torch.float32),
         state_pool_fp32=int(state_pool is not None and state_pool.dtype == torch.float32),
         scale=float(scale), lower_bound=0.0 if lower_bound is None else float(lower_bound),
-        use_lower_bound=int(lower_bound is not None), warps=_warps_override(),
+        use_lower_bound=int(lower_bound is not None), warps=_warps_override(), key_split=_key_split_override(),
         pool_slot_stride=0 if state_pool is None or state_pool.shape[0] < 2 else state_pool.stride(0),
     )
     stream = torch.cuda.current_stream(q.device).cuda_stream

@@ -138,10 +138,13 @@ def test_final_state_without_initial():
 
 
 @on_gpu
+@pytest.mark.parametrize("ksplit", ["1", "2"])
 @pytest.mark.parametrize("warps", ["1", "2", "4", "8"])
-def test_variants_repeatable(warps, monkeypatch):
-    """Every CTA shape of the recurrence is right, and two runs on the same inputs are bit-identical."""
+def test_variants_repeatable(warps, ksplit, monkeypatch):
+    """Every CTA shape of the recurrence (row groups x warps per row group) is right, and two runs on the same
+    inputs are bit-identical."""
     monkeypatch.setenv(cuda_lib.WARPS_ENV, warps)
+    monkeypatch.setenv(cuda_lib.KSPLIT_ENV, ksplit)
     cu = torch.tensor([0, 1300, 1847, 3895, 4000], device="cuda", dtype=torch.int64)
     inp = make_inputs(1, 4000, 8, g_std=4.0)
     S0 = torch.randn(4, 8, D, D, device="cuda")
@@ -316,7 +319,7 @@ def test_public_ops_and_graph_capture():
 
 
 @on_gpu
-@pytest.mark.parametrize("env,value", [("KDA_PREFILL_WARPS", "3"), ("KDA_PREFILL_WARPS", "four")])
+@pytest.mark.parametrize("env,value", [("KDA_PREFILL_WARPS", "3"), ("KDA_PREFILL_KSPLIT", "4")])
 def test_bad_overrides(env, value, monkeypatch):
     monkeypatch.setenv(env, value)
     inp = make_inputs(1, 16, 1)
