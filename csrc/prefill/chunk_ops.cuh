@@ -74,6 +74,16 @@ __device__ __forceinline__ void store_split4(__nv_bfloat16 (*hi)[kOpRow], __nv_b
   *reinterpret_cast<uint2*>(&lo[row][c0]) = make_uint2(l01, l23);
 }
 
+// The 6 token pairs (t > s) inside a 4-token block, in the order (1,0) (2,0) (2,1) (3,0) (3,1) (3,2): target and
+// source of pair x. Used with compile-time x in the pair sums and with a lane's x when storing them.
+__host__ __device__ constexpr int block_pair_target(int x) { return x >= 3 ? 3 : (x >= 1 ? 2 : 1); }
+__host__ __device__ constexpr int block_pair_source(int x) {
+  return x - block_pair_target(x) * (block_pair_target(x) - 1) / 2;
+}
+static_assert(block_pair_target(2) == 2 && block_pair_source(2) == 1 && block_pair_target(5) == 3 &&
+                  block_pair_source(5) == 2 && block_pair_source(3) == 0,
+              "in-block pair order");
+
 // C[16 x 8] = A B^T of one level on the tensor cores, hi + lo operands (three products per k-step).
 __device__ __forceinline__ void level_product(const LevelOperands& op, int lane, float (&c)[4]) {
   const int g8 = lane / 4, q4 = lane % 4;
@@ -207,21 +217,21 @@ __global__ void __launch_bounds__(kOpsThreads) chunk_ops_kernel(const KdaPrefill
       make_float4(pre[3][0], pre[3][1], pre[3][2], pre[3][3]);
 
   // 4. Pairs inside the block (levels 3-4) and the diagonal of P: 16 sums, one reduce-scatter. Value v
-  // lands in lanes 2v, 2v + 1. Order: M (1,0) (2,0) (2,1) (3,0) (3,1) (3,2); P the same; P (0,0) .. (3,3).
+  // lands in lanes 2v, 2v + 1. Order: M of the 6 block pairs, P of them, P (0,0) .. (3,3).
   {
-    constexpr int kT[6] = {1, 2, 2, 3, 3, 3}, kS[6] = {0, 0, 1, 0, 1, 2};
     float v[16];
 #pragma unroll
     for (int x = 0; x < 6; ++x) {
+      const int t = block_pair_target(x), s = block_pair_source(x);
       float mk = 0.f, pq = 0.f;
 #pragma unroll
       for (int c = 0; c < kLaneCh; ++c) {
         float d = 1.f;  // prod_{s<r<=t} e_r
 #pragma unroll
-        for (int r = kS[x] + 1; r <= kT[x]; ++r) d *= e[r][c];
-        const float w = k[kS[x]][c] * d;
-        mk = fmaf(k[kT[x]][c], w, mk);
-        pq = fmaf(q[kT[x]][c], w, pq);
+        for (int r = s + 1; r <= t; ++r) d *= e[r][c];
+        const float w = k[s][c] * d;
+        mk = fmaf(k[t][c], w, mk);
+        pq = fmaf(q[t][c], w, pq);
       }
       v[x] = mk;
       v[6 + x] = pq;
@@ -236,9 +246,8 @@ __global__ void __launch_bounds__(kOpsThreads) chunk_ops_kernel(const KdaPrefill
     reduce_scatter_step<2>(v, lane, 2);
     const float sum = v[0] + __shfl_xor_sync(kFullMask, v[0], 1);
     const int idx = lane / 2;
-    const int pair = idx < 6 ? idx : idx - 6;                // pair index of the M and P lists
-    const int t = pair >= 3 ? 3 : (pair >= 1 ? 2 : 1);       // (1,0) (2,0) (2,1) (3,0) (3,1) (3,2)
-    const int s = pair - t * (t - 1) / 2;
+    const int pair = idx < 6 ? idx : idx - 6;  // pair index of the M and P lists
+    const int t = block_pair_target(pair), s = block_pair_source(pair);
     __syncwarp();  // sm.b of this block, written above by lanes 0..3
     if ((lane & 1) == 0) {
       if (idx < 6) {
