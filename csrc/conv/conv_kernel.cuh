@@ -16,6 +16,7 @@
 
 #include <cuda_bf16.h>
 
+#include "common/packed.cuh"
 #include "conv/conv_params.h"
 
 namespace kda_serving::conv {
@@ -28,19 +29,8 @@ constexpr int kTokensPerThread = 64;  // halo overhead (W-1)/64 < 5%; T=8192, D=
 constexpr int kTokenBatch = 4;
 static_assert(kTokensPerThread % kTokenBatch == 0, "token tiles hold whole batches");
 
-__device__ __forceinline__ int64_t load_index(const void* ptr, bool is_int64, int64_t i) {
-  return is_int64 ? static_cast<const int64_t*>(ptr)[i] : static_cast<const int32_t*>(ptr)[i];
-}
-
 __device__ __forceinline__ void load8(const __nv_bfloat16* src, float (&dst)[kChannelsPerThread]) {
-  uint4 x = *reinterpret_cast<const uint4*>(src);
-  const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&x);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 f = __bfloat1622float2(pairs[i]);
-    dst[2 * i] = f.x;
-    dst[2 * i + 1] = f.y;
-  }
+  unpack_bf16x8(*reinterpret_cast<const uint4*>(src), dst);
 }
 
 __device__ __forceinline__ void load8(const float* src, float (&dst)[kChannelsPerThread]) {
@@ -51,11 +41,7 @@ __device__ __forceinline__ void load8(const float* src, float (&dst)[kChannelsPe
 }
 
 __device__ __forceinline__ void store8(__nv_bfloat16* dst, const float (&src)[kChannelsPerThread]) {
-  uint4 x;
-  __nv_bfloat162* pairs = reinterpret_cast<__nv_bfloat162*>(&x);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) pairs[i] = __floats2bfloat162_rn(src[2 * i], src[2 * i + 1]);
-  *reinterpret_cast<uint4*>(dst) = x;
+  *reinterpret_cast<uint4*>(dst) = pack_bf16x8(src);
 }
 
 __device__ __forceinline__ void store8(float* dst, const float (&src)[kChannelsPerThread]) {

@@ -25,6 +25,7 @@
 
 #include <cuda_bf16.h>
 
+#include "common/packed.cuh"
 #include "decode/decode_params.h"
 
 namespace kda_serving::decode {
@@ -42,10 +43,6 @@ static_assert(kHeadDim % kRowsPerCta == 0, "slices must tile the value rows");
 // Elements of one 16-byte state access.
 template <typename StateT>
 constexpr int kVecElems = 16 / sizeof(StateT);
-
-__device__ __forceinline__ int64_t load_index(const void* ptr, bool is_int64, int64_t i) {
-  return is_int64 ? static_cast<const int64_t*>(ptr)[i] : static_cast<const int32_t*>(ptr)[i];
-}
 
 __device__ __forceinline__ float sigmoidf_fast(float x) { return 1.f / (1.f + __expf(-x)); }
 
@@ -70,14 +67,7 @@ __device__ __forceinline__ void load_chunk(const float* row, int chunk, float* d
 }
 
 __device__ __forceinline__ void load_chunk(const __nv_bfloat16* row, int chunk, float* dst) {
-  uint4 x = __ldcs(reinterpret_cast<const uint4*>(row) + chunk);
-  const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&x);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 f = __bfloat1622float2(pairs[i]);
-    dst[2 * i] = f.x;
-    dst[2 * i + 1] = f.y;
-  }
+  unpack_bf16x8(__ldcs(reinterpret_cast<const uint4*>(row) + chunk), dst);
 }
 
 __device__ __forceinline__ void store_chunk(float* row, int chunk, const float* src) {
@@ -85,11 +75,7 @@ __device__ __forceinline__ void store_chunk(float* row, int chunk, const float* 
 }
 
 __device__ __forceinline__ void store_chunk(__nv_bfloat16* row, int chunk, const float* src) {
-  uint4 x;
-  __nv_bfloat162* pairs = reinterpret_cast<__nv_bfloat162*>(&x);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) pairs[i] = __floats2bfloat162_rn(src[2 * i], src[2 * i + 1]);
-  __stcs(reinterpret_cast<uint4*>(row) + chunk, x);
+  __stcs(reinterpret_cast<uint4*>(row) + chunk, pack_bf16x8(src));
 }
 
 // A lane's chunks are lane, lane + 8, lane + 16, ...: for each access the 8 lanes of a row read 128

@@ -1,0 +1,35 @@
+// Small device helpers shared by the decode and conv kernels: 8 bf16 values in one 16-byte word <-> 8 floats,
+// and index arrays that may be int32 or int64.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_bf16.h>
+
+namespace kda_serving {
+
+// x by value: taken by reference to global memory, the compiler split the 16-byte load into 4-byte ones.
+__device__ __forceinline__ void unpack_bf16x8(uint4 x, float* dst) {
+  const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&x);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = __bfloat1622float2(pairs[i]);
+    dst[2 * i] = f.x;
+    dst[2 * i + 1] = f.y;
+  }
+}
+
+// Rounds to nearest.
+__device__ __forceinline__ uint4 pack_bf16x8(const float* src) {
+  uint4 x;
+  __nv_bfloat162* pairs = reinterpret_cast<__nv_bfloat162*>(&x);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) pairs[i] = __floats2bfloat162_rn(src[2 * i], src[2 * i + 1]);
+  return x;
+}
+
+__device__ __forceinline__ int64_t load_index(const void* ptr, bool is_int64, int64_t i) {
+  return is_int64 ? static_cast<const int64_t*>(ptr)[i] : static_cast<const int32_t*>(ptr)[i];
+}
+
+}  // namespace kda_serving
