@@ -127,27 +127,26 @@ def _as_int64(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.to(torch.int64).contiguous()
 
 
-def _warps_override() -> int:
-    value = os.environ.get(WARPS_ENV, "")
+def _env_override(name: str, allowed: tuple[str, ...]) -> int:
+    """The integer the environment variable `name` sets (one of `allowed`), or 0 (= the kernel's heuristic)."""
+    value = os.environ.get(name, "")
     if not value:
         return 0
-    allowed = ("1", "2", "4", "8")
     if value not in allowed:
-        raise ValueError(f"kda: {WARPS_ENV} must be one of {', '.join(allowed)} here, got {value!r}")
+        raise ValueError(f"kda: {name} must be one of {', '.join(allowed)} here, got {value!r}")
     return int(value)
+
+
+def _warps_override() -> int:
+    return _env_override(WARPS_ENV, ("1", "2", "4", "8"))
 
 
 def _key_split_override() -> int:
-    value = os.environ.get(KSPLIT_ENV, "")
-    if not value:
-        return 0
-    if value not in ("1", "2"):
-        raise ValueError(f"kda: {KSPLIT_ENV} must be 1 or 2 here, got {value!r}")
-    return int(value)
+    return _env_override(KSPLIT_ENV, ("1", "2"))
 
 
 def default_warps(num_seqs: int, heads: int) -> int:
-    """Warps per recurrence CTA the kernel's heuristic picks (value slice = 16 * warps rows)."""
+    """Row groups per recurrence CTA the kernel's heuristic picks (value slice = 16 * warps rows)."""
     return int(load().kda_prefill_default_warps(num_seqs, heads))
 
 
