@@ -188,25 +188,14 @@ def test_pool(pool_dtype, lower_bound):
     assert torch.equal(pool[untouched], pool_before[untouched]), "untouched pool slots changed"
 
 
-@on_gpu
-@pytest.mark.parametrize("pool_dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-def test_checkpoints(pool_dtype):
-    lens = [1300, 64, 700, 2048]
-    N, H, S = len(lens), 4, 40
-    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), device="cuda", dtype=torch.int64)
-    inp = make_inputs(1, int(cu[-1]), H, g_std=2.0, dt_shift=-4.0)
-    seq, pos = [], []
-    for n, length in enumerate(lens):
-        for p in range(64, length + 1, 64):
-            if p % 1024 == 0 or p == length - length % 64 or torch.rand(()) < 0.2:
-                seq.append(n)
-                pos.append(p)
-    perm = torch.randperm(len(seq))
-    seq = torch.tensor(seq)[perm].cuda()
-    pos = torch.tensor(pos)[perm].cuda()
+def check_checkpoints(inp, cu, seq, pos, S, pool_dtype):
+    """Softplus-gate prefill in pool mode with checkpoints (seq, pos) against the float64 reference: outputs,
+    final states and checkpoint states. The pool has S slots in a random order: the N state slots (random
+    initial states), then one per checkpoint; all others hold NaN."""
+    N, H = cu.numel() - 1, inp["q"].shape[2]
     slots_all = torch.randperm(S, device="cuda")
     state_slots, ck_slots = slots_all[:N], slots_all[N : N + len(seq)]
-    ckpt = KDACheckpoints(seq, pos.to(torch.int32), ck_slots)
+    ckpt = KDACheckpoints(seq, pos, ck_slots)
     pool = torch.full((S, H, D, D), float("nan"), dtype=pool_dtype, device="cuda")
     pool[state_slots] = (torch.randn(N, H, D, D, device="cuda") * 0.5).to(pool_dtype)
     pool_before = pool.clone()
@@ -218,6 +207,24 @@ def test_checkpoints(pool_dtype):
     check("out", out, ref.out, tol)
     check("final", pool[state_slots], ref.final_state, tol)
     check("checkpoints", pool[ck_slots], ref.checkpoint_states, tol)
+
+
+@on_gpu
+@pytest.mark.parametrize("pool_dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_checkpoints(pool_dtype):
+    lens = [1300, 64, 700, 2048]
+    H, S = 4, 40
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), device="cuda", dtype=torch.int64)
+    inp = make_inputs(1, int(cu[-1]), H, g_std=2.0, dt_shift=-4.0)
+    seq, pos = [], []
+    for n, length in enumerate(lens):
+        for p in range(64, length + 1, 64):
+            if p % 1024 == 0 or p == length - length % 64 or torch.rand(()) < 0.2:
+                seq.append(n)
+                pos.append(p)
+    perm = torch.randperm(len(seq))
+    check_checkpoints(inp, cu, torch.tensor(seq)[perm].cuda(), torch.tensor(pos)[perm].cuda().to(torch.int32), S,
+                      pool_dtype)
 
 
 @on_gpu
@@ -234,21 +241,8 @@ def test_many_sequences_and_checkpoints():
     pos = [p for n in range(N) for p in range(64, int(lens[n]) + 1, 64)]
     assert len(seq) > 1024
     perm = torch.randperm(len(seq), generator=gen)
-    S = N + len(seq)
-    slots_all = torch.randperm(S, device="cuda")
-    state_slots, ck_slots = slots_all[:N], slots_all[N:]
-    ckpt = KDACheckpoints(torch.tensor(seq)[perm].cuda(), torch.tensor(pos)[perm].cuda(), ck_slots)
-    pool = torch.full((S, H, D, D), float("nan"), dtype=torch.float32, device="cuda")
-    pool[state_slots] = torch.randn(N, H, D, D, device="cuda") * 0.5
-    pool_before = pool.clone()
-    ref = reference(inp, lower_bound=None, cu_seqlens=cu, state_pool=pool_before, state_indices=state_slots,
-                    checkpoints=ckpt)
-    out, _ = run_prefill(inp, lower_bound=None, cu_seqlens=cu, state_pool=pool, state_indices=state_slots,
-                         checkpoints=ckpt)
-    tol = TOL[torch.float32]
-    check("out", out, ref.out, tol)
-    check("final", pool[state_slots], ref.final_state, tol)
-    check("checkpoints", pool[ck_slots], ref.checkpoint_states, tol)
+    check_checkpoints(inp, cu, torch.tensor(seq)[perm].cuda(), torch.tensor(pos)[perm].cuda(), N + len(seq),
+                      torch.float32)
 
 
 @on_gpu
