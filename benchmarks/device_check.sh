@@ -5,17 +5,7 @@
 #   carry: [".whl", "kda_serving/_lib"]   command: bash benchmarks/device_check.sh tests
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT="${OUT:-$PWD/device-out}"
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-install() { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$1" "${@:2}" \
-  || { echo "wheel install failed"; exit 1; }; }
-install /tmp/site .whl/*.whl
-install /tmp/site-fla .whl/fla/*.whl
-# fla stays off the path except where it is the baseline or the subject: installed, transformers' kimi_linear
-# would route even its CPU reference forward through fla's Triton kernels.
-export PYTHONPATH=/tmp/site:$PWD
-WITH_FLA=/tmp/site-fla:/tmp/site:$PWD
+source benchmarks/device_env.sh
 nvidia-smi -L
 case "${1:-tests}" in  # tests | bench | bench-prefill [bench_prefill.py args]
   tests)

@@ -2,12 +2,7 @@
 # Experiment driver (not part of CI): compare library variants built with csrc/build.py --define.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-OUT="${OUT:-$PWD/device-out}"; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-install() { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$1" "${@:2}" || exit 1; }
-install /tmp/site .whl/*.whl
-install /tmp/site-fla .whl/fla/*.whl
-export PYTHONPATH=/tmp/site:$PWD
+source benchmarks/device_env.sh
 lib() { [ "$1" = default ] && echo "$PWD/kda_serving/_lib/libkda_serving.so" || echo "$PWD/kda_serving/_lib/variants/$1/libkda_serving.so"; }
 phase="$1"; shift
 case "$phase" in
@@ -28,14 +23,10 @@ case "$phase" in
     done 2>&1 | tee -a "$OUT/decode.log" ;;
   tests)
     python3 -m pytest -q -m gpu -p no:cacheprovider "$@" 2>&1 | tail -15 | tee -a "$OUT/tests.log" ;;
-esac
-case "$phase" in
   ncu)  # ncu H T: the two passes of one fixed-length case, with stall reasons
     ncu --clock-control none --kernel-name regex:"chunk_ops|recurrence" --launch-skip 2 --launch-count 2 \
       --section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats \
       --section MemoryWorkloadAnalysis --section SchedulerStats \
       --metrics regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio \
       python3 benchmarks/experiments/ncu_prefill.py "$@" > "$OUT/ncu-$1-$2.txt" 2>&1; tail -3 "$OUT/ncu-$1-$2.txt" ;;
-  failing)
-    python3 -m pytest -x -q -m gpu -p no:cacheprovider tests/gpu/test_prefill_cuda.py -k "extreme or 8192 or random_mixes or varlen or checkpoints or many" 2>&1 | tail -40 ;;
 esac
