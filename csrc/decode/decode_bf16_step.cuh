@@ -8,8 +8,12 @@
 // (16 registers); the decayed value is recomputed in the update pass instead of being held as fp32.
 // The arithmetic per element is that of kda_decode_kernel (decay, both dots, rank-1 update, one rounding).
 //
-// Layout: kStepLanesPerRow = 4 lanes share a value row (64 contiguous bytes per access), kStepRowsPerCta = 32
-// rows per CTA (8 KB of state), kStepSlicesPerHead = 4 CTAs per (sequence, head).
+// Layout. A half-warp owns a whole value row per access: lane c = lane % 16 holds the 16-byte chunk c
+// (key columns 8c .. 8c + 7) of 4 rows, so every warp access covers two full rows, 512 contiguous bytes, and
+// a lane touches the same 8 key columns in every row: their decay, k and q come from shared memory once into
+// registers (the first version of this kernel, 4 lanes per row, re-read them for every element: 80 shared
+// loads per thread). The price is a reduction of 4 rows x 2 dots over 16 lanes, done as a reduce-scatter.
+// kStepRowsPerCta = 32 rows per CTA (8 KB of state), kStepSlicesPerHead = 4 CTAs per (sequence, head).
 #pragma once
 
 #include <type_traits>
@@ -18,19 +22,51 @@
 
 namespace kda_serving::decode {
 
-constexpr int kStepChunks = 4;                                  // 16-byte chunks per lane
-constexpr int kStepLanesPerRow = kHeadDim / (kStepChunks * 8);  // 4
-constexpr int kStepRowsPerCta = kThreads / kStepLanesPerRow;    // 32
-constexpr int kStepSlicesPerHead = kHeadDim / kStepRowsPerCta;  // 4
-// Registers bound the CTAs per SM and so the state bytes in flight: left free, the compiler takes 78-90
-// registers (6 CTAs per SM); capped at 64 (8 CTAs, 16 bytes of spill) the step measured 2-7 points closer
-// to the copy-rate floor on an H200 (docs/decode-kernel.md). 10 CTAs (51 registers) spill heavily: slower.
-constexpr int kStepMinCtasPerSm = 8;
+#ifndef KDA_DECODE_ROWS_PER_LANE
+#define KDA_DECODE_ROWS_PER_LANE 4
+#endif
+constexpr int kStepLanesPerRow = 16;                                     // one 16-byte chunk per lane
+constexpr int kStepRowsPerLane = KDA_DECODE_ROWS_PER_LANE;               // 16 bytes loaded per thread each
+constexpr int kStepRowsPerWarp = 32 / kStepLanesPerRow * kStepRowsPerLane;  // 8
+constexpr int kStepRowsPerCta = kThreads / 32 * kStepRowsPerWarp;        // 32
+constexpr int kStepSlicesPerHead = kHeadDim / kStepRowsPerCta;           // 4
+static_assert(kStepLanesPerRow * 8 == kHeadDim, "a half-warp covers one bf16 row");
+// Registers bound the CTAs per SM and so the state bytes in flight: 8 CTAs per SM need <= 64 registers.
+#ifndef KDA_DECODE_MIN_CTAS
+#define KDA_DECODE_MIN_CTAS 8
+#endif
+constexpr int kStepMinCtasPerSm = KDA_DECODE_MIN_CTAS;
+constexpr int kStepValues = 2 * kStepRowsPerLane;            // S'k and S'q of each row, reduced over 16 lanes
+constexpr int kStepLanesPerValue = kStepLanesPerRow / kStepValues;  // lanes that end up holding one sum
+static_assert(kStepLanesPerValue >= 1, "at most 16 values per half-warp");
 
-__device__ __forceinline__ float reduce_step_row(float x) {
+// v[0..R-1] = S'k partial sums of this lane's rows, v[R..2R-1] = S'q partial sums. A reduce-scatter over the
+// 16 lanes of the half-warp: at each level every lane sends half of its values to its partner and keeps the
+// other half (2R - 1 shuffles in all instead of 4 per value), then all-reduces what is left. Lane c ends up
+// with the full sum of value c / kStepLanesPerValue.
+template <int M>  // one level: partner lane c ^ M; kStepValues * M / 8 values held before it
+__device__ __forceinline__ void reduce_level(float (&v)[kStepValues], int c) {
+  constexpr int kHeld = kStepValues * M / 8;
+  if constexpr (kHeld > 1) {
+    constexpr int n = kHeld / 2;
+    const bool upper = c & M;
 #pragma unroll
-  for (int m = kStepLanesPerRow / 2; m > 0; m /= 2) x += __shfl_xor_sync(0xffffffffu, x, m);
-  return x;
+    for (int i = 0; i < n; ++i) {
+      const float send = upper ? v[i] : v[i + n];
+      v[i] = (upper ? v[i + n] : v[i]) + __shfl_xor_sync(0xffffffffu, send, M);
+    }
+  } else {
+    v[0] += __shfl_xor_sync(0xffffffffu, v[0], M);
+  }
+}
+
+__device__ __forceinline__ float reduce_scatter_rows(float (&v)[kStepValues], int c) {
+  static_assert(kStepLanesPerRow == 16, "four levels");
+  reduce_level<8>(v, c);
+  reduce_level<4>(v, c);
+  reduce_level<2>(v, c);
+  reduce_level<1>(v, c);
+  return v[0];
 }
 
 // Grid: N * H * kStepSlicesPerHead CTAs of kThreads. A template only so that it is instantiated in the one
@@ -41,71 +77,83 @@ __global__ void __launch_bounds__(kThreads, kStepMinCtasPerSm) kda_decode_bf16_s
   __shared__ __align__(16) TokenSmem sm;
 
   const int tid = threadIdx.x;
-  const int lane = tid % kStepLanesPerRow;
+  const int c = tid % kStepLanesPerRow;  // chunk of the row: key columns 8c .. 8c + 7
   const int slice = blockIdx.x % kStepSlicesPerHead;
   const int64_t seq_head = blockIdx.x / kStepSlicesPerHead;
   const int h = static_cast<int>(seq_head % p.heads);
   const int64_t n = seq_head / p.heads;  // also the token: T == 1
-  const int row = slice * kStepRowsPerCta + tid / kStepLanesPerRow;
+  // Row j of this lane: the two half-warps interleave, so each access of the warp is 2 adjacent rows.
+  const int row0 = slice * kStepRowsPerCta + tid / 32 * kStepRowsPerWarp + (tid % 32) / kStepLanesPerRow;
+  auto row_of = [&](int j) { return row0 + 2 * j; };
   const int64_t head_offset = (n * p.heads + h) * kHeadDim;
 
   const int64_t slot = load_index(p.state_indices, p.indices_int64, n);
-  if (slot < 0) {
-    if (lane == 0) p.out[head_offset + row] = __float2bfloat16(0.f);
+  if (slot < 0) {  // padded entry: zero outputs, the pool is not touched
+    if (c < kStepRowsPerLane) p.out[head_offset + row_of(c)] = __float2bfloat16(0.f);
     return;
   }
 
-  const int64_t state_offset = slot * p.pool_slot_stride + static_cast<int64_t>(h) * kHeadDim * kHeadDim +
-                               static_cast<int64_t>(row) * kHeadDim;
-  uint4* state = reinterpret_cast<uint4*>(static_cast<__nv_bfloat16*>(p.state_pool) + state_offset);
-  uint4 raw[kStepChunks];  // chunk j holds columns (lane + 4 j) * 8 .. + 7
+  const int64_t head_state = slot * p.pool_slot_stride + static_cast<int64_t>(h) * kHeadDim * kHeadDim;
+  uint4* state = reinterpret_cast<uint4*>(static_cast<__nv_bfloat16*>(p.state_pool) + head_state);
+  constexpr int kChunksPerRow = kHeadDim * 2 / 16;
+  uint4 raw[kStepRowsPerLane];  // raw[j]: columns 8c .. 8c + 7 of row_of(j)
 #pragma unroll
-  for (int j = 0; j < kStepChunks; ++j) raw[j] = __ldcs(state + lane + kStepLanesPerRow * j);
+  for (int j = 0; j < kStepRowsPerLane; ++j) raw[j] = __ldcs(state + row_of(j) * kChunksPerRow + c);
 
   const float rate = __expf(p.A_log[h]);
   const float bias_col = p.dt_bias[h * kHeadDim + tid];
-  const float v_row = __bfloat162float(p.v[head_offset + row]);
+  // The lanes that end up holding S'k of row j form u for it, so they load that row's v.
+  const int my_value = c / kStepLanesPerValue;  // S'k of row my_value (< R) or S'q of row my_value - R
+  const int my_row = my_value % kStepRowsPerLane;
+  const float v_mine = __bfloat162float(p.v[head_offset + row_of(my_row)]);
   const float b = sigmoidf_fast(__bfloat162float(p.beta[n * p.heads + h]));
   const TokenScalars ts = prepare_token(p, sm, 0, head_offset, rate, bias_col);
 
-  // Pass 1: S' k and S' q of the decayed row.
-  float sk = 0.f, sq = 0.f;
+  float d[8], kk[8], qq[8];  // decay, k, q of this lane's 8 columns
 #pragma unroll
-  for (int j = 0; j < kStepChunks; ++j) {
+  for (int i = 0; i < 8; i += 4) {
+    *reinterpret_cast<float4*>(d + i) = *reinterpret_cast<const float4*>(&sm.decay[0][8 * c + i]);
+    *reinterpret_cast<float4*>(kk + i) = *reinterpret_cast<const float4*>(&sm.k[0][8 * c + i]);
+    *reinterpret_cast<float4*>(qq + i) = *reinterpret_cast<const float4*>(&sm.q[0][8 * c + i]);
+  }
+
+  // Pass 1: partial S'k and S'q of the 4 decayed rows over this lane's columns.
+  float partial[kStepValues];
+#pragma unroll
+  for (int j = 0; j < kStepRowsPerLane; ++j) {
     const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&raw[j]);
+    float sk = 0.f, sq = 0.f;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      const int col = (lane + kStepLanesPerRow * j) * 8 + 2 * i;
       const float2 x = __bfloat1622float2(pairs[i]);
-      const float2 d = *reinterpret_cast<const float2*>(&sm.decay[0][col]);
-      const float2 kk = *reinterpret_cast<const float2*>(&sm.k[0][col]);
-      const float2 qq = *reinterpret_cast<const float2*>(&sm.q[0][col]);
-      const float x0 = x.x * d.x, x1 = x.y * d.y;
-      sk = fmaf(x1, kk.y, fmaf(x0, kk.x, sk));
-      sq = fmaf(x1, qq.y, fmaf(x0, qq.x, sq));
+      const float x0 = x.x * d[2 * i], x1 = x.y * d[2 * i + 1];
+      sk = fmaf(x1, kk[2 * i + 1], fmaf(x0, kk[2 * i], sk));
+      sq = fmaf(x1, qq[2 * i + 1], fmaf(x0, qq[2 * i], sq));
     }
+    partial[j] = sk;
+    partial[kStepRowsPerLane + j] = sq;
   }
-  sk = reduce_step_row(sk) * ts.inv_k;
-  sq = reduce_step_row(sq) * ts.inv_q;
-  const float u = b * (v_row - sk);
-  const float uk = u * ts.inv_k;
-  if (lane == 0) p.out[head_offset + row] = __float2bfloat16(p.scale * (sq + u * ts.qk_hat));
+  // S'k lanes are c < 8, their S'q partners c + 8.
+  const float dot = reduce_scatter_rows(partial, c);
+  const float u = b * (v_mine - dot * ts.inv_k);            // meaningful where c < 8
+  const float u_partner = __shfl_xor_sync(0xffffffffu, u, 8);  // u of my_row, where c >= 8
+  if (c >= 8 && c % kStepLanesPerValue == 0)
+    p.out[head_offset + row_of(my_row)] = __float2bfloat16(p.scale * (dot * ts.inv_q + u_partner * ts.qk_hat));
 
   // Pass 2: S = S' + u k_hat^T, rounded once to bf16.
 #pragma unroll
-  for (int j = 0; j < kStepChunks; ++j) {
+  for (int j = 0; j < kStepRowsPerLane; ++j) {
+    const float uk = __shfl_sync(0xffffffffu, u, j * kStepLanesPerValue, kStepLanesPerRow) * ts.inv_k;
     const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&raw[j]);
     uint4 updated;
     __nv_bfloat162* out_pairs = reinterpret_cast<__nv_bfloat162*>(&updated);
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      const int col = (lane + kStepLanesPerRow * j) * 8 + 2 * i;
       const float2 x = __bfloat1622float2(pairs[i]);
-      const float2 d = *reinterpret_cast<const float2*>(&sm.decay[0][col]);
-      const float2 kk = *reinterpret_cast<const float2*>(&sm.k[0][col]);
-      out_pairs[i] = __floats2bfloat162_rn(fmaf(uk, kk.x, x.x * d.x), fmaf(uk, kk.y, x.y * d.y));
+      out_pairs[i] = __floats2bfloat162_rn(fmaf(uk, kk[2 * i], x.x * d[2 * i]),
+                                           fmaf(uk, kk[2 * i + 1], x.y * d[2 * i + 1]));
     }
-    __stcs(state + lane + kStepLanesPerRow * j, updated);
+    __stcs(state + row_of(j) * kChunksPerRow + c, updated);
   }
 }
 
