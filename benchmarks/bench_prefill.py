@@ -203,6 +203,9 @@ def main(argv=None) -> int:
         sp = f"{r['speedup']:.2f}x" if r.get("speedup") else "-"
         print(f"{r['case']:32s} {r['ours_ms']:8.3f} {fla:>8s} {sp:>8s} {r['floor_ms']:7.3f} {r['pct_of_floor']:6.1f}% "
               f"{r['warps']:5d}")
+        sweep = {k[len("ours_"):-len("_ms")]: v for k, v in r.items() if k.startswith("ours_w")}
+        if sweep:  # --warps-sweep: every CTA shape, fastest first
+            print("    " + "  ".join(f"{k} {v:.3f}" for k, v in sorted(sweep.items(), key=lambda kv: kv[1])))
     for e in extras:
         print(f"{e['case']:32s} dense {e['dense_ms']:.3f}  pool {e['pool_ms']:.3f} ({100 * (e['pool_over_dense'] - 1):+.1f}%)"
               f"  pool+ckpt/1024 {e['pool_ckpt1024_ms']:.3f} ({100 * (e['ckpt_over_pool'] - 1):+.1f}%)")

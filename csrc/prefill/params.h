@@ -62,6 +62,9 @@ struct KdaPrefillParams {
   const int64_t* ckpt_seq;
   const int64_t* ckpt_pos;
   const int64_t* ckpt_slot;
+  // seq_order [N]: varlen sequences longest first (or null: in order). Pass 2 starts the longest recurrences
+  // first, so a long sequence is not left to run alone after the short ones.
+  const int64_t* seq_order;
 };
 
 // Launches the prefill on `stream`. Returns 0 or a cudaError_t value (kda_prefill_error_string names it).

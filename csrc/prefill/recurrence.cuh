@@ -138,7 +138,8 @@ __global__ void __launch_bounds__(32 * NW * KS) recurrence_kernel(const KdaPrefi
   const int64_t unit = blockIdx.x;
   const int slice = static_cast<int>(unit % T::kSlices);
   const int h = static_cast<int>((unit / T::kSlices) % p.heads);
-  const int64_t n = unit / T::kSlices / p.heads;
+  const int64_t rank = unit / T::kSlices / p.heads;  // CTAs of longer sequences first (schedule.cu)
+  const int64_t n = p.seq_order != nullptr ? p.seq_order[rank] : rank;
   const int v_base = slice * T::kSlice;    // first value row of the CTA
   const int v_warp = v_base + 16 * group;  // first value row of the warp
   int64_t bos, len;

@@ -3,6 +3,7 @@
 //   chunk_offsets [N + 1]  first global chunk of each varlen sequence: exclusive prefix sum of ceil(len / 16)
 //   ckpt_offsets  [N + 1]  the checkpoints of sequence n are entries ckpt_offsets[n] .. ckpt_offsets[n + 1] - 1
 //   ckpt_seq / ckpt_pos / ckpt_slot [C]  the checkpoints sorted by (sequence, position, input order)
+//   seq_order     [N]      varlen sequences longest first: the order pass 2 takes them in
 // The sort ranks every entry against all others (C^2 / 1024 comparisons per thread): a prompt checkpoints at
 // most once per 64 tokens, so C stays in the hundreds and this is a few microseconds.
 #include <cuda_runtime.h>
@@ -15,6 +16,9 @@ namespace {
 
 constexpr int kScheduleThreads = 1024;
 constexpr unsigned kFull = 0xffffffffu;
+// Longest-first order only up to this many sequences: one rank per thread against lengths in shared memory
+// (~2 us). Beyond it the sequences are many and short, and the order matters little.
+constexpr int kMaxOrderedSeqs = kScheduleThreads;
 
 // Inclusive block-wide prefix sum of one value per thread (all threads must call it).
 __device__ int64_t block_inclusive_sum(int64_t x, int64_t* warp_sums) {
@@ -43,8 +47,20 @@ __device__ int64_t block_inclusive_sum(int64_t x, int64_t* warp_sums) {
 
 __global__ void __launch_bounds__(kScheduleThreads) schedule_kernel(const KdaPrefillParams p) {
   __shared__ int64_t warp_sums[32];
+  __shared__ int64_t lengths[kMaxOrderedSeqs];
   const int tid = threadIdx.x;
   const int64_t N = p.num_seqs;
+  if (p.seq_order != nullptr) {  // rank = number of sequences that go before this one (longer, or as long and earlier)
+    auto* order = const_cast<int64_t*>(p.seq_order);
+    const int64_t len = tid < N ? p.cu_seqlens[tid + 1] - p.cu_seqlens[tid] : 0;
+    if (tid < N) lengths[tid] = len;
+    __syncthreads();
+    if (tid < N) {
+      int64_t rank = 0;
+      for (int64_t m = 0; m < N; ++m) rank += lengths[m] > len || (lengths[m] == len && m < tid);
+      order[rank] = tid;
+    }
+  }
   if (p.cu_seqlens != nullptr) {
     auto* chunk_offsets = const_cast<int64_t*>(p.chunk_offsets);
     int64_t carry = 0;
@@ -91,12 +107,14 @@ __global__ void __launch_bounds__(kScheduleThreads) schedule_kernel(const KdaPre
 
 }  // namespace
 
-int64_t schedule_words(int64_t num_seqs, int64_t ckpt_count) { return 2 * (num_seqs + 1) + 3 * ckpt_count; }
+int64_t schedule_words(int64_t num_seqs, int64_t ckpt_count) {
+  return 2 * (num_seqs + 1) + 3 * ckpt_count + num_seqs;
+}
 
 int launch_schedule(KdaPrefillParams& p, cudaStream_t stream) {
   const bool varlen = p.cu_seqlens != nullptr;
   if (!varlen && p.ckpt_count == 0) {
-    p.chunk_offsets = p.ckpt_offsets = p.ckpt_seq = p.ckpt_pos = p.ckpt_slot = nullptr;
+    p.chunk_offsets = p.ckpt_offsets = p.ckpt_seq = p.ckpt_pos = p.ckpt_slot = p.seq_order = nullptr;
     return 0;
   }
   if (p.schedule == nullptr) return static_cast<int>(cudaErrorInvalidValue);
@@ -107,6 +125,7 @@ int launch_schedule(KdaPrefillParams& p, cudaStream_t stream) {
   p.ckpt_seq = C > 0 ? s + 2 * (N + 1) : nullptr;
   p.ckpt_pos = C > 0 ? p.ckpt_seq + C : nullptr;
   p.ckpt_slot = C > 0 ? p.ckpt_pos + C : nullptr;
+  p.seq_order = varlen && N > 1 && N <= kMaxOrderedSeqs ? s + 2 * (N + 1) + 3 * C : nullptr;
   schedule_kernel<<<1, kScheduleThreads, 0, stream>>>(p);
   return static_cast<int>(cudaGetLastError());
 }

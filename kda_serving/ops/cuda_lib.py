@@ -71,6 +71,7 @@ class _PrefillParams(ctypes.Structure):
         ("ckpt_seq", ctypes.c_void_p),
         ("ckpt_pos", ctypes.c_void_p),
         ("ckpt_slot", ctypes.c_void_p),
+        ("seq_order", ctypes.c_void_p),
     ]
 
 
