@@ -45,6 +45,9 @@ extern "C" int kda_prefill_sm90(const KdaPrefillParams* params, void* stream) {
   const int warps = p.warps != 0 ? p.warps : kda_prefill_default_warps(p.num_seqs, p.heads);
   if (p.key_split == 0) p.key_split = kda_prefill_default_key_split(warps);
   if (p.key_split != 1 && p.key_split != 2) return static_cast<int>(cudaErrorInvalidValue);
+  if (p.segments < 0 || p.segments > 8) return static_cast<int>(cudaErrorInvalidValue);
+  if (p.ckpt_count > 0) p.segments = 1;  // checkpoints inside a later segment would need its transition there
+  if (p.segments > 1 && p.segment_scratch == nullptr) return static_cast<int>(cudaErrorInvalidValue);
   using namespace kda::prefill;
   if (p.workspace == nullptr || p.ckpt_count < 0) return static_cast<int>(cudaErrorInvalidValue);
   if (p.ckpt_count > 0 && (p.ckpt_seq_in == nullptr || p.ckpt_pos_in == nullptr || p.ckpt_slot_in == nullptr)) {
@@ -52,13 +55,16 @@ extern "C" int kda_prefill_sm90(const KdaPrefillParams* params, void* stream) {
   }
   KDA_CUDA_TRY(static_cast<cudaError_t>(launch_schedule(p, s)));
   KDA_CUDA_TRY(static_cast<cudaError_t>(launch_chunk_ops(p, s)));
+  int code = 0;
   switch (warps) {
-    case 1: return launch_recurrence_w1(p, s);
-    case 2: return launch_recurrence_w2(p, s);
-    case 4: return launch_recurrence_w4(p, s);
-    case 8: return launch_recurrence_w8(p, s);
+    case 1: code = launch_recurrence_w1(p, s); break;
+    case 2: code = launch_recurrence_w2(p, s); break;
+    case 4: code = launch_recurrence_w4(p, s); break;
+    case 8: code = launch_recurrence_w8(p, s); break;
     default: return static_cast<int>(cudaErrorInvalidValue);
   }
+  if (code != 0) return code;
+  return launch_segment_fixup(p, s);
 }
 
 extern "C" const char* kda_prefill_error_string(int code) {

@@ -15,6 +15,8 @@ int launch_recurrence_w1(const KdaPrefillParams& p, cudaStream_t stream);
 int launch_recurrence_w2(const KdaPrefillParams& p, cudaStream_t stream);
 int launch_recurrence_w4(const KdaPrefillParams& p, cudaStream_t stream);
 int launch_recurrence_w8(const KdaPrefillParams& p, cudaStream_t stream);
+// After pass 2 with time segments (p.segments > 1): state scan and output correction (prefill/segments.cuh).
+int launch_segment_fixup(const KdaPrefillParams& p, cudaStream_t stream);
 
 // Grid of `ctas` CTAs of `threads` threads and `smem` dynamic shared bytes; returns a cudaError_t value.
 template <typename Kernel>

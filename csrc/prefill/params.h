@@ -50,6 +50,9 @@ struct KdaPrefillParams {
   int32_t use_lower_bound;  // 0 = softplus gate (Kimi-Linear-48B)
   int32_t warps;            // row groups per recurrence CTA (value slice = 16 * warps rows); 0 = heuristic
   int32_t key_split;        // warps per row group, 1 or 2 (each then holds half of the key columns); 0 = heuristic
+  int32_t segments;         // time segments per sequence (prefill/segments.cuh), 1..8; 0 or 1 = none
+  // Scratch of kda_prefill_segment_scratch_bytes(...) bytes when segments > 1, else null.
+  void* segment_scratch;
   // Elements between consecutive pool slots: H * V * K for a packed pool, more when each slot is a view into a
   // larger page (vLLM keeps a layer's conv and recurrent states of one sequence in one page). 0 = packed.
   int64_t pool_slot_stride;
@@ -72,6 +75,8 @@ int kda_prefill_sm90(const KdaPrefillParams* params, void* stream);
 const char* kda_prefill_error_string(int code);
 // Workspace bytes per (chunk, head) of the two-pass path.
 int64_t kda_prefill_chunk_ops_bytes(void);
+// Bytes of the time-segment scratch for `tokens` tokens (B * T), N sequences, H heads and G segments (0 if G <= 1).
+int64_t kda_prefill_segment_scratch_bytes(int64_t tokens, int64_t num_seqs, int32_t heads, int32_t segments);
 // int64 words of the schedule scratch for N sequences and C checkpoints.
 int64_t kda_prefill_schedule_words(int64_t num_seqs, int64_t ckpt_count);
 // Warps per CTA the heuristic picks for N sequences and H heads on this device (for benchmarks and docs).

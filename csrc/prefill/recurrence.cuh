@@ -29,6 +29,7 @@
 #include "prefill/chunk_layout.cuh"
 #include "prefill/device_utils.cuh"
 #include "prefill/params.h"
+#include "prefill/segments.cuh"
 
 namespace kda::prefill {
 
@@ -123,7 +124,9 @@ __device__ __forceinline__ void row_group_barrier(int group) {
 #undef KDA_GROUP_BARRIER
 }
 
-template <int NW, int KS>
+// kSegmented: the CTA is one of the 2 G - 1 runs of a time-segmented sequence (segments.cuh). A separate
+// instantiation, so the plain kernel keeps its registers (the run bookkeeping costs ~30 more).
+template <int NW, int KS, bool kSegmented>
 __global__ void __launch_bounds__(32 * NW * KS) recurrence_kernel(const KdaPrefillParams p) {
   using T = RecurrenceTraits<NW, KS>;
   extern __shared__ __align__(128) unsigned char smem_bytes[];
@@ -137,14 +140,18 @@ __global__ void __launch_bounds__(32 * NW * KS) recurrence_kernel(const KdaPrefi
   const int g8 = lane / 4, q4 = lane % 4;  // fragment coordinates (common/mma_sm80.cuh)
   const int64_t unit = blockIdx.x;
   const int slice = static_cast<int>(unit % T::kSlices);
-  const int h = static_cast<int>((unit / T::kSlices) % p.heads);
-  const int64_t rank = unit / T::kSlices / p.heads;  // CTAs of longer sequences first (schedule.cu)
+  const int runs = kSegmented ? segment_runs(p) : 1;  // 2 G - 1 with G time segments (segments.cuh)
+  const int run = kSegmented ? static_cast<int>((unit / T::kSlices) % runs) : 0;
+  const int h = static_cast<int>((unit / T::kSlices / runs) % p.heads);
+  const int64_t rank = unit / T::kSlices / runs / p.heads;  // CTAs of longer sequences first (schedule.cu)
   const int64_t n = p.seq_order != nullptr ? p.seq_order[rank] : rank;
+  const SegmentRun sr = kSegmented ? segment_run(run) : SegmentRun{0, false};
   const int v_base = slice * T::kSlice;    // first value row of the CTA
   const int v_warp = v_base + 16 * group;  // first value row of the warp
   int64_t bos, len;
   seq_bounds(p, n, bos, len);
-  auto* out = static_cast<__nv_bfloat16*>(p.out);
+  // The transition run's "outputs" are the coefficients W of the fix-up (segments.cuh).
+  auto* out = static_cast<__nv_bfloat16*>(sr.transition ? segment_w(p) : p.out);
   const auto* v = static_cast<const __nv_bfloat16*>(p.v);
 
   int64_t slot = n;
@@ -152,6 +159,7 @@ __global__ void __launch_bounds__(32 * NW * KS) recurrence_kernel(const KdaPrefi
   if (p.state_pool != nullptr) {
     slot = p.state_indices[n];
     if (slot < 0) {  // padded entry: nothing read or written, outputs zero
+      if (run != 0) return;
       for (int64_t i = tid; i < len * (T::kSlice / 8); i += T::kThreads) {
         const int64_t t = i / (T::kSlice / 8);
         const int c = static_cast<int>(i % (T::kSlice / 8)) * 8;
@@ -162,7 +170,12 @@ __global__ void __launch_bounds__(32 * NW * KS) recurrence_kernel(const KdaPrefi
     has_init = p.has_initial_state == nullptr || p.has_initial_state[n] != 0;
   }
   float s[T::kNt][4];  // this warp's columns of its 16 state rows, fp32
-  if (has_init) {
+  if (kSegmented && sr.transition) {  // identity rows
+#pragma unroll
+    for (int nt = 0; nt < T::kNt; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) s[nt][i] = v_warp + g8 + 8 * (i / 2) == 8 * (nt0 + nt) + 2 * q4 + i % 2 ? 1.f : 0.f;
+  } else if (has_init && sr.segment == 0) {
     const bool pool = p.state_pool != nullptr;
     load_state(s, pool ? p.state_pool : p.initial_state, pool ? p.state_pool_fp32 : p.initial_state_fp32, slot, h,
                pool ? pool_state_stride(p) : dense_state_stride(p), v_warp, lane, nt0);
@@ -181,18 +194,21 @@ __global__ void __launch_bounds__(32 * NW * KS) recurrence_kernel(const KdaPrefi
   const int64_t num_chunks = (len + kChunk - 1) / kChunk;
   const int64_t first_chunk =
       p.cu_seqlens != nullptr ? p.chunk_offsets[n] : n * ((p.seq_len + kChunk - 1) / kChunk);
+  int64_t chunk_begin = 0, chunk_end = num_chunks;  // this run's segment of the sequence's chunks
+  if constexpr (kSegmented) segment_chunks(p, num_chunks, sr.segment, chunk_begin, chunk_end);
   const ChunkOps* ops = static_cast<const ChunkOps*>(p.workspace);
   auto issue = [&](int64_t j) {
-    if (j < num_chunks) {
+    if (j < chunk_end) {  // the transition run's v is zero: no valid rows
       load_stage<NW, T::kThreads>(sm.stage[j % T::kStages], ops[(first_chunk + j) * p.heads + h], v,
-                                  bos + j * kChunk, chunk_tokens(len - j * kChunk), p.heads, h, v_base, tid);
+                                  bos + j * kChunk, sr.transition ? 0 : chunk_tokens(len - j * kChunk), p.heads, h,
+                                  v_base, tid);
     }
     cp_async_commit();  // always commit, so the group count per chunk stays fixed
   };
 #pragma unroll
-  for (int j = 0; j < T::kStages - 1; ++j) issue(j);
+  for (int j = 0; j < T::kStages - 1; ++j) issue(chunk_begin + j);
 
-  for (int64_t j = 0; j < num_chunks; ++j) {
+  for (int64_t j = chunk_begin; j < chunk_end; ++j) {
     cute::cp_async_wait<T::kStages - 2>();
     __syncthreads();  // chunk j has landed for everyone; everyone is done with chunk j - 1's stage
     issue(j + T::kStages - 1);
@@ -333,7 +349,9 @@ __global__ void __launch_bounds__(32 * NW * KS) recurrence_kernel(const KdaPrefi
   }
   cute::cp_async_wait<0>();
 
-  if (p.state_pool != nullptr) {
+  if (kSegmented) {  // segment states go to the fix-up's scratch (segments.cuh), which writes the final state
+    store_state(s, segment_states(p), true, segment_state_entry(p, n, h, sr), 0, kDim * kDim, v_warp, lane, nt0);
+  } else if (p.state_pool != nullptr) {
     store_state(s, p.state_pool, p.state_pool_fp32, slot, h, pool_state_stride(p), v_warp, lane, nt0);
   } else if (p.final_state != nullptr) {
     store_state(s, p.final_state, p.final_state_fp32, n, h, dense_state_stride(p), v_warp, lane, nt0);

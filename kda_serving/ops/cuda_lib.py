@@ -23,6 +23,7 @@ import torch
 LIB_ENV = "KDA_SERVING_LIB"
 WARPS_ENV = "KDA_PREFILL_WARPS"
 KSPLIT_ENV = "KDA_PREFILL_KSPLIT"
+SEGMENTS_ENV = "KDA_PREFILL_SEGMENTS"  # time segments per sequence (opt-in; unset: none)
 CHUNK = 16  # tokens per chunk of the kernels
 _DEFAULT_LIB = Path(__file__).resolve().parent.parent / "_lib" / "libkda_serving.so"
 
@@ -64,6 +65,8 @@ class _PrefillParams(ctypes.Structure):
         ("use_lower_bound", ctypes.c_int32),
         ("warps", ctypes.c_int32),
         ("key_split", ctypes.c_int32),
+        ("segments", ctypes.c_int32),
+        ("segment_scratch", ctypes.c_void_p),
         ("pool_slot_stride", ctypes.c_int64),
         # Derived by the library (pass 0); left null here.
         ("chunk_offsets", ctypes.c_void_p),
@@ -93,6 +96,8 @@ def _load(path: str) -> ctypes.CDLL:
     lib.kda_prefill_default_key_split.restype = ctypes.c_int
     lib.kda_prefill_chunk_ops_bytes.argtypes = []
     lib.kda_prefill_chunk_ops_bytes.restype = ctypes.c_int64
+    lib.kda_prefill_segment_scratch_bytes.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_int32, ctypes.c_int32]
+    lib.kda_prefill_segment_scratch_bytes.restype = ctypes.c_int64
     lib.kda_prefill_schedule_words.argtypes = [ctypes.c_int64, ctypes.c_int64]
     lib.kda_prefill_schedule_words.restype = ctypes.c_int64
     return lib
@@ -146,6 +151,10 @@ def _key_split_override() -> int:
     return _env_override(KSPLIT_ENV, ("1", "2"))
 
 
+def _segments_override() -> int:
+    return _env_override(SEGMENTS_ENV, tuple(str(g) for g in range(1, 9)))
+
+
 def default_warps(num_seqs: int, heads: int) -> int:
     """Row groups per recurrence CTA the kernel's heuristic picks (value slice = 16 * warps rows)."""
     return int(load().kda_prefill_default_warps(num_seqs, heads))
@@ -185,6 +194,11 @@ def prefill(q, k, v, g, beta, A_log, dt_bias, scale, lower_bound, cu_seqlens, in
     has_ckpt = ckpt_seq is not None and ckpt_seq.numel() > 0
     ckpt = tuple(_as_int64(t) for t in (ckpt_seq, ckpt_pos, ckpt_slot)) if has_ckpt else (None, None, None)
     ckpt_count = ckpt_seq.numel() if has_ckpt else 0
+    segments = 1 if has_ckpt else max(1, _segments_override())
+    segment_scratch = None
+    if segments > 1:
+        nbytes = int(lib.kda_prefill_segment_scratch_bytes(B * T, N, H, segments))
+        segment_scratch = torch.empty(nbytes, dtype=torch.uint8, device=q.device)
     schedule = None
     if varlen or has_ckpt:
         words = int(lib.kda_prefill_schedule_words(N, ckpt_count))
@@ -203,6 +217,7 @@ def prefill(q, k, v, g, beta, A_log, dt_bias, scale, lower_bound, cu_seqlens, in
         state_pool_fp32=int(state_pool is not None and state_pool.dtype == torch.float32),
         scale=float(scale), lower_bound=0.0 if lower_bound is None else float(lower_bound),
         use_lower_bound=int(lower_bound is not None), warps=_warps_override(), key_split=_key_split_override(),
+        segments=segments, segment_scratch=_ptr(segment_scratch),
         pool_slot_stride=0 if state_pool is None or state_pool.shape[0] < 2 else state_pool.stride(0),
     )
     stream = torch.cuda.current_stream(q.device).cuda_stream

@@ -157,6 +157,22 @@ def test_variants_repeatable(warps, ksplit, monkeypatch):
 
 
 @on_gpu
+@pytest.mark.parametrize("segments", ["2", "3", "5"])
+@pytest.mark.parametrize("warps,ksplit", [("2", "2"), ("4", "1"), ("8", "1")])
+def test_time_segments(segments, warps, ksplit, monkeypatch):
+    """Sequences cut into time segments that run at once (run from zero + identity-row transition, then the
+    fix-up): outputs and final states against the float64 reference, with a 1-token and a 17-token sequence
+    (empty segments), fixed-length rows, and pool mode with a padded entry and a has_initial_state mask."""
+    monkeypatch.setenv(cuda_lib.SEGMENTS_ENV, segments)
+    monkeypatch.setenv(cuda_lib.WARPS_ENV, warps)
+    monkeypatch.setenv(cuda_lib.KSPLIT_ENV, ksplit)
+    dense_case(1, 4000, 4, state_dtype=torch.float32, cu=[0, 1300, 1301, 1318, 4000], g_std=4.0)
+    dense_case(2, 1000, 2, state_dtype=torch.bfloat16, lower_bound=None)
+    test_pool(torch.float32, None)
+    test_checkpoints(torch.float32)  # checkpoints: the library runs without segments
+
+
+@on_gpu
 @pytest.mark.parametrize("pool_dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("lower_bound", [-5.0, None], ids=["lb", "softplus"])
 def test_pool(pool_dtype, lower_bound):
@@ -336,6 +352,11 @@ def test_env_overrides_are_checked(monkeypatch):
     monkeypatch.setenv(cuda_lib.WARPS_ENV, "16")
     with pytest.raises(ValueError, match=cuda_lib.WARPS_ENV):
         cuda_lib._warps_override()
+    monkeypatch.setenv(cuda_lib.SEGMENTS_ENV, "3")
+    assert cuda_lib._segments_override() == 3
+    monkeypatch.setenv(cuda_lib.SEGMENTS_ENV, "9")
+    with pytest.raises(ValueError, match=cuda_lib.SEGMENTS_ENV):
+        cuda_lib._segments_override()
 
 
 def test_missing_library_is_a_clear_error(monkeypatch, tmp_path):
