@@ -24,6 +24,9 @@ LIB_ENV = "KDA_SERVING_LIB"
 WARPS_ENV = "KDA_PREFILL_WARPS"
 KSPLIT_ENV = "KDA_PREFILL_KSPLIT"
 SEGMENTS_ENV = "KDA_PREFILL_SEGMENTS"  # time segments per sequence (opt-in; unset: none)
+# Time segments only for calls with at most this many (sequence, head) pairs: they pay only for a few long
+# sequences, and their scratch is 3 (G - 1) fp32 states per pair (256 pairs, G = 8: 344 MB).
+SEGMENTS_MAX_PAIRS = 256
 CHUNK = 16  # tokens per chunk of the kernels
 _DEFAULT_LIB = Path(__file__).resolve().parent.parent / "_lib" / "libkda_serving.so"
 
@@ -194,7 +197,9 @@ def prefill(q, k, v, g, beta, A_log, dt_bias, scale, lower_bound, cu_seqlens, in
     has_ckpt = ckpt_seq is not None and ckpt_seq.numel() > 0
     ckpt = tuple(_as_int64(t) for t in (ckpt_seq, ckpt_pos, ckpt_slot)) if has_ckpt else (None, None, None)
     ckpt_count = ckpt_seq.numel() if has_ckpt else 0
-    segments = 1 if has_ckpt else max(1, _segments_override())
+    segments = max(1, _segments_override())  # checked even where it does not apply
+    if has_ckpt or N * H > SEGMENTS_MAX_PAIRS:
+        segments = 1
     segment_scratch = None
     if segments > 1:
         nbytes = int(lib.kda_prefill_segment_scratch_bytes(B * T, N, H, segments))
