@@ -23,8 +23,13 @@ case "$phase" in
     done 2>&1 | tee -a "$OUT/decode.log" ;;
   tests)
     python3 -m pytest -q -m gpu -p no:cacheprovider "$@" 2>&1 | tail -15 | tee -a "$OUT/tests.log" ;;
-  ncu)  # ncu H T: the two passes of one fixed-length case, with stall reasons
-    ncu --clock-control none --kernel-name regex:"chunk_ops|recurrence" --launch-skip 2 --launch-count 2 \
+  segments)  # every prefill test with 2 time segments forced (where they apply), then ncu of one segmented call
+    KDA_PREFILL_SEGMENTS=2 timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/gpu/test_prefill_cuda.py \
+      2>&1 | tail -5 | tee -a "$OUT/segments-tests.log"
+    KDA_PREFILL_SEGMENTS=2 KDA_PREFILL_WARPS=8 NCU_KERNELS=4 bash "$0" ncu "${@:-32}" 8192 ;;
+  ncu)  # ncu H T: the kernels of one fixed-length case (NCU_KERNELS per call: 2, or 4 with segments), stall reasons
+    ncu --clock-control none --kernel-name regex:"chunk_ops|recurrence|segment" --launch-skip "${NCU_KERNELS:-2}" \
+      --launch-count "${NCU_KERNELS:-2}" \
       --section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats \
       --section MemoryWorkloadAnalysis --section SchedulerStats \
       --metrics regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio \
