@@ -198,7 +198,7 @@ __global__ void __launch_bounds__(32 * NW * KS) recurrence_kernel(const KdaPrefi
   if constexpr (kSegmented) segment_chunks(p, num_chunks, sr.segment, chunk_begin, chunk_end);
   const ChunkOps* ops = static_cast<const ChunkOps*>(p.workspace);
   auto issue = [&](int64_t j) {
-    if (j < chunk_end) {  // the transition run's v is zero: no valid rows
+    if (j < chunk_end) {  // (the transition run's v is zero: it loads no valid rows of it)
       load_stage<NW, T::kThreads>(sm.stage[j % T::kStages], ops[(first_chunk + j) * p.heads + h], v,
                                   bos + j * kChunk, sr.transition ? 0 : chunk_tokens(len - j * kChunk), p.heads, h,
                                   v_base, tid);
