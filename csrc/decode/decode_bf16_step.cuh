@@ -18,55 +18,31 @@
 
 #include <type_traits>
 
+#include "common/warp_reduce.cuh"
 #include "decode/decode_kernel.cuh"
 
 namespace kda_serving::decode {
 
-#ifndef KDA_DECODE_ROWS_PER_LANE
-#define KDA_DECODE_ROWS_PER_LANE 4
-#endif
 constexpr int kStepLanesPerRow = 16;                                     // one 16-byte chunk per lane
-constexpr int kStepRowsPerLane = KDA_DECODE_ROWS_PER_LANE;               // 16 bytes loaded per thread each
+constexpr int kStepRowsPerLane = 4;                                      // 64 bytes loaded per thread
 constexpr int kStepRowsPerWarp = 32 / kStepLanesPerRow * kStepRowsPerLane;  // 8
 constexpr int kStepRowsPerCta = kThreads / 32 * kStepRowsPerWarp;        // 32
 constexpr int kStepSlicesPerHead = kHeadDim / kStepRowsPerCta;           // 4
 static_assert(kStepLanesPerRow * 8 == kHeadDim, "a half-warp covers one bf16 row");
 // Registers bound the CTAs per SM and so the state bytes in flight: 8 CTAs per SM need <= 64 registers.
-#ifndef KDA_DECODE_MIN_CTAS
-#define KDA_DECODE_MIN_CTAS 8
-#endif
-constexpr int kStepMinCtasPerSm = KDA_DECODE_MIN_CTAS;
-constexpr int kStepValues = 2 * kStepRowsPerLane;            // S'k and S'q of each row, reduced over 16 lanes
-constexpr int kStepLanesPerValue = kStepLanesPerRow / kStepValues;  // lanes that end up holding one sum
-static_assert(kStepLanesPerValue >= 1, "at most 16 values per half-warp");
+constexpr int kStepMinCtasPerSm = 8;
+constexpr int kStepValues = 2 * kStepRowsPerLane;                   // S'k and S'q of each row
+constexpr int kStepLanesPerValue = kStepLanesPerRow / kStepValues;  // 2 lanes end up holding each sum
 
-// v[0..R-1] = S'k partial sums of this lane's rows, v[R..2R-1] = S'q partial sums. A reduce-scatter over the
-// 16 lanes of the half-warp: at each level every lane sends half of its values to its partner and keeps the
-// other half (2R - 1 shuffles in all instead of 4 per value), then all-reduces what is left. Lane c ends up
-// with the full sum of value c / kStepLanesPerValue.
-template <int M>  // one level: partner lane c ^ M; kStepValues * M / 8 values held before it
-__device__ __forceinline__ void reduce_level(float (&v)[kStepValues], int c) {
-  constexpr int kHeld = kStepValues * M / 8;
-  if constexpr (kHeld > 1) {
-    constexpr int n = kHeld / 2;
-    const bool upper = c & M;
-#pragma unroll
-    for (int i = 0; i < n; ++i) {
-      const float send = upper ? v[i] : v[i + n];
-      v[i] = (upper ? v[i + n] : v[i]) + __shfl_xor_sync(0xffffffffu, send, M);
-    }
-  } else {
-    v[0] += __shfl_xor_sync(0xffffffffu, v[0], M);
-  }
-}
-
+// v[0..3] = S'k partial sums of this lane's rows, v[4..7] = S'q partial sums, reduced over the 16 lanes of
+// the half-warp: three reduce-scatter steps (7 shuffles instead of 32 for 8 all-reduces), then an
+// all-reduce of the pair. Lane c ends up with the full sum of value c / kStepLanesPerValue.
 __device__ __forceinline__ float reduce_scatter_rows(float (&v)[kStepValues], int c) {
-  static_assert(kStepLanesPerRow == 16, "four levels");
-  reduce_level<8>(v, c);
-  reduce_level<4>(v, c);
-  reduce_level<2>(v, c);
-  reduce_level<1>(v, c);
-  return v[0];
+  static_assert(kStepValues == 8 && kStepLanesPerRow == 16, "three halving steps over lane bits 8, 4, 2");
+  kda::reduce_scatter_step<8>(v, c, 8);
+  kda::reduce_scatter_step<4>(v, c, 4);
+  kda::reduce_scatter_step<2>(v, c, 2);
+  return v[0] + __shfl_xor_sync(0xffffffffu, v[0], 1);
 }
 
 // Grid: N * H * kStepSlicesPerHead CTAs of kThreads. A template only so that it is instantiated in the one

@@ -32,6 +32,7 @@
 #include <cstdint>
 
 #include "common/mma_sm80.cuh"
+#include "common/warp_reduce.cuh"
 #include "prefill/chunk_layout.cuh"
 #include "prefill/device_utils.cuh"
 #include "prefill/params.h"
@@ -103,20 +104,6 @@ __device__ __forceinline__ void level_product(const LevelOperands& op, int lane,
   }
 #pragma unroll
   for (int i = 0; i < 4; ++i) c[i] = c_hh[i] + (c_lh[i] + c_hl[i]);
-}
-
-// One reduce-scatter step over lane bit `mask` on v[0, N): N values -> N / 2 in v[0, N / 2), each lane
-// keeping the half its bit selects (upper lanes the second half).
-template <int N, int M>
-__device__ __forceinline__ void reduce_scatter_step(float (&v)[M], int lane, int mask) {
-  static_assert(N <= M && N % 2 == 0, "halves of the live prefix");
-  const bool upper = (lane & mask) != 0;
-#pragma unroll
-  for (int i = 0; i < N / 2; ++i) {
-    const float send = upper ? v[i] : v[i + N / 2];
-    const float keep = upper ? v[i + N / 2] : v[i];
-    v[i] = keep + __shfl_xor_sync(kFullMask, send, mask);
-  }
 }
 
 __global__ void __launch_bounds__(kOpsThreads) chunk_ops_kernel(const KdaPrefillParams p) {
