@@ -12,6 +12,7 @@
 
 #include <cute/arch/copy_sm75.hpp>
 #include <cute/arch/copy_sm80.hpp>
+#include <cute/arch/copy_sm90.hpp>
 #include <cute/arch/mma_sm80.hpp>
 
 namespace kda {
@@ -81,6 +82,17 @@ __device__ __forceinline__ void ldsm_t16x16(const __nv_bfloat16* tile, int lane,
   const int m = lane >> 3;
   const __nv_bfloat16* row = tile + ((lane & 7) + 8 * (m >> 1)) * kStride + 8 * (m & 1);
   cute::SM75_U16x8_LDSM_T::copy(*reinterpret_cast<const cute::uint128_t*>(row), d[0], d[1], d[2], d[3]);
+}
+
+// The inverse of ldsm_t16x16 (stmatrix.x4.trans, SM90): stores the A fragment `s` of a 16 (m) x 16 (k) matrix
+// X as its transpose, tile[k][m] (k-major, row stride kStride elements, rows 16-byte aligned). Turns a warp's
+// accumulator pair (e.g. O^T, value rows x tokens) into token-major rows in one instruction instead of eight
+// 2-byte stores.
+template <int kStride>
+__device__ __forceinline__ void stsm_t16x16(__nv_bfloat16* tile, int lane, const uint32_t (&s)[4]) {
+  const int m = lane >> 3;
+  __nv_bfloat16* row = tile + ((lane & 7) + 8 * (m >> 1)) * kStride + 8 * (m & 1);
+  cute::SM90_U16x8_STSM_T::copy(s[0], s[1], s[2], s[3], *reinterpret_cast<cute::uint128_t*>(row));
 }
 
 }  // namespace kda

@@ -23,6 +23,7 @@
 #pragma once
 
 #include <cuda_bf16.h>
+#include <cstddef>
 #include <cstdint>
 
 #include "common/mma_sm80.cuh"
@@ -74,34 +75,52 @@ struct alignas(16) RecurrenceSmem {
   RowGroupExchange xch[KS == 2 ? NW : 1];
 };
 
+// Copies the 16-byte vectors i = tid, tid + kThreads, ... < kCount of a row-major array with kRowVecs vectors
+// per row into shared rows kDstRowBytes apart. Trip count and strides are compile-time, so this is
+// straight-line code (a tail guard at most, predicated) whose per-thread offsets the compiler hoists out of
+// the chunk loop: issuing a chunk costs a few dozen instructions that overlap the MMAs around them, instead
+// of generic loops whose branches sat between the chunk barrier and the next chunk's first product.
+template <int kCount, int kRowVecs, int kDstRowBytes, int kThreads>
+__device__ __forceinline__ void copy_vectors(void* dst, const void* src, int tid) {
+#pragma unroll
+  for (int r = 0; r < (kCount + kThreads - 1) / kThreads; ++r) {
+    const int i = tid + r * kThreads;
+    if (kCount % kThreads == 0 || i < kCount) {
+      cp_async_16(static_cast<char*>(dst) + (i / kRowVecs) * kDstRowBytes + (i % kRowVecs) * 16,
+                  static_cast<const char*>(src) + 16 * i, true);
+    }
+  }
+}
+
 // Issues the copies of one chunk: operands (re-padded) and the CTA's value slice (rows >= L zero-filled).
+// ChunkOps and RecurrenceStage keep the same field order, so Kg | Qg is one [32][128] array (rows padded to
+// kRowPad) and KdT | Ab hi | Ab lo | P one [176][16] array (rows padded to kTPad) on both sides.
 template <int NW, int kThreads>
 __device__ __forceinline__ void load_stage(RecurrenceStage<NW>& st, const ChunkOps& ops, const __nv_bfloat16* v,
                                            int64_t tok0, int L, int heads, int h, int v_base, int tid) {
   using T = RecurrenceTraits<NW, 1>;
-  for (int i = tid; i < kChunk * (kDim / 8); i += kThreads) {  // Kg, Qg: 16 vectors per row
-    const int t = i / (kDim / 8), c = (i % (kDim / 8)) * 8;
-    cp_async_16(&st.kg[t][c], &ops.kg[t][c], true);
-    cp_async_16(&st.qg[t][c], &ops.qg[t][c], true);
-  }
-  for (int i = tid; i < kDim * 2; i += kThreads) {  // KdT: 2 vectors per row
-    const int c = i / 2, t = (i % 2) * 8;
-    cp_async_16(&st.kdT[c][t], &ops.kdT[c][t], true);
-  }
-  for (int i = tid; i < kChunk * 2; i += kThreads) {  // Ab hi/lo, P: 2 vectors per row
-    const int t = i / 2, s = (i % 2) * 8;
-    cp_async_16(&st.ab_hi[t][s], &ops.ab_hi[t][s], true);
-    cp_async_16(&st.ab_lo[t][s], &ops.ab_lo[t][s], true);
-    cp_async_16(&st.p[t][s], &ops.p[t][s], true);
-  }
-  for (int i = tid; i < kDim / 4; i += kThreads) cp_async_16(&st.gate_end[4 * i], &ops.gate_end[4 * i], true);
+  constexpr int kSmallRows = kDim + 3 * kChunk;  // KdT, Ab hi, Ab lo, P
+  copy_vectors<2 * kChunk * kDim / 8, kDim / 8, 2 * T::kRowPad, kThreads>(&st.kg[0][0], &ops.kg[0][0], tid);
+  copy_vectors<2 * kSmallRows, 2, 2 * T::kTPad, kThreads>(&st.kdT[0][0], &ops.kdT[0][0], tid);
+  copy_vectors<kDim / 4, 1, 16, kThreads>(&st.gate_end[0], &ops.gate_end[0], tid);
   constexpr int kVecV = T::kSlice / 8;
-  for (int i = tid; i < kChunk * kVecV; i += kThreads) {
-    const int t = i / kVecV, c = (i % kVecV) * 8;
+  static_assert(kChunk * kVecV <= kThreads, "at most one V vector per thread");
+  if (kChunk * kVecV == kThreads || tid < kChunk * kVecV) {
+    const int t = tid / kVecV, c = (tid % kVecV) * 8;
     const bool valid = t < L;
     cp_async_16(&st.v[t][c], v + ((tok0 + (valid ? t : 0)) * heads + h) * kDim + v_base + c, valid);
   }
 }
+static_assert(offsetof(ChunkOps, qg) == offsetof(ChunkOps, kg) + 2 * kChunk * kDim &&
+                  offsetof(ChunkOps, ab_hi) == offsetof(ChunkOps, kdT) + 2 * kDim * kChunk &&
+                  offsetof(ChunkOps, ab_lo) == offsetof(ChunkOps, ab_hi) + 2 * kChunk * kChunk &&
+                  offsetof(ChunkOps, p) == offsetof(ChunkOps, ab_lo) + 2 * kChunk * kChunk,
+              "load_stage copies Kg | Qg and KdT | Ab | P as single arrays");
+static_assert(offsetof(RecurrenceStage<1>, qg) == offsetof(RecurrenceStage<1>, kg) + 2 * kChunk * (kDim + 8) &&
+                  offsetof(RecurrenceStage<1>, ab_hi) == offsetof(RecurrenceStage<1>, kdT) + 2 * kDim * (kChunk + 8) &&
+                  offsetof(RecurrenceStage<1>, ab_lo) == offsetof(RecurrenceStage<1>, ab_hi) + 2 * kChunk * (kChunk + 8) &&
+                  offsetof(RecurrenceStage<1>, p) == offsetof(RecurrenceStage<1>, ab_lo) + 2 * kChunk * (kChunk + 8),
+              "RecurrenceStage keeps ChunkOps' field order without gaps");
 
 // Barrier of the two warps of row group `group` (id 1 + group; id 0 is __syncthreads). Immediate ids, so the
 // kernel reserves NW + 1 hardware barriers rather than all 16 (which would cap CTAs per SM).
@@ -197,22 +216,22 @@ __global__ void __launch_bounds__(32 * NW * KS) recurrence_kernel(const KdaPrefi
   int64_t chunk_begin = 0, chunk_end = num_chunks;  // this run's segment of the sequence's chunks
   if constexpr (kSegmented) segment_chunks(p, num_chunks, sr.segment, chunk_begin, chunk_end);
   const ChunkOps* ops = static_cast<const ChunkOps*>(p.workspace);
-  auto issue = [&](int64_t j) {
+  // Chunk j goes to stage j % kStages; the stage indices rotate instead of taking a 64-bit modulo per chunk.
+  auto issue = [&](int64_t j, int buffer) {
     if (j < chunk_end) {  // (the transition run's v is zero: it loads no valid rows of it)
-      load_stage<NW, T::kThreads>(sm.stage[j % T::kStages], ops[(first_chunk + j) * p.heads + h], v,
-                                  bos + j * kChunk, sr.transition ? 0 : chunk_tokens(len - j * kChunk), p.heads, h,
-                                  v_base, tid);
+      load_stage<NW, T::kThreads>(sm.stage[buffer], ops[(first_chunk + j) * p.heads + h], v, bos + j * kChunk,
+                                  sr.transition ? 0 : chunk_tokens(len - j * kChunk), p.heads, h, v_base, tid);
     }
     cp_async_commit();  // always commit, so the group count per chunk stays fixed
   };
 #pragma unroll
-  for (int j = 0; j < T::kStages - 1; ++j) issue(chunk_begin + j);
+  for (int j = 0; j < T::kStages - 1; ++j) issue(chunk_begin + j, j);
+  int stage = 0, next_stage = T::kStages - 1;  // stages of chunk j and of chunk j + kStages - 1
 
   for (int64_t j = chunk_begin; j < chunk_end; ++j) {
     cute::cp_async_wait<T::kStages - 2>();
     __syncthreads();  // chunk j has landed for everyone; everyone is done with chunk j - 1's stage
-    issue(j + T::kStages - 1);
-    const RecurrenceStage<NW>& st = sm.stage[j % T::kStages];
+    const RecurrenceStage<NW>& st = sm.stage[stage];
     const int64_t t0 = j * kChunk;
     const int L = chunk_tokens(len - t0);
 
@@ -243,6 +262,11 @@ __global__ void __launch_bounds__(32 * NW * KS) recurrence_kernel(const KdaPrefi
         }
       }
     }
+    // The next copies go out while those products are in flight (chunk j - 1's stage is free since the
+    // barrier), rather than between the barrier and the products, where they stalled every chunk's chain.
+    issue(j + T::kStages - 1, next_stage);
+    stage = stage + 1 == T::kStages ? 0 : stage + 1;
+    next_stage = next_stage + 1 == T::kStages ? 0 : next_stage + 1;
 
     uint32_t u_bf[4];  // U^T [16 rows, C] as a bf16 A fragment
     if (part == 0) {
@@ -322,14 +346,10 @@ __global__ void __launch_bounds__(32 * NW * KS) recurrence_kernel(const KdaPrefi
       uint32_t pb[4];
       ldsm_b16x16<T::kTPad>(&st.p[0][0], lane, pb);
 #pragma unroll
-      for (int nt = 0; nt < 2; ++nt) {
-        mma_16816(oT[nt], u_bf, pb[2 * nt], pb[2 * nt + 1]);
-        const int t = 8 * nt + 2 * q4;
-        ost[t][g8] = __float2bfloat16(oT[nt][0]);
-        ost[t + 1][g8] = __float2bfloat16(oT[nt][1]);
-        ost[t][g8 + 8] = __float2bfloat16(oT[nt][2]);
-        ost[t + 1][g8 + 8] = __float2bfloat16(oT[nt][3]);
-      }
+      for (int nt = 0; nt < 2; ++nt) mma_16816(oT[nt], u_bf, pb[2 * nt], pb[2 * nt + 1]);
+      uint32_t o_bf[4];
+      acc_to_a(oT[0], oT[1], o_bf);
+      stsm_t16x16<16 + 8>(&ost[0][0], lane, o_bf);  // ost[t][v] = O^T[v][t]
       __syncwarp();
       {
         const int t = lane / 2, half = lane % 2;
