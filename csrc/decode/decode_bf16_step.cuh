@@ -82,7 +82,7 @@ __global__ void __launch_bounds__(kThreads, kStepMinCtasPerSm) kda_decode_bf16_s
   const int my_value = c / kStepLanesPerValue;  // S'k of row my_value (< R) or S'q of row my_value - R
   const int my_row = my_value % kStepRowsPerLane;
   const float v_mine = __bfloat162float(p.v[head_offset + row_of(my_row)]);
-  const float b = sigmoidf_fast(__bfloat162float(p.beta[n * p.heads + h]));
+  const float b = kda::sigmoid_fast(__bfloat162float(p.beta[n * p.heads + h]));
   const TokenScalars ts = prepare_token(p, sm, 0, head_offset, rate, bias_col);
 
   float d[8], kk[8], qq[8];  // decay, k, q of this lane's 8 columns

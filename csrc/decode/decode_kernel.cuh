@@ -25,6 +25,7 @@
 
 #include <cuda_bf16.h>
 
+#include "common/gate.cuh"
 #include "common/packed.cuh"
 #include "decode/decode_params.h"
 
@@ -36,7 +37,6 @@ constexpr int kThreads = kLanesPerRow * kRowsPerCta;    // 128
 constexpr int kSlicesPerHead = kHeadDim / kRowsPerCta;  // 8 CTAs per (sequence, head)
 constexpr int kElemsPerLane = kHeadDim / kLanesPerRow;  // 16 state elements held per thread
 constexpr float kL2Eps = 1e-6f;                         // contract.L2_EPS, under the square root
-constexpr float kSoftplusLinear = 20.f;                 // softplus(x) == x in fp32 above this
 static_assert(kThreads == kHeadDim, "the token prep maps one thread to one key column");
 static_assert(kHeadDim % kRowsPerCta == 0, "slices must tile the value rows");
 
@@ -44,16 +44,9 @@ static_assert(kHeadDim % kRowsPerCta == 0, "slices must tile the value rows");
 template <typename StateT>
 constexpr int kVecElems = 16 / sizeof(StateT);
 
-__device__ __forceinline__ float sigmoidf_fast(float x) { return 1.f / (1.f + __expf(-x)); }
-
-__device__ __forceinline__ float softplusf_fast(float x) {
-  return x > kSoftplusLinear ? x : __logf(1.f + __expf(x));
-}
-
 // The per-column log-decay a <= 0 (contract.gate_activation).
 __device__ __forceinline__ float log_decay(float g_plus_bias, float rate, const DecodeParams& p) {
-  return p.use_lower_bound ? p.lower_bound * sigmoidf_fast(rate * g_plus_bias)
-                           : -rate * softplusf_fast(g_plus_bias);
+  return kda::log_decay(g_plus_bias, rate, p.lower_bound, p.use_lower_bound != 0);
 }
 
 // 16-byte state chunk `chunk` of a row <-> 4 (fp32) or 8 (bf16) floats. Streaming hints: every state byte is
@@ -199,7 +192,7 @@ __global__ void __launch_bounds__(kThreads) kda_decode_kernel(const DecodeParams
     const int64_t head_offset = (token * p.heads + h) * kHeadDim;  // of q, k, g, v and out (K == V)
 
     const float v_row = __bfloat162float(p.v[head_offset + row]);  // issued before the barrier
-    const float b = sigmoidf_fast(__bfloat162float(p.beta[token * p.heads + h]));
+    const float b = kda::sigmoid_fast(__bfloat162float(p.beta[token * p.heads + h]));
     const TokenScalars ts = prepare_token(p, sm, buf, head_offset, rate, bias_col);
 
     // Row update. With S' the decayed state: S k_hat and S q_hat in one pass, then

@@ -6,7 +6,8 @@ namespace kda::prefill {
 int launch_chunk_ops(const KdaPrefillParams& p, cudaStream_t stream) {
   const int64_t ctas = p.chunk_bound * p.heads;
   constexpr int kSmem = static_cast<int>(sizeof(ChunkOpsSmem));
-  return launch_kernel(chunk_ops_kernel, ctas, kOpsThreads, kSmem, p, stream);
+  return p.use_lower_bound ? launch_kernel(chunk_ops_kernel<true>, ctas, kOpsThreads, kSmem, p, stream)
+                           : launch_kernel(chunk_ops_kernel<false>, ctas, kOpsThreads, kSmem, p, stream);
 }
 }  // namespace kda::prefill
 

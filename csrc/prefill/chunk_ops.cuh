@@ -31,6 +31,7 @@
 #include <cuda_bf16.h>
 #include <cstdint>
 
+#include "common/gate.cuh"
 #include "common/mma_sm80.cuh"
 #include "common/warp_reduce.cuh"
 #include "prefill/chunk_layout.cuh"
@@ -106,6 +107,8 @@ __device__ __forceinline__ void level_product(const LevelOperands& op, int lane,
   for (int i = 0; i < 4; ++i) c[i] = c_hh[i] + (c_lh[i] + c_hl[i]);
 }
 
+// kLowerBound: the gate form (common/gate.cuh), a template argument so the per-element gate is straight-line.
+template <bool kLowerBound>
 __global__ void __launch_bounds__(kOpsThreads) chunk_ops_kernel(const KdaPrefillParams p) {
   extern __shared__ __align__(128) unsigned char smem_bytes[];
   ChunkOpsSmem& sm = *reinterpret_cast<ChunkOpsSmem*>(smem_bytes);
@@ -140,7 +143,6 @@ __global__ void __launch_bounds__(kOpsThreads) chunk_ops_kernel(const KdaPrefill
       b[i] = valid ? __bfloat162float(betap[(tok0 + t0 + i) * p.heads + h]) : 0.f;
     }
     const float rate = __expf(p.A_log[h]);
-    const bool use_lb = p.use_lower_bound != 0;
     const float4 dtb = *reinterpret_cast<const float4*>(p.dt_bias + h * kDim + c0);
     const float bias[kLaneCh] = {dtb.x, dtb.y, dtb.z, dtb.w};
 #pragma unroll
@@ -156,8 +158,11 @@ __global__ void __launch_bounds__(kOpsThreads) chunk_ops_kernel(const KdaPrefill
       k[i][0] = k01.x, k[i][1] = k01.y, k[i][2] = k23.x, k[i][3] = k23.y;
       const float g[kLaneCh] = {g01.x, g01.y, g23.x, g23.y};
 #pragma unroll
-      for (int c = 0; c < kLaneCh; ++c) e[i][c] = valid ? __expf(gate(g[c], bias[c], rate, p.lower_bound, use_lb)) : 1.f;
-      b[i] = valid ? 1.f / (1.f + __expf(-b[i])) : 0.f;
+      for (int c = 0; c < kLaneCh; ++c) {  // (computed for padding too, then selected: no branch per element)
+        const float decay = __expf(log_decay(g[c] + bias[c], rate, p.lower_bound, kLowerBound));
+        e[i][c] = valid ? decay : 1.f;
+      }
+      b[i] = valid ? sigmoid_fast(b[i]) : 0.f;
     }
   }
 #pragma unroll

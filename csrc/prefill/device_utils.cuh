@@ -16,14 +16,6 @@ __device__ __forceinline__ int chunk_tokens(int64_t remaining) {
   return remaining < kChunk ? static_cast<int>(remaining) : kChunk;
 }
 
-__device__ __forceinline__ float softplus(float x) { return x > 20.f ? x : log1pf(__expf(x)); }
-
-// Log-decay a <= 0 of the contract for one channel.
-__device__ __forceinline__ float gate(float g, float dt_bias, float rate, float lower_bound, bool use_lb) {
-  const float x = g + dt_bias;
-  return use_lb ? lower_bound / (1.f + __expf(-rate * x)) : -rate * softplus(x);
-}
-
 // Element offset of state row v, column c of (entry, head) in a [*, H, V, K] state tensor whose entries lie
 // entry_stride elements apart (H * V * K when packed).
 __device__ __forceinline__ int64_t state_offset(int64_t entry, int64_t entry_stride, int h, int v, int c) {

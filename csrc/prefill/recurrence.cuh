@@ -75,47 +75,78 @@ struct alignas(16) RecurrenceSmem {
   RowGroupExchange xch[KS == 2 ? NW : 1];
 };
 
-// Copies the 16-byte vectors i = tid, tid + kThreads, ... < kCount of a row-major array with kRowVecs vectors
-// per row into shared rows kDstRowBytes apart. Trip count and strides are compile-time, so this is
-// straight-line code (a tail guard at most, predicated) whose per-thread offsets the compiler hoists out of
-// the chunk loop: issuing a chunk costs a few dozen instructions that overlap the MMAs around them, instead
-// of generic loops whose branches sat between the chunk barrier and the next chunk's first product.
+// Issues 16-byte copies i = tid, tid + kThreads, ... < kCount of a row-major array with kRowVecs vectors per
+// row into shared rows kDstRowBytes apart; src and dst are already this thread's first vector (vector tid).
+// Trip count and strides are compile-time, so this is straight-line code with immediate offsets (a predicated
+// tail at most).
 template <int kCount, int kRowVecs, int kDstRowBytes, int kThreads>
-__device__ __forceinline__ void copy_vectors(void* dst, const void* src, int tid) {
+__device__ __forceinline__ void copy_vectors(char* dst, const char* src, int tid) {
+  static_assert(kThreads % kRowVecs == 0, "every pass of the threads starts a row");
 #pragma unroll
   for (int r = 0; r < (kCount + kThreads - 1) / kThreads; ++r) {
-    const int i = tid + r * kThreads;
-    if (kCount % kThreads == 0 || i < kCount) {
-      cp_async_16(static_cast<char*>(dst) + (i / kRowVecs) * kDstRowBytes + (i % kRowVecs) * 16,
-                  static_cast<const char*>(src) + 16 * i, true);
+    if (kCount % kThreads == 0 || tid + r * kThreads < kCount) {
+      cp_async_16(dst + r * (kThreads / kRowVecs) * kDstRowBytes, src + r * kThreads * 16, true);
     }
   }
 }
 
-// Issues the copies of one chunk: operands (re-padded) and the CTA's value slice (rows >= L zero-filled).
-// ChunkOps and RecurrenceStage keep the same field order, so Kg | Qg is one [32][128] array (rows padded to
-// kRowPad) and KdT | Ab hi | Ab lo | P one [176][16] array (rows padded to kTPad) on both sides.
+// The copies of every chunk as one thread issues them: operands (re-padded) and the CTA's value slice (rows
+// past the sequence zero-filled). The per-thread offsets are computed once; a chunk then costs two 64-bit
+// address products and straight-line cp.async with immediate offsets, which the compiler overlaps with the
+// MMAs around them (generic copy loops here, between the chunk barrier and the first products, used to stall
+// every chunk: docs/prefill-kernel.md). ChunkOps and RecurrenceStage keep the same field order, so Kg | Qg is
+// one [32][128] array (rows padded to kRowPad) and KdT | Ab hi | Ab lo | P one [176][16] array (rows padded to
+// kTPad) on both sides.
 template <int NW, int kThreads>
-__device__ __forceinline__ void load_stage(RecurrenceStage<NW>& st, const ChunkOps& ops, const __nv_bfloat16* v,
-                                           int64_t tok0, int L, int heads, int h, int v_base, int tid) {
+struct StageLoader {
   using T = RecurrenceTraits<NW, 1>;
-  constexpr int kSmallRows = kDim + 3 * kChunk;  // KdT, Ab hi, Ab lo, P
-  copy_vectors<2 * kChunk * kDim / 8, kDim / 8, 2 * T::kRowPad, kThreads>(&st.kg[0][0], &ops.kg[0][0], tid);
-  copy_vectors<2 * kSmallRows, 2, 2 * T::kTPad, kThreads>(&st.kdT[0][0], &ops.kdT[0][0], tid);
-  copy_vectors<kDim / 4, 1, 16, kThreads>(&st.gate_end[0], &ops.gate_end[0], tid);
-  constexpr int kVecV = T::kSlice / 8;
+  static constexpr int kRowVecs = kDim / 8;          // vectors per Kg / Qg row
+  static constexpr int kSmallRows = kDim + 3 * kChunk;  // KdT, Ab hi, Ab lo, P rows of 16 tokens
+  static constexpr int kVecV = T::kSlice / 8;        // vectors per token of the value slice
   static_assert(kChunk * kVecV <= kThreads, "at most one V vector per thread");
-  if (kChunk * kVecV == kThreads || tid < kChunk * kVecV) {
-    const int t = tid / kVecV, c = (tid % kVecV) * 8;
-    const bool valid = t < L;
-    cp_async_16(&st.v[t][c], v + ((tok0 + (valid ? t : 0)) * heads + h) * kDim + v_base + c, valid);
+
+  const char* ops;         // chunk 0's ChunkOps + 16 * tid
+  int64_t ops_step;        // bytes from one chunk's ChunkOps to the next's
+  const __nv_bfloat16* v;  // chunk 0's first token row of the slice
+  int64_t v_step;          // elements from one chunk's first token row to the next's
+  int64_t v_off;           // this thread's vector in a chunk: token v_t, 8 columns
+  int v_t;                 // kChunk when the thread copies no V vector
+  int dst_rows, dst_small, dst_gate, dst_v;  // this thread's byte offsets in a stage
+
+  __device__ __forceinline__ StageLoader(const ChunkOps* workspace, int64_t first_chunk, int heads, int h,
+                                         const __nv_bfloat16* v_all, int64_t bos, int v_base, int tid) {
+    ops = reinterpret_cast<const char*>(workspace + first_chunk * heads + h) + 16 * tid;
+    ops_step = static_cast<int64_t>(heads) * sizeof(ChunkOps);
+    v = v_all + (bos * heads + h) * kDim + v_base;
+    v_step = static_cast<int64_t>(kChunk) * heads * kDim;
+    const bool has_v = kChunk * kVecV == kThreads || tid < kChunk * kVecV;
+    v_t = has_v ? tid / kVecV : kChunk;
+    v_off = has_v ? static_cast<int64_t>(v_t) * heads * kDim + (tid % kVecV) * 8 : 0;
+    dst_rows = static_cast<int>(offsetof(RecurrenceStage<NW>, kg)) + (tid / kRowVecs) * 2 * T::kRowPad +
+               (tid % kRowVecs) * 16;
+    dst_small = static_cast<int>(offsetof(RecurrenceStage<NW>, kdT)) + (tid / 2) * 2 * T::kTPad + (tid % 2) * 16;
+    dst_gate = static_cast<int>(offsetof(RecurrenceStage<NW>, gate_end)) + 16 * tid;
+    dst_v = static_cast<int>(offsetof(RecurrenceStage<NW>, v)) + v_t * 2 * T::kSlice + (tid % kVecV) * 16;
   }
-}
+
+  // Chunk j of the sequence (L valid tokens of V) into stage `st`.
+  __device__ __forceinline__ void issue(RecurrenceStage<NW>& st, int64_t j, int L, int tid) const {
+    char* base = reinterpret_cast<char*>(&st);
+    const char* src = ops + j * ops_step;
+    copy_vectors<2 * kChunk * kRowVecs, kRowVecs, 2 * T::kRowPad, kThreads>(base + dst_rows, src, tid);
+    copy_vectors<2 * kSmallRows, 2, 2 * T::kTPad, kThreads>(base + dst_small, src + offsetof(ChunkOps, kdT), tid);
+    copy_vectors<kDim / 4, 1, 16, kThreads>(base + dst_gate, src + offsetof(ChunkOps, gate_end), tid);
+    if (v_t < kChunk) {
+      const bool valid = v_t < L;
+      cp_async_16(base + dst_v, v + j * v_step + (valid ? v_off : 0), valid);
+    }
+  }
+};
 static_assert(offsetof(ChunkOps, qg) == offsetof(ChunkOps, kg) + 2 * kChunk * kDim &&
                   offsetof(ChunkOps, ab_hi) == offsetof(ChunkOps, kdT) + 2 * kDim * kChunk &&
                   offsetof(ChunkOps, ab_lo) == offsetof(ChunkOps, ab_hi) + 2 * kChunk * kChunk &&
                   offsetof(ChunkOps, p) == offsetof(ChunkOps, ab_lo) + 2 * kChunk * kChunk,
-              "load_stage copies Kg | Qg and KdT | Ab | P as single arrays");
+              "StageLoader copies Kg | Qg and KdT | Ab | P as single arrays");
 static_assert(offsetof(RecurrenceStage<1>, qg) == offsetof(RecurrenceStage<1>, kg) + 2 * kChunk * (kDim + 8) &&
                   offsetof(RecurrenceStage<1>, ab_hi) == offsetof(RecurrenceStage<1>, kdT) + 2 * kDim * (kChunk + 8) &&
                   offsetof(RecurrenceStage<1>, ab_lo) == offsetof(RecurrenceStage<1>, ab_hi) + 2 * kChunk * (kChunk + 8) &&
@@ -215,12 +246,12 @@ __global__ void __launch_bounds__(32 * NW * KS) recurrence_kernel(const KdaPrefi
       p.cu_seqlens != nullptr ? p.chunk_offsets[n] : n * ((p.seq_len + kChunk - 1) / kChunk);
   int64_t chunk_begin = 0, chunk_end = num_chunks;  // this run's segment of the sequence's chunks
   if constexpr (kSegmented) segment_chunks(p, num_chunks, sr.segment, chunk_begin, chunk_end);
-  const ChunkOps* ops = static_cast<const ChunkOps*>(p.workspace);
+  const StageLoader<NW, T::kThreads> loader(static_cast<const ChunkOps*>(p.workspace), first_chunk, p.heads, h, v,
+                                              bos, v_base, tid);
   // Chunk j goes to stage j % kStages; the stage indices rotate instead of taking a 64-bit modulo per chunk.
   auto issue = [&](int64_t j, int buffer) {
     if (j < chunk_end) {  // (the transition run's v is zero: it loads no valid rows of it)
-      load_stage<NW, T::kThreads>(sm.stage[buffer], ops[(first_chunk + j) * p.heads + h], v, bos + j * kChunk,
-                                  sr.transition ? 0 : chunk_tokens(len - j * kChunk), p.heads, h, v_base, tid);
+      loader.issue(sm.stage[buffer], j, sr.transition ? 0 : chunk_tokens(len - j * kChunk), tid);
     }
     cp_async_commit();  // always commit, so the group count per chunk stays fixed
   };
