@@ -31,20 +31,11 @@ extern "C" int kda_prefill_default_warps(int64_t num_seqs, int32_t heads) {
   return warps;
 }
 
-extern "C" int kda_prefill_default_key_split(int32_t warps) {
-  // Two warps per row group shorten each chunk's dependent chain but add two pair barriers: a gain only
-  // where an SM holds a few warps (H32, one sequence: 2 row groups, -5%); at 4 and 8 row groups it measured
-  // 7-16% slower on an H200 (docs/prefill-kernel.md).
-  return warps <= 2 ? 2 : 1;
-}
-
 extern "C" int kda_prefill_sm90(const KdaPrefillParams* params, void* stream) {
   if (params == nullptr || params->heads <= 0 || params->num_seqs < 0) return static_cast<int>(cudaErrorInvalidValue);
   KdaPrefillParams p = *params;  // a copy: pass 0 fills its derived pointers
   const auto s = static_cast<cudaStream_t>(stream);
   const int warps = p.warps != 0 ? p.warps : kda_prefill_default_warps(p.num_seqs, p.heads);
-  if (p.key_split == 0) p.key_split = kda_prefill_default_key_split(warps);
-  if (p.key_split != 1 && p.key_split != 2) return static_cast<int>(cudaErrorInvalidValue);
   if (p.segments < 0 || p.segments > 8) return static_cast<int>(cudaErrorInvalidValue);
   if (p.ckpt_count > 0) p.segments = 1;  // checkpoints inside a later segment would need its transition there
   if (p.segments > 1 && p.segment_scratch == nullptr) return static_cast<int>(cudaErrorInvalidValue);

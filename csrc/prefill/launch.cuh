@@ -10,7 +10,7 @@ namespace kda::prefill {
 
 // Pass 1: the operands of every (chunk, head) into p.workspace.
 int launch_chunk_ops(const KdaPrefillParams& p, cudaStream_t stream);
-// Pass 2: the recurrence, 1, 2, 4 or 8 row groups per CTA (p.key_split warps each).
+// Pass 2: the recurrence, 1, 2, 4 or 8 row groups (warps) per CTA.
 int launch_recurrence_w1(const KdaPrefillParams& p, cudaStream_t stream);
 int launch_recurrence_w2(const KdaPrefillParams& p, cudaStream_t stream);
 int launch_recurrence_w4(const KdaPrefillParams& p, cudaStream_t stream);

@@ -49,7 +49,6 @@ struct KdaPrefillParams {
   float lower_bound;        // used when use_lower_bound != 0
   int32_t use_lower_bound;  // 0 = softplus gate (Kimi-Linear-48B)
   int32_t warps;            // row groups per recurrence CTA (value slice = 16 * warps rows); 0 = heuristic
-  int32_t key_split;        // warps per row group, 1 or 2 (each then holds half of the key columns); 0 = heuristic
   int32_t segments;         // time segments per sequence (prefill/segments.cuh), 1..8; 0 or 1 = none
   // Scratch of kda_prefill_segment_scratch_bytes(...) bytes when segments > 1, else null.
   void* segment_scratch;
@@ -81,6 +80,4 @@ int64_t kda_prefill_segment_scratch_bytes(int64_t tokens, int64_t num_seqs, int3
 int64_t kda_prefill_schedule_words(int64_t num_seqs, int64_t ckpt_count);
 // Warps per CTA the heuristic picks for N sequences and H heads on this device (for benchmarks and docs).
 int kda_prefill_default_warps(int64_t num_seqs, int32_t heads);
-// Warps per row group (1 or 2) the heuristic picks for a CTA of `warps` row groups.
-int kda_prefill_default_key_split(int32_t warps);
 }

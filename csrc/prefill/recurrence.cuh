@@ -1,8 +1,8 @@
 // Pass 2 of the two-pass prefill: the state recurrence over the chunk operands of pass 1 (chunk_ops.cuh).
 //
 // The recurrence is independent per value row of S [V, K], so a CTA owns a slice of 16 * NW rows of one
-// (sequence, head): NW row groups of 16 rows, held in registers as m16n8k16 accumulators. Per chunk, with
-// the rows of S of a row group (docs/prefill-kernel.md):
+// (sequence, head): NW row groups of 16 rows, one warp each, held in registers as m16n8k16 accumulators.
+// Per chunk, with the rows of S of a warp (docs/prefill-kernel.md):
 //   X^T = S Kg^T                      (S rounded to one bf16 operand; the fp32 accumulators stay the master)
 //   U^T = (V^T - X^T) Ab^T            (hi + lo operands: the 16 x 16 solve is cheap and error-sensitive)
 //   O^T = S Qg^T + U^T P^T            (the chunk's output rows for this slice)
@@ -11,15 +11,10 @@
 // ~15% lower error (worst 2.75e-3 vs 3.16e-3 against the float64 reference, bound 8e-3) and cost 10% of the
 // prefill time on an H200 (docs/prefill-kernel.md).
 //
-// K split (KS = 2). The recurrence is latency-bound: a chunk is a dependent chain of MMAs per warp, and with
-// few (sequence, head) pairs an SM holds one or two warps. So each row group is served by KS warps that split
-// the key columns: each holds 16 x 128 / KS of S, computes its partial X and O over its columns, the partner
-// (columns 64..127) hands its partials to the leader through shared memory, the leader forms U and hands it
-// back, and both update their own columns. The chain per chunk roughly halves, for two pair barriers.
-//
 // Every product takes its A operand straight from accumulators (see common/mma_sm80.cuh); the chunk operands
 // stream through a kStages-deep cp.async ring with one CTA barrier per chunk, their B fragments read by
-// ldmatrix.
+// ldmatrix. (Splitting a row group's key columns over two warps, which exchanged partial products through
+// shared memory each chunk, shortened the chain but lost once the copies stopped stalling it: removed.)
 #pragma once
 
 #include <cuda_bf16.h>
@@ -34,15 +29,13 @@
 
 namespace kda::prefill {
 
-template <int NW, int KS>
+template <int NW>
 struct RecurrenceTraits {
-  static_assert(NW == 1 || NW == 2 || NW == 4 || NW == 8, "row groups per CTA");
-  static_assert(KS == 1 || KS == 2, "warps per row group");
-  static constexpr int kWarps = NW * KS;
-  static constexpr int kThreads = 32 * kWarps;
+  static_assert(NW == 1 || NW == 2 || NW == 4 || NW == 8, "row groups (warps) per CTA");
+  static constexpr int kThreads = 32 * NW;
   static constexpr int kSlice = 16 * NW;         // value rows per CTA
   static constexpr int kSlices = kDim / kSlice;  // CTAs per (sequence, head)
-  static constexpr int kNt = 16 / KS;            // state n tiles (8 key columns each) per warp
+  static constexpr int kNt = kDim / 8;          // state n tiles (8 key columns each) per warp
   static constexpr int kStages = 3;              // chunks in flight: hides the global latency of one chunk
   static constexpr int kRowPad = kDim + 8;       // bf16 stride of Kg/Qg rows: conflict-free ldmatrix
   static constexpr int kTPad = kChunk + 8;       // bf16 stride of KdT/Ab/P rows: conflict-free ldmatrix
@@ -50,7 +43,7 @@ struct RecurrenceTraits {
 
 template <int NW>
 struct alignas(16) RecurrenceStage {
-  using T = RecurrenceTraits<NW, 1>;
+  using T = RecurrenceTraits<NW>;
   alignas(16) __nv_bfloat16 kg[kChunk][T::kRowPad];
   alignas(16) __nv_bfloat16 qg[kChunk][T::kRowPad];
   alignas(16) __nv_bfloat16 kdT[kDim][T::kTPad];
@@ -61,18 +54,10 @@ struct alignas(16) RecurrenceStage {
   alignas(16) __nv_bfloat16 v[kChunk][T::kSlice];
 };
 
-// What the partner warp of a row group hands the leader (partial X^T and O^T, as float4 [4][lane]) and the
-// leader hands back (U^T as a bf16 A fragment per lane).
-struct alignas(16) RowGroupExchange {
-  float4 part[4][32];
-  uint4 u[32];
-};
-
-template <int NW, int KS>
+template <int NW>
 struct alignas(16) RecurrenceSmem {
-  RecurrenceStage<NW> stage[RecurrenceTraits<NW, KS>::kStages];
-  alignas(16) __nv_bfloat16 out[NW][kChunk][16 + 8];  // per row group output staging (its leader's)
-  RowGroupExchange xch[KS == 2 ? NW : 1];
+  RecurrenceStage<NW> stage[RecurrenceTraits<NW>::kStages];
+  alignas(16) __nv_bfloat16 out[NW][kChunk][16 + 8];  // per warp output staging
 };
 
 // Issues 16-byte copies i = tid, tid + kThreads, ... < kCount of a row-major array with kRowVecs vectors per
@@ -97,9 +82,10 @@ __device__ __forceinline__ void copy_vectors(char* dst, const char* src, int tid
 // every chunk: docs/prefill-kernel.md). ChunkOps and RecurrenceStage keep the same field order, so Kg | Qg is
 // one [32][128] array (rows padded to kRowPad) and KdT | Ab hi | Ab lo | P one [176][16] array (rows padded to
 // kTPad) on both sides.
-template <int NW, int kThreads>
+template <int NW>
 struct StageLoader {
-  using T = RecurrenceTraits<NW, 1>;
+  using T = RecurrenceTraits<NW>;
+  static constexpr int kThreads = T::kThreads;
   static constexpr int kRowVecs = kDim / 8;          // vectors per Kg / Qg row
   static constexpr int kSmallRows = kDim + 3 * kChunk;  // KdT, Ab hi, Ab lo, P rows of 16 tokens
   static constexpr int kVecV = T::kSlice / 8;        // vectors per token of the value slice
@@ -153,40 +139,15 @@ static_assert(offsetof(RecurrenceStage<1>, qg) == offsetof(RecurrenceStage<1>, k
                   offsetof(RecurrenceStage<1>, p) == offsetof(RecurrenceStage<1>, ab_lo) + 2 * kChunk * (kChunk + 8),
               "RecurrenceStage keeps ChunkOps' field order without gaps");
 
-// Barrier of the two warps of row group `group` (id 1 + group; id 0 is __syncthreads). Immediate ids, so the
-// kernel reserves NW + 1 hardware barriers rather than all 16 (which would cap CTAs per SM).
-template <int NW>
-__device__ __forceinline__ void row_group_barrier(int group) {
-#define KDA_GROUP_BARRIER(G)                                                   \
-  case G:                                                                      \
-    if constexpr (G < NW) asm volatile("bar.sync " #G " + 1, 64;" ::: "memory"); \
-    break;
-  switch (group) {
-    KDA_GROUP_BARRIER(0)
-    KDA_GROUP_BARRIER(1)
-    KDA_GROUP_BARRIER(2)
-    KDA_GROUP_BARRIER(3)
-    KDA_GROUP_BARRIER(4)
-    KDA_GROUP_BARRIER(5)
-    KDA_GROUP_BARRIER(6)
-    KDA_GROUP_BARRIER(7)
-  }
-#undef KDA_GROUP_BARRIER
-}
-
 // kSegmented: the CTA is one of the 2 G - 1 runs of a time-segmented sequence (segments.cuh). A separate
 // instantiation, so the plain kernel keeps its registers (the run bookkeeping costs ~30 more).
-template <int NW, int KS, bool kSegmented>
-__global__ void __launch_bounds__(32 * NW * KS) recurrence_kernel(const KdaPrefillParams p) {
-  using T = RecurrenceTraits<NW, KS>;
+template <int NW, bool kSegmented>
+__global__ void __launch_bounds__(32 * NW) recurrence_kernel(const KdaPrefillParams p) {
+  using T = RecurrenceTraits<NW>;
   extern __shared__ __align__(128) unsigned char smem_bytes[];
-  RecurrenceSmem<NW, KS>& sm = *reinterpret_cast<RecurrenceSmem<NW, KS>*>(smem_bytes);
+  RecurrenceSmem<NW>& sm = *reinterpret_cast<RecurrenceSmem<NW>*>(smem_bytes);
 
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int group = warp / KS;        // row group: value rows 16 group .. + 15 of the slice
-  const int part = warp % KS;         // key columns part * 128 / KS .. of them; part 0 leads the group
-  const int nt0 = part * T::kNt;      // first state n tile (8 columns) of this warp
-  const int kk0 = part * (8 / KS);    // first 16-column k step of this warp
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;  // warp w owns value rows 16 w .. + 15
   const int g8 = lane / 4, q4 = lane % 4;  // fragment coordinates (common/mma_sm80.cuh)
   const int64_t unit = blockIdx.x;
   const int slice = static_cast<int>(unit % T::kSlices);
@@ -197,7 +158,7 @@ __global__ void __launch_bounds__(32 * NW * KS) recurrence_kernel(const KdaPrefi
   const int64_t n = p.seq_order != nullptr ? p.seq_order[rank] : rank;
   const SegmentRun sr = kSegmented ? segment_run(run) : SegmentRun{0, false};
   const int v_base = slice * T::kSlice;    // first value row of the CTA
-  const int v_warp = v_base + 16 * group;  // first value row of the warp
+  const int v_warp = v_base + 16 * warp;  // first value row of the warp
   int64_t bos, len;
   seq_bounds(p, n, bos, len);
   // The transition run's "outputs" are the coefficients W of the fix-up (segments.cuh).
@@ -224,11 +185,11 @@ __global__ void __launch_bounds__(32 * NW * KS) recurrence_kernel(const KdaPrefi
 #pragma unroll
     for (int nt = 0; nt < T::kNt; ++nt)
 #pragma unroll
-      for (int i = 0; i < 4; ++i) s[nt][i] = v_warp + g8 + 8 * (i / 2) == 8 * (nt0 + nt) + 2 * q4 + i % 2 ? 1.f : 0.f;
+      for (int i = 0; i < 4; ++i) s[nt][i] = v_warp + g8 + 8 * (i / 2) == 8 * nt + 2 * q4 + i % 2 ? 1.f : 0.f;
   } else if (has_init && sr.segment == 0) {
     const bool pool = p.state_pool != nullptr;
     load_state(s, pool ? p.state_pool : p.initial_state, pool ? p.state_pool_fp32 : p.initial_state_fp32, slot, h,
-               pool ? pool_state_stride(p) : dense_state_stride(p), v_warp, lane, nt0);
+               pool ? pool_state_stride(p) : dense_state_stride(p), v_warp, lane);
   } else {
 #pragma unroll
     for (int nt = 0; nt < T::kNt; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
@@ -246,7 +207,7 @@ __global__ void __launch_bounds__(32 * NW * KS) recurrence_kernel(const KdaPrefi
       p.cu_seqlens != nullptr ? p.chunk_offsets[n] : n * ((p.seq_len + kChunk - 1) / kChunk);
   int64_t chunk_begin = 0, chunk_end = num_chunks;  // this run's segment of the sequence's chunks
   if constexpr (kSegmented) segment_chunks(p, num_chunks, sr.segment, chunk_begin, chunk_end);
-  const StageLoader<NW, T::kThreads> loader(static_cast<const ChunkOps*>(p.workspace), first_chunk, p.heads, h, v,
+  const StageLoader<NW> loader(static_cast<const ChunkOps*>(p.workspace), first_chunk, p.heads, h, v,
                                               bos, v_base, tid);
   // Chunk j goes to stage j % kStages; the stage indices rotate instead of taking a 64-bit modulo per chunk.
   auto issue = [&](int64_t j, int buffer) {
@@ -266,22 +227,21 @@ __global__ void __launch_bounds__(32 * NW * KS) recurrence_kernel(const KdaPrefi
     const int64_t t0 = j * kChunk;
     const int L = chunk_tokens(len - t0);
 
-    // X^T = S Kg^T and O^T = S Qg^T over this warp's columns: [16 rows, C]. Separate accumulators for even
+    // X^T = S Kg^T and O^T = S Qg^T: [16 rows, C]. Separate accumulators for even
     // and odd k-steps keep the dependent MMA chains short (the recurrence is latency-bound).
     float xT[2][4], oT[2][4];
     {
       float xa[2][2][4] = {}, oa[2][2][4] = {};  // [k-step parity][n tile][fragment]
 #pragma unroll
-      for (int kl = 0; kl < 8 / KS; ++kl) {
-        const int kk = kk0 + kl;
+      for (int kk = 0; kk < kDim / 16; ++kk) {
         uint32_t s_bf[4], bk[4], bq[4];
-        acc_to_a(s[2 * kl], s[2 * kl + 1], s_bf);
+        acc_to_a(s[2 * kk], s[2 * kk + 1], s_bf);
         ldsm_b16x16<T::kRowPad>(&st.kg[0][16 * kk], lane, bk);
         ldsm_b16x16<T::kRowPad>(&st.qg[0][16 * kk], lane, bq);
 #pragma unroll
         for (int nt = 0; nt < 2; ++nt) {
-          mma_16816(xa[kl & 1][nt], s_bf, bk[2 * nt], bk[2 * nt + 1]);
-          mma_16816(oa[kl & 1][nt], s_bf, bq[2 * nt], bq[2 * nt + 1]);
+          mma_16816(xa[kk & 1][nt], s_bf, bk[2 * nt], bk[2 * nt + 1]);
+          mma_16816(oa[kk & 1][nt], s_bf, bq[2 * nt], bq[2 * nt + 1]);
         }
       }
 #pragma unroll
@@ -299,31 +259,20 @@ __global__ void __launch_bounds__(32 * NW * KS) recurrence_kernel(const KdaPrefi
     stage = stage + 1 == T::kStages ? 0 : stage + 1;
     next_stage = next_stage + 1 == T::kStages ? 0 : next_stage + 1;
 
+    // U^T = (V^T - X^T) Ab^T.
     uint32_t u_bf[4];  // U^T [16 rows, C] as a bf16 A fragment
-    if (part == 0) {
-      if constexpr (KS == 2) {  // add the partner's partial X^T and O^T
-        row_group_barrier<NW>(group);
-        const RowGroupExchange& xc = sm.xch[group];
-        const float4 x0 = xc.part[0][lane], x1 = xc.part[1][lane], o0 = xc.part[2][lane], o1 = xc.part[3][lane];
-        xT[0][0] += x0.x, xT[0][1] += x0.y, xT[0][2] += x0.z, xT[0][3] += x0.w;
-        xT[1][0] += x1.x, xT[1][1] += x1.y, xT[1][2] += x1.z, xT[1][3] += x1.w;
-        oT[0][0] += o0.x, oT[0][1] += o0.y, oT[0][2] += o0.z, oT[0][3] += o0.w;
-        oT[1][0] += o1.x, oT[1][1] += o1.y, oT[1][2] += o1.z, oT[1][3] += o1.w;
-      }
-      // U^T = (V^T - X^T) Ab^T.
+    {
       float rT[2][4];
-      {
-        uint32_t vt[4];  // V^T of the group's 16 value rows in accumulator order
-        ldsm_t16x16<T::kSlice>(&st.v[0][16 * group], lane, vt);
+      uint32_t vt[4];  // V^T of the warp's 16 value rows in accumulator order
+      ldsm_t16x16<T::kSlice>(&st.v[0][16 * warp], lane, vt);
 #pragma unroll
-        for (int nt = 0; nt < 2; ++nt) {
-          const float2 v0 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&vt[2 * nt]));
-          const float2 v1 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&vt[2 * nt + 1]));
-          rT[nt][0] = v0.x - xT[nt][0];
-          rT[nt][1] = v0.y - xT[nt][1];
-          rT[nt][2] = v1.x - xT[nt][2];
-          rT[nt][3] = v1.y - xT[nt][3];
-        }
+      for (int nt = 0; nt < 2; ++nt) {
+        const float2 v0 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&vt[2 * nt]));
+        const float2 v1 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&vt[2 * nt + 1]));
+        rT[nt][0] = v0.x - xT[nt][0];
+        rT[nt][1] = v0.y - xT[nt][1];
+        rT[nt][2] = v1.x - xT[nt][2];
+        rT[nt][3] = v1.y - xT[nt][3];
       }
       uint32_t r_hi[4], r_lo[4];
       acc_to_a_split(rT[0], rT[1], r_hi, r_lo);
@@ -341,39 +290,24 @@ __global__ void __launch_bounds__(32 * NW * KS) recurrence_kernel(const KdaPrefi
         for (int i = 0; i < 4; ++i) uT[nt][i] = u0[i] + (u1[i] + u2[i]);
       }
       acc_to_a(uT[0], uT[1], u_bf);
-      if constexpr (KS == 2) {
-        sm.xch[group].u[lane] = make_uint4(u_bf[0], u_bf[1], u_bf[2], u_bf[3]);
-        row_group_barrier<NW>(group);
-      }
-    } else if constexpr (KS == 2) {  // hand the partials to the leader, take U back
-      RowGroupExchange& xc = sm.xch[group];
-      xc.part[0][lane] = make_float4(xT[0][0], xT[0][1], xT[0][2], xT[0][3]);
-      xc.part[1][lane] = make_float4(xT[1][0], xT[1][1], xT[1][2], xT[1][3]);
-      xc.part[2][lane] = make_float4(oT[0][0], oT[0][1], oT[0][2], oT[0][3]);
-      xc.part[3][lane] = make_float4(oT[1][0], oT[1][1], oT[1][2], oT[1][3]);
-      row_group_barrier<NW>(group);
-      row_group_barrier<NW>(group);
-      const uint4 u = xc.u[lane];
-      u_bf[0] = u.x, u_bf[1] = u.y, u_bf[2] = u.z, u_bf[3] = u.w;
     }
 
-    // S <- S diag(gate_end) + U^T Kd over this warp's columns.
+    // S <- S diag(gate_end) + U^T Kd.
 #pragma unroll
-    for (int pl = 0; pl < T::kNt / 2; ++pl) {
-      const int pair = nt0 / 2 + pl;
+    for (int pair = 0; pair < T::kNt / 2; ++pair) {
       uint32_t kd[4];
       ldsm_b16x16<T::kTPad>(&st.kdT[16 * pair][0], lane, kd);
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
-        const int nl = 2 * pl + half;
-        const float2 ge = *reinterpret_cast<const float2*>(&st.gate_end[8 * (nt0 + nl) + 2 * q4]);
+        const int nl = 2 * pair + half;
+        const float2 ge = *reinterpret_cast<const float2*>(&st.gate_end[8 * nl + 2 * q4]);
         s[nl][0] *= ge.x, s[nl][1] *= ge.y, s[nl][2] *= ge.x, s[nl][3] *= ge.y;
         mma_16816(s[nl], u_bf, kd[2 * half], kd[2 * half + 1]);
       }
     }
 
-    if (part == 0) {  // O^T += U^T P^T, staged per row group, then 16-byte stores of the valid rows.
-      auto& ost = sm.out[group];
+    {  // O^T += U^T P^T, staged per warp, then 16-byte stores of the valid rows.
+      auto& ost = sm.out[warp];
       uint32_t pb[4];
       ldsm_b16x16<T::kTPad>(&st.p[0][0], lane, pb);
 #pragma unroll
@@ -393,7 +327,7 @@ __global__ void __launch_bounds__(32 * NW * KS) recurrence_kernel(const KdaPrefi
     }
 
     while (ck_pos == t0 + L) {
-      store_state(s, p.state_pool, p.state_pool_fp32, p.ckpt_slot[ck], h, pool_state_stride(p), v_warp, lane, nt0);
+      store_state(s, p.state_pool, p.state_pool_fp32, p.ckpt_slot[ck], h, pool_state_stride(p), v_warp, lane);
       ++ck;
       ck_pos = ck < ck_end ? p.ckpt_pos[ck] : -1;
     }
@@ -401,11 +335,11 @@ __global__ void __launch_bounds__(32 * NW * KS) recurrence_kernel(const KdaPrefi
   cute::cp_async_wait<0>();
 
   if (kSegmented) {  // segment states go to the fix-up's scratch (segments.cuh), which writes the final state
-    store_state(s, segment_states(p), true, segment_state_entry(p, n, h, sr), 0, kDim * kDim, v_warp, lane, nt0);
+    store_state(s, segment_states(p), true, segment_state_entry(p, n, h, sr), 0, kDim * kDim, v_warp, lane);
   } else if (p.state_pool != nullptr) {
-    store_state(s, p.state_pool, p.state_pool_fp32, slot, h, pool_state_stride(p), v_warp, lane, nt0);
+    store_state(s, p.state_pool, p.state_pool_fp32, slot, h, pool_state_stride(p), v_warp, lane);
   } else if (p.final_state != nullptr) {
-    store_state(s, p.final_state, p.final_state_fp32, n, h, dense_state_stride(p), v_warp, lane, nt0);
+    store_state(s, p.final_state, p.final_state_fp32, n, h, dense_state_stride(p), v_warp, lane);
   }
 }
 

@@ -2,8 +2,7 @@
 
 The library takes raw device pointers and a cudaStream_t, so it needs neither Python nor torch headers at
 build time (docs/build.md). `KDA_SERVING_LIB=<path to .so>` overrides where it is loaded from;
-`KDA_PREFILL_WARPS` (1, 2, 4 or 8) overrides the row-groups-per-CTA heuristic and `KDA_PREFILL_KSPLIT` (1 or 2) the
-warps per row group (benchmarks, tests).
+`KDA_PREFILL_WARPS` (1, 2, 4 or 8) overrides the row-groups-per-CTA heuristic (benchmarks, tests).
 
 `prefill(...)` expects arguments already validated against docs/kda-contract.md and outputs allocated by
 kda_serving/ops/kda.py. It launches on torch.cuda.current_stream(), never synchronises with the host and
@@ -22,7 +21,6 @@ import torch
 
 LIB_ENV = "KDA_SERVING_LIB"
 WARPS_ENV = "KDA_PREFILL_WARPS"
-KSPLIT_ENV = "KDA_PREFILL_KSPLIT"
 SEGMENTS_ENV = "KDA_PREFILL_SEGMENTS"  # time segments per sequence (opt-in; unset: none)
 # Time segments only for calls with at most this many (sequence, head) pairs: they pay only for a few long
 # sequences, and their scratch is 3 (G - 1) fp32 states per pair (256 pairs, G = 8: 344 MB).
@@ -67,7 +65,6 @@ class _PrefillParams(ctypes.Structure):
         ("lower_bound", ctypes.c_float),
         ("use_lower_bound", ctypes.c_int32),
         ("warps", ctypes.c_int32),
-        ("key_split", ctypes.c_int32),
         ("segments", ctypes.c_int32),
         ("segment_scratch", ctypes.c_void_p),
         ("pool_slot_stride", ctypes.c_int64),
@@ -95,8 +92,6 @@ def _load(path: str) -> ctypes.CDLL:
     lib.kda_prefill_error_string.restype = ctypes.c_char_p
     lib.kda_prefill_default_warps.argtypes = [ctypes.c_int64, ctypes.c_int32]
     lib.kda_prefill_default_warps.restype = ctypes.c_int
-    lib.kda_prefill_default_key_split.argtypes = [ctypes.c_int32]
-    lib.kda_prefill_default_key_split.restype = ctypes.c_int
     lib.kda_prefill_chunk_ops_bytes.argtypes = []
     lib.kda_prefill_chunk_ops_bytes.restype = ctypes.c_int64
     lib.kda_prefill_segment_scratch_bytes.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_int32, ctypes.c_int32]
@@ -150,10 +145,6 @@ def _warps_override() -> int:
     return _env_override(WARPS_ENV, ("1", "2", "4", "8"))
 
 
-def _key_split_override() -> int:
-    return _env_override(KSPLIT_ENV, ("1", "2"))
-
-
 def _segments_override() -> int:
     return _env_override(SEGMENTS_ENV, tuple(str(g) for g in range(1, 9)))
 
@@ -161,11 +152,6 @@ def _segments_override() -> int:
 def default_warps(num_seqs: int, heads: int) -> int:
     """Row groups per recurrence CTA the kernel's heuristic picks (value slice = 16 * warps rows)."""
     return int(load().kda_prefill_default_warps(num_seqs, heads))
-
-
-def default_key_split(warps: int) -> int:
-    """Warps per row group the kernel's heuristic picks for a CTA of `warps` row groups (1 or 2)."""
-    return int(load().kda_prefill_default_key_split(warps))
 
 
 def _chunk_bound(varlen: bool, B: int, T: int, N: int) -> int:
@@ -221,7 +207,7 @@ def prefill(q, k, v, g, beta, A_log, dt_bias, scale, lower_bound, cu_seqlens, in
         final_state_fp32=int(final_state is not None and final_state.dtype == torch.float32),
         state_pool_fp32=int(state_pool is not None and state_pool.dtype == torch.float32),
         scale=float(scale), lower_bound=0.0 if lower_bound is None else float(lower_bound),
-        use_lower_bound=int(lower_bound is not None), warps=_warps_override(), key_split=_key_split_override(),
+        use_lower_bound=int(lower_bound is not None), warps=_warps_override(),
         segments=segments, segment_scratch=_ptr(segment_scratch),
         pool_slot_stride=0 if state_pool is None or state_pool.shape[0] < 2 else state_pool.stride(0),
     )

@@ -138,13 +138,11 @@ def test_final_state_without_initial():
 
 
 @on_gpu
-@pytest.mark.parametrize("ksplit", ["1", "2"])
 @pytest.mark.parametrize("warps", ["1", "2", "4", "8"])
-def test_variants_repeatable(warps, ksplit, monkeypatch):
-    """Every CTA shape of the recurrence (row groups x warps per row group) is right, and two runs on the same
-    inputs are bit-identical."""
+def test_variants_repeatable(warps, monkeypatch):
+    """Every CTA shape of the recurrence (row groups per CTA) is right, and two runs on the same inputs are
+    bit-identical."""
     monkeypatch.setenv(cuda_lib.WARPS_ENV, warps)
-    monkeypatch.setenv(cuda_lib.KSPLIT_ENV, ksplit)
     cu = torch.tensor([0, 1300, 1847, 3895, 4000], device="cuda", dtype=torch.int64)
     inp = make_inputs(1, 4000, 8, g_std=4.0)
     S0 = torch.randn(4, 8, D, D, device="cuda")
@@ -158,14 +156,13 @@ def test_variants_repeatable(warps, ksplit, monkeypatch):
 
 @on_gpu
 @pytest.mark.parametrize("segments", ["2", "3", "5"])
-@pytest.mark.parametrize("warps,ksplit", [("2", "2"), ("4", "1"), ("8", "1")])
-def test_time_segments(segments, warps, ksplit, monkeypatch):
+@pytest.mark.parametrize("warps", ["2", "4", "8"])
+def test_time_segments(segments, warps, monkeypatch):
     """Sequences cut into time segments that run at once (run from zero + identity-row transition, then the
     fix-up): outputs and final states against the float64 reference, with a 1-token and a 17-token sequence
     (empty segments), fixed-length rows, and pool mode with a padded entry and a has_initial_state mask."""
     monkeypatch.setenv(cuda_lib.SEGMENTS_ENV, segments)
     monkeypatch.setenv(cuda_lib.WARPS_ENV, warps)
-    monkeypatch.setenv(cuda_lib.KSPLIT_ENV, ksplit)
     dense_case(1, 4000, 4, state_dtype=torch.float32, cu=[0, 1300, 1301, 1318, 4000], g_std=4.0)
     dense_case(2, 1000, 2, state_dtype=torch.bfloat16, lower_bound=None)
     test_pool(torch.float32, None)
@@ -329,7 +326,7 @@ def test_public_ops_and_graph_capture():
 
 
 @on_gpu
-@pytest.mark.parametrize("env,value", [("KDA_PREFILL_WARPS", "3"), ("KDA_PREFILL_KSPLIT", "4")])
+@pytest.mark.parametrize("env,value", [("KDA_PREFILL_WARPS", "3"), ("KDA_PREFILL_SEGMENTS", "9")])
 def test_bad_overrides(env, value, monkeypatch):
     monkeypatch.setenv(env, value)
     inp = make_inputs(1, 16, 1)
