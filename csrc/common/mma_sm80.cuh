@@ -74,6 +74,24 @@ __device__ __forceinline__ void ldsm_b16x16(const __nv_bfloat16* tile, int lane,
   cute::SM75_U32x4_LDSM_N::copy(*reinterpret_cast<const cute::uint128_t*>(row), d[0], d[1], d[2], d[3]);
 }
 
+// The A fragment of a 16 (m) x 16 (k) bf16 tile stored m-major (row stride kStride elements, rows 16-byte
+// aligned): a[0..3] in the order of the header (ldmatrix.x4).
+template <int kStride>
+__device__ __forceinline__ void ldsm_a16x16(const __nv_bfloat16* tile, int lane, uint32_t (&a)[4]) {
+  const __nv_bfloat16* row = tile + ((lane & 7) + 8 * ((lane >> 3) & 1)) * kStride + 8 * (lane >> 4);
+  cute::SM75_U32x4_LDSM_N::copy(*reinterpret_cast<const cute::uint128_t*>(row), a[0], a[1], a[2], a[3]);
+}
+
+// The B fragments of one 8-wide n tile from two 8 (n) x 16 (k) bf16 tiles stored n-major (row stride kStride
+// elements), `second` kSecond elements after `first`: b[0], b[1] of the first, b[2], b[3] of the second (e.g.
+// the hi and lo halves of one operand; ldmatrix.x4).
+template <int kStride, int kSecond>
+__device__ __forceinline__ void ldsm_b8x16_pair(const __nv_bfloat16* first, int lane, uint32_t (&b)[4]) {
+  const int m = lane >> 3;
+  const __nv_bfloat16* row = first + (m >> 1) * kSecond + (lane & 7) * kStride + 8 * (m & 1);
+  cute::SM75_U32x4_LDSM_N::copy(*reinterpret_cast<const cute::uint128_t*>(row), b[0], b[1], b[2], b[3]);
+}
+
 // The transpose of a 16 (k) x 16 (m) bf16 tile stored k-major (row stride kStride elements) in accumulator
 // order: d[0] = X[g][2q..2q+1], d[1] = X[g+8][2q..], d[2] = X[g][8+2q..], d[3] = X[g+8][8+2q..] for X = tile^T,
 // i.e. the bf16 pairs of the C fragments of n tiles 0 and 1 (ldmatrix.x4.trans).

@@ -29,6 +29,7 @@
 #pragma once
 
 #include <cuda_bf16.h>
+#include <cstddef>
 #include <cstdint>
 
 #include "common/gate.cuh"
@@ -64,7 +65,14 @@ struct alignas(16) ChunkOpsSmem {
   alignas(16) float mkk[kChunk][kChunk];           // b_t * sum k_t k_s D_ts (s < t)
   alignas(16) float pqk[kChunk][kChunk];           // sum q_t k_s D_ts (s <= t), unscaled
   float b[kChunk];
+  // Kd^T, gathered from the four warps' 4-token blocks so it leaves as whole 32-byte rows (written directly,
+  // each lane's 8 bytes were a quarter sector: pass 1's L2 throughput was at 79% with 17 of 32 bytes used
+  // per stored sector). Rows of four 8-byte units (4 tokens each) plus one of padding; unit u of row r sits
+  // at u ^ (r / 16 % 4), so the 16 lanes of a half-warp, which write rows 4 apart, hit 16 distinct bank pairs.
+  uint2 kdT[kDim][kChunk / 4 + 1];
 };
+
+__device__ __forceinline__ int kd_unit(int row, int unit) { return unit ^ ((row >> 4) & 3); }
 
 // Writes x (4 channels) as hi + lo bf16 into row `row` of hi/lo at channel c0.
 __device__ __forceinline__ void store_split4(__nv_bfloat16 (*hi)[kOpRow], __nv_bfloat16 (*lo)[kOpRow], int row,
@@ -88,20 +96,19 @@ static_assert(block_pair_target(2) == 2 && block_pair_source(2) == 1 && block_pa
 
 // C[16 x 8] = A B^T of one level on the tensor cores, hi + lo operands (three products per k-step).
 __device__ __forceinline__ void level_product(const LevelOperands& op, int lane, float (&c)[4]) {
-  const int g8 = lane / 4, q4 = lane % 4;
+  static_assert(offsetof(LevelOperands, a_lo) == offsetof(LevelOperands, a_hi) + sizeof(op.a_hi) &&
+                    offsetof(LevelOperands, b_lo) == offsetof(LevelOperands, b_hi) + sizeof(op.b_hi),
+                "lo halves follow the hi halves");
   float c_hh[4] = {}, c_lh[4] = {}, c_hl[4] = {};
 #pragma unroll
   for (int kk = 0; kk < kDim / 16; ++kk) {
-    const int c0 = 16 * kk + 2 * q4;
-    const uint32_t ah[4] = {lds_u32(&op.a_hi[g8][c0]), lds_u32(&op.a_hi[g8 + 8][c0]), lds_u32(&op.a_hi[g8][c0 + 8]),
-                            lds_u32(&op.a_hi[g8 + 8][c0 + 8])};
-    const uint32_t al[4] = {lds_u32(&op.a_lo[g8][c0]), lds_u32(&op.a_lo[g8 + 8][c0]), lds_u32(&op.a_lo[g8][c0 + 8]),
-                            lds_u32(&op.a_lo[g8 + 8][c0 + 8])};
-    const uint32_t bh0 = lds_u32(&op.b_hi[g8][c0]), bh1 = lds_u32(&op.b_hi[g8][c0 + 8]);
-    const uint32_t bl0 = lds_u32(&op.b_lo[g8][c0]), bl1 = lds_u32(&op.b_lo[g8][c0 + 8]);
-    mma_16816(c_hh, ah, bh0, bh1);
-    mma_16816(c_lh, al, bh0, bh1);
-    mma_16816(c_hl, ah, bl0, bl1);
+    uint32_t ah[4], al[4], b[4];  // b[0..1]: hi, b[2..3]: lo
+    ldsm_a16x16<kOpRow>(&op.a_hi[0][16 * kk], lane, ah);
+    ldsm_a16x16<kOpRow>(&op.a_lo[0][16 * kk], lane, al);
+    ldsm_b8x16_pair<kOpRow, (kChunk / 2) * kOpRow>(&op.b_hi[0][16 * kk], lane, b);
+    mma_16816(c_hh, ah, b[0], b[1]);
+    mma_16816(c_lh, al, b[0], b[1]);
+    mma_16816(c_hl, ah, b[2], b[3]);
   }
 #pragma unroll
   for (int i = 0; i < 4; ++i) c[i] = c_hh[i] + (c_lh[i] + c_hl[i]);
@@ -288,7 +295,7 @@ __global__ void __launch_bounds__(kOpsThreads) chunk_ops_kernel(const KdaPrefill
       float kd[kBlockTokens];
 #pragma unroll
       for (int i = 0; i < kBlockTokens; ++i) kd[i] = k[i][c] * suf[i][c] * after[c];
-      *reinterpret_cast<uint2*>(&ops.kdT[c0 + c][t0]) = make_uint2(pack_bf16x2(kd[0], kd[1]), pack_bf16x2(kd[2], kd[3]));
+      sm.kdT[c0 + c][kd_unit(c0 + c, warp)] = make_uint2(pack_bf16x2(kd[0], kd[1]), pack_bf16x2(kd[2], kd[3]));
     }
     if (warp == kOpsWarps - 1) {
       *reinterpret_cast<float4*>(&ops.gate_end[c0]) = make_float4(
@@ -330,10 +337,20 @@ __global__ void __launch_bounds__(kOpsThreads) chunk_ops_kernel(const KdaPrefill
       }
     }
   }
-  __syncthreads();  // level operands ready
+  __syncthreads();  // level operands and Kd^T ready
 
   // 6. Levels 1 and 2 on the tensor cores (warps 0 and 1). C row r < 8: M of target r, r >= 8: P of target
-  // r - 8; column: source. Level 2 keeps only target/source pairs of the same half.
+  // r - 8; column: source. Level 2 keeps only target/source pairs of the same half. Meanwhile warps 2 and 3
+  // store Kd^T, 16 bytes per lane.
+  if (warp >= 2) {
+    constexpr int kVecs = kDim * kChunk / 8, kStoreThreads = kOpsThreads - 64;
+#pragma unroll
+    for (int r = 0; r < kVecs / kStoreThreads; ++r) {
+      const int i = tid - 64 + r * kStoreThreads, row = i / 2, half = i % 2;
+      const uint2 lo = sm.kdT[row][kd_unit(row, 2 * half)], hi = sm.kdT[row][kd_unit(row, 2 * half + 1)];
+      *reinterpret_cast<uint4*>(&ops.kdT[row][8 * half]) = make_uint4(lo.x, lo.y, hi.x, hi.y);
+    }
+  }
   if (warp < 2) {
     float c[4];
     level_product(sm.level[warp], lane, c);
