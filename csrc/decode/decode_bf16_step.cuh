@@ -18,6 +18,7 @@
 
 #include <type_traits>
 
+#include "common/pdl.cuh"
 #include "common/warp_reduce.cuh"
 #include "decode/decode_kernel.cuh"
 
@@ -63,6 +64,8 @@ __global__ void __launch_bounds__(kThreads, kStepMinCtasPerSm) kda_decode_bf16_s
   auto row_of = [&](int j) { return row0 + 2 * j; };
   const int64_t head_offset = (n * p.heads + h) * kHeadDim;
 
+  kda::grid_dependency_wait();      // launched with PDL: earlier kernels' writes are visible from here on
+  kda::allow_dependent_launch();  // the next kernel's CTAs may take SM slots as this grid's last wave drains
   const int64_t slot = load_index(p.state_indices, p.indices_int64, n);
   if (slot < 0) {  // padded entry: zero outputs, the pool is not touched
     if (c < kStepRowsPerLane) p.out[head_offset + row_of(c)] = __float2bfloat16(0.f);

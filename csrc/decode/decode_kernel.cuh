@@ -26,6 +26,7 @@
 #include <cuda_bf16.h>
 
 #include "common/gate.cuh"
+#include "common/pdl.cuh"
 #include "common/packed.cuh"
 #include "decode/decode_params.h"
 
@@ -168,6 +169,8 @@ __global__ void __launch_bounds__(kThreads) kda_decode_kernel(const DecodeParams
   const int T = p.tokens;
   const int64_t token0 = n * T;
 
+  kda::grid_dependency_wait();      // launched with PDL: earlier kernels' writes are visible from here on
+  kda::allow_dependent_launch();  // the next kernel's CTAs may take SM slots as this grid's last wave drains
   const int64_t slot = load_index(p.state_indices, p.indices_int64, n);
   if (slot < 0) {  // padded entry: zero outputs, the pool is not touched
     if (lane == 0) {

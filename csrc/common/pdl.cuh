@@ -1,0 +1,34 @@
+// Programmatic dependent launch (PDL, SM90): a kernel launched with programmatic stream serialization may be
+// scheduled while the previous kernel in the stream is still draining, so its launch latency and CTA
+// set-up overlap that kernel's last wave instead of following it. Such a kernel must call
+// grid_dependency_wait() before it reads any global memory a previous kernel may have written; it calls
+// allow_dependent_launch() once it no longer needs the SM slots to itself (the next kernel's CTAs are only
+// scheduled after every CTA of this grid has called it or exited, and they in turn wait for this grid to
+// finish and its writes to be visible before reading). Both are no-ops in a kernel launched without PDL.
+#pragma once
+
+#include <cuda_runtime.h>
+
+namespace kda {
+
+__device__ __forceinline__ void grid_dependency_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+__device__ __forceinline__ void allow_dependent_launch() { asm volatile("griddepcontrol.launch_dependents;"); }
+
+// kernel<<<ctas, threads, 0, stream>>>(args...) with programmatic stream serialization allowed.
+template <typename... Params, typename... Args>
+cudaError_t launch_with_pdl(void (*kernel)(Params...), unsigned ctas, unsigned threads, cudaStream_t stream,
+                            Args&&... args) {
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(ctas);
+  cfg.blockDim = dim3(threads);
+  cfg.dynamicSmemBytes = 0;
+  cfg.stream = stream;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return cudaLaunchKernelEx(&cfg, kernel, static_cast<Args&&>(args)...);
+}
+
+}  // namespace kda
