@@ -10,17 +10,36 @@
 
 namespace kda::prefill {
 
-// The per-(chunk, head) operands in global memory (unpadded; pass 2 pads them on the way into shared memory).
+// The per-(chunk, head) operands in global memory. Pass 2 bulk-copies a whole ChunkOps into shared memory
+// as it is and reads its B operands by ldmatrix (8 rows x 16 bytes per matrix), so the 16-byte chunks of
+// each row are permuted by the row index to put those 8 rows in 8 distinct bank groups without padding:
+//   kg, qg   [16 tokens][128 channels], chunk j of row t at j ^ (t % 8)             (wide_index)
+//   kdT      16 x 16 tiles of 512 bytes, tile p = Kd^T rows (channels) 16 p .. 16 p + 15, columns tokens;
+//   ab_*, p  one such tile each (rows t, columns s). A tile row is 32 bytes, two chunks, swapped on rows
+//            4-7 and 12-15                                                           (tile_index)
+// Pass 1 still stores whole rows per warp instruction (Kg, Qg: a token's 256 bytes; Kd^T: 16 tile rows), so
+// its stores stay full sectors and lines.
+constexpr int kTileElems = 16 * 16;
+
+// Element (t, c) of a [16][128] wide operand.
+__host__ __device__ constexpr int wide_index(int t, int c) { return t * kDim + (((c >> 3) ^ (t & 7)) << 3) + (c & 7); }
+
+// Element (row, col) of a 16 x 16 tile.
+__host__ __device__ constexpr int tile_index(int row, int col) {
+  return row * 16 + ((((col >> 3) ^ (row >> 2)) & 1) << 3) + (col & 7);
+}
+
 struct alignas(16) ChunkOps {
-  __nv_bfloat16 kg[kChunk][kDim];   // k * F
-  __nv_bfloat16 qg[kChunk][kDim];   // scale * q * F
-  __nv_bfloat16 kdT[kDim][kChunk];  // (k * B)^T
-  __nv_bfloat16 ab_hi[kChunk][kChunk];
-  __nv_bfloat16 ab_lo[kChunk][kChunk];
-  __nv_bfloat16 p[kChunk][kChunk];
+  __nv_bfloat16 kg[kChunk * kDim];           // k * F
+  __nv_bfloat16 qg[kChunk * kDim];           // scale * q * F
+  __nv_bfloat16 kdT[kDim / 16][kTileElems];  // (k * B)^T
+  __nv_bfloat16 ab_hi[kTileElems];
+  __nv_bfloat16 ab_lo[kTileElems];
+  __nv_bfloat16 p[kTileElems];
   float gate_end[kDim];
 };
-static_assert(sizeof(ChunkOps) % 16 == 0, "ChunkOps is copied in 16-byte vectors");
+static_assert(sizeof(ChunkOps) % 128 == 0, "ChunkOps is bulk-copied (16-byte multiples) into 128-byte aligned stages");
+static_assert(kChunk == 16, "one tile row per token");
 
 // Sequence n and chunk j within it of global chunk `chunk`; false if the id is past the last chunk.
 __device__ __forceinline__ bool locate_chunk(const KdaPrefillParams& p, int64_t chunk, int64_t& n, int64_t& j) {

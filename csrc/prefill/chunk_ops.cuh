@@ -43,6 +43,9 @@ namespace kda::prefill {
 
 constexpr int kOpsThreads = 128;
 constexpr int kOpsWarps = kOpsThreads / 32;
+// Pass 1 is near its memory floor only with enough CTAs in flight: 5 per SM (<= 102 registers). Uncapped,
+// ptxas once took 122 registers for the same code (4 CTAs per SM) and the pass lost 17%.
+constexpr int kOpsMinCtasPerSm = 5;
 constexpr int kBlockTokens = kChunk / kOpsWarps;  // 4 tokens per warp
 constexpr int kLaneCh = kDim / 32;                // 4 channels per lane
 constexpr int kOpRow = kDim + 8;                  // bf16 stride of the MMA operand rows: conflict-free fragments
@@ -116,7 +119,7 @@ __device__ __forceinline__ void level_product(const LevelOperands& op, int lane,
 
 // kLowerBound: the gate form (common/gate.cuh), a template argument so the per-element gate is straight-line.
 template <bool kLowerBound>
-__global__ void __launch_bounds__(kOpsThreads) chunk_ops_kernel(const KdaPrefillParams p) {
+__global__ void __launch_bounds__(kOpsThreads, kOpsMinCtasPerSm) chunk_ops_kernel(const KdaPrefillParams p) {
   extern __shared__ __align__(128) unsigned char smem_bytes[];
   ChunkOpsSmem& sm = *reinterpret_cast<ChunkOpsSmem*>(smem_bytes);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
@@ -287,8 +290,9 @@ __global__ void __launch_bounds__(kOpsThreads) chunk_ops_kernel(const KdaPrefill
         kg[c] = k[i][c] * F;
         qg[c] = p.scale * q[i][c] * F;
       }
-      *reinterpret_cast<uint2*>(&ops.kg[t0 + i][c0]) = make_uint2(pack_bf16x2(kg[0], kg[1]), pack_bf16x2(kg[2], kg[3]));
-      *reinterpret_cast<uint2*>(&ops.qg[t0 + i][c0]) = make_uint2(pack_bf16x2(qg[0], qg[1]), pack_bf16x2(qg[2], qg[3]));
+      const int at = wide_index(t0 + i, c0);  // the warp writes the token's whole 256-byte row
+      *reinterpret_cast<uint2*>(&ops.kg[at]) = make_uint2(pack_bf16x2(kg[0], kg[1]), pack_bf16x2(kg[2], kg[3]));
+      *reinterpret_cast<uint2*>(&ops.qg[at]) = make_uint2(pack_bf16x2(qg[0], qg[1]), pack_bf16x2(qg[2], qg[3]));
     }
 #pragma unroll
     for (int c = 0; c < kLaneCh; ++c) {  // Kd^T row of channel c0 + c: this block's 4 tokens, 8 bytes
@@ -348,7 +352,7 @@ __global__ void __launch_bounds__(kOpsThreads) chunk_ops_kernel(const KdaPrefill
     for (int r = 0; r < kVecs / kStoreThreads; ++r) {
       const int i = tid - 64 + r * kStoreThreads, row = i / 2, half = i % 2;
       const uint2 lo = sm.kdT[row][kd_unit(row, 2 * half)], hi = sm.kdT[row][kd_unit(row, 2 * half + 1)];
-      *reinterpret_cast<uint4*>(&ops.kdT[row][8 * half]) = make_uint4(lo.x, lo.y, hi.x, hi.y);
+      *reinterpret_cast<uint4*>(&ops.kdT[row / 16][tile_index(row % 16, 8 * half)]) = make_uint4(lo.x, lo.y, hi.x, hi.y);
     }
   }
   if (warp < 2) {
@@ -388,8 +392,8 @@ __global__ void __launch_bounds__(kOpsThreads) chunk_ops_kernel(const KdaPrefill
       for (int t = 0; t < kChunk; ++t) {
         const float val = x[t] * bj;
         const __nv_bfloat16 hi = __float2bfloat16(val);
-        ops.ab_hi[t][col] = hi;
-        ops.ab_lo[t][col] = __float2bfloat16(val - __bfloat162float(hi));
+        ops.ab_hi[tile_index(t, col)] = hi;
+        ops.ab_lo[tile_index(t, col)] = __float2bfloat16(val - __bfloat162float(hi));
       }
     }
   } else {
@@ -398,7 +402,7 @@ __global__ void __launch_bounds__(kOpsThreads) chunk_ops_kernel(const KdaPrefill
       float val[4];
 #pragma unroll
       for (int x = 0; x < 4; ++x) val[x] = s0 + x <= t ? p.scale * sm.pqk[t][s0 + x] : 0.f;
-      *reinterpret_cast<uint2*>(&ops.p[t][s0]) = make_uint2(pack_bf16x2(val[0], val[1]), pack_bf16x2(val[2], val[3]));
+      *reinterpret_cast<uint2*>(&ops.p[tile_index(t, s0)]) = make_uint2(pack_bf16x2(val[0], val[1]), pack_bf16x2(val[2], val[3]));
     }
   }
 }

@@ -21,6 +21,9 @@
 #include <cstddef>
 #include <cstdint>
 
+#include <cute/arch/copy_sm90_tma.hpp>
+#include <cutlass/arch/barrier.h>
+
 #include "common/mma_sm80.cuh"
 #include "prefill/chunk_layout.cuh"
 #include "prefill/device_utils.cuh"
@@ -37,107 +40,78 @@ struct RecurrenceTraits {
   static constexpr int kSlices = kDim / kSlice;  // CTAs per (sequence, head)
   static constexpr int kNt = kDim / 8;          // state n tiles (8 key columns each) per warp
   static constexpr int kStages = 3;              // chunks in flight: hides the global latency of one chunk
-  static constexpr int kRowPad = kDim + 8;       // bf16 stride of Kg/Qg rows: conflict-free ldmatrix
-  static constexpr int kTPad = kChunk + 8;       // bf16 stride of KdT/Ab/P rows: conflict-free ldmatrix
 };
 
 template <int NW>
-struct alignas(16) RecurrenceStage {
-  using T = RecurrenceTraits<NW>;
-  alignas(16) __nv_bfloat16 kg[kChunk][T::kRowPad];
-  alignas(16) __nv_bfloat16 qg[kChunk][T::kRowPad];
-  alignas(16) __nv_bfloat16 kdT[kDim][T::kTPad];
-  alignas(16) __nv_bfloat16 ab_hi[kChunk][T::kTPad];
-  alignas(16) __nv_bfloat16 ab_lo[kChunk][T::kTPad];
-  alignas(16) __nv_bfloat16 p[kChunk][T::kTPad];
-  alignas(16) float gate_end[kDim];
-  alignas(16) __nv_bfloat16 v[kChunk][T::kSlice];
+struct alignas(128) RecurrenceStage {
+  ChunkOps ops;  // one bulk copy of pass 1's operands, tiled as chunk_layout.cuh describes
+  alignas(16) __nv_bfloat16 v[kChunk][RecurrenceTraits<NW>::kSlice];
 };
 
 template <int NW>
-struct alignas(16) RecurrenceSmem {
+struct alignas(128) RecurrenceSmem {
   RecurrenceStage<NW> stage[RecurrenceTraits<NW>::kStages];
+  uint64_t landed[RecurrenceTraits<NW>::kStages];     // mbarriers: the stage's bulk copy has landed
   alignas(16) __nv_bfloat16 out[NW][kChunk][16 + 8];  // per warp output staging
 };
 
-// Issues 16-byte copies i = tid, tid + kThreads, ... < kCount of a row-major array with kRowVecs vectors per
-// row into shared rows kDstRowBytes apart; src and dst are already this thread's first vector (vector tid).
-// Trip count and strides are compile-time, so this is straight-line code with immediate offsets (a predicated
-// tail at most).
-template <int kCount, int kRowVecs, int kDstRowBytes, int kThreads>
-__device__ __forceinline__ void copy_vectors(char* dst, const char* src, int tid) {
-  static_assert(kThreads % kRowVecs == 0, "every pass of the threads starts a row");
-#pragma unroll
-  for (int r = 0; r < (kCount + kThreads - 1) / kThreads; ++r) {
-    if (kCount % kThreads == 0 || tid + r * kThreads < kCount) {
-      cp_async_16(dst + r * (kThreads / kRowVecs) * kDstRowBytes, src + r * kThreads * 16, true);
-    }
-  }
-}
-
-// The copies of every chunk as one thread issues them: operands (re-padded) and the CTA's value slice (rows
-// past the sequence zero-filled). The per-thread offsets are computed once; a chunk then costs two 64-bit
-// address products and straight-line cp.async with immediate offsets, which the compiler overlaps with the
-// MMAs around them (generic copy loops here, between the chunk barrier and the first products, used to stall
-// every chunk: docs/prefill-kernel.md). ChunkOps and RecurrenceStage keep the same field order, so Kg | Qg is
-// one [32][128] array (rows padded to kRowPad) and KdT | Ab hi | Ab lo | P one [176][16] array (rows padded to
-// kTPad) on both sides.
+// The copies of every chunk: one bulk copy (TMA) of the chunk's ChunkOps, issued by thread 0 and tracked by
+// the stage's mbarrier, and the CTA's value slice by cp.async, one 16-byte vector per thread (rows past the
+// sequence zero-filled). A bulk copy replaced ~900 per-thread cp.async per chunk: at 2 row groups their
+// address math was ~100 of a warp's 526 instructions per chunk (docs/prefill-kernel.md).
 template <int NW>
 struct StageLoader {
   using T = RecurrenceTraits<NW>;
-  static constexpr int kThreads = T::kThreads;
-  static constexpr int kRowVecs = kDim / 8;          // vectors per Kg / Qg row
-  static constexpr int kSmallRows = kDim + 3 * kChunk;  // KdT, Ab hi, Ab lo, P rows of 16 tokens
-  static constexpr int kVecV = T::kSlice / 8;        // vectors per token of the value slice
-  static_assert(kChunk * kVecV <= kThreads, "at most one V vector per thread");
+  static constexpr int kVecV = T::kSlice / 8;  // vectors per token of the value slice
+  static_assert(kChunk * kVecV <= T::kThreads, "at most one V vector per thread");
 
-  const char* ops;         // chunk 0's ChunkOps + 16 * tid
-  int64_t ops_step;        // bytes from one chunk's ChunkOps to the next's
+  const ChunkOps* ops;     // chunk 0 of the sequence, this head
+  int64_t ops_step;        // ChunkOps from one chunk to the next
   const __nv_bfloat16* v;  // chunk 0's first token row of the slice
   int64_t v_step;          // elements from one chunk's first token row to the next's
   int64_t v_off;           // this thread's vector in a chunk: token v_t, 8 columns
   int v_t;                 // kChunk when the thread copies no V vector
-  int dst_rows, dst_small, dst_gate, dst_v;  // this thread's byte offsets in a stage
+  int v_col;               // first of its 8 columns in the slice
 
   __device__ __forceinline__ StageLoader(const ChunkOps* workspace, int64_t first_chunk, int heads, int h,
                                          const __nv_bfloat16* v_all, int64_t bos, int v_base, int tid) {
-    ops = reinterpret_cast<const char*>(workspace + first_chunk * heads + h) + 16 * tid;
-    ops_step = static_cast<int64_t>(heads) * sizeof(ChunkOps);
+    ops = workspace + first_chunk * heads + h;
+    ops_step = heads;
     v = v_all + (bos * heads + h) * kDim + v_base;
     v_step = static_cast<int64_t>(kChunk) * heads * kDim;
-    const bool has_v = kChunk * kVecV == kThreads || tid < kChunk * kVecV;
+    const bool has_v = kChunk * kVecV == T::kThreads || tid < kChunk * kVecV;
     v_t = has_v ? tid / kVecV : kChunk;
-    v_off = has_v ? static_cast<int64_t>(v_t) * heads * kDim + (tid % kVecV) * 8 : 0;
-    dst_rows = static_cast<int>(offsetof(RecurrenceStage<NW>, kg)) + (tid / kRowVecs) * 2 * T::kRowPad +
-               (tid % kRowVecs) * 16;
-    dst_small = static_cast<int>(offsetof(RecurrenceStage<NW>, kdT)) + (tid / 2) * 2 * T::kTPad + (tid % 2) * 16;
-    dst_gate = static_cast<int>(offsetof(RecurrenceStage<NW>, gate_end)) + 16 * tid;
-    dst_v = static_cast<int>(offsetof(RecurrenceStage<NW>, v)) + v_t * 2 * T::kSlice + (tid % kVecV) * 16;
+    v_col = (tid % kVecV) * 8;
+    v_off = has_v ? static_cast<int64_t>(v_t) * heads * kDim + v_col : 0;
   }
 
-  // Chunk j of the sequence (L valid tokens of V) into stage `st`.
-  __device__ __forceinline__ void issue(RecurrenceStage<NW>& st, int64_t j, int L, int tid) const {
-    char* base = reinterpret_cast<char*>(&st);
-    const char* src = ops + j * ops_step;
-    copy_vectors<2 * kChunk * kRowVecs, kRowVecs, 2 * T::kRowPad, kThreads>(base + dst_rows, src, tid);
-    copy_vectors<2 * kSmallRows, 2, 2 * T::kTPad, kThreads>(base + dst_small, src + offsetof(ChunkOps, kdT), tid);
-    copy_vectors<kDim / 4, 1, 16, kThreads>(base + dst_gate, src + offsetof(ChunkOps, gate_end), tid);
+  // Chunk j of the sequence (L valid tokens of V) into stage `st`, completing on mbarrier `landed`.
+  __device__ __forceinline__ void issue(RecurrenceStage<NW>& st, uint64_t& landed, int64_t j, int L, int tid) const {
+    if (tid == 0) {
+      cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&landed, sizeof(ChunkOps));
+      cute::SM90_BULK_COPY_G2S::copy(ops + j * ops_step, &landed, &st.ops, sizeof(ChunkOps));
+    }
     if (v_t < kChunk) {
       const bool valid = v_t < L;
-      cp_async_16(base + dst_v, v + j * v_step + (valid ? v_off : 0), valid);
+      cp_async_16(&st.v[v_t][v_col], v + j * v_step + (valid ? v_off : 0), valid);
     }
   }
 };
-static_assert(offsetof(ChunkOps, qg) == offsetof(ChunkOps, kg) + 2 * kChunk * kDim &&
-                  offsetof(ChunkOps, ab_hi) == offsetof(ChunkOps, kdT) + 2 * kDim * kChunk &&
-                  offsetof(ChunkOps, ab_lo) == offsetof(ChunkOps, ab_hi) + 2 * kChunk * kChunk &&
-                  offsetof(ChunkOps, p) == offsetof(ChunkOps, ab_lo) + 2 * kChunk * kChunk,
-              "StageLoader copies Kg | Qg and KdT | Ab | P as single arrays");
-static_assert(offsetof(RecurrenceStage<1>, qg) == offsetof(RecurrenceStage<1>, kg) + 2 * kChunk * (kDim + 8) &&
-                  offsetof(RecurrenceStage<1>, ab_hi) == offsetof(RecurrenceStage<1>, kdT) + 2 * kDim * (kChunk + 8) &&
-                  offsetof(RecurrenceStage<1>, ab_lo) == offsetof(RecurrenceStage<1>, ab_hi) + 2 * kChunk * (kChunk + 8) &&
-                  offsetof(RecurrenceStage<1>, p) == offsetof(RecurrenceStage<1>, ab_lo) + 2 * kChunk * (kChunk + 8),
-              "RecurrenceStage keeps ChunkOps' field order without gaps");
+
+// ldmatrix.x4 of ChunkOps' B operands (chunk_layout.cuh) at this lane's row address: the fragments
+// ldsm_b16x16 reads from a padded [16][16] tile. A lane addresses row (lane & 7) + 8 (lane >> 4), 16-byte
+// chunk (lane >> 3) & 1 of the tile or k-step.
+__device__ __forceinline__ void ldsm_at(const __nv_bfloat16* row, uint32_t (&d)[4]) {
+  cute::SM75_U32x4_LDSM_N::copy(*reinterpret_cast<const cute::uint128_t*>(row), d[0], d[1], d[2], d[3]);
+}
+__device__ __forceinline__ int tile_lane_offset(int lane) {
+  return tile_index((lane & 7) + 8 * (lane >> 4), 8 * ((lane >> 3) & 1));
+}
+// Kg / Qg k-step kk sits at wide_lane_offset(lane, kk % 4) + 64 (kk / 4): the chunk permutation only touches
+// the low 3 bits of the chunk index, so k-steps 4..7 are 4..7 shifted by 8 chunks.
+__device__ __forceinline__ int wide_lane_offset(int lane, int kk) {
+  return wide_index((lane & 7) + 8 * (lane >> 4), 8 * (2 * kk + ((lane >> 3) & 1)));
+}
 
 // kSegmented: the CTA is one of the 2 G - 1 runs of a time-segmented sequence (segments.cuh). A separate
 // instantiation, so the plain kernel keeps its registers (the run bookkeeping costs ~30 more).
@@ -212,16 +186,29 @@ __global__ void __launch_bounds__(32 * NW) recurrence_kernel(const KdaPrefillPar
   // Chunk j goes to stage j % kStages; the stage indices rotate instead of taking a 64-bit modulo per chunk.
   auto issue = [&](int64_t j, int buffer) {
     if (j < chunk_end) {  // (the transition run's v is zero: it loads no valid rows of it)
-      loader.issue(sm.stage[buffer], j, sr.transition ? 0 : chunk_tokens(len - j * kChunk), tid);
+      loader.issue(sm.stage[buffer], sm.landed[buffer], j, sr.transition ? 0 : chunk_tokens(len - j * kChunk), tid);
     }
     cp_async_commit();  // always commit, so the group count per chunk stays fixed
   };
+  if (tid == 0) {
+#pragma unroll
+    for (int b = 0; b < T::kStages; ++b) cutlass::arch::ClusterTransactionBarrier::init(&sm.landed[b], 1);
+    cutlass::arch::fence_barrier_init();  // the initialised barriers, visible to the bulk copies
+  }
+  __syncthreads();
 #pragma unroll
   for (int j = 0; j < T::kStages - 1; ++j) issue(chunk_begin + j, j);
   int stage = 0, next_stage = T::kStages - 1;  // stages of chunk j and of chunk j + kStages - 1
+  uint32_t phases = 0;  // bit b: the parity of stage b's next completion
+  const int tile_lane = tile_lane_offset(lane);
+  int wide_lane[4];
+#pragma unroll
+  for (int m = 0; m < 4; ++m) wide_lane[m] = wide_lane_offset(lane, m);
 
   for (int64_t j = chunk_begin; j < chunk_end; ++j) {
-    cute::cp_async_wait<T::kStages - 2>();
+    cute::cp_async_wait<T::kStages - 2>();  // this thread's V vector of chunk j
+    cutlass::arch::ClusterTransactionBarrier::wait(&sm.landed[stage], (phases >> stage) & 1);
+    phases ^= 1u << stage;
     __syncthreads();  // chunk j has landed for everyone; everyone is done with chunk j - 1's stage
     const RecurrenceStage<NW>& st = sm.stage[stage];
     const int64_t t0 = j * kChunk;
@@ -236,8 +223,8 @@ __global__ void __launch_bounds__(32 * NW) recurrence_kernel(const KdaPrefillPar
       for (int kk = 0; kk < kDim / 16; ++kk) {
         uint32_t s_bf[4], bk[4], bq[4];
         acc_to_a(s[2 * kk], s[2 * kk + 1], s_bf);
-        ldsm_b16x16<T::kRowPad>(&st.kg[0][16 * kk], lane, bk);
-        ldsm_b16x16<T::kRowPad>(&st.qg[0][16 * kk], lane, bq);
+        ldsm_at(st.ops.kg + wide_lane[kk % 4] + 64 * (kk / 4), bk);
+        ldsm_at(st.ops.qg + wide_lane[kk % 4] + 64 * (kk / 4), bq);
 #pragma unroll
         for (int nt = 0; nt < 2; ++nt) {
           mma_16816(xa[kk & 1][nt], s_bf, bk[2 * nt], bk[2 * nt + 1]);
@@ -278,8 +265,8 @@ __global__ void __launch_bounds__(32 * NW) recurrence_kernel(const KdaPrefillPar
       acc_to_a_split(rT[0], rT[1], r_hi, r_lo);
       float uT[2][4];
       uint32_t ab_hi[4], ab_lo[4];
-      ldsm_b16x16<T::kTPad>(&st.ab_hi[0][0], lane, ab_hi);
-      ldsm_b16x16<T::kTPad>(&st.ab_lo[0][0], lane, ab_lo);
+      ldsm_at(st.ops.ab_hi + tile_lane, ab_hi);
+      ldsm_at(st.ops.ab_lo + tile_lane, ab_lo);
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt) {
         float u0[4] = {}, u1[4] = {}, u2[4] = {};  // three independent products, summed
@@ -296,11 +283,11 @@ __global__ void __launch_bounds__(32 * NW) recurrence_kernel(const KdaPrefillPar
 #pragma unroll
     for (int pair = 0; pair < T::kNt / 2; ++pair) {
       uint32_t kd[4];
-      ldsm_b16x16<T::kTPad>(&st.kdT[16 * pair][0], lane, kd);
+      ldsm_at(st.ops.kdT[pair] + tile_lane, kd);
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         const int nl = 2 * pair + half;
-        const float2 ge = *reinterpret_cast<const float2*>(&st.gate_end[8 * nl + 2 * q4]);
+        const float2 ge = *reinterpret_cast<const float2*>(&st.ops.gate_end[8 * nl + 2 * q4]);
         s[nl][0] *= ge.x, s[nl][1] *= ge.y, s[nl][2] *= ge.x, s[nl][3] *= ge.y;
         mma_16816(s[nl], u_bf, kd[2 * half], kd[2 * half + 1]);
       }
@@ -309,7 +296,7 @@ __global__ void __launch_bounds__(32 * NW) recurrence_kernel(const KdaPrefillPar
     {  // O^T += U^T P^T, staged per warp, then 16-byte stores of the valid rows.
       auto& ost = sm.out[warp];
       uint32_t pb[4];
-      ldsm_b16x16<T::kTPad>(&st.p[0][0], lane, pb);
+      ldsm_at(st.ops.p + tile_lane, pb);
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt) mma_16816(oT[nt], u_bf, pb[2 * nt], pb[2 * nt + 1]);
       uint32_t o_bf[4];
