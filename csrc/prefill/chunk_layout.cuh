@@ -29,6 +29,34 @@ __host__ __device__ constexpr int tile_index(int row, int col) {
   return row * 16 + ((((col >> 3) ^ (row >> 2)) & 1) << 3) + (col & 7);
 }
 
+// What the permutations are for, checked at compile time: each row's chunks stay in the row (a permutation),
+// and the 8 rows of every ldmatrix matrix (rows r0 .. r0 + 7 at one logical chunk) fall in 8 distinct bank
+// groups (16-byte units mod 8).
+template <int kRowElems, int (*kIndex)(int, int)>
+constexpr bool swizzle_is_conflict_free() {
+  for (int r = 0; r < 16; ++r) {
+    unsigned chunks = 0;
+    for (int j = 0; j < kRowElems / 8; ++j) {
+      const int e = kIndex(r, 8 * j);
+      if (e / kRowElems != r || e % 8 != 0) return false;
+      chunks |= 1u << (e % kRowElems / 8);
+    }
+    if (chunks != (1u << (kRowElems / 8)) - 1) return false;
+  }
+  for (int r0 = 0; r0 < 16; r0 += 8) {
+    for (int j = 0; j < kRowElems / 8; ++j) {
+      unsigned groups = 0;
+      for (int r = r0; r < r0 + 8; ++r) groups |= 1u << (kIndex(r, 8 * j) / 8 % 8);
+      if (groups != 0xffu) return false;
+    }
+  }
+  return true;
+}
+__host__ __device__ constexpr int wide_index_fn(int t, int c) { return wide_index(t, c); }
+__host__ __device__ constexpr int tile_index_fn(int r, int c) { return tile_index(r, c); }
+static_assert(swizzle_is_conflict_free<kDim, wide_index_fn>(), "Kg / Qg rows: conflict-free ldmatrix");
+static_assert(swizzle_is_conflict_free<16, tile_index_fn>(), "16 x 16 tiles: conflict-free ldmatrix");
+
 struct alignas(16) ChunkOps {
   __nv_bfloat16 kg[kChunk * kDim];           // k * F
   __nv_bfloat16 qg[kChunk * kDim];           // scale * q * F
