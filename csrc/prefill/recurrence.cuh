@@ -13,8 +13,9 @@
 //
 // Every product takes its A operand straight from accumulators (see common/mma_sm80.cuh); the chunk operands
 // stream through a kStages-deep ring (a bulk copy per chunk, StageLoader) with one CTA barrier per chunk,
-// their B fragments read by ldmatrix. (Splitting a row group's key columns over two warps, which exchanged partial products through
-// shared memory each chunk, shortened the chain but lost once the copies stopped stalling it: removed.)
+// their B fragments read by ldmatrix. (Splitting a row group's key columns over two warps, which exchanged
+// partial products through shared memory each chunk, shortened the chain but lost once the copies stopped
+// stalling it: removed.)
 #pragma once
 
 #include <cuda_bf16.h>
