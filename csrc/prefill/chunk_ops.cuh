@@ -352,7 +352,8 @@ __global__ void __launch_bounds__(kOpsThreads, kOpsMinCtasPerSm) chunk_ops_kerne
     for (int r = 0; r < kVecs / kStoreThreads; ++r) {
       const int i = tid - 64 + r * kStoreThreads, row = i / 2, half = i % 2;
       const uint2 lo = sm.kdT[row][kd_unit(row, 2 * half)], hi = sm.kdT[row][kd_unit(row, 2 * half + 1)];
-      *reinterpret_cast<uint4*>(&ops.kdT[row / 16][tile_index(row % 16, 8 * half)]) = make_uint4(lo.x, lo.y, hi.x, hi.y);
+      __nv_bfloat16* dst = &ops.kdT[row / 16][tile_index(row % 16, 8 * half)];
+      *reinterpret_cast<uint4*>(dst) = make_uint4(lo.x, lo.y, hi.x, hi.y);
     }
   }
   if (warp < 2) {
@@ -402,7 +403,8 @@ __global__ void __launch_bounds__(kOpsThreads, kOpsMinCtasPerSm) chunk_ops_kerne
       float val[4];
 #pragma unroll
       for (int x = 0; x < 4; ++x) val[x] = s0 + x <= t ? p.scale * sm.pqk[t][s0 + x] : 0.f;
-      *reinterpret_cast<uint2*>(&ops.p[tile_index(t, s0)]) = make_uint2(pack_bf16x2(val[0], val[1]), pack_bf16x2(val[2], val[3]));
+      *reinterpret_cast<uint2*>(&ops.p[tile_index(t, s0)]) =
+          make_uint2(pack_bf16x2(val[0], val[1]), pack_bf16x2(val[2], val[3]));
     }
   }
 }

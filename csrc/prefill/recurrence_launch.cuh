@@ -1,5 +1,5 @@
-// Host side of pass 2: launching recurrence_kernel<NW, kSegmented> for the call's time segments. Each recurrence_w*.cu instantiates it for one row-group count, so the build compiles them in
-// parallel.
+// Host side of pass 2: launching recurrence_kernel<NW, kSegmented> for the call's time segments. Each
+// recurrence_w*.cu instantiates it for one row-group count, so the build compiles them in parallel.
 #pragma once
 
 #include "prefill/launch.cuh"
