@@ -4,6 +4,7 @@
 #include <climits>
 #include <type_traits>
 
+#include "common/cuda_check.h"
 #include "common/pdl.cuh"
 #include "decode/decode_bf16_step.cuh"
 #include "decode/decode_kernel.cuh"
@@ -13,13 +14,10 @@ namespace kda_serving::decode {
 
 // A grid of at most one wave (small N) launches with PDL (common/pdl.cuh): there the step is mostly launch
 // latency and ramp-up, which then overlap the previous kernel's tail (H200, CUDA-graph steps: bf16 H32 N1
-// 2.84 -> 2.39 us, fp32 H96 N1 5.77 -> 5.10 us). Multi-wave grids launch plainly: with PDL they measured ~1%
-// slower (bf16 H32 N64 85.5 -> 84.6% of the floor, same run).
+// 2.84 -> 2.39 us, fp32 H96 N1 5.77 -> 5.10 us). Multi-wave grids launch plainly: with PDL they did not
+// improve (bf16 H32 N64 84.6% vs 85.5% of the floor in the same call, within the run-to-run spread).
 inline bool launch_with_overlap(int64_t ctas) {
-  int dev = 0, sms = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return false;
-  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) return false;
-  return ctas <= static_cast<int64_t>(kStepMinCtasPerSm) * sms;
+  return ctas <= static_cast<int64_t>(kStepMinCtasPerSm) * kda_sm_count();  // (no SM count: no PDL)
 }
 
 template <typename Kernel>

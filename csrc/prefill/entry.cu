@@ -6,25 +6,13 @@
 #include "prefill/params.h"
 #include "prefill/schedule.cuh"
 
-namespace {
-
-int sm_count() {
-  int dev = 0, sms = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
-    return 132;
-  }
-  return sms;
-}
-
-}  // namespace
-
 extern "C" int kda_prefill_default_warps(int64_t num_seqs, int32_t heads) {
   // Value slices trade CTA count against re-reading the chunk operands. Measured on H200 (docs/prefill-kernel.md,
   // --warps-sweep): one 8-row-group CTA per (sequence, head) is best when that alone nearly fills the GPU, 4 when
   // there are many pairs, and narrower slices only when there are too few pairs to give every SM a CTA.
   const int64_t pairs = num_seqs * heads;
-  const int64_t sms = sm_count();
+  const int queried = kda_sm_count();
+  const int64_t sms = queried > 0 ? queried : 132;  // (an H100's count when the runtime cannot tell)
   if (10 * pairs >= 7 * sms && pairs < 2 * sms) return 8;
   int warps = 4;
   while (warps > 1 && 10 * pairs * (8 / warps) < 7 * sms) warps /= 2;
