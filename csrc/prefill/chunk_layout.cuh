@@ -52,10 +52,8 @@ constexpr bool swizzle_is_conflict_free() {
   }
   return true;
 }
-__host__ __device__ constexpr int wide_index_fn(int t, int c) { return wide_index(t, c); }
-__host__ __device__ constexpr int tile_index_fn(int r, int c) { return tile_index(r, c); }
-static_assert(swizzle_is_conflict_free<kDim, wide_index_fn>(), "Kg / Qg rows: conflict-free ldmatrix");
-static_assert(swizzle_is_conflict_free<16, tile_index_fn>(), "16 x 16 tiles: conflict-free ldmatrix");
+static_assert(swizzle_is_conflict_free<kDim, wide_index>(), "Kg / Qg rows: conflict-free ldmatrix");
+static_assert(swizzle_is_conflict_free<16, tile_index>(), "16 x 16 tiles: conflict-free ldmatrix");
 
 struct alignas(16) ChunkOps {
   __nv_bfloat16 kg[kChunk * kDim];           // k * F

@@ -182,8 +182,8 @@ __global__ void __launch_bounds__(32 * NW) recurrence_kernel(const KdaPrefillPar
       p.cu_seqlens != nullptr ? p.chunk_offsets[n] : n * ((p.seq_len + kChunk - 1) / kChunk);
   int64_t chunk_begin = 0, chunk_end = num_chunks;  // this run's segment of the sequence's chunks
   if constexpr (kSegmented) segment_chunks(p, num_chunks, sr.segment, chunk_begin, chunk_end);
-  const StageLoader<NW> loader(static_cast<const ChunkOps*>(p.workspace), first_chunk, p.heads, h, v,
-                                              bos, v_base, tid);
+  const StageLoader<NW> loader(static_cast<const ChunkOps*>(p.workspace), first_chunk, p.heads, h, v, bos, v_base,
+                               tid);
   // Chunk j goes to stage j % kStages; the stage indices rotate instead of taking a 64-bit modulo per chunk.
   auto issue = [&](int64_t j, int buffer) {
     if (j < chunk_end) {  // (the transition run's v is zero: it loads no valid rows of it)
