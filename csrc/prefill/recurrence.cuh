@@ -3,19 +3,22 @@
 // The recurrence is independent per value row of S [V, K], so a CTA owns a slice of 16 * NW rows of one
 // (sequence, head): NW row groups of 16 rows, one warp each, held in registers as m16n8k16 accumulators.
 // Per chunk, with the rows of S of a warp (docs/prefill-kernel.md):
-//   X^T = S Kg^T                      (S rounded to one bf16 operand; the fp32 accumulators stay the master)
-//   U^T = (V^T - X^T) Ab^T            (hi + lo operands: the 16 x 16 solve is cheap and error-sensitive)
+//   D^T = S Kg^T - V^T                (S rounded to one bf16 operand; the fp32 accumulators stay the master)
+//   U^T = D^T (-Ab)^T                 (hi + lo operands: the 16 x 16 solve is cheap and error-sensitive)
 //   O^T = S Qg^T + U^T P^T            (the chunk's output rows for this slice)
 //   S   = S diag(gate_end) + U^T Kd   (U as one bf16 operand)
 // Splitting the state and U into bf16 hi + lo as well (a previous version) doubled the two big products for
 // ~15% lower error (worst 2.75e-3 vs 3.16e-3 against the float64 reference, bound 8e-3) and cost 10% of the
 // prefill time on an H200 (docs/prefill-kernel.md).
 //
-// Every product takes its A operand straight from accumulators (see common/mma_sm80.cuh); the chunk operands
-// stream through a kStages-deep ring (a bulk copy per chunk, StageLoader) with one CTA barrier per chunk,
-// their B fragments read by ldmatrix. (Splitting a row group's key columns over two warps, which exchanged
-// partial products through shared memory each chunk, shortened the chain but lost once the copies stopped
-// stalling it: removed.)
+// Every product takes its A operand straight from accumulators (see common/mma_sm80.cuh), its B fragments
+// by ldmatrix from a kStages-deep ring of chunk stages. One more warp, the producer, fills the ring (a bulk
+// copy of the chunk's operands and cp.async of the value slice, StageLoader); the row-group warps meet it only
+// at two mbarriers per stage (landed, freed) and never at a CTA barrier, so no copy bookkeeping and no
+// waiting for the slowest warp sits on the recurrence's dependent chain (pass 2 at H32, one 8192-token
+// sequence: 347 -> 239 us on an H100 with the changes of docs/prefill-kernel.md, "Producer warp").
+// (Splitting a row group's key columns over two warps, which exchanged partial products through shared
+// memory each chunk, shortened the chain but lost once the copies stopped stalling it: removed.)
 #pragma once
 
 #include <cuda_bf16.h>
@@ -36,11 +39,17 @@ namespace kda::prefill {
 template <int NW>
 struct RecurrenceTraits {
   static_assert(NW == 1 || NW == 2 || NW == 4 || NW == 8, "row groups (warps) per CTA");
-  static constexpr int kThreads = 32 * NW;
-  static constexpr int kSlice = 16 * NW;         // value rows per CTA
-  static constexpr int kSlices = kDim / kSlice;  // CTAs per (sequence, head)
-  static constexpr int kNt = kDim / 8;          // state n tiles (8 key columns each) per warp
-  static constexpr int kStages = 3;              // chunks in flight: hides the global latency of one chunk
+  static constexpr int kThreads = 32 * NW + 32;  // NW consumer warps (row groups) and the producer warp
+  static constexpr int kProducer = NW;            // the warp that copies the chunks in
+  static constexpr int kSlice = 16 * NW;          // value rows per CTA
+  static constexpr int kSlices = kDim / kSlice;   // CTAs per (sequence, head)
+  static constexpr int kNt = kDim / 8;           // state n tiles (8 key columns each) per warp
+  static constexpr int kStages = 4;               // chunks in flight: hides the global latency of a chunk
+  // Register budget (__launch_bounds__ minimum CTAs per SM). At 1 ptxas keeps the state and every lane offset
+  // in registers (~180) instead of recomputing offsets each chunk: H32, one 8192-token sequence, 0.56 -> 0.42
+  // ms. A grid of more than one wave of 4-row-group CTAs runs 3 per SM (<= 136 registers) instead: 6% faster
+  // on H96 mixed6, but 13% slower than 1 on a single wave (H64, one sequence): launch_recurrence picks.
+  static constexpr int kPackedMinCtasPerSm = NW == 4 ? 3 : 1;
 };
 
 template <int NW>
@@ -52,52 +61,71 @@ struct alignas(128) RecurrenceStage {
 template <int NW>
 struct alignas(128) RecurrenceSmem {
   RecurrenceStage<NW> stage[RecurrenceTraits<NW>::kStages];
-  uint64_t landed[RecurrenceTraits<NW>::kStages];     // mbarriers: the stage's bulk copy has landed
+  uint64_t landed[RecurrenceTraits<NW>::kStages];     // mbarriers: the stage's copies have landed
+  uint64_t freed[RecurrenceTraits<NW>::kStages];      // mbarriers: every row group is done reading the stage
   alignas(16) __nv_bfloat16 out[NW][kChunk][16 + 8];  // per warp output staging
 };
 
-// The copies of every chunk: one bulk copy (TMA) of the chunk's ChunkOps, issued by thread 0 and tracked by
-// the stage's mbarrier, and the CTA's value slice by cp.async, one 16-byte vector per thread (rows past the
-// sequence zero-filled). A bulk copy replaced ~900 per-thread cp.async per chunk: at 2 row groups their
-// address math was ~100 of a warp's 526 instructions per chunk (docs/prefill-kernel.md).
+// The producer warp's copies of a chunk into a stage, all tracked by the stage's `landed` mbarrier: one bulk
+// copy (TMA) of the chunk's ChunkOps by lane 0, and the CTA's value slice by cp.async, kVecsPerLane 16-byte
+// vectors per lane (rows past the sequence zero-filled), each lane arriving once its copies land. (A bulk
+// copy per value row, 17 bulk copies per chunk, was slower.) Taking the copies off the row-group warps removed
+// their per-chunk CTA barrier and copy bookkeeping from the recurrence's dependent chain.
 template <int NW>
 struct StageLoader {
   using T = RecurrenceTraits<NW>;
-  static constexpr int kVecV = T::kSlice / 8;  // vectors per token of the value slice
-  static_assert(kChunk * kVecV <= T::kThreads, "at most one V vector per thread");
+  static constexpr int kRowVecs = T::kSlice / 8;             // 16-byte vectors per token of the value slice
+  static constexpr int kVecsPerLane = kChunk * kRowVecs / 32;  // 1 .. 8
+  static constexpr int kArrivals = 1 + 32;                     // lane 0's expect-tx, every lane's cp.async
+  static_assert(kChunk * kRowVecs % 32 == 0, "whole vectors per lane");
 
   const ChunkOps* ops;     // chunk 0 of the sequence, this head
   int64_t ops_step;        // ChunkOps from one chunk to the next
   const __nv_bfloat16* v;  // chunk 0's first token row of the slice
   int64_t v_step;          // elements from one chunk's first token row to the next's
-  int64_t v_off;           // this thread's vector in a chunk: token v_t, 8 columns
-  int v_t;                 // kChunk when the thread copies no V vector
-  int v_col;               // first of its 8 columns in the slice
+  int64_t v_row;           // elements from one token row to the next
 
-  __device__ __forceinline__ StageLoader(const ChunkOps* workspace, int64_t first_chunk, int heads, int h,
-                                         const __nv_bfloat16* v_all, int64_t bos, int v_base, int tid) {
-    ops = workspace + first_chunk * heads + h;
-    ops_step = heads;
-    v = v_all + (bos * heads + h) * kDim + v_base;
-    v_step = static_cast<int64_t>(kChunk) * heads * kDim;
-    const bool has_v = kChunk * kVecV == T::kThreads || tid < kChunk * kVecV;
-    v_t = has_v ? tid / kVecV : kChunk;
-    v_col = (tid % kVecV) * 8;
-    v_off = has_v ? static_cast<int64_t>(v_t) * heads * kDim + v_col : 0;
+  __device__ __forceinline__ StageLoader(const KdaPrefillParams& p, int64_t first_chunk, int h,
+                                         const __nv_bfloat16* v_all, int64_t bos, int v_base) {
+    ops = static_cast<const ChunkOps*>(p.workspace) + first_chunk * p.heads + h;
+    ops_step = p.heads;
+    v_row = static_cast<int64_t>(p.heads) * kDim;
+    v = v_all + bos * v_row + static_cast<int64_t>(h) * kDim + v_base;
+    v_step = kChunk * v_row;
   }
 
-  // Chunk j of the sequence (L valid tokens of V) into stage `st`, completing on mbarrier `landed`.
-  __device__ __forceinline__ void issue(RecurrenceStage<NW>& st, uint64_t& landed, int64_t j, int L, int tid) const {
-    if (tid == 0) {
+  // Chunk j (L valid tokens of V) into stage `st`, completing `landed`; called by the whole producer warp.
+  __device__ __forceinline__ void issue(RecurrenceStage<NW>& st, uint64_t& landed, int64_t j, int L, int lane) const {
+    if (lane == 0) {
       cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&landed, sizeof(ChunkOps));
       cute::SM90_BULK_COPY_G2S::copy(ops + j * ops_step, &landed, &st.ops, sizeof(ChunkOps));
     }
-    if (v_t < kChunk) {
-      const bool valid = v_t < L;
-      cp_async_16(&st.v[v_t][v_col], v + j * v_step + (valid ? v_off : 0), valid);
+    const __nv_bfloat16* src = v + j * v_step;
+#pragma unroll
+    for (int i = 0; i < kVecsPerLane; ++i) {
+      const int vec = lane + 32 * i, t = vec / kRowVecs, c = 8 * (vec % kRowVecs);
+      const bool valid = t < L;
+      cp_async_16(&st.v[t][c], src + (valid ? t * v_row + c : 0), valid);
     }
+    cutlass::arch::cpasync_barrier_arrive_noinc(&landed);
   }
 };
+
+// The stage mbarriers with "memory" clobbers (CUTLASS's wrappers have none), so the compiler keeps every plain
+// shared-memory access of a stage between the wait that makes it valid and the arrive that hands it back.
+__device__ __forceinline__ void stage_wait(const uint64_t& barrier, uint32_t parity) {
+  const uint32_t addr = cute::cast_smem_ptr_to_uint(&barrier);
+  asm volatile(
+      "{\n\t.reg .pred done;\n\t"
+      "wait_%=:\n\t"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n\t"
+      "@!done bra wait_%=;\n\t}" ::"r"(addr),
+      "r"(parity)
+      : "memory");
+}
+__device__ __forceinline__ void stage_arrive(uint64_t& barrier) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(cute::cast_smem_ptr_to_uint(&barrier)) : "memory");
+}
 
 // ldmatrix.x4 of ChunkOps' B operands (chunk_layout.cuh) at this lane's row address: the fragments
 // ldsm_b16x16 reads from a padded [16][16] tile. A lane addresses row (lane & 7) + 8 (lane >> 4), 16-byte
@@ -116,13 +144,15 @@ __device__ __forceinline__ int wide_lane_offset(int lane, int kk) {
 
 // kSegmented: the CTA is one of the 2 G - 1 runs of a time-segmented sequence (segments.cuh). A separate
 // instantiation, so the plain kernel keeps its registers (the run bookkeeping costs ~30 more).
-template <int NW, bool kSegmented>
-__global__ void __launch_bounds__(32 * NW) recurrence_kernel(const KdaPrefillParams p) {
+// kMinCtasPerSm: the register budget (RecurrenceTraits).
+template <int NW, bool kSegmented, int kMinCtasPerSm>
+__global__ void __launch_bounds__(RecurrenceTraits<NW>::kThreads, kMinCtasPerSm)
+    recurrence_kernel(const KdaPrefillParams p) {
   using T = RecurrenceTraits<NW>;
   extern __shared__ __align__(128) unsigned char smem_bytes[];
   RecurrenceSmem<NW>& sm = *reinterpret_cast<RecurrenceSmem<NW>*>(smem_bytes);
 
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;  // warp w owns value rows 16 w .. + 15
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;  // warp w < NW owns value rows 16 w .. + 15
   const int g8 = lane / 4, q4 = lane % 4;  // fragment coordinates (common/mma_sm80.cuh)
   const int64_t unit = blockIdx.x;
   const int slice = static_cast<int>(unit % T::kSlices);
@@ -155,6 +185,38 @@ __global__ void __launch_bounds__(32 * NW) recurrence_kernel(const KdaPrefillPar
     }
     has_init = p.has_initial_state == nullptr || p.has_initial_state[n] != 0;
   }
+  const int64_t num_chunks = (len + kChunk - 1) / kChunk;
+  const int64_t first_chunk =
+      p.cu_seqlens != nullptr ? p.chunk_offsets[n] : n * ((p.seq_len + kChunk - 1) / kChunk);
+  int64_t chunk_begin = 0, chunk_end = num_chunks;  // this run's segment of the sequence's chunks
+  if constexpr (kSegmented) segment_chunks(p, num_chunks, sr.segment, chunk_begin, chunk_end);
+  if (tid == 0) {
+#pragma unroll
+    for (int b = 0; b < T::kStages; ++b) {
+      cutlass::arch::ClusterTransactionBarrier::init(&sm.landed[b], StageLoader<NW>::kArrivals);
+      cutlass::arch::ClusterBarrier::init(&sm.freed[b], NW);
+    }
+    cutlass::arch::fence_barrier_init();  // the initialised barriers, visible to the bulk copies
+  }
+  __syncthreads();  // the last CTA-wide barrier: from here on the warps meet only at the stage mbarriers
+
+  // Chunk j goes to stage j % kStages; the stage indices rotate instead of taking a 64-bit modulo per chunk.
+  if (warp == T::kProducer) {
+    const StageLoader<NW> loader(p, first_chunk, h, v, bos, v_base);
+    int stage = 0;
+    uint32_t phases = 0;  // bit b: the parity of stage b's next release
+    for (int64_t j = chunk_begin; j < chunk_end; ++j) {
+      if (j - chunk_begin >= T::kStages) {  // the stage's previous chunk, read by every row group
+        stage_wait(sm.freed[stage], (phases >> stage) & 1);
+        phases ^= 1u << stage;
+      }
+      // (the transition run's v is zero: it loads no valid rows of it)
+      loader.issue(sm.stage[stage], sm.landed[stage], j, sr.transition ? 0 : chunk_tokens(len - j * kChunk), lane);
+      stage = stage + 1 == T::kStages ? 0 : stage + 1;
+    }
+    return;
+  }
+
   float s[T::kNt][4];  // this warp's columns of its 16 state rows, fp32
   if (kSegmented && sr.transition) {  // identity rows
 #pragma unroll
@@ -177,49 +239,39 @@ __global__ void __launch_bounds__(32 * NW) recurrence_kernel(const KdaPrefillPar
     if (ck < ck_end) ck_pos = p.ckpt_pos[ck];
   }
 
-  const int64_t num_chunks = (len + kChunk - 1) / kChunk;
-  const int64_t first_chunk =
-      p.cu_seqlens != nullptr ? p.chunk_offsets[n] : n * ((p.seq_len + kChunk - 1) / kChunk);
-  int64_t chunk_begin = 0, chunk_end = num_chunks;  // this run's segment of the sequence's chunks
-  if constexpr (kSegmented) segment_chunks(p, num_chunks, sr.segment, chunk_begin, chunk_end);
-  const StageLoader<NW> loader(static_cast<const ChunkOps*>(p.workspace), first_chunk, p.heads, h, v, bos, v_base,
-                               tid);
-  // Chunk j goes to stage j % kStages; the stage indices rotate instead of taking a 64-bit modulo per chunk.
-  auto issue = [&](int64_t j, int buffer) {
-    if (j < chunk_end) {  // (the transition run's v is zero: it loads no valid rows of it)
-      loader.issue(sm.stage[buffer], sm.landed[buffer], j, sr.transition ? 0 : chunk_tokens(len - j * kChunk), tid);
-    }
-    cp_async_commit();  // always commit, so the group count per chunk stays fixed
-  };
-  if (tid == 0) {
-#pragma unroll
-    for (int b = 0; b < T::kStages; ++b) cutlass::arch::ClusterTransactionBarrier::init(&sm.landed[b], 1);
-    cutlass::arch::fence_barrier_init();  // the initialised barriers, visible to the bulk copies
-  }
-  __syncthreads();
-#pragma unroll
-  for (int j = 0; j < T::kStages - 1; ++j) issue(chunk_begin + j, j);
-  int stage = 0, next_stage = T::kStages - 1;  // stages of chunk j and of chunk j + kStages - 1
-  uint32_t phases = 0;  // bit b: the parity of stage b's next completion
+  int stage = 0;
+  uint32_t phases = 0;  // bit b: the parity of stage b's next landing
+  // This lane's 16-byte piece of a chunk's output rows (token lane / 2, 8 columns), advanced a chunk at a time
+  // rather than recomputed from 64-bit indices every chunk.
+  const int out_t = lane / 2, out_half = lane % 2;
+  __nv_bfloat16* out_piece =
+      out + ((bos + chunk_begin * kChunk + out_t) * p.heads + h) * static_cast<int64_t>(kDim) + v_warp + 8 * out_half;
+  const int64_t out_step = static_cast<int64_t>(kChunk) * p.heads * kDim;
   const int tile_lane = tile_lane_offset(lane);
+  // -I as this lane's B fragment register of an m16n8k16 product (bf16 -1 where the lane's k row meets its n
+  // column; n tile 0 in the first register, n tile 1 in the second).
+  const uint32_t neg_eye = (2 * q4 == g8 ? 0xBF80u : 0u) | (2 * q4 + 1 == g8 ? 0xBF800000u : 0u);
   int wide_lane[4];
 #pragma unroll
   for (int m = 0; m < 4; ++m) wide_lane[m] = wide_lane_offset(lane, m);
-
   for (int64_t j = chunk_begin; j < chunk_end; ++j) {
-    cute::cp_async_wait<T::kStages - 2>();  // this thread's V vector of chunk j
-    cutlass::arch::ClusterTransactionBarrier::wait(&sm.landed[stage], (phases >> stage) & 1);
+    stage_wait(sm.landed[stage], (phases >> stage) & 1);
     phases ^= 1u << stage;
-    __syncthreads();  // chunk j has landed for everyone; everyone is done with chunk j - 1's stage
     const RecurrenceStage<NW>& st = sm.stage[stage];
     const int64_t t0 = j * kChunk;
     const int L = chunk_tokens(len - t0);
 
-    // X^T = S Kg^T and O^T = S Qg^T: [16 rows, C]. Separate accumulators for even
-    // and odd k-steps keep the dependent MMA chains short (the recurrence is latency-bound).
-    float xT[2][4], oT[2][4];
+    // D^T = X^T - V^T with X^T = S Kg^T, and O^T = S Qg^T: [16 rows, C]. D's accumulators start at -V^T
+    // exactly, by one MMA of V^T (an ldmatrix.trans of the value tile is its A fragment) with -I, instead of
+    // ~30 instructions converting V to fp32 and subtracting. Separate accumulators for even and odd k-steps
+    // keep the dependent MMA chains of D short (the recurrence is latency-bound); O is off that chain.
+    float dT[2][4], oT[2][4] = {};
     {
-      float xa[2][2][4] = {}, oa[2][2][4] = {};  // [k-step parity][n tile][fragment]
+      uint32_t vt[4];  // V^T of the warp's 16 value rows
+      ldsm_t16x16<T::kSlice>(&st.v[0][16 * warp], lane, vt);
+      float da[2][2][4] = {};  // [k-step parity][n tile][fragment]
+      mma_16816(da[1][0], vt, neg_eye, 0u);
+      mma_16816(da[1][1], vt, 0u, neg_eye);
 #pragma unroll
       for (int kk = 0; kk < kDim / 16; ++kk) {
         uint32_t s_bf[4], bk[4], bq[4];
@@ -228,42 +280,21 @@ __global__ void __launch_bounds__(32 * NW) recurrence_kernel(const KdaPrefillPar
         ldsm_at(st.ops.qg + wide_lane[kk % 4] + 64 * (kk / 4), bq);
 #pragma unroll
         for (int nt = 0; nt < 2; ++nt) {
-          mma_16816(xa[kk & 1][nt], s_bf, bk[2 * nt], bk[2 * nt + 1]);
-          mma_16816(oa[kk & 1][nt], s_bf, bq[2 * nt], bq[2 * nt + 1]);
+          mma_16816(da[kk & 1][nt], s_bf, bk[2 * nt], bk[2 * nt + 1]);
+          mma_16816(oT[nt], s_bf, bq[2 * nt], bq[2 * nt + 1]);
         }
       }
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt) {
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          xT[nt][i] = xa[0][nt][i] + xa[1][nt][i];
-          oT[nt][i] = oa[0][nt][i] + oa[1][nt][i];
-        }
+        for (int i = 0; i < 4; ++i) dT[nt][i] = da[0][nt][i] + da[1][nt][i];
       }
     }
-    // The next copies go out while those products are in flight (chunk j - 1's stage is free since the
-    // barrier), rather than between the barrier and the products, where they stalled every chunk's chain.
-    issue(j + T::kStages - 1, next_stage);
-    stage = stage + 1 == T::kStages ? 0 : stage + 1;
-    next_stage = next_stage + 1 == T::kStages ? 0 : next_stage + 1;
-
-    // U^T = (V^T - X^T) Ab^T.
+    // U^T = (V^T - X^T) Ab^T = D^T (-Ab)^T (pass 1 stores Ab negated).
     uint32_t u_bf[4];  // U^T [16 rows, C] as a bf16 A fragment
     {
-      float rT[2][4];
-      uint32_t vt[4];  // V^T of the warp's 16 value rows in accumulator order
-      ldsm_t16x16<T::kSlice>(&st.v[0][16 * warp], lane, vt);
-#pragma unroll
-      for (int nt = 0; nt < 2; ++nt) {
-        const float2 v0 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&vt[2 * nt]));
-        const float2 v1 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&vt[2 * nt + 1]));
-        rT[nt][0] = v0.x - xT[nt][0];
-        rT[nt][1] = v0.y - xT[nt][1];
-        rT[nt][2] = v1.x - xT[nt][2];
-        rT[nt][3] = v1.y - xT[nt][3];
-      }
-      uint32_t r_hi[4], r_lo[4];
-      acc_to_a_split(rT[0], rT[1], r_hi, r_lo);
+      uint32_t d_hi[4], d_lo[4];
+      acc_to_a_split(dT[0], dT[1], d_hi, d_lo);
       float uT[2][4];
       uint32_t ab_hi[4], ab_lo[4];
       ldsm_at(st.ops.ab_hi + tile_lane, ab_hi);
@@ -271,9 +302,9 @@ __global__ void __launch_bounds__(32 * NW) recurrence_kernel(const KdaPrefillPar
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt) {
         float u0[4] = {}, u1[4] = {}, u2[4] = {};  // three independent products, summed
-        mma_16816(u0, r_hi, ab_hi[2 * nt], ab_hi[2 * nt + 1]);
-        mma_16816(u1, r_lo, ab_hi[2 * nt], ab_hi[2 * nt + 1]);
-        mma_16816(u2, r_hi, ab_lo[2 * nt], ab_lo[2 * nt + 1]);
+        mma_16816(u0, d_hi, ab_hi[2 * nt], ab_hi[2 * nt + 1]);
+        mma_16816(u1, d_lo, ab_hi[2 * nt], ab_hi[2 * nt + 1]);
+        mma_16816(u2, d_hi, ab_lo[2 * nt], ab_lo[2 * nt + 1]);
 #pragma unroll
         for (int i = 0; i < 4; ++i) uT[nt][i] = u0[i] + (u1[i] + u2[i]);
       }
@@ -304,13 +335,10 @@ __global__ void __launch_bounds__(32 * NW) recurrence_kernel(const KdaPrefillPar
       acc_to_a(oT[0], oT[1], o_bf);
       stsm_t16x16<16 + 8>(&ost[0][0], lane, o_bf);  // ost[t][v] = O^T[v][t]
       __syncwarp();
-      {
-        const int t = lane / 2, half = lane % 2;
-        if (t < L) {
-          *reinterpret_cast<uint4*>(out + ((bos + t0 + t) * p.heads + h) * kDim + v_warp + 8 * half) =
-              *reinterpret_cast<const uint4*>(&ost[t][8 * half]);
-        }
+      if (out_t < L) {
+        *reinterpret_cast<uint4*>(out_piece) = *reinterpret_cast<const uint4*>(&ost[out_t][8 * out_half]);
       }
+      out_piece += out_step;
       __syncwarp();
     }
 
@@ -319,8 +347,15 @@ __global__ void __launch_bounds__(32 * NW) recurrence_kernel(const KdaPrefillPar
       ++ck;
       ck_pos = ck < ck_end ? p.ckpt_pos[ck] : -1;
     }
+    // Release the stage to the producer only here, once every value read from it has been consumed. Released
+    // right after the last read (as first written), ptxas scheduled the S-update products that use the last
+    // Kd^T and gate loads after the arrive, and with 3 CTAs per SM the next bulk copy overwrote the stage
+    // under those loads now and then: nondeterministic outputs and checkpoints at 4 row groups, caught by
+    // test_many_sequences_and_checkpoints, which now also checks that two runs agree bit for bit.
+    __syncwarp();
+    if (lane == 0) stage_arrive(sm.freed[stage]);
+    stage = stage + 1 == T::kStages ? 0 : stage + 1;
   }
-  cute::cp_async_wait<0>();
 
   if (kSegmented) {  // segment states go to the fix-up's scratch (segments.cuh), which writes the final state
     store_state(s, segment_states(p), true, segment_state_entry(p, n, h, sr), 0, kDim * kDim, v_warp, lane);
