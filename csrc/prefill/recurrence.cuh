@@ -28,6 +28,7 @@
 #include <cute/arch/copy_sm90_tma.hpp>
 #include <cutlass/arch/barrier.h>
 
+#include "common/mbarrier.cuh"
 #include "common/mma_sm80.cuh"
 #include "prefill/chunk_layout.cuh"
 #include "prefill/device_utils.cuh"
@@ -111,22 +112,6 @@ struct StageLoader {
   }
 };
 
-// The stage mbarriers with "memory" clobbers (CUTLASS's wrappers have none), so the compiler keeps every plain
-// shared-memory access of a stage between the wait that makes it valid and the arrive that hands it back.
-__device__ __forceinline__ void stage_wait(const uint64_t& barrier, uint32_t parity) {
-  const uint32_t addr = cute::cast_smem_ptr_to_uint(&barrier);
-  asm volatile(
-      "{\n\t.reg .pred done;\n\t"
-      "wait_%=:\n\t"
-      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n\t"
-      "@!done bra wait_%=;\n\t}" ::"r"(addr),
-      "r"(parity)
-      : "memory");
-}
-__device__ __forceinline__ void stage_arrive(uint64_t& barrier) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(cute::cast_smem_ptr_to_uint(&barrier)) : "memory");
-}
-
 // ldmatrix.x4 of ChunkOps' B operands (chunk_layout.cuh) at this lane's row address: the fragments
 // ldsm_b16x16 reads from a padded [16][16] tile. A lane addresses row (lane & 7) + 8 (lane >> 4), 16-byte
 // chunk (lane >> 3) & 1 of the tile or k-step.
@@ -207,7 +192,7 @@ __global__ void __launch_bounds__(RecurrenceTraits<NW>::kThreads, kMinCtasPerSm)
     uint32_t phases = 0;  // bit b: the parity of stage b's next release
     for (int64_t j = chunk_begin; j < chunk_end; ++j) {
       if (j - chunk_begin >= T::kStages) {  // the stage's previous chunk, read by every row group
-        stage_wait(sm.freed[stage], (phases >> stage) & 1);
+        kda::mbarrier_wait(sm.freed[stage], (phases >> stage) & 1);
         phases ^= 1u << stage;
       }
       // (the transition run's v is zero: it loads no valid rows of it)
@@ -255,7 +240,7 @@ __global__ void __launch_bounds__(RecurrenceTraits<NW>::kThreads, kMinCtasPerSm)
 #pragma unroll
   for (int m = 0; m < 4; ++m) wide_lane[m] = wide_lane_offset(lane, m);
   for (int64_t j = chunk_begin; j < chunk_end; ++j) {
-    stage_wait(sm.landed[stage], (phases >> stage) & 1);
+    kda::mbarrier_wait(sm.landed[stage], (phases >> stage) & 1);
     phases ^= 1u << stage;
     const RecurrenceStage<NW>& st = sm.stage[stage];
     const int64_t t0 = j * kChunk;
@@ -353,7 +338,7 @@ __global__ void __launch_bounds__(RecurrenceTraits<NW>::kThreads, kMinCtasPerSm)
     // under those loads now and then: nondeterministic outputs and checkpoints at 4 row groups, caught by
     // test_many_sequences_and_checkpoints, which now also checks that two runs agree bit for bit.
     __syncwarp();
-    if (lane == 0) stage_arrive(sm.freed[stage]);
+    if (lane == 0) kda::mbarrier_arrive(sm.freed[stage]);
     stage = stage + 1 == T::kStages ? 0 : stage + 1;
   }
 

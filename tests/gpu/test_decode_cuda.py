@@ -61,7 +61,9 @@ def _untouched_mask(S, *used) -> torch.Tensor:
 
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16], ids=["fp32_state", "bf16_state"])
 @pytest.mark.parametrize("lower_bound", [None, -5.0], ids=["softplus", "lower_bound"])
-@pytest.mark.parametrize("N,H,pad", [(1, 32, ()), (7, 4, (2, 5)), (64, 3, (0, 63))], ids=["N1H32", "N7pad", "N64pad"])
+# N300 H4: more CTAs than one wave.
+@pytest.mark.parametrize("N,H,pad", [(1, 32, ()), (7, 4, (2, 5)), (64, 3, (0, 63)), (300, 4, (0, 150, 299))],
+                         ids=["N1H32", "N7pad", "N64pad", "N300pad"])
 def test_decode_matches_reference(state_dtype, lower_bound, N, H, pad):
     inputs, pool, slots = _case(N, 1, H, state_dtype=state_dtype, gates=EXTREME_GATES, pad=pad, seed=N * 31 + H)
     ref = _reference(inputs, pool, slots, lower_bound)
@@ -129,8 +131,10 @@ def test_multi_token_intermediate_slots(state_dtype, index_dtype):
     assert (out[4] == 0).all()
 
 
-def test_two_runs_bit_identical():
-    inputs, pool, slots = _case(33, 2, 8, state_dtype=torch.float32, gates=EXTREME_GATES, seed=5)
+@pytest.mark.parametrize("N,state_dtype", [(33, torch.float32), (600, torch.bfloat16)], ids=["fp32", "bf16_many"])
+def test_two_runs_bit_identical(N, state_dtype):
+    inputs, pool, slots = _case(N, 1 if state_dtype == torch.bfloat16 else 2, 8, state_dtype=state_dtype,
+                                gates=EXTREME_GATES, seed=5)
     pool2 = pool.clone()
     out1 = _decode(inputs, pool, slots, None)
     out2 = _decode(inputs, pool2, slots, None)
