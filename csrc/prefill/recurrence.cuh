@@ -49,7 +49,7 @@ struct RecurrenceTraits {
   // Register budget (__launch_bounds__ minimum CTAs per SM). At 1 ptxas keeps the state and every lane offset
   // in registers (~180) instead of recomputing offsets each chunk: H32, one 8192-token sequence, 0.56 -> 0.42
   // ms. A grid of more than one wave of 4-row-group CTAs runs 3 per SM (<= 136 registers) instead: 6% faster
-  // on H96 mixed6, but 13% slower than 1 on a single wave (H64, one sequence): launch_recurrence picks.
+  // on H96 mixed6, but 12% slower than 1 on a single wave (H64, one sequence): launch_recurrence picks.
   static constexpr int kPackedMinCtasPerSm = NW == 4 ? 3 : 1;
 };
 
