@@ -34,4 +34,10 @@ case "$phase" in
       --section MemoryWorkloadAnalysis --section SchedulerStats \
       --metrics regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio \
       python3 benchmarks/experiments/ncu_prefill.py "$@" > "$OUT/ncu-$1-$2.txt" 2>&1; tail -3 "$OUT/ncu-$1-$2.txt" ;;
+  ncu-source)  # ncu-source H T: per-SASS-instruction stall samples of pass 2 (NCU_KERNEL=chunk_ops: pass 1)
+    ncu --clock-control none --kernel-name regex:"${NCU_KERNEL:-recurrence}" --launch-skip 1 --launch-count 1 \
+      --section SourceCounters --section WarpStateStats --section SpeedOfLight --section SchedulerStats \
+      --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis -o "$OUT/rec-$1-$2" python3 benchmarks/experiments/ncu_prefill.py "$@" > /dev/null 2>&1
+    ncu -i "$OUT/rec-$1-$2.ncu-rep" --page source --csv --print-source sass > "$OUT/rec-$1-$2-sass.csv" 2>&1
+    ncu -i "$OUT/rec-$1-$2.ncu-rep" > "$OUT/rec-$1-$2.txt" 2>&1; tail -40 "$OUT/rec-$1-$2.txt"; head -3 "$OUT/rec-$1-$2-sass.csv" ;;
 esac

@@ -21,6 +21,21 @@ __device__ __forceinline__ void mbarrier_wait(const uint64_t& barrier, uint32_t 
       : "memory");
 }
 
+// Whether the phase of `barrier` with parity `parity` has completed, without waiting (acquire when it has).
+// Issued well before the result is needed, it takes the barrier's latency off a dependent chain.
+__device__ __forceinline__ bool mbarrier_test(const uint64_t& barrier, uint32_t parity) {
+  const uint32_t addr = cute::cast_smem_ptr_to_uint(&barrier);
+  uint32_t done;
+  asm volatile(
+      "{\n\t.reg .pred p;\n\t"
+      "mbarrier.test_wait.parity.shared::cta.b64 p, [%1], %2;\n\t"
+      "selp.u32 %0, 1, 0, p;\n\t}"
+      : "=r"(done)
+      : "r"(addr), "r"(parity)
+      : "memory");
+  return done != 0;
+}
+
 // One arrival on `barrier` (release: this thread's earlier accesses are ordered before it).
 __device__ __forceinline__ void mbarrier_arrive(uint64_t& barrier) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(cute::cast_smem_ptr_to_uint(&barrier)) : "memory");

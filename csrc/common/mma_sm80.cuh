@@ -23,12 +23,12 @@ __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
 }
 
 // x ~= hi + lo with both halves in bf16: 16 mantissa bits, enough to carry an fp32 state through bf16 MMAs.
+// hi is x truncated to bf16 (its upper 16 bits), so x - hi is exact and no bf16 -> fp32 conversion is needed:
+// 6 instructions a pair instead of 8, for a residual of 2^-16 |x| instead of 2^-17 (lo rounded to bf16).
 __device__ __forceinline__ void split_bf16x2(float x0, float x1, uint32_t& hi, uint32_t& lo) {
-  __nv_bfloat162 h = __floats2bfloat162_rn(x0, x1);
-  float2 hf = __bfloat1622float2(h);
-  __nv_bfloat162 l = __floats2bfloat162_rn(x0 - hf.x, x1 - hf.y);
-  hi = *reinterpret_cast<uint32_t*>(&h);
-  lo = *reinterpret_cast<uint32_t*>(&l);
+  const uint32_t h0 = __float_as_uint(x0) & 0xffff0000u, h1 = __float_as_uint(x1) & 0xffff0000u;
+  hi = __byte_perm(h0, h1, 0x7632);  // the upper halves: x0's in the low 16 bits, x1's in the high
+  lo = pack_bf16x2(x0 - __uint_as_float(h0), x1 - __uint_as_float(h1));
 }
 
 // d += A * B for one 16x8x16 tile.
@@ -37,21 +37,20 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
                                              d[0], d[1], d[2], d[3]);
 }
 
+// d += A * B for one 16x8x8 tile on tf32 tensor cores: fp32 operand bits, of which the hardware uses the upper
+// 19 (sign, exponent, 10 mantissa bits). A: a[0] = A[g][q], a[1] = A[g + 8][q], a[2] = A[g][q + 4],
+// a[3] = A[g + 8][q + 4]; B: b0 = B[q][g], b1 = B[q + 4][g] (g = lane / 4, q = lane % 4).
+__device__ __forceinline__ void mma_1688_tf32(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  cute::SM80_16x8x8_F32TF32TF32F32_TN::fma(d[0], d[1], d[2], d[3], a[0], a[1], a[2], a[3], b0, b1, d[0], d[1], d[2],
+                                           d[3]);
+}
+
 // A fragment from two fp32 accumulator tiles (columns 0..7 in c0, 8..15 in c1), rounded to bf16.
 __device__ __forceinline__ void acc_to_a(const float (&c0)[4], const float (&c1)[4], uint32_t (&a)[4]) {
   a[0] = pack_bf16x2(c0[0], c0[1]);
   a[1] = pack_bf16x2(c0[2], c0[3]);
   a[2] = pack_bf16x2(c1[0], c1[1]);
   a[3] = pack_bf16x2(c1[2], c1[3]);
-}
-
-// The same, split into hi + lo bf16 fragments (two MMAs recover ~fp32 accuracy of the accumulator operand).
-__device__ __forceinline__ void acc_to_a_split(const float (&c0)[4], const float (&c1)[4], uint32_t (&hi)[4],
-                                               uint32_t (&lo)[4]) {
-  split_bf16x2(c0[0], c0[1], hi[0], lo[0]);
-  split_bf16x2(c0[2], c0[3], hi[1], lo[1]);
-  split_bf16x2(c1[0], c1[1], hi[2], lo[2]);
-  split_bf16x2(c1[2], c1[3], hi[3], lo[3]);
 }
 
 // 16-byte global -> shared copy that fills zeros when !pred (the source is not read then).

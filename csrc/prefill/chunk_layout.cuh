@@ -15,8 +15,9 @@ namespace kda::prefill {
 // each row are permuted by the row index to put those 8 rows in 8 distinct bank groups without padding:
 //   kg, qg   [16 tokens][128 channels], chunk j of row t at j ^ (t % 8)             (wide_index)
 //   kdT      16 x 16 tiles of 512 bytes, tile p = Kd^T rows (channels) 16 p .. 16 p + 15, columns tokens;
-//   ab_*, p  one such tile each (rows t, columns s). A tile row is 32 bytes, two chunks, swapped on rows
-//            4-7 and 12-15                                                           (tile_index)
+//   p        one such tile (rows t, columns s). A tile row is 32 bytes, two chunks, swapped on rows 4-7
+//            and 12-15                                                               (tile_index)
+//   ab       -Ab in fp32, in the order of pass 2's tf32 B fragments                  (ab_index)
 // Pass 1 still stores whole rows per warp instruction (Kg, Qg: a token's 256 bytes; Kd^T: 16 tile rows), so
 // its stores stay full sectors and lines.
 constexpr int kTileElems = 16 * 16;
@@ -55,13 +56,30 @@ constexpr bool swizzle_is_conflict_free() {
 static_assert(swizzle_is_conflict_free<kDim, wide_index>(), "Kg / Qg rows: conflict-free ldmatrix");
 static_assert(swizzle_is_conflict_free<16, tile_index>(), "16 x 16 tiles: conflict-free ldmatrix");
 
+// Element (t, s) of -Ab. Pass 2's U product (recurrence.cuh) takes lane 4 g + q's B fragments for U tokens
+// 8 h + g as one float4: columns 2 q, 2 q + 1, 8 + 2 q, 8 + 2 q + 1 of row 8 h + g.
+__host__ __device__ constexpr int ab_index(int t, int s) {
+  return ((t / 8) * 32 + 4 * (t % 8) + (s % 8) / 2) * 4 + 2 * (s / 8) + s % 2;
+}
+constexpr bool ab_index_is_a_permutation() {
+  bool seen[kTileElems] = {};
+  for (int t = 0; t < kChunk; ++t) {
+    for (int s = 0; s < kChunk; ++s) {
+      const int e = ab_index(t, s);
+      if (e < 0 || e >= kTileElems || seen[e]) return false;
+      seen[e] = true;
+    }
+  }
+  return true;
+}
+static_assert(ab_index_is_a_permutation(), "-Ab: every element stored once");
+
 struct alignas(16) ChunkOps {
   __nv_bfloat16 kg[kChunk * kDim];           // k * F
   __nv_bfloat16 qg[kChunk * kDim];           // scale * q * F
   __nv_bfloat16 kdT[kDim / 16][kTileElems];  // (k * B)^T
-  __nv_bfloat16 ab_hi[kTileElems];
-  __nv_bfloat16 ab_lo[kTileElems];
   __nv_bfloat16 p[kTileElems];
+  alignas(16) float ab[kTileElems];  // -Ab (ab_index)
   float gate_end[kDim];
 };
 static_assert(sizeof(ChunkOps) % 128 == 0, "ChunkOps is bulk-copied (16-byte multiples) into 128-byte aligned stages");

@@ -4,7 +4,7 @@
 // (sequence, head): NW row groups of 16 rows, one warp each, held in registers as m16n8k16 accumulators.
 // Per chunk, with the rows of S of a warp (docs/prefill-kernel.md):
 //   D^T = S Kg^T - V^T                (S rounded to one bf16 operand; the fp32 accumulators stay the master)
-//   U^T = D^T (-Ab)^T                 (hi + lo operands: the 16 x 16 solve is cheap and error-sensitive)
+//   U^T = D^T (-Ab)^T                 (tf32: D's fp32 accumulators are the operand as they stand)
 //   O^T = S Qg^T + U^T P^T            (the chunk's output rows for this slice)
 //   S   = S diag(gate_end) + U^T Kd   (U as one bf16 operand)
 // Splitting the state and U into bf16 hi + lo as well (a previous version) doubled the two big products for
@@ -18,11 +18,13 @@
 // waiting for the slowest warp sits on the recurrence's dependent chain (pass 2 at H32, one 8192-token
 // sequence: 347 -> 239 us on an H100 with the changes of docs/prefill-kernel.md, "Producer warp").
 // (Splitting a row group's key columns over two warps, which exchanged partial products through shared
-// memory each chunk, shortened the chain but lost once the copies stopped stalling it: removed.)
+// memory each chunk, shortened the chain but lost once the copies stopped stalling it: removed. Output warps
+// beside the chain warps, taking the 18 output products off the chain, lost too: docs/prefill-kernel.md.)
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cstddef>
+#include <climits>
 #include <cstdint>
 
 #include <cute/arch/copy_sm90_tma.hpp>
@@ -216,16 +218,21 @@ __global__ void __launch_bounds__(RecurrenceTraits<NW>::kThreads, kMinCtasPerSm)
 #pragma unroll
     for (int nt = 0; nt < T::kNt; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
   }
-  // The next checkpoint of the sequence, its position kept in a register so the per-chunk test reads no memory.
-  int64_t ck = 0, ck_end = 0, ck_pos = -1;
+  // The next checkpoint of the sequence, as the number of chunks done when it is due (positions are positive
+  // multiples of 64 tokens, ops/contract.py): the chunks run in stretches up to it, so the chunk loop tests
+  // nothing but its counter (a per-chunk position test and its branch were ~5% of pass 2).
+  int64_t ck = 0, ck_end = 0;
+  int ck_chunk = INT_MAX;
   if (p.ckpt_offsets != nullptr) {
     ck = p.ckpt_offsets[n];
     ck_end = p.ckpt_offsets[n + 1];
-    if (ck < ck_end) ck_pos = p.ckpt_pos[ck];
+    if (ck < ck_end) ck_chunk = static_cast<int>(p.ckpt_pos[ck] / kChunk);
   }
+  const int len32 = static_cast<int>(len);  // a sequence's chunk and token counts fit 32 bits
 
-  int stage = 0;
-  uint32_t phases = 0;  // bit b: the parity of stage b's next landing
+  // Whether the next chunk is known to have landed: tested (not waited for) one chunk ahead, so the barrier's
+  // latency overlaps a chunk of work instead of sitting at the top of every chunk.
+  bool landed = false;
   // This lane's 16-byte piece of a chunk's output rows (token lane / 2, 8 columns), advanced a chunk at a time
   // rather than recomputed from 64-bit indices every chunk.
   const int out_t = lane / 2, out_half = lane % 2;
@@ -239,24 +246,35 @@ __global__ void __launch_bounds__(RecurrenceTraits<NW>::kThreads, kMinCtasPerSm)
   int wide_lane[4];
 #pragma unroll
   for (int m = 0; m < 4; ++m) wide_lane[m] = wide_lane_offset(lane, m);
-  for (int64_t j = chunk_begin; j < chunk_end; ++j) {
-    kda::mbarrier_wait(sm.landed[stage], (phases >> stage) & 1);
-    phases ^= 1u << stage;
+  // With one CTA per SM the registers allow two things the 3-CTAs-per-SM budget (128 registers) does not: the
+  // chunk loop unrolled over the ring (below) and the chunk's decays loaded at its start. Within 128 registers
+  // both cost 5-10% on multi-wave 4-row-group grids (H96 mixed6 1.034-1.064 vs 0.959 ms).
+  constexpr bool kOneCtaPerSm = kMinCtasPerSm == 1;
+  // The k-th chunk of this run sits in stage k % kStages, in that stage's (k / kStages)-th landing.
+  auto run_chunk = [&](const int stage, const uint32_t parity, const int j) {
+    if (!landed) kda::mbarrier_wait(sm.landed[stage], parity);
+    const int next = stage + 1 == T::kStages ? 0 : stage + 1;
+    landed = kda::mbarrier_test(sm.landed[next], next == 0 ? parity ^ 1 : parity);
     const RecurrenceStage<NW>& st = sm.stage[stage];
-    const int64_t t0 = j * kChunk;
-    const int L = chunk_tokens(len - t0);
+    const int L = min(kChunk, len32 - j * kChunk);
+    // This lane's decays of the chunk (gate_end at its state columns). With one CTA per SM they are loaded
+    // here: loaded next to their use in the S update, their latency stalled it.
+    auto decay = [&](int nl) { return *reinterpret_cast<const float2*>(&st.ops.gate_end[8 * nl + 2 * q4]); };
+    float2 ge[T::kNt];
+    if constexpr (kOneCtaPerSm) {
+#pragma unroll
+      for (int nl = 0; nl < T::kNt; ++nl) ge[nl] = decay(nl);
+    }
 
-    // D^T = X^T - V^T with X^T = S Kg^T, and O^T = S Qg^T: [16 rows, C]. D's accumulators start at -V^T
-    // exactly, by one MMA of V^T (an ldmatrix.trans of the value tile is its A fragment) with -I, instead of
-    // ~30 instructions converting V to fp32 and subtracting. Separate accumulators for even and odd k-steps
-    // keep the dependent MMA chains of D short (the recurrence is latency-bound); O is off that chain.
+    // D^T = X^T - V^T with X^T = S Kg^T, and O^T = S Qg^T: [16 rows, C]. -V^T enters D's accumulators exactly
+    // by one MMA of V^T (an ldmatrix.trans of the value tile is its A fragment) with -I, instead of ~30
+    // instructions converting V to fp32 and subtracting. Separate accumulators for even and odd k-steps keep
+    // the dependent MMA chains of D short (the recurrence is latency-bound); O is off that chain.
     float dT[2][4], oT[2][4] = {};
     {
       uint32_t vt[4];  // V^T of the warp's 16 value rows
       ldsm_t16x16<T::kSlice>(&st.v[0][16 * warp], lane, vt);
       float da[2][2][4] = {};  // [k-step parity][n tile][fragment]
-      mma_16816(da[1][0], vt, neg_eye, 0u);
-      mma_16816(da[1][1], vt, 0u, neg_eye);
 #pragma unroll
       for (int kk = 0; kk < kDim / 16; ++kk) {
         uint32_t s_bf[4], bk[4], bq[4];
@@ -269,29 +287,37 @@ __global__ void __launch_bounds__(RecurrenceTraits<NW>::kThreads, kMinCtasPerSm)
           mma_16816(oT[nt], s_bf, bq[2 * nt], bq[2 * nt + 1]);
         }
       }
+      // -V last in its chain: the value tile's ldmatrix then has the whole chain to land (first in the chain,
+      // its latency stalled the chunk's first product).
+      mma_16816(da[1][0], vt, neg_eye, 0u);
+      mma_16816(da[1][1], vt, 0u, neg_eye);
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt) {
 #pragma unroll
         for (int i = 0; i < 4; ++i) dT[nt][i] = da[0][nt][i] + da[1][nt][i];
       }
     }
-    // U^T = (V^T - X^T) Ab^T = D^T (-Ab)^T (pass 1 stores Ab negated).
+    // U^T = (V^T - X^T) Ab^T = D^T (-Ab)^T (pass 1 stores Ab negated), on tf32 tensor cores: D's fp32
+    // accumulators are the A fragments as they stand (k-step ks = D's n tile, its tokens taken in the order
+    // 0 2 4 6 1 3 5 7: a lane's accumulator columns 2 q, 2 q + 1 are A's k = q, q + 4), and pass 1 stores -Ab
+    // in the matching B-fragment order (ab_index), two float4 per lane.
     uint32_t u_bf[4];  // U^T [16 rows, C] as a bf16 A fragment
     {
-      uint32_t d_hi[4], d_lo[4];
-      acc_to_a_split(dT[0], dT[1], d_hi, d_lo);
+      const float4 ab_t0 = *reinterpret_cast<const float4*>(&st.ops.ab[4 * lane]);             // U tokens 0..7
+      const float4 ab_t1 = *reinterpret_cast<const float4*>(&st.ops.ab[kTileElems / 2 + 4 * lane]);  // 8..15
+      float u[2][2][4] = {};  // [k-step][n tile]: independent products, summed
+#pragma unroll
+      for (int ks = 0; ks < 2; ++ks) {
+        const uint32_t a[4] = {__float_as_uint(dT[ks][0]), __float_as_uint(dT[ks][2]), __float_as_uint(dT[ks][1]),
+                               __float_as_uint(dT[ks][3])};
+        mma_1688_tf32(u[ks][0], a, __float_as_uint(ks ? ab_t0.z : ab_t0.x), __float_as_uint(ks ? ab_t0.w : ab_t0.y));
+        mma_1688_tf32(u[ks][1], a, __float_as_uint(ks ? ab_t1.z : ab_t1.x), __float_as_uint(ks ? ab_t1.w : ab_t1.y));
+      }
       float uT[2][4];
-      uint32_t ab_hi[4], ab_lo[4];
-      ldsm_at(st.ops.ab_hi + tile_lane, ab_hi);
-      ldsm_at(st.ops.ab_lo + tile_lane, ab_lo);
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt) {
-        float u0[4] = {}, u1[4] = {}, u2[4] = {};  // three independent products, summed
-        mma_16816(u0, d_hi, ab_hi[2 * nt], ab_hi[2 * nt + 1]);
-        mma_16816(u1, d_lo, ab_hi[2 * nt], ab_hi[2 * nt + 1]);
-        mma_16816(u2, d_hi, ab_lo[2 * nt], ab_lo[2 * nt + 1]);
 #pragma unroll
-        for (int i = 0; i < 4; ++i) uT[nt][i] = u0[i] + (u1[i] + u2[i]);
+        for (int i = 0; i < 4; ++i) uT[nt][i] = u[0][nt][i] + u[1][nt][i];
       }
       acc_to_a(uT[0], uT[1], u_bf);
     }
@@ -304,8 +330,8 @@ __global__ void __launch_bounds__(RecurrenceTraits<NW>::kThreads, kMinCtasPerSm)
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         const int nl = 2 * pair + half;
-        const float2 ge = *reinterpret_cast<const float2*>(&st.ops.gate_end[8 * nl + 2 * q4]);
-        s[nl][0] *= ge.x, s[nl][1] *= ge.y, s[nl][2] *= ge.x, s[nl][3] *= ge.y;
+        const float2 g = kOneCtaPerSm ? ge[nl] : decay(nl);
+        s[nl][0] *= g.x, s[nl][1] *= g.y, s[nl][2] *= g.x, s[nl][3] *= g.y;
         mma_16816(s[nl], u_bf, kd[2 * half], kd[2 * half + 1]);
       }
     }
@@ -327,11 +353,6 @@ __global__ void __launch_bounds__(RecurrenceTraits<NW>::kThreads, kMinCtasPerSm)
       __syncwarp();
     }
 
-    while (ck_pos == t0 + L) {
-      store_state(s, p.state_pool, p.state_pool_fp32, p.ckpt_slot[ck], h, pool_state_stride(p), v_warp, lane);
-      ++ck;
-      ck_pos = ck < ck_end ? p.ckpt_pos[ck] : -1;
-    }
     // Release the stage to the producer only here, once every value read from it has been consumed. Released
     // right after the last read (as first written), ptxas scheduled the S-update products that use the last
     // Kd^T and gate loads after the arrive, and with 3 CTAs per SM the next bulk copy overwrote the stage
@@ -339,7 +360,31 @@ __global__ void __launch_bounds__(RecurrenceTraits<NW>::kThreads, kMinCtasPerSm)
     // test_many_sequences_and_checkpoints, which now also checks that two runs agree bit for bit.
     __syncwarp();
     if (lane == 0) kda::mbarrier_arrive(sm.freed[stage]);
-    stage = stage + 1 == T::kStages ? 0 : stage + 1;
+  };
+  const int j0 = static_cast<int>(chunk_begin), end = static_cast<int>(chunk_end);
+  for (int j = j0;;) {
+    const int stop = ck_chunk < end ? ck_chunk : end;
+    while (j < stop) {
+      const int k = j - j0;
+      const uint32_t parity = (k / T::kStages) & 1;
+      if (kOneCtaPerSm && k % T::kStages == 0 && j + T::kStages <= stop) {
+        // A ring's worth at a time, from stage 0: each copy of the chunk code has its stage, and so every
+        // shared-memory address of the chunk, as a constant (331 -> 302 instructions a chunk at 2 row groups).
+#pragma unroll
+        for (int b = 0; b < T::kStages; ++b) run_chunk(b, parity, j + b);
+        j += T::kStages;
+      } else {  // (the last chunks of a run, and every chunk within the 128-register budget)
+        run_chunk(k % T::kStages, parity, j);
+        ++j;
+      }
+    }
+    if (j != ck_chunk) break;  // the segment's last chunk
+    do {  // the checkpoints due after j chunks
+      store_state(s, p.state_pool, p.state_pool_fp32, p.ckpt_slot[ck], h, pool_state_stride(p), v_warp, lane);
+      ++ck;
+    } while (ck < ck_end && p.ckpt_pos[ck] == static_cast<int64_t>(j) * kChunk);
+    ck_chunk = ck < ck_end ? static_cast<int>(p.ckpt_pos[ck] / kChunk) : INT_MAX;
+    if (ck_chunk <= j) ck_chunk = INT_MAX;  // (positions are sorted and distinct per slot: not reached)
   }
 
   if (kSegmented) {  // segment states go to the fix-up's scratch (segments.cuh), which writes the final state
