@@ -59,9 +59,6 @@ __device__ __forceinline__ void cp_async_16(void* smem_dst, const void* gmem_src
       *reinterpret_cast<const cute::uint128_t*>(gmem_src), *reinterpret_cast<cute::uint128_t*>(smem_dst), pred);
 }
 
-__device__ __forceinline__ void cp_async_commit() { cute::cp_async_fence(); }
-__device__ __forceinline__ void cp_async_wait_all() { cute::cp_async_wait<0>(); }
-
 __device__ __forceinline__ uint32_t lds_u32(const __nv_bfloat16* p) { return *reinterpret_cast<const uint32_t*>(p); }
 
 // B fragments of two adjacent n tiles from a 16 (n) x 16 (k) bf16 tile stored n-major in shared memory (row

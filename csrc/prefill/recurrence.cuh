@@ -246,9 +246,9 @@ __global__ void __launch_bounds__(RecurrenceTraits<NW>::kThreads, kMinCtasPerSm)
   int wide_lane[4];
 #pragma unroll
   for (int m = 0; m < 4; ++m) wide_lane[m] = wide_lane_offset(lane, m);
-  // With one CTA per SM the registers allow two things the 3-CTAs-per-SM budget (128 registers) does not: the
-  // chunk loop unrolled over the ring (below) and the chunk's decays loaded at its start. Within 128 registers
-  // both cost 5-10% on multi-wave 4-row-group grids (H96 mixed6 1.034-1.064 vs 0.959 ms).
+  // With one CTA per SM the registers allow two things the 3-CTAs-per-SM budget (<= 136 registers) does not:
+  // the chunk loop unrolled over the ring (below) and the chunk's decays loaded at its start. Within that
+  // budget both cost 5-10% on multi-wave 4-row-group grids (H96 mixed6 1.034-1.064 vs 0.959 ms).
   constexpr bool kOneCtaPerSm = kMinCtasPerSm == 1;
   // The k-th chunk of this run sits in stage k % kStages, in that stage's (k / kStages)-th landing.
   auto run_chunk = [&](const int stage, const uint32_t parity, const int j) {
@@ -256,7 +256,7 @@ __global__ void __launch_bounds__(RecurrenceTraits<NW>::kThreads, kMinCtasPerSm)
     const int next = stage + 1 == T::kStages ? 0 : stage + 1;
     landed = kda::mbarrier_test(sm.landed[next], next == 0 ? parity ^ 1 : parity);
     const RecurrenceStage<NW>& st = sm.stage[stage];
-    const int L = min(kChunk, len32 - j * kChunk);
+    const int L = chunk_tokens(len32 - j * kChunk);
     // This lane's decays of the chunk (gate_end at its state columns). With one CTA per SM they are loaded
     // here: loaded next to their use in the S update, their latency stalled it.
     auto decay = [&](int nl) { return *reinterpret_cast<const float2*>(&st.ops.gate_end[8 * nl + 2 * q4]); };
@@ -373,7 +373,7 @@ __global__ void __launch_bounds__(RecurrenceTraits<NW>::kThreads, kMinCtasPerSm)
 #pragma unroll
         for (int b = 0; b < T::kStages; ++b) run_chunk(b, parity, j + b);
         j += T::kStages;
-      } else {  // (the last chunks of a run, and every chunk within the 128-register budget)
+      } else {  // (the last chunks of a run, and every chunk within the 3-CTAs-per-SM budget)
         run_chunk(k % T::kStages, parity, j);
         ++j;
       }
