@@ -21,4 +21,30 @@ __device__ __forceinline__ float log_decay(float x, float rate, float lower_boun
   return use_lower_bound ? lower_bound * sigmoid_fast(rate * x) : -rate * softplus_fast(x);
 }
 
+// exp(a) for one channel over many tokens, the per-(head, channel) constants folded once, so each element is
+// a fused multiply-add and three MUFU ops (lower_bound form: 6 instructions instead of 9 for
+// __expf(log_decay(...))). Same values up to fp32 rounding: exp(lower_bound * s) = 2^(lower_bound log2(e) s),
+// and log2(e) * softplus(x) = log2(e) max(x, 0) + log2(1 + 2^(-log2(e) |x|)).
+template <bool kLowerBound>
+struct DecayFactor {
+  static constexpr float kLog2e = 1.4426950408889634f;
+  float mul, add, out;  // lower_bound form: s = 1 / (1 + 2^(mul g + add)), exp(a) = 2^(out s)
+  float bias, neg_rate;
+  __device__ __forceinline__ DecayFactor(float rate, float dt_bias, float lower_bound) {
+    mul = -rate * kLog2e;
+    add = mul * dt_bias;
+    out = lower_bound * kLog2e;
+    bias = dt_bias;
+    neg_rate = -rate;
+  }
+  __device__ __forceinline__ float operator()(float g) const {
+    if constexpr (kLowerBound) {
+      return exp2f(out / (1.f + exp2f(fmaf(mul, g, add))));
+    } else {
+      const float x = g + bias;
+      return exp2f(fmaf(mul, fmaxf(x, 0.f), neg_rate * __log2f(1.f + exp2f(-kLog2e * fabsf(x)))));
+    }
+  }
+};
+
 }  // namespace kda

@@ -59,6 +59,11 @@ __device__ __forceinline__ void cp_async_16(void* smem_dst, const void* gmem_src
       *reinterpret_cast<const cute::uint128_t*>(gmem_src), *reinterpret_cast<cute::uint128_t*>(smem_dst), pred);
 }
 
+// ldmatrix.x4 with this lane's row address (16 bytes of one of the four 8 x 8 b16 matrices).
+__device__ __forceinline__ void ldsm_x4(const void* row, uint32_t (&d)[4]) {
+  cute::SM75_U32x4_LDSM_N::copy(*reinterpret_cast<const cute::uint128_t*>(row), d[0], d[1], d[2], d[3]);
+}
+
 __device__ __forceinline__ uint32_t lds_u32(const __nv_bfloat16* p) { return *reinterpret_cast<const uint32_t*>(p); }
 
 // B fragments of two adjacent n tiles from a 16 (n) x 16 (k) bf16 tile stored n-major in shared memory (row
@@ -68,24 +73,6 @@ template <int kStride>
 __device__ __forceinline__ void ldsm_b16x16(const __nv_bfloat16* tile, int lane, uint32_t (&d)[4]) {
   const __nv_bfloat16* row = tile + ((lane & 7) + 8 * (lane >> 4)) * kStride + 8 * ((lane >> 3) & 1);
   cute::SM75_U32x4_LDSM_N::copy(*reinterpret_cast<const cute::uint128_t*>(row), d[0], d[1], d[2], d[3]);
-}
-
-// The A fragment of a 16 (m) x 16 (k) bf16 tile stored m-major (row stride kStride elements, rows 16-byte
-// aligned): a[0..3] in the order of the header (ldmatrix.x4).
-template <int kStride>
-__device__ __forceinline__ void ldsm_a16x16(const __nv_bfloat16* tile, int lane, uint32_t (&a)[4]) {
-  const __nv_bfloat16* row = tile + ((lane & 7) + 8 * ((lane >> 3) & 1)) * kStride + 8 * (lane >> 4);
-  cute::SM75_U32x4_LDSM_N::copy(*reinterpret_cast<const cute::uint128_t*>(row), a[0], a[1], a[2], a[3]);
-}
-
-// The B fragments of one 8-wide n tile from two 8 (n) x 16 (k) bf16 tiles stored n-major (row stride kStride
-// elements), `second` kSecond elements after `first`: b[0], b[1] of the first, b[2], b[3] of the second (e.g.
-// the hi and lo halves of one operand; ldmatrix.x4).
-template <int kStride, int kSecond>
-__device__ __forceinline__ void ldsm_b8x16_pair(const __nv_bfloat16* first, int lane, uint32_t (&b)[4]) {
-  const int m = lane >> 3;
-  const __nv_bfloat16* row = first + (m >> 1) * kSecond + (lane & 7) * kStride + 8 * (m & 1);
-  cute::SM75_U32x4_LDSM_N::copy(*reinterpret_cast<const cute::uint128_t*>(row), b[0], b[1], b[2], b[3]);
 }
 
 // The transpose of a 16 (k) x 16 (m) bf16 tile stored k-major (row stride kStride elements) in accumulator

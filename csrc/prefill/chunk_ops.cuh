@@ -20,8 +20,9 @@
 //   level 2: t in 4..7 x s in 0..3 and t in 12..15 x s in 8..11   (32 pairs), anchors 3 and 11
 //   levels 3-4 and the diagonal: pairs inside one 4-token block   (24 pairs + 16 diagonal P entries)
 // At levels 1 and 2 the decay factors exactly through the anchor into two products, each in [0, 1], so
-// the pair sums are one tensor-core product each ([k F'; q F'] x (k B')^T, bf16 hi + lo operands, three MMAs
-// per k-step: ~fp32 accuracy). The pairs inside a block are formed by the owning warp from its registers and
+// the pair sums are one tensor-core product each ([k F'; q F'] x (k B')^T on tf32: 10 mantissa bits, like the
+// -Ab of pass 2's U product; the hi + lo bf16 split that gave ~fp32 cost 12 instructions per 4 values stored).
+// The pairs inside a block are formed by the owning warp from its registers and
 // reduced across lanes with one reduce-scatter (16 shuffles for 16 sums).
 //
 // Nothing here depends on the state, so the whole grid runs at once and the serial pass 2
@@ -31,6 +32,7 @@
 #include <cuda_bf16.h>
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
 
 #include "common/gate.cuh"
 #include "common/mma_sm80.cuh"
@@ -48,25 +50,23 @@ constexpr int kOpsWarps = kOpsThreads / 32;
 constexpr int kOpsMinCtasPerSm = 5;
 constexpr int kBlockTokens = kChunk / kOpsWarps;  // 4 tokens per warp
 constexpr int kLaneCh = kDim / 32;                // 4 channels per lane
-constexpr int kOpRow = kDim + 8;                  // bf16 stride of the MMA operand rows: conflict-free fragments
 constexpr unsigned kFullMask = 0xffffffffu;
 static_assert(kBlockTokens == 4 && kLaneCh == 4, "the in-block pair list below is written for 4 x 4");
 
-// Operands of one tree level's product: A rows 0..7 = k of the 8 targets, rows 8..15 = q of them (times the
-// decay from the anchor to the target); B rows = k of the 8 sources (times the decay from the source to the
-// anchor). hi + lo bf16 halves.
+// Operands of one tree level's product, fp32 for tf32 tensor cores: A rows 0..7 = k of the 8 targets, rows
+// 8..15 = q of them (times the decay from the anchor to the target); B rows = k of the 8 sources (times the
+// decay from the source to the anchor). Rows padded by 16 bytes: the 8 rows of an ldmatrix hit distinct banks.
+constexpr int kLevelRow = kDim + 4;
 struct alignas(16) LevelOperands {
-  alignas(16) __nv_bfloat16 a_hi[kChunk][kOpRow];
-  alignas(16) __nv_bfloat16 a_lo[kChunk][kOpRow];
-  alignas(16) __nv_bfloat16 b_hi[kChunk / 2][kOpRow];
-  alignas(16) __nv_bfloat16 b_lo[kChunk / 2][kOpRow];
+  alignas(16) float a[kChunk][kLevelRow];
+  alignas(16) float b[kChunk / 2][kLevelRow];
 };
 
 struct alignas(16) ChunkOpsSmem {
   LevelOperands level[2];
   alignas(16) float block_decay[kOpsWarps][kDim];  // product of e over each warp's 4 tokens, per channel
   alignas(16) float mkk[kChunk][kChunk];           // b_t * sum k_t k_s D_ts (s < t)
-  alignas(16) float pqk[kChunk][kChunk];           // sum q_t k_s D_ts (s <= t), unscaled
+  alignas(16) float pqk[kChunk][kChunk];           // scale * sum q_t k_s D_ts (s <= t)
   float b[kChunk];
   // Kd^T, gathered from the four warps' 4-token blocks so it leaves as whole 32-byte rows (written directly,
   // each lane's 8 bytes were a quarter sector: pass 1's L2 throughput was at 79% with 17 of 32 bytes used
@@ -77,14 +77,9 @@ struct alignas(16) ChunkOpsSmem {
 
 __device__ __forceinline__ int kd_unit(int row, int unit) { return unit ^ ((row >> 4) & 3); }
 
-// Writes x (4 channels) as hi + lo bf16 into row `row` of hi/lo at channel c0.
-__device__ __forceinline__ void store_split4(__nv_bfloat16 (*hi)[kOpRow], __nv_bfloat16 (*lo)[kOpRow], int row,
-                                             int c0, const float (&x)[kLaneCh]) {
-  uint32_t h01, l01, h23, l23;
-  split_bf16x2(x[0], x[1], h01, l01);
-  split_bf16x2(x[2], x[3], h23, l23);
-  *reinterpret_cast<uint2*>(&hi[row][c0]) = make_uint2(h01, h23);
-  *reinterpret_cast<uint2*>(&lo[row][c0]) = make_uint2(l01, l23);
+// Writes x (4 channels) into row `row` of a level operand at channel c0.
+__device__ __forceinline__ void store4(float (*rows)[kLevelRow], int row, int c0, const float (&x)[kLaneCh]) {
+  *reinterpret_cast<float4*>(&rows[row][c0]) = make_float4(x[0], x[1], x[2], x[3]);
 }
 
 // The 6 token pairs (t > s) inside a 4-token block, in the order (1,0) (2,0) (2,1) (3,0) (3,1) (3,2): target and
@@ -97,24 +92,26 @@ static_assert(block_pair_target(2) == 2 && block_pair_source(2) == 1 && block_pa
                   block_pair_source(5) == 2 && block_pair_source(3) == 0,
               "in-block pair order");
 
-// C[16 x 8] = A B^T of one level on the tensor cores, hi + lo operands (three products per k-step).
+// C[16 x 8] = A B^T of one level on tf32 tensor cores (m16n8k8; fragments in common/mma_sm80.cuh). A
+// 16-byte ldmatrix row is 4 fp32 values, so ldmatrix.x4 hands each lane exactly its tf32 fragment words: A of
+// one k-step (rows 0..7 / 8..15 x columns 0..3 / 4..7) and B of two (columns 0..3 / 4..7 of each). The
+// operands keep 10 mantissa bits, like -Ab in pass 2's U product and more than P's bf16 storage.
 __device__ __forceinline__ void level_product(const LevelOperands& op, int lane, float (&c)[4]) {
-  static_assert(offsetof(LevelOperands, a_lo) == offsetof(LevelOperands, a_hi) + sizeof(op.a_hi) &&
-                    offsetof(LevelOperands, b_lo) == offsetof(LevelOperands, b_hi) + sizeof(op.b_hi),
-                "lo halves follow the hi halves");
-  float c_hh[4] = {}, c_lh[4] = {}, c_hl[4] = {};
+  const int m = lane >> 3, r = lane & 7;
+  const float* a_row = &op.a[8 * (m & 1) + r][4 * (m >> 1)];
+  const float* b_row = &op.b[r][4 * (m & 1) + 8 * (m >> 1)];
+  float c0[4] = {}, c1[4] = {};  // even and odd k-steps: two short dependent chains
 #pragma unroll
-  for (int kk = 0; kk < kDim / 16; ++kk) {
-    uint32_t ah[4], al[4], b[4];  // b[0..1]: hi, b[2..3]: lo
-    ldsm_a16x16<kOpRow>(&op.a_hi[0][16 * kk], lane, ah);
-    ldsm_a16x16<kOpRow>(&op.a_lo[0][16 * kk], lane, al);
-    ldsm_b8x16_pair<kOpRow, (kChunk / 2) * kOpRow>(&op.b_hi[0][16 * kk], lane, b);
-    mma_16816(c_hh, ah, b[0], b[1]);
-    mma_16816(c_lh, al, b[0], b[1]);
-    mma_16816(c_hl, ah, b[2], b[3]);
+  for (int kk = 0; kk < kDim / 8; kk += 2) {
+    uint32_t a0[4], a1[4], b[4];
+    ldsm_x4(a_row + 8 * kk, a0);
+    ldsm_x4(a_row + 8 * (kk + 1), a1);
+    ldsm_x4(b_row + 8 * kk, b);
+    mma_1688_tf32(c0, a0, b[0], b[1]);
+    mma_1688_tf32(c1, a1, b[2], b[3]);
   }
 #pragma unroll
-  for (int i = 0; i < 4; ++i) c[i] = c_hh[i] + (c_lh[i] + c_hl[i]);
+  for (int i = 0; i < 4; ++i) c[i] = c0[i] + c1[i];
 }
 
 // kLowerBound: the gate form (common/gate.cuh), a template argument so the per-element gate is straight-line.
@@ -154,7 +151,9 @@ __global__ void __launch_bounds__(kOpsThreads, kOpsMinCtasPerSm) chunk_ops_kerne
     }
     const float rate = __expf(p.A_log[h]);
     const float4 dtb = *reinterpret_cast<const float4*>(p.dt_bias + h * kDim + c0);
-    const float bias[kLaneCh] = {dtb.x, dtb.y, dtb.z, dtb.w};
+    // The gate's constants folded once per channel: each element is then one FFMA and three MUFU ops.
+    const DecayFactor<kLowerBound> decay_of[kLaneCh] = {{rate, dtb.x, p.lower_bound}, {rate, dtb.y, p.lower_bound},
+                                                        {rate, dtb.z, p.lower_bound}, {rate, dtb.w, p.lower_bound}};
 #pragma unroll
     for (int i = 0; i < kBlockTokens; ++i) {
       const bool valid = t0 + i < L;
@@ -169,7 +168,7 @@ __global__ void __launch_bounds__(kOpsThreads, kOpsMinCtasPerSm) chunk_ops_kerne
       const float g[kLaneCh] = {g01.x, g01.y, g23.x, g23.y};
 #pragma unroll
       for (int c = 0; c < kLaneCh; ++c) {  // (computed for padding too, then selected: no branch per element)
-        const float decay = __expf(log_decay(g[c] + bias[c], rate, p.lower_bound, kLowerBound));
+        const float decay = decay_of[c](g[c]);  // (a call inside the select would become a branch)
         e[i][c] = valid ? decay : 1.f;
       }
       b[i] = valid ? sigmoid_fast(b[i]) : 0.f;
@@ -180,7 +179,8 @@ __global__ void __launch_bounds__(kOpsThreads, kOpsMinCtasPerSm) chunk_ops_kerne
     if (lane == i) sm.b[t0 + i] = b[i];
   }
 
-  // 2. L2 norms of the 4 q and 4 k rows: reduce-scatter the 8 per-lane partial sums, then gather.
+  // 2. L2 norms of the 4 q and 4 k rows: reduce-scatter the 8 per-lane partial sums, then gather. From here on
+  // q holds scale * q / |q|.
   {
     float part[2 * kBlockTokens];
 #pragma unroll
@@ -194,7 +194,8 @@ __global__ void __launch_bounds__(kOpsThreads, kOpsMinCtasPerSm) chunk_ops_kerne
     float sum = part[0];
     sum += __shfl_xor_sync(kFullMask, sum, 2);
     sum += __shfl_xor_sync(kFullMask, sum, 1);  // lanes 4v .. 4v + 3 hold the total of value v
-    const float inv = rsqrtf(sum + 1e-6f);
+    // q also takes the attention scale here: every use of q (Qg, P) is scaled, so nothing downstream multiplies.
+    const float inv = rsqrtf(sum + 1e-6f) * (lane < 4 * kBlockTokens ? p.scale : 1.f);
 #pragma unroll
     for (int i = 0; i < kBlockTokens; ++i) {
       const float iq = __shfl_sync(kFullMask, inv, 4 * i), ik = __shfl_sync(kFullMask, inv, 4 * (kBlockTokens + i));
@@ -266,20 +267,66 @@ __global__ void __launch_bounds__(kOpsThreads, kOpsMinCtasPerSm) chunk_ops_kerne
   // 5. Decays across blocks: before = prod over earlier blocks, after = over later blocks. Then Kg, Qg,
   // gate_end and Kd to the workspace, and the operands of tree levels 1 and 2 to shared memory.
   {
-    float before[kLaneCh], after[kLaneCh], prev_block[kLaneCh], next_block[kLaneCh];
+    float before[kLaneCh], after[kLaneCh];
+    // What depends on the warp's place in the chunk, compiled once per warp index so that it is a constant: the
+    // block products the warp multiplies and the level operands it writes. With the index at run time these
+    // were ~60 selects a warp (and the stores' row arithmetic); as one code path per warp, pass 1 took 7% less.
+    auto by_warp = [&](auto warp_constant) {
+      constexpr int w = decltype(warp_constant)::value;
+      float bd[kOpsWarps][kLaneCh];
 #pragma unroll
-    for (int c = 0; c < kLaneCh; ++c) before[c] = after[c] = 1.f;
-#pragma unroll
-    for (int w = 0; w < kOpsWarps; ++w) {
-      const float4 x = *reinterpret_cast<const float4*>(&sm.block_decay[w][c0]);
-      const float bd[kLaneCh] = {x.x, x.y, x.z, x.w};
+      for (int o = 0; o < kOpsWarps; ++o) {
+        if (o == w) continue;
+        const float4 x = *reinterpret_cast<const float4*>(&sm.block_decay[o][c0]);
+        bd[o][0] = x.x, bd[o][1] = x.y, bd[o][2] = x.z, bd[o][3] = x.w;
+      }
 #pragma unroll
       for (int c = 0; c < kLaneCh; ++c) {
-        if (w < warp) before[c] *= bd[c];
-        if (w > warp) after[c] *= bd[c];
-        if (w == warp - 1) prev_block[c] = bd[c];
-        if (w == warp + 1) next_block[c] = bd[c];
+        before[c] = w > 0 ? bd[0][c] : 1.f;
+#pragma unroll
+        for (int o = 1; o < w; ++o) before[c] *= bd[o][c];
+        after[c] = w < kOpsWarps - 1 ? bd[kOpsWarps - 1][c] : 1.f;
+#pragma unroll
+        for (int o = kOpsWarps - 2; o > w; --o) after[c] *= bd[o][c];
       }
+      // Level 1 (anchor 7): blocks 0, 1 are sources (decay to token 7), blocks 2, 3 targets (decay from 8).
+      // Level 2 (anchors 3 and 11): blocks 0, 2 are sources, blocks 1, 3 targets, each inside its half.
+      LevelOperands& l1 = sm.level[0];
+      LevelOperands& l2 = sm.level[1];
+      constexpr int tw = kBlockTokens * w, half = w / 2;
+#pragma unroll
+      for (int i = 0; i < kBlockTokens; ++i) {
+        float x[kLaneCh], y[kLaneCh];
+        if constexpr (w < 2) {  // level 1 source: prod_{s<r<=7} e_r (block 1's product too for block 0)
+#pragma unroll
+          for (int c = 0; c < kLaneCh; ++c) x[c] = w == 0 ? k[i][c] * (suf[i][c] * bd[1][c]) : k[i][c] * suf[i][c];
+          store4(l1.b, tw + i, c0, x);
+        } else {  // level 1 target: prod_{8<=r<=t} e_r (block 2's product too for block 3)
+#pragma unroll
+          for (int c = 0; c < kLaneCh; ++c) {
+            const float f = w == 3 ? pre[i][c] * bd[2][c] : pre[i][c];
+            x[c] = k[i][c] * f, y[c] = q[i][c] * f;
+          }
+          store4(l1.a, tw - 8 + i, c0, x);
+          store4(l1.a, tw + i, c0, y);  // rows 8 + (t - 8)
+        }
+        if constexpr (w % 2 == 0) {  // level 2 source: prod_{s<r<=anchor} e_r = in-block suffix
+#pragma unroll
+          for (int c = 0; c < kLaneCh; ++c) x[c] = k[i][c] * suf[i][c];
+          store4(l2.b, 4 * half + i, c0, x);
+        } else {  // level 2 target: in-block prefix
+#pragma unroll
+          for (int c = 0; c < kLaneCh; ++c) x[c] = k[i][c] * pre[i][c], y[c] = q[i][c] * pre[i][c];
+          store4(l2.a, 4 * half + i, c0, x);
+          store4(l2.a, 8 + 4 * half + i, c0, y);
+        }
+      }
+    };
+    switch (warp) {
+      case 0: by_warp(std::integral_constant<int, 0>{}); break;
+      case 1: by_warp(std::integral_constant<int, 1>{}); break;
+      case 2: by_warp(std::integral_constant<int, 2>{}); break;
+      default: by_warp(std::integral_constant<int, 3>{}); break;
     }
 #pragma unroll
     for (int i = 0; i < kBlockTokens; ++i) {
@@ -288,7 +335,7 @@ __global__ void __launch_bounds__(kOpsThreads, kOpsMinCtasPerSm) chunk_ops_kerne
       for (int c = 0; c < kLaneCh; ++c) {
         const float F = before[c] * pre[i][c];
         kg[c] = k[i][c] * F;
-        qg[c] = p.scale * q[i][c] * F;
+        qg[c] = q[i][c] * F;
       }
       const int at = wide_index(t0 + i, c0);  // the warp writes the token's whole 256-byte row
       *reinterpret_cast<uint2*>(&ops.kg[at]) = make_uint2(pack_bf16x2(kg[0], kg[1]), pack_bf16x2(kg[2], kg[3]));
@@ -298,47 +345,12 @@ __global__ void __launch_bounds__(kOpsThreads, kOpsMinCtasPerSm) chunk_ops_kerne
     for (int c = 0; c < kLaneCh; ++c) {  // Kd^T row of channel c0 + c: this block's 4 tokens, 8 bytes
       float kd[kBlockTokens];
 #pragma unroll
-      for (int i = 0; i < kBlockTokens; ++i) kd[i] = k[i][c] * suf[i][c] * after[c];
+      for (int i = 0; i < kBlockTokens; ++i) kd[i] = k[i][c] * (suf[i][c] * after[c]);
       sm.kdT[c0 + c][kd_unit(c0 + c, warp)] = make_uint2(pack_bf16x2(kd[0], kd[1]), pack_bf16x2(kd[2], kd[3]));
     }
     if (warp == kOpsWarps - 1) {
       *reinterpret_cast<float4*>(&ops.gate_end[c0]) = make_float4(
           before[0] * pre[3][0], before[1] * pre[3][1], before[2] * pre[3][2], before[3] * pre[3][3]);
-    }
-
-    // Level 1 (anchor 7): blocks 0, 1 are sources (decay to token 7), blocks 2, 3 targets (decay from 8).
-    // Level 2 (anchors 3 and 11): blocks 0, 2 are sources, blocks 1, 3 targets, each inside its half.
-    LevelOperands& l1 = sm.level[0];
-    LevelOperands& l2 = sm.level[1];
-#pragma unroll
-    for (int i = 0; i < kBlockTokens; ++i) {
-      float x1[kLaneCh], x2k[kLaneCh], x2q[kLaneCh];
-      if (warp < 2) {  // level 1 source: prod_{s<r<=7} e_r
-#pragma unroll
-        for (int c = 0; c < kLaneCh; ++c) x1[c] = k[i][c] * suf[i][c] * (warp == 0 ? next_block[c] : 1.f);
-        store_split4(l1.b_hi, l1.b_lo, t0 + i, c0, x1);
-      } else {  // level 1 target: prod_{8<=r<=t} e_r
-        float xq[kLaneCh];
-#pragma unroll
-        for (int c = 0; c < kLaneCh; ++c) {
-          const float f = pre[i][c] * (warp == 3 ? prev_block[c] : 1.f);
-          x1[c] = k[i][c] * f;
-          xq[c] = q[i][c] * f;
-        }
-        store_split4(l1.a_hi, l1.a_lo, t0 - 8 + i, c0, x1);
-        store_split4(l1.a_hi, l1.a_lo, t0 + i, c0, xq);  // rows 8 + (t - 8)
-      }
-      const int half = warp / 2;  // level 2 block pair
-      if (warp % 2 == 0) {  // level 2 source: prod_{s<r<=anchor} e_r = in-block suffix
-#pragma unroll
-        for (int c = 0; c < kLaneCh; ++c) x2k[c] = k[i][c] * suf[i][c];
-        store_split4(l2.b_hi, l2.b_lo, 4 * half + i, c0, x2k);
-      } else {  // level 2 target: in-block prefix
-#pragma unroll
-        for (int c = 0; c < kLaneCh; ++c) x2k[c] = k[i][c] * pre[i][c], x2q[c] = q[i][c] * pre[i][c];
-        store_split4(l2.a_hi, l2.a_lo, 4 * half + i, c0, x2k);
-        store_split4(l2.a_hi, l2.a_lo, 8 + 4 * half + i, c0, x2q);
-      }
     }
   }
   __syncthreads();  // level operands and Kd^T ready
@@ -395,9 +407,9 @@ __global__ void __launch_bounds__(kOpsThreads, kOpsMinCtasPerSm) chunk_ops_kerne
   } else {
     for (int o = tid - 32; o < kChunk * kChunk / 4; o += kOpsThreads - 32) {  // 4 entries of one row each
       const int t = o / 4, s0 = 4 * (o % 4);
-      float val[4];
-#pragma unroll
-      for (int x = 0; x < 4; ++x) val[x] = s0 + x <= t ? p.scale * sm.pqk[t][s0 + x] : 0.f;
+      const float4 row = *reinterpret_cast<const float4*>(&sm.pqk[t][s0]);
+      const float val[4] = {s0 <= t ? row.x : 0.f, s0 + 1 <= t ? row.y : 0.f, s0 + 2 <= t ? row.z : 0.f,
+                            s0 + 3 <= t ? row.w : 0.f};
       *reinterpret_cast<uint2*>(&ops.p[tile_index(t, s0)]) =
           make_uint2(pack_bf16x2(val[0], val[1]), pack_bf16x2(val[2], val[3]));
     }
