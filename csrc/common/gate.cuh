@@ -28,7 +28,8 @@ __device__ __forceinline__ float log_decay(float x, float rate, float lower_boun
 template <bool kLowerBound>
 struct DecayFactor {
   static constexpr float kLog2e = 1.4426950408889634f;
-  float mul, add, out;  // lower_bound form: s = 1 / (1 + 2^(mul g + add)), exp(a) = 2^(out s)
+  float mul, add, out;   // lower_bound form: s = 1 / (1 + 2^(mul g + add)), exp(a) = 2^(out s)
+  // softplus form (with mul): x = g + bias, exp(a) = 2^(mul max(x, 0) + neg_rate log2(1 + 2^(-log2(e) |x|)))
   float bias, neg_rate;
   __device__ __forceinline__ DecayFactor(float rate, float dt_bias, float lower_bound) {
     mul = -rate * kLog2e;
