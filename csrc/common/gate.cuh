@@ -17,6 +17,9 @@ __device__ __forceinline__ float softplus_fast(float x) {
   return fmaxf(x, 0.f) + __logf(1.f + __expf(-fabsf(x)));
 }
 
+// For one evaluation per channel (the decode's token prep). DecayFactor below is the same gate with its
+// constants folded for many tokens per channel (prefill pass 1); the decode's prep on DecayFactor measured
+// 2.66 vs 2.62 us per N = 1 step (H100), since there the folding is not amortised.
 __device__ __forceinline__ float log_decay(float x, float rate, float lower_bound, bool use_lower_bound) {
   return use_lower_bound ? lower_bound * sigmoid_fast(rate * x) : -rate * softplus_fast(x);
 }

@@ -72,7 +72,7 @@ __device__ __forceinline__ uint32_t lds_u32(const __nv_bfloat16* p) { return *re
 template <int kStride>
 __device__ __forceinline__ void ldsm_b16x16(const __nv_bfloat16* tile, int lane, uint32_t (&d)[4]) {
   const __nv_bfloat16* row = tile + ((lane & 7) + 8 * (lane >> 4)) * kStride + 8 * ((lane >> 3) & 1);
-  cute::SM75_U32x4_LDSM_N::copy(*reinterpret_cast<const cute::uint128_t*>(row), d[0], d[1], d[2], d[3]);
+  ldsm_x4(row, d);
 }
 
 // The transpose of a 16 (k) x 16 (m) bf16 tile stored k-major (row stride kStride elements) in accumulator

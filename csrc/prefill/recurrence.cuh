@@ -114,12 +114,9 @@ struct StageLoader {
   }
 };
 
-// ldmatrix.x4 of ChunkOps' B operands (chunk_layout.cuh) at this lane's row address: the fragments
-// ldsm_b16x16 reads from a padded [16][16] tile. A lane addresses row (lane & 7) + 8 (lane >> 4), 16-byte
-// chunk (lane >> 3) & 1 of the tile or k-step.
-__device__ __forceinline__ void ldsm_at(const __nv_bfloat16* row, uint32_t (&d)[4]) {
-  cute::SM75_U32x4_LDSM_N::copy(*reinterpret_cast<const cute::uint128_t*>(row), d[0], d[1], d[2], d[3]);
-}
+// ChunkOps' B operands (chunk_layout.cuh) are read by ldsm_x4 (common/mma_sm80.cuh) at this lane's row
+// address: the fragments ldsm_b16x16 reads from a padded [16][16] tile. A lane addresses row
+// (lane & 7) + 8 (lane >> 4), 16-byte chunk (lane >> 3) & 1 of the tile or k-step.
 __device__ __forceinline__ int tile_lane_offset(int lane) {
   return tile_index((lane & 7) + 8 * (lane >> 4), 8 * ((lane >> 3) & 1));
 }
@@ -279,8 +276,8 @@ __global__ void __launch_bounds__(RecurrenceTraits<NW>::kThreads, kMinCtasPerSm)
       for (int kk = 0; kk < kDim / 16; ++kk) {
         uint32_t s_bf[4], bk[4], bq[4];
         acc_to_a(s[2 * kk], s[2 * kk + 1], s_bf);
-        ldsm_at(st.ops.kg + wide_lane[kk % 4] + 64 * (kk / 4), bk);
-        ldsm_at(st.ops.qg + wide_lane[kk % 4] + 64 * (kk / 4), bq);
+        ldsm_x4(st.ops.kg + wide_lane[kk % 4] + 64 * (kk / 4), bk);
+        ldsm_x4(st.ops.qg + wide_lane[kk % 4] + 64 * (kk / 4), bq);
 #pragma unroll
         for (int nt = 0; nt < 2; ++nt) {
           mma_16816(da[kk & 1][nt], s_bf, bk[2 * nt], bk[2 * nt + 1]);
@@ -326,7 +323,7 @@ __global__ void __launch_bounds__(RecurrenceTraits<NW>::kThreads, kMinCtasPerSm)
 #pragma unroll
     for (int pair = 0; pair < T::kNt / 2; ++pair) {
       uint32_t kd[4];
-      ldsm_at(st.ops.kdT[pair] + tile_lane, kd);
+      ldsm_x4(st.ops.kdT[pair] + tile_lane, kd);
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         const int nl = 2 * pair + half;
@@ -339,7 +336,7 @@ __global__ void __launch_bounds__(RecurrenceTraits<NW>::kThreads, kMinCtasPerSm)
     {  // O^T += U^T P^T, staged per warp, then 16-byte stores of the valid rows.
       auto& ost = sm.out[warp];
       uint32_t pb[4];
-      ldsm_at(st.ops.p + tile_lane, pb);
+      ldsm_x4(st.ops.p + tile_lane, pb);
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt) mma_16816(oT[nt], u_bf, pb[2 * nt], pb[2 * nt + 1]);
       uint32_t o_bf[4];
