@@ -19,7 +19,8 @@ case "$phase" in
     done 2>&1 | tee -a "$OUT/speed.log" ;;
   decode)
     for v in "$@"; do
-      echo "=== $v"; KDA_SERVING_LIB=$(lib $v) python3 benchmarks/bench_decode.py --out-dir "$OUT/$v" --no-fla --batch 1 64 256 2>&1 | grep -E "bf16|copy"
+      echo "=== $v"; KDA_SERVING_LIB=$(lib $v) python3 benchmarks/bench_decode.py --out-dir "$OUT/$v" --no-fla --batch ${BATCH:-1 64 256} 2>&1 \
+        | grep -E "${DECODE_STATES:-bf16}|copy"
     done 2>&1 | tee -a "$OUT/decode.log" ;;
   tests)
     python3 -m pytest -q -m gpu -p no:cacheprovider "$@" 2>&1 | tail -15 | tee -a "$OUT/tests.log" ;;

@@ -14,6 +14,14 @@ namespace kda {
 __device__ __forceinline__ void grid_dependency_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
 __device__ __forceinline__ void allow_dependent_launch() { asm volatile("griddepcontrol.launch_dependents;"); }
 
+// Prefetch [ptr, ptr + bytes) into L2 with one bulk copy (SM90; ptr 16-byte aligned, bytes a multiple of 16).
+// Safe before grid_dependency_wait(): L2 is the GPU's point of coherence, so a line that the previous kernel
+// writes after the prefetch is updated in L2 and later loads see the new data. Only copies in registers or
+// L1 could be stale, and a prefetch makes none.
+__device__ __forceinline__ void prefetch_l2(const void* ptr, unsigned bytes) {
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(ptr), "r"(bytes) : "memory");
+}
+
 // kernel<<<ctas, threads, 0, stream>>>(args...) with programmatic stream serialization allowed.
 template <typename... Params, typename... Args>
 cudaError_t launch_with_pdl(void (*kernel)(Params...), unsigned ctas, unsigned threads, cudaStream_t stream,

@@ -14,7 +14,7 @@ extern "C" {
 
 int kda_serving_decode(const void* q, const void* k, const void* v, const void* g, const void* beta,
                        const float* A_log, const float* dt_bias, void* state_pool, int state_is_bf16,
-                       int64_t pool_slot_stride,
+                       int64_t pool_slot_stride, int64_t pool_slots,
                        const void* state_indices, int indices_int64, const void* intermediate_slots,
                        int slots_int64, void* out, int64_t num_seqs, int tokens, int heads, float scale,
                        int use_lower_bound, float lower_bound, void* stream) {
@@ -28,6 +28,7 @@ int kda_serving_decode(const void* q, const void* k, const void* v, const void* 
   p.dt_bias = dt_bias;
   p.state_pool = state_pool;
   p.pool_slot_stride = pool_slot_stride;
+  p.pool_slots = pool_slots;
   p.state_indices = state_indices;
   p.intermediate_slots = intermediate_slots;
   p.out = static_cast<__nv_bfloat16*>(out);

@@ -63,7 +63,9 @@ __global__ void __launch_bounds__(kThreads, kStepMinCtasPerSm) kda_decode_bf16_s
   const int row0 = slice * kStepRowsPerCta + tid / 32 * kStepRowsPerWarp + (tid % 32) / kStepLanesPerRow;
   auto row_of = [&](int j) { return row0 + 2 * j; };
   const int64_t head_offset = (n * p.heads + h) * kHeadDim;
+  const int64_t slice_offset = (static_cast<int64_t>(h) * kHeadDim + slice * kStepRowsPerCta) * kHeadDim;
 
+  if (tid == 0) prefetch_state<StateT>(p, n, slice_offset, kStepRowsPerCta * kHeadDim * sizeof(StateT));
   kda::grid_dependency_wait();      // launched with PDL: earlier kernels' writes are visible from here on
   kda::allow_dependent_launch();  // the next kernel's CTAs may take SM slots as this grid's last wave drains
   const int64_t slot = load_index(p.state_indices, p.indices_int64, n);

@@ -154,6 +154,21 @@ __device__ __forceinline__ TokenScalars prepare_token(const DecodeParams& p, Tok
   return ts;
 }
 
+// Called before grid_dependency_wait() by one thread of each CTA: a CTA of the first wave may be scheduled
+// while the previous kernel drains (PDL), so it prefetches into L2 the `bytes` of state at element `offset`
+// of sequence n's slot and has them on the way instead of idling (later CTAs skip it: see launch_grid).
+// The slot index is read with ld.global.cg (L2 only: no L1 copy is left for the read after the wait to
+// find). If the previous kernel is still writing state_indices the guess may be stale; then the prefetch is
+// wasted, never the result, and the bounds check keeps it inside the pool.
+template <typename StateT>
+__device__ __forceinline__ void prefetch_state(const DecodeParams& p, int64_t n, int64_t offset, unsigned bytes) {
+  if (blockIdx.x >= p.prefetch_ctas) return;
+  const int64_t slot = p.indices_int64 ? __ldcg(static_cast<const long long*>(p.state_indices) + n)
+                                       : __ldcg(static_cast<const int*>(p.state_indices) + n);
+  if (slot >= 0 && slot < p.pool_slots)
+    kda::prefetch_l2(static_cast<const StateT*>(p.state_pool) + slot * p.pool_slot_stride + offset, bytes);
+}
+
 // Grid: N * H * kSlicesPerHead CTAs of kThreads, slice fastest (the 8 CTAs of a head share q, k, g in L2).
 template <typename StateT>
 __global__ void __launch_bounds__(kThreads) kda_decode_kernel(const DecodeParams p) {
@@ -168,7 +183,10 @@ __global__ void __launch_bounds__(kThreads) kda_decode_kernel(const DecodeParams
   const int row = slice * kRowsPerCta + tid / kLanesPerRow;  // value row of this lane group
   const int T = p.tokens;
   const int64_t token0 = n * T;
+  const int64_t row_offset = (static_cast<int64_t>(h) * kHeadDim + row) * kHeadDim;
 
+  // This CTA's rows are kRowsPerCta contiguous rows from thread 0's `row`.
+  if (tid == 0) prefetch_state<StateT>(p, n, row_offset, kRowsPerCta * kHeadDim * sizeof(StateT));
   kda::grid_dependency_wait();      // launched with PDL: earlier kernels' writes are visible from here on
   kda::allow_dependent_launch();  // the next kernel's CTAs may take SM slots as this grid's last wave drains
   const int64_t slot = load_index(p.state_indices, p.indices_int64, n);
@@ -182,7 +200,6 @@ __global__ void __launch_bounds__(kThreads) kda_decode_kernel(const DecodeParams
   // Issue the state loads first: nothing below depends on them until the row update.
   StateT* pool = static_cast<StateT*>(p.state_pool);
   const int64_t slot_stride = p.pool_slot_stride;
-  const int64_t row_offset = (static_cast<int64_t>(h) * kHeadDim + row) * kHeadDim;
   float s[kElemsPerLane];  // this lane's part of state row `row`, fp32
   load_row(pool + slot * slot_stride + row_offset, lane, s);
 

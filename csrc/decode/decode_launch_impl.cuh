@@ -12,21 +12,22 @@
 
 namespace kda_serving::decode {
 
-// A grid of at most one wave (small N) launches with PDL (common/pdl.cuh): there the step is mostly launch
-// latency and ramp-up, which then overlap the previous kernel's tail (H200, CUDA-graph steps: bf16 H32 N1
-// 2.84 -> 2.39 us, fp32 H96 N1 5.77 -> 5.10 us). Multi-wave grids launch plainly: with PDL they did not
-// improve (bf16 H32 N64 84.6% vs 85.5% of the floor in the same call, within the run-to-run spread).
-inline bool launch_with_overlap(int64_t ctas) {
-  return ctas <= static_cast<int64_t>(kStepMinCtasPerSm) * kda_sm_count();  // (no SM count: no PDL)
-}
-
+// Every grid launches with PDL (common/pdl.cuh), so its first wave is scheduled while the previous kernel
+// drains; those CTAs prefetch their state slice into L2 before they wait (prefetch_state), and the step's
+// first DRAM round trip overlaps the previous kernel instead of following it. Later CTAs start when a
+// first-wave CTA retires, with nothing to overlap: a prefetch there only delays the warp that issues it
+// (bf16 H32 N64 on an H100: 88.3% of the floor with every CTA prefetching, 90.8-91.1% with the first wave
+// only, 90.0% without). On an H100 against the previous launch (PDL for one-wave grids, no prefetch) in the
+// same run (CUDA-graph steps, logs/session7/decode-prefetch.log): bf16 H32 N1 2.64 -> 2.05 us, fp32 H32 N1
+// 3.56 -> 2.60 us, bf16 H96 N1 4.20 -> 3.49 us; N >= 64 -0.5 .. +1.8 points of the floor; one loss, bf16 H32
+// N8 7.29 -> 7.47 us, whose single wave fills the SMs so that little of it can overlap.
 template <typename Kernel>
-cudaError_t launch_grid(Kernel kernel, int64_t ctas, const DecodeParams& params, cudaStream_t stream) {
+cudaError_t launch_grid(Kernel kernel, int64_t ctas, DecodeParams params, cudaStream_t stream) {
   if (ctas > INT_MAX) return cudaErrorInvalidValue;  // the grid is one-dimensional
-  const auto grid = static_cast<unsigned>(ctas);
-  if (launch_with_overlap(ctas)) return kda::launch_with_pdl(kernel, grid, kThreads, stream, params);
-  kernel<<<grid, kThreads, 0, stream>>>(params);
-  return cudaGetLastError();
+  int ctas_per_sm = 0;  // on failure: no CTA prefetches
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas_per_sm, kernel, kThreads, 0) != cudaSuccess) ctas_per_sm = 0;
+  params.prefetch_ctas = static_cast<int64_t>(ctas_per_sm) * kda_sm_count();
+  return kda::launch_with_pdl(kernel, static_cast<unsigned>(ctas), kThreads, stream, params);
 }
 
 template <typename StateT>

@@ -26,6 +26,8 @@ struct DecodeParams {
   const float* dt_bias;
   void* state_pool;
   int64_t pool_slot_stride;  // elements between slots (>= H*V*K; larger when slots live inside bigger pages)
+  int64_t pool_slots;        // S: bounds the slot a CTA may prefetch before the PDL wait
+  int64_t prefetch_ctas;     // CTAs of one wave, set by launch_grid: only they prefetch before the PDL wait
   const void* state_indices;
   const void* intermediate_slots;  // null: the final state goes back to state_indices[n]
   __nv_bfloat16* out;

@@ -35,7 +35,8 @@ _L = ctypes.c_int64
 _F = ctypes.c_float
 
 _SIGNATURES = {
-    "kda_serving_decode": [_P, _P, _P, _P, _P, _P, _P, _P, _I, _L, _P, _I, _P, _I, _P, _L, _I, _I, _F, _I, _F, _P],
+    "kda_serving_decode": [_P, _P, _P, _P, _P, _P, _P, _P, _I, _L, _L, _P, _I, _P, _I, _P, _L, _I, _I, _F, _I, _F,
+                           _P],
     "kda_serving_conv_prefill": [_P, _P, _I, _P, _I, _P, _I, _L, _P, _I, _P, _I, _P, _P, _I, _L, _L, _I, _I, _I,
                                  _P],
     "kda_serving_conv_decode": [_P, _P, _I, _P, _I, _P, _I, _L, _P, _I, _P, _I, _L, _I, _I, _I, _P],
@@ -142,6 +143,7 @@ def decode(q, k, v, g, beta, A_log, dt_bias, scale, lower_bound, state_pool, sta
     code = library().kda_serving_decode(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), g.data_ptr(), beta.data_ptr(), A_log.data_ptr(),
         dt_bias.data_ptr(), state_pool.data_ptr(), int(state_pool.dtype == torch.bfloat16), pool_stride,
+        state_pool.shape[0],
         state_indices.data_ptr(), int(state_indices.dtype == torch.int64), slots_ptr, slots_int64,
         out.data_ptr(), N, T, H, float(scale), int(lower_bound is not None),
         0.0 if lower_bound is None else float(lower_bound), _stream(dev),

@@ -171,6 +171,49 @@ def test_cuda_graph_replay_matches_eager(state_dtype):
         assert torch.equal(static_out, eager_out) and torch.equal(graph_pool, eager_pool)
 
 
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16], ids=["fp32_state", "bf16_state"])
+@pytest.mark.parametrize("N", [3, 300], ids=["one_wave", "many_waves"])
+def test_graph_of_dependent_steps(state_dtype, N):
+    """Consecutive steps on the same slots captured back to back in one graph: each kernel is launched with
+    PDL and its first CTAs prefetch their state into L2 while the previous step may still be writing it, so
+    every step must still read the previous step's result (float64 reference of the whole sequence)."""
+    H, steps = 8, 6
+    inputs, pool, slots = _case(N, steps, H, state_dtype=state_dtype, gates=EXTREME_GATES, pad=(1,), seed=21)
+    ref = _reference(inputs, pool, slots, None)
+    per_step = [tuple(x[:, t : t + 1].contiguous() if x.dim() >= 3 else x for x in inputs) for t in range(steps)]
+    outs = [torch.full_like(s[2], float("nan")) for s in per_step]
+    graph_pool = pool.clone()
+
+    def run(target_pool):
+        for (q, k, v, g, beta, A_log, dt_bias), out in zip(per_step, outs):
+            torch.ops.kda_serving.kda_decode_(q, k, v, g, beta, A_log, dt_bias, 128**-0.5, None, target_pool,
+                                              slots, None, out)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run(pool.clone())  # warm-up outside capture
+    torch.cuda.current_stream().wait_stream(side)
+    for out in outs:
+        out.fill_(float("nan"))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run(graph_pool)
+    graph.replay()
+    torch.cuda.synchronize()
+
+    out = torch.cat(outs, dim=1)
+    assert not out.isnan().any()
+    real = slots >= 0
+    e_out = rel_err(out[real], ref.out[real])
+    e_state = rel_err(graph_pool[slots[real].long()], ref.final_state[real])
+    print(f"out rel {e_out:.2e} (max {max_err(out[real], ref.out[real]):.2e}); state rel {e_state:.2e}")
+    assert e_out <= TOL[state_dtype] and e_state <= TOL[state_dtype]
+    assert (out[1] == 0).all()
+    keep = _untouched_mask(pool.shape[0], slots).to(DEV)
+    assert torch.equal(graph_pool[keep], pool[keep])
+
+
 def test_bad_arguments_raise():
     inputs, pool, slots = _case(2, 1, 2, state_dtype=torch.float32, gates=MILD_GATES)
     q, k, v, g, beta, A_log, dt_bias = inputs
