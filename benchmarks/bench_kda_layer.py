@@ -12,7 +12,9 @@ The block (shapes from ../shared/reference/kimi-linear-48b-a3b.config.json; rand
 Cases: prefill of 8192 tokens in 8 sequences of 1024 (continuing cached states), and a decode step of
 N = 64 sequences. Prefill stages are timed eagerly (median of CUDA-event timings), decode stages by
 CUDA-graph replay (a model captures its decode step). The stages are written with torch matmuls and our ops,
-the gate+norm in plain torch (what a model gets without a fused kernel), so the next bottleneck is visible.
+the gate+norm with our fused kernel (gated_rms_norm); its plain-torch form (what a model gets without the
+kernel) is timed in the same run as gate_norm_torch_ms, beside the memory floor of the stage (x and gate read,
+out written, at the measured copy rate), so the next bottleneck is visible.
 
     python benchmarks/bench_kda_layer.py [--out-dir DIR] [--no-fla]
 
@@ -30,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, card_name, environment, time_ms, write_json  # noqa: E402
+from common import RESULTS, card_name, copy_rate_bytes_per_s, environment, time_ms, write_json  # noqa: E402
 
 HIDDEN, H, D, RANK, WIDTH = 2304, 32, 128, 128, 4  # hidden_size; linear_attn_config heads, head_dim; conv
 HD = H * D  # 4096
@@ -67,10 +69,23 @@ def project_in(blk: KDABlock, x: torch.Tensor):
 
 
 def gate_norm(blk: KDABlock, o: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-    """o [T, H, D] -> RMSNorm over D, times w and sigmoid(gate) -> [T, HD] bf16."""
+    """o [T, H, D] -> RMSNorm over D, times w and sigmoid(gate) -> [T, HD] bf16: our fused op."""
+    from kda_serving.ops import gated_rms_norm
+
+    T = o.shape[0]
+    return gated_rms_norm(o, gate.view(T, H, D), blk.norm_w, NORM_EPS).view(T, HD)
+
+
+def gate_norm_torch(blk: KDABlock, o: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """The same in eager torch, the baseline."""
     of = o.float()
     of = of * torch.rsqrt(of.pow(2).mean(-1, keepdim=True) + NORM_EPS) * blk.norm_w
     return (of.reshape(-1, HD) * torch.sigmoid(gate.float())).to(torch.bfloat16)
+
+
+def gate_norm_floor_ms(tokens: int, copy_rate: float) -> float:
+    """The gate+norm's memory floor: o and gate read, out written (bf16 [T, HD] each) at the copy rate."""
+    return 3 * tokens * HD * 2 / copy_rate * 1e3
 
 
 def graph_us(fn) -> float:
@@ -86,7 +101,7 @@ def graph_us(fn) -> float:
     return time_ms(graph.replay, warmup=5, iters=50) * 1e3
 
 
-def prefill_case(with_fla: bool) -> dict:
+def prefill_case(with_fla: bool, copy_rate: float) -> dict:
     from kda_serving.ops import cuda_decode
 
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -148,13 +163,15 @@ def prefill_case(with_fla: bool) -> dict:
                stage_ms=ms, layer_ms=time_ms(layer))
     if with_fla and core is core_ours:
         row["kda_core_fla_chunk_kda_ms"] = time_ms(core_fla)
+    row["gate_norm_torch_ms"] = time_ms(lambda: gate_norm_torch(blk, o.view(T, H, D), gate))
+    row["gate_norm_floor_ms"] = gate_norm_floor_ms(T, copy_rate)
     flops = 2 * T * (HIDDEN * (3 * HD + 2 * RANK + H) + 2 * RANK * HD + HD * HIDDEN)
     row["projection_tflops"] = flops / ((ms["projections_in"] + ms["projections_out"]) * 1e-3) / 1e12
     row["conv_gb_s"] = 2 * T * 3 * HD * 2 / (ms["conv"] * 1e-3) / 1e9
     return row
 
 
-def decode_case() -> dict:
+def decode_case(copy_rate: float) -> dict:
     from kda_serving.ops import cuda_decode
 
     gen = torch.Generator(device="cuda").manual_seed(1)
@@ -194,6 +211,8 @@ def decode_case() -> dict:
     state_bytes = 2 * N * H * D * D * 4
     return dict(case=f"decode N={N}", tokens=N, core_backend="kda_serving CUDA decode (fp32 state)",
                 stage_ms={k: v / 1e3 for k, v in us.items()}, layer_ms=graph_us(layer) / 1e3,
+                gate_norm_torch_ms=graph_us(lambda: gate_norm_torch(blk, o.view(N, H, D), gate)) / 1e3,
+                gate_norm_floor_ms=gate_norm_floor_ms(N, copy_rate),
                 weight_mb=weight_bytes / 2**20, state_rw_mb=state_bytes / 2**20)
 
 
@@ -204,14 +223,18 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     import kda_serving.ops  # noqa: F401  (registers torch.ops.kda_serving.*)
 
-    rows = [prefill_case(not args.no_fla), decode_case()]
+    copy_rate = copy_rate_bytes_per_s()
+    rows = [prefill_case(not args.no_fla, copy_rate), decode_case(copy_rate)]
     for r in rows:
         total = sum(r["stage_ms"].values())
         parts = "  ".join(f"{k} {v:.3f} ({100 * v / total:.0f}%)" for k, v in r["stage_ms"].items())
         print(f"{r['case']}: layer {r['layer_ms']:.3f} ms, stages sum {total:.3f} ms: {parts}  [{r['core_backend']}]")
         if "kda_core_fla_chunk_kda_ms" in r:
             print(f"  fla chunk_kda core for comparison: {r['kda_core_fla_chunk_kda_ms']:.3f} ms")
+        print(f"  gate_norm: fused {r['stage_ms']['gate_norm']:.3f} ms, eager torch {r['gate_norm_torch_ms']:.3f} ms, "
+              f"memory floor {r['gate_norm_floor_ms']:.3f} ms (copy rate {copy_rate / 1e9:.0f} GB/s)")
     payload = dict(benchmark="Kimi-Linear-48B KDA block, TP=1", environment=environment(),
+                   copy_rate_gb_s=copy_rate / 1e9,
                    shapes=dict(hidden=HIDDEN, heads=H, head_dim=D, gate_rank=RANK, conv=WIDTH), rows=rows)
     write_json(Path(args.out_dir) / f"{card_name()}-kda_layer.json", payload)
     return 0

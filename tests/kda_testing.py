@@ -49,3 +49,35 @@ def cu_seqlens_of(lengths, device="cpu", dtype=torch.int32) -> torch.Tensor:
     for n in lengths:
         cu.append(cu[-1] + int(n))
     return torch.tensor(cu, dtype=dtype, device=device)
+
+
+# bf16 keeps 8 significant bits: rounding to nearest moves a value by at most 2^-8 of itself. The gated norm's
+# fp32 arithmetic (a sum of squares, rsqrt, exp, reciprocal; fast-math on CUDA) adds under 1e-5 more.
+GATED_NORM_BF16_TOL = 2.0**-8 + 2e-5
+
+
+def make_gated_norm_inputs(T, H, D, *, dtype=torch.bfloat16, weight_dtype=torch.float32, generator=None):
+    """x, gate [T, H, D] and weight [D] on the CPU, as extreme as the KDA output norm meets: each row of x scaled
+    by 10^u, u uniform in [-3, 3] (the first rows exactly 1e-3, 1e3 and 0: the eps-dominated, the large and the
+    empty row), gate uniform in [-30, 30] (sigmoid from 1e-13 to 1), weight ~ N(0, 1)."""
+    gen = generator
+    scale = 10 ** (torch.rand(T * H, generator=gen, dtype=torch.float64) * 6 - 3)
+    special = torch.tensor([1e-3, 1e3, 0.0], dtype=torch.float64)[: T * H]
+    scale[: special.numel()] = special
+    x = (torch.randn(T, H, D, generator=gen, dtype=torch.float64) * scale.view(T, H, 1)).to(dtype)
+    gate = (torch.rand(T, H, D, generator=gen) * 60 - 30).to(dtype)
+    weight = torch.randn(D, generator=gen).to(weight_dtype)
+    return x, gate, weight
+
+
+def gated_norm_reference(x, gate, weight, eps: float) -> torch.Tensor:
+    """rms_norm(x) * weight * sigmoid(gate) over the last dimension in float64, from the given (rounded) inputs."""
+    x64 = x.double()
+    rstd = torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + eps)
+    return weight.double() * (x64 * rstd) * torch.sigmoid(gate.double())
+
+
+def beyond_rounding(out: torch.Tensor, ref: torch.Tensor, rel_tol: float) -> int:
+    """How many elements of out lie farther than rel_tol * |ref| from ref; NaN always counts."""
+    out, ref = out.double(), ref.double().to(out.device)
+    return int((~((out - ref).abs() <= rel_tol * ref.abs())).sum())

@@ -8,6 +8,8 @@
 
 namespace kda {
 
+// Also the decode's beta and the output gate of the gated norm (csrc/norm). x = -100: exp overflows to inf
+// and the result is exactly 0, never NaN.
 __device__ __forceinline__ float sigmoid_fast(float x) { return 1.f / (1.f + __expf(-x)); }
 
 // softplus(x) = max(x, 0) + log(1 + exp(-|x|)): the exponential is of a non-positive number, so nothing

@@ -1,5 +1,5 @@
-// Small device helpers shared by the decode and conv kernels: 8 bf16 values in one 16-byte word <-> 8 floats,
-// and index arrays that may be int32 or int64.
+// Small device helpers shared by the decode, conv and norm kernels: 8 bf16 values in one 16-byte word <-> 8
+// floats, 8 bf16 or fp32 values loaded as floats, and index arrays that may be int32 or int64.
 #pragma once
 
 #include <cstdint>
@@ -17,6 +17,18 @@ __device__ __forceinline__ void unpack_bf16x8(uint4 x, float* dst) {
     dst[2 * i] = f.x;
     dst[2 * i + 1] = f.y;
   }
+}
+
+// 8 consecutive values of a bf16 or fp32 array (16-byte aligned) as floats: one or two 16-byte loads.
+__device__ __forceinline__ void load8(const __nv_bfloat16* src, float (&dst)[8]) {
+  unpack_bf16x8(*reinterpret_cast<const uint4*>(src), dst);
+}
+
+__device__ __forceinline__ void load8(const float* src, float (&dst)[8]) {
+  const float4 a = reinterpret_cast<const float4*>(src)[0];
+  const float4 b = reinterpret_cast<const float4*>(src)[1];
+  dst[0] = a.x, dst[1] = a.y, dst[2] = a.z, dst[3] = a.w;
+  dst[4] = b.x, dst[5] = b.y, dst[6] = b.z, dst[7] = b.w;
 }
 
 // Rounds to nearest.

@@ -29,17 +29,6 @@ constexpr int kTokensPerThread = 64;  // halo overhead (W-1)/64 < 5%; T=8192, D=
 constexpr int kTokenBatch = 4;
 static_assert(kTokensPerThread % kTokenBatch == 0, "token tiles hold whole batches");
 
-__device__ __forceinline__ void load8(const __nv_bfloat16* src, float (&dst)[kChannelsPerThread]) {
-  unpack_bf16x8(*reinterpret_cast<const uint4*>(src), dst);
-}
-
-__device__ __forceinline__ void load8(const float* src, float (&dst)[kChannelsPerThread]) {
-  const float4 a = reinterpret_cast<const float4*>(src)[0];
-  const float4 b = reinterpret_cast<const float4*>(src)[1];
-  dst[0] = a.x, dst[1] = a.y, dst[2] = a.z, dst[3] = a.w;
-  dst[4] = b.x, dst[5] = b.y, dst[6] = b.z, dst[7] = b.w;
-}
-
 __device__ __forceinline__ void store8(__nv_bfloat16* dst, const float (&src)[kChannelsPerThread]) {
   *reinterpret_cast<uint4*>(dst) = pack_bf16x8(src);
 }

@@ -13,11 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import causal_conv1d_decode, causal_conv1d_prefill, kda_decode, kda_prefill
+from ..ops import causal_conv1d_decode, causal_conv1d_prefill, gated_rms_norm, kda_decode, kda_prefill
 from ..ops.contract import KDACheckpoints
 from .batch import RaggedBatch
 from .config import ModelConfig
-from .norm import gated_rms_norm
 
 
 def _param(*shape: int, dtype: torch.dtype, device) -> nn.Parameter:

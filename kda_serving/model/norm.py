@@ -1,4 +1,5 @@
-"""RMS norms, computed in fp32 the way transformers' KimiLinearRMSNorm / KimiLinearRMSNormGated are."""
+"""The RMS norm, computed in fp32 the way transformers' KimiLinearRMSNorm is. The KDA block's gated output norm
+is an op (kda_serving/ops/gated_norm.py), with a fused CUDA kernel."""
 
 from __future__ import annotations
 
@@ -14,11 +15,3 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return weight * h.to(x.dtype)
-
-
-def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """The KDA output norm: rms_norm(x) * weight * sigmoid(gate), all in fp32; x, gate [..., D], weight [D]."""
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    h = weight.float() * h * torch.sigmoid(gate.float())
-    return h.to(x.dtype)

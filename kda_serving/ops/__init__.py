@@ -1,9 +1,10 @@
 """KDA operators: the contract (contract.py), the float64 truth (reference.py), the chunked CPU path
-(chunked.py), the public custom ops (kda.py, conv.py) and the CUDA library bindings (cuda_lib.py,
-cuda_decode.py). See docs/kda-contract.md."""
+(chunked.py), the public custom ops (kda.py, conv.py, gated_norm.py) and the CUDA library bindings (cuda_lib.py,
+cuda_decode.py, cuda_norm.py). See docs/kda-contract.md."""
 
 from .contract import CHECKPOINT_ALIGN, PAD_SLOT, KDACheckpoints
 from .conv import causal_conv1d_decode, causal_conv1d_prefill
+from .gated_norm import gated_rms_norm
 from .kda import flash_kda_fwd, kda_decode, kda_prefill
 from .reference import KDAOutput, kda_recurrent_reference
 
@@ -15,6 +16,7 @@ __all__ = [
     "causal_conv1d_decode",
     "causal_conv1d_prefill",
     "flash_kda_fwd",
+    "gated_rms_norm",
     "kda_decode",
     "kda_prefill",
     "kda_recurrent_reference",

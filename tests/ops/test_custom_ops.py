@@ -35,9 +35,24 @@ def test_conv_ops_pass_opcheck():
             test_utils=("test_schema", "test_faketensor"))
 
 
+def test_gated_norm_op_passes_opcheck():
+    x, gate, w = torch.randn(5, 2, 16), torch.randn(5, 2, 16), torch.randn(16)
+    opcheck(torch.ops.kda_serving.gated_rms_norm_.default, (x, gate, w, 1e-5, torch.empty_like(x)),
+            test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
 def test_torch_compile_traces_through_prefill():
     from kda_serving.ops import kda_prefill as fn
 
     q, k, v, g, beta, A_log, dt = make_kda_inputs(1, 20, 2, 16, generator=torch.Generator().manual_seed(2))
     compiled = torch.compile(lambda *a: fn(*a).out * 2, fullgraph=True, backend="eager")
     assert torch.allclose(compiled(q, k, v, g, beta, A_log, dt), fn(q, k, v, g, beta, A_log, dt).out * 2)
+
+
+def test_torch_compile_traces_through_gated_norm():
+    from kda_serving.ops import gated_rms_norm
+
+    x, gate = torch.randn(6, 2, 16).bfloat16(), torch.randn(6, 2, 16).bfloat16()
+    w = torch.randn(16)
+    compiled = torch.compile(lambda *a: gated_rms_norm(*a, 1e-5) * 2, fullgraph=True, backend="eager")
+    assert torch.equal(compiled(x, gate, w), gated_rms_norm(x, gate, w, 1e-5) * 2)
