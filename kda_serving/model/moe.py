@@ -27,6 +27,14 @@ def swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.
     return F.linear(F.silu(gate) * up, down)
 
 
+def _grouped_gemm_fits(x: torch.Tensor, gate_up: torch.Tensor) -> bool:
+    """Whether torch._grouped_mm's bf16 GPU kernel takes these experts: bf16 on CUDA, every row 16-byte
+    aligned (hidden and the intermediate size multiples of 8)."""
+    hidden, two_i = gate_up.shape[2], gate_up.shape[1]
+    return (x.is_cuda and x.dtype == torch.bfloat16 and gate_up.dtype == torch.bfloat16
+            and hasattr(torch, "_grouped_mm") and hidden % 8 == 0 and two_i % 16 == 0)
+
+
 class DenseMLP(nn.Module):
     def __init__(self, hidden: int, intermediate: int, dtype: torch.dtype, device):
         super().__init__()
@@ -76,19 +84,32 @@ class MoE(nn.Module):
         return out
 
     def _experts(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Token-expert pairs sorted by expert, one SwiGLU per expert that has tokens (a loop over experts),
-        weighted and summed per token in fp32."""
+        """Token-expert pairs sorted by expert, one SwiGLU per expert that has tokens, weighted and summed per
+        token in fp32.
+
+        On a GPU the experts run as two grouped GEMMs (torch._grouped_mm, one CUTLASS launch each over all
+        experts' row ranges): the loop below costs ~6 launches per active expert and a host sync for the
+        counts, which made a 64-sequence decode step of the 4-layer Kimi-Linear-48B-shaped model host-bound
+        (docs/engine.md). The CPU keeps the loop: there a launch costs nothing and it is the path the
+        transformers comparisons pin down."""
         flat_ids = ids.reshape(-1)
         order = flat_ids.argsort(stable=True)
         token = order // self.top_k  # which token each sorted pair belongs to
-        counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()
         rows = x[token]
-        y = torch.empty_like(rows)
-        start = 0
-        for e, n in enumerate(counts):
-            if n:
-                y[start : start + n] = swiglu(rows[start : start + n], self.gate_up_proj[e], self.down_proj[e])
-                start += n
+        if _grouped_gemm_fits(x, self.gate_up_proj):
+            # End of each expert's rows in the sorted pairs, computed on the device: no host sync.
+            experts = torch.arange(1, self.num_experts + 1, device=x.device)
+            ends = torch.searchsorted(flat_ids[order], experts, right=False).to(torch.int32)
+            gate, up = torch._grouped_mm(rows, self.gate_up_proj.transpose(1, 2), offs=ends).chunk(2, dim=-1)
+            y = torch._grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offs=ends)
+        else:
+            counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()
+            y = torch.empty_like(rows)
+            start = 0
+            for e, n in enumerate(counts):
+                if n:
+                    y[start : start + n] = swiglu(rows[start : start + n], self.gate_up_proj[e], self.down_proj[e])
+                    start += n
         # back to (token, k) order, then a plain sum over each token's k experts (no atomics, deterministic)
         pairs = torch.empty_like(y)
         pairs[order] = y
