@@ -1,0 +1,65 @@
+"""Where a GPU decode step of the engine spends its time (experiment, not part of CI).
+
+Builds bench_engine.py's 4-layer Kimi-Linear-48B-shaped model, brings 64 requests into decode, then profiles
+a few decode steps with torch.profiler: total wall time per step, GPU busy time per step, and the operators
+with the most host time. Tells whether the step is bound by the GPU, by launches, or by Python.
+
+    python benchmarks/experiments/profile_engine_decode.py [--steps 8] [--requests 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench_engine import prompts, random_kimi48b_model  # noqa: E402
+
+from kda_serving.engine import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--requests", type=int, default=64)
+    args = ap.parse_args(argv)
+    model = random_kimi48b_model(torch.device("cuda"))
+    engine = LLMEngine(EngineConfig(device="cuda", max_num_seqs=args.requests, max_num_batched_tokens=8192),
+                       model=model)
+    params = SamplingParams(temperature=0, max_tokens=10_000, ignore_eos=True)
+    for i, ids in enumerate(prompts(args.requests, 8, model.config.vocab_size, seed=2)):
+        engine.add_request(str(i), ids, params)
+    for _ in range(6):  # prefill, then warm decode steps
+        engine.step()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        engine.step()
+    torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - t0) * 1e3 / args.steps
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(args.steps):
+            engine.step()
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    # Kernels only: an operator's own device time repeats that of the kernels it launched.
+    kernels = [e for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
+    gpu_us = sum(e.self_device_time_total for e in kernels) / args.steps
+    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cudaLaunchKernelExC",
+                                                         "cuLaunchKernel", "cuLaunchKernelEx")) / args.steps
+    print(f"decode step ({args.requests} sequences): wall {wall_ms:.2f} ms without the profiler; GPU busy "
+          f"{gpu_us / 1e3:.2f} ms per step; {launches:.0f} kernel launches per step")
+    print(events.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60))
+    print(events.table(sort_by="self_device_time_total", row_limit=15, max_name_column_width=60))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
