@@ -97,7 +97,7 @@ def random_kimi48b_model(device: torch.device, seed: int = 0):
 def make_engine(args, model, tokenizer, **overrides) -> LLMEngine:
     cfg = dict(
         device=args.device, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        block_size=args.block_size, enable_prefix_caching=True,
+        block_size=args.block_size, enable_prefix_caching=True, enable_cuda_graphs=not args.no_cuda_graphs,
     )
     if args.device == "cpu":
         cfg["cpu_cache_bytes"] = args.cpu_cache_mib << 20
@@ -248,6 +248,7 @@ def main(argv=None) -> None:
     ap.add_argument("--user-tokens", type=int, default=None, help="new user tokens per turn (multiturn)")
     ap.add_argument("--turn-output-len", type=int, default=None, help="generated tokens per turn (multiturn)")
     ap.add_argument("--scenarios", default="prefill,decode,mixed,multiturn")
+    ap.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly (the baseline)")
     ap.add_argument("--repeats", type=int, default=None, help="runs per measurement; the fastest is kept")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)

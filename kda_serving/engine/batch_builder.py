@@ -56,6 +56,7 @@ def build_batch(out: SchedulerOutput, block_size: int, pin_memory: bool = False)
         slot_mapping=tensor(slot_mapping, torch.int64),
         logits_indices=tensor(logits_indices, torch.int64),
         query_lens=query_lens,
+        kv_lens=seq_lens,
         is_decode=out.is_decode,
         checkpoints=checkpoints,
     )

@@ -41,6 +41,8 @@ class EngineConfig:
     Prefix cache: states are saved every `prefix_cache_interval` prompt tokens (a multiple of the kernel's
     64-token checkpoint alignment and of block_size), at branch points and at the end of every finished
     turn; it shares the slot and block pools with running requests and is evicted LRU when they need room.
+    enable_cuda_graphs: on CUDA, decode steps replay captured CUDA graphs (engine/cuda_graphs.py) when the
+    model allows it (bf16, MoE on grouped GEMMs); False runs every step eagerly.
     """
 
     model: str | None = None
@@ -56,6 +58,7 @@ class EngineConfig:
     cpu_cache_bytes: int = 256 << 20
     state_memory_fraction: float = 0.5
     enable_prefix_caching: bool = True
+    enable_cuda_graphs: bool = True
     prefix_cache_interval: int = 256
     served_model_name: str | None = None
     seed: int = 0
@@ -94,8 +97,9 @@ class EngineConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 < value < 1.0):
                 _fail(ValueError, name, f"must be a number in (0, 1), got {value!r}")
-        if not isinstance(self.enable_prefix_caching, bool):
-            _fail(TypeError, "enable_prefix_caching", "must be a bool")
+        for name in ("enable_prefix_caching", "enable_cuda_graphs"):
+            if not isinstance(getattr(self, name), bool):
+                _fail(TypeError, name, "must be a bool")
         if self.served_model_name is not None and not isinstance(self.served_model_name, str):
             _fail(TypeError, "served_model_name", "must be a string or None")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):

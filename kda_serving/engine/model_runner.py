@@ -33,7 +33,20 @@ class ModelRunner:
             model = load_model(config.model, device=self.device, dtype=config.dtype)
         self.model = model
         self._size_caches()
-        self.caches = model.allocate_caches(config.num_state_slots, config.num_kv_blocks, config.block_size)
+        self.graphs = None
+        use_graphs = (config.enable_cuda_graphs and self.device.type == "cuda"
+                      and getattr(model, "decode_capturable", False))
+        # With graphs one KV block more than the block manager knows of: padding rows of a captured step write
+        # their latent there (cuda_graphs.py).
+        blocks = config.num_kv_blocks + (1 if use_graphs else 0)
+        self.caches = model.allocate_caches(config.num_state_slots, blocks, config.block_size)
+        if use_graphs:
+            from .cuda_graphs import DecodeGraphs
+
+            self.graphs = DecodeGraphs(model, self.caches, config.max_num_seqs, config.block_size,
+                                       config.max_model_len or model.max_model_len,
+                                       scratch_slot=config.num_kv_blocks * config.block_size)
+            self.graphs.capture_batch_buckets()
 
     def _size_caches(self) -> None:
         cfg, model = self.config, self.model
@@ -100,7 +113,10 @@ class ModelRunner:
             self.caches.copy_states(list(src), list(dst))
         if out.block_copies:
             self._copy_kv_blocks(*zip(*out.block_copies))
-        logits = self.model.forward(batch.to(self.device), self.caches)
+        if self.graphs is not None and batch.is_decode and batch.kv_lens and batch.checkpoints is None:
+            logits = self.graphs.run(batch)
+        else:
+            logits = self.model.forward(batch.to(self.device), self.caches)
         if out.state_saves:
             src, dst = zip(*out.state_saves)
             self.caches.copy_states(list(src), list(dst))
@@ -130,4 +146,5 @@ def profile_batch(tokens: int, block_size: int) -> RaggedBatch:
         slot_mapping=torch.arange(tokens, dtype=torch.int64),
         logits_indices=torch.tensor([tokens - 1], dtype=torch.int64),
         query_lens=[tokens],
+        kv_lens=[tokens],
     )

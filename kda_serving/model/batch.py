@@ -40,6 +40,9 @@ class RaggedBatch:
     slot_mapping: torch.Tensor  # [T] int64, flat KV-cache slot (block * block_size + offset) of each new token
     logits_indices: torch.Tensor  # [N] int64, index in [0, T) of the token whose logits each sequence needs
     query_lens: list[int] = field(default_factory=list)  # host copy of the new-token counts
+    # host copy of seq_lens, or an upper bound of each (a captured decode step pads every sequence to its
+    # bucket); MLA layers size their key blocks from it without reading seq_lens back from the device
+    kv_lens: list[int] = field(default_factory=list)
     is_decode: bool = False  # every sequence has exactly one new token and a cached context
     checkpoints: StateCheckpoints | None = None
 
@@ -72,6 +75,7 @@ class RaggedBatch:
             slot_mapping=move(self.slot_mapping),
             logits_indices=move(self.logits_indices),
             query_lens=list(self.query_lens),
+            kv_lens=list(self.kv_lens),
             is_decode=self.is_decode,
             checkpoints=ckpt,
         )

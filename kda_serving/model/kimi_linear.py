@@ -73,6 +73,14 @@ class KimiLinearModel(nn.Module):
     def max_model_len(self) -> int:
         return self.config.max_model_len
 
+    @property
+    def decode_capturable(self) -> bool:
+        """Whether a decode step (RaggedBatch.is_decode, host kv_lens given) runs without host syncs, so the
+        engine can capture it in a CUDA graph: on CUDA, with every MoE on its grouped GEMMs (bf16)."""
+        return self.device.type == "cuda" and all(
+            getattr(layer.mlp, "capturable", True) for layer in self.layers
+        )
+
     @torch.inference_mode()
     def forward(self, batch: RaggedBatch, caches: ModelCaches) -> torch.Tensor:
         """Runs one step; returns fp32 logits [N, vocab] for the tokens at batch.logits_indices."""

@@ -91,7 +91,7 @@ class MLABlock(nn.Module):
         """
         T, nh, L = q.shape
         q_lens = list(batch.query_lens) if batch.query_lens else batch.cu_seqlens.diff().tolist()
-        kv_lens = batch.seq_lens.tolist()
+        kv_lens = list(batch.kv_lens) if batch.kv_lens else batch.seq_lens.tolist()
         starts = [0]
         for n in q_lens:
             starts.append(starts[-1] + n)
@@ -107,14 +107,16 @@ class MLABlock(nn.Module):
                 q_max, l_max, e = qm, lm, e + 1
             if starts[e] > starts[s]:
                 out[starts[s] : starts[e]] = self._attend_group(
-                    q[starts[s] : starts[e]], batch, s, e, q_lens[s:e], q_max, l_max, flat_cache, block_size
+                    q[starts[s] : starts[e]], batch, s, e, starts[s], q_lens[s:e], q_max, l_max, flat_cache,
+                    block_size,
                 )
             s = e
         return out
 
-    def _attend_group(self, q, batch: RaggedBatch, s: int, e: int, q_lens: list[int], q_max: int, l_max: int,
-                      flat_cache: torch.Tensor, block_size: int) -> torch.Tensor:
-        """Sequences s..e-1 (tokens q [Tg, nh, L]) padded to q_max queries and l_max keys; returns [Tg, nh, C].
+    def _attend_group(self, q, batch: RaggedBatch, s: int, e: int, start: int, q_lens: list[int], q_max: int,
+                      l_max: int, flat_cache: torch.Tensor, block_size: int) -> torch.Tensor:
+        """Sequences s..e-1 (tokens q [Tg, nh, L], the first at token `start`) padded to q_max queries and l_max
+        keys; returns [Tg, nh, C].
 
         The heads are folded into the query axis (all heads share the one latent key/value row), so each SDPA
         call is q [n, 1, Qc * nh, L], k [n, 1, Lmax, L], v [n, 1, Lmax, C] with C = kv_lora_rank.
@@ -127,7 +129,7 @@ class MLABlock(nn.Module):
         slots = torch.where(valid, blocks * block_size + key_pos % block_size, 0)
         # rows past a sequence's end are zeroed, not just masked: a reused block may hold anything
         keys = torch.where(valid[..., None], flat_cache[slots].to(q.dtype), 0)  # [n, Lmax, L]
-        positions = batch.positions[batch.cu_seqlens[s].long() :][:Tg].long()
+        positions = batch.positions[start : start + Tg].long()
 
         padded = q_max > 1 or Tg != n
         if padded:

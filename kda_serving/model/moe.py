@@ -59,6 +59,11 @@ class MoE(nn.Module):
         shared = I * cfg.num_shared_experts
         self.shared_experts = DenseMLP(hidden, shared, dtype, device) if shared else None
 
+    @property
+    def capturable(self) -> bool:
+        """Whether forward runs without a host sync (the grouped GEMMs), so a CUDA graph can capture it."""
+        return _grouped_gemm_fits(self.router, self.gate_up_proj)
+
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, hidden] -> (expert ids [T, top_k] int64, weights [T, top_k] fp32)."""
         T, E = x.shape[0], self.num_experts
