@@ -96,27 +96,28 @@ class DecodeGraphs:
         if key not in self.graphs:
             self.graphs[key] = self._capture(nb, kv)
         graph, logits = self.graphs[key]
-        self._load(batch, n, nb, width)
+        self._load(batch, n, nb, width, kv // self.block_size)
         graph.replay()
         return logits[:n]
 
-    def _load(self, batch: RaggedBatch, n: int, nb: int, width: int) -> None:
-        """Copies the step into the static buffers; rows n..nb-1 become padding."""
-        self._pad(n, nb)
+    def _load(self, batch: RaggedBatch, n: int, nb: int, width: int, graph_width: int) -> None:
+        """Copies the step into the static buffers; rows n..nb-1 become padding. Only the first graph_width
+        block-table columns are read by the graph."""
+        self._pad(n, nb, graph_width)
         for dst, src in ((self.input_ids, batch.input_ids), (self.positions, batch.positions),
                          (self.seq_lens, batch.seq_lens), (self.state_slots, batch.state_slots),
                          (self.slot_mapping, batch.slot_mapping)):
             dst[:n].copy_(src, non_blocking=True)
         self.block_tables[:n, :width].copy_(batch.block_tables, non_blocking=True)
-        self.block_tables[:n, width:].fill_(-1)
+        self.block_tables[:n, width:graph_width].fill_(-1)
 
-    def _pad(self, start: int, end: int) -> None:
+    def _pad(self, start: int, end: int, graph_width: int) -> None:
         self.input_ids[start:end] = 0
         self.positions[start:end] = 0
         self.seq_lens[start:end] = 0
         self.state_slots[start:end] = -1
         self.slot_mapping[start:end] = self.scratch_slot
-        self.block_tables[start:end] = -1
+        self.block_tables[start:end, :graph_width] = -1
 
     def _static_batch(self, nb: int, kv: int) -> RaggedBatch:
         return RaggedBatch(
@@ -137,7 +138,7 @@ class DecodeGraphs:
 
     def _capture(self, nb: int, kv: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """Warm-up and capture on an all-padding batch: nothing but the scratch KV slot is written."""
-        self._pad(0, nb)
+        self._pad(0, nb, kv // self.block_size)
         batch = self._static_batch(nb, kv)
         stream = torch.cuda.Stream(self.model.device)
         stream.wait_stream(torch.cuda.current_stream(self.model.device))
