@@ -98,6 +98,7 @@ def make_engine(args, model, tokenizer, **overrides) -> LLMEngine:
     cfg = dict(
         device=args.device, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         block_size=args.block_size, enable_prefix_caching=True, enable_cuda_graphs=not args.no_cuda_graphs,
+        kda_state_dtype=args.kda_state_dtype,
     )
     if args.device == "cpu":
         cfg["cpu_cache_bytes"] = args.cpu_cache_mib << 20
@@ -249,6 +250,7 @@ def main(argv=None) -> None:
     ap.add_argument("--turn-output-len", type=int, default=None, help="generated tokens per turn (multiturn)")
     ap.add_argument("--scenarios", default="prefill,decode,mixed,multiturn")
     ap.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly (the baseline)")
+    ap.add_argument("--kda-state-dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--repeats", type=int, default=None, help="runs per measurement; the fastest is kept")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)

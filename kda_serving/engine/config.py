@@ -41,6 +41,8 @@ class EngineConfig:
     Prefix cache: states are saved every `prefix_cache_interval` prompt tokens (a multiple of the kernel's
     64-token checkpoint alignment and of block_size), at branch points and at the end of every finished
     turn; it shares the slot and block pools with running requests and is evicted LRU when they need room.
+    kda_state_dtype: "float32" (default) or "bfloat16" for the KDA recurrent states: bf16 halves their memory
+    (more state slots in the same budget) and the decode's state traffic, at one bf16 rounding per step.
     enable_cuda_graphs: on CUDA, decode steps replay captured CUDA graphs (engine/cuda_graphs.py) when the
     model allows it (bf16, MoE on grouped GEMMs); False runs every step eagerly.
     """
@@ -59,6 +61,7 @@ class EngineConfig:
     state_memory_fraction: float = 0.5
     enable_prefix_caching: bool = True
     enable_cuda_graphs: bool = True
+    kda_state_dtype: str = "float32"
     prefix_cache_interval: int = 256
     served_model_name: str | None = None
     seed: int = 0
@@ -72,6 +75,8 @@ class EngineConfig:
             self.dtype = "float32" if self.device == "cpu" else "bfloat16"
         if self.dtype not in _DTYPES:
             _fail(ValueError, "dtype", f"must be one of {_DTYPES}, got {self.dtype!r}")
+        if self.kda_state_dtype not in _DTYPES:
+            _fail(ValueError, "kda_state_dtype", f"must be one of {_DTYPES}, got {self.kda_state_dtype!r}")
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "prefix_cache_interval"):
             _positive_int(name, getattr(self, name))
         for name in ("max_model_len", "num_state_slots", "num_kv_blocks"):

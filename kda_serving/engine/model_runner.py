@@ -15,7 +15,7 @@ log = logging.getLogger(__name__)
 
 class ModelRunner:
     """Runs steps of `model` (the kda_serving.model API: forward(batch, caches), allocate_caches(...),
-    state_slot_bytes(), kv_block_bytes(block_size), max_model_len) on config.device.
+    state_slot_bytes(state_dtype), kv_block_bytes(block_size), max_model_len) on config.device.
 
     Sizing: state slots and KV blocks split the cache budget by config.state_memory_fraction. The budget is
     config.cpu_cache_bytes on the CPU; on CUDA it is gpu_memory_utilization of the card minus what is in use
@@ -32,6 +32,7 @@ class ModelRunner:
 
             model = load_model(config.model, device=self.device, dtype=config.dtype)
         self.model = model
+        self.state_dtype = getattr(torch, config.kda_state_dtype)
         self._size_caches()
         self.graphs = None
         use_graphs = (config.enable_cuda_graphs and self.device.type == "cuda"
@@ -39,7 +40,7 @@ class ModelRunner:
         # With graphs one KV block more than the block manager knows of: padding rows of a captured step write
         # their latent there (cuda_graphs.py).
         blocks = config.num_kv_blocks + (1 if use_graphs else 0)
-        self.caches = model.allocate_caches(config.num_state_slots, blocks, config.block_size)
+        self.caches = model.allocate_caches(config.num_state_slots, blocks, config.block_size, self.state_dtype)
         if use_graphs:
             from .cuda_graphs import DecodeGraphs
 
@@ -50,7 +51,7 @@ class ModelRunner:
 
     def _size_caches(self) -> None:
         cfg, model = self.config, self.model
-        slot_bytes, block_bytes = model.state_slot_bytes(), model.kv_block_bytes(cfg.block_size)
+        slot_bytes, block_bytes = model.state_slot_bytes(self.state_dtype), model.kv_block_bytes(cfg.block_size)
         if block_bytes == 0 and cfg.num_kv_blocks is None:
             # No MLA layer (an all-KDA model): blocks hold nothing, so give every sequence room for the full
             # context and spend the whole budget on state slots.
@@ -94,7 +95,7 @@ class ModelRunner:
         torch.cuda.empty_cache()
         base = torch.cuda.memory_allocated(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
-        caches = self.model.allocate_caches(1, blocks, cfg.block_size)
+        caches = self.model.allocate_caches(1, blocks, cfg.block_size, self.state_dtype)
         self.model.forward(profile_batch(tokens, cfg.block_size).to(self.device), caches)
         torch.cuda.synchronize(self.device)
         activation = torch.cuda.max_memory_allocated(self.device) - base

@@ -90,18 +90,21 @@ class KimiLinearModel(nn.Module):
         last = rms_norm(h[batch.logits_indices], self.norm, self.config.rms_norm_eps)
         return F.linear(last, self.lm_head).float()
 
-    def allocate_caches(self, num_state_slots: int, num_kv_blocks: int, block_size: int) -> ModelCaches:
-        """Zeroed pools: per KDA layer recurrent [S, H, V, K] fp32 and conv [S, W-1, 3*H*K] in the model dtype;
-        per MLA layer latent KV [num_kv_blocks, block_size, kv_lora_rank + qk_rope_head_dim]."""
+    def allocate_caches(self, num_state_slots: int, num_kv_blocks: int, block_size: int,
+                        state_dtype: torch.dtype = torch.float32) -> ModelCaches:
+        """Zeroed pools: per KDA layer recurrent [S, H, V, K] in state_dtype (fp32, or bf16 at half the memory
+        and decode traffic, rounded once per step) and conv [S, W-1, 3*H*K] in the model dtype; per MLA layer
+        latent KV [num_kv_blocks, block_size, kv_lora_rank + qk_rope_head_dim]."""
         for name, value in (("num_state_slots", num_state_slots), ("num_kv_blocks", num_kv_blocks),
                             ("block_size", block_size)):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"allocate_caches: '{name}' must be an int, got {type(value).__name__}")
             if value <= 0:
                 raise ValueError(f"allocate_caches: '{name}' must be positive, got {value}")
+        _check_state_dtype(state_dtype)
         cfg, dev = self.config, self.device
         H, K = cfg.linear_num_heads, cfg.linear_head_dim
-        recurrent = [torch.zeros(num_state_slots, H, K, K, dtype=torch.float32, device=dev) for _ in cfg.kda_layers]
+        recurrent = [torch.zeros(num_state_slots, H, K, K, dtype=state_dtype, device=dev) for _ in cfg.kda_layers]
         conv = [
             torch.zeros(num_state_slots, cfg.conv_kernel_size - 1, cfg.conv_dim, dtype=self.dtype, device=dev)
             for _ in cfg.kda_layers
@@ -112,13 +115,21 @@ class KimiLinearModel(nn.Module):
         ]
         return ModelCaches(recurrent, conv, kv)
 
-    def state_slot_bytes(self) -> int:
-        """Bytes one state slot takes across all KDA layers (recurrent fp32 + conv window)."""
+    def state_slot_bytes(self, state_dtype: torch.dtype = torch.float32) -> int:
+        """Bytes one state slot takes across all KDA layers (recurrent state in state_dtype + conv window)."""
+        _check_state_dtype(state_dtype)
         cfg = self.config
-        per_layer = cfg.linear_num_heads * cfg.linear_head_dim**2 * 4
+        per_layer = cfg.linear_num_heads * cfg.linear_head_dim**2 * state_dtype.itemsize
         per_layer += (cfg.conv_kernel_size - 1) * cfg.conv_dim * self.dtype.itemsize
         return per_layer * len(cfg.kda_layers)
 
     def kv_block_bytes(self, block_size: int) -> int:
         """Bytes one KV block of `block_size` tokens takes across all MLA layers."""
         return block_size * self.config.latent_dim * self.dtype.itemsize * len(self.config.mla_layers)
+
+
+def _check_state_dtype(state_dtype) -> None:
+    if state_dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(
+            f"allocate_caches: 'state_dtype' must be torch.float32 or torch.bfloat16, got {state_dtype!r}"
+        )

@@ -127,9 +127,13 @@ def test_graph_decode_steps_match_eager_steps():
 
 
 @pytest.mark.gpu
-def test_engine_decodes_through_graphs():
-    """The engine replays graphs for its decode steps and produces the requested tokens."""
-    engine = LLMEngine(EngineConfig(device="cuda", max_num_seqs=8, num_state_slots=16, num_kv_blocks=64))
+@pytest.mark.parametrize("state_dtype", ["float32", "bfloat16"])
+def test_engine_decodes_through_graphs(state_dtype):
+    """The engine replays graphs for its decode steps and produces the requested tokens (fp32 or bf16 KDA
+    states: the bf16 pools take the decode kernel's bf16 fast path inside the graph)."""
+    engine = LLMEngine(EngineConfig(device="cuda", max_num_seqs=8, num_state_slots=16, num_kv_blocks=64,
+                                    kda_state_dtype=state_dtype))
+    assert engine.runner.caches.recurrent[0].dtype == getattr(torch, state_dtype)
     graphs = engine.runner.graphs
     assert graphs is not None and set(graphs.graphs) == {(nb, MIN_KV_BUCKET) for nb in (1, 2, 4, 8)}
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)

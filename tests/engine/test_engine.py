@@ -1,6 +1,7 @@
 """LLMEngine / LLM behaviour: stop conditions, length limits, seeds, logprobs, aborts, bad requests."""
 
 import pytest
+import torch
 
 from kda_serving.engine import EngineConfig, LLM, LLMEngine, SamplingParams
 
@@ -101,6 +102,23 @@ def test_abort_frees_slots_and_blocks_at_once(tiny_model):
     assert engine.step() == []
 
 
+def test_bf16_kda_states_fit_more_slots_in_the_same_budget(tiny_model):
+    """kda_state_dtype="bfloat16": bf16 recurrent pools, more slots from the same CPU budget in proportion to
+    the smaller slot (its recurrent part halves, the conv windows keep their size), and the engine serves."""
+    fp32, bf16 = (LLMEngine(EngineConfig(kda_state_dtype=d, cpu_cache_bytes=8 << 20), model=tiny_model)
+                  for d in ("float32", "bfloat16"))
+    assert all(p.dtype == torch.bfloat16 for p in bf16.runner.caches.recurrent)
+    ratio = tiny_model.state_slot_bytes(torch.float32) / tiny_model.state_slot_bytes(torch.bfloat16)
+    assert ratio > 1.4 and abs(bf16.config.num_state_slots - ratio * fp32.config.num_state_slots) <= ratio + 1
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    for i, prompt in enumerate(random_prompts([9, 30], 211, seed=21)):
+        bf16.add_request(str(i), prompt, params)
+    done = {}
+    while bf16.has_unfinished_requests():
+        done.update((out.request_id, out.output_token_ids) for out in bf16.step() if out.finished)
+    assert sorted(done) == ["0", "1"] and all(len(tokens) == 6 for tokens in done.values())
+
+
 def test_text_stop_strings_with_the_default_model():
     llm = LLM(num_state_slots=8, num_kv_blocks=64)
     prompt = "The quick brown fox"
@@ -125,6 +143,10 @@ def test_engine_config_validation():
         EngineConfig(max_num_seqs=64, max_num_batched_tokens=32)
     with pytest.raises(ValueError, match="gpu_memory_utilization"):
         EngineConfig(gpu_memory_utilization=1.5)
+    with pytest.raises(ValueError, match="kda_state_dtype"):
+        EngineConfig(kda_state_dtype="float16")
+    with pytest.raises(TypeError, match="enable_cuda_graphs"):
+        EngineConfig(enable_cuda_graphs=1)
     assert EngineConfig(device="cuda").dtype == "bfloat16" and EngineConfig().dtype == "float32"
 
 
