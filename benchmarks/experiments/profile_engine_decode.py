@@ -4,7 +4,10 @@ Builds bench_engine.py's 4-layer Kimi-Linear-48B-shaped model, brings 64 request
 a few decode steps with torch.profiler: total wall time per step, GPU busy time per step, and the operators
 with the most host time. Tells whether the step is bound by the GPU, by launches, or by Python.
 
-    python benchmarks/experiments/profile_engine_decode.py [--steps 8] [--requests 64]
+    python benchmarks/experiments/profile_engine_decode.py [--steps 8] [--requests 64] [--no-cuda-graphs]
+
+The log in benchmarks/results/logs/session7/h100-engine-decode-profile.log is of eager steps (before the engine
+replayed decode steps from CUDA graphs: --no-cuda-graphs now).
 """
 
 from __future__ import annotations
@@ -28,10 +31,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--no-cuda-graphs", action="store_true", help="profile eager decode steps")
     args = ap.parse_args(argv)
     model = random_kimi48b_model(torch.device("cuda"))
-    engine = LLMEngine(EngineConfig(device="cuda", max_num_seqs=args.requests, max_num_batched_tokens=8192),
-                       model=model)
+    engine = LLMEngine(EngineConfig(device="cuda", max_num_seqs=args.requests, max_num_batched_tokens=8192,
+                                    enable_cuda_graphs=not args.no_cuda_graphs), model=model)
     params = SamplingParams(temperature=0, max_tokens=10_000, ignore_eos=True)
     for i, ids in enumerate(prompts(args.requests, 8, model.config.vocab_size, seed=2)):
         engine.add_request(str(i), ids, params)
