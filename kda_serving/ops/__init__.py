@@ -1,6 +1,6 @@
 """KDA operators: the contract (contract.py), the float64 truth (reference.py), the chunked CPU path
 (chunked.py), the public custom ops (kda.py, conv.py, gated_norm.py) and the CUDA library bindings (cuda_lib.py,
-cuda_decode.py, cuda_norm.py). See docs/kda-contract.md."""
+cuda_decode.py, cuda_norm.py, their shared checks in cuda_args.py). See docs/kda-contract.md."""
 
 from .contract import CHECKPOINT_ALIGN, PAD_SLOT, KDACheckpoints
 from .conv import causal_conv1d_decode, causal_conv1d_prefill

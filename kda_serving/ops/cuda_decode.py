@@ -24,6 +24,7 @@ import functools
 import torch
 
 from . import cuda_lib
+from .cuda_args import check_aligned, check_launch, cuda_tensor, stream_handle
 
 HEAD_DIM = 128  # csrc/decode/decode_params.h kHeadDim
 CONV_WIDTH = 4  # csrc/conv/conv_params.h kWidth
@@ -51,30 +52,7 @@ def library() -> ctypes.CDLL:
         fn = getattr(lib, name)
         fn.argtypes = argtypes
         fn.restype = _I
-    lib.kda_serving_decode_error_string.argtypes = [_I]
-    lib.kda_serving_decode_error_string.restype = ctypes.c_char_p
     return lib
-
-
-def _check(code: int, what: str) -> None:
-    if code != 0:
-        msg = library().kda_serving_decode_error_string(code).decode()
-        raise RuntimeError(f"kda: {what} kernel launch failed: {msg} (cudaError {code})")
-
-
-def _tensor(name: str, t, dtypes, device=None, ndim=None) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"kda: argument '{name}': expected a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in dtypes:
-        raise TypeError(f"kda: argument '{name}': dtype {t.dtype} not supported by the CUDA kernel "
-                        f"(expected one of {', '.join(str(d) for d in dtypes)})")
-    if t.device.type != "cuda" or (device is not None and t.device != device):
-        raise ValueError(f"kda: argument '{name}': must be on {device or 'a CUDA device'}, is on {t.device}")
-    if not t.is_contiguous():
-        raise ValueError(f"kda: argument '{name}': must be contiguous")
-    if ndim is not None and t.dim() != ndim:
-        raise ValueError(f"kda: argument '{name}': expected {ndim} dimensions, got shape {tuple(t.shape)}")
-    return t
 
 
 def _pool(name: str, t, dtypes, device, ndim: int) -> int:
@@ -88,21 +66,12 @@ def _pool(name: str, t, dtypes, device, ndim: int) -> int:
         raise ValueError(f"kda: argument '{name}': the pool has no slots")
     if not t[0].is_contiguous():
         raise ValueError(f"kda: argument '{name}': each slot must be contiguous")
-    _tensor(name, t[0], dtypes, device)
+    cuda_tensor(name, t[0], dtypes, device)
     stride = t.stride(0) if t.shape[0] > 1 else t[0].numel()
     if stride < t[0].numel() or (stride * t.element_size()) % 16:
         raise ValueError(f"kda: argument '{name}': slot stride {stride} must cover a slot and keep 16-byte alignment")
-    _aligned(name, t)
+    check_aligned(name, t)
     return stride
-
-
-def _aligned(name: str, t: torch.Tensor) -> None:
-    if t.data_ptr() % 16:
-        raise ValueError(f"kda: argument '{name}': the CUDA kernel needs 16-byte aligned data")
-
-
-def _stream(device: torch.device) -> ctypes.c_void_p:
-    return ctypes.c_void_p(torch.cuda.current_stream(device).cuda_stream)
 
 
 _INDEX = (torch.int32, torch.int64)
@@ -114,29 +83,29 @@ _STATE = (torch.float32, torch.bfloat16)
 def decode(q, k, v, g, beta, A_log, dt_bias, scale, lower_bound, state_pool, state_indices, intermediate_slots,
            out) -> None:
     """T tokens for each of N sequences (docs/kda-contract.md, Decode); writes out and the pool in place."""
-    dev = _tensor("q", q, _BF16, ndim=4).device
+    dev = cuda_tensor("q", q, _BF16, ndim=4).device
     N, T, H, K = q.shape
     for name, t in (("k", k), ("v", v), ("g", g), ("out", out)):
-        _tensor(name, t, _BF16, dev)
+        cuda_tensor(name, t, _BF16, dev)
         if tuple(t.shape) != (N, T, H, HEAD_DIM):
             raise ValueError(f"kda: argument '{name}': expected shape {(N, T, H, HEAD_DIM)}, got {tuple(t.shape)}")
     if K != HEAD_DIM:
         raise ValueError(f"kda: argument 'q': the CUDA decode kernel needs K == V == {HEAD_DIM}, got K={K}")
-    if tuple(_tensor("beta", beta, _BF16, dev).shape) != (N, T, H):
+    if tuple(cuda_tensor("beta", beta, _BF16, dev).shape) != (N, T, H):
         raise ValueError(f"kda: argument 'beta': expected shape {(N, T, H)}, got {tuple(beta.shape)}")
-    if tuple(_tensor("A_log", A_log, _FP32, dev).shape) != (H,):
+    if tuple(cuda_tensor("A_log", A_log, _FP32, dev).shape) != (H,):
         raise ValueError(f"kda: argument 'A_log': expected shape {(H,)}, got {tuple(A_log.shape)}")
-    if tuple(_tensor("dt_bias", dt_bias, _FP32, dev).shape) != (H, K):
+    if tuple(cuda_tensor("dt_bias", dt_bias, _FP32, dev).shape) != (H, K):
         raise ValueError(f"kda: argument 'dt_bias': expected shape {(H, K)}, got {tuple(dt_bias.shape)}")
     pool_stride = _pool("state_pool", state_pool, _STATE, dev, ndim=4)
     if tuple(state_pool.shape[1:]) != (H, HEAD_DIM, HEAD_DIM):
         raise ValueError(f"kda: argument 'state_pool': expected shape (S, {H}, {HEAD_DIM}, {HEAD_DIM}), "
                          f"got {tuple(state_pool.shape)}")
-    if _tensor("state_indices", state_indices, _INDEX, dev).numel() != N:
+    if cuda_tensor("state_indices", state_indices, _INDEX, dev).numel() != N:
         raise ValueError(f"kda: argument 'state_indices': expected {N} entries, got {state_indices.numel()}")
     slots_ptr, slots_int64 = None, 0
     if intermediate_slots is not None:
-        if tuple(_tensor("intermediate_slots", intermediate_slots, _INDEX, dev).shape) != (N, T):
+        if tuple(cuda_tensor("intermediate_slots", intermediate_slots, _INDEX, dev).shape) != (N, T):
             raise ValueError(f"kda: argument 'intermediate_slots': expected shape {(N, T)}, "
                              f"got {tuple(intermediate_slots.shape)}")
         slots_ptr, slots_int64 = intermediate_slots.data_ptr(), int(intermediate_slots.dtype == torch.int64)
@@ -146,30 +115,30 @@ def decode(q, k, v, g, beta, A_log, dt_bias, scale, lower_bound, state_pool, sta
         state_pool.shape[0],
         state_indices.data_ptr(), int(state_indices.dtype == torch.int64), slots_ptr, slots_int64,
         out.data_ptr(), N, T, H, float(scale), int(lower_bound is not None),
-        0.0 if lower_bound is None else float(lower_bound), _stream(dev),
+        0.0 if lower_bound is None else float(lower_bound), stream_handle(dev),
     )
-    _check(code, "decode")
+    check_launch(code, "decode")
 
 
 def _conv_common(x, weight, bias, conv_pool, state_indices, out):
-    dev = _tensor("x", x, _BF16, ndim=2).device
+    dev = cuda_tensor("x", x, _BF16, ndim=2).device
     rows, D = x.shape
     if D % CONV_CHANNEL_ALIGN:
         raise ValueError(f"kda: argument 'x': the CUDA conv kernel needs D % {CONV_CHANNEL_ALIGN} == 0, got D={D}")
-    _tensor("weight", weight, _STATE, dev, ndim=2)
+    cuda_tensor("weight", weight, _STATE, dev, ndim=2)
     if tuple(weight.shape) != (D, CONV_WIDTH):
         raise ValueError(f"kda: argument 'weight': the CUDA conv kernel needs shape {(D, CONV_WIDTH)}, "
                          f"got {tuple(weight.shape)}")
-    if bias is not None and tuple(_tensor("bias", bias, _STATE, dev).shape) != (D,):
+    if bias is not None and tuple(cuda_tensor("bias", bias, _STATE, dev).shape) != (D,):
         raise ValueError(f"kda: argument 'bias': expected shape {(D,)}, got {tuple(bias.shape)}")
     _pool("conv_pool", conv_pool, _STATE, dev, ndim=3)
     if tuple(conv_pool.shape[1:]) != (CONV_WIDTH - 1, D):
         raise ValueError(f"kda: argument 'conv_pool': expected shape (S, {CONV_WIDTH - 1}, {D}), "
                          f"got {tuple(conv_pool.shape)}")
-    _tensor("state_indices", state_indices, _INDEX, dev)
-    parts = _output_parts(_tensor("out", out, _BF16, dev), rows, D)
+    cuda_tensor("state_indices", state_indices, _INDEX, dev)
+    parts = _output_parts(cuda_tensor("out", out, _BF16, dev), rows, D)
     for name, t in (("x", x), ("weight", weight), ("out", out)):
-        _aligned(name, t)
+        check_aligned(name, t)
     return dev, rows, D, parts
 
 
@@ -198,21 +167,21 @@ def conv_prefill(x, weight, bias, cu_seqlens, conv_pool, state_indices, has_init
                  out) -> None:
     """Causal conv over packed sequences x [T, D] (cu_seqlens [N+1]); conv_pool updated in place."""
     dev, T, D, parts = _conv_common(x, weight, bias, conv_pool, state_indices, out)
-    N = _tensor("cu_seqlens", cu_seqlens, _INDEX, dev, ndim=1).numel() - 1
+    N = cuda_tensor("cu_seqlens", cu_seqlens, _INDEX, dev, ndim=1).numel() - 1
     if N < 0 or state_indices.numel() != N:
         raise ValueError(f"kda: argument 'state_indices': expected {max(N, 0)} entries (one per sequence), "
                          f"got {state_indices.numel()}")
     hist_ptr = None
     if has_initial_state is not None:
-        if _tensor("has_initial_state", has_initial_state, (torch.bool,), dev).numel() != N:
+        if cuda_tensor("has_initial_state", has_initial_state, (torch.bool,), dev).numel() != N:
             raise ValueError(f"kda: argument 'has_initial_state': expected {N} entries")
         hist_ptr = has_initial_state.data_ptr()
     code = library().kda_serving_conv_prefill(
         x.data_ptr(), *_conv_dtype_args(weight, bias, conv_pool, state_indices), cu_seqlens.data_ptr(),
         int(cu_seqlens.dtype == torch.int64), hist_ptr, out.data_ptr(), parts, T, N, D, CONV_WIDTH,
-        int(bool(silu)), _stream(dev),
+        int(bool(silu)), stream_handle(dev),
     )
-    _check(code, "conv prefill")
+    check_launch(code, "conv prefill")
 
 
 def conv_decode(x, weight, bias, conv_pool, state_indices, silu: bool, out) -> None:
@@ -222,6 +191,6 @@ def conv_decode(x, weight, bias, conv_pool, state_indices, silu: bool, out) -> N
         raise ValueError(f"kda: argument 'state_indices': expected {N} entries, got {state_indices.numel()}")
     code = library().kda_serving_conv_decode(
         x.data_ptr(), *_conv_dtype_args(weight, bias, conv_pool, state_indices), out.data_ptr(), parts, N, D,
-        CONV_WIDTH, int(bool(silu)), _stream(dev),
+        CONV_WIDTH, int(bool(silu)), stream_handle(dev),
     )
-    _check(code, "conv decode")
+    check_launch(code, "conv decode")

@@ -1,9 +1,9 @@
 """ctypes binding of the gated RMS norm kernel (csrc/norm) in the C-ABI library.
 
-Its own module beside cuda_decode.py (the kernel is no part of decode), sharing that module's argument checks:
-the public op (gated_norm.py) validates the call and allocates out; the function here checks only what keeps
-the kernel inside its memory (dtypes, device, contiguity, sizes, alignment), then enqueues it on torch's
-current stream. It neither allocates nor synchronises, so it can be captured in a CUDA graph.
+Its own module beside cuda_decode.py (the kernel is no part of decode), with the argument checks of
+cuda_args.py: the public op (gated_norm.py) validates the call and allocates out; the function here checks only
+what keeps the kernel inside its memory (dtypes, device, contiguity, sizes, alignment), then enqueues it on
+torch's current stream. It neither allocates nor synchronises, so it can be captured in a CUDA graph.
 
     gated_rms_norm(x, gate, weight, eps, out)     x, gate, out [..., D]; weight [D]
 
@@ -19,7 +19,7 @@ import functools
 import torch
 
 from . import cuda_lib
-from .cuda_decode import _aligned, _check, _stream, _tensor
+from .cuda_args import check_aligned, check_launch, cuda_tensor, stream_handle
 
 CHUNK = 8  # elements per 16-byte access; D and x's row stride are multiples of it
 MAX_HEAD_DIM = 1024  # csrc/norm/gated_norm_params.h kMaxHeadDim
@@ -72,14 +72,14 @@ def gated_rms_norm(x, gate, weight, eps: float, out) -> None:
                          f"{MAX_HEAD_DIM}], got D={D}")
     stride = _row_stride(x, D)
     for name, t in (("gate", gate), ("out", out)):
-        if tuple(_tensor(name, t, _BF16, dev).shape) != tuple(x.shape):
+        if tuple(cuda_tensor(name, t, _BF16, dev).shape) != tuple(x.shape):
             raise ValueError(f"kda: argument '{name}': expected shape {tuple(x.shape)}, got {tuple(t.shape)}")
-    if tuple(_tensor("weight", weight, _WEIGHT, dev, ndim=1).shape) != (D,):
+    if tuple(cuda_tensor("weight", weight, _WEIGHT, dev, ndim=1).shape) != (D,):
         raise ValueError(f"kda: argument 'weight': expected shape {(D,)}, got {tuple(weight.shape)}")
     for name, t in (("x", x), ("gate", gate), ("weight", weight), ("out", out)):
-        _aligned(name, t)
+        check_aligned(name, t)
     code = library().kda_serving_gated_rms_norm(
         x.data_ptr(), stride, gate.data_ptr(), weight.data_ptr(), int(weight.dtype == torch.bfloat16),
-        out.data_ptr(), x.numel() // D, D, float(eps), _stream(dev),
+        out.data_ptr(), x.numel() // D, D, float(eps), stream_handle(dev),
     )
-    _check(code, "gated rms norm")
+    check_launch(code, "gated rms norm")
