@@ -6,8 +6,9 @@ ms of kernels (docs/engine.md). Replaying a captured graph costs one launch. Wha
 - Fixed shapes. A step of N sequences runs the graph of the smallest batch bucket >= N (powers of two up to
   max_num_seqs); the extra rows are padding: state slot -1 (the KDA and conv kernels skip them and write
   zero outputs), sequence length 0, and their MLA latent goes to a scratch KV slot that no request owns. MLA
-  gathers keys up to a key-length bucket (a power of two >= 512 tokens, >= every sequence's length and
-  block table) and masks each sequence at its real length, so one graph serves every length in its bucket.
+  gathers keys up to a key-length bucket (from 512 tokens in quarter-octave steps, >= every sequence's length
+  and block table) and masks each sequence at its real length, so one graph serves every length in its
+  bucket.
 - Static inputs. The graph reads the step from persistent device buffers; each step copies its batch into
   them (a few small host-to-device copies) before the replay.
 - No host syncs inside. The ops skip their host-side index checks while capturing; MLA takes its key lengths
@@ -40,9 +41,12 @@ def batch_bucket(n: int, max_num_seqs: int) -> int:
 
 
 def kv_bucket(max_kv_len: int, block_size: int, limit: int) -> int:
-    """Key-length bucket in tokens: a power of two >= max(max_kv_len, MIN_KV_BUCKET), at most `limit` (the
-    model length rounded up to whole blocks), a multiple of block_size."""
-    bucket = max(MIN_KV_BUCKET, 1 << max(max_kv_len - 1, 0).bit_length())
+    """Key-length bucket in tokens, >= max(max_kv_len, MIN_KV_BUCKET): a multiple of a quarter of the power of
+    two at or below it (so at most a quarter more keys are gathered than needed: 16,448 -> 20,480 rather than
+    32,768), a multiple of block_size, at most `limit` (the model length rounded up to whole blocks)."""
+    n = max(max_kv_len, MIN_KV_BUCKET)
+    quarter = max((1 << (n.bit_length() - 1)) // 4, block_size)
+    bucket = -(-n // quarter) * quarter
     bucket = -(-bucket // block_size) * block_size
     return min(bucket, limit)
 

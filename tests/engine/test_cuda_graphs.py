@@ -30,12 +30,13 @@ def test_batch_bucket_is_the_next_power_of_two_capped():
 
 def test_kv_bucket_covers_the_longest_sequence():
     assert kv_bucket(1, 16, 1 << 20) == MIN_KV_BUCKET
-    assert kv_bucket(513, 16, 1 << 20) == 1024
+    assert kv_bucket(513, 16, 1 << 20) == 640  # quarter-octave steps: 512, 640, 768, 896, 1024, 1280, ...
     assert kv_bucket(4096, 16, 1 << 20) == 4096
-    assert kv_bucket(5000, 16, 6000) == 6000  # capped at the model length in whole blocks
-    for n in range(1, 3000, 37):
+    assert kv_bucket(16448, 16, 1 << 20) == 20480
+    assert kv_bucket(7000, 16, 6000) == 6000  # capped at the model length in whole blocks
+    for n in range(1, 70000, 37):
         b = kv_bucket(n, 16, 1 << 20)
-        assert b >= n and b % 16 == 0
+        assert n <= b <= max(MIN_KV_BUCKET, 5 * n / 4 + 16) and b % 16 == 0
 
 
 def _batch(seqs, tokens, block_size=BLOCK) -> RaggedBatch:
