@@ -44,4 +44,10 @@ __device__ __forceinline__ int64_t load_index(const void* ptr, bool is_int64, in
   return is_int64 ? static_cast<const int64_t*>(ptr)[i] : static_cast<const int32_t*>(ptr)[i];
 }
 
+// The same, read through L2 only (ld.global.cg): it leaves no L1 copy that a later load_index of the same
+// entry could find stale (an index read before a PDL wait, while the previous kernel may still write it).
+__device__ __forceinline__ int64_t load_index_l2(const void* ptr, bool is_int64, int64_t i) {
+  return is_int64 ? __ldcg(static_cast<const long long*>(ptr) + i) : __ldcg(static_cast<const int*>(ptr) + i);
+}
+
 }  // namespace kda_serving

@@ -157,14 +157,13 @@ __device__ __forceinline__ TokenScalars prepare_token(const DecodeParams& p, Tok
 // Called before grid_dependency_wait() by one thread of each CTA: a CTA of the first wave may be scheduled
 // while the previous kernel drains (PDL), so it prefetches into L2 the `bytes` of state at element `offset`
 // of sequence n's slot and has them on the way instead of idling (later CTAs skip it: see launch_grid).
-// The slot index is read with ld.global.cg (L2 only: no L1 copy is left for the read after the wait to
-// find). If the previous kernel is still writing state_indices the guess may be stale; then the prefetch is
+// The slot index is read through L2 only (load_index_l2), so the read after the wait cannot find a stale L1
+// copy. If the previous kernel is still writing state_indices the guess may be stale; then the prefetch is
 // wasted, never the result, and the bounds check keeps it inside the pool.
 template <typename StateT>
 __device__ __forceinline__ void prefetch_state(const DecodeParams& p, int64_t n, int64_t offset, unsigned bytes) {
   if (blockIdx.x >= p.prefetch_ctas) return;
-  const int64_t slot = p.indices_int64 ? __ldcg(static_cast<const long long*>(p.state_indices) + n)
-                                       : __ldcg(static_cast<const int*>(p.state_indices) + n);
+  const int64_t slot = load_index_l2(p.state_indices, p.indices_int64, n);
   if (slot >= 0 && slot < p.pool_slots)
     kda::prefetch_l2(static_cast<const StateT*>(p.state_pool) + slot * p.pool_slot_stride + offset, bytes);
 }

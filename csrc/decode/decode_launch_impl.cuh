@@ -21,13 +21,17 @@ namespace kda_serving::decode {
 // same run (CUDA-graph steps, logs/session7/decode-prefetch.log): bf16 H32 N1 2.64 -> 2.05 us, fp32 H32 N1
 // 3.56 -> 2.60 us, bf16 H96 N1 4.20 -> 3.49 us; N >= 64 -0.5 .. +1.8 points of the floor; one loss, bf16 H32
 // N8 7.29 -> 7.47 us, whose single wave fills the SMs so that little of it can overlap.
-template <typename Kernel>
-cudaError_t launch_grid(Kernel kernel, int64_t ctas, DecodeParams params, cudaStream_t stream) {
+template <void (*kKernel)(DecodeParams)>
+cudaError_t launch_grid(int64_t ctas, DecodeParams params, cudaStream_t stream) {
   if (ctas > INT_MAX) return cudaErrorInvalidValue;  // the grid is one-dimensional
-  int ctas_per_sm = 0;  // on failure: no CTA prefetches
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas_per_sm, kernel, kThreads, 0) != cudaSuccess) ctas_per_sm = 0;
+  // Resident CTAs per SM: fixed by the kernel's registers and the SM90 limits, so asked once per kernel rather
+  // than on every step (on failure: 0, and no CTA prefetches).
+  static const int ctas_per_sm = [] {
+    int n = 0;
+    return cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kKernel, kThreads, 0) == cudaSuccess ? n : 0;
+  }();
   params.prefetch_ctas = static_cast<int64_t>(ctas_per_sm) * kda_sm_count();
-  return kda::launch_with_pdl(kernel, static_cast<unsigned>(ctas), kThreads, stream, params);
+  return kda::launch_with_pdl(kKernel, static_cast<unsigned>(ctas), kThreads, stream, params);
 }
 
 template <typename StateT>
@@ -35,11 +39,11 @@ cudaError_t launch_decode(const DecodeParams& params, cudaStream_t stream) {
   if (params.num_seqs == 0 || params.tokens == 0) return cudaSuccess;
   if constexpr (std::is_same_v<StateT, __nv_bfloat16>) {
     if (params.tokens == 1 && params.intermediate_slots == nullptr) {
-      return launch_grid(kda_decode_bf16_step_kernel<StateT>, params.num_seqs * params.heads * kStepSlicesPerHead,
-                         params, stream);
+      return launch_grid<kda_decode_bf16_step_kernel<StateT>>(params.num_seqs * params.heads * kStepSlicesPerHead,
+                                                              params, stream);
     }
   }
-  return launch_grid(kda_decode_kernel<StateT>, params.num_seqs * params.heads * kSlicesPerHead, params, stream);
+  return launch_grid<kda_decode_kernel<StateT>>(params.num_seqs * params.heads * kSlicesPerHead, params, stream);
 }
 
 }  // namespace kda_serving::decode

@@ -45,8 +45,7 @@ class ModelRunner:
             from .cuda_graphs import DecodeGraphs
 
             self.graphs = DecodeGraphs(model, self.caches, config.max_num_seqs, config.block_size,
-                                       config.max_model_len or model.max_model_len,
-                                       scratch_slot=config.num_kv_blocks * config.block_size)
+                                       config.max_model_len, scratch_slot=config.num_kv_blocks * config.block_size)
             self.graphs.capture_batch_buckets()
 
     def _size_caches(self) -> None:

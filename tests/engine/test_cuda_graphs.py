@@ -1,12 +1,6 @@
-"""Decode steps replayed from CUDA graphs (engine/cuda_graphs.py) against the same steps run eagerly.
-
-GPU tests: the embedded default model (KDA + MLA + MoE) in bf16 runs a packed prefill, then decode steps of
-3, 3, 3 and 2 sequences, each both eagerly on one copy of the caches and through the graphs on another. The
-graph runs padded batches (bucket 4, then 2) and gathers keys up to its 512-token bucket, so it may round
-differently from the eager step, never by more than bf16 noise: logits and every written state within 1e-2
-(relative norm) of the eager ones, which a wrong row, slot, position or key length would exceed by orders of
-magnitude; pool slots and KV blocks no sequence owns stay bit-identical (the padding rows write only the
-scratch block). The bucket arithmetic is plain Python and tested on the CPU.
+"""The engine's CUDA-graph decode steps (engine/cuda_graphs.py): the bucket arithmetic (plain Python, on the
+CPU) and, on the GPU, an engine serving through its graphs. Graph steps against the same steps run eagerly:
+tests/model/test_decode_graphs.py.
 """
 
 from __future__ import annotations
@@ -15,10 +9,7 @@ import pytest
 import torch
 
 from kda_serving.engine import EngineConfig, LLMEngine, SamplingParams
-from kda_serving.engine.cuda_graphs import MIN_KV_BUCKET, DecodeGraphs, batch_bucket, kv_bucket
-from kda_serving.model.batch import RaggedBatch
-
-BLOCK = 16
+from kda_serving.engine.cuda_graphs import MIN_KV_BUCKET, batch_bucket, kv_bucket
 
 
 def test_batch_bucket_is_the_next_power_of_two_capped():
@@ -37,94 +28,6 @@ def test_kv_bucket_covers_the_longest_sequence():
     for n in range(1, 70000, 37):
         b = kv_bucket(n, 16, 1 << 20)
         assert n <= b <= max(MIN_KV_BUCKET, 5 * n / 4 + 16) and b % 16 == 0
-
-
-def _batch(seqs, tokens, block_size=BLOCK) -> RaggedBatch:
-    """Host RaggedBatch running tokens[i] for each (slot, blocks, done) in seqs: a prefill chunk when several
-    tokens are given, else a decode step."""
-    ids, positions, cu, ctx, slot_map = [], [], [0], [], []
-    width = max(len(blocks) for _, blocks, _ in seqs)
-    tables = torch.full((len(seqs), width), -1, dtype=torch.int32)
-    for i, ((slot, blocks, done), toks) in enumerate(zip(seqs, tokens)):
-        pos = list(range(done, done + len(toks)))
-        ids += toks
-        positions += pos
-        cu.append(cu[-1] + len(toks))
-        ctx.append(done)
-        slot_map += [blocks[p // block_size] * block_size + p % block_size for p in pos]
-        tables[i, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
-    ctx_t = torch.tensor(ctx, dtype=torch.int32)
-    lens = [c + len(t) for c, t in zip(ctx, tokens)]
-    return RaggedBatch(
-        input_ids=torch.tensor(ids), positions=torch.tensor(positions), cu_seqlens=torch.tensor(cu, dtype=torch.int32),
-        context_lens=ctx_t, seq_lens=torch.tensor(lens, dtype=torch.int32),
-        state_slots=torch.tensor([s for s, _, _ in seqs], dtype=torch.int32), has_initial_state=ctx_t > 0,
-        block_tables=tables, slot_mapping=torch.tensor(slot_map), logits_indices=torch.tensor(cu[1:]) - 1,
-        query_lens=[len(t) for t in tokens], kv_lens=lens, is_decode=all(len(t) == 1 for t in tokens) and all(ctx),
-    )
-
-
-def _rel(a, b) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm()).item()
-
-
-def _clone(caches):
-    return type(caches)(*[[t.clone() for t in pools] for pools in (caches.recurrent, caches.conv, caches.kv)])
-
-
-@pytest.mark.gpu
-def test_graph_decode_steps_match_eager_steps():
-    from kda_serving.model import load_model
-
-    model = load_model(None, device="cuda", dtype=torch.bfloat16, progress=False)
-    assert model.decode_capturable
-    num_blocks, vocab = 32, model.config.vocab_size
-    eager = model.allocate_caches(8, num_blocks + 1, BLOCK)
-    gen = torch.Generator().manual_seed(0)
-    # (state slot, KV blocks, tokens done); prompts of 37, 5 and 20 tokens
-    seqs = [[1, [3, 9, 4, 20], 0], [6, [0, 11], 0], [4, [30, 7, 2], 0]]
-    prompts = [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in (37, 5, 20)]
-    model.forward(_batch(seqs, prompts).to("cuda"), eager)
-    for s, p in zip(seqs, prompts):
-        s[2] = len(p)
-    graphed = _clone(eager)
-    before = _clone(eager)
-    graphs = DecodeGraphs(model, graphed, max_num_seqs=8, block_size=BLOCK, max_model_len=num_blocks * BLOCK,
-                          scratch_slot=num_blocks * BLOCK)
-
-    for step in range(4):
-        live = seqs if step < 3 else seqs[:2]  # the last step drops a sequence: another bucket
-        tokens = [[int(torch.randint(3, vocab, (1,), generator=gen))] for _ in live]
-        batch = _batch(live, tokens)
-        ref = model.forward(batch.to("cuda"), eager)
-        out = graphs.run(batch)
-        torch.cuda.synchronize()
-        assert out.shape == ref.shape and torch.isfinite(out).all()
-        err = _rel(out, ref)
-        print(f"step {step} ({len(live)} sequences): logits rel {err:.2e}")
-        assert err <= 1e-2
-        for s in live:
-            s[2] += 1
-    assert set(graphs.graphs) == {(4, MIN_KV_BUCKET), (2, MIN_KV_BUCKET)}
-
-    slots = [s[0] for s in seqs]
-    for name, ours, ref in (("recurrent", graphed.recurrent, eager.recurrent), ("conv", graphed.conv, eager.conv)):
-        for layer, (a, b) in enumerate(zip(ours, ref)):
-            e = _rel(a[slots], b[slots])
-            print(f"{name} state layer {layer}: rel {e:.2e}")
-            assert e <= 1e-2
-    owned = sorted(b for s in seqs for b in s[1])
-    for a, b in zip(graphed.kv, eager.kv):
-        assert _rel(a[owned], b[owned]) <= 1e-2
-    # Nothing outside the sequences' slots and blocks moved, except the graph's scratch block.
-    free_slots = [i for i in range(8) if i not in slots]
-    free_blocks = [i for i in range(num_blocks) if i not in owned]
-    for pools_g, pools_b in ((graphed.recurrent, before.recurrent), (graphed.conv, before.conv)):
-        for a, b in zip(pools_g, pools_b):
-            assert torch.equal(a[free_slots], b[free_slots])
-    for a, b in zip(graphed.kv, before.kv):
-        assert torch.equal(a[free_blocks], b[free_blocks])
 
 
 @pytest.mark.gpu

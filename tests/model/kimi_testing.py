@@ -163,19 +163,21 @@ def make_batch(chunks: list[tuple[Sequence, int]], block_size: int, *, all_logit
     query_lens = [n for _, n in chunks]
     cu_t = torch.tensor(cu, dtype=torch.int32)
     ctx_t = torch.tensor(ctx, dtype=torch.int32)
+    seq_lens = ctx_t + torch.tensor(query_lens, dtype=torch.int32)
     logits_indices = torch.arange(cu[-1]) if all_logits else (cu_t[1:] - 1).long()
     return RaggedBatch(
         input_ids=torch.tensor(ids, dtype=torch.long),
         positions=torch.tensor(positions, dtype=torch.long),
         cu_seqlens=cu_t,
         context_lens=ctx_t,
-        seq_lens=ctx_t + torch.tensor(query_lens, dtype=torch.int32),
+        seq_lens=seq_lens,
         state_slots=torch.tensor([s.slot for s, _ in chunks], dtype=torch.int32),
         has_initial_state=ctx_t > 0,
         block_tables=tables,
         slot_mapping=torch.tensor(slot_map, dtype=torch.long),
         logits_indices=logits_indices,
         query_lens=query_lens,
+        kv_lens=seq_lens.tolist(),
         is_decode=all(n == 1 and s.done > 0 for s, n in chunks),
         checkpoints=checkpoints,
     )
