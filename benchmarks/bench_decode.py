@@ -3,12 +3,10 @@
 Cases of issue 4: H in {32, 96} x N in {1, 8, 64, 256} sequences x fp32 / bf16 state pool, one token per
 sequence, Kimi-Linear-48B's softplus gate, states read and written in place through state_indices. Both
 kernels are timed per step by CUDA-graph replay: one graph holds R consecutive steps, each on its own set of
-pool slots, as a model's decode graph runs its layers: R = 20, the KDA layers of Kimi-Linear-48B, or more
-where R * state bytes must reach 2.5x L2 so that the states come from HBM. Each case starts from an emptied
-allocator cache, so its pool is fresh device memory as an engine's is (allocated once at start-up) and the
-result does not depend on the cases run before it. fla runs `fused_recurrent_kda_fwd` in its in-place pool
-mode (what vLLM calls) with the state in the same [V, K] layout; its eager call is timed too, as in
-../shared/reference/anchors.md.
+pool slots in a random order, as a model's decode graph runs its layers: R = 20, the KDA layers of
+Kimi-Linear-48B, or more where R * state bytes must reach 2.5x L2 so that the states come from HBM. fla runs
+`fused_recurrent_kda_fwd` in its in-place pool mode (what vLLM calls) with the state in the same [V, K] layout;
+its eager call is timed too, as in ../shared/reference/anchors.md.
 
 floor = state bytes read + written / the measured device copy rate. Target: floor / ours >= 0.85 at N >= 64,
 ours < 10 us at N = 1.
@@ -122,10 +120,7 @@ def main(argv=None) -> int:
     for state in STATE_DTYPES:
         for H in args.heads:
             for N in args.batch:
-                # Without this, a pool carved from the cache a larger case left behind can run slower: bf16 H32 N64
-                # measured 78% of the floor right after fp32 H96 N256 and 84% otherwise (H200, the same kernel,
-                # and a copy-only version of it alike; benchmarks/experiments/decode_history.py).
-                torch.cuda.empty_cache()
+                torch.cuda.empty_cache()  # the previous case's pools (up to 32 GB) go back before the next
                 rows.append(run_case(H, N, state, copy_rate, l2_bytes, not args.no_fla))
                 r = rows[-1]
                 fla = (f"fla graph {r['fla_graph_us']:8.1f} eager {r['fla_eager_us']:7.1f}  x{r['speedup_graph']:.2f}"
