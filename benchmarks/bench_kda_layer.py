@@ -77,10 +77,11 @@ def gate_norm(blk: KDABlock, o: torch.Tensor, gate: torch.Tensor) -> torch.Tenso
 
 
 def gate_norm_torch(blk: KDABlock, o: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-    """The same in eager torch, the baseline."""
-    of = o.float()
-    of = of * torch.rsqrt(of.pow(2).mean(-1, keepdim=True) + NORM_EPS) * blk.norm_w
-    return (of.reshape(-1, HD) * torch.sigmoid(gate.float())).to(torch.bfloat16)
+    """The same in eager torch (the op's PyTorch formula, run on the GPU), the baseline."""
+    from kda_serving.ops.gated_norm import gated_rms_norm_torch
+
+    T = o.shape[0]
+    return gated_rms_norm_torch(o, gate.view(T, H, D), blk.norm_w, NORM_EPS).view(T, HD)
 
 
 def gate_norm_floor_ms(tokens: int, copy_rate: float) -> float:

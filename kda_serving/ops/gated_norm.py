@@ -26,13 +26,18 @@ import torch
 Tensor = torch.Tensor
 
 
+def gated_rms_norm_torch(x: Tensor, gate: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """The PyTorch formula, on any device, unchecked: what CPU tensors run, and the eager baseline that
+    benchmarks/bench_kda_layer.py times against the kernel."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight.float() * h * torch.sigmoid(gate.float())).to(x.dtype)
+
+
 @torch.library.custom_op("kda_serving::gated_rms_norm_", mutates_args=("out",))
 def _gated_rms_norm_op(x: Tensor, gate: Tensor, weight: Tensor, eps: float, out: Tensor) -> None:
     """CPU implementation (the CUDA one is registered below). Writes out, x's shape and dtype."""
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    h = weight.float() * h * torch.sigmoid(gate.float())
-    out.copy_(h.to(x.dtype))
+    out.copy_(gated_rms_norm_torch(x, gate, weight, eps))
 
 
 @_gated_rms_norm_op.register_kernel("cuda")
