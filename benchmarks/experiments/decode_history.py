@@ -1,6 +1,6 @@
 """Experiment (not CI): why does the bf16 H32 N64 decode step time depend on the cases run before it?
 
-Times the case fresh, right after a heavy case (fp32 H96 N256, 1.6 GB pool), after that plus
+Times the case (and the device copy rate just before it) fresh, right after a heavy case (fp32 H96 N256, 1.6 GB pool), after that plus
 torch.cuda.empty_cache() (allocator history), and after that plus a pause (clocks, power), printing the SM
 and memory clocks NVML reports before each.
 
@@ -38,9 +38,10 @@ l2 = torch.cuda.get_device_properties(0).L2_cache_size
 
 def case(label, H=32, N=64, state="bf16"):
     before = clocks()
+    rate_now = copy_rate_bytes_per_s()  # the copy rate in the state the case meets (a fresh 2 GB buffer pair)
     r = run_case(H, N, state, copy_rate, l2, False)
-    print(f"{label:40s} {state} H{H} N{N}: {r['ours_graph_us']:7.2f} us ({100 * r['floor_frac']:.1f}%)  [{before}]",
-          flush=True)
+    print(f"{label:40s} {state} H{H} N{N}: {r['ours_graph_us']:7.2f} us ({100 * r['floor_frac']:.1f}%)  "
+          f"copy rate just before {rate_now / 1e12:.2f} TB/s  [{before}]", flush=True)
 
 
 case("fresh")
