@@ -6,6 +6,25 @@ import torch
 
 from ..model.batch import RaggedBatch, StateCheckpoints
 from .scheduler import SchedulerOutput
+from .sequence import Sequence
+
+
+def block_row(seq: Sequence) -> torch.Tensor:
+    """seq.block_table as an int32 tensor, converting only the blocks appended since the last call.
+
+    Converting every table every step cost time in proportion to the context (a no-op model, 256 sequences:
+    ~0.9 ms more per step at 2,000 tokens each than at the start). A table only grows while it is the same
+    list object (Sequence), so the copy stays valid for the blocks it has.
+    """
+    table, cached = seq.block_table, seq.block_row
+    if cached is not None and cached[0] is table:
+        if cached[1] == len(table):
+            return cached[2]
+        row = torch.cat((cached[2], torch.tensor(table[cached[1] :], dtype=torch.int32)))
+    else:
+        row = torch.tensor(table, dtype=torch.int32)
+    seq.block_row = (table, len(table), row)
+    return row
 
 
 def build_batch(out: SchedulerOutput, block_size: int, pin_memory: bool = False) -> RaggedBatch:
@@ -16,8 +35,6 @@ def build_batch(out: SchedulerOutput, block_size: int, pin_memory: bool = False)
     """
     input_ids, positions, slot_mapping = [], [], []
     cu_seqlens, context_lens, seq_lens, state_slots, query_lens, logits_indices = [0], [], [], [], [], []
-    max_blocks = max((len(c.seq.block_table) for c in out.chunks), default=0)
-    block_tables = []
     for chunk in out.chunks:
         seq, start, n = chunk.seq, chunk.start, chunk.num_tokens
         end = start + n
@@ -31,7 +48,12 @@ def build_batch(out: SchedulerOutput, block_size: int, pin_memory: bool = False)
         state_slots.append(seq.state_slot)
         query_lens.append(n)
         logits_indices.append(cu_seqlens[-1] - 1)
-        block_tables.append(table + [-1] * (max_blocks - len(table)))
+    # [N, longest table], -1 past each table's end; one masked copy (torch's pad_sequence: ~3x slower here)
+    rows = [block_row(c.seq) for c in out.chunks]
+    lens = torch.tensor([len(c.seq.block_table) for c in out.chunks])
+    block_tables = torch.full((len(rows), int(lens.max()) if rows else 0), -1, dtype=torch.int32)
+    if rows:
+        block_tables[torch.arange(block_tables.shape[1]) < lens[:, None]] = torch.cat(rows)
 
     def tensor(data, dtype):
         t = torch.tensor(data, dtype=dtype)
@@ -52,7 +74,7 @@ def build_batch(out: SchedulerOutput, block_size: int, pin_memory: bool = False)
         seq_lens=tensor(seq_lens, torch.int32),
         state_slots=tensor(state_slots, torch.int32),
         has_initial_state=context > 0,
-        block_tables=tensor(block_tables, torch.int32).reshape(len(out.chunks), max_blocks),
+        block_tables=block_tables.pin_memory() if pin_memory else block_tables,
         slot_mapping=tensor(slot_mapping, torch.int64),
         logits_indices=tensor(logits_indices, torch.int64),
         query_lens=query_lens,

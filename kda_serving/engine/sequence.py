@@ -20,7 +20,9 @@ class Sequence:
     token_ids = prompt + output. The engine computes token_ids[num_computed_tokens:] (a prefill, possibly in
     chunks, then one token per decode step); the logits of the last token give the next output token.
     state_slot and block_table are owned by the request while it runs (block_table may begin with blocks it
-    shares, read-only, with the prefix cache).
+    shares, read-only, with the prefix cache). A block_table list only grows by appends; the scheduler replaces
+    the list, never edits it, when the request is (re)admitted or released, which is what lets batch_builder
+    convert only its new blocks each step.
     """
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, arrival: int):
@@ -34,6 +36,7 @@ class Sequence:
         self.num_cached_tokens: int | None = None  # prompt tokens restored from the prefix cache (first admission)
         self.state_slot: int | None = None
         self.block_table: list[int] = []
+        self.block_row = None  # batch_builder's int32 copy of block_table: (the list, its length then, the tensor)
         self.pinned = None  # the prefix-cache node whose state this request restores in its next step
         self.branch_point: int | None = None  # where the prompt leaves a cached path (a save point)
         self.finish_reason: str | None = None
