@@ -24,6 +24,7 @@ Writes one JSON (default benchmarks/results/<device>-engine.json) naming the dev
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import math
@@ -128,12 +129,12 @@ def percentiles(values: list[float]) -> dict:
 
 def run(engine: LLMEngine, requests: list[tuple[list[int], SamplingParams]]) -> tuple[dict, list[list[int]]]:
     """Submits all requests at once and steps to completion, timing every step and each first token.
-    Returns the measurements and each request's output tokens."""
+    Returns the measurements and each request's output tokens. Updates are deltas, as the server asks for."""
     start, cpu_start = time.perf_counter(), time.process_time()
     ids = [f"bench-{start}-{i}" for i in range(len(requests))]
     for request_id, (tokens, params) in zip(ids, requests):
-        engine.add_request(request_id, tokens, params)
-    ttft, ttft_cpu, steps, outputs = {}, {}, [], {}
+        engine.add_request(request_id, tokens, dataclasses.replace(params, output_kind="delta"))
+    ttft, ttft_cpu, steps, outputs = {}, {}, [], {i: [] for i in ids}
     while engine.has_unfinished_requests():
         t0 = time.perf_counter()
         outs = engine.step()
@@ -144,8 +145,7 @@ def run(engine: LLMEngine, requests: list[tuple[list[int], SamplingParams]]) -> 
             if out.request_id not in ttft:
                 ttft[out.request_id] = t1 - start
                 ttft_cpu[out.request_id] = time.process_time() - cpu_start
-            if out.finished:
-                outputs[out.request_id] = out.output_token_ids
+            outputs[out.request_id] += out.new_token_ids
     total = time.perf_counter() - start
     prompt_tokens = sum(len(tokens) for tokens, _ in requests)
     generated = sum(len(o) for o in outputs.values())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from .config import EngineConfig
 from .llm_engine import LLMEngine
 from .outputs import RequestOutput
@@ -43,26 +45,34 @@ class LLM:
             for tokens, p in zip(prompt_ids, params):
                 request_id = f"llm-{self._next_id}"
                 self._next_id += 1
-                self.engine.add_request(request_id, tokens, p)
+                # Delta updates, summed here: an update then costs the same at any output length.
+                self.engine.add_request(request_id, tokens, dataclasses.replace(p, output_kind="delta"))
                 ids.append(request_id)
         except (TypeError, ValueError):
             for request_id in ids:  # all or nothing: a bad prompt leaves no request of this call behind
                 self.engine.abort_request(request_id)
             raise
         final: dict[str, RequestOutput] = {}
+        tokens: dict[str, list[int]] = {i: [] for i in ids}
+        text: dict[str, list[str]] = {i: [] for i in ids}
         logprobs: dict[str, list] = {i: [] for i in ids}
         top: dict[str, list] = {i: [] for i in ids}
         while self.engine.has_unfinished_requests():
             for out in self.engine.step():
+                if out.request_id not in tokens:  # not this call's (one left by an interrupted call)
+                    continue
+                tokens[out.request_id] += out.new_token_ids
+                text[out.request_id].append(out.delta_text)
                 if out.logprobs is not None:
                     logprobs[out.request_id] += out.logprobs
                     top[out.request_id] += out.top_logprobs
                 if out.finished:
                     final[out.request_id] = out
-        for request_id, out in final.items():
+        for request_id, out in final.items():  # the whole generation, as one cumulative update
+            out.output_token_ids, out.new_token_ids = tokens[request_id], list(tokens[request_id])
+            out.text = out.delta_text = "".join(text[request_id])
             if out.logprobs is not None:
                 out.logprobs, out.top_logprobs = logprobs[request_id], top[request_id]
-            out.new_token_ids, out.delta_text = list(out.output_token_ids), out.text
         return [final[i] for i in ids]
 
     def _tokenize(self, prompts) -> list[list[int]]:

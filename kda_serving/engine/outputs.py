@@ -7,8 +7,9 @@ from dataclasses import dataclass, field
 
 @dataclass
 class RequestOutput:
-    """One update of one request. Token lists and `text` are cumulative; `new_token_ids`, `delta_text`,
-    `logprobs` and `top_logprobs` cover only what this update added.
+    """One update of one request. `output_token_ids` and `text` are cumulative (SamplingParams.output_kind
+    "cumulative", the default) or, for "delta", equal to `new_token_ids` and `delta_text`, which with `logprobs`
+    and `top_logprobs` always cover only what this update added.
 
     finish_reason: "stop" (eos, a stop token or a stop string), "length" (max_tokens or the model's length
     limit), "abort", or None while running. num_cached_tokens: prompt tokens restored from the prefix cache.

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 
 MAX_LOGPROBS = 20  # top alternatives one token may report; the OpenAI API allows at most 20
+OUTPUT_KINDS = ("cumulative", "delta")  # what each RequestOutput of a request carries (SamplingParams)
 
 
 def _is_int(x) -> bool:
@@ -24,7 +25,10 @@ class SamplingParams:
     the text at (not including) the first match; `stop_token_ids` and the tokenizer's eos end it after that
     token (eos unless ignore_eos). `logprobs` None returns none; k >= 0 returns the chosen token's log
     probability and the k most likely alternatives for every new token. `seed` makes a sampled request
-    reproducible regardless of what it is batched with.
+    reproducible regardless of what it is batched with. `output_kind` "cumulative" gives every update the
+    output tokens and text so far; "delta" only what the update added (output_token_ids == new_token_ids,
+    text == delta_text), which keeps an update's cost independent of the length generated: the server and
+    LLM.generate ask for it.
     """
 
     max_tokens: int = 16
@@ -36,6 +40,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None
+    output_kind: str = "cumulative"
 
     def __post_init__(self):
         if not _is_int(self.max_tokens):
@@ -79,6 +84,8 @@ class SamplingParams:
                 )
             if not (0 <= self.logprobs <= MAX_LOGPROBS):
                 raise ValueError(f"SamplingParams: 'logprobs' must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        if self.output_kind not in OUTPUT_KINDS:
+            raise ValueError(f"SamplingParams: 'output_kind' must be one of {OUTPUT_KINDS}, got {self.output_kind!r}")
 
     @property
     def greedy(self) -> bool:

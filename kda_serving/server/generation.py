@@ -32,9 +32,9 @@ class Choice:
     prompt_token_ids: list[int]
     params: Any  # kda_serving.engine.SamplingParams
     prompt_index: int = 0  # which prompt of a batched completion request it answers
-    # Filled while it runs.
+    # Filled while it runs, from the engine's delta updates (intake.sampling_params asks for them).
     output_token_ids: list[int] = field(default_factory=list)
-    text: str = ""
+    text_parts: list[str] = field(default_factory=list)
     finish_reason: str | None = None
     num_cached_tokens: int = 0
     num_updates: int = 0
@@ -46,6 +46,10 @@ class Choice:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def text(self) -> str:
+        return "".join(self.text_parts)
 
 
 async def generate_choices(engine, choices: list[Choice], metrics: ServerMetrics, endpoint: str,
@@ -117,8 +121,8 @@ def _record(choice: Choice, out, metrics: ServerMetrics, started: float, endpoin
                 metrics.inter_token_latency.observe(gap)
         choice._last_token_at = now
         metrics.generation_tokens.inc(new_tokens)
-    choice.output_token_ids = list(out.output_token_ids)
-    choice.text = out.text
+    choice.output_token_ids += out.new_token_ids
+    choice.text_parts.append(out.delta_text)
     choice.num_cached_tokens = int(out.num_cached_tokens or 0)
     choice.num_updates += 1
     if out.logprobs:

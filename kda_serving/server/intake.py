@@ -119,6 +119,6 @@ def sampling_params(request: CompletionRequest | ChatCompletionRequest, max_toke
     try:
         return SamplingParams(max_tokens=max_tokens, stop=tuple(request.stop_list()),
                               stop_token_ids=tuple(request.stop_token_ids or ()), ignore_eos=request.ignore_eos,
-                              logprobs=logprobs, **kwargs)
+                              logprobs=logprobs, output_kind="delta", **kwargs)
     except (TypeError, ValueError) as exc:
         raise bad_request(str(exc)) from None

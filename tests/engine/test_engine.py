@@ -154,3 +154,40 @@ def test_generate_is_all_or_nothing_on_a_bad_prompt(llm):
     with pytest.raises(ValueError, match="empty"):
         llm.generate([[3, 4], []], SamplingParams(max_tokens=2))
     assert not llm.engine.has_unfinished_requests()
+
+
+@pytest.mark.parametrize("stop", [(), ("e",)])
+def test_delta_updates_sum_to_the_cumulative_ones(stop):
+    """output_kind="delta" (what the server and LLM.generate ask for) carries only what each update added;
+    summed, its updates give the cumulative request's, update by update, text (stop strings cut) included."""
+    llm = LLM(num_state_slots=8, num_kv_blocks=64)
+    engine = llm.engine
+    prompt = llm.tokenizer.encode("The quick brown fox")
+    for kind in ("cumulative", "delta"):
+        engine.add_request(kind, prompt, SamplingParams(temperature=0, max_tokens=14, ignore_eos=True, stop=stop,
+                                                        output_kind=kind))
+    tokens, text, updates = {"cumulative": [], "delta": []}, {"cumulative": "", "delta": ""}, []
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            tokens[out.request_id] += out.new_token_ids
+            text[out.request_id] += out.delta_text
+            if out.request_id == "cumulative":
+                assert out.output_token_ids == tokens["cumulative"] and out.text.startswith(text["cumulative"])
+            else:
+                assert out.output_token_ids == out.new_token_ids and out.text == out.delta_text
+            if out.finished:
+                updates.append((out.request_id, out.finish_reason, out.text))
+    assert tokens["delta"] == tokens["cumulative"] and len(tokens["delta"]) > 0
+    assert text["delta"] == text["cumulative"] and text["delta"]
+    final = dict((rid, (reason, t)) for rid, reason, t in updates)
+    assert final["cumulative"] == (final["delta"][0], text["cumulative"])
+    if stop:
+        assert final["delta"][0] == "stop" and "e" not in text["delta"]
+    generated = llm.generate(llm.tokenizer.decode(prompt), SamplingParams(temperature=0, max_tokens=14,
+                                                                          ignore_eos=True, stop=stop))[0]
+    assert generated.output_token_ids == tokens["delta"] and generated.text == text["delta"]
+
+
+def test_output_kind_is_validated():
+    with pytest.raises(ValueError, match="output_kind"):
+        SamplingParams(output_kind="final")
