@@ -184,7 +184,7 @@ class LLMEngine:
         finished = seq.is_finished
         new_tokens, delta = list(new_tokens), seq.detokenizer.take_delta(finished)
         # A cumulative update copies every output token so far: with 256 sequences at 2,000 tokens that was
-        # half of a no-op model's per-step host time; a delta update costs the same at any length.
+        # more than half of a no-op model's per-step host time; a delta update costs the same at any length.
         cumulative = seq.params.output_kind == "cumulative"
         return RequestOutput(
             request_id=seq.request_id,

@@ -36,7 +36,7 @@ class Sequence:
         self.num_cached_tokens: int | None = None  # prompt tokens restored from the prefix cache (first admission)
         self.state_slot: int | None = None
         self.block_table: list[int] = []
-        self.block_row = None  # batch_builder's int32 copy of block_table: (the list, its length then, the tensor)
+        self.block_row_cache = None  # batch_builder.block_row's int32 copy: (the list, its length then, tensor)
         self.pinned = None  # the prefix-cache node whose state this request restores in its next step
         self.branch_point: int | None = None  # where the prompt leaves a cached path (a save point)
         self.finish_reason: str | None = None
