@@ -4,9 +4,9 @@ Cases of issue 4: H in {32, 96} x N in {1, 8, 64, 256} sequences x fp32 / bf16 s
 sequence, Kimi-Linear-48B's softplus gate, states read and written in place through state_indices. Both
 kernels are timed per step by CUDA-graph replay: one graph holds R consecutive steps, each on its own set of
 pool slots in a random order, as a model's decode graph runs its layers: R = 20, the KDA layers of
-Kimi-Linear-48B, or more where R * state bytes must reach 2.5x L2 so that the states come from HBM. fla runs
-`fused_recurrent_kda_fwd` in its in-place pool mode (what vLLM calls) with the state in the same [V, K] layout;
-its eager call is timed too, as in ../shared/reference/anchors.md.
+Kimi-Linear-48B, or more (at most 64) where R * state bytes must reach 2.5x L2 so that the states come from
+HBM. fla runs `fused_recurrent_kda_fwd` in its in-place pool mode (what vLLM calls) with the state in the
+same [V, K] layout; its eager call is timed too, as in ../shared/reference/anchors.md.
 
 floor = state bytes read + written / the measured device copy rate. Target: floor / ours >= 0.85 at N >= 64,
 ours < 10 us at N = 1.
