@@ -46,3 +46,27 @@ def test_stop_string_cuts_text_and_is_never_streamed(tokenizer):
 def test_without_tokenizer_text_stays_empty():
     detok = IncrementalDetokenizer(None, [1, 2], ())
     assert not detok.append([5]) and detok.take_delta(True) == ""
+
+
+class _WindowOnly:
+    """The embedded tokenizer without its Rust backend, so the detokenizer takes its window path."""
+
+    def __init__(self, tokenizer):
+        self.decode, self.encode = tokenizer.decode, tokenizer.encode
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_stream_and_window_paths_give_the_same_text_and_deltas(tokenizer, seed):
+    """The DecodeStream path (fast tokenizers) against the windowed decode, on random ids (byte pieces that
+    split multi-byte characters, special tokens), with and without a stop string."""
+    import random
+
+    rng = random.Random(seed)
+    pool = list(range(tokenizer.vocab_size)) + tokenizer.all_special_ids
+    ids = [rng.choice(pool) for _ in range(400)] + tokenizer.encode(TEXT)
+    assert IncrementalDetokenizer(tokenizer, [5], ())._stream is not None
+    assert IncrementalDetokenizer(_WindowOnly(tokenizer), [5], ())._stream is None
+    for stop in ((), ("世界",)):
+        fast = stream(tokenizer, ids, stop)
+        window = stream(_WindowOnly(tokenizer), ids, stop)
+        assert fast == window and fast[0]
