@@ -183,6 +183,9 @@ class Scheduler:
 
     def _schedule_chunk(self, seq: Sequence, budget: int, out: SchedulerOutput) -> int:
         start, total = seq.num_computed_tokens, seq.num_tokens
+        if total - start == 1:  # a decode (or a prompt's last token): no save points, so no plan to make
+            out.chunks.append(ScheduledChunk(seq, start, 1, True))
+            return 1
         saves = self._save_points(seq, start, total) if total - start > 1 else set()
         branch = seq.branch_point if self.cache is not None and total - start > 1 else None
         plan = plan_chunk(start, total, budget, saves, self.checkpoint_align, branch)
