@@ -154,7 +154,8 @@ class LLMEngine:
             return []
         seqs = [out.chunks[i].seq for i in rows]
         index = torch.tensor(rows, device=logits.device)
-        result = self.sampler(logits[index], [s.params for s in seqs], [s.generator for s in seqs])
+        result = self.sampler(logits[index], [s.params for s in seqs], [s.generator for s in seqs],
+                              [(s.token_ids, s.num_prompt_tokens) for s in seqs])
         outputs = []
         for j, seq in enumerate(seqs):
             token = result.token_ids[j]

@@ -1,4 +1,5 @@
-"""Picks each sequence's next token from its logits: greedy, or temperature / top-k / top-p sampling."""
+"""Picks each sequence's next token from its logits: penalties, then greedy or temperature / top-k / top-p
+sampling."""
 
 from __future__ import annotations
 
@@ -22,20 +23,33 @@ class Sampler:
     Sampling uses the exponential race (argmax of p / E with E ~ Exp(1)), which draws from p exactly and
     lets each row take its noise from its own generator: a seeded request gets the same tokens whatever it
     is batched with. Unseeded rows share the engine's generator. Logprobs are of the full (temperature 1)
-    distribution, as the OpenAI API reports them.
+    distribution, as the OpenAI API reports them, before penalties.
+
+    Penalties (SamplingParams) need each penalized row's tokens: histories[i] = (token ids, prompt length).
+    Their counts are rebuilt every step, in one bincount over the penalized rows' tokens, so a penalized
+    request costs host time in proportion to its length; unpenalized rows cost nothing.
     """
 
     def __init__(self, generator: torch.Generator):
         self.generator = generator
 
-    def __call__(self, logits: torch.Tensor, params: list[SamplingParams], generators: list) -> SampleResult:
+    def __call__(self, logits: torch.Tensor, params: list[SamplingParams], generators: list,
+                 histories: list[tuple[list[int], int]] | None = None) -> SampleResult:
         logits = logits.float()
         n, vocab = logits.shape
-        tokens = logits.argmax(dim=-1)
+        scores = logits  # what the token is chosen from
+        penalized = [i for i, p in enumerate(params) if p.penalized]
+        if penalized:
+            if histories is None:
+                raise ValueError("Sampler: penalties need the rows' token histories")
+            scores = logits.clone()
+            rows = torch.tensor(penalized, device=logits.device)
+            scores[rows] = penalize(logits[rows], [params[i] for i in penalized], [histories[i] for i in penalized])
+        tokens = scores.argmax(dim=-1)
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
         if random_rows:
             rows = torch.tensor(random_rows, device=logits.device)
-            probs = self._filtered_probs(logits[rows], [params[i] for i in random_rows])
+            probs = self._filtered_probs(scores[rows], [params[i] for i in random_rows])
             noise = torch.empty_like(probs)
             for j, i in enumerate(random_rows):
                 noise[j].exponential_(generator=generators[i] or self.generator)
@@ -78,3 +92,32 @@ class Sampler:
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         filtered = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
         return filtered.softmax(dim=-1)
+
+
+def penalize(logits: torch.Tensor, params: list[SamplingParams], histories: list[tuple[list[int], int]]
+             ) -> torch.Tensor:
+    """logits [R, vocab] of R rows with their penalties applied (a new tensor).
+
+    Repetition first (every token of the prompt or the output: a positive logit divided by r, a negative one
+    multiplied by r), then the output counts: minus frequency_penalty * count minus presence_penalty * (count > 0).
+    This is vLLM's order and transformers' repetition rule.
+    """
+    rows, vocab = logits.shape
+    device = logits.device
+    out_keys, seen_keys = [], []  # row * vocab + token id, for one bincount each
+    for r, ((tokens, prompt_len), p) in enumerate(zip(histories, params)):
+        base = r * vocab
+        out_keys += [base + t for t in tokens[prompt_len:]]
+        if p.repetition_penalty != 1.0:
+            seen_keys += [base + t for t in tokens]
+    counts = torch.bincount(torch.tensor(out_keys, dtype=torch.int64), minlength=rows * vocab)
+    counts = counts.view(rows, vocab).to(device=device, dtype=logits.dtype)
+    result = logits
+    if seen_keys:
+        seen = torch.bincount(torch.tensor(seen_keys, dtype=torch.int64), minlength=rows * vocab).view(rows, vocab)
+        rep = torch.tensor([p.repetition_penalty for p in params], device=device, dtype=logits.dtype)[:, None]
+        penalized = torch.where(logits > 0, logits / rep, logits * rep)
+        result = torch.where(seen.to(device) > 0, penalized, logits)
+    freq = torch.tensor([p.frequency_penalty for p in params], device=device, dtype=logits.dtype)[:, None]
+    pres = torch.tensor([p.presence_penalty for p in params], device=device, dtype=logits.dtype)[:, None]
+    return result - freq * counts - pres * (counts > 0).to(logits.dtype)

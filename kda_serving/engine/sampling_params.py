@@ -25,7 +25,11 @@ class SamplingParams:
     the text at (not including) the first match; `stop_token_ids` and the tokenizer's eos end it after that
     token (eos unless ignore_eos). `logprobs` None returns none; k >= 0 returns the chosen token's log
     probability and the k most likely alternatives for every new token. `seed` makes a sampled request
-    reproducible regardless of what it is batched with. `output_kind` "cumulative" gives every update the
+    reproducible regardless of what it is batched with. Penalties, on the logits the token is chosen from (not
+    on the logprobs reported): `repetition_penalty` r divides a positive logit by r and multiplies a negative
+    one by r for every token already in the prompt or the output (1 = off); then `frequency_penalty` times
+    the token's count in the output and `presence_penalty` for its presence there are subtracted (0 = off;
+    OpenAI's range [-2, 2]). `output_kind` "cumulative" gives every update the
     output tokens and text so far; "delta" only what the update added (output_token_ids == new_token_ids,
     text == delta_text), which keeps an update's cost independent of the length generated: the server and
     LLM.generate ask for it.
@@ -40,6 +44,9 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
     output_kind: str = "cumulative"
 
     def __post_init__(self):
@@ -84,9 +91,27 @@ class SamplingParams:
                 )
             if not (0 <= self.logprobs <= MAX_LOGPROBS):
                 raise ValueError(f"SamplingParams: 'logprobs' must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _is_number(value):
+                raise TypeError(f"SamplingParams: '{name}' must be a number, got {type(value).__name__}")
+            if not -2.0 <= value <= 2.0:
+                raise ValueError(f"SamplingParams: '{name}' must be in [-2, 2], got {value}")
+        if not _is_number(self.repetition_penalty):
+            raise TypeError(
+                f"SamplingParams: 'repetition_penalty' must be a number, got {type(self.repetition_penalty).__name__}"
+            )
+        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
+            raise ValueError(
+                f"SamplingParams: 'repetition_penalty' must be finite and > 0, got {self.repetition_penalty}"
+            )
         if self.output_kind not in OUTPUT_KINDS:
             raise ValueError(f"SamplingParams: 'output_kind' must be one of {OUTPUT_KINDS}, got {self.output_kind!r}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def penalized(self) -> bool:
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0

@@ -116,6 +116,9 @@ def sampling_params(request: CompletionRequest | ChatCompletionRequest, max_toke
         kwargs["top_k"] = max(request.top_k, 0)
     if request.seed is not None:
         kwargs["seed"] = (request.seed + choice) % (INT64_MAX + 1)
+    for name in ("presence_penalty", "frequency_penalty", "repetition_penalty"):
+        if getattr(request, name) is not None:
+            kwargs[name] = getattr(request, name)
     try:
         return SamplingParams(max_tokens=max_tokens, stop=tuple(request.stop_list()),
                               stop_token_ids=tuple(request.stop_token_ids or ()), ignore_eos=request.ignore_eos,

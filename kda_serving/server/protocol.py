@@ -3,8 +3,9 @@
 Strict means: unknown fields are refused (a typo such as `max_token` must not silently fall back to a default),
 no type coercion (`"max_tokens": "5"` and `"n": 2.0` are errors), and every range is checked here, before the
 engine sees the request, so the answer is a 400 naming the parameter. OpenAI fields we know but do not
-implement (penalties, tools, `echo`, ...) are accepted only at their neutral value and refused otherwise.
-Three vLLM-style extensions are accepted because the engine has them: `top_k`, `ignore_eos`, `stop_token_ids`.
+implement (`logit_bias`, tools, `echo`, ...) are accepted only at their neutral value and refused otherwise.
+Four vLLM-style extensions are accepted because the engine has them: `top_k`, `ignore_eos`, `stop_token_ids`,
+`repetition_penalty`.
 """
 
 from __future__ import annotations
@@ -43,14 +44,15 @@ class _SamplingFields(_Strict):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     # vLLM-style extensions the engine implements.
     top_k: int | None = Field(None, ge=-1)  # -1 or 0: no top-k cut
     ignore_eos: bool = False
     stop_token_ids: list[NonNegInt] | None = None
+    repetition_penalty: float | None = Field(None, gt=0.0, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _check_shared(self):
@@ -59,9 +61,6 @@ class _SamplingFields(_Strict):
             raise ValueError(f"stop: at most {MAX_STOP_SEQUENCES} stop sequences are allowed, got {len(stops)}")
         if any(s == "" for s in stops):
             raise ValueError("stop: stop sequences must be non-empty strings")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name) not in (None, 0.0):
-                raise ValueError(f"{name}: only 0 is supported")
         if self.logit_bias:
             raise ValueError("logit_bias: not supported")
         if self.stream_options is not None and not self.stream:

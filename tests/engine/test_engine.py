@@ -191,3 +191,30 @@ def test_delta_updates_sum_to_the_cumulative_ones(stop):
 def test_output_kind_is_validated():
     with pytest.raises(ValueError, match="output_kind"):
         SamplingParams(output_kind="final")
+
+
+def test_penalties_follow_the_rule_over_the_generated_tokens(llm):
+    """A greedy request with frequency and presence penalties picks, at every step, the argmax of the model's
+    own top logprobs (unpenalized one-token requests on the same prefix) minus the penalties of the tokens it
+    generated so far; the prompt's tokens are not penalized. The prompt is one whose unpenalized output repeats
+    a token, so the penalties have something to change."""
+    n = 16
+    greedy = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, frequency_penalty=1.5, presence_penalty=1.0)
+    for seed in range(20):
+        # The prompt ends with the model's own continuation, so its tokens are likely candidates again and a
+        # penalty wrongly applied to them would show.
+        base = random_prompts([10], 211, seed=seed)[0]
+        prompt = base + llm.generate([base], greedy)[0].output_token_ids[:8]
+        plain = llm.generate([prompt], greedy)[0].output_token_ids
+        if len(set(plain)) < n:
+            break
+    else:
+        pytest.fail("no prompt among 20 gave an unpenalized output that repeats a token")
+    out = llm.generate([prompt], params)[0].output_token_ids
+    assert len(out) == n and out != plain
+    for t in range(n):
+        step = llm.generate([prompt + out[:t]], SamplingParams(temperature=0, max_tokens=1, logprobs=20))[0]
+        so_far = out[:t]
+        scores = {tok: lp - 1.5 * so_far.count(tok) - 1.0 * (tok in so_far) for tok, lp in step.top_logprobs[0].items()}
+        assert out[t] == max(scores, key=scores.get), t

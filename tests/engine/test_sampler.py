@@ -87,3 +87,70 @@ def test_sampling_params_reject_bad_values(kwargs, error):
 def test_sampling_params_normalise_stop():
     assert SamplingParams(stop="END").stop == ("END",)
     assert SamplingParams(stop=["a", "b"], stop_token_ids=[3]).stop_token_ids == (3,)
+
+
+def reference_penalties(logits, p, tokens, prompt_len):
+    """Penalties row by row in float64, token by token: the rule as SamplingParams states it."""
+    out = logits.double().clone()
+    generated = tokens[prompt_len:]
+    for t in set(tokens):
+        if p.repetition_penalty != 1.0:
+            out[t] = out[t] / p.repetition_penalty if out[t] > 0 else out[t] * p.repetition_penalty
+    for t in set(generated):
+        out[t] -= p.frequency_penalty * generated.count(t) + p.presence_penalty
+    return out
+
+
+def test_penalties_match_the_rule_row_by_row():
+    from kda_serving.engine.sampler import penalize
+
+    gen = torch.Generator().manual_seed(3)
+    vocab = 40
+    cases = [
+        (SamplingParams(frequency_penalty=0.7), [1, 2, 3, 5, 5, 5, 9], 3),
+        (SamplingParams(presence_penalty=-1.5), [4, 4, 7, 7, 7, 8], 2),
+        (SamplingParams(repetition_penalty=1.8), [0, 10, 11, 12, 10], 3),
+        (SamplingParams(repetition_penalty=0.5, frequency_penalty=2.0, presence_penalty=2.0), [6, 6, 1, 39, 1], 1),
+        (SamplingParams(frequency_penalty=1.0), [2, 3], 2),  # nothing generated yet: no change
+    ]
+    logits = torch.randn(len(cases), vocab, generator=gen) * 3
+    got = penalize(logits, [c[0] for c in cases], [(c[1], c[2]) for c in cases])
+    for r, (p, tokens, prompt_len) in enumerate(cases):
+        ref = reference_penalties(logits[r], p, tokens, prompt_len)
+        assert torch.allclose(got[r].double(), ref, rtol=0, atol=1e-5), r
+    assert torch.equal(got[4], logits[4])
+
+
+def test_penalties_steer_the_choice_but_not_the_logprobs():
+    logits = torch.tensor([[0.0, 5.0, 4.0, 1.0], [0.0, 5.0, 4.0, 1.0], [0.0, 5.0, 4.0, 1.0]])
+    params = [SamplingParams(temperature=0, logprobs=1, frequency_penalty=2.0),  # 5 - 2*2 = 1 < 4: token 2
+              SamplingParams(temperature=0, logprobs=1),  # no penalty: token 1
+              SamplingParams(temperature=0, logprobs=1, repetition_penalty=2.0)]  # 5 / 2 = 2.5 < 4: token 2
+    histories = [([3, 1, 1], 1), ([3, 1, 1], 1), ([1], 1)]
+    out = sampler()(logits, params, [None] * 3, histories)
+    assert out.token_ids == [2, 1, 2]
+    raw = torch.log_softmax(logits[0], -1)
+    assert out.logprobs[0] == pytest.approx(raw[2].item()) and out.logprobs[1] == pytest.approx(raw[1].item())
+    with pytest.raises(ValueError, match="histories"):
+        sampler()(logits, params, [None] * 3)
+
+
+def test_sampled_rows_draw_from_the_penalized_distribution():
+    logits = torch.tensor([2.0, 2.0, 2.0, 2.0])
+    p = SamplingParams(temperature=1.0, presence_penalty=2.0)
+    s = sampler(5)
+    counts = torch.zeros(4)
+    for _ in range(4000):
+        counts[s(logits[None], [p], [None], [([0, 1], 0)]).token_ids[0]] += 1
+    freq = counts / counts.sum()
+    expected = torch.softmax(torch.tensor([0.0, 0.0, 2.0, 2.0]), -1)
+    assert torch.allclose(freq, expected, atol=0.03)
+
+
+def test_penalty_params_are_validated():
+    for kwargs, error in [(dict(presence_penalty=2.5), ValueError), (dict(frequency_penalty=-3), ValueError),
+                          (dict(repetition_penalty=0.0), ValueError),
+                          (dict(repetition_penalty=float("nan")), ValueError),
+                          (dict(presence_penalty="1"), TypeError)]:
+        with pytest.raises(error):
+            SamplingParams(**kwargs)

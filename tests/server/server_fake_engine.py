@@ -46,6 +46,7 @@ class FakeEngine:
         self.waiting: set[str] = set()
         self.aborted: list[str] = []
         self.seen_prompts: list[list[int]] = []
+        self.seen_params: list = []  # every request's SamplingParams, in arrival order
         self.started = False
         self.fail_with: Exception | None = None  # raised by generate() before any output, when set
         self._slots: asyncio.Semaphore | None = None
@@ -82,6 +83,7 @@ class FakeEngine:
     async def generate(self, request_id, prompt_token_ids, params):
         if self.fail_with is not None:
             raise self.fail_with
+        self.seen_params.append(params)
         aborted = self._abort_events[request_id] = asyncio.Event()
         self.waiting.add(request_id)
         try:
