@@ -106,6 +106,11 @@ class LLMEngine:
             raise ValueError(
                 f"add_request: 'prompt_token_ids' holds {bad[0]}, outside the vocabulary [0, {self.vocab_size})"
             )
+        bad = [t for t, _ in params.logit_bias if t >= self.vocab_size]
+        if bad:
+            raise ValueError(
+                f"add_request: 'logit_bias' holds token {bad[0]}, outside the vocabulary [0, {self.vocab_size})"
+            )
         if len(prompt_token_ids) >= self.max_model_len:
             raise ValueError(
                 f"add_request: the prompt has {len(prompt_token_ids)} tokens; this engine's limit is "

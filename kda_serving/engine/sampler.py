@@ -23,7 +23,7 @@ class Sampler:
     Sampling uses the exponential race (argmax of p / E with E ~ Exp(1)), which draws from p exactly and
     lets each row take its noise from its own generator: a seeded request gets the same tokens whatever it
     is batched with. Unseeded rows share the engine's generator. Logprobs are of the full (temperature 1)
-    distribution, as the OpenAI API reports them, before penalties.
+    distribution, as the OpenAI API reports them, before penalties and logit biases.
 
     Penalties (SamplingParams) need each penalized row's tokens: histories[i] = (token ids, prompt length).
     Their counts are rebuilt every step, in one bincount over the penalized rows' tokens, so a penalized
@@ -39,12 +39,18 @@ class Sampler:
         n, vocab = logits.shape
         scores = logits  # what the token is chosen from
         penalized = [i for i, p in enumerate(params) if p.penalized]
+        biased = [i for i, p in enumerate(params) if p.logit_bias]
+        if penalized or biased:
+            scores = logits.clone()
         if penalized:
             if histories is None:
                 raise ValueError("Sampler: penalties need the rows' token histories")
-            scores = logits.clone()
             rows = torch.tensor(penalized, device=logits.device)
             scores[rows] = penalize(logits[rows], [params[i] for i in penalized], [histories[i] for i in penalized])
+        if biased:
+            rows, ids, bias = zip(*[(i, t, b) for i in biased for t, b in params[i].logit_bias])
+            scores.index_put_((torch.tensor(rows, device=logits.device), torch.tensor(ids, device=logits.device)),
+                              torch.tensor(bias, device=logits.device), accumulate=True)
         tokens = scores.argmax(dim=-1)
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
         if random_rows:

@@ -29,7 +29,8 @@ class SamplingParams:
     on the logprobs reported): `repetition_penalty` r divides a positive logit by r and multiplies a negative
     one by r for every token already in the prompt or the output (1 = off); then `frequency_penalty` times
     the token's count in the output and `presence_penalty` for its presence there are subtracted (0 = off;
-    OpenAI's range [-2, 2]). `output_kind` "cumulative" gives every update the
+    OpenAI's range [-2, 2]). `logit_bias` {token id: bias in [-100, 100]} is added to those logits last (-100
+    all but bans a token). `output_kind` "cumulative" gives every update the
     output tokens and text so far; "delta" only what the update added (output_token_ids == new_token_ids,
     text == delta_text), which keeps an update's cost independent of the length generated: the server and
     LLM.generate ask for it.
@@ -47,6 +48,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) pairs; a dict is accepted and converted
     output_kind: str = "cumulative"
 
     def __post_init__(self):
@@ -105,6 +107,20 @@ class SamplingParams:
             raise ValueError(
                 f"SamplingParams: 'repetition_penalty' must be finite and > 0, got {self.repetition_penalty}"
             )
+        bias = self.logit_bias
+        if isinstance(bias, dict):
+            bias = tuple(sorted(bias.items()))
+        if not isinstance(bias, (list, tuple)) or not all(
+            isinstance(pair, (list, tuple)) and len(pair) == 2 and _is_int(pair[0]) and _is_number(pair[1])
+            for pair in bias
+        ):
+            raise TypeError("SamplingParams: 'logit_bias' must map token ids (int) to biases (numbers)")
+        bias = tuple((int(t), float(b)) for t, b in bias)
+        if any(t < 0 for t, _ in bias) or len({t for t, _ in bias}) != len(bias):
+            raise ValueError("SamplingParams: 'logit_bias' token ids must be distinct and non-negative")
+        if not all(-100.0 <= b <= 100.0 for _, b in bias):  # NaN fails too
+            raise ValueError("SamplingParams: 'logit_bias' values must be in [-100, 100]")
+        object.__setattr__(self, "logit_bias", bias)
         if self.output_kind not in OUTPUT_KINDS:
             raise ValueError(f"SamplingParams: 'output_kind' must be one of {OUTPUT_KINDS}, got {self.output_kind!r}")
 
@@ -115,3 +131,8 @@ class SamplingParams:
     @property
     def penalized(self) -> bool:
         return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether the sampler changes this request's logits before choosing (penalties or a logit bias)."""
+        return self.penalized or bool(self.logit_bias)

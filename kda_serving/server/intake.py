@@ -119,6 +119,8 @@ def sampling_params(request: CompletionRequest | ChatCompletionRequest, max_toke
     for name in ("presence_penalty", "frequency_penalty", "repetition_penalty"):
         if getattr(request, name) is not None:
             kwargs[name] = getattr(request, name)
+    if request.logit_bias:
+        kwargs["logit_bias"] = {int(token): bias for token, bias in request.logit_bias.items()}
     try:
         return SamplingParams(max_tokens=max_tokens, stop=tuple(request.stop_list()),
                               stop_token_ids=tuple(request.stop_token_ids or ()), ignore_eos=request.ignore_eos,

@@ -3,7 +3,7 @@
 Strict means: unknown fields are refused (a typo such as `max_token` must not silently fall back to a default),
 no type coercion (`"max_tokens": "5"` and `"n": 2.0` are errors), and every range is checked here, before the
 engine sees the request, so the answer is a 400 naming the parameter. OpenAI fields we know but do not
-implement (`logit_bias`, tools, `echo`, ...) are accepted only at their neutral value and refused otherwise.
+implement (tools, `echo`, ...) are accepted only at their neutral value and refused otherwise.
 Four vLLM-style extensions are accepted because the engine has them: `top_k`, `ignore_eos`, `stop_token_ids`,
 `repetition_penalty`.
 """
@@ -61,8 +61,11 @@ class _SamplingFields(_Strict):
             raise ValueError(f"stop: at most {MAX_STOP_SEQUENCES} stop sequences are allowed, got {len(stops)}")
         if any(s == "" for s in stops):
             raise ValueError("stop: stop sequences must be non-empty strings")
-        if self.logit_bias:
-            raise ValueError("logit_bias: not supported")
+        for key, bias in (self.logit_bias or {}).items():
+            if not re.fullmatch(r"[0-9]{1,9}", key):
+                raise ValueError(f"logit_bias: keys must be token ids, got {key!r}")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"logit_bias: biases must be in [-100, 100], got {bias} for token {key}")
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options: only allowed when stream is true")
         return self

@@ -218,3 +218,14 @@ def test_penalties_follow_the_rule_over_the_generated_tokens(llm):
         so_far = out[:t]
         scores = {tok: lp - 1.5 * so_far.count(tok) - 1.0 * (tok in so_far) for tok, lp in step.top_logprobs[0].items()}
         assert out[t] == max(scores, key=scores.get), t
+
+
+def test_logit_bias_bans_a_token_and_is_checked_against_the_vocabulary(llm):
+    prompt = random_prompts([10], 211, seed=2)[0]
+    greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    plain = llm.generate([prompt], greedy)[0].output_token_ids
+    banned = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True,
+                                                   logit_bias={plain[0]: -100}))[0].output_token_ids
+    assert banned[0] != plain[0] and plain[0] not in banned
+    with pytest.raises(ValueError, match="logit_bias"):
+        llm.engine.add_request("too-big", prompt, SamplingParams(logit_bias={211: 1.0}))

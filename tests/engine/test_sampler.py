@@ -154,3 +154,17 @@ def test_penalty_params_are_validated():
                           (dict(presence_penalty="1"), TypeError)]:
         with pytest.raises(error):
             SamplingParams(**kwargs)
+
+
+def test_logit_bias_is_added_after_the_penalties_and_not_to_the_logprobs():
+    logits = torch.tensor([[0.0, 5.0, 4.0, 1.0], [0.0, 5.0, 4.0, 1.0]])
+    params = [SamplingParams(temperature=0, logprobs=0, logit_bias={1: -100, 3: 3.5}),  # 1 banned; 3 -> 4.5
+              SamplingParams(temperature=0, logit_bias={2: 0.5}, frequency_penalty=1.0)]  # 5 - 1 = 4 < 4.5
+    out = sampler()(logits, params, [None] * 2, [([], 0), ([9, 1], 1)])
+    assert out.token_ids == [3, 2]
+    assert out.logprobs[0] == pytest.approx(torch.log_softmax(logits[0], -1)[3].item())
+    assert SamplingParams(logit_bias={4: 1, 2: -1}).logit_bias == ((2, -1.0), (4, 1.0))
+    for bad, error in [({5: 100.5}, ValueError), ({-1: 1.0}, ValueError), ({"5": 1.0}, TypeError),
+                       ({5: float("nan")}, ValueError)]:
+        with pytest.raises(error):
+            SamplingParams(logit_bias=bad)

@@ -167,7 +167,8 @@ BAD_REQUESTS = {
     "presence_penalty out of range": ({"prompt": "x", "presence_penalty": 2.5}, 400, "presence_penalty"),
     "frequency_penalty out of range": ({"prompt": "x", "frequency_penalty": -2.01}, 400, "frequency_penalty"),
     "zero repetition_penalty": ({"prompt": "x", "repetition_penalty": 0.0}, 400, "repetition_penalty"),
-    "logit_bias": ({"prompt": "x", "logit_bias": {"5": 1.0}}, 400, "logit_bias"),
+    "logit_bias key not a token id": ({"prompt": "x", "logit_bias": {"hello": 1.0}}, 400, "logit_bias"),
+    "logit_bias out of range": ({"prompt": "x", "logit_bias": {"5": 101.0}}, 400, "logit_bias"),
     "lone surrogate": ('{"model": "fake-kda", "prompt": "a\\ud800b"}', 400, "prompt"),
     "deep nesting": ('{"model": "fake-kda", "prompt": ' + "[" * 100000 + "]" * 100000 + "}", 400, None),
 }
@@ -187,9 +188,10 @@ BAD_CHAT_REQUESTS = {
 }
 
 
-def test_penalties_reach_the_engine_and_updates_are_deltas():
+def test_penalties_and_biases_reach_the_engine_and_updates_are_deltas():
     async def test(client, engine):
-        penalties = {"presence_penalty": 0.5, "frequency_penalty": -0.25, "repetition_penalty": 1.3}
+        penalties = {"presence_penalty": 0.5, "frequency_penalty": -0.25, "repetition_penalty": 1.3,
+                     "logit_bias": {"7": -100, "12": 2.5}}
         r = await client.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 3, **penalties})
         assert r.status_code == 200 and r.json()["choices"][0]["text"] == "abc"
         r = await client.post("/v1/chat/completions", json={"model": MODEL, "max_tokens": 2, "frequency_penalty": 2,
@@ -197,6 +199,7 @@ def test_penalties_reach_the_engine_and_updates_are_deltas():
         assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "ab"
         first, second = engine.seen_params
         assert (first.presence_penalty, first.frequency_penalty, first.repetition_penalty) == (0.5, -0.25, 1.3)
+        assert first.logit_bias == ((7, -100.0), (12, 2.5)) and second.logit_bias == ()
         assert (second.presence_penalty, second.frequency_penalty, second.repetition_penalty) == (0.0, 2.0, 1.0)
         assert first.output_kind == second.output_kind == "delta"
 
