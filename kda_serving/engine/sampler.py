@@ -116,14 +116,15 @@ def penalize(logits: torch.Tensor, params: list[SamplingParams], histories: list
         out_keys += [base + t for t in tokens[prompt_len:]]
         if p.repetition_penalty != 1.0:
             seen_keys += [base + t for t in tokens]
-    counts = torch.bincount(torch.tensor(out_keys, dtype=torch.int64), minlength=rows * vocab)
-    counts = counts.view(rows, vocab).to(device=device, dtype=logits.dtype)
+    # counted where the logits are: [R, vocab] never crosses to the host (integer counts: deterministic on CUDA)
+    counts = torch.bincount(torch.tensor(out_keys, dtype=torch.int64, device=device), minlength=rows * vocab)
+    counts = counts.view(rows, vocab).to(logits.dtype)
     result = logits
     if seen_keys:
-        seen = torch.bincount(torch.tensor(seen_keys, dtype=torch.int64), minlength=rows * vocab).view(rows, vocab)
+        seen = torch.bincount(torch.tensor(seen_keys, dtype=torch.int64, device=device), minlength=rows * vocab)
         rep = torch.tensor([p.repetition_penalty for p in params], device=device, dtype=logits.dtype)[:, None]
         penalized = torch.where(logits > 0, logits / rep, logits * rep)
-        result = torch.where(seen.to(device) > 0, penalized, logits)
+        result = torch.where(seen.view(rows, vocab) > 0, penalized, logits)
     freq = torch.tensor([p.frequency_penalty for p in params], device=device, dtype=logits.dtype)[:, None]
     pres = torch.tensor([p.presence_penalty for p in params], device=device, dtype=logits.dtype)[:, None]
     return result - freq * counts - pres * (counts > 0).to(logits.dtype)
