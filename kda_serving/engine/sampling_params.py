@@ -109,13 +109,13 @@ class SamplingParams:
             )
         bias = self.logit_bias
         if isinstance(bias, dict):
-            bias = tuple(sorted(bias.items()))
+            bias = tuple(bias.items())
         if not isinstance(bias, (list, tuple)) or not all(
             isinstance(pair, (list, tuple)) and len(pair) == 2 and _is_int(pair[0]) and _is_number(pair[1])
             for pair in bias
         ):
             raise TypeError("SamplingParams: 'logit_bias' must map token ids (int) to biases (numbers)")
-        bias = tuple((int(t), float(b)) for t, b in bias)
+        bias = tuple(sorted((int(t), float(b)) for t, b in bias))
         if any(t < 0 for t, _ in bias) or len({t for t, _ in bias}) != len(bias):
             raise ValueError("SamplingParams: 'logit_bias' token ids must be distinct and non-negative")
         if not all(-100.0 <= b <= 100.0 for _, b in bias):  # NaN fails too
@@ -132,7 +132,3 @@ class SamplingParams:
     def penalized(self) -> bool:
         return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
 
-    @property
-    def adjusts_logits(self) -> bool:
-        """Whether the sampler changes this request's logits before choosing (penalties or a logit bias)."""
-        return self.penalized or bool(self.logit_bias)
