@@ -1,8 +1,8 @@
 """Experiment (not CI): why does the bf16 H32 N64 decode step time depend on the cases run before it?
 
-Times the case (and the device copy rate just before it) fresh, right after a heavy case (fp32 H96 N256, 1.6 GB pool), after that plus
-torch.cuda.empty_cache() (allocator history), and after that plus a pause (clocks, power), printing the SM
-and memory clocks NVML reports before each.
+Times the case (and the device copy rate just before it) fresh, right after a heavy case (fp32 H96 N256),
+after that plus torch.cuda.empty_cache() (allocator history), and after that plus a pause (clocks, power),
+printing the SM and memory clocks NVML reports before each.
 
     python benchmarks/experiments/decode_history.py
 """

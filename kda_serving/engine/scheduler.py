@@ -186,8 +186,8 @@ class Scheduler:
         if total - start == 1:  # a decode (or a prompt's last token): no save points, so no plan to make
             out.chunks.append(ScheduledChunk(seq, start, 1, True))
             return 1
-        saves = self._save_points(seq, start, total) if total - start > 1 else set()
-        branch = seq.branch_point if self.cache is not None and total - start > 1 else None
+        saves = self._save_points(seq, start, total)
+        branch = seq.branch_point if self.cache is not None else None
         plan = plan_chunk(start, total, budget, saves, self.checkpoint_align, branch)
         index = len(out.chunks)
         out.chunks.append(ScheduledChunk(seq, start, plan.end - start, plan.end == total))
