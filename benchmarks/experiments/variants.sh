@@ -35,6 +35,25 @@ case "$phase" in
       --section MemoryWorkloadAnalysis --section SchedulerStats \
       --metrics regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio \
       python3 benchmarks/experiments/ncu_prefill.py "$@" > "$OUT/ncu-$1-$2.txt" 2>&1; tail -3 "$OUT/ncu-$1-$2.txt" ;;
+  ncu-decode)  # ncu-decode H N [variant]: the bf16 decode step's kernel, stall reasons, top SASS stall sites
+    f="$OUT/ncu-decode-$1-$2-${3:-default}"
+    KDA_SERVING_LIB=$(lib ${3:-default}) ncu --clock-control none --kernel-name regex:"decode" --launch-skip 1 --launch-count 1 \
+      --section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats \
+      --section MemoryWorkloadAnalysis --section SchedulerStats --section SourceCounters -o "$f" \
+      python3 benchmarks/experiments/ncu_decode.py "$1" "$2" > /dev/null 2>&1
+    ncu -i "$f.ncu-rep" > "$f.txt" 2>&1
+    ncu -i "$f.ncu-rep" --page source --csv --print-source sass > "$f-sass.csv" 2>&1
+    grep -E "Duration|DRAM Through|Issued Warp|Warp Cycles Per Issued|Registers Per" "$f.txt" | head -8
+    python3 - "$f-sass.csv" <<'PY'
+import csv, sys
+rows = list(csv.DictReader(open(sys.argv[1])))
+key = next(k for k in rows[0] if k.startswith("Warp Stall Sampling (All"))
+tot = sum(float(r[key] or 0) for r in rows)
+print(f"{len(rows)} SASS instructions, {tot:.0f} stall samples; top sites:")
+for r in sorted(rows, key=lambda r: -float(r[key] or 0))[:25]:
+    print(f"{float(r[key] or 0) / tot:6.1%}  {r.get('Address', '')}  {r['Source']}")
+PY
+    ;;
   ncu-source)  # ncu-source H T: per-SASS-instruction stall samples of pass 2 (NCU_KERNEL=chunk_ops: pass 1)
     ncu --clock-control none --kernel-name regex:"${NCU_KERNEL:-recurrence}" --launch-skip 1 --launch-count 1 \
       --section SourceCounters --section WarpStateStats --section SpeedOfLight --section SchedulerStats \

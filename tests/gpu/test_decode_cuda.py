@@ -61,9 +61,11 @@ def _untouched_mask(S, *used) -> torch.Tensor:
 
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16], ids=["fp32_state", "bf16_state"])
 @pytest.mark.parametrize("lower_bound", [None, -5.0], ids=["softplus", "lower_bound"])
-# N300 H4: more CTAs than one wave.
-@pytest.mark.parametrize("N,H,pad", [(1, 32, ()), (7, 4, (2, 5)), (64, 3, (0, 63)), (300, 4, (0, 150, 299))],
-                         ids=["N1H32", "N7pad", "N64pad", "N300pad"])
+# N300 H4: more CTAs than one wave. N64 H32: the benchmark's tightest case (bench_decode.py), 8192 CTAs with a
+# bf16 pool, 16384 with fp32, over many waves, with two padded entries among them.
+@pytest.mark.parametrize("N,H,pad", [(1, 32, ()), (7, 4, (2, 5)), (64, 3, (0, 63)), (300, 4, (0, 150, 299)),
+                                     (64, 32, (5, 40))],
+                         ids=["N1H32", "N7pad", "N64pad", "N300pad", "N64H32pad"])
 def test_decode_matches_reference(state_dtype, lower_bound, N, H, pad):
     inputs, pool, slots = _case(N, 1, H, state_dtype=state_dtype, gates=EXTREME_GATES, pad=pad, seed=N * 31 + H)
     ref = _reference(inputs, pool, slots, lower_bound)
@@ -129,6 +131,28 @@ def test_multi_token_intermediate_slots(state_dtype, index_dtype):
     assert torch.equal(pool[real], before[real]), "state_indices slots must only be read"
     assert torch.equal(pool[keep], before[keep])
     assert (out[4] == 0).all()
+
+
+def test_unaligned_activations():
+    """q, k, v, g as views at an odd element offset (not 16-byte aligned, as a slice of a larger buffer can be):
+    accepted, and the same results; the kernels read the activations by element, only the state pool by
+    16-byte chunks (its alignment is checked)."""
+    N, H = 300, 4
+    inputs, pool, slots = _case(N, 1, H, state_dtype=torch.bfloat16, gates=EXTREME_GATES, pad=(7,), seed=13)
+    shifted = []
+    for t in inputs[:4]:  # q, k, v, g
+        buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=DEV)
+        view = buf[1:].view(t.shape)
+        view.copy_(t)
+        assert view.data_ptr() % 16 != 0
+        shifted.append(view)
+    ref = _reference(inputs, pool, slots, None)
+    out = _decode((*shifted, *inputs[4:]), pool, slots, None)
+    real = slots >= 0
+    e_out = rel_err(out[real], ref.out[real])
+    e_state = rel_err(pool[slots[real].long()], ref.final_state[real])
+    print(f"out rel {e_out:.2e}; state rel {e_state:.2e}")
+    assert not out.isnan().any() and e_out <= TOL[torch.bfloat16] and e_state <= TOL[torch.bfloat16]
 
 
 @pytest.mark.parametrize("N,state_dtype", [(33, torch.float32), (600, torch.bfloat16)], ids=["fp32", "bf16_many"])
