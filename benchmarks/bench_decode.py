@@ -110,6 +110,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-fla", action="store_true")
     ap.add_argument("--heads", type=int, nargs="+", default=[32, 96])
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8, 64, 256])
+    ap.add_argument("--states", nargs="+", default=list(STATE_DTYPES), choices=list(STATE_DTYPES),
+                    help="state pool dtypes (experiments; the committed results run both)")
     args = ap.parse_args(argv)
     import kda_serving.ops  # noqa: F401  (registers torch.ops.kda_serving.*)
 
@@ -117,7 +119,7 @@ def main(argv=None) -> int:
     l2_bytes = torch.cuda.get_device_properties(0).L2_cache_size
     print(f"copy rate {copy_rate / 1e12:.2f} TB/s (read + write), L2 {l2_bytes / 2**20:.0f} MB")
     rows = []
-    for state in STATE_DTYPES:
+    for state in args.states:
         for H in args.heads:
             for N in args.batch:
                 torch.cuda.empty_cache()  # the previous case's pools (up to 32 GB) go back before the next

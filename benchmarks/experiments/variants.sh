@@ -19,7 +19,8 @@ case "$phase" in
     done 2>&1 | tee -a "$OUT/speed.log" ;;
   decode)
     for v in "$@"; do
-      echo "=== $v"; KDA_SERVING_LIB=$(lib $v) python3 benchmarks/bench_decode.py --out-dir "$OUT/$v" --no-fla --batch ${BATCH:-1 64 256} 2>&1 \
+      echo "=== $v"; KDA_SERVING_LIB=$(lib $v) python3 benchmarks/bench_decode.py --out-dir "$OUT/$v" --no-fla --batch ${BATCH:-1 64 256} \
+        --states ${STATES:-fp32 bf16} 2>&1 \
         | grep -E "${DECODE_STATES:-bf16}|copy"
     done 2>&1 | tee -a "$OUT/decode.log" ;;
   tests)
