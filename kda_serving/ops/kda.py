@@ -180,23 +180,26 @@ def _kda_decode_op(
     lower_bound: Optional[float], state_pool: Tensor, state_indices: Tensor, intermediate_slots: Optional[Tensor],
     out: Tensor,
 ) -> None:
-    """CPU implementation: the recurrence, one token at a time, batched over sequences."""
+    """CPU implementation: the recurrence, one token at a time, batched over the sequences that have a slot
+    (padded entries get zero output). States are gathered once, stepped, and scattered back."""
     dtype = _compute_dtype(q)
     qn, kn, vv, a, b = prepare_inputs(q, k, v, g, beta, A_log, dt_bias, lower_bound, dtype)
     idx = state_indices.long()
-    real = idx != PAD_SLOT
-    N, T, H, K = q.shape
-    S = torch.zeros((N, H, v.shape[-1], K), dtype=dtype, device=q.device)
-    S[real] = state_pool[idx[real]].to(dtype)
-    for t in range(T):
+    rows = (idx != PAD_SLOT).nonzero().squeeze(1)
+    if len(rows) < len(idx):
+        out.zero_()
+        qn, kn, vv, a, b = (x[rows] for x in (qn, kn, vv, a, b))
+    slots = idx[rows]
+    S = state_pool.index_select(0, slots).to(dtype)
+    for t in range(q.shape[1]):
         S, o_t = recurrent_step(S, qn[:, t], kn[:, t], vv[:, t], a[:, t], b[:, t], scale)
-        out[:, t] = torch.where(real.view(N, 1, 1), o_t, torch.zeros_like(o_t)).to(out.dtype)
+        out[rows, t] = o_t.to(out.dtype)
         if intermediate_slots is not None:
-            inter = intermediate_slots[:, t].long()
-            keep = real & (inter != PAD_SLOT)
-            state_pool[inter[keep]] = S[keep].to(state_pool.dtype)
+            inter = intermediate_slots[rows, t].long()
+            keep = inter != PAD_SLOT
+            state_pool.index_copy_(0, inter[keep], S[keep].to(state_pool.dtype))
     if intermediate_slots is None:
-        state_pool[idx[real]] = S[real].to(state_pool.dtype)
+        state_pool.index_copy_(0, slots, S.to(state_pool.dtype))
 
 
 @_kda_decode_op.register_kernel("cuda")

@@ -34,12 +34,20 @@ def prepare_inputs(q, k, v, g, beta, A_log, dt_bias, lower_bound, dtype):
 
 
 def recurrent_step(S, q_t, k_t, v_t, a_t, b_t, scale):
-    """One token for a batch of states. S [n, H, V, K]; q_t, k_t, a_t [n, H, K]; v_t [n, H, V]; b_t [n, H]."""
-    S = S * a_t.exp().unsqueeze(-2)
-    kv = torch.einsum("nhvk,nhk->nhv", S, k_t)
-    S = S + (b_t.unsqueeze(-1) * (v_t - kv)).unsqueeze(-1) * k_t.unsqueeze(-2)
-    o = scale * torch.einsum("nhvk,nhk->nhv", S, q_t)
-    return S, o
+    """One token for a batch of states. S [n, H, V, K]; q_t, k_t, a_t [n, H, K]; v_t [n, H, V]; b_t [n, H].
+    Returns the new states (S itself is not modified) and o [n, H, V]:
+        S' = S diag(exp(a)),   u = b (v - S' k),   S'' = S' + u k^T,   o = scale S'' q
+    as batched matrix products over the n * H heads; the decayed copy is the only [n, H, V, K] temporary,
+    and the rank-1 update lands in it in place (the CPU ops run this, so it is what the embedded model's
+    decode and prefill cost)."""
+    n, H, V, K = S.shape
+    S = (S * a_t.exp().unsqueeze(-2)).contiguous()
+    heads = S.view(n * H, V, K)
+    kv = torch.bmm(heads, k_t.reshape(n * H, K, 1))
+    u = b_t.reshape(n * H, 1, 1) * (v_t.reshape(n * H, V, 1) - kv)
+    heads.baddbmm_(u, k_t.reshape(n * H, 1, K))
+    o = scale * torch.bmm(heads, q_t.reshape(n * H, K, 1))
+    return S, o.view(n, H, V)
 
 
 def recurrent_scan(q, k, v, a, b, S, scale, lens, checkpoints=None):

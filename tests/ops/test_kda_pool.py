@@ -110,6 +110,27 @@ def test_decode_multi_token_intermediate_slots():
     assert torch.equal(pool[[0, 9]], before[[0, 9]])
 
 
+def test_decode_padding_with_intermediate_slots():
+    """A padded entry beside real ones, and intermediate slots that skip a token (-1): the real rows match the
+    reference, the padded row is zero, and only the named slots change."""
+    gen = torch.Generator().manual_seed(6)
+    N, T, H, K, V = 3, 2, 2, 16, 8
+    q, k, v, g, beta, A_log, dt = _decode_inputs(gen, N, T, H, K, V)
+    pool = torch.randn(9, H, V, K, generator=gen)
+    before = pool.clone()
+    slots = torch.tensor([4, PAD_SLOT, 0])
+    inter = torch.tensor([[PAD_SLOT, 5], [7, 8], [1, 2]])
+    out = kda_decode(q, k, v, g, beta, A_log, dt, pool, slots, intermediate_slots=inter)
+    real = torch.tensor([0, 2])
+    ref = kda_recurrent_reference(*(x[real] for x in (q, k, v, g, beta)), A_log, dt, initial_state=before[slots[real]],
+                                  output_final_state=True)
+    assert rel_err(out[real], ref.out) <= TOL and torch.equal(out[1], torch.zeros_like(out[1]))
+    assert rel_err(pool[[5, 2]], ref.final_state) <= TOL
+    changed = [1, 2, 5]
+    keep = [s for s in range(9) if s not in changed]
+    assert torch.equal(pool[keep], before[keep])
+
+
 def test_decode_padding():
     gen = torch.Generator().manual_seed(5)
     q, k, v, g, beta, A_log, dt = _decode_inputs(gen, 2, 1)
