@@ -196,7 +196,7 @@ class Scheduler:
             if slot is not None:
                 out.checkpoints.append((index, b - start, slot))
         if plan.save_at_end:
-            slot = self._save_slot(seq, plan.end, out)
+            slot = self._save_slot(seq, plan.end, out, evict=plan.end == total)
             if slot is not None:
                 out.state_saves.append((seq.state_slot, slot))
         return plan.end - start
@@ -213,10 +213,16 @@ class Scheduler:
         points -= self.cache.cached_lengths(seq.token_ids[:total])
         return points
 
-    def _save_slot(self, seq: Sequence, length: int, out: SchedulerOutput) -> int | None:
-        """A free slot for a new cache entry at length tokens of seq, unless the entry exists or slots are short."""
+    def _save_slot(self, seq: Sequence, length: int, out: SchedulerOutput, evict: bool = False) -> int | None:
+        """A free slot for a new cache entry at length tokens of seq, unless the entry exists or slots are short.
+
+        Short of slots, only the end of a prompt (evict=True) takes one from the least recently used entries:
+        a chat follow-up repeats that prompt but carries the reply re-tokenized, so without this entry a cache
+        whose entries hold every slot would stop serving new conversations' next turns. Interval checkpoints
+        and branch points do not evict: a long prompt would otherwise flush the cache one checkpoint at a time."""
         if self.slots.num_free <= self._slot_reserve:
-            return None
+            if not (evict and self.cache.make_room(self._slot_reserve + 1, 0)):
+                return None
         boundary_hash = None
         if length % self.cache.interval == 0:
             boundary_hash = self.cache.boundary_hashes(seq.token_ids, length)[-1]

@@ -245,6 +245,23 @@ def test_eviction_makes_room_but_never_takes_pinned_or_running():
     sim.drain_cache()
 
 
+def test_a_full_cache_still_saves_the_end_of_each_prompt():
+    """Every slot held by cache entries: the next chat turn must still get its end-of-prompt entry (evicting the
+    least recently used one), since its reply comes back re-tokenized and the end-of-turn entry then misses."""
+    sim = SimEngine(slots=3, blocks=64, interval=8, align=4, block_size=2)
+    for filler in ([3] * 10, [4] * 10, [5] * 10):
+        sim.add(filler, max_tokens=2)
+        sim.run()
+    assert sim.slots.num_free == 0, "the fillers' entries hold every slot"
+    prompt = [6, 7] * 6  # 12 tokens: a save point at 8 (interval) and at 12 (end of prompt)
+    sim.add(prompt, max_tokens=3)
+    sim.run()
+    follow_up = sim.add(prompt + [9, 9] + [6] * 5, max_tokens=1)  # the reply "re-tokenized" to other ids
+    sim.run()
+    assert follow_up.num_cached_tokens == len(prompt)
+    sim.drain_cache()
+
+
 @pytest.mark.parametrize("start,total,budget,points,expected", [
     (0, 100, 40, {64}, (40, (), False)),
     (0, 100, 80, {64}, (80, (64,), False)),

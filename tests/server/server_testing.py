@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import httpx
+from hypothesis import strategies as st
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -150,3 +151,56 @@ def wait_until_free(srv, timeout=60.0) -> dict[str, float]:
             held = {k: m[f"kda_serving_engine_{k}"] for k in keys}
             raise AssertionError(f"engine not free after {timeout} s: {held}")
         time.sleep(0.2)
+
+
+# ---- fuzzed requests -----------------------------------------------------------------------------------------
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-2**70, max_value=2**70)
+    | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=12),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=8,
+)
+COMPLETION_FIELDS = ["model", "prompt", "max_tokens", "n", "temperature", "top_p", "seed", "stop", "stream",
+                     "stream_options", "logprobs", "presence_penalty", "frequency_penalty", "logit_bias", "user",
+                     "top_k", "ignore_eos", "stop_token_ids", "repetition_penalty", "echo", "suffix", "best_of"]
+CHAT_FIELDS = ["model", "messages", "max_tokens", "max_completion_tokens", "n", "temperature", "top_p", "seed",
+               "stop", "stream", "stream_options", "logprobs", "top_logprobs", "presence_penalty",
+               "frequency_penalty", "logit_bias", "user", "top_k", "tools", "response_format", "ignore_eos"]
+
+
+@st.composite
+def mutated_requests(draw, model: str, max_work: int | None = None):
+    """(path, body): a valid request of either kind with 1-3 fields replaced by arbitrary JSON, or dropped.
+    max_work caps valid integer max_tokens / max_completion_tokens / n (a real model would otherwise be asked
+    for thousands of tokens)."""
+    chat = draw(st.booleans())
+    body = ({"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2} if chat
+            else {"model": model, "prompt": "hi", "max_tokens": 2})
+    for field in draw(st.lists(st.sampled_from(CHAT_FIELDS if chat else COMPLETION_FIELDS), min_size=1,
+                               max_size=3, unique=True)):
+        if draw(st.integers(0, 5)) == 0:
+            body.pop(field, None)
+        else:
+            body[field] = draw(JSON_VALUES)
+    if max_work is not None:
+        for field in ("max_tokens", "max_completion_tokens", "n"):
+            value = body.get(field)
+            if type(value) is int and 1 <= value:
+                body[field] = min(value, max_work)
+        if "max_tokens" not in body and "max_completion_tokens" not in body:
+            body["max_tokens"] = max_work
+    return ("/v1/chat/completions" if chat else "/v1/completions"), body
+
+
+def check_fuzzed_answer(response: httpx.Response, body: dict) -> None:
+    """200 with choices (a stream ending in [DONE]), or an OpenAI-shaped 400, or 404 for another model."""
+    if response.status_code == 200:
+        if body.get("stream") is True:
+            events, done = parse_sse(response.text)
+            assert done and not any("error" in e for e in events), response.text
+        else:
+            assert "choices" in response.json(), response.text
+    elif response.status_code == 404:
+        assert_openai_error(response, 404, param="model")
+    else:
+        assert_openai_error(response, 400)

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 
 import httpx
 import pytest
+from hypothesis import HealthCheck, event, given, settings
 from server_fake_engine import FakeEngine
-from server_testing import assert_openai_error, parse_metrics, parse_sse
+from server_testing import assert_openai_error, check_fuzzed_answer, mutated_requests, parse_metrics, parse_sse
 
 from kda_serving.server.app import create_app
 from kda_serving.server.config import ServerConfig
@@ -369,3 +371,22 @@ def test_client_disconnect_aborts_engine_requests(stream):
             assert m["kda_serving_http_requests_in_flight"] == 0
 
     asyncio.run(main())
+
+
+@settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", 150)), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(request=mutated_requests(MODEL))
+def test_fuzzed_requests_never_fail_the_server(request):
+    """Any JSON in any field: 200, or an OpenAI-shaped 400 (404 for another model's name), never a 500, and
+    nothing left behind in the engine (FUZZ_EXAMPLES=N for a longer run)."""
+    path, body = request
+
+    async def test(client, engine):
+        r = await client.post(path, json=body)
+        event(f"HTTP {r.status_code}")
+        check_fuzzed_answer(r, body)
+        assert not engine.running and not engine.waiting, "a finished request left engine state behind"
+        good = await client.post("/v1/completions", json={"model": MODEL, "prompt": "ok", "max_tokens": 2})
+        assert good.status_code == 200 and good.json()["choices"][0]["text"] == "ab"
+
+    serve(test)
