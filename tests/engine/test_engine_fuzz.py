@@ -1,0 +1,124 @@
+"""Random workloads on the real engine (the tiny checkpoint, CPU): adds with assorted sampling parameters,
+follow-up turns that reuse a finished conversation, aborts, and steps, on pools small enough that prefix-cache
+eviction and preemption happen. Every request must end exactly once, within its limits, every slot and block
+must come back, and a greedy request must produce the tokens it produces alone on an engine without a prefix
+cache: reuse, eviction, preemption and batching never change a result.
+
+The scheduler's bookkeeping is fuzzed against a simulated model in test_scheduler.py; this runs the same kind
+of workloads through the model itself."""
+
+import os
+
+import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from kda_serving.engine import EngineConfig, LLMEngine, SamplingParams
+
+from engine_testing import random_prompts
+
+VOCAB = 211
+MAX_TOKENS = 24
+
+
+def _engine(model, **overrides):
+    cfg = dict(device="cpu", max_num_seqs=4, max_num_batched_tokens=48, block_size=4, num_state_slots=7,
+               num_kv_blocks=44, prefix_cache_interval=64, max_model_len=160)
+    cfg.update(overrides)
+    return LLMEngine(EngineConfig(**cfg), model=model)
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_model):
+    """(the engine under test, a reference engine: no prefix cache, one sequence at a time)."""
+    return _engine(tiny_model), _engine(tiny_model, enable_prefix_caching=False, max_num_seqs=1,
+                                        num_state_slots=2, num_kv_blocks=96)
+
+
+ADD = st.tuples(st.just("add"), st.integers(1, 100), st.integers(0, 10**6), st.integers(1, MAX_TOKENS),
+                st.sampled_from([0.0, 0.0, 0.8]), st.sampled_from([None, 0, 2]), st.booleans())
+OPS = st.one_of(
+    ADD, ADD, ADD,  # adds weighted up, so that the pools run short
+    st.tuples(st.just("follow_up"), st.integers(0, 10**6), st.integers(1, 40)),
+    st.tuples(st.just("abort"), st.integers(0, 10**6)),
+    st.tuples(st.just("step"), st.integers(1, 3)),
+)
+
+
+def _alone(reference: LLMEngine, prompt, params) -> list[int]:
+    reference.add_request("ref", prompt, params)
+    tokens = None
+    while reference.has_unfinished_requests():
+        for out in reference.step():
+            tokens = out.output_token_ids
+    return tokens
+
+
+@settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", 40)), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(ops=st.lists(OPS, min_size=1, max_size=16))
+def test_random_workloads_end_cleanly_and_greedy_results_match_an_isolated_run(engines, ops):
+    engine, reference = engines
+    before = engine.stats()
+    requests = {}  # id -> (prompt, params)
+    finished = {}  # id -> the final RequestOutput
+    n = 0
+
+    def collect(outputs):
+        for out in outputs:
+            if out.finished:
+                assert out.request_id not in finished, f"{out.request_id} finished twice"
+                finished[out.request_id] = out
+
+    for op in ops:
+        if op[0] == "add":
+            _, length, seed, max_tokens, temperature, logprobs, penalize = op
+            prompt = random_prompts([length], VOCAB, seed=seed)[0]
+            params = SamplingParams(temperature=temperature, max_tokens=max_tokens, ignore_eos=True, seed=seed,
+                                    logprobs=logprobs, presence_penalty=0.5 if penalize else 0.0)
+        elif op[0] == "follow_up":
+            done = [r for r in finished.values() if r.finish_reason == "length"]
+            while not done and engine.has_unfinished_requests():  # a turn to follow up on
+                collect(engine.step())
+                done = [r for r in finished.values() if r.finish_reason == "length"]
+            if not done:
+                continue
+            prev = done[op[1] % len(done)]
+            prompt = prev.prompt_token_ids + prev.output_token_ids + random_prompts([op[2]], VOCAB, seed=op[1])[0]
+            if len(prompt) + MAX_TOKENS > 160:
+                continue
+            params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+        elif op[0] == "abort":
+            live = [i for i in requests if i not in finished]
+            if live:
+                victim = live[op[1] % len(live)]
+                out = engine.abort_request(victim)
+                if out is not None:
+                    collect([out])
+            continue
+        else:
+            for _ in range(op[1]):
+                collect(engine.step())
+            continue
+        request_id = f"fz{n}"
+        n += 1
+        engine.add_request(request_id, prompt, params)
+        requests[request_id] = (prompt, params)
+    while engine.has_unfinished_requests():
+        collect(engine.step())
+
+    assert set(finished) == set(requests), "every request ends exactly once"
+    stats = engine.stats()
+    # What the workload exercised (--hypothesis-show-statistics)
+    event(f"preempted: {stats.num_preemptions_total > before.num_preemptions_total}")
+    event(f"prefix-cache hit: {stats.prefix_cache_hits > before.prefix_cache_hits}")
+    event(f"aborted: {stats.requests_aborted_total > before.requests_aborted_total}")
+    assert stats.state_slots_used == 0 and stats.kv_blocks_used == 0 and stats.num_running == 0
+    for request_id, out in finished.items():
+        prompt, params = requests[request_id]
+        if out.finish_reason == "abort":
+            assert len(out.output_token_ids) <= params.max_tokens
+            continue
+        assert out.finish_reason == "length" and len(out.output_token_ids) == params.max_tokens
+        if params.temperature == 0.0 and params.presence_penalty == 0.0:
+            assert out.output_token_ids == _alone(reference, prompt, params), request_id
