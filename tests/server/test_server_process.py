@@ -218,10 +218,12 @@ def test_openai_client_multiturn_chat_reuses_the_prefix(server):
     assert [m.id for m in client.models.list().data] == [server.model]
     turns = example.chat(client, server.model, example.QUESTIONS[:3], max_tokens=8)
     assert all(t["completion_tokens"] >= 1 and isinstance(t["reply"], str) for t in turns)
+    counts = [{k: t[k] for k in ("prompt_tokens", "cached_tokens", "completion_tokens")} for t in turns]
     for previous, turn in zip(turns, turns[1:]):
         assert turn["prompt_tokens"] > previous["prompt_tokens"] + previous["completion_tokens"] - 2
-        # The conversation so far (system + earlier turns) comes from the prefix cache.
-        assert turn["cached_tokens"] > 0, [{k: t[k] for k in ("prompt_tokens", "cached_tokens", "completion_tokens")} for t in turns]
+        # The conversation so far (system + earlier turns) comes from the prefix cache, even though the earlier
+        # tests (the fuzz above all) have left cache entries in nearly every state slot.
+        assert turn["cached_tokens"] > 0, counts
         assert turn["cached_tokens"] < turn["prompt_tokens"]
     # The official client raises its own exception classes from our error bodies.
     import openai
