@@ -19,11 +19,12 @@ from engine_testing import random_prompts
 
 VOCAB = 211
 MAX_TOKENS = 24
+MAX_MODEL_LEN = 160
 
 
 def _engine(model, **overrides):
     cfg = dict(device="cpu", max_num_seqs=4, max_num_batched_tokens=48, block_size=4, num_state_slots=7,
-               num_kv_blocks=44, prefix_cache_interval=64, max_model_len=160)
+               num_kv_blocks=44, prefix_cache_interval=64, max_model_len=MAX_MODEL_LEN)
     cfg.update(overrides)
     return LLMEngine(EngineConfig(**cfg), model=model)
 
@@ -77,15 +78,15 @@ def test_random_workloads_end_cleanly_and_greedy_results_match_an_isolated_run(e
             params = SamplingParams(temperature=temperature, max_tokens=max_tokens, ignore_eos=True, seed=seed,
                                     logprobs=logprobs, presence_penalty=0.5 if penalize else 0.0)
         elif op[0] == "follow_up":
-            done = [r for r in finished.values() if r.finish_reason == "length"]
-            while not done and engine.has_unfinished_requests():  # a turn to follow up on
+            while not any(r.finish_reason == "length" for r in finished.values()) \
+                    and engine.has_unfinished_requests():  # a turn to follow up on
                 collect(engine.step())
-                done = [r for r in finished.values() if r.finish_reason == "length"]
+            done = [r for r in finished.values() if r.finish_reason == "length"]
             if not done:
                 continue
             prev = done[op[1] % len(done)]
             prompt = prev.prompt_token_ids + prev.output_token_ids + random_prompts([op[2]], VOCAB, seed=op[1])[0]
-            if len(prompt) + MAX_TOKENS > 160:
+            if len(prompt) + MAX_TOKENS > MAX_MODEL_LEN:
                 continue
             params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
         elif op[0] == "abort":
