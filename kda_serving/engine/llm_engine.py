@@ -19,7 +19,7 @@ from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
 from .model_runner import ModelRunner
 from .outputs import EngineStats, RequestOutput, StepInfo
-from .sampler import Sampler
+from .sampler import Sampler, host_to_device
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
 from .sequence import Sequence
@@ -158,7 +158,7 @@ class LLMEngine:
         if not rows:
             return []
         seqs = [out.chunks[i].seq for i in rows]
-        index = torch.tensor(rows, device=logits.device)
+        index = host_to_device(rows, logits.device)
         result = self.sampler(logits[index], [s.params for s in seqs], [s.generator for s in seqs],
                               [(s.token_ids, s.num_prompt_tokens) for s in seqs])
         outputs = []

@@ -7,6 +7,7 @@ import logging
 import torch
 
 from ..model.batch import RaggedBatch
+from ..ops import indices_checked_by_caller
 from .config import EngineConfig
 from .scheduler import SchedulerOutput
 
@@ -39,8 +40,9 @@ class ModelRunner:
                       and getattr(model, "decode_capturable", False))
         # With graphs one KV block more than the block manager knows of: padding rows of a captured step write
         # their latent there (cuda_graphs.py).
-        blocks = config.num_kv_blocks + (1 if use_graphs else 0)
-        self.caches = model.allocate_caches(config.num_state_slots, blocks, config.block_size, self.state_dtype)
+        self.num_kv_blocks = config.num_kv_blocks + (1 if use_graphs else 0)
+        self.caches = model.allocate_caches(config.num_state_slots, self.num_kv_blocks, config.block_size,
+                                            self.state_dtype)
         if use_graphs:
             from .cuda_graphs import DecodeGraphs
 
@@ -116,7 +118,11 @@ class ModelRunner:
         if self.graphs is not None and batch.is_decode and batch.kv_lens and batch.checkpoints is None:
             logits = self.graphs.run(batch)
         else:
-            logits = self.model.forward(batch.to(self.device), self.caches)
+            # Checked once here, on the host: the ops then skip their own index checks, each of which would
+            # wait for the GPU (docs/engine.md, "Host synchronisation").
+            batch.check(self.config.num_state_slots, self.num_kv_blocks, self.config.block_size)
+            with indices_checked_by_caller():
+                logits = self.model.forward(batch.to(self.device), self.caches)
         if out.state_saves:
             src, dst = zip(*out.state_saves)
             self.caches.copy_states(list(src), list(dst))
@@ -124,8 +130,8 @@ class ModelRunner:
 
     def _copy_kv_blocks(self, src, dst) -> None:
         """Copy-on-write of partly filled shared KV blocks, in every MLA layer."""
-        src_t = torch.tensor(src, dtype=torch.long, device=self.device)
-        dst_t = torch.tensor(dst, dtype=torch.long, device=self.device)
+        src_t = torch.tensor(src, dtype=torch.long).to(self.device, non_blocking=True)
+        dst_t = torch.tensor(dst, dtype=torch.long).to(self.device, non_blocking=True)
         for kv in self.caches.kv:
             kv.index_copy_(0, dst_t, kv.index_select(0, src_t))
 

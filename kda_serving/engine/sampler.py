@@ -10,6 +10,13 @@ import torch
 from .sampling_params import SamplingParams
 
 
+def host_to_device(data: list, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """torch.tensor(data, device=device) without its wait for the device: that constructor copies with a
+    stream synchronisation, which would idle the GPU while the host queues the next kernels. From pageable
+    memory a non-blocking copy is staged before it returns, so `data` need not outlive it."""
+    return torch.tensor(data, dtype=dtype).to(device, non_blocking=True)
+
+
 @dataclass
 class SampleResult:
     token_ids: list[int]
@@ -45,16 +52,16 @@ class Sampler:
         if penalized:
             if histories is None:
                 raise ValueError("Sampler: penalties need the rows' token histories")
-            rows = torch.tensor(penalized, device=logits.device)
+            rows = host_to_device(penalized, logits.device)
             scores[rows] = penalize(logits[rows], [params[i] for i in penalized], [histories[i] for i in penalized])
         if biased:
             rows, ids, bias = zip(*[(i, t, b) for i in biased for t, b in params[i].logit_bias])
-            scores.index_put_((torch.tensor(rows, device=logits.device), torch.tensor(ids, device=logits.device)),
-                              torch.tensor(bias, device=logits.device), accumulate=True)
+            scores.index_put_((host_to_device(rows, logits.device), host_to_device(ids, logits.device)),
+                              host_to_device(bias, logits.device), accumulate=True)
         tokens = scores.argmax(dim=-1)
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
         if random_rows:
-            rows = torch.tensor(random_rows, device=logits.device)
+            rows = host_to_device(random_rows, logits.device)
             probs = self._filtered_probs(scores[rows], [params[i] for i in random_rows])
             noise = torch.empty_like(probs)
             for j, i in enumerate(random_rows):
@@ -66,7 +73,7 @@ class Sampler:
         logprobs: list[float | None] = [None] * n
         top: list[dict[int, float] | None] = [None] * n
         if want:
-            rows = torch.tensor(want, device=logits.device)
+            rows = host_to_device(want, logits.device)
             logp = torch.log_softmax(logits[rows], dim=-1)
             chosen = logp.gather(1, tokens[rows].unsqueeze(1)).squeeze(1).tolist()
             k = max(params[i].logprobs for i in want)
@@ -80,12 +87,12 @@ class Sampler:
     @staticmethod
     def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
         """Softmax of logits / temperature with everything outside each row's top-k and top-p set to 0."""
-        temps = torch.tensor([p.temperature for p in params], device=logits.device).unsqueeze(1)
+        temps = host_to_device([p.temperature for p in params], logits.device).unsqueeze(1)
         logits = logits / temps
         vocab = logits.shape[1]
-        top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params], device=logits.device)
+        top_k = host_to_device([p.top_k if 0 < p.top_k < vocab else vocab for p in params], logits.device)
         # top_p 1 keeps everything (a cumulative sum can round past 1 before the last token)
-        top_p = torch.tensor([p.top_p if p.top_p < 1 else float("inf") for p in params], device=logits.device)
+        top_p = host_to_device([p.top_p if p.top_p < 1 else float("inf") for p in params], logits.device)
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         rank = torch.arange(vocab, device=logits.device).unsqueeze(0)
         sorted_logits = sorted_logits.masked_fill(rank >= top_k.unsqueeze(1), float("-inf"))
@@ -117,14 +124,14 @@ def penalize(logits: torch.Tensor, params: list[SamplingParams], histories: list
         if p.repetition_penalty != 1.0:
             seen_keys += [base + t for t in tokens]
     # counted where the logits are: [R, vocab] never crosses to the host (integer counts: deterministic on CUDA)
-    counts = torch.bincount(torch.tensor(out_keys, dtype=torch.int64, device=device), minlength=rows * vocab)
+    counts = torch.bincount(host_to_device(out_keys, device, torch.int64), minlength=rows * vocab)
     counts = counts.view(rows, vocab).to(logits.dtype)
     result = logits
     if seen_keys:
-        seen = torch.bincount(torch.tensor(seen_keys, dtype=torch.int64, device=device), minlength=rows * vocab)
-        rep = torch.tensor([p.repetition_penalty for p in params], device=device, dtype=logits.dtype)[:, None]
+        seen = torch.bincount(host_to_device(seen_keys, device, torch.int64), minlength=rows * vocab)
+        rep = host_to_device([p.repetition_penalty for p in params], device, logits.dtype)[:, None]
         penalized = torch.where(logits > 0, logits / rep, logits * rep)
         result = torch.where(seen.view(rows, vocab) > 0, penalized, logits)
-    freq = torch.tensor([p.frequency_penalty for p in params], device=device, dtype=logits.dtype)[:, None]
-    pres = torch.tensor([p.presence_penalty for p in params], device=device, dtype=logits.dtype)[:, None]
+    freq = host_to_device([p.frequency_penalty for p in params], device, logits.dtype)[:, None]
+    pres = host_to_device([p.presence_penalty for p in params], device, logits.dtype)[:, None]
     return result - freq * counts - pres * (counts > 0).to(logits.dtype)

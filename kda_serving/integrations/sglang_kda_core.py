@@ -12,14 +12,15 @@ is testable without SGLang. Shapes as SGLang passes them (T new tokens, N sequen
 
 Both return the output [1, T, H, V]. Every sequence in an extend batch starts from its pool slot: SGLang
 resets the slot of a new request before its first extend, and a request that continues (chunked prefill or a
-prefix-cache hit) has its state there.
+prefix-cache hit) has its state there. The ops take SGLang's indices as SGLang's own kernels do, without
+reading them back on the host (ops.indices_checked_by_caller): that would synchronise with the GPU per call.
 """
 
 from __future__ import annotations
 
 import torch
 
-from kda_serving.ops import kda_decode, kda_prefill
+from kda_serving.ops import indices_checked_by_caller, kda_decode, kda_prefill
 
 from .state_pools import run_on_pool
 
@@ -36,11 +37,12 @@ def sglang_extend(q, k, v, g, beta, *, ssm_states, cache_indices, query_start_lo
     _, T, H, K = q.shape
     A, bias = _gate_params(A_log, dt_bias, H, K)
     tensors = [t.contiguous() for t in (q, k, v, g.reshape(1, T, H, K), beta.reshape(1, T, H))]
-    return run_on_pool(
-        ssm_states, cache_indices,
-        lambda pool, slots: kda_prefill(*tensors, A, bias, lower_bound=lower_bound, cu_seqlens=query_start_loc,
-                                        state_pool=pool, state_indices=slots).out,
-    )
+    with indices_checked_by_caller():  # not read back on the host (module docstring)
+        return run_on_pool(
+            ssm_states, cache_indices,
+            lambda pool, slots: kda_prefill(*tensors, A, bias, lower_bound=lower_bound,
+                                            cu_seqlens=query_start_loc, state_pool=pool, state_indices=slots).out,
+        )
 
 
 def sglang_decode(q, k, v, a, b, *, ssm_states, cache_indices, query_start_loc, A_log, dt_bias,
@@ -53,8 +55,9 @@ def sglang_decode(q, k, v, a, b, *, ssm_states, cache_indices, query_start_loc, 
     q1, k1, v1 = (t.reshape(N, 1, H, t.shape[-1]).contiguous() for t in (q, k, v))
     gate = a.reshape(N, 1, H, K).contiguous()
     logits = b.reshape(N, 1, H).contiguous()
-    o = run_on_pool(
-        ssm_states, cache_indices,
-        lambda pool, slots: kda_decode(q1, k1, v1, gate, logits, A, bias, pool, slots, lower_bound=lower_bound),
-    )
+    with indices_checked_by_caller():
+        o = run_on_pool(
+            ssm_states, cache_indices,
+            lambda pool, slots: kda_decode(q1, k1, v1, gate, logits, A, bias, pool, slots, lower_bound=lower_bound),
+        )
     return o.view(1, N, H, o.shape[-1])

@@ -25,7 +25,13 @@ from dataclasses import dataclass
 
 import torch
 
-from kda_serving.ops import causal_conv1d_decode, causal_conv1d_prefill, kda_decode, kda_prefill
+from kda_serving.ops import (
+    causal_conv1d_decode,
+    causal_conv1d_prefill,
+    indices_checked_by_caller,
+    kda_decode,
+    kda_prefill,
+)
 
 from .state_pools import run_on_pool
 
@@ -85,7 +91,17 @@ def kimi_kda_core(
     log: logging.Logger | None = None,
 ) -> str:
     """Writes the core attention output of the batch's tokens into out[:num_tokens] ([T, H, D], any strides)
-    and updates both pools in place. Returns the path taken: "prefill", "decode" or "empty" (nothing to do)."""
+    and updates both pools in place. Returns the path taken: "prefill", "decode" or "empty" (nothing to do).
+
+    The ops do not re-check vLLM's index values (query_start_loc, state indices): vLLM's metadata builder
+    made them, its own kernels take them as they are, and reading them on the host would synchronise with
+    the GPU four times per layer (ops.indices_checked_by_caller)."""
+    with indices_checked_by_caller():
+        return _kimi_kda_core(mixed_qkv, g, beta, conv_state, rec_state, params, batch, out, log)
+
+
+def _kimi_kda_core(mixed_qkv, g, beta, conv_state, rec_state, params: KimiKDAParams, batch: VLLMKDABatch,
+                   out: torch.Tensor, log: logging.Logger | None) -> str:
     N, T = batch.num_seqs, batch.num_tokens
     H, D = params.num_heads, params.head_dim
     P = H * D

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..ops.contract import KDACheckpoints, validate_checkpoints, validate_cu_seqlens, validate_slot_indices
+
 
 @dataclass
 class StateCheckpoints:
@@ -53,6 +55,37 @@ class RaggedBatch:
     @property
     def num_tokens(self) -> int:
         return int(self.input_ids.shape[0])
+
+    def check(self, num_state_slots: int, num_kv_blocks: int, block_size: int) -> None:
+        """Checks every index this batch holds against the caches it will index (state pools of
+        num_state_slots slots, num_kv_blocks latent-KV blocks of block_size rows); raises ValueError. Run on the host tensors, once
+        per step, so that the layers can skip the per-op checks that would copy the indices back from the GPU
+        (ops.indices_checked_by_caller). A bad index reaching a CUDA kernel or an indexing op would otherwise
+        end the process's CUDA context, taking every request with it."""
+        T, N, cpu = self.num_tokens, self.num_seqs, torch.device("cpu")
+        validate_cu_seqlens(self.cu_seqlens, T, cpu)
+        validate_slot_indices("state_slots", self.state_slots, N, num_state_slots, cpu)
+        per_seq = {"context_lens": self.context_lens, "seq_lens": self.seq_lens,
+                   "has_initial_state": self.has_initial_state, "logits_indices": self.logits_indices,
+                   "block_tables": self.block_tables}
+        for name, t in per_seq.items():
+            if t.shape[0] != N:
+                raise ValueError(f"RaggedBatch.{name}: expected {N} rows, got {t.shape[0]}")
+        for name, t in (("positions", self.positions), ("slot_mapping", self.slot_mapping)):
+            if t.shape != (T,):
+                raise ValueError(f"RaggedBatch.{name}: expected shape ({T},), got {tuple(t.shape)}")
+        num_kv_slots = num_kv_blocks * block_size
+        if T and (int(self.slot_mapping.min()) < 0 or int(self.slot_mapping.max()) >= num_kv_slots):
+            raise ValueError(f"RaggedBatch.slot_mapping: an entry lies outside the {num_kv_slots} KV rows")
+        if self.block_tables.numel() and (int(self.block_tables.min()) < -1
+                                          or int(self.block_tables.max()) >= num_kv_blocks):
+            raise ValueError(f"RaggedBatch.block_tables: a block id lies outside [-1, {num_kv_blocks})")
+        if N and (int(self.logits_indices.min()) < 0 or int(self.logits_indices.max()) >= T):
+            raise ValueError(f"RaggedBatch.logits_indices: an entry lies outside the {T} tokens")
+        if self.checkpoints is not None:
+            ckpt = self.checkpoints
+            validate_checkpoints(KDACheckpoints(ckpt.seq, ckpt.pos, ckpt.slot), N, T, 1, self.cu_seqlens,
+                                 num_state_slots, self.state_slots, cpu)
 
     def to(self, device: torch.device | str) -> "RaggedBatch":
         """The same batch with every tensor on `device` (non-blocking copies from pinned memory where given)."""

@@ -43,7 +43,8 @@ class ModelCaches:
         if len(set(dst_slots)) != len(dst_slots):
             raise ValueError("copy_states: 'dst_slots' must be distinct")
         device = self.recurrent[0].device
-        src = torch.tensor(src_slots, dtype=torch.long, device=device)
-        dst = torch.tensor(dst_slots, dtype=torch.long, device=device)
+        # Non-blocking from pageable memory: the copy is staged at once, and the GPU queue is not drained.
+        src = torch.tensor(src_slots, dtype=torch.long).to(device, non_blocking=True)
+        dst = torch.tensor(dst_slots, dtype=torch.long).to(device, non_blocking=True)
         for pool in (*self.recurrent, *self.conv):
             pool.index_copy_(0, dst, pool.index_select(0, src))

@@ -133,7 +133,7 @@ class MLABlock(nn.Module):
 
         padded = q_max > 1 or Tg != n
         if padded:
-            q_lens_t = torch.tensor(q_lens, device=device)
+            q_lens_t = torch.tensor(q_lens).to(device, non_blocking=True)  # no wait for the GPU
             seq_of = torch.repeat_interleave(torch.arange(n, device=device), q_lens_t, output_size=Tg)
             offset = torch.arange(Tg, device=device) - (torch.cumsum(q_lens_t, 0) - q_lens_t)[seq_of]
             q_pad = q.new_zeros(n, q_max, nh, L)

@@ -2,7 +2,7 @@
 (chunked.py), the public custom ops (kda.py, conv.py, gated_norm.py) and the CUDA library bindings (cuda_lib.py,
 cuda_decode.py, cuda_norm.py, their shared checks in cuda_args.py). See docs/kda-contract.md."""
 
-from .contract import CHECKPOINT_ALIGN, PAD_SLOT, KDACheckpoints
+from .contract import CHECKPOINT_ALIGN, PAD_SLOT, KDACheckpoints, indices_checked_by_caller
 from .conv import causal_conv1d_decode, causal_conv1d_prefill
 from .gated_norm import gated_rms_norm
 from .kda import flash_kda_fwd, kda_decode, kda_prefill
@@ -17,6 +17,7 @@ __all__ = [
     "causal_conv1d_prefill",
     "flash_kda_fwd",
     "gated_rms_norm",
+    "indices_checked_by_caller",
     "kda_decode",
     "kda_prefill",
     "kda_recurrent_reference",

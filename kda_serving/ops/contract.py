@@ -16,8 +16,10 @@ state_indices [N] with has_initial_state [N]. Violations raise TypeError/ValueEr
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -92,8 +94,33 @@ def _check_shape(name: str, t: torch.Tensor, shape: tuple[int, ...]):
         _fail(ValueError, name, f"expected shape {tuple(shape)}, got {tuple(t.shape)}")
 
 
+_indices_checked_by_caller: ContextVar[bool] = ContextVar("kda_serving_indices_checked_by_caller", default=False)
+
+
+@contextmanager
+def indices_checked_by_caller() -> Iterator[None]:
+    """Within this scope the ops skip their checks of index *values* (cu_seqlens, slot indices, checkpoints).
+
+    Those checks copy the index tensors to the host: for CUDA tensors a device synchronisation per op call,
+    three per KDA layer in a prefill step, after which the host can no longer run ahead of the GPU. A caller
+    that built the indices itself and checked them once on the host (the engine: RaggedBatch.check; vLLM's
+    and SGLang's metadata builders) opts out of them here. Types, shapes, dtypes and devices are still
+    checked, as that costs no synchronisation. CUDA-graph capture skips the same checks.
+    """
+    token = _indices_checked_by_caller.set(True)
+    try:
+        yield
+    finally:
+        _indices_checked_by_caller.reset(token)
+
+
 def _capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _skip_index_values() -> bool:
+    """Whether the index value checks (which read index tensors on the host) are skipped here."""
+    return _indices_checked_by_caller.get() or _capturing()
 
 
 def activation_dtypes(device: torch.device) -> tuple[torch.dtype, ...]:
@@ -127,7 +154,7 @@ def validate_cu_seqlens(cu_seqlens, T: int, device) -> int:
     _check_tensor("cu_seqlens", cu_seqlens, 1, INDEX_DTYPES, device)
     if cu_seqlens.shape[0] < 2:
         _fail(ValueError, "cu_seqlens", "needs at least 2 entries ([0, T] for one sequence)")
-    if not _capturing():
+    if not _skip_index_values():
         host = cu_seqlens.detach().cpu()
         if int(host[0]) != 0:
             _fail(ValueError, "cu_seqlens", f"must start at 0, starts at {int(host[0])}")
@@ -142,7 +169,7 @@ def validate_slot_indices(name: str, indices, count: int, pool_size: int, device
     _check_tensor(name, indices, indices.dim() if isinstance(indices, torch.Tensor) else 1, INDEX_DTYPES, device)
     if indices.numel() != count:
         _fail(ValueError, name, f"expected {count} entries, got {indices.numel()}")
-    if _capturing() or count == 0:
+    if _skip_index_values() or count == 0:
         return
     host = indices.detach().cpu().reshape(-1)
     real = host[host != PAD_SLOT] if allow_pad else host
@@ -239,13 +266,20 @@ def _validate_checkpoints(ckpt, mode, N, T, B, cu_seqlens, state_pool, state_ind
         _fail(TypeError, "checkpoints", f"expected KDACheckpoints, got {type(ckpt).__name__}")
     if mode != "pool":
         _fail(ValueError, "checkpoints", "need pool mode (state_pool and state_indices)")
+    validate_checkpoints(ckpt, N, T, B, cu_seqlens, state_pool.shape[0], state_indices, device)
+
+
+def validate_checkpoints(ckpt: KDACheckpoints, N: int, T: int, B: int, cu_seqlens, pool_size: int, state_indices,
+                         device) -> None:
+    """Checks prefill checkpoints for N sequences (B rows of T tokens, or varlen cu_seqlens) and a pool of
+    pool_size slots, where the sequences' own states go to state_indices."""
     for name in ("seq", "pos", "slot"):
         _check_tensor(f"checkpoints.{name}", getattr(ckpt, name), 1, INDEX_DTYPES, device)
     M = ckpt.seq.shape[0]
     if ckpt.pos.shape[0] != M or ckpt.slot.shape[0] != M:
         _fail(ValueError, "checkpoints", "seq, pos and slot must have the same length")
-    validate_slot_indices("checkpoints.slot", ckpt.slot, M, state_pool.shape[0], device, allow_pad=False)
-    if _capturing() or M == 0:
+    validate_slot_indices("checkpoints.slot", ckpt.slot, M, pool_size, device, allow_pad=False)
+    if _skip_index_values() or M == 0:
         return
     seq, pos = ckpt.seq.cpu(), ckpt.pos.cpu()
     if int(seq.min()) < 0 or int(seq.max()) >= N:
@@ -317,7 +351,7 @@ def validate_decode_args(
         _check_tensor("intermediate_slots", intermediate_slots, 2, INDEX_DTYPES, device)
         _check_shape("intermediate_slots", intermediate_slots, (N, T))
         validate_slot_indices("intermediate_slots", intermediate_slots, N * T, state_pool.shape[0], device)
-        if not _capturing():
+        if not _skip_index_values():
             inter = set(intermediate_slots.cpu().reshape(-1).tolist()) - {PAD_SLOT}
             if inter & (set(state_indices.cpu().tolist()) - {PAD_SLOT}):
                 _fail(ValueError, "intermediate_slots", "must differ from state_indices")

@@ -2,6 +2,8 @@
 
 import random
 
+import pytest
+
 import torch
 
 from kda_serving.engine.batch_builder import block_row, build_batch
@@ -54,3 +56,52 @@ def test_build_batch_block_tables_match_fresh_conversion_over_many_steps():
         expected = padded([s.block_table for s in chosen])
         assert batch.block_tables.dtype == torch.int32
         assert torch.equal(batch.block_tables, expected)
+
+
+def _checked_batch():
+    """Two sequences (a 130-token prompt with a checkpoint after 128 tokens, and a decode) on 16-token blocks."""
+    a, b = Sequence("a", list(range(3, 133)), SamplingParams(), 0), Sequence("b", [4] * 40, SamplingParams(), 1)
+    a.state_slot, a.block_table = 2, list(range(9))
+    b.state_slot, b.block_table = 5, [20, 21, 22]
+    out = SchedulerOutput(chunks=[ScheduledChunk(a, 0, 130, True), ScheduledChunk(b, 39, 1, True)],
+                          checkpoints=[(0, 128, 7)])
+    return build_batch(out, block_size=16)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("cu_seqlens", [0, 130, 132], "must end at T=131"),
+    ("cu_seqlens", [0, 131, 131], None),  # fine: an empty sequence
+    ("state_slots", [2, 8], "out of range"),
+    ("state_slots", [5, 5], "distinct"),
+    ("state_slots", [-1, 5], None),  # fine: a padded entry
+    ("logits_indices", [129, 131], "outside the 131 tokens"),
+    ("has_initial_state", [False], "expected 2 rows"),
+    ("ckpt.slot", [5], "must differ from state_indices"),
+    ("ckpt.slot", [8], "out of range"),
+    ("ckpt.pos", [64 + 32], "multiples of 64"),
+    ("ckpt.pos", [192], "beyond the end"),
+    ("ckpt.seq", [2], "out of range"),
+])
+def test_ragged_batch_check_names_the_bad_index(field, value, match):
+    """RaggedBatch.check, run on the host once per eager step in place of the ops' own index checks, catches
+    every index that would send a kernel or an indexing op outside its cache."""
+    batch = _checked_batch()
+    batch.check(num_state_slots=8, num_kv_blocks=23, block_size=16)  # the batch as built passes
+    name = field.removeprefix("ckpt.")
+    holder = batch.checkpoints if field.startswith("ckpt.") else batch
+    setattr(holder, name, torch.tensor(value, dtype=getattr(holder, name).dtype))
+    if match is None:
+        batch.check(num_state_slots=8, num_kv_blocks=23, block_size=16)
+    else:
+        with pytest.raises(ValueError, match=match):
+            batch.check(num_state_slots=8, num_kv_blocks=23, block_size=16)
+
+
+def test_ragged_batch_check_bounds_the_kv_blocks():
+    batch = _checked_batch()
+    with pytest.raises(ValueError, match="slot_mapping"):
+        batch.check(num_state_slots=8, num_kv_blocks=22, block_size=16)  # block 22 is past the cache
+    batch = _checked_batch()
+    batch.block_tables[1, 3] = 23  # past the cache, though beyond the sequence's end (no key reads it)
+    with pytest.raises(ValueError, match="block_tables"):
+        batch.check(num_state_slots=8, num_kv_blocks=23, block_size=16)

@@ -4,7 +4,15 @@ import pytest
 import torch
 
 from kda_testing import cu_seqlens_of, make_kda_inputs
-from kda_serving.ops import KDACheckpoints, causal_conv1d_decode, causal_conv1d_prefill, kda_decode, kda_prefill
+from kda_serving.ops import (
+    KDACheckpoints,
+    causal_conv1d_decode,
+    causal_conv1d_prefill,
+    indices_checked_by_caller,
+    kda_decode,
+    kda_prefill,
+)
+from kda_serving.ops.contract import validate_cu_seqlens, validate_slot_indices
 
 
 def _inputs(B=1, T=20, H=2, K=16):
@@ -94,6 +102,30 @@ def test_duplicate_indices():
     pool = torch.zeros(4, 2, 16, 16)
     with pytest.raises(ValueError, match="distinct"):
         kda_prefill(*args, cu_seqlens=cu_seqlens_of([10, 10]), state_pool=pool, state_indices=torch.tensor([1, 1]))
+
+
+def test_index_value_checks_skip_only_inside_the_callers_scope():
+    """indices_checked_by_caller() turns off the checks that read index values on the host (and nothing else),
+    for its scope only, also when the scope ends by an exception."""
+    cpu = torch.device("cpu")
+    bad_slots, bad_cu = torch.tensor([0, 7]), torch.tensor([0, 5, 3])
+
+    def value_checks():
+        validate_slot_indices("state_indices", bad_slots, 2, 4, cpu)
+        validate_cu_seqlens(bad_cu, 3, cpu)
+
+    with pytest.raises(ValueError, match="out of range"):
+        value_checks()
+    with indices_checked_by_caller():
+        value_checks()  # skipped: the caller checked them
+        with pytest.raises(TypeError, match="'state_indices'"):  # dtype checks still run
+            validate_slot_indices("state_indices", bad_slots.float(), 2, 4, cpu)
+        with pytest.raises(ValueError, match="expected 3 entries"):  # and sizes
+            validate_slot_indices("state_indices", bad_slots, 3, 4, cpu)
+    with pytest.raises(RuntimeError), indices_checked_by_caller():
+        raise RuntimeError
+    with pytest.raises(ValueError, match="out of range"):
+        value_checks()
 
 
 def test_bad_checkpoints():
