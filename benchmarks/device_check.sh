@@ -19,6 +19,7 @@ case "${1:-tests}" in  # tests | bench | bench-prefill [bench_prefill.py args]
     export PYTHONPATH=$WITH_FLA
     { python3 benchmarks/bench_decode.py --out-dir "$OUT" &&
       python3 benchmarks/bench_kda_layer.py --out-dir "$OUT" &&
+      python3 benchmarks/bench_mla_decode.py --out-dir "$OUT" &&
       python3 benchmarks/bench_engine.py --device cuda --out "$OUT/engine.json"; } 2>&1 | tee "$OUT/bench.log"
     ;;
   bench-prefill)

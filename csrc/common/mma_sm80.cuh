@@ -66,6 +66,15 @@ __device__ __forceinline__ void ldsm_x4(const void* row, uint32_t (&d)[4]) {
 
 __device__ __forceinline__ uint32_t lds_u32(const __nv_bfloat16* p) { return *reinterpret_cast<const uint32_t*>(p); }
 
+// A fragment of a 16 (m) x 16 (k) bf16 tile stored m-major in shared memory (row stride kStride elements, rows
+// 16-byte aligned): matrices 0..3 of the ldmatrix.x4 are (rows 0-7, k 0-7), (rows 8-15, k 0-7), (rows 0-7,
+// k 8-15), (rows 8-15, k 8-15), i.e. a[0..3] in the order above.
+template <int kStride>
+__device__ __forceinline__ void ldsm_a16x16(const __nv_bfloat16* tile, int lane, uint32_t (&a)[4]) {
+  const __nv_bfloat16* row = tile + ((lane & 7) + 8 * ((lane >> 3) & 1)) * kStride + 8 * (lane >> 4);
+  ldsm_x4(row, a);
+}
+
 // B fragments of two adjacent n tiles from a 16 (n) x 16 (k) bf16 tile stored n-major in shared memory (row
 // stride kStride elements, rows 16-byte aligned): one ldmatrix.x4 instead of eight 4-byte loads.
 // d[0], d[1] = (b0, b1) of n rows 0..7; d[2], d[3] = those of n rows 8..15.

@@ -58,9 +58,9 @@ class RaggedBatch:
 
     def check(self, num_state_slots: int, num_kv_blocks: int, block_size: int) -> None:
         """Checks every index this batch holds against the caches it will index (state pools of
-        num_state_slots slots, num_kv_blocks latent-KV blocks of block_size rows); raises ValueError. Run on the host tensors, once
-        per step, so that the layers can skip the per-op checks that would copy the indices back from the GPU
-        (ops.indices_checked_by_caller). A bad index reaching a CUDA kernel or an indexing op would otherwise
+        num_state_slots slots, num_kv_blocks latent-KV blocks of block_size rows); raises ValueError. Run on
+        the host tensors, once per step, so that the layers can skip the per-op checks that would copy the
+        indices back from the GPU (ops.indices_checked_by_caller). A bad index reaching a CUDA kernel or an indexing op would otherwise
         end the process's CUDA context, taking every request with it."""
         T, N, cpu = self.num_tokens, self.num_seqs, torch.device("cpu")
         validate_cu_seqlens(self.cu_seqlens, T, cpu)

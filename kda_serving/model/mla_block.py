@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops import mla_decode
+from ..ops.cuda_mla import supports as cuda_mla_supports
 from .batch import RaggedBatch
 from .config import ModelConfig
 from .norm import LATENT_NORM_EPS, rms_norm
@@ -78,9 +80,21 @@ class MLABlock(nn.Module):
         w_kv = self.kv_b_proj.view(nh, self.nope_dim + self.v_dim, self.kv_lora_rank)
         w_uk, w_uv = w_kv[:, : self.nope_dim], w_kv[:, self.nope_dim :]
         q_absorbed = torch.cat([torch.einsum("thd,hdc->thc", q_nope, w_uk), q_rope], dim=-1)  # [T, nh, L]
-        out_latent = self._attend(q_absorbed, batch, flat_cache, kv_cache.shape[1])  # [T, nh, kv_lora_rank]
+        if self._paged_decode(q_absorbed, batch, kv_cache):
+            # one token per sequence: the paged kernel reads each cached row once, in place
+            out_latent = mla_decode(q_absorbed, kv_cache, batch.block_tables, batch.seq_lens, scale=self.scale,
+                                    max_seq_len=max(batch.kv_lens), value_dim=self.kv_lora_rank)
+        else:
+            out_latent = self._attend(q_absorbed, batch, flat_cache, kv_cache.shape[1])  # [T, nh, kv_lora_rank]
         out = torch.einsum("thc,hvc->thv", out_latent, w_uv).reshape(T, nh * self.v_dim)
         return F.linear(out, self.o_proj, self._bias("o_proj"))
+
+    def _paged_decode(self, q: torch.Tensor, batch: RaggedBatch, kv_cache: torch.Tensor) -> bool:
+        """Whether this step goes to the paged decode kernel (ops.mla_decode): a decode step on CUDA, bf16, with
+        the host bound of the key lengths, in sizes the kernel is built for (16 or 32 heads of 576)."""
+        return (q.is_cuda and batch.is_decode and bool(batch.kv_lens) and q.dtype == kv_cache.dtype == torch.bfloat16
+                and batch.block_tables.dtype == torch.int32 and batch.seq_lens.dtype == torch.int32
+                and cuda_mla_supports(self.num_heads, q.shape[-1], self.kv_lora_rank))
 
     def _attend(self, q: torch.Tensor, batch: RaggedBatch, flat_cache: torch.Tensor, block_size: int):
         """Causal attention of the new tokens' queries q [T, nh, L] over each sequence's cached latents.

@@ -1,11 +1,13 @@
 """KDA operators: the contract (contract.py), the float64 truth (reference.py), the chunked CPU path
-(chunked.py), the public custom ops (kda.py, conv.py, gated_norm.py) and the CUDA library bindings (cuda_lib.py,
-cuda_decode.py, cuda_norm.py, their shared checks in cuda_args.py). See docs/kda-contract.md."""
+(chunked.py), the public custom ops (kda.py, conv.py, gated_norm.py, mla_decode.py) and the CUDA library
+bindings (cuda_lib.py, cuda_decode.py, cuda_norm.py, cuda_mla.py, their shared checks in cuda_args.py).
+See docs/kda-contract.md."""
 
 from .contract import CHECKPOINT_ALIGN, PAD_SLOT, KDACheckpoints, indices_checked_by_caller
 from .conv import causal_conv1d_decode, causal_conv1d_prefill
 from .gated_norm import gated_rms_norm
 from .kda import flash_kda_fwd, kda_decode, kda_prefill
+from .mla_decode import mla_decode
 from .reference import KDAOutput, kda_recurrent_reference
 
 __all__ = [
@@ -21,4 +23,5 @@ __all__ = [
     "kda_decode",
     "kda_prefill",
     "kda_recurrent_reference",
+    "mla_decode",
 ]

@@ -118,7 +118,7 @@ def _capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
-def _skip_index_values() -> bool:
+def skip_index_value_checks() -> bool:
     """Whether the index value checks (which read index tensors on the host) are skipped here."""
     return _indices_checked_by_caller.get() or _capturing()
 
@@ -154,7 +154,7 @@ def validate_cu_seqlens(cu_seqlens, T: int, device) -> int:
     _check_tensor("cu_seqlens", cu_seqlens, 1, INDEX_DTYPES, device)
     if cu_seqlens.shape[0] < 2:
         _fail(ValueError, "cu_seqlens", "needs at least 2 entries ([0, T] for one sequence)")
-    if not _skip_index_values():
+    if not skip_index_value_checks():
         host = cu_seqlens.detach().cpu()
         if int(host[0]) != 0:
             _fail(ValueError, "cu_seqlens", f"must start at 0, starts at {int(host[0])}")
@@ -169,7 +169,7 @@ def validate_slot_indices(name: str, indices, count: int, pool_size: int, device
     _check_tensor(name, indices, indices.dim() if isinstance(indices, torch.Tensor) else 1, INDEX_DTYPES, device)
     if indices.numel() != count:
         _fail(ValueError, name, f"expected {count} entries, got {indices.numel()}")
-    if _skip_index_values() or count == 0:
+    if skip_index_value_checks() or count == 0:
         return
     host = indices.detach().cpu().reshape(-1)
     real = host[host != PAD_SLOT] if allow_pad else host
@@ -279,7 +279,7 @@ def validate_checkpoints(ckpt: KDACheckpoints, N: int, T: int, B: int, cu_seqlen
     if ckpt.pos.shape[0] != M or ckpt.slot.shape[0] != M:
         _fail(ValueError, "checkpoints", "seq, pos and slot must have the same length")
     validate_slot_indices("checkpoints.slot", ckpt.slot, M, pool_size, device, allow_pad=False)
-    if _skip_index_values() or M == 0:
+    if skip_index_value_checks() or M == 0:
         return
     seq, pos = ckpt.seq.cpu(), ckpt.pos.cpu()
     if int(seq.min()) < 0 or int(seq.max()) >= N:
@@ -351,7 +351,7 @@ def validate_decode_args(
         _check_tensor("intermediate_slots", intermediate_slots, 2, INDEX_DTYPES, device)
         _check_shape("intermediate_slots", intermediate_slots, (N, T))
         validate_slot_indices("intermediate_slots", intermediate_slots, N * T, state_pool.shape[0], device)
-        if not _skip_index_values():
+        if not skip_index_value_checks():
             inter = set(intermediate_slots.cpu().reshape(-1).tolist()) - {PAD_SLOT}
             if inter & (set(state_indices.cpu().tolist()) - {PAD_SLOT}):
                 _fail(ValueError, "intermediate_slots", "must differ from state_indices")

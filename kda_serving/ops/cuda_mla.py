@@ -1,0 +1,88 @@
+"""ctypes binding of the paged MLA decode attention kernel (csrc/mla) in the C-ABI library.
+
+    mla_decode(q, kv_cache, block_tables, seq_lens, scale, num_splits, keys_per_split, part_o, part_ml, out)
+
+The public op (mla_decode.py) validates the call, picks the split and allocates out and the split workspace;
+this function checks only what keeps the kernel inside its memory (dtypes, device, contiguity, shapes, the
+kernel's fixed sizes), then enqueues it on torch's current stream. It neither allocates nor synchronises, so
+it can be captured in a CUDA graph. Keys past a block table's width or with block ids outside the cache read
+zeros: the kernel bounds every row it reads.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import torch
+
+from . import cuda_lib
+from .cuda_args import check_launch, cuda_tensor, stream_handle
+
+LATENT_DIM = 576  # csrc/mla/mla_decode_params.h kLatentDim: kv_lora_rank 512 + qk_rope_head_dim 64
+VALUE_DIM = 512
+HEADS = (16, 32)
+TILE_KEYS = 64  # keys_per_split is a multiple of it
+
+_BF16 = (torch.bfloat16,)
+_I32 = (torch.int32,)
+_F32 = (torch.float32,)
+
+
+@functools.lru_cache(maxsize=1)
+def library() -> ctypes.CDLL:
+    """The library loaded by cuda_lib.load(), with the MLA entry point typed."""
+    lib = cuda_lib.load()
+    fn = lib.kda_serving_mla_decode
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,
+                   ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                   ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    fn.restype = ctypes.c_int
+    return lib
+
+
+def supports(num_heads: int, latent_dim: int, value_dim: int) -> bool:
+    """Whether the kernel is built for these MLA sizes (else the caller keeps its PyTorch path)."""
+    return num_heads in HEADS and latent_dim == LATENT_DIM and value_dim == VALUE_DIM
+
+
+def mla_decode(q, kv_cache, block_tables, seq_lens, scale: float, num_splits: int, keys_per_split: int,
+               part_o, part_ml, out) -> None:
+    """out [N, H, 512] = softmax(scale q k^T) v per sequence over its paged latent rows; see mla_decode.py."""
+    dev = q.device
+    cuda_tensor("q", q, _BF16, ndim=3)
+    N, H, L = q.shape
+    if not supports(H, L, VALUE_DIM):
+        raise ValueError(f"kda: argument 'q': the CUDA kernel needs H in {HEADS} and a latent of {LATENT_DIM}, "
+                         f"got shape {tuple(q.shape)}")
+    cuda_tensor("kv_cache", kv_cache, _BF16, dev, ndim=3)
+    if kv_cache.shape[2] != L:
+        raise ValueError(f"kda: argument 'kv_cache': expected rows of {L}, got shape {tuple(kv_cache.shape)}")
+    if not isinstance(block_tables, torch.Tensor) or block_tables.dtype not in _I32 or block_tables.device != dev \
+            or block_tables.dim() != 2 or (block_tables.shape[1] > 1 and block_tables.stride(1) != 1):
+        raise ValueError("kda: argument 'block_tables': the CUDA kernel needs int32 [N, max_blocks] on q's device "
+                         "with contiguous rows")
+    cuda_tensor("seq_lens", seq_lens, _I32, dev, ndim=1)
+    if block_tables.shape[0] != N or seq_lens.shape[0] != N:
+        raise ValueError(f"kda: argument 'block_tables': expected {N} rows (and seq_lens {N} entries), got "
+                         f"{tuple(block_tables.shape)} and {tuple(seq_lens.shape)}")
+    if num_splits < 1 or keys_per_split < TILE_KEYS or keys_per_split % TILE_KEYS:
+        raise ValueError(f"kda: argument 'keys_per_split': must be a positive multiple of {TILE_KEYS}, "
+                         f"got {keys_per_split} ({num_splits} splits)")
+    cuda_tensor("out", out, _BF16, dev)
+    if tuple(out.shape) != (N, H, VALUE_DIM):
+        raise ValueError(f"kda: argument 'out': expected shape {(N, H, VALUE_DIM)}, got {tuple(out.shape)}")
+    if num_splits > 1:
+        cuda_tensor("part_o", part_o, _F32, dev)
+        cuda_tensor("part_ml", part_ml, _F32, dev)
+        if part_o.numel() < N * num_splits * H * VALUE_DIM or part_ml.numel() < N * num_splits * H * 2:
+            raise ValueError(f"kda: argument 'part_o': the split workspace is smaller than {num_splits} splits")
+    blocks, block_size = kv_cache.shape[0], kv_cache.shape[1]
+    table_stride = block_tables.stride(0) if block_tables.shape[0] else 0
+    workspace = (part_o.data_ptr(), part_ml.data_ptr()) if num_splits > 1 else (None, None)
+    code = library().kda_serving_mla_decode(
+        q.data_ptr(), kv_cache.data_ptr(), blocks * block_size, block_tables.data_ptr(), table_stride,
+        block_tables.shape[1], seq_lens.data_ptr(), block_size, N, H, num_splits,
+        keys_per_split, float(scale), *workspace, out.data_ptr(), stream_handle(dev),
+    )
+    check_launch(code, "MLA decode")

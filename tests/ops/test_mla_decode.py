@@ -1,0 +1,97 @@
+"""ops.mla_decode on the CPU: the float32 path against a float64 reference, its argument checks, and the split
+plan the CUDA path uses. The kernel itself: tests/gpu/test_mla_decode_cuda.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kda_serving.ops import indices_checked_by_caller, mla_decode
+from kda_serving.ops.mla_decode import SPLIT_KEYS, plan_splits
+
+
+def make_case(lens, H=4, L=40, block_size=4, num_blocks=None, seed=0, dtype=torch.float32, device="cpu"):
+    """Random queries and cache; each sequence's blocks are a random choice of distinct cache blocks."""
+    gen = torch.Generator().manual_seed(seed)
+    N = len(lens)
+    width = max([1, *(-(-n // block_size) for n in lens)])
+    num_blocks = num_blocks or N * width + 3
+    q = torch.randn(N, H, L, generator=gen)
+    cache = torch.randn(num_blocks, block_size, L, generator=gen)
+    tables = torch.full((N, width), -1, dtype=torch.int32)
+    perm = torch.randperm(num_blocks, generator=gen)
+    for n, length in enumerate(lens):
+        used = -(-length // block_size)
+        tables[n, :used] = perm[n * width : n * width + used].to(torch.int32)
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    return (q.to(device, dtype), cache.to(device, dtype), tables.to(device), seq_lens.to(device))
+
+
+def reference(q, cache, tables, seq_lens, scale, value_dim):
+    """float64, one sequence and head at a time."""
+    N, H, L = q.shape
+    bs = cache.shape[1]
+    out = torch.zeros(N, H, value_dim, dtype=torch.float64)
+    for n in range(N):
+        length = int(seq_lens[n])
+        if length == 0:
+            continue
+        rows = [cache[int(tables[n, j // bs]), j % bs].double().cpu() for j in range(length)]
+        k = torch.stack(rows)
+        p = torch.softmax(scale * q[n].double().cpu() @ k.T, dim=-1)
+        out[n] = p @ k[:, :value_dim]
+    return out
+
+
+@pytest.mark.parametrize("lens", [[1], [5, 0, 9], [16, 3, 1, 33], [0, 0]])
+def test_cpu_matches_the_float64_reference(lens):
+    q, cache, tables, seq_lens = make_case(lens)
+    out = mla_decode(q, cache, tables, seq_lens, scale=0.3, max_seq_len=max(lens), value_dim=32)
+    ref = reference(q, cache, tables, seq_lens, 0.3, 32)
+    assert out.shape == (len(lens), 4, 32) and out.dtype == torch.float32
+    assert torch.allclose(out.double(), ref, atol=1e-5, rtol=1e-5)
+    for n, length in enumerate(lens):
+        if length == 0:
+            assert torch.all(out[n] == 0)  # a padding row: zeros, not NaN
+
+
+def test_argument_checks_name_the_argument():
+    q, cache, tables, seq_lens = make_case([5, 9])
+    ok = dict(scale=0.3, max_seq_len=9, value_dim=32)
+
+    def raises(exc, name, *args, **kw):
+        with pytest.raises(exc, match=f"'{name}'"):
+            mla_decode(*args, **{**ok, **kw})
+
+    raises(ValueError, "q", q[0], cache, tables, seq_lens)
+    raises(ValueError, "kv_cache", q, cache[..., :-1], tables, seq_lens)
+    raises(ValueError, "kv_cache", q, cache.double(), tables, seq_lens)
+    raises(ValueError, "block_tables", q, cache, tables.long(), seq_lens)
+    raises(ValueError, "seq_lens", q, cache, tables, seq_lens[:1])
+    raises(TypeError, "seq_lens", q, cache, tables, [5, 9])
+    raises(ValueError, "max_seq_len", q, cache, tables, seq_lens, max_seq_len=4 * tables.shape[1] + 1)
+    raises(ValueError, "seq_lens", q, cache, tables, seq_lens, max_seq_len=8)  # 9 keys > the bound
+    raises(ValueError, "value_dim", q, cache, tables, seq_lens, value_dim=41)
+    raises(TypeError, "scale", q, cache, tables, seq_lens, scale="x")
+    bad = tables.clone()
+    bad[1, 0] = cache.shape[0]
+    raises(ValueError, "block_tables", q, cache, bad, seq_lens)
+    bad[1, 0] = -1
+    raises(ValueError, "block_tables", q, cache, bad, seq_lens)
+    bad = tables.clone()
+    bad[0, -1] = 10**6  # past sequence 0's 5 keys: never read, so fine
+    mla_decode(q, cache, bad, seq_lens, **ok)
+    with indices_checked_by_caller():  # value checks skipped: the caller vouches for the indices
+        mla_decode(q, cache, tables, seq_lens, **{**ok, "max_seq_len": 9})
+
+
+def test_split_plan_covers_every_key_in_whole_tiles():
+    for sms in (1, 132):
+        for n in (1, 3, 8, 64, 300):
+            for length in (0, 1, 63, 64, 65, 1000, 16384, 100_000):
+                splits, per_split = plan_splits(n, length, sms)
+                assert per_split % SPLIT_KEYS == 0 and per_split > 0 and splits >= 1
+                assert splits * per_split >= length and (splits - 1) * per_split < max(length, 1)
+                assert n * splits <= max(n, 2 * sms + n)  # about two CTAs per SM at most
+    assert plan_splits(8, 16384, 132) == (32, 512)
+    assert plan_splits(300, 4096, 132) == (1, 4096)
