@@ -84,6 +84,13 @@ __device__ __forceinline__ void ldsm_b16x16(const __nv_bfloat16* tile, int lane,
   ldsm_x4(row, d);
 }
 
+// B fragments of one n tile over two k steps from an 8 (n) x 32 (k) bf16 tile stored n-major in shared memory
+// (row stride kStride elements, rows 16-byte aligned): d[0], d[1] = (b0, b1) of k 0..15; d[2], d[3] of k 16..31.
+template <int kStride>
+__device__ __forceinline__ void ldsm_b8x32(const __nv_bfloat16* tile, int lane, uint32_t (&d)[4]) {
+  ldsm_x4(tile + (lane & 7) * kStride + 8 * (lane >> 3), d);
+}
+
 // The transpose of a 16 (k) x 16 (m) bf16 tile stored k-major (row stride kStride elements) in accumulator
 // order: d[0] = X[g][2q..2q+1], d[1] = X[g+8][2q..], d[2] = X[g][8+2q..], d[3] = X[g+8][8+2q..] for X = tile^T,
 // i.e. the bf16 pairs of the C fragments of n tiles 0 and 1 (ldmatrix.x4.trans).

@@ -4,18 +4,20 @@
 // (576 values) in the paged cache. All heads share the keys (multi-query attention of head size 576), so one
 // CTA takes all H heads of one sequence: H = 16 or 32 rows of M, and each key row is read from memory once.
 //
-// Grid (num_splits, N). CTA (s, n) walks keys [s * keys_per_split, (s + 1) * keys_per_split) of sequence n in
-// tiles of 64, loaded by cp.async (16-byte chunks, zero-filled past the sequence) into a double buffer while
-// the previous tile is used. Warps form a (H / 16) x 4 grid: warp (mh, w) computes the scores of heads
-// 16 mh .. 16 mh + 15 against keys 16 w .. 16 w + 15 of the tile, the four warps of a head tile agree on the
+// Grid (num_splits, N), two CTAs per SM. CTA (s, n) walks keys [s * keys_per_split, (s + 1) * keys_per_split) of
+// sequence n in tiles of 32, loaded by cp.async (16-byte chunks, zero-filled past the sequence) into a double
+// buffer while the previous tile is used. Warps form a (H / 16) x 4 grid: warp (mh, w) computes the scores of
+// heads 16 mh .. 16 mh + 15 against keys 8 w .. 8 w + 7 of the tile, the four warps of a head tile agree on the
 // running max through shared memory, write their probabilities (bf16) to shared memory, and then each
-// accumulates the output columns 128 w .. 128 w + 127 of its heads over all 64 keys (16 fp32 accumulator tiles
+// accumulates the output columns 128 w .. 128 w + 127 of its heads over all 32 keys (16 fp32 accumulator tiles
 // in registers, rescaled in place when the max grows: the C fragment layout puts rows g and g + 8 in known
 // registers). A split writes its unnormalised output with its max and sum; mla_decode_combine_kernel merges the
 // splits (or the split kernel normalises directly when there is one split).
 //
 // Shared memory rows are 584 elements (576 + 8): a 1168-byte stride spreads the 8 rows of an ldmatrix over all
-// banks, where 1152 bytes would put them in the same ones.
+// banks, where 1152 bytes would put them in the same ones. At 32 heads a CTA holds 113 KB of shared memory and
+// <= 128 registers per thread, so that two fit on an SM (one CTA of 8 warps, with 64-key tiles, left the SM
+// latency bound: docs/mla-decode-kernel.md).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -26,14 +28,15 @@
 
 namespace kda_serving::mla {
 
-constexpr int kTileKeys = 64;
+constexpr int kTileKeys = 32;
 constexpr int kRowStride = kLatentDim + 8;      // shared-memory row of Q and K, elements
 constexpr int kPStride = kTileKeys + 8;         // shared-memory row of P
 constexpr int kChunksPerRow = kLatentDim / 8;   // 16-byte chunks of a latent row
 constexpr int kWarpsPerHeadTile = 4;
 constexpr int kValueColsPerWarp = kValueDim / kWarpsPerHeadTile;  // 128
-constexpr int kKeysPerWarp = kTileKeys / kWarpsPerHeadTile;       // 16
-static_assert(kLatentDim % 32 == 0 && kValueDim % (16 * kWarpsPerHeadTile) == 0, "whole MMA tiles, k steps in pairs");
+constexpr int kKeysPerWarp = kTileKeys / kWarpsPerHeadTile;       // 8
+static_assert(kLatentDim % 64 == 0 && kValueDim % (16 * kWarpsPerHeadTile) == 0 && kKeysPerWarp == 8,
+              "whole MMA tiles, k steps in fours, one n tile of keys per warp");
 
 template <int kMTiles>
 struct MlaSmem {
@@ -56,7 +59,7 @@ __device__ __forceinline__ float quad_sum(float x) {
 }
 
 template <int kMTiles>
-__global__ void __launch_bounds__(128 * kMTiles) mla_decode_split_kernel(const MlaDecodeParams p) {
+__global__ void __launch_bounds__(128 * kMTiles, 2) mla_decode_split_kernel(const MlaDecodeParams p) {
   constexpr int kHeads = 16 * kMTiles;
   constexpr int kThreads = 128 * kMTiles;
   using Smem = MlaSmem<kMTiles>;
@@ -97,7 +100,7 @@ __global__ void __launch_bounds__(128 * kMTiles) mla_decode_split_kernel(const M
     kda::cp_async_16(q_s + r * kRowStride + 8 * c, q_n + r * kLatentDim + 8 * c, true);
   }
   const int32_t* table = p.block_tables + static_cast<int64_t>(n) * p.block_table_stride;
-  // The cache row of each key of a tile, looked up once (64 threads) before the copies that use it: a block
+  // The cache row of each key of a tile, looked up once (32 threads) before the copies that use it: a block
   // table load inside the copy loop would stall every thread once per 16-byte chunk.
   auto find_rows = [&](int t, int buf) {
     const int j = k_begin + t * kTileKeys + tid;
@@ -136,38 +139,34 @@ __global__ void __launch_bounds__(128 * kMTiles) mla_decode_split_kernel(const M
     __syncthreads();
     const __nv_bfloat16* k_tile = k_s + (t & 1) * kTileKeys * kRowStride;
 
-    // Scores of 16 heads x this warp's 16 keys: s0 keys 0..7, s1 keys 8..15 (C fragment layout).
-    // Two accumulator pairs over alternate k steps: four independent MMA chains instead of two.
-    float s0[4] = {}, s1[4] = {}, s0b[4] = {}, s1b[4] = {};
+    // Scores of 16 heads x this warp's 8 keys (C fragment layout), four independent MMA chains over the 576
+    // columns, summed at the end.
+    float s0[4] = {}, sb[4] = {}, sc[4] = {}, sd[4] = {};
     const __nv_bfloat16* q_rows = q_s + 16 * mh * kRowStride;
     const __nv_bfloat16* k_rows = k_tile + kKeysPerWarp * w * kRowStride;
-#pragma unroll 2
-    for (int kk = 0; kk < kLatentDim / 16; kk += 2) {
-      uint32_t a[4], b[4], a2[4], b2[4];
-      kda::ldsm_a16x16<kRowStride>(q_rows + 16 * kk, lane, a);
-      kda::ldsm_b16x16<kRowStride>(k_rows + 16 * kk, lane, b);
-      kda::ldsm_a16x16<kRowStride>(q_rows + 16 * kk + 16, lane, a2);
-      kda::ldsm_b16x16<kRowStride>(k_rows + 16 * kk + 16, lane, b2);
-      kda::mma_16816(s0, a, b[0], b[1]);
-      kda::mma_16816(s1, a, b[2], b[3]);
-      kda::mma_16816(s0b, a2, b2[0], b2[1]);
-      kda::mma_16816(s1b, a2, b2[2], b2[3]);
-    }
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      s0[e] += s0b[e];
-      s1[e] += s1b[e];
+#pragma unroll 1
+    for (int kk = 0; kk < kLatentDim / 16; kk += 4) {
+      uint32_t a0[4], a1[4], a2[4], a3[4], b01[4], b23[4];
+      kda::ldsm_a16x16<kRowStride>(q_rows + 16 * kk, lane, a0);
+      kda::ldsm_a16x16<kRowStride>(q_rows + 16 * kk + 16, lane, a1);
+      kda::ldsm_a16x16<kRowStride>(q_rows + 16 * kk + 32, lane, a2);
+      kda::ldsm_a16x16<kRowStride>(q_rows + 16 * kk + 48, lane, a3);
+      kda::ldsm_b8x32<kRowStride>(k_rows + 16 * kk, lane, b01);
+      kda::ldsm_b8x32<kRowStride>(k_rows + 16 * kk + 32, lane, b23);
+      kda::mma_16816(s0, a0, b01[0], b01[1]);
+      kda::mma_16816(sb, a1, b01[2], b01[3]);
+      kda::mma_16816(sc, a2, b23[0], b23[1]);
+      kda::mma_16816(sd, a3, b23[2], b23[3]);
     }
     // Base-2 scaled scores; keys past the sequence get -inf.
     const int key0 = k_begin + t * kTileKeys + kKeysPerWarp * w + 2 * qd;
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      const int dk = e & 1;
-      s0[e] = key0 + dk < k_end ? s0[e] * p.scale_log2 : -INFINITY;
-      s1[e] = key0 + 8 + dk < k_end ? s1[e] * p.scale_log2 : -INFINITY;
+      const float sum = (s0[e] + sb[e]) + (sc[e] + sd[e]);
+      s0[e] = key0 + (e & 1) < k_end ? sum * p.scale_log2 : -INFINITY;
     }
-    const float mx0 = quad_max(fmaxf(fmaxf(s0[0], s0[1]), fmaxf(s1[0], s1[1])));
-    const float mx1 = quad_max(fmaxf(fmaxf(s0[2], s0[3]), fmaxf(s1[2], s1[3])));
+    const float mx0 = quad_max(fmaxf(s0[0], s0[1]));
+    const float mx1 = quad_max(fmaxf(s0[2], s0[3]));
     if (qd == 0) {
       red_s[w * kHeads + row0] = mx0;
       red_s[w * kHeads + row1] = mx1;
@@ -185,15 +184,10 @@ __global__ void __launch_bounds__(128 * kMTiles) mla_decode_split_kernel(const M
       alpha[r] = m_new[r] == -INFINITY ? 1.f : exp2f(m_run[r] - m_new[r]);
       m_run[r] = m_new[r];
     }
-    auto prob = [](float s, float m) { return s == -INFINITY ? 0.f : exp2f(s - m); };
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const float m = m_run[e >> 1];
-      s0[e] = prob(s0[e], m);
-      s1[e] = prob(s1[e], m);
-    }
-    l_run[0] = alpha[0] * l_run[0] + (s0[0] + s0[1] + s1[0] + s1[1]);
-    l_run[1] = alpha[1] * l_run[1] + (s0[2] + s0[3] + s1[2] + s1[3]);
+    for (int e = 0; e < 4; ++e) s0[e] = s0[e] == -INFINITY ? 0.f : exp2f(s0[e] - m_run[e >> 1]);
+    l_run[0] = alpha[0] * l_run[0] + (s0[0] + s0[1]);
+    l_run[1] = alpha[1] * l_run[1] + (s0[2] + s0[3]);
 #pragma unroll
     for (int i = 0; i < kValueColsPerWarp / 8; ++i) {
       o[i][0] *= alpha[0];
@@ -201,15 +195,13 @@ __global__ void __launch_bounds__(128 * kMTiles) mla_decode_split_kernel(const M
       o[i][2] *= alpha[1];
       o[i][3] *= alpha[1];
     }
-    // P (bf16) of this warp's 16 keys into the head tile's rows.
+    // P (bf16) of this warp's 8 keys into the head tile's rows.
     const int pk = kKeysPerWarp * w + 2 * qd;
     *reinterpret_cast<uint32_t*>(p_s + row0 * kPStride + pk) = kda::pack_bf16x2(s0[0], s0[1]);
     *reinterpret_cast<uint32_t*>(p_s + row1 * kPStride + pk) = kda::pack_bf16x2(s0[2], s0[3]);
-    *reinterpret_cast<uint32_t*>(p_s + row0 * kPStride + pk + 8) = kda::pack_bf16x2(s1[0], s1[1]);
-    *reinterpret_cast<uint32_t*>(p_s + row1 * kPStride + pk + 8) = kda::pack_bf16x2(s1[2], s1[3]);
     __syncthreads();
 
-    // O += P V over the tile's 64 keys, for this warp's 128 value columns.
+    // O += P V over the tile's 32 keys, for this warp's 128 value columns.
     const __nv_bfloat16* p_rows = p_s + 16 * mh * kPStride;
 #pragma unroll
     for (int ks = 0; ks < kTileKeys / 16; ++ks) {

@@ -22,7 +22,7 @@ from .cuda_args import check_launch, cuda_tensor, stream_handle
 LATENT_DIM = 576  # csrc/mla/mla_decode_params.h kLatentDim: kv_lora_rank 512 + qk_rope_head_dim 64
 VALUE_DIM = 512
 HEADS = (16, 32)
-TILE_KEYS = 64  # keys_per_split is a multiple of it
+TILE_KEYS = 32  # csrc kTileKeys: keys_per_split is a multiple of it
 
 _BF16 = (torch.bfloat16,)
 _I32 = (torch.int32,)

@@ -30,7 +30,7 @@ from .contract import skip_index_value_checks
 Tensor = torch.Tensor
 
 SPLIT_KEYS = 64  # keys per split are a multiple of this (the kernel's key tile)
-CTAS_PER_SM = 2  # split target: about two CTAs (one resident at a time) per SM
+CTAS_PER_SM = 2  # split target: one wave of CTAs (two resident per SM), never a few CTAs more (a second wave)
 
 
 @functools.lru_cache(maxsize=8)
@@ -39,10 +39,11 @@ def _sm_count(index: int) -> int:
 
 
 def plan_splits(num_seqs: int, max_seq_len: int, sms: int) -> tuple[int, int]:
-    """(num_splits, keys_per_split): enough CTAs to fill the GPU about twice, each over a whole number of key
-    tiles; one split when the sequences alone do."""
+    """(num_splits, keys_per_split): as many CTAs as fit on the GPU at once (rounded down, so that a few CTAs
+    never spill into a second wave), each over a whole number of key tiles; one split when the sequences
+    alone fill the GPU."""
     tiles = max(1, -(-max_seq_len // SPLIT_KEYS))
-    splits = max(1, min(tiles, -(-CTAS_PER_SM * sms // max(num_seqs, 1))))
+    splits = max(1, min(tiles, CTAS_PER_SM * sms // max(num_seqs, 1)))
     keys_per_split = -(-tiles // splits) * SPLIT_KEYS
     return max(1, -(-max_seq_len // keys_per_split)), keys_per_split
 

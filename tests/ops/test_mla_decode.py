@@ -92,6 +92,7 @@ def test_split_plan_covers_every_key_in_whole_tiles():
                 splits, per_split = plan_splits(n, length, sms)
                 assert per_split % SPLIT_KEYS == 0 and per_split > 0 and splits >= 1
                 assert splits * per_split >= length and (splits - 1) * per_split < max(length, 1)
-                assert n * splits <= max(n, 2 * sms + n)  # about two CTAs per SM at most
+                assert n * splits <= max(n, 2 * sms)  # one wave of two CTAs per SM at most
     assert plan_splits(8, 16384, 132) == (32, 512)
     assert plan_splits(300, 4096, 132) == (1, 4096)
+    assert plan_splits(64, 4096, 132) == (4, 1024)  # 256 CTAs: not 5 splits, 320 CTAs in 1.2 waves
