@@ -20,7 +20,7 @@ struct MlaDecodeParams {
   const int32_t* seq_lens;        // [N]: keys of each sequence (its own newest token included); 0 = padding
   int block_size;
   int num_seqs;
-  int num_splits;                 // CTAs per sequence, each over keys_per_split keys (a multiple of 64)
+  int num_splits;                 // CTAs per sequence, each over keys_per_split keys (a multiple of kTileKeys)
   int keys_per_split;
   float scale_log2;               // softmax scale * log2(e): scores are kept in base 2
   float* part_o;                  // [N, num_splits, H, kValueDim] fp32 unnormalised partial outputs

@@ -29,7 +29,7 @@ from .contract import skip_index_value_checks
 
 Tensor = torch.Tensor
 
-SPLIT_KEYS = 64  # keys per split are a multiple of this (the kernel's key tile)
+SPLIT_KEYS = 64  # keys per split are a multiple of this (two of the kernel's 32-key tiles)
 CTAS_PER_SM = 2  # split target: one wave of CTAs (two resident per SM), never a few CTAs more (a second wave)
 
 

@@ -1,7 +1,7 @@
 """The paged MLA decode kernel (csrc/mla) against the float64 reference, on fresh random inputs.
 
 Sizes of Kimi-Linear-48B's MLA (latent rows of 576, values the first 512, 32 heads; 16 at TP 2). Every call's
-output is poisoned with NaN first and must come back finite everywhere. Cases: lengths around the 64-key tile
+output is poisoned with NaN first and must come back finite everywhere. Cases: lengths around the key tiles
 and split boundaries, padding rows (length 0), block sizes 16 and 64 with shuffled blocks, scores large enough
 to saturate a naive softmax, every split count from one to more splits than keys (empty splits), a block
 table that is a column slice of a wider one, and CUDA-graph replay with new lengths and tables.
