@@ -229,3 +229,18 @@ def test_logit_bias_bans_a_token_and_is_checked_against_the_vocabulary(llm):
     assert banned[0] != plain[0] and plain[0] not in banned
     with pytest.raises(ValueError, match="logit_bias"):
         llm.engine.add_request("too-big", prompt, SamplingParams(logit_bias={211: 1.0}))
+
+
+def test_a_corrupt_batch_is_refused_on_the_host_before_the_model_runs(tiny_model, monkeypatch):
+    """The runner checks each eager step's batch once on the host (RaggedBatch.check) and lets the ops skip their
+    own index checks: a slot index gone wrong must still be refused, before any layer touches the pools."""
+    engine = LLMEngine(EngineConfig(num_state_slots=4, num_kv_blocks=64), model=tiny_model)
+    engine.add_request("r", [5, 6, 7, 8], SamplingParams(max_tokens=5, ignore_eos=True))
+    engine.step()
+    calls = []
+    forward = engine.runner.model.forward
+    monkeypatch.setattr(engine.runner.model, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    engine._seqs["r"].state_slot = 4  # one past the pool
+    with pytest.raises(ValueError, match="state_slots"):
+        engine.step()
+    assert calls == []
