@@ -101,11 +101,12 @@ _indices_checked_by_caller: ContextVar[bool] = ContextVar("kda_serving_indices_c
 def indices_checked_by_caller() -> Iterator[None]:
     """Within this scope the ops skip their checks of index *values* (cu_seqlens, slot indices, checkpoints).
 
-    Those checks copy the index tensors to the host: for CUDA tensors a device synchronisation per op call,
-    three per KDA layer in a prefill step, after which the host can no longer run ahead of the GPU. A caller
-    that built the indices itself and checked them once on the host (the engine: RaggedBatch.check; vLLM's
-    and SGLang's metadata builders) opts out of them here. Types, shapes, dtypes and devices are still
-    checked, as that costs no synchronisation. CUDA-graph capture skips the same checks.
+    Those checks copy the index tensors to the host: for CUDA tensors a device synchronisation each, about 12
+    per KDA layer in a prefill step with prefix-cache checkpoints, after each of which the host no longer runs
+    ahead of the GPU (docs/engine.md, "Host synchronisation"). A caller that built the indices itself and
+    checked them once on the host (the engine: RaggedBatch.check; vLLM's and SGLang's metadata builders)
+    opts out of them here. Types, shapes, dtypes and devices are still checked, as that costs no
+    synchronisation. CUDA-graph capture skips the same checks.
     """
     token = _indices_checked_by_caller.set(True)
     try:
