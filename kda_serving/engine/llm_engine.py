@@ -14,12 +14,13 @@ import os
 import torch
 
 from ..cache import KVBlockManager, PrefixCache, StateSlotPool
+from ..model.batch import host_to_device
 from .batch_builder import build_batch
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
 from .model_runner import ModelRunner
 from .outputs import EngineStats, RequestOutput, StepInfo
-from .sampler import Sampler, host_to_device
+from .sampler import Sampler
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
 from .sequence import Sequence

@@ -6,7 +6,7 @@ import logging
 
 import torch
 
-from ..model.batch import RaggedBatch
+from ..model.batch import RaggedBatch, host_to_device
 from ..ops import indices_checked_by_caller
 from .config import EngineConfig
 from .scheduler import SchedulerOutput
@@ -130,8 +130,8 @@ class ModelRunner:
 
     def _copy_kv_blocks(self, src, dst) -> None:
         """Copy-on-write of partly filled shared KV blocks, in every MLA layer."""
-        src_t = torch.tensor(src, dtype=torch.long).to(self.device, non_blocking=True)
-        dst_t = torch.tensor(dst, dtype=torch.long).to(self.device, non_blocking=True)
+        src_t = host_to_device(src, self.device, torch.long)
+        dst_t = host_to_device(dst, self.device, torch.long)
         for kv in self.caches.kv:
             kv.index_copy_(0, dst_t, kv.index_select(0, src_t))
 

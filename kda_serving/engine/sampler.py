@@ -7,14 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..model.batch import host_to_device
 from .sampling_params import SamplingParams
-
-
-def host_to_device(data: list, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """torch.tensor(data, device=device) without its wait for the device: that constructor copies with a
-    stream synchronisation, which would idle the GPU while the host queues the next kernels. From pageable
-    memory a non-blocking copy is staged before it returns, so `data` need not outlive it."""
-    return torch.tensor(data, dtype=dtype).to(device, non_blocking=True)
 
 
 @dataclass

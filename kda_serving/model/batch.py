@@ -16,6 +16,13 @@ import torch
 from ..ops.contract import KDACheckpoints, validate_checkpoints, validate_cu_seqlens, validate_slot_indices
 
 
+def host_to_device(data: list, device: torch.device | str, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """torch.tensor(data, device=device) without its wait for the device: that constructor copies with a
+    stream synchronisation, which would idle the GPU while the host queues the next kernels. From pageable
+    memory a non-blocking copy is staged before it returns, so `data` need not outlive it."""
+    return torch.tensor(data, dtype=dtype).to(device, non_blocking=True)
+
+
 @dataclass
 class StateCheckpoints:
     """KDA states to save inside this step's prefill, for the prefix cache (see docs/kda-contract.md).
@@ -60,8 +67,8 @@ class RaggedBatch:
         """Checks every index this batch holds against the caches it will index (state pools of
         num_state_slots slots, num_kv_blocks latent-KV blocks of block_size rows); raises ValueError. Run on
         the host tensors, once per step, so that the layers can skip the per-op checks that would copy the
-        indices back from the GPU (ops.indices_checked_by_caller). A bad index reaching a CUDA kernel or an indexing op would otherwise
-        end the process's CUDA context, taking every request with it."""
+        indices back from the GPU (ops.indices_checked_by_caller). A bad index reaching a CUDA kernel or an
+        indexing op would otherwise end the process's CUDA context, taking every request with it."""
         T, N, cpu = self.num_tokens, self.num_seqs, torch.device("cpu")
         validate_cu_seqlens(self.cu_seqlens, T, cpu)
         validate_slot_indices("state_slots", self.state_slots, N, num_state_slots, cpu)

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .batch import host_to_device
+
 
 @dataclass
 class ModelCaches:
@@ -43,8 +45,7 @@ class ModelCaches:
         if len(set(dst_slots)) != len(dst_slots):
             raise ValueError("copy_states: 'dst_slots' must be distinct")
         device = self.recurrent[0].device
-        # Non-blocking from pageable memory: the copy is staged at once, and the GPU queue is not drained.
-        src = torch.tensor(src_slots, dtype=torch.long).to(device, non_blocking=True)
-        dst = torch.tensor(dst_slots, dtype=torch.long).to(device, non_blocking=True)
+        src = host_to_device(src_slots, device, torch.long)
+        dst = host_to_device(dst_slots, device, torch.long)
         for pool in (*self.recurrent, *self.conv):
             pool.index_copy_(0, dst, pool.index_select(0, src))

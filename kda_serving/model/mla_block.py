@@ -17,7 +17,7 @@ from torch import nn
 
 from ..ops import mla_decode
 from ..ops.cuda_mla import supports as cuda_mla_supports
-from .batch import RaggedBatch
+from .batch import RaggedBatch, host_to_device
 from .config import ModelConfig
 from .norm import LATENT_NORM_EPS, rms_norm
 
@@ -147,7 +147,7 @@ class MLABlock(nn.Module):
 
         padded = q_max > 1 or Tg != n
         if padded:
-            q_lens_t = torch.tensor(q_lens).to(device, non_blocking=True)  # no wait for the GPU
+            q_lens_t = host_to_device(q_lens, device)
             seq_of = torch.repeat_interleave(torch.arange(n, device=device), q_lens_t, output_size=Tg)
             offset = torch.arange(Tg, device=device) - (torch.cumsum(q_lens_t, 0) - q_lens_t)[seq_of]
             q_pad = q.new_zeros(n, q_max, nh, L)

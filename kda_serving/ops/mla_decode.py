@@ -25,7 +25,7 @@ import functools
 
 import torch
 
-from .contract import skip_index_value_checks
+from .contract import _fail, skip_index_value_checks, validate_scale
 
 Tensor = torch.Tensor
 
@@ -80,10 +80,6 @@ def _(*args, **kwargs) -> None:
     return None
 
 
-def _fail(kind: type[Exception], name: str, message: str):
-    raise kind(f"kda: argument '{name}': {message}")
-
-
 def _validate(q, kv_cache, block_tables, seq_lens, scale, max_seq_len, value_dim) -> None:
     for name, t in (("q", q), ("kv_cache", kv_cache), ("block_tables", block_tables), ("seq_lens", seq_lens)):
         if not isinstance(t, torch.Tensor):
@@ -104,8 +100,9 @@ def _validate(q, kv_cache, block_tables, seq_lens, scale, max_seq_len, value_dim
                                           f"{tuple(block_tables.shape)}")
     if seq_lens.dtype != torch.int32 or tuple(seq_lens.shape) != (N,):
         _fail(ValueError, "seq_lens", f"expected int32 [{N}], got {seq_lens.dtype} of shape {tuple(seq_lens.shape)}")
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale == scale:
-        _fail(TypeError, "scale", f"expected a finite float, got {scale!r}")
+    if scale is None:  # required here (contract.validate_scale would take None for K ** -0.5)
+        _fail(TypeError, "scale", "expected a float, got None")
+    validate_scale(scale, L)
     if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 0:
         _fail(ValueError, "max_seq_len", f"expected an int >= 0, got {max_seq_len!r}")
     if max_seq_len > block_tables.shape[1] * kv_cache.shape[1]:
