@@ -22,21 +22,28 @@ __device__ __forceinline__ void prefetch_l2(const void* ptr, unsigned bytes) {
   asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(ptr), "r"(bytes) : "memory");
 }
 
-// kernel<<<ctas, threads, 0, stream>>>(args...) with programmatic stream serialization allowed.
+// kernel<<<grid, threads, smem_bytes, stream>>>(args...) with programmatic stream serialization allowed.
 template <typename... Params, typename... Args>
-cudaError_t launch_with_pdl(void (*kernel)(Params...), unsigned ctas, unsigned threads, cudaStream_t stream,
-                            Args&&... args) {
+cudaError_t launch_with_pdl(void (*kernel)(Params...), dim3 grid, dim3 threads, size_t smem_bytes,
+                            cudaStream_t stream, Args&&... args) {
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(ctas);
-  cfg.blockDim = dim3(threads);
-  cfg.dynamicSmemBytes = 0;
+  cfg.gridDim = grid;
+  cfg.blockDim = threads;
+  cfg.dynamicSmemBytes = smem_bytes;
   cfg.stream = stream;
   cfg.attrs = attr;
   cfg.numAttrs = 1;
   return cudaLaunchKernelEx(&cfg, kernel, static_cast<Args&&>(args)...);
+}
+
+// kernel<<<ctas, threads, 0, stream>>>(args...) with programmatic stream serialization allowed.
+template <typename... Params, typename... Args>
+cudaError_t launch_with_pdl(void (*kernel)(Params...), unsigned ctas, unsigned threads, cudaStream_t stream,
+                            Args&&... args) {
+  return launch_with_pdl(kernel, dim3(ctas), dim3(threads), 0, stream, static_cast<Args&&>(args)...);
 }
 
 }  // namespace kda

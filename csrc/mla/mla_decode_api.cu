@@ -7,6 +7,7 @@
 #include <cuda_runtime.h>
 
 #include "common/cuda_check.h"
+#include "common/pdl.cuh"
 #include "mla/mla_decode_kernel.cuh"
 
 namespace kda_serving::mla {
@@ -25,13 +26,14 @@ template <int kMTiles>
 cudaError_t launch(const MlaDecodeParams& p, cudaStream_t s) {
   const cudaError_t err = allow_smem<kMTiles>();
   if (err != cudaSuccess) return err;
+  // Both kernels launch with PDL (common/pdl.cuh): each is scheduled while the kernel before it drains.
   const dim3 grid(static_cast<unsigned>(p.num_splits), static_cast<unsigned>(p.num_seqs));
-  mla_decode_split_kernel<kMTiles><<<grid, 128 * kMTiles, MlaSmem<kMTiles>::kBytes, s>>>(p);
-  if (p.num_splits > 1) {
-    mla_decode_combine_kernel<<<static_cast<unsigned>(p.num_seqs) * 16 * kMTiles, kCombineThreads, 0, s>>>(
-        p, 16 * kMTiles);
-  }
-  return cudaGetLastError();
+  cudaError_t e = kda::launch_with_pdl(mla_decode_split_kernel<kMTiles>, grid, dim3(128 * kMTiles),
+                                       MlaSmem<kMTiles>::kBytes, s, p);
+  if (e != cudaSuccess || p.num_splits == 1) return e;
+  return kda::launch_with_pdl(mla_decode_combine_kernel, dim3(static_cast<unsigned>(p.num_seqs) * 16 * kMTiles),
+                              dim3(kCombineColThreads * combine_groups(p.num_splits)), 0, s, p,
+                              16 * kMTiles);
 }
 
 }  // namespace
@@ -46,7 +48,7 @@ int kda_serving_mla_decode(const void* q, const void* kv, int64_t kv_rows, const
                            int block_size, int64_t num_seqs, int heads, int num_splits, int keys_per_split,
                            float scale, float* part_o, float* part_ml, void* out, void* stream) {
   const bool valid = (heads == 16 || heads == 32) && num_seqs >= 0 && num_seqs <= 65535 && block_size > 0 &&
-                     block_table_width >= 0 && num_splits >= 1 && keys_per_split > 0 &&
+                     block_table_width >= 0 && num_splits >= 1 && num_splits <= kMaxSplits && keys_per_split > 0 &&
                      keys_per_split % kTileKeys == 0 && kv_rows >= 0;
   if (!valid) return static_cast<int>(cudaErrorInvalidValue);
   if (num_seqs == 0) return static_cast<int>(cudaSuccess);

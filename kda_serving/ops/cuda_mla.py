@@ -23,6 +23,7 @@ LATENT_DIM = 576  # csrc/mla/mla_decode_params.h kLatentDim: kv_lora_rank 512 + 
 VALUE_DIM = 512
 HEADS = (16, 32)
 TILE_KEYS = 32  # csrc kTileKeys: keys_per_split is a multiple of it
+MAX_SPLITS = 1024  # csrc kMaxSplits: the merge kernel holds one weight per split in shared memory
 
 _BF16 = (torch.bfloat16,)
 _I32 = (torch.int32,)
@@ -66,9 +67,9 @@ def mla_decode(q, kv_cache, block_tables, seq_lens, scale: float, num_splits: in
     if block_tables.shape[0] != N or seq_lens.shape[0] != N:
         raise ValueError(f"kda: argument 'block_tables': expected {N} rows (and seq_lens {N} entries), got "
                          f"{tuple(block_tables.shape)} and {tuple(seq_lens.shape)}")
-    if num_splits < 1 or keys_per_split < TILE_KEYS or keys_per_split % TILE_KEYS:
-        raise ValueError(f"kda: argument 'keys_per_split': must be a positive multiple of {TILE_KEYS}, "
-                         f"got {keys_per_split} ({num_splits} splits)")
+    if not 1 <= num_splits <= MAX_SPLITS or keys_per_split < TILE_KEYS or keys_per_split % TILE_KEYS:
+        raise ValueError(f"kda: argument 'keys_per_split': must be a positive multiple of {TILE_KEYS} in at most "
+                         f"{MAX_SPLITS} splits, got {keys_per_split} ({num_splits} splits)")
     cuda_tensor("out", out, _BF16, dev)
     if tuple(out.shape) != (N, H, VALUE_DIM):
         raise ValueError(f"kda: argument 'out': expected shape {(N, H, VALUE_DIM)}, got {tuple(out.shape)}")

@@ -31,6 +31,7 @@ Tensor = torch.Tensor
 
 SPLIT_KEYS = 64  # keys per split are a multiple of this (two of the kernel's 32-key tiles)
 CTAS_PER_SM = 2  # split target: one wave of CTAs (two resident per SM), never a few CTAs more (a second wave)
+MAX_SPLITS = 1024  # the kernel's bound (cuda_mla.MAX_SPLITS)
 
 
 @functools.lru_cache(maxsize=8)
@@ -43,7 +44,7 @@ def plan_splits(num_seqs: int, max_seq_len: int, sms: int) -> tuple[int, int]:
     never spill into a second wave), each over a whole number of key tiles; one split when the sequences
     alone fill the GPU."""
     tiles = max(1, -(-max_seq_len // SPLIT_KEYS))
-    splits = max(1, min(tiles, CTAS_PER_SM * sms // max(num_seqs, 1)))
+    splits = max(1, min(tiles, CTAS_PER_SM * sms // max(num_seqs, 1), MAX_SPLITS))
     keys_per_split = -(-tiles // splits) * SPLIT_KEYS
     return max(1, -(-max_seq_len // keys_per_split)), keys_per_split
 

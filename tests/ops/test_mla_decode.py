@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kda_serving.ops import indices_checked_by_caller, mla_decode
-from kda_serving.ops.mla_decode import SPLIT_KEYS, plan_splits
+from kda_serving.ops.mla_decode import MAX_SPLITS, SPLIT_KEYS, plan_splits
 
 
 def make_case(lens, H=4, L=40, block_size=4, num_blocks=None, seed=0, dtype=torch.float32, device="cpu"):
@@ -96,3 +96,4 @@ def test_split_plan_covers_every_key_in_whole_tiles():
     assert plan_splits(8, 16384, 132) == (32, 512)
     assert plan_splits(300, 4096, 132) == (1, 4096)
     assert plan_splits(64, 4096, 132) == (4, 1024)  # 256 CTAs: not 5 splits, 320 CTAs in 1.2 waves
+    assert plan_splits(1, 1 << 22, 4096) == (MAX_SPLITS, 4096)  # the merge kernel's bound, on any GPU
