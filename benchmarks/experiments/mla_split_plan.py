@@ -69,7 +69,7 @@ def main() -> None:
         floor_us = N * C * LATENT * 2 / rate * 1e6
         for plan in args.plans.split(","):
             mla_mod.SPLIT_KEYS, mla_mod.CTAS_PER_SM = (int(x) for x in plan.split("x"))
-            splits, kps = mla_mod.plan_splits(N, C, sms)
+            splits, kps = mla_mod.plan_splits(N, C, sms, mla_mod.CTAS_PER_SM)
 
             def call():
                 return mla_decode(q, cache, tables, lens, scale=0.07, max_seq_len=C, value_dim=VALUE)

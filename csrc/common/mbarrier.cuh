@@ -41,4 +41,23 @@ __device__ __forceinline__ void mbarrier_arrive(uint64_t& barrier) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(cute::cast_smem_ptr_to_uint(&barrier)) : "memory");
 }
 
+// Initialises `barrier` for `count` arrivals per phase (one thread; then fence_mbarrier_init and a CTA barrier
+// before any other thread uses it).
+__device__ __forceinline__ void mbarrier_init(uint64_t& barrier, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(cute::cast_smem_ptr_to_uint(&barrier)), "r"(count)
+               : "memory");
+}
+
+// Makes this thread's mbarrier initialisations visible to the async proxy (TMA completes transactions on them).
+__device__ __forceinline__ void fence_mbarrier_init() {
+  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+}
+
+// One arrival on `barrier` that also expects `bytes` more of asynchronous (TMA) transactions in this phase.
+__device__ __forceinline__ void mbarrier_arrive_expect_tx(uint64_t& barrier, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(cute::cast_smem_ptr_to_uint(&barrier)),
+               "r"(bytes)
+               : "memory");
+}
+
 }  // namespace kda

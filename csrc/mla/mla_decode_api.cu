@@ -2,38 +2,101 @@
 // of tensors the caller has validated (mla_decode_params.h); the call only enqueues work on `stream` (the caller
 // passes the split workspace: no allocation, no synchronisation, CUDA-graph capturable) and returns a
 // cudaError_t.
+#include <climits>
 #include <cstdint>
 
+#include <cuda.h>
 #include <cuda_runtime.h>
 
 #include "common/cuda_check.h"
 #include "common/pdl.cuh"
 #include "mla/mla_decode_kernel.cuh"
+#include "mla/mla_decode_wgmma.cuh"
 
 namespace kda_serving::mla {
 namespace {
 
-// Opts the kernel into its (> 48 KB) dynamic shared memory, once per process.
-template <int kMTiles>
-cudaError_t allow_smem() {
-  static const cudaError_t err = cudaFuncSetAttribute(
-      mla_decode_split_kernel<kMTiles>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-      static_cast<int>(MlaSmem<kMTiles>::kBytes));
+// The split kernel: the wgmma one, or (built with -DKDA_MLA_MMA_SYNC, for comparisons) the mma.sync one.
+#ifdef KDA_MLA_MMA_SYNC
+constexpr bool kUseWgmma = false;
+#else
+constexpr bool kUseWgmma = true;
+#endif
+
+template <int kHeads>
+struct SplitKernel {
+  static constexpr int kTileKeys = kUseWgmma ? kWgTileKeys : mla::kTileKeys;
+  static constexpr int kCtasPerSm = kUseWgmma ? 1 : 2;
+};
+
+// The tensor map the wgmma kernel's TMA loads read the cache through: [kv_rows, 576] bf16, boxes of 16 rows x 64
+// columns, 128-byte swizzle (the kernel's shared-memory layout), rows outside the cache read as zeros. Returns
+// whether it could be made: the block size must be a multiple of 16 (a box never straddles two blocks) and the
+// rows must fit TMA's int32 coordinates; otherwise the kernel loads by cp.async.
+using EncodeTiled = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
+                                 const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
+                                 CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+
+EncodeTiled encode_tiled() {  // the driver's cuTensorMapEncodeTiled, looked up once (no link against libcuda)
+  static const EncodeTiled fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    const cudaError_t err = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault,
+                                                             &found);
+    return err == cudaSuccess && found == cudaDriverEntryPointSuccess ? reinterpret_cast<EncodeTiled>(f) : nullptr;
+  }();
+  return fn;
+}
+
+bool make_kv_map(const MlaDecodeParams& p, CUtensorMap* map) {
+  if (p.block_size % kTmaRows != 0 || p.kv_rows <= 0 || p.kv_rows > INT32_MAX - kTmaRows ||
+      reinterpret_cast<uintptr_t>(p.kv) % 16 != 0)
+    return false;
+  const EncodeTiled encode = encode_tiled();
+  if (encode == nullptr) return false;
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(kLatentDim), static_cast<cuuint64_t>(p.kv_rows)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(kLatentDim) * 2};
+  const cuuint32_t box[2] = {64, kTmaRows};
+  const cuuint32_t element_strides[2] = {1, 1};
+  return encode(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<__nv_bfloat16*>(p.kv), dims, strides, box,
+                element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+// Opts kKernel into its (> 48 KB) dynamic shared memory, once per process and kernel.
+template <auto kKernel>
+cudaError_t allow_smem(size_t bytes) {
+  static const cudaError_t err =
+      cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
   return err;
 }
 
-template <int kMTiles>
-cudaError_t launch(const MlaDecodeParams& p, cudaStream_t s) {
-  const cudaError_t err = allow_smem<kMTiles>();
-  if (err != cudaSuccess) return err;
-  // Both kernels launch with PDL (common/pdl.cuh): each is scheduled while the kernel before it drains.
+template <int kHeads>
+cudaError_t launch_split(const MlaDecodeParams& p, cudaStream_t s) {
   const dim3 grid(static_cast<unsigned>(p.num_splits), static_cast<unsigned>(p.num_seqs));
-  cudaError_t e = kda::launch_with_pdl(mla_decode_split_kernel<kMTiles>, grid, dim3(128 * kMTiles),
-                                       MlaSmem<kMTiles>::kBytes, s, p);
+  if constexpr (kUseWgmma) {
+    constexpr auto kernel = mla_decode_wgmma_kernel<kHeads>;
+    const cudaError_t err = allow_smem<kernel>(WgSmem<kHeads>::kBytes);
+    if (err != cudaSuccess) return err;
+    CUtensorMap map{};
+    const int use_tma = make_kv_map(p, &map) ? 1 : 0;
+    return kda::launch_with_pdl(kernel, grid, dim3(kWgThreads), WgSmem<kHeads>::kBytes, s, p, map, use_tma);
+  } else {
+    constexpr auto kernel = mla_decode_split_kernel<kHeads / 16>;
+    const cudaError_t err = allow_smem<kernel>(MlaSmem<kHeads / 16>::kBytes);
+    if (err != cudaSuccess) return err;
+    return kda::launch_with_pdl(kernel, grid, dim3(128 * (kHeads / 16)), MlaSmem<kHeads / 16>::kBytes, s, p);
+  }
+}
+
+template <int kHeads>
+cudaError_t launch(const MlaDecodeParams& p, cudaStream_t s) {
+  if (p.keys_per_split % SplitKernel<kHeads>::kTileKeys != 0) return cudaErrorInvalidValue;
+  // Both kernels launch with PDL (common/pdl.cuh): each is scheduled while the kernel before it drains.
+  const cudaError_t e = launch_split<kHeads>(p, s);
   if (e != cudaSuccess || p.num_splits == 1) return e;
-  return kda::launch_with_pdl(mla_decode_combine_kernel, dim3(static_cast<unsigned>(p.num_seqs) * 16 * kMTiles),
-                              dim3(kCombineColThreads * combine_groups(p.num_splits)), 0, s, p,
-                              16 * kMTiles);
+  return kda::launch_with_pdl(mla_decode_combine_kernel, dim3(static_cast<unsigned>(p.num_seqs) * kHeads),
+                              dim3(kCombineColThreads * combine_groups(p.num_splits)), 0, s, p, kHeads);
 }
 
 }  // namespace
@@ -49,7 +112,7 @@ int kda_serving_mla_decode(const void* q, const void* kv, int64_t kv_rows, const
                            float scale, float* part_o, float* part_ml, void* out, void* stream) {
   const bool valid = (heads == 16 || heads == 32) && num_seqs >= 0 && num_seqs <= 65535 && block_size > 0 &&
                      block_table_width >= 0 && num_splits >= 1 && num_splits <= kMaxSplits && keys_per_split > 0 &&
-                     keys_per_split % kTileKeys == 0 && kv_rows >= 0;
+                     kv_rows >= 0;
   if (!valid) return static_cast<int>(cudaErrorInvalidValue);
   if (num_seqs == 0) return static_cast<int>(cudaSuccess);
   MlaDecodeParams p{};
@@ -69,8 +132,17 @@ int kda_serving_mla_decode(const void* q, const void* kv, int64_t kv_rows, const
   p.part_ml = part_ml;
   p.out = static_cast<__nv_bfloat16*>(out);
   auto s = static_cast<cudaStream_t>(stream);
-  const cudaError_t err = heads == 16 ? launch<1>(p, s) : launch<2>(p, s);
+  const cudaError_t err = heads == 16 ? launch<16>(p, s) : launch<32>(p, s);
   return static_cast<int>(err);
+}
+
+// The split plan's constants for this build's kernel: CTAs resident per SM and the key tile (keys_per_split
+// must be a multiple of it). Returns a cudaError_t.
+int kda_serving_mla_decode_plan(int heads, int* ctas_per_sm, int* tile_keys) {
+  if (heads != 16 && heads != 32) return static_cast<int>(cudaErrorInvalidValue);
+  *ctas_per_sm = heads == 16 ? SplitKernel<16>::kCtasPerSm : SplitKernel<32>::kCtasPerSm;
+  *tile_keys = heads == 16 ? SplitKernel<16>::kTileKeys : SplitKernel<32>::kTileKeys;
+  return static_cast<int>(cudaSuccess);
 }
 
 }  // extern "C"

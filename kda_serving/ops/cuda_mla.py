@@ -22,7 +22,6 @@ from .cuda_args import check_launch, cuda_tensor, stream_handle
 LATENT_DIM = 576  # csrc/mla/mla_decode_params.h kLatentDim: kv_lora_rank 512 + qk_rope_head_dim 64
 VALUE_DIM = 512
 HEADS = (16, 32)
-TILE_KEYS = 32  # csrc kTileKeys: keys_per_split is a multiple of it
 MAX_SPLITS = 1024  # csrc kMaxSplits: the merge kernel holds one weight per split in shared memory
 
 _BF16 = (torch.bfloat16,)
@@ -39,7 +38,20 @@ def library() -> ctypes.CDLL:
                    ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int,
                    ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
     fn.restype = ctypes.c_int
+    plan = lib.kda_serving_mla_decode_plan
+    plan.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_int)]
+    plan.restype = ctypes.c_int
     return lib
+
+
+@functools.lru_cache(maxsize=4)
+def plan_constants(num_heads: int) -> tuple[int, int]:
+    """(CTAs resident per SM, key tile) of the built kernel for num_heads: the split plan fills one wave of
+    CTAs, and keys_per_split must be a multiple of the tile."""
+    ctas, tile = ctypes.c_int(), ctypes.c_int()
+    check_launch(library().kda_serving_mla_decode_plan(num_heads, ctypes.byref(ctas), ctypes.byref(tile)),
+                 "MLA decode plan")
+    return ctas.value, tile.value
 
 
 def supports(num_heads: int, latent_dim: int, value_dim: int) -> bool:
@@ -67,8 +79,9 @@ def mla_decode(q, kv_cache, block_tables, seq_lens, scale: float, num_splits: in
     if block_tables.shape[0] != N or seq_lens.shape[0] != N:
         raise ValueError(f"kda: argument 'block_tables': expected {N} rows (and seq_lens {N} entries), got "
                          f"{tuple(block_tables.shape)} and {tuple(seq_lens.shape)}")
-    if not 1 <= num_splits <= MAX_SPLITS or keys_per_split < TILE_KEYS or keys_per_split % TILE_KEYS:
-        raise ValueError(f"kda: argument 'keys_per_split': must be a positive multiple of {TILE_KEYS} in at most "
+    tile = plan_constants(H)[1]
+    if not 1 <= num_splits <= MAX_SPLITS or keys_per_split < tile or keys_per_split % tile:
+        raise ValueError(f"kda: argument 'keys_per_split': must be a positive multiple of {tile} in at most "
                          f"{MAX_SPLITS} splits, got {keys_per_split} ({num_splits} splits)")
     cuda_tensor("out", out, _BF16, dev)
     if tuple(out.shape) != (N, H, VALUE_DIM):

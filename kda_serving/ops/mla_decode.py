@@ -29,8 +29,8 @@ from .contract import _fail, skip_index_value_checks, validate_scale
 
 Tensor = torch.Tensor
 
-SPLIT_KEYS = 64  # keys per split are a multiple of this (two of the kernel's 32-key tiles)
-CTAS_PER_SM = 2  # split target: one wave of CTAs (two resident per SM), never a few CTAs more (a second wave)
+SPLIT_KEYS = 64  # keys per split are a multiple of this (the kernel's 64-key tile)
+CTAS_PER_SM = None  # split target: one wave of the kernel's resident CTAs (None: cuda_mla.plan_constants)
 MAX_SPLITS = 1024  # the kernel's bound (cuda_mla.MAX_SPLITS)
 
 
@@ -39,12 +39,12 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def plan_splits(num_seqs: int, max_seq_len: int, sms: int) -> tuple[int, int]:
-    """(num_splits, keys_per_split): as many CTAs as fit on the GPU at once (rounded down, so that a few CTAs
-    never spill into a second wave), each over a whole number of key tiles; one split when the sequences
-    alone fill the GPU."""
+def plan_splits(num_seqs: int, max_seq_len: int, sms: int, ctas_per_sm: int = 1) -> tuple[int, int]:
+    """(num_splits, keys_per_split): as many CTAs as fit on the GPU at once (ctas_per_sm resident per SM;
+    rounded down, so that a few CTAs never spill into a second wave), each over a whole number of key tiles;
+    one split when the sequences alone fill the GPU."""
     tiles = max(1, -(-max_seq_len // SPLIT_KEYS))
-    splits = max(1, min(tiles, CTAS_PER_SM * sms // max(num_seqs, 1), MAX_SPLITS))
+    splits = max(1, min(tiles, ctas_per_sm * sms // max(num_seqs, 1), MAX_SPLITS))
     keys_per_split = -(-tiles // splits) * SPLIT_KEYS
     return max(1, -(-max_seq_len // keys_per_split)), keys_per_split
 
@@ -144,7 +144,12 @@ def mla_decode(q: Tensor, kv_cache: Tensor, block_tables: Tensor, seq_lens: Tens
     splits, keys_per_split = 1, SPLIT_KEYS * max(1, -(-max_seq_len // SPLIT_KEYS))
     part_o = part_ml = q.new_empty(0, dtype=torch.float32)
     if q.is_cuda:
-        splits, keys_per_split = plan_splits(N, max_seq_len, _sm_count(q.device.index or 0))
+        from . import cuda_mla
+
+        ctas_per_sm, tile = cuda_mla.plan_constants(H) if cuda_mla.supports(H, q.shape[2], value_dim) else (1, 1)
+        assert SPLIT_KEYS % tile == 0, "the split granule holds whole kernel tiles"
+        splits, keys_per_split = plan_splits(N, max_seq_len, _sm_count(q.device.index or 0),
+                                             CTAS_PER_SM or ctas_per_sm)
         if splits > 1:
             part_o = torch.empty((N, splits, H, value_dim), dtype=torch.float32, device=q.device)
             part_ml = torch.empty((N, splits, H, 2), dtype=torch.float32, device=q.device)

@@ -2,7 +2,8 @@
 
 Sizes of Kimi-Linear-48B's MLA (latent rows of 576, values the first 512, 32 heads; 16 at TP 2). Every call's
 output is poisoned with NaN first and must come back finite everywhere. Cases: lengths around the key tiles
-and split boundaries, padding rows (length 0), block sizes 16 and 64 with shuffled blocks, scores large enough
+and split boundaries, padding rows (length 0), block sizes 8 to 64 with shuffled blocks (TMA loads where the
+block size is a multiple of 16, cp.async otherwise), NaN in every cache row no sequence holds, scores large enough
 to saturate a naive softmax, every split count from one to more splits than keys (empty splits), a block
 table that is a column slice of a wider one, and CUDA-graph replay with new lengths and tables.
 """
@@ -37,7 +38,10 @@ def run_op(q, cache, tables, seq_lens, max_seq_len, splits=None, keys_per_split=
 
     N, H, _ = q.shape
     if splits is None:
-        splits, keys_per_split = plan_splits(N, max_seq_len, _sm_count(q.device.index or 0))
+        from kda_serving.ops import cuda_mla
+
+        splits, keys_per_split = plan_splits(N, max_seq_len, _sm_count(q.device.index or 0),
+                                             cuda_mla.plan_constants(H)[0])
     out = torch.full((N, H, V), float("nan"), dtype=torch.bfloat16, device=q.device)
     part_o = torch.full((N, splits, H, V), float("nan"), device=q.device)
     part_ml = torch.full((N, splits, H, 2), float("nan"), device=q.device)
@@ -53,6 +57,8 @@ def run_op(q, cache, tables, seq_lens, max_seq_len, splits=None, keys_per_split=
     ([300, 0, 1000, 129, 7], 64),
     ([4097, 2500], 16),
     ([0, 0, 0], 16),
+    ([300, 0, 1000, 129, 7], 8),  # not a multiple of 16: cp.async loads instead of TMA boxes
+    ([700, 33], 48),  # three 16-row boxes a block
 ])
 def test_kernel_matches_the_float64_reference(H, lens, block_size):
     q, cache, tables, seq_lens = make_case(lens, H=H, L=L, block_size=block_size, seed=sum(lens) + H,
@@ -135,6 +141,22 @@ def test_bad_block_ids_read_zeros_not_outside_the_cache():
         out = mla_decode(q, cache, tables, seq_lens, scale=SCALE, max_seq_len=100, value_dim=V)
     torch.cuda.synchronize()
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("block_size", [16, 8])
+def test_cache_rows_past_each_sequence_are_never_used(block_size):
+    """Rows past a sequence's end in its last block (and every block no sequence holds) may hold anything,
+    NaN too: the kernel loads whole blocks (TMA boxes of 16 rows at block size 16) and must zero them."""
+    lens = [37, 100, 64, 1]
+    q, cache, tables, seq_lens = make_case(lens, H=32, L=L, block_size=block_size, seed=17, dtype=torch.bfloat16,
+                                           device="cuda")
+    valid = torch.zeros(cache.shape[0] * block_size, dtype=torch.bool)
+    for n, length in enumerate(lens):
+        keys = torch.arange(length)
+        valid[tables[n].cpu()[keys // block_size].long() * block_size + keys % block_size] = True
+    cache.view(-1, L)[~valid.to(cache.device)] = float("nan")
+    out = run_op(q, cache, tables, seq_lens, max(lens))
+    check(out, reference(q, cache, tables, seq_lens, SCALE, V), f"NaN past the ends, block size {block_size}")
 
 
 def test_mla_block_decode_on_the_kernel_matches_the_gather_path():

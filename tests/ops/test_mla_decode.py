@@ -86,14 +86,15 @@ def test_argument_checks_name_the_argument():
 
 
 def test_split_plan_covers_every_key_in_whole_tiles():
-    for sms in (1, 132):
+    for sms, ctas_per_sm in ((1, 1), (132, 1), (132, 2)):
         for n in (1, 3, 8, 64, 300):
             for length in (0, 1, 63, 64, 65, 1000, 16384, 100_000):
-                splits, per_split = plan_splits(n, length, sms)
+                splits, per_split = plan_splits(n, length, sms, ctas_per_sm)
                 assert per_split % SPLIT_KEYS == 0 and per_split > 0 and splits >= 1
                 assert splits * per_split >= length and (splits - 1) * per_split < max(length, 1)
-                assert n * splits <= max(n, 2 * sms)  # one wave of two CTAs per SM at most
-    assert plan_splits(8, 16384, 132) == (32, 512)
-    assert plan_splits(300, 4096, 132) == (1, 4096)
-    assert plan_splits(64, 4096, 132) == (4, 1024)  # 256 CTAs: not 5 splits, 320 CTAs in 1.2 waves
+                assert n * splits <= max(n, ctas_per_sm * sms)  # one wave of resident CTAs at most
+    assert plan_splits(8, 16384, 132, 2) == (32, 512)
+    assert plan_splits(8, 16384, 132, 1) == (16, 1024)
+    assert plan_splits(300, 4096, 132, 2) == (1, 4096)
+    assert plan_splits(64, 4096, 132, 2) == (4, 1024)  # 256 CTAs: not 5 splits, 320 CTAs in 1.2 waves
     assert plan_splits(1, 1 << 22, 4096) == (MAX_SPLITS, 4096)  # the merge kernel's bound, on any GPU
