@@ -4,7 +4,7 @@ For each (sequences, context) case and each plan (SPLIT_KEYS keys per split gran
 call is timed by CUDA-graph replay, and one eager call is profiled for the split and combine kernels' own
 times. 32 heads, 16-token blocks shuffled over the cache (bench_mla_decode.py's inputs).
 
-    python benchmarks/experiments/mla_split_plan.py [--plans 64x2,128x2,256x2] [--cases 1x4096,8x1024]
+    python benchmarks/experiments/mla_split_plan.py [--plans 64x1,128x1,256x1] [--cases 1x4096,8x1024]
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def kernel_us(fn) -> dict[str, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--plans", default="64x2,128x2,256x2,128x1,64x3")
+    ap.add_argument("--plans", default="64x1,128x1,256x1")
     ap.add_argument("--cases", default=CASES)
     args = ap.parse_args()
     rate = copy_rate_bytes_per_s()

@@ -10,26 +10,15 @@
 
 #include "common/cuda_check.h"
 #include "common/pdl.cuh"
-#include "mla/mla_decode_kernel.cuh"
-#include "mla/mla_decode_wgmma.cuh"
+#include "mla/mla_decode_combine.cuh"
+#include "mla/mla_decode_split.cuh"
 
 namespace kda_serving::mla {
 namespace {
 
-// The split kernel: the wgmma one, or (built with -DKDA_MLA_MMA_SYNC, for comparisons) the mma.sync one.
-#ifdef KDA_MLA_MMA_SYNC
-constexpr bool kUseWgmma = false;
-#else
-constexpr bool kUseWgmma = true;
-#endif
+constexpr int kCtasPerSm = 1;  // the split kernel's shared memory (191 KB at 32 heads) fits once per SM
 
-template <int kHeads>
-struct SplitKernel {
-  static constexpr int kTileKeys = kUseWgmma ? kWgTileKeys : mla::kTileKeys;
-  static constexpr int kCtasPerSm = kUseWgmma ? 1 : 2;
-};
-
-// The tensor map the wgmma kernel's TMA loads read the cache through: [kv_rows, 576] bf16, boxes of 16 rows x 64
+// The tensor map the split kernel's TMA loads read the cache through: [kv_rows, 576] bf16, boxes of 16 rows x 64
 // columns, 128-byte swizzle (the kernel's shared-memory layout), rows outside the cache read as zeros. Returns
 // whether it could be made: the block size must be a multiple of 16 (a box never straddles two blocks) and the
 // rows must fit TMA's int32 coordinates; otherwise the kernel loads by cp.async.
@@ -73,25 +62,18 @@ cudaError_t allow_smem(size_t bytes) {
 
 template <int kHeads>
 cudaError_t launch_split(const MlaDecodeParams& p, cudaStream_t s) {
+  constexpr auto kernel = mla_decode_split_kernel<kHeads>;
+  const cudaError_t err = allow_smem<kernel>(WgSmem<kHeads>::kBytes);
+  if (err != cudaSuccess) return err;
+  CUtensorMap map{};
+  const int use_tma = make_kv_map(p, &map) ? 1 : 0;
   const dim3 grid(static_cast<unsigned>(p.num_splits), static_cast<unsigned>(p.num_seqs));
-  if constexpr (kUseWgmma) {
-    constexpr auto kernel = mla_decode_wgmma_kernel<kHeads>;
-    const cudaError_t err = allow_smem<kernel>(WgSmem<kHeads>::kBytes);
-    if (err != cudaSuccess) return err;
-    CUtensorMap map{};
-    const int use_tma = make_kv_map(p, &map) ? 1 : 0;
-    return kda::launch_with_pdl(kernel, grid, dim3(kWgThreads), WgSmem<kHeads>::kBytes, s, p, map, use_tma);
-  } else {
-    constexpr auto kernel = mla_decode_split_kernel<kHeads / 16>;
-    const cudaError_t err = allow_smem<kernel>(MlaSmem<kHeads / 16>::kBytes);
-    if (err != cudaSuccess) return err;
-    return kda::launch_with_pdl(kernel, grid, dim3(128 * (kHeads / 16)), MlaSmem<kHeads / 16>::kBytes, s, p);
-  }
+  return kda::launch_with_pdl(kernel, grid, dim3(kWgThreads), WgSmem<kHeads>::kBytes, s, p, map, use_tma);
 }
 
 template <int kHeads>
 cudaError_t launch(const MlaDecodeParams& p, cudaStream_t s) {
-  if (p.keys_per_split % SplitKernel<kHeads>::kTileKeys != 0) return cudaErrorInvalidValue;
+  if (p.keys_per_split % kWgTileKeys != 0) return cudaErrorInvalidValue;
   // Both kernels launch with PDL (common/pdl.cuh): each is scheduled while the kernel before it drains.
   const cudaError_t e = launch_split<kHeads>(p, s);
   if (e != cudaSuccess || p.num_splits == 1) return e;
@@ -140,8 +122,8 @@ int kda_serving_mla_decode(const void* q, const void* kv, int64_t kv_rows, const
 // must be a multiple of it). Returns a cudaError_t.
 int kda_serving_mla_decode_plan(int heads, int* ctas_per_sm, int* tile_keys) {
   if (heads != 16 && heads != 32) return static_cast<int>(cudaErrorInvalidValue);
-  *ctas_per_sm = heads == 16 ? SplitKernel<16>::kCtasPerSm : SplitKernel<32>::kCtasPerSm;
-  *tile_keys = heads == 16 ? SplitKernel<16>::kTileKeys : SplitKernel<32>::kTileKeys;
+  *ctas_per_sm = kCtasPerSm;
+  *tile_keys = kWgTileKeys;
   return static_cast<int>(cudaSuccess);
 }
 

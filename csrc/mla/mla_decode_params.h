@@ -1,5 +1,6 @@
-// Parameters of the paged MLA decode attention (mla_decode_kernel.cuh): one query token per sequence, attending
-// in the absorbed form over that sequence's cached latent rows, which lie in blocks of a paged cache.
+// Parameters of the paged MLA decode attention (mla_decode_split.cuh, mla_decode_combine.cuh): one query token
+// per sequence, attending in the absorbed form over that sequence's cached latent rows, which lie in blocks of a
+// paged cache.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -20,7 +21,7 @@ struct MlaDecodeParams {
   const int32_t* seq_lens;        // [N]: keys of each sequence (its own newest token included); 0 = padding
   int block_size;
   int num_seqs;
-  int num_splits;                 // CTAs per sequence, each over keys_per_split keys (a multiple of kTileKeys)
+  int num_splits;                 // CTAs per sequence, each over keys_per_split keys (a multiple of kWgTileKeys)
   int keys_per_split;
   float scale_log2;               // softmax scale * log2(e): scores are kept in base 2
   float* part_o;                  // [N, num_splits, H, kValueDim] fp32 unnormalised partial outputs

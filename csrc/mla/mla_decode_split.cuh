@@ -1,10 +1,15 @@
-// Paged MLA decode attention on warpgroup tensor cores (wgmma, SM90), split over keys like mla_decode_kernel.cuh
-// and writing the same partials, so the same merge kernel finishes it.
+// Paged MLA decode attention on warpgroup tensor cores (wgmma, SM90), split over keys: CTA (split, sequence)
+// writes its partial output with its running max and sum, and mla_decode_combine.cuh merges the splits (or the
+// CTA normalises directly when there is one split).
 //
-// Why. The mma.sync kernel is bound by shared memory, not DRAM: per 32-key tile each of its warps re-reads its
-// heads' Q, and it moves about 9 bytes through shared memory per byte of cache (docs/mla-decode-kernel.md). Here
-// the keys are the M dimension and the heads the N dimension of the products, so the tensor cores read every
-// byte of Q, K and V once per 64-key tile, straight from shared memory:
+// Per sequence n and head h:  o_h = sum_j softmax_j(scale q_h . k_j) k_j[:512], with k_j the latent row of key j
+// (576 values) in the paged cache. All heads share the keys (multi-query attention of head size 576), so one
+// CTA takes all H = 16 or 32 heads and reads each key row from memory once.
+//
+// Why wgmma. The first kernel (mma.sync, one warp per 16 heads x 8 keys) was bound by shared memory, not DRAM:
+// each warp re-read its heads' Q for every 32-key tile, about 9 bytes through shared memory per byte of cache
+// (docs/mla-decode-kernel.md). Here the keys are the M dimension and the heads the N dimension of the
+// products, so the tensor cores read every byte of Q, K and V once per 64-key tile, straight from shared memory:
 //   S^T [64 keys, H] = K [64 keys, 576] Q^T [576, H]          (wgmma m64nHk16, both operands K-major)
 //   O^T [512, H]    += V^T [512, 64 keys] P^T [64 keys, H]   (V^T is the same tile read MN-major)
 // Every tile operand is stored in 128-byte-swizzled column blocks of 64 columns (common/wgmma_sm90.cuh), which
@@ -67,7 +72,7 @@ struct WgSmem {
 
 template <int kHeads>
 __global__ void __launch_bounds__(kWgThreads, 1)
-    mla_decode_wgmma_kernel(const MlaDecodeParams p, const __grid_constant__ CUtensorMap kv_map, int use_tma) {
+    mla_decode_split_kernel(const MlaDecodeParams p, const __grid_constant__ CUtensorMap kv_map, int use_tma) {
   using L = WgSmem<kHeads>;
   using ScoreMma = kda::Wgmma<kHeads, kda::GmmaMajor::K, kda::GmmaMajor::K>;
   using PvMma = kda::Wgmma<kHeads, kda::GmmaMajor::MN, kda::GmmaMajor::K>;
