@@ -32,7 +32,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, card_name, copy_rate_bytes_per_s, environment, time_ms, write_json  # noqa: E402
+from common import (  # noqa: E402
+    RESULTS, card_name, copy_rate_bytes_per_s, environment, graph_replay_us, time_ms, write_json,
+)
 
 HIDDEN, H, D, RANK, WIDTH = 2304, 32, 128, 128, 4  # hidden_size; linear_attn_config heads, head_dim; conv
 HD = H * D  # 4096
@@ -87,19 +89,6 @@ def gate_norm_torch(blk: KDABlock, o: torch.Tensor, gate: torch.Tensor) -> torch
 def gate_norm_floor_ms(tokens: int, copy_rate: float) -> float:
     """The gate+norm's memory floor: o and gate read, out written (bf16 [T, HD] each) at the copy rate."""
     return 3 * tokens * HD * 2 / copy_rate * 1e3
-
-
-def graph_us(fn) -> float:
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return time_ms(graph.replay, warmup=5, iters=50) * 1e3
 
 
 def prefill_case(with_fla: bool, copy_rate: float) -> dict:
@@ -200,7 +189,7 @@ def decode_case(copy_rate: float) -> dict:
         "gate_norm": lambda: gate_norm(blk, o.view(N, H, D), gate),
         "projections_out": lambda: gate.view(N, HD) @ blk.W_o.t(),
     }
-    us = {name: graph_us(fn) for name, fn in stages.items()}
+    us = {name: graph_replay_us(fn) for name, fn in stages.items()}
 
     def layer():
         qkv_, g_, gate_, beta_ = project_in(blk, x)
@@ -211,8 +200,8 @@ def decode_case(copy_rate: float) -> dict:
     weight_bytes = 2 * (HIDDEN * (3 * HD + 2 * RANK + H) + 2 * RANK * HD + HD * HIDDEN)
     state_bytes = 2 * N * H * D * D * 4
     return dict(case=f"decode N={N}", tokens=N, core_backend="kda_serving CUDA decode (fp32 state)",
-                stage_ms={k: v / 1e3 for k, v in us.items()}, layer_ms=graph_us(layer) / 1e3,
-                gate_norm_torch_ms=graph_us(lambda: gate_norm_torch(blk, o.view(N, H, D), gate)) / 1e3,
+                stage_ms={k: v / 1e3 for k, v in us.items()}, layer_ms=graph_replay_us(layer) / 1e3,
+                gate_norm_torch_ms=graph_replay_us(lambda: gate_norm_torch(blk, o.view(N, H, D), gate)) / 1e3,
                 gate_norm_floor_ms=gate_norm_floor_ms(N, copy_rate),
                 weight_mb=weight_bytes / 2**20, state_rw_mb=state_bytes / 2**20)
 

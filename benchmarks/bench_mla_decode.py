@@ -22,7 +22,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py
 
-from common import RESULTS, card_name, copy_rate_bytes_per_s, environment, time_ms, write_json  # noqa: E402
+from common import (  # noqa: E402
+    RESULTS, card_name, copy_rate_bytes_per_s, environment, graph_replay_us, write_json,
+)
 
 from kda_serving.model.batch import RaggedBatch  # noqa: E402
 from kda_serving.model.config import ModelConfig  # noqa: E402
@@ -41,16 +43,6 @@ MLA_CONFIG = {  # Kimi-Linear-48B's attention sizes; the rest is minimal (only t
     "linear_attn_config": {"kda_layers": [], "full_attn_layers": [1], "num_heads": 1, "head_dim": 128,
                            "short_conv_kernel_size": 4},
 }
-
-
-def graph_ms(fn) -> float:
-    """Median replay time of a CUDA graph of fn()."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return time_ms(graph.replay, warmup=5, iters=30)
 
 
 def case(block: MLABlock, N: int, context: int, copy_rate: float, gen: torch.Generator) -> dict:
@@ -79,7 +71,7 @@ def case(block: MLABlock, N: int, context: int, copy_rate: float, gen: torch.Gen
 
     with torch.inference_mode():
         diff = (ours().float() - gather_sdpa().float()).norm() / gather_sdpa().float().norm()
-        ours_ms, base_ms = graph_ms(ours), graph_ms(gather_sdpa)
+        ours_ms, base_ms = graph_replay_us(ours, iters=30) / 1e3, graph_replay_us(gather_sdpa, iters=30) / 1e3
     floor_ms = N * context * LATENT * 2 / copy_rate * 1e3
     row = dict(seqs=N, context=context, ours_us=ours_ms * 1e3, gather_sdpa_us=base_ms * 1e3, floor_us=floor_ms * 1e3,
                floor_over_ours=floor_ms / ours_ms, speedup=base_ms / ours_ms, rel_diff_vs_gather=float(diff))

@@ -37,6 +37,21 @@ def time_ms(fn, *, warmup: int = 10, iters: int = 50) -> float:
     return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
 
 
+def graph_replay_us(fn, *, iters: int = 50) -> float:
+    """Median microseconds of one replay of a CUDA graph of fn(), warmed up on a side stream first (as capture
+    wants: lazy initialisation and allocator warm-up happen outside the graph)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return time_ms(graph.replay, warmup=5, iters=iters) * 1e3
+
+
 def copy_rate_bytes_per_s(nbytes: int = 1 << 30) -> float:
     """Device-to-device copy rate, counting bytes read plus bytes written (the bandwidth a floor divides by)."""
     src = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_(0, 255)

@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import copy_rate_bytes_per_s, time_ms  # noqa: E402
+from common import copy_rate_bytes_per_s, graph_replay_us  # noqa: E402
 
 from kda_serving.ops import mla_decode  # noqa: E402
 
@@ -25,15 +25,6 @@ mla_mod = sys.modules["kda_serving.ops.mla_decode"]  # the module (the package e
 
 HEADS, LATENT, VALUE, BLOCK = 32, 576, 512, 16
 CASES = "1x4096,8x1024,8x16384,64x1024,64x4096,16x32768,1x1024,32x2048,128x1024,256x1024"
-
-
-def graph_us(fn) -> float:
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return 1e3 * time_ms(graph.replay, warmup=5, iters=30)
 
 
 def kernel_us(fn) -> dict[str, float]:
@@ -74,7 +65,7 @@ def main() -> None:
             def call():
                 return mla_decode(q, cache, tables, lens, scale=0.07, max_seq_len=C, value_dim=VALUE)
 
-            t = graph_us(call)
+            t = graph_replay_us(call, iters=30)
             parts = kernel_us(call)
             detail = "  ".join(f"{k} {v:6.1f}" for k, v in sorted(parts.items(), reverse=True))
             print(f"N {N:3d} C {C:6d} plan {plan:6s} splits {splits:3d} x {kps:5d} keys: graph {t:7.1f} us "

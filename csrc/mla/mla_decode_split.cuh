@@ -94,6 +94,22 @@ __global__ void __launch_bounds__(kWgThreads, 1)
   const int tid = threadIdx.x, wg = tid / 128, warp = (tid % 128) / 32, lane = tid % 32;
   const int g = lane >> 2, qd = lane & 3;
   auto head_of = [&](int j, int e) { return 8 * j + 2 * qd + e; };  // fragment column (head) of d[4 j + e (+2)]
+  // Warpgroup 0: reduces each of this thread's per-head values v[2 j + e] over the 8 lanes holding other rows of
+  // the same heads, and publishes the warp's result per head in red_s[warp][head] for the four warps to read.
+  auto publish_per_head = [&](float(&v)[2 * (kHeads / 8)], auto op) {
+#pragma unroll
+    for (int i = 0; i < 2 * (kHeads / 8); ++i) {
+#pragma unroll
+      for (int o_ = 4; o_ < 32; o_ <<= 1) v[i] = op(v[i], __shfl_xor_sync(0xffffffffu, v[i], o_));
+    }
+    if (g == 0) {
+#pragma unroll
+      for (int j = 0; j < kHeads / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) red_s[warp * kHeads + head_of(j, e)] = v[2 * j + e];
+    }
+    kda::named_barrier(1, 128);
+  };
 
   // Launched with PDL: q (and possibly the cache rows) come from the kernels before this one.
   kda::grid_dependency_wait();
@@ -229,18 +245,7 @@ __global__ void __launch_bounds__(kWgThreads, 1)
         mx[2 * j] = fmaxf(s[4 * j], s[4 * j + 2]);
         mx[2 * j + 1] = fmaxf(s[4 * j + 1], s[4 * j + 3]);
       }
-#pragma unroll
-      for (int i = 0; i < 2 * kGroups; ++i) {
-#pragma unroll
-        for (int o_ = 4; o_ < 32; o_ <<= 1) mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], o_));
-      }
-      if (g == 0) {
-#pragma unroll
-        for (int j = 0; j < kGroups; ++j)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) red_s[warp * kHeads + head_of(j, e)] = mx[2 * j + e];
-      }
-      kda::named_barrier(1, 128);
+      publish_per_head(mx, [](float a, float b) { return fmaxf(a, b); });
 #pragma unroll
       for (int j = 0; j < kGroups; ++j) {
 #pragma unroll
@@ -309,18 +314,7 @@ __global__ void __launch_bounds__(kWgThreads, 1)
 
   // Each head's sum over the split: warpgroup 0's threads hold their keys' shares; over g, then the 4 warps.
   if (wg == 0) {
-#pragma unroll
-    for (int i = 0; i < 2 * kGroups; ++i) {
-#pragma unroll
-      for (int o_ = 4; o_ < 32; o_ <<= 1) l_run[i] += __shfl_xor_sync(0xffffffffu, l_run[i], o_);
-    }
-    if (g == 0) {
-#pragma unroll
-      for (int j = 0; j < kGroups; ++j)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) red_s[warp * kHeads + head_of(j, e)] = l_run[2 * j + e];
-    }
-    kda::named_barrier(1, 128);
+    publish_per_head(l_run, [](float a, float b) { return a + b; });
     if (warp == 0 && g == 0) {
 #pragma unroll
       for (int j = 0; j < kGroups; ++j) {
