@@ -1,6 +1,6 @@
 """Experiment (not part of CI): where a paged MLA decode call spends its time, and how the split plan moves it.
 
-For each (sequences, context) case and each plan (SPLIT_KEYS keys per split granule, CTAS_PER_SM target), the
+For each (sequences, context) case and each plan (SPLIT_KEYS keys per split granule, CTAs per SM targeted), the
 call is timed by CUDA-graph replay, and one eager call is profiled for the split and combine kernels' own
 times. 32 heads, 16-token blocks shuffled over the cache (bench_mla_decode.py's inputs).
 
@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import copy_rate_bytes_per_s, graph_replay_us  # noqa: E402
 
-from kda_serving.ops import mla_decode  # noqa: E402
+from kda_serving.ops import cuda_mla, mla_decode  # noqa: E402
 
 mla_mod = sys.modules["kda_serving.ops.mla_decode"]  # the module (the package exports the function by that name)
 
@@ -50,6 +50,7 @@ def main() -> None:
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     print(f"{torch.cuda.get_device_name()}  copy rate {rate / 1e12:.2f} TB/s  {sms} SMs")
     gen = torch.Generator(device="cuda").manual_seed(0)
+    tile = cuda_mla.plan_constants(HEADS)[1]
     for spec in args.cases.split(","):
         N, C = (int(x) for x in spec.split("x"))
         blocks = N * (-(-C // BLOCK)) + 1
@@ -59,8 +60,10 @@ def main() -> None:
         q = torch.randn(N, HEADS, LATENT, generator=gen, device="cuda").to(torch.bfloat16)
         floor_us = N * C * LATENT * 2 / rate * 1e6
         for plan in args.plans.split(","):
-            mla_mod.SPLIT_KEYS, mla_mod.CTAS_PER_SM = (int(x) for x in plan.split("x"))
-            splits, kps = mla_mod.plan_splits(N, C, sms, mla_mod.CTAS_PER_SM)
+            split_keys, ctas_per_sm = (int(x) for x in plan.split("x"))
+            mla_mod.SPLIT_KEYS = split_keys
+            cuda_mla.plan_constants = lambda heads, c=ctas_per_sm, t=tile: (c, t)  # the plan mla_decode uses
+            splits, kps = mla_mod.plan_splits(N, C, sms, ctas_per_sm)
 
             def call():
                 return mla_decode(q, cache, tables, lens, scale=0.07, max_seq_len=C, value_dim=VALUE)

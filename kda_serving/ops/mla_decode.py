@@ -30,7 +30,6 @@ from .contract import _fail, skip_index_value_checks, validate_scale
 Tensor = torch.Tensor
 
 SPLIT_KEYS = 64  # keys per split are a multiple of this (the kernel's 64-key tile)
-CTAS_PER_SM = None  # split target: one wave of the kernel's resident CTAs (None: cuda_mla.plan_constants)
 MAX_SPLITS = 1024  # the kernel's bound (cuda_mla.MAX_SPLITS)
 
 
@@ -148,8 +147,7 @@ def mla_decode(q: Tensor, kv_cache: Tensor, block_tables: Tensor, seq_lens: Tens
 
         ctas_per_sm, tile = cuda_mla.plan_constants(H) if cuda_mla.supports(H, q.shape[2], value_dim) else (1, 1)
         assert SPLIT_KEYS % tile == 0, "the split granule holds whole kernel tiles"
-        splits, keys_per_split = plan_splits(N, max_seq_len, _sm_count(q.device.index or 0),
-                                             CTAS_PER_SM or ctas_per_sm)
+        splits, keys_per_split = plan_splits(N, max_seq_len, _sm_count(q.device.index or 0), ctas_per_sm)
         if splits > 1:
             part_o = torch.empty((N, splits, H, value_dim), dtype=torch.float32, device=q.device)
             part_ml = torch.empty((N, splits, H, 2), dtype=torch.float32, device=q.device)
