@@ -19,7 +19,7 @@ import logging
 import threading
 
 from .config import EngineConfig
-from .llm_engine import LLMEngine
+from .llm_engine import LLMEngine, check_priority
 from .outputs import EngineStats, RequestOutput
 from .sampling_params import SamplingParams
 
@@ -40,7 +40,7 @@ class AsyncLLMEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._wake = threading.Condition()
-        self._inbox: list[tuple] = []  # ("add", id, tokens, params) | ("abort", id)
+        self._inbox: list[tuple] = []  # ("add", id, tokens, params, priority) | ("abort", id)
         self._streams: dict[str, asyncio.Queue] = {}
         self._stats = EngineStats()
         self._stopping = False
@@ -91,14 +91,17 @@ class AsyncLLMEngine:
 
     # ---- requests -----------------------------------------------------------------------------------------
 
-    async def generate(self, request_id: str, prompt_token_ids, params: SamplingParams | None = None):
+    async def generate(self, request_id: str, prompt_token_ids, params: SamplingParams | None = None,
+                       priority: int = 0):
         """Streams RequestOutputs of one request until it finishes. Bad arguments raise TypeError/ValueError
-        before anything is queued. Stopping the iteration early aborts the request."""
+        before anything is queued. Stopping the iteration early aborts the request. priority: as in
+        LLMEngine.add_request."""
         engine = self._require()
         if not self.is_running:
             raise EngineDeadError("AsyncLLMEngine: the engine is not running")
         params = SamplingParams() if params is None else params
         _check_request(engine, request_id, prompt_token_ids, params)
+        check_priority(priority, engine.config.scheduling_policy, "generate")
         if request_id in self._streams:
             raise ValueError(f"generate: 'request_id' {request_id!r} is already in use")
         queue: asyncio.Queue = asyncio.Queue()
@@ -106,7 +109,7 @@ class AsyncLLMEngine:
             if self._stopping:
                 raise EngineDeadError("AsyncLLMEngine: the engine is shutting down")
             self._streams[request_id] = queue
-            self._inbox.append(("add", request_id, list(prompt_token_ids), params))
+            self._inbox.append(("add", request_id, list(prompt_token_ids), params, priority))
             self._wake.notify()
         finished = False
         try:
@@ -173,9 +176,9 @@ class AsyncLLMEngine:
 
     def _handle(self, engine: LLMEngine, message: tuple) -> None:
         if message[0] == "add":
-            _, request_id, tokens, params = message
+            _, request_id, tokens, params, priority = message
             try:
-                engine.add_request(request_id, tokens, params)
+                engine.add_request(request_id, tokens, params, priority)
             except (TypeError, ValueError) as exc:
                 self._deliver(request_id, exc)
         else:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 CHECKPOINT_ALIGN = 64  # == kda_serving.ops.contract.CHECKPOINT_ALIGN; repeated so this module needs no torch
 _DEVICES = ("cpu", "cuda")
 _DTYPES = ("float32", "bfloat16")
+SCHEDULING_POLICIES = ("fcfs", "priority")  # engine/scheduler.py
 
 
 def _fail(kind, name, message):
@@ -45,6 +46,8 @@ class EngineConfig:
     (more state slots in the same budget) and the decode's state traffic, at one bf16 rounding per step.
     enable_cuda_graphs: on CUDA, decode steps replay captured CUDA graphs (engine/cuda_graphs.py) when the
     model allows it (bf16, MoE on grouped GEMMs); False runs every step eagerly.
+    scheduling_policy: "fcfs" (first come first served) or "priority" (requests carry a priority, lower
+    served first, and may preempt running requests of a lower one; engine/scheduler.py).
     """
 
     model: str | None = None
@@ -65,6 +68,7 @@ class EngineConfig:
     prefix_cache_interval: int = 256
     served_model_name: str | None = None
     seed: int = 0
+    scheduling_policy: str = "fcfs"
 
     def __post_init__(self):
         if self.model is not None and not isinstance(self.model, str):
@@ -109,3 +113,6 @@ class EngineConfig:
             _fail(TypeError, "served_model_name", "must be a string or None")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             _fail(TypeError, "seed", "must be an int")
+        if self.scheduling_policy not in SCHEDULING_POLICIES:
+            _fail(ValueError, "scheduling_policy",
+                  f"must be one of {SCHEDULING_POLICIES}, got {self.scheduling_policy!r}")

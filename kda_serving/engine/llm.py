@@ -29,10 +29,11 @@ class LLM:
     def tokenizer(self):
         return self.engine.tokenizer
 
-    def generate(self, prompts, sampling_params=None) -> list[RequestOutput]:
+    def generate(self, prompts, sampling_params=None, priority=None) -> list[RequestOutput]:
         """prompts: a string, a list of strings, or a list of token-id lists. sampling_params: one
-        SamplingParams for all or one per prompt. Returns the final output of each prompt, in order, with
-        every token's logprobs where asked for."""
+        SamplingParams for all or one per prompt. priority: None, or one int per prompt (lower served first;
+        needs scheduling_policy="priority"). Returns the final output of each prompt, in order, with every
+        token's logprobs where asked for."""
         prompt_ids = self._tokenize(prompts)
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
             params = [sampling_params or SamplingParams()] * len(prompt_ids)
@@ -40,13 +41,17 @@ class LLM:
             params = list(sampling_params)
         else:
             raise ValueError("generate: 'sampling_params' must be one SamplingParams or one per prompt")
+        if priority is None:
+            priority = [0] * len(prompt_ids)
+        elif not isinstance(priority, (list, tuple)) or len(priority) != len(prompt_ids):
+            raise ValueError("generate: 'priority' must be None or one int per prompt")
         ids = []
         try:
-            for tokens, p in zip(prompt_ids, params):
+            for tokens, p, rank in zip(prompt_ids, params, priority):
                 request_id = f"llm-{self._next_id}"
                 self._next_id += 1
                 # Delta updates, summed here: an update then costs the same at any output length.
-                self.engine.add_request(request_id, tokens, dataclasses.replace(p, output_kind="delta"))
+                self.engine.add_request(request_id, tokens, dataclasses.replace(p, output_kind="delta"), rank)
                 ids.append(request_id)
         except (TypeError, ValueError):
             for request_id in ids:  # all or nothing: a bad prompt leaves no request of this call behind

@@ -68,7 +68,8 @@ class LLMEngine:
             PrefixCache(config.prefix_cache_interval, self.slots, self.blocks) if config.enable_prefix_caching else None
         )
         self.scheduler = Scheduler(
-            config.max_num_seqs, config.max_num_batched_tokens, self.slots, self.blocks, self.prefix_cache
+            config.max_num_seqs, config.max_num_batched_tokens, self.slots, self.blocks, self.prefix_cache,
+            policy=config.scheduling_policy,
         )
         self.device = self.runner.device
         self._generator = torch.Generator(device=self.device)
@@ -87,9 +88,12 @@ class LLMEngine:
 
     # ---- requests -----------------------------------------------------------------------------------------
 
-    def add_request(self, request_id: str, prompt_token_ids, params: SamplingParams | None = None) -> None:
-        """Queues a request. Raises TypeError/ValueError for a bad id, prompt or params."""
+    def add_request(self, request_id: str, prompt_token_ids, params: SamplingParams | None = None,
+                    priority: int = 0) -> None:
+        """Queues a request. Raises TypeError/ValueError for a bad id, prompt, params or priority (lower is
+        served first; other than 0 only under scheduling_policy="priority")."""
         params = SamplingParams() if params is None else params
+        check_priority(priority, self.config.scheduling_policy, "add_request")
         if not isinstance(params, SamplingParams):
             raise TypeError(f"add_request: 'params' must be SamplingParams, got {type(params).__name__}")
         if not isinstance(request_id, str):
@@ -117,7 +121,7 @@ class LLMEngine:
                 f"add_request: the prompt has {len(prompt_token_ids)} tokens; this engine's limit is "
                 f"{self.max_model_len - 1} (max_model_len {self.max_model_len} includes one generated token)"
             )
-        seq = Sequence(request_id, list(prompt_token_ids), params, next(self._arrivals))
+        seq = Sequence(request_id, list(prompt_token_ids), params, next(self._arrivals), priority)
         if params.seed is not None and not params.greedy:
             seq.generator = torch.Generator(device=self.device)
             seq.generator.manual_seed(params.seed)
@@ -234,3 +238,13 @@ class LLMEngine:
             num_steps_total=self._steps,
             finish_reasons=dict(self._finish_reasons),
         )
+
+
+def check_priority(priority, policy: str, caller: str) -> None:
+    """A request's priority: an int, and other than 0 only where the engine schedules by priority (under
+    first come first served it would be silently ignored)."""
+    if not isinstance(priority, int) or isinstance(priority, bool):
+        raise TypeError(f"{caller}: 'priority' must be an int, got {type(priority).__name__}")
+    if priority and policy != "priority":
+        raise ValueError(f"{caller}: 'priority' {priority} needs scheduling_policy='priority'; this engine serves "
+                         "requests first come first served")

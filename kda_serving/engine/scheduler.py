@@ -7,17 +7,24 @@ entries when needed). A decode that needs a new KV block and finds none preempts
 request, which frees everything and is recomputed later. Finished and aborted requests free their slot and
 blocks at once; a finished turn's slot and blocks become a prefix-cache entry instead.
 
+The "priority" policy orders both queues by (priority, arrival), lower first: the waiting queue, and the
+running list, whose last request is the one a decode preempts. And before a step, while the first waiting
+request outranks the last running one and finds no room (a sequence place, a state slot, its prompt's KV
+blocks), the last running request is preempted for it. Equal priorities are served first come first served,
+as under "fcfs".
+
 Plain Python: no torch. The engine turns a SchedulerOutput into a RaggedBatch.
 """
 
 from __future__ import annotations
 
+import bisect
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
 from ..cache import KVBlockManager, PrefixCache, StateSlotPool
 from .chunk_plan import plan_chunk
-from .config import CHECKPOINT_ALIGN
+from .config import CHECKPOINT_ALIGN, SCHEDULING_POLICIES
 from .sequence import Sequence, SequenceStatus
 
 
@@ -67,7 +74,11 @@ class Scheduler:
         blocks: KVBlockManager,
         prefix_cache: PrefixCache | None = None,
         checkpoint_align: int = CHECKPOINT_ALIGN,
+        policy: str = "fcfs",
     ):
+        if policy not in SCHEDULING_POLICIES:
+            raise ValueError(f"Scheduler: 'policy' must be one of {SCHEDULING_POLICIES}, got {policy!r}")
+        self.policy = policy
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.slots = slots
@@ -87,7 +98,18 @@ class Scheduler:
     # ---- queue --------------------------------------------------------------------------------------------
 
     def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+        self._queue(seq, front=False)
+
+    def _queue(self, seq: Sequence, front: bool) -> None:
+        """Into the waiting queue: at its end (a new request) or front (a preempted one) under fcfs, at its
+        (priority, arrival) place under priority."""
+        if self.policy == "priority":
+            keys = [(s.priority, s.arrival) for s in self.waiting]
+            self.waiting.insert(bisect.bisect_right(keys, (seq.priority, seq.arrival)), seq)
+        elif front:
+            self.waiting.appendleft(seq)
+        else:
+            self.waiting.append(seq)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -97,6 +119,8 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
+        if self.policy == "priority":
+            self._preempt_for_waiting(out)
         # Slots that checkpoints must leave free for requests that could still be admitted this step.
         self._slot_reserve = min(len(self.waiting), self.max_num_seqs - len(self.running))
         # Decodes first, so that running generations never wait behind a long prompt's chunks.
@@ -123,6 +147,20 @@ class Scheduler:
             budget -= self._schedule_chunk(seq, budget, out)
         self.waiting.extendleft(reversed(skipped))
         return out
+
+    def _preempt_for_waiting(self, out: SchedulerOutput) -> None:
+        """Priority policy, before anything is scheduled this step: preempts the last running request while the
+        first waiting one outranks it and has no room to be admitted."""
+        while self.waiting and self.running and self.waiting[0].priority < self.running[-1].priority:
+            head = self.waiting[0]
+            need = self.blocks.blocks_for(head.num_tokens)  # a prefix-cache hit could need fewer
+            room = len(self.running) < self.max_num_seqs and (
+                (self.slots.num_free >= 1 and self.blocks.num_free >= need)
+                or (self.cache is not None and self.cache.make_room(1, need))
+            )
+            if room:
+                return
+            self._preempt(self.running[-1], out)
 
     def _grow_blocks(self, seq: Sequence, out: SchedulerOutput) -> bool:
         """Gives seq the KV block its next token needs, evicting cache entries or preempting the last request."""
@@ -178,7 +216,10 @@ class Scheduler:
                 self.prefix_hit_tokens += length
                 self.prefix_hits += length > 0
         seq.status = SequenceStatus.RUNNING
-        self.running.append(seq)
+        if self.policy == "priority":  # the running list stays in (priority, arrival) order: its last is preempted
+            bisect.insort(self.running, seq, key=lambda s: (s.priority, s.arrival))
+        else:
+            self.running.append(seq)
         return True
 
     def _schedule_chunk(self, seq: Sequence, budget: int, out: SchedulerOutput) -> int:
@@ -269,7 +310,7 @@ class Scheduler:
         self._release(seq, cache_it=False)
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
-        self.waiting.appendleft(seq)
+        self._queue(seq, front=True)
         out.preempted.append(seq)
         self.num_preemptions += 1
 

@@ -25,12 +25,14 @@ class Sequence:
     convert only its new blocks each step.
     """
 
-    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, arrival: int):
+    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, arrival: int,
+                 priority: int = 0):
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.token_ids = list(prompt_token_ids)
         self.params = params
         self.arrival = arrival
+        self.priority = priority  # the "priority" scheduling policy serves lower values first
         self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0
         self.num_cached_tokens: int | None = None  # prompt tokens restored from the prefix cache (first admission)

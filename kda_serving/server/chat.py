@@ -28,7 +28,8 @@ async def create_chat_completion(request: Request, server) -> Response:
     response_id = f"chatcmpl-{uuid.uuid4().hex}"
     num_logprobs = req.num_logprobs()
     choices = [Choice(index=j, request_id=f"{response_id}-{j}", prompt_token_ids=ids,
-                      params=sampling_params(req, max_tokens, j, num_logprobs)) for j in range(req.n)]
+                      params=sampling_params(req, max_tokens, j, num_logprobs), priority=req.priority)
+               for j in range(req.n)]
     header = ResponseHeader(response_id, int(time.time()), engine.model_name)
     return await respond(request, server, choices, header, _format(engine.tokenizer, num_logprobs is not None),
                          stream=req.stream, include_usage=req.include_usage_in_stream())

@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     eng.add_argument("--prefix-cache-interval", type=int, default=None,
                      help="prompt tokens between cached states (multiple of 64 and of the block size)")
     eng.add_argument("--seed", type=int, default=None, help="engine seed for unseeded sampling")
+    eng.add_argument("--scheduling-policy", default=None, choices=["fcfs", "priority"],
+                     help="fcfs (default), or priority: requests' `priority` field orders the queue (lower first) "
+                          "and may preempt running requests of a lower priority")
     eng.add_argument("--cpu-threads", type=int, default=None,
                      help="torch intra-op threads (default: torch's choice); 1 is fastest for the small "
                           "default model on a busy machine, where extra threads only spin")
@@ -61,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 ENGINE_FLAGS = ("model", "served_model_name", "device", "dtype", "max_num_seqs", "max_num_batched_tokens",
                 "max_model_len", "num_state_slots", "num_kv_blocks", "block_size", "gpu_memory_utilization",
                 "cpu_cache_bytes", "enable_prefix_caching", "enable_cuda_graphs", "kda_state_dtype",
-                "prefix_cache_interval", "seed")
+                "prefix_cache_interval", "seed", "scheduling_policy")
 
 
 def main(argv: list[str] | None = None) -> None:

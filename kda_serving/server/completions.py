@@ -33,7 +33,8 @@ async def create_completion(request: Request, server) -> Response:
         for j in range(req.n):
             index = p * req.n + j
             choices.append(Choice(index=index, request_id=f"{response_id}-{index}", prompt_token_ids=ids,
-                                  params=sampling_params(req, max_tokens, j, req.logprobs), prompt_index=p))
+                                  params=sampling_params(req, max_tokens, j, req.logprobs), prompt_index=p,
+                                  priority=req.priority))
     header = ResponseHeader(response_id, int(time.time()), engine.model_name)
     return await respond(request, server, choices, header, _format(engine.tokenizer, req.logprobs is not None),
                          stream=req.stream, include_usage=req.include_usage_in_stream())

@@ -32,6 +32,7 @@ class Choice:
     prompt_token_ids: list[int]
     params: Any  # kda_serving.engine.SamplingParams
     prompt_index: int = 0  # which prompt of a batched completion request it answers
+    priority: int = 0  # the request's scheduling priority (lower first)
     # Filled while it runs, from the engine's delta updates (intake.sampling_params asks for them).
     output_token_ids: list[int] = field(default_factory=list)
     text_parts: list[str] = field(default_factory=list)
@@ -65,7 +66,8 @@ async def generate_choices(engine, choices: list[Choice], metrics: ServerMetrics
     try:
         if len(choices) == 1:
             choice = choices[0]
-            async with aclosing(engine.generate(choice.request_id, choice.prompt_token_ids, choice.params)) as it:
+            async with aclosing(engine.generate(choice.request_id, choice.prompt_token_ids, choice.params,
+                                                    choice.priority)) as it:
                 async for out in it:
                     _record(choice, out, metrics, started, endpoint)
                     yield choice, out
@@ -75,7 +77,8 @@ async def generate_choices(engine, choices: list[Choice], metrics: ServerMetrics
 
         async def pump(choice: Choice) -> None:
             try:
-                async with aclosing(engine.generate(choice.request_id, choice.prompt_token_ids, choice.params)) as it:
+                async with aclosing(engine.generate(choice.request_id, choice.prompt_token_ids, choice.params,
+                                                    choice.priority)) as it:
                     async for out in it:
                         await queue.put((choice, out, None))
             except Exception as exc:  # handed to the consumer, which re-raises it in its own task

@@ -4,8 +4,8 @@ Strict means: unknown fields are refused (a typo such as `max_token` must not si
 no type coercion (`"max_tokens": "5"` and `"n": 2.0` are errors), and every range is checked here, before the
 engine sees the request, so the answer is a 400 naming the parameter. OpenAI fields we know but do not
 implement (tools, `echo`, ...) are accepted only at their neutral value and refused otherwise.
-Four vLLM-style extensions are accepted because the engine has them: `top_k`, `ignore_eos`, `stop_token_ids`,
-`repetition_penalty`.
+Five vLLM-style extensions are accepted because the engine has them: `top_k`, `ignore_eos`, `stop_token_ids`,
+`repetition_penalty`, `priority`.
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ class _SamplingFields(_Strict):
     ignore_eos: bool = False
     stop_token_ids: list[NonNegInt] | None = None
     repetition_penalty: float | None = Field(None, gt=0.0, allow_inf_nan=False)
+    priority: int = Field(0, ge=-INT64_MAX, le=INT64_MAX)  # lower first; needs --scheduling-policy priority
 
     @model_validator(mode="after")
     def _check_shared(self):

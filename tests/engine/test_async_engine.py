@@ -105,6 +105,8 @@ def test_bad_requests_raise_and_engine_keeps_serving(tiny_model):
             await collect(engine, "x", [3] * 5000, SamplingParams())
         with pytest.raises(TypeError, match="params"):
             await collect(engine, "x", [3], {"max_tokens": 3})
+        with pytest.raises(ValueError, match="scheduling_policy"):  # a priority on a first-come engine
+            _ = [out async for out in engine.generate("x", [3], SamplingParams(), priority=2)]
         outs = await collect(engine, "ok", [3, 4], SamplingParams(max_tokens=2, ignore_eos=True))
         await engine.shutdown()
         return outs
@@ -123,3 +125,27 @@ def test_shutdown_ends_open_streams(tiny_model):
 
     rest = asyncio.run(main())
     assert rest[-1].finished and rest[-1].finish_reason == "abort"
+
+
+def test_priority_requests_through_the_async_engine(tiny_model):
+    """One slot, a long low-priority stream running: a high-priority request queued behind it preempts it,
+    and both streams still end with their full output."""
+    async def main():
+        engine = AsyncLLMEngine(config(num_state_slots=1, max_num_seqs=1, enable_prefix_caching=False,
+                                       scheduling_policy="priority"), model=tiny_model)
+        await engine.start()
+        long = asyncio.create_task(collect_priority(engine, "low", [5, 6, 7], 40, priority=3))
+        await wait_for(lambda: engine.stats().num_running == 1)
+        urgent = await collect_priority(engine, "urgent", [8, 9], 3, priority=0)
+        low = await long
+        await engine.shutdown()
+        return urgent, low, engine.stats()
+
+    urgent, low, stats = asyncio.run(main())
+    assert len(urgent[-1].output_token_ids) == 3 and len(low[-1].output_token_ids) == 40
+    assert stats.num_preemptions_total >= 1
+
+
+async def collect_priority(engine, request_id, prompt, max_tokens, priority):
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    return [out async for out in engine.generate(request_id, prompt, params, priority=priority)]

@@ -147,6 +147,8 @@ def test_engine_config_validation():
         EngineConfig(kda_state_dtype="float16")
     with pytest.raises(TypeError, match="enable_cuda_graphs"):
         EngineConfig(enable_cuda_graphs=1)
+    with pytest.raises(ValueError, match="scheduling_policy"):
+        EngineConfig(scheduling_policy="lifo")
     assert EngineConfig(device="cuda").dtype == "bfloat16" and EngineConfig().dtype == "float32"
 
 
@@ -244,3 +246,59 @@ def test_a_corrupt_batch_is_refused_on_the_host_before_the_model_runs(tiny_model
     with pytest.raises(ValueError, match="state_slots"):
         engine.step()
     assert calls == []
+
+
+def _run_to_end(engine) -> tuple[dict[str, list[int]], list[str]]:
+    """Every request's output tokens, and the order in which they finished."""
+    tokens, finished = {}, []
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            tokens[out.request_id] = out.output_token_ids
+            if out.finished:
+                finished.append(out.request_id)
+    return tokens, finished
+
+
+def test_priority_policy_serves_an_urgent_request_first_and_loses_nothing(tiny_model):
+    """Two slots held by long low-priority generations: an urgent request preempts the later of them at once,
+    finishes first, and every generation equals the same prompt run alone (the preempted one recomputes)."""
+    config = dict(num_state_slots=2, num_kv_blocks=64, max_num_seqs=2, enable_prefix_caching=False)
+    engine = LLMEngine(EngineConfig(**config, scheduling_policy="priority"), model=tiny_model)
+    prompts = random_prompts([12, 9, 7], 211, seed=5)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    engine.add_request("low0", prompts[0], params, priority=5)
+    engine.add_request("low1", prompts[1], params, priority=5)
+    for _ in range(3):
+        engine.step()
+    engine.add_request("urgent", prompts[2], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True),
+                       priority=-1)
+    tokens, finished = _run_to_end(engine)
+    assert finished[0] == "urgent" and engine.stats().num_preemptions_total == 1
+    alone = LLMEngine(EngineConfig(**config), model=tiny_model)
+    for i, (name, rank) in enumerate([("low0", 5), ("low1", 5), ("urgent", -1)]):
+        alone.add_request(name, prompts[i], params if name != "urgent" else
+                          SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+        assert _run_to_end(alone)[0][name] == tokens[name], name
+
+
+def test_llm_generate_takes_one_priority_per_prompt(llm):
+    prompts = [[1, 2], [3, 4]]
+    with pytest.raises(ValueError, match="one int per prompt"):
+        llm.generate(prompts, SamplingParams(max_tokens=1), priority=[0])
+    with pytest.raises(ValueError, match="scheduling_policy"):  # the default engine serves first come first
+        llm.generate(prompts, SamplingParams(max_tokens=1), priority=[0, 1])
+    assert not llm.engine.has_unfinished_requests()  # all or nothing
+    assert len(llm.generate(prompts, SamplingParams(max_tokens=1), priority=[0, 0])) == 2
+
+
+def test_priority_needs_the_priority_policy_and_an_int(tiny_model):
+    engine = LLMEngine(EngineConfig(num_state_slots=2, num_kv_blocks=16), model=tiny_model)
+    with pytest.raises(ValueError, match="scheduling_policy='priority'"):
+        engine.add_request("r", [1, 2], priority=3)
+    engine.add_request("r0", [1, 2], priority=0)  # the default priority is fine under fcfs
+    prio = LLMEngine(EngineConfig(num_state_slots=2, num_kv_blocks=16, scheduling_policy="priority"),
+                     model=tiny_model)
+    for bad in (1.5, "1", True, None):
+        with pytest.raises(TypeError, match="priority"):
+            prio.add_request("r", [1, 2], priority=bad)
+    assert not prio.has_unfinished_requests()

@@ -24,11 +24,12 @@ from kda_serving.engine.sequence import Sequence, SequenceStatus
 
 class SimEngine:
     def __init__(self, slots=8, blocks=64, block_size=2, interval=8, align=4, max_seqs=4, budget=16, cache=True,
-                 seed=0):
+                 seed=0, policy="fcfs"):
         self.slots = StateSlotPool(slots)
         self.blocks = KVBlockManager(blocks, block_size)
         self.cache = PrefixCache(interval, self.slots, self.blocks) if cache else None
-        self.sched = Scheduler(max_seqs, budget, self.slots, self.blocks, self.cache, checkpoint_align=align)
+        self.sched = Scheduler(max_seqs, budget, self.slots, self.blocks, self.cache, checkpoint_align=align,
+                               policy=policy)
         self.state = {}  # slot -> token tuple
         self.kv = {}  # block -> list of tokens (None = never written)
         self.rng = random.Random(seed)
@@ -36,8 +37,8 @@ class SimEngine:
         self.finished: list[Sequence] = []
         self.max_batch_tokens = budget
 
-    def add(self, prompt, max_tokens=3):
-        seq = Sequence(f"r{self.n}", prompt, SamplingParams(max_tokens=max_tokens), self.n)
+    def add(self, prompt, max_tokens=3, priority=0):
+        seq = Sequence(f"r{self.n}", prompt, SamplingParams(max_tokens=max_tokens), self.n, priority)
         self.n += 1
         self.sched.add(seq)
         return seq
@@ -96,6 +97,10 @@ class SimEngine:
         assert all(self.blocks.ref_count(b) == c for b, c in refs.items())
         for s in self.sched.waiting:
             assert s.state_slot is None and not s.block_table and s.status is SequenceStatus.WAITING
+        if self.sched.policy == "priority":
+            for queue in (list(self.sched.waiting), running):
+                keys = [(s.priority, s.arrival) for s in queue]
+                assert keys == sorted(keys), "priority queues must stay in (priority, arrival) order"
 
     def run(self, max_steps=500):
         for _ in range(max_steps):
@@ -200,6 +205,58 @@ def test_preemption_when_kv_blocks_run_out():
     sim.drain_cache()
 
 
+def test_priority_policy_admits_by_priority_then_arrival():
+    sim = SimEngine(slots=1, cache=False, policy="priority")
+    order = []
+    seqs = [sim.add([i, 1, 2], max_tokens=2, priority=p) for i, p in enumerate([5, 1, 5, 0, 1])]
+    while sim.sched.has_work():
+        sim.step()
+        order += [s.request_id for s in sim.sched.running if s.request_id not in order]
+    assert order == ["r3", "r1", "r4", "r0", "r2"]  # priority 0, then 1 and 5, each in arrival order
+    assert all(s.is_finished for s in seqs)
+
+
+def test_priority_policy_preempts_a_lower_priority_request_for_a_waiting_one():
+    sim = SimEngine(slots=2, cache=False, max_seqs=8, policy="priority")
+    low = [sim.add([i] * 3, max_tokens=20, priority=3) for i in range(2)]
+    sim.step()
+    assert sim.sched.running == low
+    urgent = sim.add([9, 9, 9], max_tokens=2, priority=0)
+    out = sim.step()
+    assert out.preempted == [low[1]] and urgent.status is SequenceStatus.RUNNING
+    assert [c.seq for c in out.chunks if c.seq is low[1]] == []  # a preempted request runs nothing this step
+    sim.run()
+    assert all(s.is_finished for s in [*low, urgent])
+    sim.drain_cache()
+
+
+def test_priority_policy_never_preempts_for_an_equal_priority():
+    sim = SimEngine(slots=1, cache=False, policy="priority")
+    first = sim.add([1, 2, 3], max_tokens=5, priority=2)
+    sim.step()
+    second = sim.add([4, 5, 6], max_tokens=2, priority=2)
+    sim.step()
+    assert first.status is SequenceStatus.RUNNING and second.status is SequenceStatus.WAITING
+    assert sim.sched.num_preemptions == 0
+
+
+def test_priority_policy_decode_preempts_the_lowest_priority_request():
+    sim = SimEngine(slots=4, blocks=6, block_size=2, cache=False, budget=32, policy="priority")
+    low = sim.add([1, 2, 3], max_tokens=6, priority=9)
+    high = sim.add([4, 5, 6], max_tokens=6, priority=0)
+    preempted = []
+    while sim.sched.has_work():
+        preempted += sim.step().preempted
+    assert preempted and all(s is low for s in preempted)
+    assert low.is_finished and high.is_finished
+    sim.drain_cache()
+
+
+def test_unknown_policy_is_refused():
+    with pytest.raises(ValueError, match="policy"):
+        Scheduler(4, 16, StateSlotPool(4), KVBlockManager(8, 2), policy="lifo")
+
+
 def test_multi_turn_hits_end_of_turn_entry():
     sim = SimEngine(interval=8, align=4, block_size=2)
     turn1 = sim.add([1] * 11, max_tokens=3)
@@ -291,10 +348,11 @@ def test_plan_chunk_branch_points():
     blocks=st.integers(24, 80),
     budget=st.integers(3, 24),
     cache=st.booleans(),
+    policy=st.sampled_from(["fcfs", "priority"]),
 )
-def test_random_workloads_keep_every_invariant(ops, slots, blocks, budget, cache):
+def test_random_workloads_keep_every_invariant(ops, slots, blocks, budget, cache, policy):
     sim = SimEngine(slots=slots, blocks=blocks, block_size=2, interval=8, align=4, max_seqs=4, budget=budget,
-                    cache=cache)
+                    cache=cache, policy=policy)
     rng = random.Random(len(ops))
     bases = [[rng.randrange(3) for _ in range(30)] for _ in range(3)]
     live: list[Sequence] = []
@@ -302,11 +360,11 @@ def test_random_workloads_keep_every_invariant(ops, slots, blocks, budget, cache
         if op == "new":
             base = bases[x % 3]
             prompt = base[: 1 + x % 29] + [x % 3] * (x % 5)
-            live.append(sim.add(prompt, max_tokens=1 + x % 4))
+            live.append(sim.add(prompt, max_tokens=1 + x % 4, priority=x % 3))
         elif op == "follow" and sim.finished:
             prev = sim.finished[x % len(sim.finished)]
             if prev.num_tokens + 6 < blocks * 2 - 2:
-                live.append(sim.add(prev.token_ids + [x % 3, 1], max_tokens=1 + x % 3))
+                live.append(sim.add(prev.token_ids + [x % 3, 1], max_tokens=1 + x % 3, priority=x % 2))
         elif op == "abort" and live:
             seq = live[x % len(live)]
             if not seq.is_finished:

@@ -47,6 +47,7 @@ class FakeEngine:
         self.aborted: list[str] = []
         self.seen_prompts: list[list[int]] = []
         self.seen_params: list = []  # every request's SamplingParams, in arrival order
+        self.seen_priorities: list[int] = []
         self.started = False
         self.fail_with: Exception | None = None  # raised by generate() before any output, when set
         self._slots: asyncio.Semaphore | None = None
@@ -80,10 +81,11 @@ class FakeEngine:
             best = max(best, min(n, len(prompt) - 1))
         return best
 
-    async def generate(self, request_id, prompt_token_ids, params):
+    async def generate(self, request_id, prompt_token_ids, params, priority=0):
         if self.fail_with is not None:
             raise self.fail_with
         self.seen_params.append(params)
+        self.seen_priorities.append(priority)
         aborted = self._abort_events[request_id] = asyncio.Event()
         self.waiting.add(request_id)
         try:

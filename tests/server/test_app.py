@@ -169,6 +169,8 @@ BAD_REQUESTS = {
     "presence_penalty out of range": ({"prompt": "x", "presence_penalty": 2.5}, 400, "presence_penalty"),
     "frequency_penalty out of range": ({"prompt": "x", "frequency_penalty": -2.01}, 400, "frequency_penalty"),
     "zero repetition_penalty": ({"prompt": "x", "repetition_penalty": 0.0}, 400, "repetition_penalty"),
+    "float priority": ({"prompt": "x", "priority": 1.5}, 400, "priority"),
+    "huge priority": ({"prompt": "x", "priority": 2**64}, 400, "priority"),
     "logit_bias key not a token id": ({"prompt": "x", "logit_bias": {"hello": 1.0}}, 400, "logit_bias"),
     "logit_bias out of range": ({"prompt": "x", "logit_bias": {"5": 101.0}}, 400, "logit_bias"),
     "lone surrogate": ('{"model": "fake-kda", "prompt": "a\\ud800b"}', 400, "prompt"),
@@ -204,6 +206,20 @@ def test_penalties_and_biases_reach_the_engine_and_updates_are_deltas():
         assert first.logit_bias == ((7, -100.0), (12, 2.5)) and second.logit_bias == ()
         assert (second.presence_penalty, second.frequency_penalty, second.repetition_penalty) == (0.0, 2.0, 1.0)
         assert first.output_kind == second.output_kind == "delta"
+
+    serve(test)
+
+
+def test_priority_reaches_the_engine():
+    async def test(client, engine):
+        r = await client.post("/v1/completions", json={"model": MODEL, "prompt": ["x", "y"], "max_tokens": 1,
+                                                        "priority": -3})
+        assert r.status_code == 200
+        r = await client.post("/v1/chat/completions", json={"model": MODEL, "max_tokens": 1, "n": 2, "priority": 7,
+                                                            "messages": [{"role": "user", "content": "x"}]})
+        assert r.status_code == 200
+        r = await client.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 1})
+        assert engine.seen_priorities == [-3, -3, 7, 7, 0]
 
     serve(test)
 
