@@ -4,7 +4,7 @@ Each step: running requests first (decodes, one token each, then the next chunks
 prefilled, in admission order), then waiting requests, first come first served, while the step has token
 budget, a sequence place, a free state slot and the KV blocks for the whole prompt (evicting prefix-cache
 entries when needed). A decode that needs a new KV block and finds none preempts the most recently admitted
-request, which frees everything and is recomputed later. Finished and aborted requests free their slot and
+request, which frees its slot and blocks (to a prefix-cache entry it resumes from, while the entry lasts). Finished and aborted requests free their slot and
 blocks at once; a finished turn's slot and blocks become a prefix-cache entry instead.
 
 The "priority" policy orders both queues by (priority, arrival), lower first: the waiting queue, and the
@@ -306,8 +306,11 @@ class Scheduler:
         seq.block_table = []
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        """Back to the waiting queue, freeing its slot and blocks. With a prefix cache, its state and KV become a
+        cache entry first (it has run nothing this step, so its slot holds the state after its computed
+        tokens): readmitted, it resumes from there, unless the room that was wanted evicted the entry."""
         self.running.remove(seq)
-        self._release(seq, cache_it=False)
+        self._release(seq, cache_it=True)
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
         self._queue(seq, front=True)

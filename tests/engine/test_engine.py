@@ -259,10 +259,13 @@ def _run_to_end(engine) -> tuple[dict[str, list[int]], list[str]]:
     return tokens, finished
 
 
-def test_priority_policy_serves_an_urgent_request_first_and_loses_nothing(tiny_model):
-    """Two slots held by long low-priority generations: an urgent request preempts the later of them at once,
-    finishes first, and every generation equals the same prompt run alone (the preempted one recomputes)."""
-    config = dict(num_state_slots=2, num_kv_blocks=64, max_num_seqs=2, enable_prefix_caching=False)
+@pytest.mark.parametrize("caching", [False, True])
+def test_priority_policy_serves_an_urgent_request_first_and_loses_nothing(tiny_model, caching):
+    """Two sequence places held by long low-priority generations: an urgent request preempts the later of them
+    at once, finishes first, and every generation equals the same prompt run alone. The preempted one
+    recomputes (no prefix cache) or resumes from the cache entry its preemption made."""
+    config = dict(num_state_slots=4, num_kv_blocks=64, max_num_seqs=2, enable_prefix_caching=caching,
+                  prefix_cache_interval=64)
     engine = LLMEngine(EngineConfig(**config, scheduling_policy="priority"), model=tiny_model)
     prompts = random_prompts([12, 9, 7], 211, seed=5)
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
@@ -273,7 +276,8 @@ def test_priority_policy_serves_an_urgent_request_first_and_loses_nothing(tiny_m
     engine.add_request("urgent", prompts[2], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True),
                        priority=-1)
     tokens, finished = _run_to_end(engine)
-    assert finished[0] == "urgent" and engine.stats().num_preemptions_total == 1
+    stats = engine.stats()
+    assert finished[0] == "urgent" and stats.num_preemptions_total == 1
     alone = LLMEngine(EngineConfig(**config), model=tiny_model)
     for i, (name, rank) in enumerate([("low0", 5), ("low1", 5), ("urgent", -1)]):
         alone.add_request(name, prompts[i], params if name != "urgent" else

@@ -230,6 +230,28 @@ def test_priority_policy_preempts_a_lower_priority_request_for_a_waiting_one():
     sim.drain_cache()
 
 
+def test_a_preempted_request_resumes_from_its_cache_entry():
+    """With a prefix cache, preemption keeps the state and KV as an entry: readmitted, the request restores
+    them and computes only what follows (the simulated executor checks the restored state is right)."""
+    sim = SimEngine(slots=3, blocks=64, cache=True, max_seqs=1, budget=16, policy="priority")
+    low = sim.add(list(range(10)), max_tokens=12, priority=5)
+    for _ in range(6):
+        sim.step()
+    computed = low.num_computed_tokens
+    assert computed > 10
+    sim.add([7, 7, 7], max_tokens=2, priority=0)
+    assert sim.step().preempted == [low]
+    restored = None
+    while not low.is_finished:
+        out = sim.step()
+        for c in out.chunks:
+            if c.seq is low and restored is None:
+                restored = c.start
+    assert restored == computed  # resumed where it stopped, not from token 0
+    sim.run()
+    sim.drain_cache()
+
+
 def test_priority_policy_never_preempts_for_an_equal_priority():
     sim = SimEngine(slots=1, cache=False, policy="priority")
     first = sim.add([1, 2, 3], max_tokens=5, priority=2)
