@@ -24,6 +24,7 @@ from .sampler import Sampler
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
 from .sequence import Sequence
+from .structured import StructuredDecoding
 
 DEFAULT_MODEL_NAME = "kda-serving-tiny"
 log = logging.getLogger(__name__)
@@ -75,6 +76,7 @@ class LLMEngine:
         self._generator = torch.Generator(device=self.device)
         self._generator.manual_seed(config.seed)
         self.sampler = Sampler(self._generator)
+        self.structured = StructuredDecoding(self.tokenizer, self.vocab_size, self.eos_token_ids)
         self._pin = self.device.type == "cuda"
         self._seqs: dict[str, Sequence] = {}
         self._arrivals = itertools.count()
@@ -121,7 +123,9 @@ class LLMEngine:
                 f"add_request: the prompt has {len(prompt_token_ids)} tokens; this engine's limit is "
                 f"{self.max_model_len - 1} (max_model_len {self.max_model_len} includes one generated token)"
             )
+        matcher = self.structured.matcher(params.structured_output) if params.structured_output else None
         seq = Sequence(request_id, list(prompt_token_ids), params, next(self._arrivals), priority)
+        seq.matcher = matcher
         if params.seed is not None and not params.greedy:
             seq.generator = torch.Generator(device=self.device)
             seq.generator.manual_seed(params.seed)
@@ -164,8 +168,12 @@ class LLMEngine:
             return []
         seqs = [out.chunks[i].seq for i in rows]
         index = host_to_device(rows, logits.device)
+        constrained = [j for j, s in enumerate(seqs) if s.matcher is not None]
+        allowed = None
+        if constrained:
+            allowed = (constrained, self.structured.token_mask([seqs[j].matcher for j in constrained], logits.device))
         result = self.sampler(logits[index], [s.params for s in seqs], [s.generator for s in seqs],
-                              [(s.token_ids, s.num_prompt_tokens) for s in seqs])
+                              [(s.token_ids, s.num_prompt_tokens) for s in seqs], allowed)
         outputs = []
         for j, seq in enumerate(seqs):
             token = result.token_ids[j]
@@ -187,6 +195,10 @@ class LLMEngine:
         hit_stop_string = seq.detokenizer.append([token])
         if hit_stop_string or token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
             return "stop"
+        if seq.matcher is not None:
+            seq.matcher.consume_token(token)  # a token the mask allowed: always accepted
+            if seq.matcher.is_stopped():  # the grammar is complete: nothing may follow
+                return "stop"
         if seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
             return "length"
         return None

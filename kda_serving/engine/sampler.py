@@ -35,13 +35,16 @@ class Sampler:
         self.generator = generator
 
     def __call__(self, logits: torch.Tensor, params: list[SamplingParams], generators: list,
-                 histories: list[tuple[list[int], int]] | None = None) -> SampleResult:
+                 histories: list[tuple[list[int], int]] | None = None,
+                 allowed: tuple[list[int], torch.Tensor] | None = None) -> SampleResult:
+        """allowed: (rows, [len(rows), vocab] bool) the only tokens those rows may choose (structured
+        outputs), applied after penalties and biases."""
         logits = logits.float()
         n, vocab = logits.shape
         scores = logits  # what the token is chosen from
         penalized = [i for i, p in enumerate(params) if p.penalized]
         biased = [i for i, p in enumerate(params) if p.logit_bias]
-        if penalized or biased:
+        if penalized or biased or allowed is not None:
             scores = logits.clone()
         if penalized:
             if histories is None:
@@ -52,6 +55,9 @@ class Sampler:
             rows, ids, bias = zip(*[(i, t, b) for i in biased for t, b in params[i].logit_bias])
             scores.index_put_((host_to_device(rows, logits.device), host_to_device(ids, logits.device)),
                               host_to_device(bias, logits.device), accumulate=True)
+        if allowed is not None:
+            rows = host_to_device(allowed[0], logits.device)
+            scores[rows] = scores[rows].masked_fill(~allowed[1], float("-inf"))
         tokens = scores.argmax(dim=-1)
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
         if random_rows:

@@ -2,11 +2,30 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 
 MAX_LOGPROBS = 20  # top alternatives one token may report; the OpenAI API allows at most 20
 OUTPUT_KINDS = ("cumulative", "delta")  # what each RequestOutput of a request carries (SamplingParams)
+STRUCTURED_KINDS = ("json_object", "json_schema", "regex")  # structured_output[0]: engine/structured.py
+
+
+def _check_structured(kind, spec) -> None:
+    """The checks of a structured_output that need no tokenizer (the engine compiles the grammar)."""
+    if kind not in STRUCTURED_KINDS:
+        raise ValueError(f"SamplingParams: 'structured_output' kind must be one of {STRUCTURED_KINDS}, got {kind!r}")
+    if not isinstance(spec, str):
+        raise TypeError(f"SamplingParams: 'structured_output' spec must be a str, got {type(spec).__name__}")
+    if kind == "json_schema":
+        try:
+            schema = json.loads(spec)
+        except ValueError as exc:
+            raise ValueError(f"SamplingParams: the JSON schema is not valid JSON: {exc}") from None
+        if not isinstance(schema, (dict, bool)):
+            raise ValueError("SamplingParams: a JSON schema must be an object (or a boolean)")
+    if kind == "regex" and not spec:
+        raise ValueError("SamplingParams: 'structured_output' regex must not be empty")
 
 
 def _is_int(x) -> bool:
@@ -33,7 +52,9 @@ class SamplingParams:
     all but bans a token). `output_kind` "cumulative" gives every update the
     output tokens and text so far; "delta" only what the update added (output_token_ids == new_token_ids,
     text == delta_text), which keeps an update's cost independent of the length generated: the server and
-    LLM.generate ask for it.
+    LLM.generate ask for it. `structured_output` constrains the output to a language: ("json_object", "") any
+    JSON object, ("json_schema", schema as a JSON string), ("regex", pattern); the request stops when the
+    grammar is complete (engine/structured.py).
     """
 
     max_tokens: int = 16
@@ -50,6 +71,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) pairs; a dict is accepted and converted
     output_kind: str = "cumulative"
+    structured_output: tuple[str, str] | None = None  # (kind, spec): engine/structured.py
 
     def __post_init__(self):
         if not _is_int(self.max_tokens):
@@ -123,6 +145,12 @@ class SamplingParams:
         object.__setattr__(self, "logit_bias", bias)
         if self.output_kind not in OUTPUT_KINDS:
             raise ValueError(f"SamplingParams: 'output_kind' must be one of {OUTPUT_KINDS}, got {self.output_kind!r}")
+        if self.structured_output is not None:
+            so = self.structured_output
+            if not isinstance(so, (list, tuple)) or len(so) != 2:
+                raise TypeError("SamplingParams: 'structured_output' must be None or a (kind, spec) pair")
+            _check_structured(*so)
+            object.__setattr__(self, "structured_output", tuple(so))
 
     @property
     def greedy(self) -> bool:

@@ -44,6 +44,7 @@ class Sequence:
         self.finish_reason: str | None = None
         self.generator: Any = None  # the per-request torch.Generator of a seeded request
         self.detokenizer: Any = None
+        self.matcher: Any = None  # the grammar matcher of a structured output (engine/structured.py)
         self.logprobs: list[float] = []
         self.top_logprobs: list[dict[int, float]] = []
 

@@ -3,13 +3,15 @@
 Strict means: unknown fields are refused (a typo such as `max_token` must not silently fall back to a default),
 no type coercion (`"max_tokens": "5"` and `"n": 2.0` are errors), and every range is checked here, before the
 engine sees the request, so the answer is a 400 naming the parameter. OpenAI fields we know but do not
-implement (tools, `echo`, ...) are accepted only at their neutral value and refused otherwise.
+implement (tools, `echo`, ...) are accepted only at their neutral value and refused otherwise. `response_format`
+(text, json_object, json_schema) constrains the output (engine/structured.py).
 Five vLLM-style extensions are accepted because the engine has them: `top_k`, `ignore_eos`, `stop_token_ids`,
 `repetition_penalty`, `priority`.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Annotated, Any, Literal
 
@@ -33,6 +35,26 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(_Strict):
+    """response_format.json_schema: the schema the output must follow (OpenAI's structured outputs)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _check_format(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("response_format: json_schema is required with type 'json_schema' and only there")
+        return self
+
+
 class _SamplingFields(_Strict):
     """The fields /v1/completions and /v1/chat/completions share."""
 
@@ -54,6 +76,7 @@ class _SamplingFields(_Strict):
     stop_token_ids: list[NonNegInt] | None = None
     repetition_penalty: float | None = Field(None, gt=0.0, allow_inf_nan=False)
     priority: int = Field(0, ge=-INT64_MAX, le=INT64_MAX)  # lower first; needs --scheduling-policy priority
+    response_format: ResponseFormat | None = None  # OpenAI's; on /v1/completions too, as in vLLM
 
     @model_validator(mode="after")
     def _check_shared(self):
@@ -70,6 +93,15 @@ class _SamplingFields(_Strict):
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options: only allowed when stream is true")
         return self
+
+    def structured_output(self) -> tuple[str, str] | None:
+        """SamplingParams.structured_output for response_format (None: free text)."""
+        fmt = self.response_format
+        if fmt is None or fmt.type == "text":
+            return None
+        if fmt.type == "json_object":
+            return ("json_object", "")
+        return ("json_schema", json.dumps(fmt.json_schema.schema_))
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -151,7 +183,6 @@ class ChatCompletionRequest(_SamplingFields):
     tools: list[Any] | None = None
     tool_choice: Any | None = None
     parallel_tool_calls: bool | None = None
-    response_format: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _check_chat(self):
@@ -159,8 +190,6 @@ class ChatCompletionRequest(_SamplingFields):
             raise ValueError("messages: must contain at least one message")
         if self.tools or self.tool_choice not in (None, "none"):
             raise ValueError("tools: tool calling is not supported")
-        if self.response_format not in (None, {"type": "text"}):
-            raise ValueError("response_format: only {'type': 'text'} is supported")
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs: requires logprobs to be true")
         if self.max_tokens is not None and self.max_completion_tokens is not None:

@@ -170,6 +170,11 @@ BAD_REQUESTS = {
     "frequency_penalty out of range": ({"prompt": "x", "frequency_penalty": -2.01}, 400, "frequency_penalty"),
     "zero repetition_penalty": ({"prompt": "x", "repetition_penalty": 0.0}, 400, "repetition_penalty"),
     "float priority": ({"prompt": "x", "priority": 1.5}, 400, "priority"),
+    "unknown response_format": ({"prompt": "x", "response_format": {"type": "xml"}}, 400, "response_format.type"),
+    "json_schema without a schema": ({"prompt": "x", "response_format": {"type": "json_schema"}}, 400,
+                                     "response_format"),
+    "json_schema name": ({"prompt": "x", "response_format": {"type": "json_schema", "json_schema": {
+        "name": "has space", "schema": {}}}}, 400, "response_format.json_schema.name"),
     "huge priority": ({"prompt": "x", "priority": 2**64}, 400, "priority"),
     "logit_bias key not a token id": ({"prompt": "x", "logit_bias": {"hello": 1.0}}, 400, "logit_bias"),
     "logit_bias out of range": ({"prompt": "x", "logit_bias": {"5": 101.0}}, 400, "logit_bias"),
@@ -206,6 +211,22 @@ def test_penalties_and_biases_reach_the_engine_and_updates_are_deltas():
         assert first.logit_bias == ((7, -100.0), (12, 2.5)) and second.logit_bias == ()
         assert (second.presence_penalty, second.frequency_penalty, second.repetition_penalty) == (0.0, 2.0, 1.0)
         assert first.output_kind == second.output_kind == "delta"
+
+    serve(test)
+
+
+def test_response_format_reaches_the_engine():
+    async def test(client, engine):
+        schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+        fmt = {"type": "json_schema", "json_schema": {"name": "thing", "schema": schema, "strict": True}}
+        r = await client.post("/v1/chat/completions", json={"model": MODEL, "max_tokens": 1, "response_format": fmt,
+                                                            "messages": [{"role": "user", "content": "x"}]})
+        assert r.status_code == 200
+        for body in ({"response_format": {"type": "json_object"}}, {"response_format": {"type": "text"}}, {}):
+            r = await client.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 1, **body})
+            assert r.status_code == 200
+        assert [p.structured_output for p in engine.seen_params] == [
+            ("json_schema", json.dumps(schema)), ("json_object", ""), None, None]
 
     serve(test)
 

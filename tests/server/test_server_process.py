@@ -234,3 +234,28 @@ def test_openai_client_multiturn_chat_reuses_the_prefix(server):
         client.chat.completions.create(model=server.model, messages=[])
     with pytest.raises(openai.AuthenticationError):
         OpenAI(base_url=server.base_url + "/v1", api_key="wrong", max_retries=0).models.list()
+
+
+def test_openai_client_structured_outputs(server):
+    """response_format json_schema through the official client: the real server's reply parses and follows
+    the schema (the embedded model's random weights alone would never write it); a schema the grammar
+    compiler refuses is a 400."""
+    import json
+
+    import openai
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server.base_url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "level": {"enum": [1, 2, 3]}},
+              "required": ["ok", "level"], "additionalProperties": False}
+    fmt = {"type": "json_schema", "json_schema": {"name": "status", "schema": schema, "strict": True}}
+    for seed in range(3):
+        r = client.chat.completions.create(model=server.model, messages=[{"role": "user", "content": "Status?"}],
+                                           max_tokens=100, seed=seed, temperature=1.0, response_format=fmt)
+        value = json.loads(r.choices[0].message.content)
+        assert r.choices[0].finish_reason == "stop" and isinstance(value["ok"], bool) and value["level"] in (1, 2, 3)
+    bad = {"type": "json_schema", "json_schema": {"name": "bad", "schema": {"type": 7}}}
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=server.model, messages=[{"role": "user", "content": "x"}],
+                                       max_tokens=4, response_format=bad)
+    wait_until_free(server, timeout=10)

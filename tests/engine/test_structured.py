@@ -1,0 +1,74 @@
+"""Structured outputs on the embedded default model (CPU): outputs constrained to a JSON schema, a regular
+expression or any JSON object, whatever the random weights would rather say."""
+
+import json
+import re
+
+import pytest
+
+from kda_serving.engine import EngineConfig, LLMEngine, SamplingParams
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"color": {"enum": ["red", "green", "blue"]}, "n": {"type": "integer", "minimum": 0, "maximum": 99}},
+    "required": ["color", "n"],
+    "additionalProperties": False,
+}
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return LLMEngine(EngineConfig(max_num_seqs=8, num_state_slots=16, num_kv_blocks=256))
+
+
+def run(engine, requests: dict[str, SamplingParams]) -> dict:
+    prompt = engine.tokenizer.encode("Answer in the requested format:")
+    for request_id, params in requests.items():
+        engine.add_request(request_id, prompt, params)
+    final = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                final[out.request_id] = out
+    return final
+
+
+def test_json_schema_outputs_parse_and_follow_the_schema(engine):
+    so = ("json_schema", json.dumps(SCHEMA))
+    outs = run(engine, {f"s{seed}": SamplingParams(temperature=1.0, seed=seed, max_tokens=200, structured_output=so)
+                        for seed in range(6)})
+    for out in outs.values():
+        assert out.finish_reason == "stop", out.text
+        value = json.loads(out.text)
+        assert set(value) == {"color", "n"} and value["color"] in ("red", "green", "blue")
+        assert isinstance(value["n"], int) and 0 <= value["n"] <= 99
+
+
+def test_regex_outputs_match_and_free_text_is_unchanged(engine):
+    pattern = "(yes|no)-[0-9]{2}"
+    outs = run(engine, {
+        **{f"r{seed}": SamplingParams(temperature=1.0, seed=seed, max_tokens=20, structured_output=("regex", pattern))
+           for seed in range(4)},
+        "free": SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True),
+    })
+    for seed in range(4):
+        assert outs[f"r{seed}"].finish_reason == "stop" and re.fullmatch(pattern, outs[f"r{seed}"].text)
+    alone = run(engine, {"free-alone": SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)})
+    assert outs["free"].output_token_ids == alone["free-alone"].output_token_ids  # its batch-mates' masks
+
+
+def test_json_object_starts_an_object(engine):
+    out = run(engine, {"o": SamplingParams(temperature=0.0, max_tokens=8, structured_output=("json_object", ""))})
+    assert out["o"].text.lstrip().startswith("{")
+
+
+def test_bad_grammars_are_refused_and_nothing_is_queued(engine):
+    with pytest.raises(ValueError, match="grammar"):
+        engine.add_request("bad", [1, 2], SamplingParams(structured_output=("json_schema", '{"type": 5}')))
+    assert not engine.has_unfinished_requests()
+    with pytest.raises(ValueError, match="not valid JSON"):
+        SamplingParams(structured_output=("json_schema", "{nope"))
+    with pytest.raises(ValueError, match="kind"):
+        SamplingParams(structured_output=("xml", ""))
+    with pytest.raises(TypeError, match="pair"):
+        SamplingParams(structured_output="json")
