@@ -203,8 +203,8 @@ def test_sampling_fields_reach_the_engine(server):
     wait_until_free(server, timeout=10)
 
 
-def _load_example():
-    spec = importlib.util.spec_from_file_location("chat_multiturn", REPO_ROOT / "examples" / "chat_multiturn.py")
+def _load_example(name: str = "chat_multiturn"):
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "examples" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -254,6 +254,8 @@ def test_openai_client_structured_outputs(server):
                                            max_tokens=100, seed=seed, temperature=1.0, response_format=fmt)
         value = json.loads(r.choices[0].message.content)
         assert r.choices[0].finish_reason == "stop" and isinstance(value["ok"], bool) and value["level"] in (1, 2, 3)
+    verdict = _load_example("structured_output").ask(client, server.model, "Is it ready?")  # the example works
+    assert verdict["answer"] in ("yes", "no", "unsure") and 0 <= verdict["confidence"] <= 100
     bad = {"type": "json_schema", "json_schema": {"name": "bad", "schema": {"type": 7}}}
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=server.model, messages=[{"role": "user", "content": "x"}],
