@@ -196,8 +196,9 @@ class LLMEngine:
         if hit_stop_string or token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
             return "stop"
         if seq.matcher is not None:
-            seq.matcher.consume_token(token)  # a token the mask allowed: always accepted
-            if seq.matcher.is_stopped():  # the grammar is complete: nothing may follow
+            # The grammar is complete (nothing may follow), or refused the token, which only a row whose mask
+            # came out empty can sample: the request ends either way.
+            if not seq.matcher.consume_token(token) or seq.matcher.is_stopped():
                 return "stop"
         if seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
             return "length"

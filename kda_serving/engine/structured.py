@@ -54,4 +54,7 @@ class StructuredDecoding:
         bits = bits.to(device, non_blocking=True)  # pageable memory: staged before the call returns
         shifts = torch.arange(32, device=device, dtype=torch.int32)
         allowed = ((bits.unsqueeze(-1) >> shifts) & 1).bool()  # bit b of word w: token 32 w + b
-        return allowed.view(len(matchers), words * 32)[:, : self._vocab_size]
+        allowed = allowed.view(len(matchers), words * 32)[:, : self._vocab_size]
+        # A row with nothing allowed (a matcher gone wrong) stays unconstrained rather than sampling from an
+        # empty set; the engine ends it when the matcher refuses the token. No host sync: decided on the device.
+        return allowed | ~allowed.any(dim=1, keepdim=True)

@@ -121,8 +121,9 @@ def sampling_params(request: CompletionRequest | ChatCompletionRequest, max_toke
             kwargs[name] = getattr(request, name)
     if request.logit_bias:
         kwargs["logit_bias"] = {int(token): bias for token, bias in request.logit_bias.items()}
-    if request.structured_output() is not None:
-        kwargs["structured_output"] = request.structured_output()
+    structured = request.structured_output()
+    if structured is not None:
+        kwargs["structured_output"] = structured
     try:
         return SamplingParams(max_tokens=max_tokens, stop=tuple(request.stop_list()),
                               stop_token_ids=tuple(request.stop_token_ids or ()), ignore_eos=request.ignore_eos,

@@ -72,3 +72,27 @@ def test_bad_grammars_are_refused_and_nothing_is_queued(engine):
         SamplingParams(structured_output=("xml", ""))
     with pytest.raises(TypeError, match="pair"):
         SamplingParams(structured_output="json")
+
+
+def test_a_row_whose_mask_is_empty_stays_unconstrained():
+    """A matcher that allows nothing (it never should) must not leave the sampler an empty set."""
+    import ctypes
+
+    import torch
+
+    from kda_serving.engine.structured import StructuredDecoding
+
+    class Allows:
+        def __init__(self, tokens):
+            self.tokens = tokens
+
+        def unsafe_compute_mask_ptr(self, ptr, nbytes):
+            words = torch.zeros(nbytes // 4, dtype=torch.int32)
+            for t in self.tokens:
+                words[t // 32] |= 1 << (t % 32)
+            ctypes.memmove(ptr, words.data_ptr(), nbytes)
+
+    mask = StructuredDecoding(None, 70, [1]).token_mask([Allows([3, 64, 69]), Allows([])], torch.device("cpu"))
+    assert mask.shape == (2, 70)
+    assert mask[0].nonzero().flatten().tolist() == [3, 64, 69]
+    assert bool(mask[1].all())
