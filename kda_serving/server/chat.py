@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 
@@ -31,12 +32,43 @@ async def create_chat_completion(request: Request, server) -> Response:
                       params=sampling_params(req, max_tokens, j, num_logprobs), priority=req.priority)
                for j in range(req.n)]
     header = ResponseHeader(response_id, int(time.time()), engine.model_name)
-    return await respond(request, server, choices, header, _format(engine.tokenizer, num_logprobs is not None),
-                         stream=req.stream, include_usage=req.include_usage_in_stream())
+    fmt = _format(engine.tokenizer, num_logprobs is not None, req)
+    return await respond(request, server, choices, header, fmt, stream=req.stream,
+                         include_usage=req.include_usage_in_stream())
 
 
-def _format(tokenizer, with_logprobs: bool) -> EndpointFormat:
+def tool_calls(req: ChatCompletionRequest, text: str) -> list[dict] | None:
+    """The tool calls a forced reply's text holds (its grammar made it valid JSON), or None if the reply is
+    not a forced tool call or, against its grammar, does not parse (then it goes out as text)."""
+    forced = req.forced_tools()
+    if not forced:
+        return None
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        return None
+    if req.tool_choice == "required":
+        calls = [(c["name"], json.dumps(c["parameters"], separators=(",", ":"))) for c in parsed]
+    else:
+        calls = [(forced[0].function.name, text.strip())]
+    return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": {"name": n, "arguments": a}}
+            for n, a in calls]
+
+
+def _format(tokenizer, with_logprobs: bool, req: ChatCompletionRequest) -> EndpointFormat:
+    forced = bool(req.forced_tools())
+
     def chunk(choice: Choice, out) -> dict | None:
+        if forced:  # the calls go out whole, in the last chunk, once the grammar has made them parse
+            if not out.finished:
+                return None
+            calls = tool_calls(req, choice.text) if choice.finish_reason == "stop" else None
+            if calls is not None:
+                delta = {"role": "assistant", "content": None,
+                         "tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]}
+                return {"index": choice.index, "delta": delta, "logprobs": None, "finish_reason": "tool_calls"}
+            delta = {"role": "assistant", "content": choice.text}  # cut short (or unparsable): as text
+            return {"index": choice.index, "delta": delta, "logprobs": None, "finish_reason": choice.finish_reason}
         first = choice.num_updates == 1
         if not first and not out.delta_text and not out.finished and not (with_logprobs and out.new_token_ids):
             return None
@@ -52,6 +84,10 @@ def _format(tokenizer, with_logprobs: bool) -> EndpointFormat:
         logprobs = None
         if with_logprobs:
             logprobs = chat_logprobs(tokenizer, choice.output_token_ids, choice.logprobs, choice.top_logprobs)
+        calls = tool_calls(req, choice.text) if forced and choice.finish_reason == "stop" else None
+        if calls is not None:
+            message = {"role": "assistant", "content": None, "refusal": None, "tool_calls": calls}
+            return {"index": choice.index, "message": message, "logprobs": logprobs, "finish_reason": "tool_calls"}
         return {"index": choice.index, "message": {"role": "assistant", "content": choice.text, "refusal": None},
                 "logprobs": logprobs, "finish_reason": choice.finish_reason}
 

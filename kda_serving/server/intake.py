@@ -62,8 +62,8 @@ def completion_prompt_ids(engine, prompt: str | list[int]) -> list[int]:
 def chat_prompt_ids(engine, request: ChatCompletionRequest) -> list[int]:
     """Token ids of the chat template applied to the messages, ending with the assistant's generation prompt."""
     try:
-        text = engine.tokenizer.apply_chat_template(request.template_messages(), add_generation_prompt=True,
-                                                    tokenize=False)
+        text = engine.tokenizer.apply_chat_template(request.template_messages(), tools=request.template_tools(),
+                                                    add_generation_prompt=True, tokenize=False)
     except Exception as exc:  # jinja raises TemplateError or plain exceptions for conversations it refuses
         raise bad_request(f"messages: the chat template rejected the conversation: {exc}", param="messages")
     # The template writes the special tokens (bos, role markers) itself.

@@ -3,8 +3,9 @@
 Strict means: unknown fields are refused (a typo such as `max_token` must not silently fall back to a default),
 no type coercion (`"max_tokens": "5"` and `"n": 2.0` are errors), and every range is checked here, before the
 engine sees the request, so the answer is a 400 naming the parameter. OpenAI fields we know but do not
-implement (tools, `echo`, ...) are accepted only at their neutral value and refused otherwise. `response_format`
-(text, json_object, json_schema) constrains the output (engine/structured.py).
+implement (`echo`, ...) are accepted only at their neutral value and refused otherwise. `response_format`
+(text, json_object, json_schema) constrains the output (engine/structured.py), and so does a forced tool call
+(`tool_choice` 'required' or a named function; 'auto' needs a parser of the model's own tool-call format).
 Five vLLM-style extensions are accepted because the engine has them: `top_k`, `ignore_eos`, `stop_token_ids`,
 `repetition_penalty`, `priority`.
 """
@@ -51,7 +52,7 @@ class ResponseFormat(_Strict):
     @model_validator(mode="after")
     def _check_format(self):
         if (self.type == "json_schema") != (self.json_schema is not None):
-            raise ValueError("response_format: json_schema is required with type 'json_schema' and only there")
+            raise ValueError("json_schema: required with type 'json_schema' and only there")
         return self
 
 
@@ -149,27 +150,82 @@ class TextPart(_Strict):
     text: str
 
 
+FUNCTION_NAME = r"^[A-Za-z0-9_-]{1,64}$"  # OpenAI's rule for function names
+
+
+class CalledFunction(_Strict):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCall(_Strict):
+    """A tool call of an earlier assistant turn, sent back in the history."""
+
+    id: str
+    type: Literal["function"]
+    function: CalledFunction
+
+
 class ChatMessage(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_call_id: str | None = None  # role "tool": the call this message answers
     # Fields the official client echoes back when an assistant reply is appended to the history as is.
     refusal: str | None = None
-    tool_calls: list[Any] | None = None
+    tool_calls: list[ToolCall] | None = None
     function_call: Any | None = None
     audio: Any | None = None
     annotations: list[Any] | None = None
 
     @model_validator(mode="after")
-    def _no_tools(self):
-        if self.tool_calls or self.function_call is not None or self.audio is not None:
-            raise ValueError("tool calls and audio are not supported")
+    def _check_message(self):
+        if self.function_call is not None or self.audio is not None:
+            raise ValueError("function_call (use tool_calls) and audio are not supported")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("tool_calls: only assistant messages carry them")
+        if (self.role == "tool") != (self.tool_call_id is not None):
+            raise ValueError("tool_call_id: required in tool messages and only there")
+        if self.content is None and not self.tool_calls:
+            raise ValueError("content: required unless the assistant message carries tool_calls")
         return self
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
+
+    def template_message(self) -> dict[str, Any]:
+        """The message as chat templates take it (tool calls and ids included where present)."""
+        message: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.tool_calls:
+            message["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
+
+
+class FunctionDef(_Strict):
+    name: str = Field(pattern=FUNCTION_NAME)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema; none: an object of any shape
+    strict: bool | None = None
+
+
+class ToolDef(_Strict):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class FunctionName(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: FunctionName
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -180,21 +236,69 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_CHAT_TOP_LOGPROBS)
-    tools: list[Any] | None = None
-    tool_choice: Any | None = None
+    tools: list[ToolDef] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
 
     @model_validator(mode="after")
     def _check_chat(self):
         if len(self.messages) == 0:
             raise ValueError("messages: must contain at least one message")
-        if self.tools or self.tool_choice not in (None, "none"):
-            raise ValueError("tools: tool calling is not supported")
+        self._check_tools()
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs: requires logprobs to be true")
         if self.max_tokens is not None and self.max_completion_tokens is not None:
             raise ValueError("max_tokens: give max_tokens or max_completion_tokens, not both")
         return self
+
+    def _check_tools(self) -> None:
+        names = [t.function.name for t in self.tools or []]
+        if len(set(names)) != len(names):
+            raise ValueError("tools: function names must be distinct")
+        choice = self.tool_choice
+        if self.tools and choice in (None, "auto"):
+            raise ValueError("tool_choice: 'auto' is not supported (this server does not parse a model's own "
+                             "tool-call format); pass 'required', a named function, or 'none'")
+        if choice == "required" or isinstance(choice, NamedToolChoice):
+            if not self.tools:
+                raise ValueError("tool_choice: needs tools")
+            if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+                raise ValueError(f"tool_choice: no tool is named {choice.function.name!r}")
+            if self.response_format is not None and self.response_format.type != "text":
+                raise ValueError("response_format: cannot be combined with a forced tool call")
+
+    def forced_tools(self) -> list[ToolDef]:
+        """The tools the reply must call (tool_choice 'required': one or more of them; a named function: that
+        one), or [] when the reply is text."""
+        choice = self.tool_choice
+        if choice == "required":
+            return list(self.tools)
+        if isinstance(choice, NamedToolChoice):
+            return [t for t in self.tools if t.function.name == choice.function.name]
+        return []
+
+    def structured_output(self) -> tuple[str, str] | None:
+        """A forced tool call is a constrained output: the named function's arguments, or (required) a JSON
+        array of {"name", "parameters"} calls, as vLLM does it; compact JSON, no whitespace between tokens
+        (llguidance's "x-guidance" option), as tool-call arguments usually are."""
+        if self.tool_choice == "required":
+            calls = [{"type": "object", "properties": {"name": {"const": t.function.name},
+                                                       "parameters": t.function.parameters or {"type": "object"}},
+                      "required": ["name", "parameters"], "additionalProperties": False} for t in self.tools]
+            schema = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
+            if self.parallel_tool_calls is False:
+                schema["maxItems"] = 1
+        elif isinstance(self.tool_choice, NamedToolChoice):
+            schema = dict(self.forced_tools()[0].function.parameters or {"type": "object"})
+        else:
+            return super().structured_output()
+        return ("json_schema", json.dumps({**schema, "x-guidance": {"whitespace_flexible": False}}))
+
+    def template_tools(self) -> list[dict[str, Any]] | None:
+        """The tools as chat templates take them, or None (tool_choice 'none' keeps them out of the prompt)."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        return [t.model_dump(exclude_none=True) for t in self.tools]
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -205,8 +309,8 @@ class ChatCompletionRequest(_SamplingFields):
             return None
         return self.top_logprobs or 0
 
-    def template_messages(self) -> list[dict[str, str]]:
-        return [{"role": m.role, "content": m.text()} for m in self.messages]
+    def template_messages(self) -> list[dict[str, Any]]:
+        return [m.template_message() for m in self.messages]
 
 
 def parse_request(model_cls: type[_Strict], body: Any):
@@ -241,7 +345,7 @@ def _validation_error(exc: ValidationError) -> APIError:
         # Our own validators put the parameter name first: "stop: at most 4 ...".
         message = message.removeprefix("Value error, ")
         name, sep, _ = message.partition(":")
-        if sep and " " not in name:
-            return bad_request(message, param=name)
+        if sep and " " not in name:  # inside a nested object (a message) the name is relative to it
+            return bad_request(message, param=f"{loc}.{name}" if loc else name)
         return bad_request(message, param=loc or None)
     return bad_request(f"{loc}: {message}" if loc else message, param=loc or None)

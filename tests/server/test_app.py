@@ -172,7 +172,7 @@ BAD_REQUESTS = {
     "float priority": ({"prompt": "x", "priority": 1.5}, 400, "priority"),
     "unknown response_format": ({"prompt": "x", "response_format": {"type": "xml"}}, 400, "response_format.type"),
     "json_schema without a schema": ({"prompt": "x", "response_format": {"type": "json_schema"}}, 400,
-                                     "response_format"),
+                                     "response_format.json_schema"),
     "json_schema name": ({"prompt": "x", "response_format": {"type": "json_schema", "json_schema": {
         "name": "has space", "schema": {}}}}, 400, "response_format.json_schema.name"),
     "huge priority": ({"prompt": "x", "priority": 2**64}, 400, "priority"),
@@ -188,7 +188,15 @@ BAD_CHAT_REQUESTS = {
     "bad role": ({"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages.0.role"),
     "image part": ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, 400,
                    "messages.0.content"),
-    "tools": ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, 400, "tools"),
+    "tools": ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, 400,
+              "tools.0.function"),
+    "tool_choice auto": ({"messages": [{"role": "user", "content": "x"}],
+                          "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tool_choice"),
+    "unknown named tool": ({"messages": [{"role": "user", "content": "x"}], "tool_choice": {
+        "type": "function", "function": {"name": "g"}}, "tools": [{"type": "function", "function": {"name": "f"}}]},
+        400, "tool_choice"),
+    "tool message without an id": ({"messages": [{"role": "tool", "content": "42"}]}, 400,
+                                   "messages.0.tool_call_id"),
     "both max tokens": ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 2,
                          "max_completion_tokens": 2}, 400, "max_tokens"),
     "messages not a list": ({"messages": "hi"}, 400, "messages"),
@@ -227,6 +235,28 @@ def test_response_format_reaches_the_engine():
             assert r.status_code == 200
         assert [p.structured_output for p in engine.seen_params] == [
             ("json_schema", json.dumps(schema)), ("json_object", ""), None, None]
+
+    serve(test)
+
+
+def test_forced_tool_calls_become_constrained_requests():
+    async def test(client, engine):
+        params = {"type": "object", "properties": {"q": {"type": "string"}}}
+        tools = [{"type": "function", "function": {"name": "search", "parameters": params}},
+                 {"type": "function", "function": {"name": "noop"}}]
+        msgs = [{"role": "user", "content": "x"}]
+        for choice in ({"type": "function", "function": {"name": "search"}}, "required"):
+            r = await client.post("/v1/chat/completions", json={"model": MODEL, "max_tokens": 2, "messages": msgs,
+                                                                "tools": tools, "tool_choice": choice})
+            # The fake engine's "ab" is no JSON: a reply that does not parse goes out as text, never a 500.
+            assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "ab"
+        named, required = (json.loads(p.structured_output[1]) for p in engine.seen_params)
+        assert named == {**params, "x-guidance": {"whitespace_flexible": False}}
+        assert [c["properties"]["name"] for c in required["items"]["anyOf"]] == [{"const": "search"},
+                                                                                 {"const": "noop"}]
+        r = await client.post("/v1/chat/completions", json={"model": MODEL, "max_tokens": 2, "messages": msgs,
+                                                            "tools": tools, "tool_choice": "none"})
+        assert r.status_code == 200 and engine.seen_params[-1].structured_output is None
 
     serve(test)
 

@@ -261,3 +261,54 @@ def test_openai_client_structured_outputs(server):
         client.chat.completions.create(model=server.model, messages=[{"role": "user", "content": "x"}],
                                        max_tokens=4, response_format=bad)
     wait_until_free(server, timeout=10)
+
+
+def test_openai_client_forced_tool_calls(server):
+    """tool_choice 'required' and a named function through the official client: the real server answers
+    with tool calls whose arguments parse and follow each function's parameters, and takes the history back
+    with the call and its result (a tool message)."""
+    import json
+
+    import openai
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server.base_url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"enum": ["Paris", "Oslo"]}, "days": {"type": "integer",
+                                                                                       "minimum": 1, "maximum": 7}},
+        "required": ["city", "days"], "additionalProperties": False}}}
+    clock = {"type": "function", "function": {"name": "get_time", "parameters": {
+        "type": "object", "properties": {"tz": {"enum": ["UTC", "CET"]}}, "required": ["tz"],
+        "additionalProperties": False}}}
+    messages = [{"role": "user", "content": "Weather in Paris for two days?"}]
+    named = client.chat.completions.create(
+        model=server.model, messages=messages, tools=[weather, clock], max_tokens=100, seed=1,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    choice = named.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    args = json.loads(call.function.arguments)
+    assert call.function.name == "get_weather" and args["city"] in ("Paris", "Oslo") and 1 <= args["days"] <= 7
+
+    required = client.chat.completions.create(model=server.model, messages=messages, tools=[weather, clock],
+                                              tool_choice="required", max_tokens=200, seed=2,
+                                              parallel_tool_calls=False)
+    calls = required.choices[0].message.tool_calls
+    assert required.choices[0].finish_reason == "tool_calls" and len(calls) == 1  # parallel_tool_calls=False
+    for c in calls:
+        assert c.function.name in ("get_weather", "get_time") and isinstance(json.loads(c.function.arguments), dict)
+
+    history = [*messages, choice.message.model_dump(exclude_none=True),
+               {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21 C"}]
+    follow = client.chat.completions.create(model=server.model, messages=history, max_tokens=4)
+    assert follow.choices[0].message.content is not None
+
+    stream = client.chat.completions.create(
+        model=server.model, messages=messages, tools=[weather], max_tokens=100, stream=True, seed=1,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    chunks = [c for c in stream]
+    streamed = [tc for c in chunks for tc in (c.choices[0].delta.tool_calls or []) if c.choices]
+    assert len(streamed) == 1 and json.loads(streamed[0].function.arguments) == args  # same seed, same call
+    with pytest.raises(openai.BadRequestError):  # 'auto' needs a parser of the model's own format
+        client.chat.completions.create(model=server.model, messages=messages, tools=[weather], max_tokens=4)
+    wait_until_free(server, timeout=10)
