@@ -45,12 +45,12 @@ def tool_calls(req: ChatCompletionRequest, text: str) -> list[dict] | None:
         return None
     try:
         parsed = json.loads(text)
-    except ValueError:
+        if req.tool_choice == "required":
+            calls = [(str(c["name"]), json.dumps(c["parameters"], separators=(",", ":"))) for c in parsed]
+        else:
+            calls = [(forced[0].function.name, text.strip())]
+    except (ValueError, TypeError, KeyError):
         return None
-    if req.tool_choice == "required":
-        calls = [(c["name"], json.dumps(c["parameters"], separators=(",", ":"))) for c in parsed]
-    else:
-        calls = [(forced[0].function.name, text.strip())]
     return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": {"name": n, "arguments": a}}
             for n, a in calls]
 
