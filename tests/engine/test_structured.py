@@ -96,3 +96,24 @@ def test_a_row_whose_mask_is_empty_stays_unconstrained():
     assert mask.shape == (2, 70)
     assert mask[0].nonzero().flatten().tolist() == [3, 64, 69]
     assert bool(mask[1].all())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+def test_structured_outputs_on_cuda_through_decode_graphs():
+    """The same constraints on a CUDA engine whose decode steps replay graphs: the mask is applied to the
+    logits the graph returns, on the device, and the outputs still parse, match and follow the schema."""
+    engine = LLMEngine(EngineConfig(device="cuda", max_num_seqs=8, num_state_slots=16, num_kv_blocks=256))
+    assert engine.runner.graphs is not None
+    so = ("json_schema", json.dumps(SCHEMA))
+    outs = run(engine, {
+        **{f"s{seed}": SamplingParams(temperature=1.0, seed=seed, max_tokens=200, structured_output=so)
+           for seed in range(4)},
+        "r": SamplingParams(temperature=1.0, seed=9, max_tokens=20, structured_output=("regex", "(yes|no)-[0-9]{2}")),
+        "free": SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True),
+    })
+    for seed in range(4):
+        value = json.loads(outs[f"s{seed}"].text)
+        assert outs[f"s{seed}"].finish_reason == "stop" and value["color"] in ("red", "green", "blue")
+    assert re.fullmatch("(yes|no)-[0-9]{2}", outs["r"].text)
+    assert len(outs["free"].output_token_ids) == 12
