@@ -36,15 +36,23 @@ async def create_completion(request: Request, server) -> Response:
                                   params=sampling_params(req, max_tokens, j, req.logprobs), prompt_index=p,
                                   priority=req.priority))
     header = ResponseHeader(response_id, int(time.time()), engine.model_name)
-    return await respond(request, server, choices, header, _format(engine.tokenizer, req.logprobs is not None),
+    # echo: each choice's text starts with its prompt (a token-id prompt decoded).
+    echoes = [p if isinstance(p, str) else engine.tokenizer.decode(p) for p in prompts] if req.echo else None
+    return await respond(request, server, choices, header,
+                         _format(engine.tokenizer, req.logprobs is not None, echoes),
                          stream=req.stream, include_usage=req.include_usage_in_stream())
 
 
-def _format(tokenizer, with_logprobs: bool) -> EndpointFormat:
+def _format(tokenizer, with_logprobs: bool, echoes: list[str] | None) -> EndpointFormat:
     text_offsets: dict[int, int] = {}  # per choice, where the next streamed token starts in its text
+    echoed: set[int] = set()  # streamed choices whose prompt went out
 
     def chunk(choice: Choice, out) -> dict | None:
-        if not out.delta_text and not out.finished and not (with_logprobs and out.new_token_ids):
+        echo = ""
+        if echoes is not None and choice.index not in echoed:
+            echoed.add(choice.index)
+            echo = echoes[choice.prompt_index]
+        if not echo and not out.delta_text and not out.finished and not (with_logprobs and out.new_token_ids):
             return None
         logprobs = None
         if with_logprobs:
@@ -52,14 +60,15 @@ def _format(tokenizer, with_logprobs: bool) -> EndpointFormat:
             logprobs = completion_logprobs(tokenizer, out.new_token_ids, out.logprobs or [], out.top_logprobs or [],
                                            offset)
             text_offsets[choice.index] = offset + sum(len(t) for t in logprobs["tokens"])
-        return {"index": choice.index, "text": out.delta_text, "logprobs": logprobs,
+        return {"index": choice.index, "text": echo + out.delta_text, "logprobs": logprobs,
                 "finish_reason": choice.finish_reason}
 
     def final(choice: Choice) -> dict:
         logprobs = None
         if with_logprobs:
             logprobs = completion_logprobs(tokenizer, choice.output_token_ids, choice.logprobs, choice.top_logprobs, 0)
-        return {"index": choice.index, "text": choice.text, "logprobs": logprobs,
+        echo = echoes[choice.prompt_index] if echoes is not None else ""
+        return {"index": choice.index, "text": echo + choice.text, "logprobs": logprobs,
                 "finish_reason": choice.finish_reason}
 
     return EndpointFormat("completions", "text_completion", "text_completion", chunk, final)

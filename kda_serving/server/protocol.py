@@ -3,7 +3,7 @@
 Strict means: unknown fields are refused (a typo such as `max_token` must not silently fall back to a default),
 no type coercion (`"max_tokens": "5"` and `"n": 2.0` are errors), and every range is checked here, before the
 engine sees the request, so the answer is a 400 naming the parameter. OpenAI fields we know but do not
-implement (`echo`, ...) are accepted only at their neutral value and refused otherwise. `response_format`
+implement (`suffix`, ...) are accepted only at their neutral value and refused otherwise. `response_format`
 (text, json_object, json_schema) constrains the output (engine/structured.py), and so does a forced tool call
 (`tool_choice` 'required' or a named function; 'auto' needs a parser of the model's own tool-call format).
 Five vLLM-style extensions are accepted because the engine has them: `top_k`, `ignore_eos`, `stop_token_ids`,
@@ -125,8 +125,8 @@ class CompletionRequest(_SamplingFields):
 
     @model_validator(mode="after")
     def _check_completion(self):
-        if self.echo:
-            raise ValueError("echo: not supported")
+        if self.echo and self.logprobs is not None:
+            raise ValueError("echo: not supported together with logprobs (the prompt's logprobs are not computed)")
         if self.suffix:
             raise ValueError("suffix: not supported")
         if self.best_of not in (None, 1):

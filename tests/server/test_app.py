@@ -162,7 +162,7 @@ BAD_REQUESTS = {
     "nan temperature": ('{"model": "fake-kda", "prompt": "x", "temperature": NaN}', 400, None),
     "too many stops": ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     "n over limit": ({"prompt": "x", "n": 17}, 400, "n"),
-    "echo": ({"prompt": "x", "echo": True}, 400, "echo"),
+    "echo with logprobs": ({"prompt": "x", "echo": True, "logprobs": 1}, 400, "echo"),
     "invalid json": ("{not json", 400, None),
     "json array": ("[1, 2]", 400, None),
     "negative seed": ({"prompt": "x", "seed": -3}, 400, "seed"),
@@ -235,6 +235,28 @@ def test_response_format_reaches_the_engine():
             assert r.status_code == 200
         assert [p.structured_output for p in engine.seen_params] == [
             ("json_schema", json.dumps(schema)), ("json_object", ""), None, None]
+
+    serve(test)
+
+
+def test_echo_puts_the_prompt_before_the_completion():
+    async def test(client, engine):
+        body = {"model": MODEL, "prompt": ["x y", "hi"], "max_tokens": 2, "echo": True, "n": 2}
+        r = await client.post("/v1/completions", json=body)
+        assert [c["text"] for c in r.json()["choices"]] == ["x yab", "x yab", "hiab", "hiab"]
+        async with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as s:
+            events, done = parse_sse((await s.aread()).decode())
+        assert done
+        texts = {}
+        for e in events:
+            for c in e.get("choices", []):
+                texts[c["index"]] = texts.get(c["index"], "") + c["text"]
+        assert [texts[i] for i in range(4)] == ["x yab", "x yab", "hiab", "hiab"]
+        r = await client.post("/v1/completions", json={**body, "echo": False})
+        assert [c["text"] for c in r.json()["choices"]] == ["ab"] * 4
+        ids = engine.tokenizer.encode("hi there")  # a token-id prompt echoes as its decoded text
+        r = await client.post("/v1/completions", json={"model": MODEL, "prompt": ids, "max_tokens": 1, "echo": True})
+        assert r.json()["choices"][0]["text"] == engine.tokenizer.decode(ids) + "a"
 
     serve(test)
 
