@@ -24,6 +24,7 @@ MAX_STOP_SEQUENCES = 4  # OpenAI's limit
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for /v1/completions `logprobs`
 MAX_CHAT_TOP_LOGPROBS = 20  # OpenAI's limit for chat `top_logprobs`
 INT64_MAX = 2**63 - 1
+NAME = r"^[A-Za-z0-9_-]{1,64}$"  # OpenAI's rule for function and response-format schema names
 
 NonNegInt = Annotated[int, Field(ge=0)]
 
@@ -39,7 +40,7 @@ class StreamOptions(_Strict):
 class JsonSchemaFormat(_Strict):
     """response_format.json_schema: the schema the output must follow (OpenAI's structured outputs)."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    name: str = Field(pattern=NAME)
     description: str | None = None
     schema_: dict[str, Any] = Field(alias="schema")
     strict: bool | None = None
@@ -150,9 +151,6 @@ class TextPart(_Strict):
     text: str
 
 
-FUNCTION_NAME = r"^[A-Za-z0-9_-]{1,64}$"  # OpenAI's rule for function names
-
-
 class CalledFunction(_Strict):
     name: str
     arguments: str  # JSON text
@@ -208,7 +206,7 @@ class ChatMessage(_Strict):
 
 
 class FunctionDef(_Strict):
-    name: str = Field(pattern=FUNCTION_NAME)
+    name: str = Field(pattern=NAME)
     description: str | None = None
     parameters: dict[str, Any] | None = None  # a JSON schema; none: an object of any shape
     strict: bool | None = None
