@@ -39,25 +39,29 @@ def run(policy: str, caching: bool) -> dict:
             arrived[f"u{sent}"] = step
             sent += 1
         step += 1
+        before = engine.last_step
         for out in engine.step():
             first.setdefault(out.request_id, step)
             if out.finished:
                 done[out.request_id] = step
-        prefill_tokens += engine.last_step.num_prefill_tokens if engine.last_step is not None else 0
+        if engine.last_step is not before:  # a step that ran nothing leaves the previous one's StepInfo
+            prefill_tokens += engine.last_step.num_prefill_tokens
     wall = time.perf_counter() - start
 
     def waits(prefix: str, table: dict) -> list[int]:
         return [table[r] - arrived[r] for r in arrived if r.startswith(prefix)]
 
-    return dict(policy=policy, caching=caching, steps=step, wall_s=wall, prefill_tokens=prefill_tokens, preemptions=engine.stats().num_preemptions_total,
-                urgent_first=waits("u", first), urgent_done=waits("u", done), background_done=waits("bg", done))
+    return dict(policy=policy, caching=caching, steps=step, wall_s=wall, prefill_tokens=prefill_tokens,
+                preemptions=engine.stats().num_preemptions_total, urgent_first=waits("u", first),
+                urgent_done=waits("u", done), background_done=waits("bg", done))
 
 
 def main() -> None:
     for policy, caching in (("fcfs", True), ("priority", False), ("priority", True)):
         r = run(policy, caching)
-        print(f"{policy:8s} prefix cache {'on ' if caching else 'off'}: urgent first token after {statistics.median(r['urgent_first']):5.1f} steps "
-              f"(max {max(r['urgent_first'])}), done after {statistics.median(r['urgent_done']):5.1f} "
+        print(f"{policy:8s} prefix cache {'on ' if caching else 'off'}: urgent first token after "
+              f"{statistics.median(r['urgent_first']):5.1f} steps (max {max(r['urgent_first'])}), done after "
+              f"{statistics.median(r['urgent_done']):5.1f} "
               f"(max {max(r['urgent_done'])}); background done after {statistics.median(r['background_done']):5.1f} "
               f"steps (max {max(r['background_done'])}); {r['preemptions']} preemptions, {r['steps']} steps, "
               f"{r['prefill_tokens']} prompt tokens computed, {r['wall_s']:.2f} s", flush=True)
