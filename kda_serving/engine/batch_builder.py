@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..model.batch import RaggedBatch, StateCheckpoints
+from ..model.batch import RaggedBatch, SpecVerify, StateCheckpoints
 from .scheduler import SchedulerOutput
 from .sequence import Sequence
 
@@ -31,14 +31,19 @@ def build_batch(out: SchedulerOutput, block_size: int, pin_memory: bool = False)
     """One RaggedBatch for the scheduled chunks, in chunk order (sequence n = out.chunks[n]).
 
     Every sequence gets a logits row (logits_indices = its last new token); rows of prefill chunks that do
-    not end the prompt are simply not sampled.
+    not end the prompt are simply not sampled. A verifying decode (chunk.drafts, first in out.chunks) feeds its
+    last token and its drafts and gets a row for each of them.
     """
     input_ids, positions, slot_mapping = [], [], []
     cu_seqlens, context_lens, seq_lens, state_slots, query_lens, logits_indices = [0], [], [], [], [], []
     for chunk in out.chunks:
         seq, start, n = chunk.seq, chunk.start, chunk.num_tokens
         end = start + n
-        input_ids += seq.token_ids[start:end]
+        if chunk.drafts:
+            input_ids += seq.token_ids[start : start + 1] + chunk.drafts
+            logits_indices += range(cu_seqlens[-1], cu_seqlens[-1] + n - 1)
+        else:
+            input_ids += seq.token_ids[start:end]
         positions += range(start, end)
         table = seq.block_table
         slot_mapping += [table[p // block_size] * block_size + p % block_size for p in range(start, end)]
@@ -66,7 +71,7 @@ def build_batch(out: SchedulerOutput, block_size: int, pin_memory: bool = False)
             tensor(list(seq_idx), torch.int32), tensor(list(pos), torch.int32), tensor(list(slot), torch.int32)
         )
     context = tensor(context_lens, torch.int32)
-    return RaggedBatch(
+    batch = RaggedBatch(
         input_ids=tensor(input_ids, torch.int64),
         positions=tensor(positions, torch.int64),
         cu_seqlens=tensor(cu_seqlens, torch.int32),
@@ -82,3 +87,12 @@ def build_batch(out: SchedulerOutput, block_size: int, pin_memory: bool = False)
         is_decode=out.is_decode,
         checkpoints=checkpoints,
     )
+    num_verifying = out.num_verifying
+    if num_verifying:
+        verifying = out.chunks[:num_verifying]
+        if any(not c.drafts for c in verifying) or len({c.num_tokens for c in verifying}) != 1:
+            raise ValueError("build_batch: verifying decodes must come first, all of one width")
+        rest = batch.tail(num_verifying) if num_verifying < len(out.chunks) else None
+        batch.spec = SpecVerify(num_verifying, verifying[0].num_tokens,
+                                tensor([c.verify_slots for c in verifying], torch.int32), rest)
+    return batch

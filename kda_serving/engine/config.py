@@ -12,6 +12,9 @@ CHECKPOINT_ALIGN = 64  # == kda_serving.ops.contract.CHECKPOINT_ALIGN; repeated 
 _DEVICES = ("cpu", "cuda")
 _DTYPES = ("float32", "bfloat16")
 SCHEDULING_POLICIES = ("fcfs", "priority")  # engine/scheduler.py
+# Drafts per verified decode: each costs a state slot for the step (the state after every token is kept until
+# the draft is checked) and a token of the step's budget.
+MAX_SPECULATIVE_TOKENS = 16
 
 
 def _fail(kind, name, message):
@@ -48,6 +51,9 @@ class EngineConfig:
     model allows it (bf16, MoE on grouped GEMMs); False runs every step eagerly.
     scheduling_policy: "fcfs" (first come first served) or "priority" (requests carry a priority, lower
     served first, and may preempt running requests of a lower one; engine/scheduler.py).
+    num_speculative_tokens: 0 (off) or the most draft tokens a decode verifies per step (speculative decoding
+    by prompt lookup, engine/ngram.py); drafts come from the last occurrence of the request's last
+    prompt_lookup_max .. prompt_lookup_min tokens in its own context.
     """
 
     model: str | None = None
@@ -69,6 +75,9 @@ class EngineConfig:
     served_model_name: str | None = None
     seed: int = 0
     scheduling_policy: str = "fcfs"
+    num_speculative_tokens: int = 0
+    prompt_lookup_min: int = 2
+    prompt_lookup_max: int = 4
 
     def __post_init__(self):
         if self.model is not None and not isinstance(self.model, str):
@@ -113,6 +122,16 @@ class EngineConfig:
             _fail(TypeError, "served_model_name", "must be a string or None")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             _fail(TypeError, "seed", "must be an int")
+        if not isinstance(self.num_speculative_tokens, int) or isinstance(self.num_speculative_tokens, bool):
+            _fail(TypeError, "num_speculative_tokens", "must be an int")
+        if not 0 <= self.num_speculative_tokens <= MAX_SPECULATIVE_TOKENS:
+            _fail(ValueError, "num_speculative_tokens",
+                  f"must be in [0, {MAX_SPECULATIVE_TOKENS}], got {self.num_speculative_tokens}")
+        for name in ("prompt_lookup_min", "prompt_lookup_max"):
+            _positive_int(name, getattr(self, name))
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            _fail(ValueError, "prompt_lookup_min",
+                  f"({self.prompt_lookup_min}) must be <= prompt_lookup_max ({self.prompt_lookup_max})")
         if self.scheduling_policy not in SCHEDULING_POLICIES:
             _fail(ValueError, "scheduling_policy",
                   f"must be one of {SCHEDULING_POLICIES}, got {self.scheduling_policy!r}")

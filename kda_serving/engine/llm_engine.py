@@ -19,6 +19,7 @@ from .batch_builder import build_batch
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
 from .model_runner import ModelRunner
+from .ngram import PromptLookup
 from .outputs import EngineStats, RequestOutput, StepInfo
 from .sampler import Sampler
 from .sampling_params import SamplingParams
@@ -68,9 +69,13 @@ class LLMEngine:
         self.prefix_cache = (
             PrefixCache(config.prefix_cache_interval, self.slots, self.blocks) if config.enable_prefix_caching else None
         )
+        drafter = None
+        if config.num_speculative_tokens:
+            drafter = PromptLookup(config.num_speculative_tokens, config.prompt_lookup_min, config.prompt_lookup_max,
+                                   config.max_model_len)
         self.scheduler = Scheduler(
             config.max_num_seqs, config.max_num_batched_tokens, self.slots, self.blocks, self.prefix_cache,
-            policy=config.scheduling_policy,
+            policy=config.scheduling_policy, drafter=drafter,
         )
         self.device = self.runner.device
         self._generator = torch.Generator(device=self.device)
@@ -85,6 +90,8 @@ class LLMEngine:
         self._finished = 0
         self._aborted = 0
         self._steps = 0
+        self._draft_tokens = 0
+        self._accepted_tokens = 0
         self._finish_reasons: dict[str, int] = {}
         self.last_step: StepInfo | None = None
 
@@ -161,34 +168,72 @@ class LLMEngine:
         logits = self.runner.execute(out, batch)
         self.scheduler.update(out)
         self._steps += 1
-        decodes = sum(1 for c in out.chunks if c.num_tokens == 1 and c.start >= c.seq.num_prompt_tokens)
+        decodes = sum(c.num_tokens for c in out.chunks
+                      if (c.num_tokens == 1 or c.drafts) and c.start >= c.seq.num_prompt_tokens)
         self.last_step = StepInfo(len(out.chunks), out.num_tokens, out.num_tokens - decodes, out.is_decode)
-        rows = [i for i, c in enumerate(out.chunks) if c.sample]
-        if not rows:
+        # logits rows, in chunk order: one per chunk, a verifying decode's one per token
+        first_row, rows = [], 0
+        for c in out.chunks:
+            first_row.append(rows)
+            rows += len(c.drafts) + 1
+        sampled = [c for c in out.chunks if c.sample]
+        if not sampled:
             return []
-        seqs = [out.chunks[i].seq for i in rows]
-        index = host_to_device(rows, logits.device)
-        constrained = [j for j, s in enumerate(seqs) if s.matcher is not None]
-        allowed = None
-        if constrained:
-            allowed = (constrained, self.structured.token_mask([seqs[j].matcher for j in constrained], logits.device))
-        result = self.sampler(logits[index], [s.params for s in seqs], [s.generator for s in seqs],
-                              [(s.token_ids, s.num_prompt_tokens) for s in seqs], allowed)
-        outputs = []
-        for j, seq in enumerate(seqs):
-            token = result.token_ids[j]
+        index, params, generators, histories, constrained, matchers = [], [], [], [], [], []
+        for c, first in zip(out.chunks, first_row):
+            if not c.sample:
+                continue
+            seq = c.seq
+            for j in range(len(c.drafts) + 1):
+                if seq.matcher is not None:  # never with drafts (PromptLookup.limit)
+                    constrained.append(len(index))
+                    matchers.append(seq.matcher)
+                index.append(first + j)
+                params.append(seq.params)
+                generators.append(seq.generator)
+                # a draft row's penalties count the drafts before it as output
+                tokens = seq.token_ids + c.drafts[:j] if j and seq.params.penalized else seq.token_ids
+                histories.append((tokens, seq.num_prompt_tokens))
+        allowed = (constrained, self.structured.token_mask(matchers, logits.device)) if constrained else None
+        result = self.sampler(logits[host_to_device(index, logits.device)], params, generators, histories, allowed)
+        outputs, row = [], 0
+        for c in sampled:
+            outputs.append(self._advance(c, result, row))
+            row += len(c.drafts) + 1
+        return outputs
+
+    def _advance(self, chunk, result, row: int) -> RequestOutput:
+        """Appends a sampled chunk's new tokens (rows row.. of result): the first, and for a verifying decode
+        each next one while the token sampled before it equals the draft fed there, up to a stop. Sampling
+        every position from the model's own distribution and keeping the run that matches the drafts emits
+        exactly what decoding one token at a time would, in distribution (and token for token when greedy)."""
+        seq, drafts = chunk.seq, chunk.drafts
+        sampled = result.token_ids[row : row + len(drafts) + 1]
+        accepted = 0
+        while accepted < len(drafts) and sampled[accepted] == drafts[accepted]:
+            accepted += 1
+        new_tokens, reason = [], None
+        for token in sampled[: accepted + 1]:
             seq.token_ids.append(token)
-            self._generation_tokens += 1
+            new_tokens.append(token)
             reason = self._stop_reason(seq, token)
             if reason is not None:
-                self.scheduler.finish(seq, reason)
-                del self._seqs[seq.request_id]
-                self._finished += 1
-                self._finish_reasons[reason] = self._finish_reasons.get(reason, 0) + 1
-            lp = [result.logprobs[j]] if seq.params.logprobs is not None else None
-            top = [result.top_logprobs[j]] if seq.params.logprobs is not None else None
-            outputs.append(self._output(seq, [token], lp, top))
-        return outputs
+                break
+        self._generation_tokens += len(new_tokens)
+        if drafts:
+            self.scheduler.accept(chunk, len(new_tokens))
+            self._draft_tokens += len(drafts)
+            self._accepted_tokens += len(new_tokens) - 1
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+            del self._seqs[seq.request_id]
+            self._finished += 1
+            self._finish_reasons[reason] = self._finish_reasons.get(reason, 0) + 1
+        lp = top = None
+        if seq.params.logprobs is not None:
+            lp = result.logprobs[row : row + len(new_tokens)]
+            top = result.top_logprobs[row : row + len(new_tokens)]
+        return self._output(seq, new_tokens, lp, top)
 
     def _stop_reason(self, seq: Sequence, token: int) -> str | None:
         p = seq.params
@@ -249,6 +294,8 @@ class LLMEngine:
             requests_aborted_total=self._aborted,
             num_preemptions_total=s.num_preemptions,
             num_steps_total=self._steps,
+            spec_draft_tokens_total=self._draft_tokens,
+            spec_accepted_tokens_total=self._accepted_tokens,
             finish_reasons=dict(self._finish_reasons),
         )
 

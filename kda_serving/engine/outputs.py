@@ -67,6 +67,8 @@ class EngineStats:
     requests_aborted_total: int = 0
     num_preemptions_total: int = 0
     num_steps_total: int = 0
+    spec_draft_tokens_total: int = 0  # draft tokens verified (speculative decoding)
+    spec_accepted_tokens_total: int = 0  # of which accepted: tokens gained over one per step
     finish_reasons: dict[str, int] = field(default_factory=dict)
 
     @property

@@ -7,6 +7,13 @@ entries when needed). A decode that needs a new KV block and finds none preempts
 request, which frees its slot and blocks (to a prefix-cache entry it resumes from, while the entry lasts). Finished and aborted requests free their slot and
 blocks at once; a finished turn's slot and blocks become a prefix-cache entry instead.
 
+With speculative decoding (a draft proposer given), the decodes then take draft tokens while the step has
+budget, free state slots (beyond those admissions may need) and free KV blocks: a verifying decode feeds its
+last sampled token and W-1 drafts, W the same for every verifying request of the step, and takes W state slots
+for the step, one for the state after each token. After sampling the engine calls `accept` with how many of
+them the request keeps; the other slots, and the request's old one, go back to the pool. Drafts never evict a
+cache entry or preempt a request.
+
 The "priority" policy orders both queues by (priority, arrival), lower first: the waiting queue, and the
 running list, whose last request is the one a decode preempts. And before a step, while the first waiting
 request outranks the last running one and finds no room (a sequence place, a state slot, its prompt's KV
@@ -34,6 +41,8 @@ class ScheduledChunk:
     start: int  # first new token position (== tokens already cached)
     num_tokens: int
     sample: bool  # this chunk ends at the last token: its logits give the next output token
+    drafts: list[int] = field(default_factory=list)  # a verifying decode's draft tokens (num_tokens - 1 of them)
+    verify_slots: list[int] = field(default_factory=list)  # where the state after each of its tokens goes
 
 
 @dataclass
@@ -64,6 +73,11 @@ class SchedulerOutput:
     def is_decode(self) -> bool:
         return bool(self.chunks) and all(c.num_tokens == 1 and c.start > 0 for c in self.chunks)
 
+    @property
+    def num_verifying(self) -> int:
+        """The verifying decodes, which come first in `chunks`."""
+        return sum(1 for c in self.chunks if c.drafts)
+
 
 class Scheduler:
     def __init__(
@@ -75,7 +89,10 @@ class Scheduler:
         prefix_cache: PrefixCache | None = None,
         checkpoint_align: int = CHECKPOINT_ALIGN,
         policy: str = "fcfs",
+        drafter=None,
     ):
+        """drafter: None, or a draft proposer (engine/ngram.py PromptLookup: num_tokens, limit(seq),
+        propose(seq)) that turns on speculative decoding."""
         if policy not in SCHEDULING_POLICIES:
             raise ValueError(f"Scheduler: 'policy' must be one of {SCHEDULING_POLICIES}, got {policy!r}")
         self.policy = policy
@@ -85,6 +102,7 @@ class Scheduler:
         self.blocks = blocks
         self.cache = prefix_cache
         self.checkpoint_align = checkpoint_align  # the kernel's checkpoint granularity (tests use small ones)
+        self.drafter = drafter
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._pending_hashes: Counter[int] = Counter()  # aligned save points being written this step
@@ -129,6 +147,8 @@ class Scheduler:
                 break
             if seq.status is SequenceStatus.RUNNING and self._grow_blocks(seq, out):
                 budget -= self._schedule_chunk(seq, budget, out)
+        if self.drafter is not None and budget > 0:
+            budget -= self._add_drafts(out, budget)
         for seq in [s for s in self.running if s.num_tokens - s.num_computed_tokens > 1]:
             if budget == 0:
                 break
@@ -147,6 +167,44 @@ class Scheduler:
             budget -= self._schedule_chunk(seq, budget, out)
         self.waiting.extendleft(reversed(skipped))
         return out
+
+    def _add_drafts(self, out: SchedulerOutput, budget: int) -> int:
+        """Turns this step's decodes (so far the only chunks) into verifying ones where drafts are proposed and
+        the step has room; returns the tokens added. Every verifying decode gets the same width W = 1 + the
+        longest proposal, shorter ones repeating their last draft (any token is a valid guess), so that the KDA
+        layers verify them as one [N, W] block."""
+        proposals = [self.drafter.propose(c.seq) for c in out.chunks]
+        width = 1 + max((len(p) for p in proposals), default=0)
+        if width == 1:
+            return 0
+        added = 0
+        for chunk, drafts in zip(out.chunks, proposals):
+            seq = chunk.seq
+            extra_blocks = self.blocks.blocks_for(chunk.start + width) - len(seq.block_table)
+            if (not drafts or chunk.start == 0 or self.drafter.limit(seq) < width - 1 or budget - added < width - 1
+                    or self.slots.num_free - self._slot_reserve < width or extra_blocks > self.blocks.num_free):
+                continue
+            if extra_blocks > 0:
+                seq.block_table += self.blocks.allocate(extra_blocks)
+            chunk.drafts = drafts + drafts[-1:] * (width - 1 - len(drafts))
+            chunk.verify_slots = [self.slots.allocate() for _ in range(width)]
+            chunk.num_tokens = width
+            added += width - 1
+        out.chunks.sort(key=lambda c: not c.drafts)  # stable: verifying decodes first, each group in order
+        return added
+
+    def accept(self, chunk: ScheduledChunk, num_kept: int) -> None:
+        """After a verifying step: the request keeps the state after its first num_kept tokens (its last sampled
+        token and the drafts accepted before a stop), from the slot that holds it; the rest go back."""
+        if not 1 <= num_kept <= chunk.num_tokens:
+            raise ValueError(f"Scheduler.accept: num_kept must be in [1, {chunk.num_tokens}], got {num_kept}")
+        seq, kept = chunk.seq, chunk.verify_slots[num_kept - 1]
+        for slot in chunk.verify_slots:
+            if slot != kept:
+                self.slots.free(slot)
+        self.slots.free(seq.state_slot)
+        seq.state_slot = kept
+        seq.num_computed_tokens = chunk.start + num_kept
 
     def _preempt_for_waiting(self, out: SchedulerOutput) -> None:
         """Priority policy, before anything is scheduled this step: preempts the last running request while the
@@ -275,9 +333,11 @@ class Scheduler:
         return slot
 
     def update(self, out: SchedulerOutput) -> None:
-        """Closes a step: advances computed tokens, releases pins and commits this step's cache entries."""
+        """Closes a step: advances computed tokens (a verifying decode's: in `accept`), releases pins and commits
+        this step's cache entries."""
         for chunk in out.chunks:
-            chunk.seq.num_computed_tokens += chunk.num_tokens
+            if not chunk.drafts:
+                chunk.seq.num_computed_tokens += chunk.num_tokens
             if chunk.seq.pinned is not None:
                 self.cache.unpin(chunk.seq.pinned)
                 chunk.seq.pinned = None

@@ -45,6 +45,7 @@ class Sequence:
         self.generator: Any = None  # the per-request torch.Generator of a seeded request
         self.detokenizer: Any = None
         self.matcher: Any = None  # the grammar matcher of a structured output (engine/structured.py)
+        self.ngram: Any = None  # the n-gram index of its tokens that draft proposals read (engine/ngram.py)
         self.logprobs: list[float] = []
         self.top_logprobs: list[dict[int, float]] = []
 

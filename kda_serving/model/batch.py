@@ -5,6 +5,10 @@ length T. Sequence n owns tokens cu_seqlens[n]:cu_seqlens[n+1]. KDA layers read 
 states from slot `state_slots[n]` of their pools (starting from zero where `has_initial_state[n]` is False)
 and write them back in place; MLA layers append the new tokens' latent KV at `slot_mapping` and attend over
 the blocks listed in `block_tables[n]`.
+
+With speculative decoding a step's first sequences may verify drafts (SpecVerify): each feeds its last
+sampled token and W-1 draft tokens, and its KDA layers keep the state after every one of them in slots of
+its own, for the engine to adopt the one after the last accepted token.
 """
 
 from __future__ import annotations
@@ -37,6 +41,24 @@ class StateCheckpoints:
 
 
 @dataclass
+class SpecVerify:
+    """The batch's first `num_seqs` sequences verify drafts: each has exactly `width` tokens (its last sampled
+    token and width-1 drafts), the batch's first num_seqs * width tokens. Their KDA layers leave state slot
+    state_slots[n] as it was and write the recurrent and conv state after token t to out_slots[n, t].
+    `rest` is the batch's other sequences as a batch of their own (None if there are none), for the layers
+    that run them apart; the whole batch's logits_indices name every verify token."""
+
+    num_seqs: int
+    width: int
+    out_slots: torch.Tensor  # [num_seqs, width] int32, distinct, none a state_slots entry
+    rest: "RaggedBatch | None"
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_seqs * self.width
+
+
+@dataclass
 class RaggedBatch:
     input_ids: torch.Tensor  # [T] int64, the new tokens of all sequences, packed
     positions: torch.Tensor  # [T] int64, absolute position of each token within its sequence
@@ -47,13 +69,23 @@ class RaggedBatch:
     has_initial_state: torch.Tensor  # [N] bool, context_lens > 0
     block_tables: torch.Tensor  # [N, max_blocks] int32, MLA latent-KV blocks per sequence (-1 = none)
     slot_mapping: torch.Tensor  # [T] int64, flat KV-cache slot (block * block_size + offset) of each new token
-    logits_indices: torch.Tensor  # [N] int64, index in [0, T) of the token whose logits each sequence needs
+    # [R] int64, the tokens (index in [0, T)) whose logits the step needs: one per sequence, in order, and
+    # every token of a verifying sequence
+    logits_indices: torch.Tensor
     query_lens: list[int] = field(default_factory=list)  # host copy of the new-token counts
     # host copy of seq_lens, or an upper bound of each (a captured decode step pads every sequence to its
     # bucket); MLA layers size their key blocks from it without reading seq_lens back from the device
     kv_lens: list[int] = field(default_factory=list)
     is_decode: bool = False  # every sequence has exactly one new token and a cached context
     checkpoints: StateCheckpoints | None = None
+    spec: SpecVerify | None = None
+
+    @property
+    def decode_only(self) -> bool:
+        """Every sequence decodes (one token) or verifies drafts: no prompt tokens in the step."""
+        if self.spec is None:
+            return self.is_decode
+        return self.spec.rest is None or self.spec.rest.is_decode
 
     @property
     def num_seqs(self) -> int:
@@ -73,8 +105,7 @@ class RaggedBatch:
         validate_cu_seqlens(self.cu_seqlens, T, cpu)
         validate_slot_indices("state_slots", self.state_slots, N, num_state_slots, cpu)
         per_seq = {"context_lens": self.context_lens, "seq_lens": self.seq_lens,
-                   "has_initial_state": self.has_initial_state, "logits_indices": self.logits_indices,
-                   "block_tables": self.block_tables}
+                   "has_initial_state": self.has_initial_state, "block_tables": self.block_tables}
         for name, t in per_seq.items():
             if t.shape[0] != N:
                 raise ValueError(f"RaggedBatch.{name}: expected {N} rows, got {t.shape[0]}")
@@ -87,12 +118,60 @@ class RaggedBatch:
         if self.block_tables.numel() and (int(self.block_tables.min()) < -1
                                           or int(self.block_tables.max()) >= num_kv_blocks):
             raise ValueError(f"RaggedBatch.block_tables: a block id lies outside [-1, {num_kv_blocks})")
+        if self.logits_indices.dim() != 1 or self.logits_indices.shape[0] < N:
+            raise ValueError(f"RaggedBatch.logits_indices: expected at least {N} entries, got "
+                             f"{tuple(self.logits_indices.shape)}")
         if N and (int(self.logits_indices.min()) < 0 or int(self.logits_indices.max()) >= T):
             raise ValueError(f"RaggedBatch.logits_indices: an entry lies outside the {T} tokens")
+        if self.spec is not None:
+            self._check_spec(num_state_slots, num_kv_blocks, block_size)
         if self.checkpoints is not None:
             ckpt = self.checkpoints
             validate_checkpoints(KDACheckpoints(ckpt.seq, ckpt.pos, ckpt.slot), N, T, 1, self.cu_seqlens,
                                  num_state_slots, self.state_slots, cpu)
+
+    def _check_spec(self, num_state_slots: int, num_kv_blocks: int, block_size: int) -> None:
+        spec, cpu = self.spec, torch.device("cpu")
+        nv, width = spec.num_seqs, spec.width
+        if not 0 < nv <= self.num_seqs or width < 2 or spec.num_tokens > self.num_tokens:
+            raise ValueError(f"RaggedBatch.spec: {nv} sequences of {width} tokens do not fit the batch")
+        if not torch.equal(self.cu_seqlens[: nv + 1].long(), torch.arange(nv + 1) * width):
+            raise ValueError(f"RaggedBatch.spec: the first {nv} sequences must have {width} tokens each")
+        if tuple(spec.out_slots.shape) != (nv, width):
+            raise ValueError(f"RaggedBatch.spec.out_slots: expected shape {(nv, width)}, got "
+                             f"{tuple(spec.out_slots.shape)}")
+        validate_slot_indices("spec.out_slots", spec.out_slots, nv * width, num_state_slots, cpu, allow_pad=False)
+        if set(spec.out_slots.reshape(-1).tolist()) & set(self.state_slots.tolist()):
+            raise ValueError("RaggedBatch.spec.out_slots: a slot is also a sequence's state slot")
+        if (spec.rest is None) != (nv == self.num_seqs):
+            raise ValueError("RaggedBatch.spec.rest: must hold exactly the sequences that do not verify")
+        if spec.rest is not None:
+            spec.rest.check(num_state_slots, num_kv_blocks, block_size)
+
+    def tail(self, first: int) -> "RaggedBatch":
+        """Sequences first.. of this batch as a batch of their own (their tokens, indices and checkpoints
+        renumbered; logits one per sequence); for SpecVerify.rest."""
+        t0 = int(self.cu_seqlens[first])
+        ckpt = self.checkpoints
+        if ckpt is not None:
+            ckpt = StateCheckpoints(ckpt.seq - first, ckpt.pos, ckpt.slot)
+        cu = self.cu_seqlens[first:] - t0
+        return RaggedBatch(
+            input_ids=self.input_ids[t0:],
+            positions=self.positions[t0:],
+            cu_seqlens=cu,
+            context_lens=self.context_lens[first:],
+            seq_lens=self.seq_lens[first:],
+            state_slots=self.state_slots[first:],
+            has_initial_state=self.has_initial_state[first:],
+            block_tables=self.block_tables[first:],
+            slot_mapping=self.slot_mapping[t0:],
+            logits_indices=cu[1:].long() - 1,
+            query_lens=list(self.query_lens[first:]),
+            kv_lens=list(self.kv_lens[first:]),
+            is_decode=all(n == 1 for n in self.query_lens[first:]) and bool(self.context_lens[first:].all()),
+            checkpoints=ckpt,
+        )
 
     def to(self, device: torch.device | str) -> "RaggedBatch":
         """The same batch with every tensor on `device` (non-blocking copies from pinned memory where given)."""
@@ -118,4 +197,8 @@ class RaggedBatch:
             kv_lens=list(self.kv_lens),
             is_decode=self.is_decode,
             checkpoints=ckpt,
+            spec=None if self.spec is None else SpecVerify(
+                self.spec.num_seqs, self.spec.width, move(self.spec.out_slots),
+                None if self.spec.rest is None else self.spec.rest.to(device),
+            ),
         )

@@ -13,9 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import causal_conv1d_decode, causal_conv1d_prefill, gated_rms_norm, kda_decode, kda_prefill
+from ..ops import (causal_conv1d_decode, causal_conv1d_prefill, causal_conv1d_verify, gated_rms_norm, kda_decode,
+                   kda_prefill)
 from ..ops.contract import KDACheckpoints
-from .batch import RaggedBatch
+from .batch import RaggedBatch, SpecVerify
 from .config import ModelConfig
 
 
@@ -46,7 +47,24 @@ class KDABlock(nn.Module):
         """x [T, hidden] -> [T, hidden]; state_pool [S, H, V, K] and conv_pool [S, W-1, 3D] updated in place."""
         T, H, K = x.shape[0], self.num_heads, self.head_dim
         mixed, f_a, g_a, beta = F.linear(x, self.in_proj).split(self.split_sizes, dim=-1)
-        mixed = mixed.contiguous()
+        mixed, beta = mixed.contiguous(), beta.contiguous()
+        g = F.linear(f_a, self.f_b_proj).view(T, H, K)
+        spec = batch.spec
+        if spec is None:
+            out = self._mix(mixed, g, beta, batch, state_pool, conv_pool)
+        else:  # the verifying sequences come first, the rest run as usual
+            tv = spec.num_tokens
+            out = self._verify(mixed[:tv], g[:tv], beta[:tv], batch.state_slots[: spec.num_seqs], spec, state_pool,
+                               conv_pool)
+            if spec.rest is not None:
+                out = torch.cat((out, self._mix(mixed[tv:], g[tv:], beta[tv:], spec.rest, state_pool, conv_pool)))
+        gate = F.linear(g_a, self.g_b_proj).view(T, H, K)
+        out = gated_rms_norm(out, gate, self.o_norm, self.eps)
+        return F.linear(out.reshape(T, self.dim), self.o_proj)
+
+    def _mix(self, mixed, g, beta, batch: RaggedBatch, state_pool, conv_pool) -> torch.Tensor:
+        """Conv and KDA core of a batch without verifying sequences: out [T, H, V]."""
+        T, H, K = mixed.shape[0], self.num_heads, self.head_dim
         if batch.is_decode:
             mixed = causal_conv1d_decode(mixed, self.conv_weight, None, conv_pool, batch.state_slots, split=3)
         else:
@@ -57,24 +75,28 @@ class KDABlock(nn.Module):
                 batch.has_initial_state, split=3,
             )
         q, k, v = mixed.view(3, T, H, K).unbind(0)  # the conv wrote q, k and v as contiguous parts
-        g = F.linear(f_a, self.f_b_proj).view(T, H, K)
-        beta = beta.contiguous()
         if batch.is_decode:
-            out = kda_decode(
+            return kda_decode(
                 q[:, None], k[:, None], v[:, None], g[:, None], beta[:, None], self.A_log, self.dt_bias,
                 state_pool, batch.state_slots,
             ).view(T, H, K)
-        else:
-            ckpt = batch.checkpoints
-            out = kda_prefill(
-                q[None], k[None], v[None], g[None], beta[None], self.A_log, self.dt_bias,
-                cu_seqlens=batch.cu_seqlens, state_pool=state_pool, state_indices=batch.state_slots,
-                has_initial_state=batch.has_initial_state,
-                checkpoints=None if ckpt is None else KDACheckpoints(ckpt.seq, ckpt.pos, ckpt.slot),
-            ).out.view(T, H, K)
-        gate = F.linear(g_a, self.g_b_proj).view(T, H, K)
-        out = gated_rms_norm(out, gate, self.o_norm, self.eps)
-        return F.linear(out.reshape(T, self.dim), self.o_proj)
+        ckpt = batch.checkpoints
+        return kda_prefill(
+            q[None], k[None], v[None], g[None], beta[None], self.A_log, self.dt_bias,
+            cu_seqlens=batch.cu_seqlens, state_pool=state_pool, state_indices=batch.state_slots,
+            has_initial_state=batch.has_initial_state,
+            checkpoints=None if ckpt is None else KDACheckpoints(ckpt.seq, ckpt.pos, ckpt.slot),
+        ).out.view(T, H, K)
+
+    def _verify(self, mixed, g, beta, slots, spec: SpecVerify, state_pool, conv_pool) -> torch.Tensor:
+        """Speculative verification: N sequences of W tokens each, every state after every token kept in
+        spec.out_slots (the conv window and the recurrent state alike); out [N * W, H, V]."""
+        N, W, H, K = spec.num_seqs, spec.width, self.num_heads, self.head_dim
+        mixed = causal_conv1d_verify(mixed.view(N, W, -1), self.conv_weight, None, conv_pool, slots,
+                                     spec.out_slots, split=3)
+        q, k, v = mixed.view(3, N, W, H, K).unbind(0)
+        return kda_decode(q, k, v, g.view(N, W, H, K), beta.view(N, W, H), self.A_log, self.dt_bias, state_pool,
+                          slots, intermediate_slots=spec.out_slots).view(N * W, H, K)
 
     @staticmethod
     def _checkpoint_conv_states(mixed: torch.Tensor, batch: RaggedBatch, conv_pool: torch.Tensor) -> None:

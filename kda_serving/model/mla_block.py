@@ -81,8 +81,9 @@ class MLABlock(nn.Module):
         w_uk, w_uv = w_kv[:, : self.nope_dim], w_kv[:, self.nope_dim :]
         q_absorbed = torch.cat([torch.einsum("thd,hdc->thc", q_nope, w_uk), q_rope], dim=-1)  # [T, nh, L]
         if self._paged_decode(q_absorbed, batch, kv_cache):
-            # one token per sequence: the paged kernel reads each cached row once, in place
-            out_latent = mla_decode(q_absorbed, kv_cache, batch.block_tables, batch.seq_lens, scale=self.scale,
+            # no prompt tokens: the paged kernel reads each cached row in place, once per query
+            tables, lens = _query_tables(batch)
+            out_latent = mla_decode(q_absorbed, kv_cache, tables, lens, scale=self.scale,
                                     max_seq_len=max(batch.kv_lens), value_dim=self.kv_lora_rank)
         else:
             out_latent = self._attend(q_absorbed, batch, flat_cache, kv_cache.shape[1])  # [T, nh, kv_lora_rank]
@@ -90,9 +91,9 @@ class MLABlock(nn.Module):
         return F.linear(out, self.o_proj, self._bias("o_proj"))
 
     def _paged_decode(self, q: torch.Tensor, batch: RaggedBatch, kv_cache: torch.Tensor) -> bool:
-        """Whether this step goes to the paged decode kernel (ops.mla_decode): a decode step on CUDA, bf16, with
-        the host bound of the key lengths, in sizes the kernel is built for (16 or 32 heads of 576)."""
-        return (q.is_cuda and batch.is_decode and bool(batch.kv_lens) and q.dtype == kv_cache.dtype == torch.bfloat16
+        """Whether this step goes to the paged decode kernel (ops.mla_decode): a decode (or verify) step on CUDA,
+        bf16, with the host bound of the key lengths, in sizes the kernel is built for (16 or 32 heads of 576)."""
+        return (q.is_cuda and batch.decode_only and bool(batch.kv_lens) and q.dtype == kv_cache.dtype == torch.bfloat16
                 and batch.block_tables.dtype == torch.int32 and batch.seq_lens.dtype == torch.int32
                 and cuda_mla_supports(self.num_heads, q.shape[-1], self.kv_lora_rank))
 
@@ -171,3 +172,16 @@ class MLABlock(nn.Module):
             outs.append(o.view(n, c, nh, self.kv_lora_rank))
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
         return out[seq_of, offset] if padded else out[:, 0]
+
+
+def _query_tables(batch: RaggedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block table and key count of every query of a step without prompt tokens, for the paged decode kernel:
+    a decode's are its sequence's; the W tokens of a verifying sequence are W queries over the same blocks
+    that see their own position and those before it (so a draft never sees the drafts after it)."""
+    spec = batch.spec
+    if spec is None:
+        return batch.block_tables, batch.seq_lens
+    device = batch.block_tables.device
+    seqs = torch.arange(batch.num_seqs, device=device)
+    seq_of_token = torch.cat((seqs[: spec.num_seqs].repeat_interleave(spec.width), seqs[spec.num_seqs :]))
+    return batch.block_tables[seq_of_token], (batch.positions + 1).to(torch.int32)

@@ -4,7 +4,7 @@ bindings (cuda_lib.py, cuda_decode.py, cuda_norm.py, cuda_mla.py, their shared c
 See docs/kda-contract.md."""
 
 from .contract import CHECKPOINT_ALIGN, PAD_SLOT, KDACheckpoints, indices_checked_by_caller
-from .conv import causal_conv1d_decode, causal_conv1d_prefill
+from .conv import causal_conv1d_decode, causal_conv1d_prefill, causal_conv1d_verify
 from .gated_norm import gated_rms_norm
 from .kda import flash_kda_fwd, kda_decode, kda_prefill
 from .mla_decode import mla_decode
@@ -17,6 +17,7 @@ __all__ = [
     "KDAOutput",
     "causal_conv1d_decode",
     "causal_conv1d_prefill",
+    "causal_conv1d_verify",
     "flash_kda_fwd",
     "gated_rms_norm",
     "indices_checked_by_caller",

@@ -392,3 +392,26 @@ def validate_conv_args(x, weight, bias, conv_pool, state_indices, *, cu_seqlens=
                 _fail(ValueError, "has_initial_state", f"expected {N} entries, got {has_initial_state.shape[0]}")
     validate_slot_indices("state_indices", state_indices, N, conv_pool.shape[0], device)
     return N
+
+
+def validate_conv_verify_args(x, weight, bias, conv_pool, state_indices, intermediate_slots, activation="silu") -> bool:
+    """Checks a speculative-verify conv call: x [N, T, D], T tokens after each sequence's conv state;
+    intermediate_slots [N, T] (the conv state after each token goes there). Returns whether an entry of either
+    index list is padding (-1); False without looking where the index values are not checked here."""
+    if not isinstance(x, torch.Tensor):
+        _fail(TypeError, "x", f"expected a torch.Tensor, got {type(x).__name__}")
+    _check_tensor("x", x, 3, activation_dtypes(x.device), x.device)
+    N, T, D = x.shape
+    if T < 1:
+        _fail(ValueError, "x", "verify needs at least one token per sequence (T >= 1)")
+    validate_conv_args(x.view(N * T, D)[:N], weight, bias, conv_pool, state_indices, activation=activation,
+                       decode=True)
+    _check_tensor("intermediate_slots", intermediate_slots, 2, INDEX_DTYPES, x.device)
+    _check_shape("intermediate_slots", intermediate_slots, (N, T))
+    validate_slot_indices("intermediate_slots", intermediate_slots, N * T, conv_pool.shape[0], x.device)
+    if skip_index_value_checks():
+        return False
+    inter, seqs = intermediate_slots.cpu().reshape(-1).tolist(), state_indices.cpu().tolist()
+    if (set(inter) - {PAD_SLOT}) & (set(seqs) - {PAD_SLOT}):
+        _fail(ValueError, "intermediate_slots", "must differ from state_indices")
+    return PAD_SLOT in inter or PAD_SLOT in seqs

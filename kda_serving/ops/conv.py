@@ -9,6 +9,11 @@ Prefill runs over a packed varlen batch (x [T, D], cu_seqlens [N+1]); decode tak
 (x [N, D]). Both update the pool in place; index -1 marks a padded entry (zero output, no state change).
 Registered as torch custom ops like the KDA ops; CPU tensors run the PyTorch code here, CUDA tensors the
 kernels in csrc/conv through kda_serving/ops/cuda_decode.py.
+
+Verify (speculative decoding) takes T tokens per sequence (x [N, T, D]) and, like kda_decode with
+intermediate_slots, leaves the sequence's slot as it was and writes the conv state after each token to a slot
+of its own. Its work is a few multiply-adds per channel and token, so one PyTorch implementation serves both
+devices (a handful of tensor ops, without host reads when no entry is padded: capturable in a CUDA graph).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .contract import PAD_SLOT, validate_conv_args
+from .contract import PAD_SLOT, validate_conv_args, validate_conv_verify_args
 
 Tensor = torch.Tensor
 
@@ -115,6 +120,32 @@ def _(*args, **kwargs) -> None:
     return None
 
 
+@torch.library.custom_op("kda_serving::causal_conv1d_verify_", mutates_args=("out", "conv_pool"))
+def _conv_verify_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], conv_pool: Tensor, state_indices: Tensor,
+                    intermediate_slots: Tensor, has_pad: bool, silu: bool, out: Tensor) -> None:
+    N, T, D = x.shape
+    W = weight.shape[1]
+    idx = state_indices.long()
+    real = idx != PAD_SLOT
+    # per sequence: its W-1 carried inputs, then its T new ones
+    buf = torch.cat((conv_pool[idx.clamp(min=0)].float() * real[:, None, None], x.float()), dim=1)
+    windows = buf.unfold(1, W, 1)  # [N, T, D, W]: window t ends at token t
+    y = _finish(torch.einsum("ntdw,dw->ntd", windows, weight.float()), bias, silu)
+    _write_output(out, (y * real[:, None, None]).view(N * T, D))
+    # the state after token t is the W-1 inputs ending there: buf rows t+1 .. t+W-1
+    states = buf.unfold(1, W - 1, 1)[:, 1:].transpose(2, 3).reshape(N * T, W - 1, D).to(conv_pool.dtype)
+    inter = intermediate_slots.long().reshape(-1)
+    if has_pad:  # which entries to write is read on the host
+        keep = torch.nonzero((inter != PAD_SLOT) & real.repeat_interleave(T)).squeeze(1)
+        inter, states = inter[keep], states[keep]
+    conv_pool[inter] = states
+
+
+@_conv_verify_op.register_fake
+def _(*args, **kwargs) -> None:
+    return None
+
+
 def causal_conv1d_prefill(x: Tensor, weight: Tensor, bias: Tensor | None, cu_seqlens: Tensor, conv_pool: Tensor,
                           state_indices: Tensor, has_initial_state: Tensor | None = None,
                           activation: str | None = "silu", split: int = 1) -> Tensor:
@@ -137,4 +168,18 @@ def causal_conv1d_decode(x: Tensor, weight: Tensor, bias: Tensor | None, conv_po
     validate_conv_args(x, weight, bias, conv_pool, state_indices, activation=activation, decode=True)
     out = _split_output(x, split)
     torch.ops.kda_serving.causal_conv1d_decode_(x, weight, bias, conv_pool, state_indices, activation == "silu", out)
+    return out
+
+
+def causal_conv1d_verify(x: Tensor, weight: Tensor, bias: Tensor | None, conv_pool: Tensor, state_indices: Tensor,
+                         intermediate_slots: Tensor, activation: str | None = "silu", split: int = 1) -> Tensor:
+    """T tokens per sequence after its conv state: x [N, T, D] -> y [N * T, D] (or [split, N * T, D / split]).
+    conv_pool[state_indices[n]] is only read; the state after token t goes to conv_pool[intermediate_slots[n, t]]
+    (-1: not kept), as kda_decode's intermediate states do. Skipping -1 entries needs a host read of the
+    indices: within indices_checked_by_caller() (and in CUDA-graph capture) neither index list may hold -1."""
+    has_pad = validate_conv_verify_args(x, weight, bias, conv_pool, state_indices, intermediate_slots, activation)
+    N, T, D = x.shape
+    out = _split_output(x.view(N * T, D), split)
+    torch.ops.kda_serving.causal_conv1d_verify_(x, weight, bias, conv_pool, state_indices, intermediate_slots,
+                                                has_pad, activation == "silu", out)
     return out

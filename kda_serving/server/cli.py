@@ -55,6 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
     eng.add_argument("--scheduling-policy", default=None, choices=["fcfs", "priority"],
                      help="fcfs (default), or priority: requests' `priority` field orders the queue (lower first) "
                           "and may preempt running requests of a lower priority")
+    eng.add_argument("--num-speculative-tokens", type=int, default=None,
+                     help="speculative decoding: up to this many draft tokens verified per decode step, drafted by "
+                          "prompt lookup from the request's own context (default 0: off)")
+    eng.add_argument("--prompt-lookup-min", type=int, default=None,
+                     help="shortest suffix of the context that prompt lookup matches (default 2)")
+    eng.add_argument("--prompt-lookup-max", type=int, default=None,
+                     help="longest suffix of the context that prompt lookup matches (default 4)")
     eng.add_argument("--cpu-threads", type=int, default=None,
                      help="torch intra-op threads (default: torch's choice); 1 is fastest for the small "
                           "default model on a busy machine, where extra threads only spin")
@@ -64,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
 ENGINE_FLAGS = ("model", "served_model_name", "device", "dtype", "max_num_seqs", "max_num_batched_tokens",
                 "max_model_len", "num_state_slots", "num_kv_blocks", "block_size", "gpu_memory_utilization",
                 "cpu_cache_bytes", "enable_prefix_caching", "enable_cuda_graphs", "kda_state_dtype",
-                "prefix_cache_interval", "seed", "scheduling_policy")
+                "prefix_cache_interval", "seed", "scheduling_policy", "num_speculative_tokens", "prompt_lookup_min",
+                "prompt_lookup_max")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -80,23 +80,52 @@ def teacher_forced(hf, prompt, out):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_bf16_engine_tracks_fp32_transformers(device, checkpoint_k128):
+    shape, hf, path, vocab = checkpoint_k128
+    prompts, outs = _run_with_follow_up(path, device, vocab)
+    assert_tracks_fp32(shape, hf, prompts, outs, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_engine_with_speculation_tracks_fp32_transformers(device, checkpoint_k128):
+    # Verifying steps (KDA intermediate states, the verify conv, on CUDA the paged MLA kernel over one query per
+    # draft) and the states they keep: drafts are the run without speculation's tokens, some made wrong.
+    shape, hf, path, vocab = checkpoint_k128
+    _, plain = _run_with_follow_up(path, device, vocab)
+    expected = {f"llm-{i}": o.output_token_ids for i, o in enumerate(plain)}
+    prompts, outs = _run_with_follow_up(path, device, vocab, num_speculative_tokens=4, expected=expected)
+    assert_tracks_fp32(shape, hf, prompts, outs, device)
+
+
+def _run_with_follow_up(path, device, vocab, expected=None, **config):
+    """Four prompts, then a follow-up turn of the third served from the prefix cache; (prompts, outputs)."""
     from kda_serving.model import load_model
 
-    shape, hf, path, vocab = checkpoint_k128
+    from engine_testing import OracleDrafter
+
     model = load_model(path, device=device, dtype="bfloat16", progress=False)
-    llm = LLM(model_obj=model, device=device, dtype="bfloat16", num_state_slots=16, num_kv_blocks=128,
-              max_num_seqs=8, max_num_batched_tokens=64, prefix_cache_interval=64)
+    llm = LLM(model_obj=model, device=device, dtype="bfloat16", num_state_slots=64, num_kv_blocks=128,
+              max_num_seqs=8, max_num_batched_tokens=64, prefix_cache_interval=64, **config)
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=0)
     prompts = random_prompts([3, 30, 100, 150], vocab, seed=12)
+    if expected is not None:  # LLM names its requests llm-0, llm-1, ... in order
+        OracleDrafter(llm.engine, expected, p_wrong=0.15)
     outs = llm.generate(prompts, params)
     follow = prompts[2] + outs[2].output_token_ids + prompts[1]
     again = llm.generate([follow], params)[0]
     assert again.num_cached_tokens == len(prompts[2]) + len(outs[2].output_token_ids) - 1
-    pairs = [p for prompt, out in zip(prompts + [follow], outs + [again]) for p in teacher_forced(hf, prompt, out)]
+    if expected is not None:
+        stats = llm.engine.stats()
+        assert stats.spec_accepted_tokens_total > 0, stats
+    return prompts + [follow], outs + [again]
+
+
+def assert_tracks_fp32(shape, hf, prompts, outs, device):
+    pairs = [p for prompt, out in zip(prompts, outs) for p in teacher_forced(hf, prompt, out)]
     errors, gaps = [e for e, _ in pairs], [g for _, g in pairs]
     exact = sum(g == 0.0 for g in gaps) / len(gaps)
     summary = (f"{shape} on {device}: logprob error max {max(errors):.3f} median {statistics.median(errors):.3f}, "
                f"{100 * exact:.0f}% exact greedy, largest gap {max(gaps):.3f}")
+    print(summary)
     if shape == "dense":
         assert statistics.median(errors) <= MEDIAN_TOL, summary
         assert max(errors) <= LOGPROB_TOL and max(gaps) <= NEAR_TIE, summary

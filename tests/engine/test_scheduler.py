@@ -22,9 +22,23 @@ from kda_serving.engine.scheduler import Scheduler
 from kda_serving.engine.sequence import Sequence, SequenceStatus
 
 
+class SimDrafter:
+    """Random drafts of random length (tokens 0-2, as the simulated model samples): about a third of each is
+    accepted, so every acceptance count occurs."""
+
+    def __init__(self, num_tokens, rng):
+        self.num_tokens, self.rng = num_tokens, rng
+
+    def limit(self, seq):
+        return max(0, min(self.num_tokens, seq.params.max_tokens - seq.num_output_tokens - 1))
+
+    def propose(self, seq):
+        return [self.rng.randrange(3) for _ in range(self.rng.randint(0, self.limit(seq)))]
+
+
 class SimEngine:
     def __init__(self, slots=8, blocks=64, block_size=2, interval=8, align=4, max_seqs=4, budget=16, cache=True,
-                 seed=0, policy="fcfs"):
+                 seed=0, policy="fcfs", drafts=0):
         self.slots = StateSlotPool(slots)
         self.blocks = KVBlockManager(blocks, block_size)
         self.cache = PrefixCache(interval, self.slots, self.blocks) if cache else None
@@ -36,6 +50,9 @@ class SimEngine:
         self.n = 0
         self.finished: list[Sequence] = []
         self.max_batch_tokens = budget
+        if drafts:
+            self.sched.drafter = SimDrafter(drafts, random.Random(seed + 1))
+        self.accepted = 0
 
     def add(self, prompt, max_tokens=3, priority=0):
         seq = Sequence(f"r{self.n}", prompt, SamplingParams(max_tokens=max_tokens), self.n, priority)
@@ -49,6 +66,12 @@ class SimEngine:
         assert out.num_tokens <= self.max_batch_tokens
         assert len(self.sched.running) <= self.sched.max_num_seqs
         assert len({c.seq.state_slot for c in out.chunks}) == len(out.chunks)
+        verifying = [c for c in out.chunks if c.drafts]
+        assert out.chunks[: len(verifying)] == verifying and len({c.num_tokens for c in verifying}) <= 1
+        written = [s for c in verifying for s in c.verify_slots]
+        assert len(set(written)) == len(written) and not set(written) & {c.seq.state_slot for c in out.chunks}
+        for c in verifying:
+            assert c.start > 0 and c.num_tokens == len(c.drafts) + 1 == len(c.verify_slots)
         for src, dst in out.state_restores:
             self.state[dst] = self.state[src]
         for src, dst in out.block_copies:
@@ -66,18 +89,33 @@ class SimEngine:
             self.state[slot] = tuple(c.seq.token_ids[: c.start + pos])
         for c in out.chunks:
             seq = c.seq
-            for p in range(c.start, c.start + c.num_tokens):
+            fed = seq.token_ids[c.start : c.start + 1] + c.drafts if c.drafts else seq.token_ids[c.start : c.start + c.num_tokens]
+            for p, token in enumerate(fed, c.start):
                 block = seq.block_table[p // bs]
-                self.kv.setdefault(block, [None] * bs)[p % bs] = seq.token_ids[p]
-            self.state[seq.state_slot] = tuple(seq.token_ids[: c.start + c.num_tokens])
+                self.kv.setdefault(block, [None] * bs)[p % bs] = token
+            if c.drafts:  # the state after each fed token, in its own slot; the request's slot only read
+                for t, slot in enumerate(c.verify_slots):
+                    self.state[slot] = tuple(seq.token_ids[: c.start] + fed[: t + 1])
+            else:
+                self.state[seq.state_slot] = tuple(seq.token_ids[: c.start + c.num_tokens])
         for src, dst in out.state_saves:
             self.state[dst] = self.state[src]
         self.sched.update(out)
         for c in out.chunks:
-            if c.sample:
+            if c.sample:  # as LLMEngine._advance: keep sampled tokens while they match the drafts fed
                 seq = c.seq
-                seq.token_ids.append(self.rng.randrange(3))
-                if seq.num_output_tokens >= seq.params.max_tokens:
+                sampled = [self.rng.randrange(3) for _ in range(c.num_tokens if c.drafts else 1)]
+                kept, done = 0, False
+                while not done:
+                    seq.token_ids.append(sampled[kept])
+                    kept += 1
+                    done = seq.num_output_tokens >= seq.params.max_tokens
+                    if kept == len(sampled) or sampled[kept - 1] != c.drafts[kept - 1]:
+                        break
+                if c.drafts:
+                    self.sched.accept(c, kept)
+                    self.accepted += kept - 1
+                if done:
                     self.sched.finish(seq, "length")
                     self.finished.append(seq)
         self.check_invariants()
@@ -274,6 +312,34 @@ def test_priority_policy_decode_preempts_the_lowest_priority_request():
     sim.drain_cache()
 
 
+def test_speculative_decodes_keep_the_state_after_the_last_accepted_token():
+    # SimEngine.step checks, before each chunk, that the request's slot holds exactly its computed tokens and
+    # its KV blocks their tokens: after a verifying step that is the state the accepted count picked.
+    sim = SimEngine(slots=40, blocks=300, budget=32, max_seqs=4, drafts=4)
+    seqs = [sim.add([1, 2, 0, 1] * (i + 1), max_tokens=30) for i in range(4)]
+    steps = 0
+    while sim.sched.has_work():
+        out = sim.step()
+        steps += 1
+        assert out.num_verifying > 0 or not any(c.start for c in out.chunks) or steps > 3
+    assert all(s.num_output_tokens == 30 for s in seqs)
+    assert sim.accepted > 10 and steps < 30 - sim.accepted // 4 + 2
+    sim.drain_cache()
+
+
+def test_drafts_take_only_free_slots_and_blocks():
+    # 4 requests in 6 slots: a step's drafts fit for at most one request (width <= 2 leaves no slot for the
+    # others); nothing is evicted or preempted for them, and no slot or block leaks.
+    sim = SimEngine(slots=6, blocks=40, block_size=2, budget=16, max_seqs=4, drafts=3, cache=False)
+    for i in range(4):
+        sim.add([i % 3, 1, 2], max_tokens=12)
+    while sim.sched.has_work():
+        out = sim.step()
+        assert sum(len(c.verify_slots) for c in out.chunks) <= 6 - len(out.chunks)
+    assert sim.sched.num_preemptions == 0
+    sim.drain_cache()
+
+
 def test_unknown_policy_is_refused():
     with pytest.raises(ValueError, match="policy"):
         Scheduler(4, 16, StateSlotPool(4), KVBlockManager(8, 2), policy="lifo")
@@ -371,10 +437,11 @@ def test_plan_chunk_branch_points():
     budget=st.integers(3, 24),
     cache=st.booleans(),
     policy=st.sampled_from(["fcfs", "priority"]),
+    drafts=st.sampled_from([0, 0, 1, 3]),
 )
-def test_random_workloads_keep_every_invariant(ops, slots, blocks, budget, cache, policy):
+def test_random_workloads_keep_every_invariant(ops, slots, blocks, budget, cache, policy, drafts):
     sim = SimEngine(slots=slots, blocks=blocks, block_size=2, interval=8, align=4, max_seqs=4, budget=budget,
-                    cache=cache, policy=policy)
+                    cache=cache, policy=policy, drafts=drafts)
     rng = random.Random(len(ops))
     bases = [[rng.randrange(3) for _ in range(30)] for _ in range(3)]
     live: list[Sequence] = []

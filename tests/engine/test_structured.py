@@ -57,6 +57,23 @@ def test_regex_outputs_match_and_free_text_is_unchanged(engine):
     assert outs["free"].output_token_ids == alone["free-alone"].output_token_ids  # its batch-mates' masks
 
 
+def test_constrained_requests_decode_beside_speculating_ones():
+    # With speculation on, a grammar-constrained request takes no drafts (each position would need its own
+    # mask) while its batch-mate verifies drafts: both still come out as without speculation.
+    from engine_testing import OracleDrafter
+
+    plain = LLMEngine(EngineConfig(max_num_seqs=8, num_state_slots=16, num_kv_blocks=256))
+    free = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    so = SamplingParams(temperature=1.0, seed=3, max_tokens=200, structured_output=("json_schema", json.dumps(SCHEMA)))
+    expected = run(plain, {"free": free, "s": so})
+    spec = LLMEngine(EngineConfig(max_num_seqs=8, num_state_slots=64, num_kv_blocks=256, num_speculative_tokens=3))
+    OracleDrafter(spec, {k: v.output_token_ids for k, v in expected.items()}, p_wrong=0.2)
+    outs = run(spec, {"free": free, "s": so})
+    assert outs["free"].output_token_ids == expected["free"].output_token_ids
+    assert outs["s"].output_token_ids == expected["s"].output_token_ids and json.loads(outs["s"].text)
+    assert 0 < spec.stats().spec_draft_tokens_total <= 15
+
+
 def test_json_object_starts_an_object(engine):
     out = run(engine, {"o": SamplingParams(temperature=0.0, max_tokens=8, structured_output=("json_object", ""))})
     assert out["o"].text.lstrip().startswith("{")

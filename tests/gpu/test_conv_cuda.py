@@ -177,3 +177,36 @@ def test_conv_bad_arguments_raise():
     with pytest.raises(ValueError, match="weight"):
         cuda_decode.conv_decode(x, torch.randn(16, 3, device=DEV), None, torch.zeros(4, 2, 16, device=DEV), slots,
                                 True, torch.empty_like(x))
+
+
+@pytest.mark.parametrize("pool_dtype", [torch.float32, torch.bfloat16], ids=["fp32_pool", "bf16_pool"])
+def test_conv_verify_matches_reference(pool_dtype):
+    # The verify conv (speculative decoding) on the GPU, as the engine calls it (no padded entries: no host
+    # read), against the float64 CPU op; intermediate states are copies of inputs, so bit-exact.
+    from kda_serving.ops import causal_conv1d_verify, indices_checked_by_caller
+
+    gen = torch.Generator().manual_seed(5)
+    N, T, D, S = 6, 5, 3 * 4096, 64
+    x = torch.randn(N, T, D, generator=gen).to(DEV, torch.bfloat16)
+    weight = (torch.randn(D, 4, generator=gen) * 0.5).to(DEV, torch.bfloat16)
+    pool = torch.full((S, 3, D), UNTOUCHED, dtype=pool_dtype)
+    perm = torch.randperm(S, generator=gen)
+    slots, inter = perm[:N], perm[N : N + N * T].view(N, T)
+    pool[slots] = torch.randn(N, 3, D, generator=gen).to(pool_dtype)
+    pool, slots, inter = pool.to(DEV), slots.to(DEV, torch.int32), inter.to(DEV, torch.int32)
+
+    pool64 = pool.double().cpu()
+    y_ref = causal_conv1d_verify(x.double().cpu(), weight.double().cpu(), None, pool64, slots.cpu(), inter.cpu())
+    before = pool.clone()
+    out = torch.full((N * T, D), float("nan"), dtype=torch.bfloat16, device=DEV)
+    with indices_checked_by_caller():
+        torch.ops.kda_serving.causal_conv1d_verify_(x, weight, None, pool, slots, inter, False, True, out)
+    torch.cuda.synchronize()
+    assert not out.isnan().any()
+    err = rel_err(out, y_ref)
+    print(f"conv verify rel {err:.2e} max {max_err(out, y_ref):.2e}")
+    assert err <= OUT_TOL
+    assert torch.equal(pool.cpu(), pool64.to(pool_dtype))
+    untouched = torch.ones(S, dtype=torch.bool, device=DEV)
+    untouched[inter.reshape(-1).long()] = False
+    assert torch.equal(pool[untouched], before[untouched])

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kda_testing import cu_seqlens_of, rel_err
-from kda_serving.ops import PAD_SLOT, causal_conv1d_decode, causal_conv1d_prefill
+from kda_serving.ops import PAD_SLOT, causal_conv1d_decode, causal_conv1d_prefill, causal_conv1d_verify
 
 
 def conv_truth(x, weight, bias, init):
@@ -128,3 +128,50 @@ def test_prefill_random_batches_match_conv1d(lengths, data):
         start += L
     for s in set(range(S)) - {int(i) for i in slots if i != PAD_SLOT}:
         assert torch.equal(pool[s], before[s])
+
+
+@pytest.mark.parametrize("pool_dtype", [torch.float32, torch.bfloat16])
+def test_verify_equals_decode_token_by_token(pool_dtype):
+    # causal_conv1d_verify over T tokens: the outputs of T single-token decodes, the sequence's own slot left as
+    # it was, the state after token t in intermediate_slots[n, t]; -1 entries (a padded sequence, a dropped
+    # state) write nothing, and a padded sequence's outputs are zeros.
+    gen = torch.Generator().manual_seed(4)
+    N, T, D, W, S = 4, 5, 12, 4, 32
+    x = torch.randn(N, T, D, generator=gen).bfloat16().float()  # inputs a bf16 pool holds exactly
+    w, b = torch.randn(D, W, generator=gen), torch.randn(D, generator=gen)
+    pool = torch.randn(S, W - 1, D, generator=gen).to(pool_dtype)
+    before = pool.clone()
+    slots = torch.tensor([3, 0, PAD_SLOT, 9])
+    inter = torch.arange(10, 10 + N * T).view(N, T)
+    inter[1, 2] = PAD_SLOT
+    y = causal_conv1d_verify(x, w, b, pool, slots, inter, split=3)
+    assert y.shape == (3, N * T, D // 3) and y.is_contiguous()
+    y = torch.cat(list(y.unbind(0)), dim=1).view(N, T, D)
+    for n in range(N):
+        if slots[n] == PAD_SLOT:
+            assert torch.equal(y[n], torch.zeros_like(y[n])) and torch.equal(pool[inter[n]], before[inter[n]])
+            continue
+        state = before.clone()
+        one = slots[n : n + 1]
+        for t in range(T):
+            ref = causal_conv1d_decode(x[n, t][None], w, b, state, one)[0]
+            assert rel_err(y[n, t], ref) < 1e-6, (n, t)
+            if inter[n, t] != PAD_SLOT:
+                assert torch.equal(pool[inter[n, t]], state[slots[n]]), (n, t)
+        assert torch.equal(pool[slots[n]], before[slots[n]])
+    assert torch.equal(pool[10 + N * T :], before[10 + N * T :]) and torch.equal(pool[17], before[17])
+
+
+def test_verify_bad_arguments_raise():
+    x, w, pool = torch.randn(2, 3, 6), torch.randn(6, 4), torch.randn(8, 3, 6)
+    slots, inter = torch.tensor([0, 1]), torch.tensor([[2, 3, 4], [5, 6, 7]])
+    with pytest.raises(ValueError, match="'intermediate_slots': expected shape"):
+        causal_conv1d_verify(x, w, None, pool, slots, inter[:, :2].contiguous())
+    with pytest.raises(ValueError, match="'intermediate_slots': must differ"):
+        causal_conv1d_verify(x, w, None, pool, slots, torch.tensor([[2, 3, 4], [5, 6, 1]]))
+    with pytest.raises(ValueError, match="'intermediate_slots': index 9 out of range"):
+        causal_conv1d_verify(x, w, None, pool, slots, torch.tensor([[2, 3, 4], [5, 6, 9]]))
+    with pytest.raises(ValueError, match="'x': expected 3 dimensions"):
+        causal_conv1d_verify(x[0], w, None, pool, slots, inter)
+    with pytest.raises(ValueError, match="'state_indices'"):
+        causal_conv1d_verify(x, w, None, pool, slots[:1], inter)

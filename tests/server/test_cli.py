@@ -27,7 +27,10 @@ def test_every_engine_flag_is_an_engine_config_field():
     (["--max-request-bytes", "0"], "max_request_bytes"),
     (["--cpu-threads", "0"], "--cpu-threads"),
     (["--port", "eighty"], "--port"),
-], ids=["device", "max-num-seqs", "prefix-cache-interval", "max-request-bytes", "cpu-threads", "port"])
+    (["--num-speculative-tokens", "99"], "num_speculative_tokens"),
+    (["--prompt-lookup-min", "5"], "prompt_lookup_min"),
+], ids=["device", "max-num-seqs", "prefix-cache-interval", "max-request-bytes", "cpu-threads", "port",
+        "num-speculative-tokens", "prompt-lookup-min"])
 def test_bad_flags_exit_2_naming_the_flag(argv, names, capsys):
     with pytest.raises(SystemExit) as exc:
         main(argv)

@@ -1,0 +1,49 @@
+"""Prompt-lookup drafts (engine/ngram.py) against a brute-force search, and the proposer's limits."""
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kda_serving.engine.ngram import NgramIndex, PromptLookup
+from kda_serving.engine.sampling_params import SamplingParams
+from kda_serving.engine.sequence import Sequence
+
+
+def brute_force(tokens, k, min_n, max_n):
+    """The longest suffix of min_n..max_n tokens that occurred earlier; the k tokens after its latest
+    earlier occurrence (fewer where the context ends)."""
+    length = len(tokens)
+    for n in range(min(max_n, length - 1), min_n - 1, -1):
+        suffix = tokens[length - n :]
+        for end in range(length - 1, n - 1, -1):
+            if tokens[end - n : end] == suffix:
+                return tokens[end : min(end + k, length)]
+    return []
+
+
+@settings(max_examples=200, deadline=None)
+@given(tokens=st.lists(st.integers(0, 3), min_size=0, max_size=60), grow=st.lists(st.integers(1, 5), max_size=8),
+       k=st.integers(0, 6), bounds=st.tuples(st.integers(1, 4), st.integers(0, 3)))
+def test_incremental_index_equals_brute_force(tokens, grow, k, bounds):
+    min_n, max_n = bounds[0], bounds[0] + bounds[1]
+    index = NgramIndex(min_n, max_n)
+    # the index is fed a list that grows between calls, as a request's tokens do
+    cuts = [len(tokens)]
+    for g in grow:
+        cuts.append(cuts[-1] + g)
+    full = tokens + [(7 * i) % 4 for i in range(cuts[-1] - len(tokens))]
+    for cut in cuts:
+        assert index.propose(full[:cut], k) == brute_force(full[:cut], k, min_n, max_n), cut
+
+
+def test_prompt_lookup_limits():
+    lookup = PromptLookup(num_tokens=4, min_n=1, max_n=3, max_model_len=100)
+    seq = Sequence("a", [1, 2, 3, 4, 1, 2], SamplingParams(max_tokens=10), 0)
+    assert lookup.propose(seq) == [3, 4, 1, 2]
+    seq.token_ids += [3] * 7  # 7 of 10 outputs: 2 more may follow the next one
+    assert lookup.limit(seq) == 2
+    seq.params = SamplingParams(max_tokens=50)
+    assert lookup.limit(seq) == 4
+    short = PromptLookup(num_tokens=4, min_n=1, max_n=3, max_model_len=len(seq.token_ids) + 2)
+    assert short.limit(seq) == 1
+    seq.matcher = object()  # a grammar-constrained request: no drafts
+    assert lookup.limit(seq) == 0 and lookup.propose(seq) == []
