@@ -1,25 +1,27 @@
-"""Speculative decoding on the GPU: generated tokens per second of verifying steps against plain decode steps
-(CUDA graphs) in the same run, on 4 layers of Kimi-Linear-48B shapes (random bf16 weights, bench_engine.py).
+"""Speculative decoding on the GPU: what a verifying step costs against a plain decode step, both replayed from
+CUDA graphs in the same run, and the generated tokens per second that follow for a given acceptance, on 4
+layers of Kimi-Linear-48B shapes (random bf16 weights, bench_engine.py).
 
-    python benchmarks/bench_spec_decode.py [--batch 1,8,32] [--drafts 2,4] [--accept 1.0,0.8,0.5,0.0]
+    python benchmarks/bench_spec_decode.py [--batch 1,8,32] [--drafts 2,4]
 
-Random weights never repeat their context, so prompt lookup would propose nothing here. The drafts come
-from a stand-in proposer with a set acceptance instead: the baseline's own (greedy) output tokens, each
-replaced by a wrong one with probability 1 - accept. The speculating run then produces the baseline's
-tokens (checked), and a verifying step keeps on average sum_{j<=K} accept^j tokens. This measures what a
-verifying step costs against what it gains, for the acceptance a workload has (prompt lookup on code edits
-and quoted text is high; on free chat low).
+Random weights never repeat their context, so prompt lookup proposes nothing here, and a stand-in proposer
+with known drafts cannot hold an acceptance either: the drafts would be the run without speculation's tokens,
+but a verifying step rounds differently in bf16 and the random model's top two logits are often closer than
+that (163,840 tokens), so the outputs part within a few tokens and the drafts stop matching. So the benchmark
+measures the step: a verifying step of K drafts does the same work whatever is accepted (drafts here are
+the baseline's tokens; the measured tokens per step are printed), and the generated tokens per second at
+acceptance a (each draft right with probability a, independently) follow as N * sum_{j<=K} a^j / step time.
 
 A verifying step of N requests with K drafts each moves, per KDA layer, N states in and N * (K + 1) states
-out (the state after every token is kept until sampling decides), against N in and N out for a decode: its
-state-traffic floor is printed beside each time. Writes benchmarks/results/<card>-spec_decode.json.
+out (the state after every token is kept until sampling decides), against N in and N out for a decode: that
+state-traffic floor is printed beside each time; with MoE, each draft token also routes to its own experts.
+Writes benchmarks/results/<card>-spec_decode.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import random
 import statistics
 import sys
 import time
@@ -35,20 +37,18 @@ from common import RESULTS, card_name, copy_rate_bytes_per_s, environment, write
 from kda_serving.engine import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
 
 
-class SetAcceptanceDrafter:
-    """Drafts the known continuation of each request with every token wrong with probability 1 - accept."""
+class BaselineDrafter:
+    """Drafts each request's next tokens from the run without speculation (right until the outputs part)."""
 
-    def __init__(self, expected: dict[str, list[int]], num_tokens: int, accept: float, vocab: int, seed: int = 0):
-        self.expected, self.num_tokens, self.accept, self.vocab = expected, num_tokens, accept, vocab
-        self.rng = random.Random(seed)
+    def __init__(self, expected: dict[str, list[int]], num_tokens: int):
+        self.expected, self.num_tokens = expected, num_tokens
 
     def limit(self, seq) -> int:
         return max(0, min(self.num_tokens, seq.params.max_tokens - seq.num_output_tokens - 1))
 
     def propose(self, seq) -> list[int]:
         n = seq.num_output_tokens
-        drafts = self.expected[seq.request_id][n : n + self.limit(seq)]
-        return [t if self.rng.random() < self.accept else (t + 1) % self.vocab for t in drafts]
+        return self.expected[seq.request_id][n : n + self.limit(seq)]
 
 
 def run(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams) -> tuple[dict, dict[str, list[int]]]:
@@ -80,7 +80,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--batch", default="1,8,32")
     p.add_argument("--drafts", default="2,4")
-    p.add_argument("--accept", default="1.0,0.8,0.5,0.0")
+    p.add_argument("--accept", default="0.9,0.7,0.5,0.3", help="acceptances to project tokens per second at")
     p.add_argument("--prompt-len", type=int, default=256)
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--kda-state-dtype", default="float32", choices=["float32", "bfloat16"])
@@ -113,17 +113,21 @@ def main() -> None:
               f"  (KDA state floor {base_floor_us:6.1f} us)")
         row = {"batch": n, "baseline": {**base, "kda_state_floor_us": base_floor_us}, "speculative": []}
         for k in drafts:
-            for accept in accepts:
-                engine.scheduler.drafter = SetAcceptanceDrafter(expected, k, accept, vocab, seed=k)
-                spec, outputs = run(engine, prompts, params)
-                same = outputs == expected
-                floor_us = 1e6 * n * (2 + k) * state_bytes / rate
-                speedup = spec["generated_tokens_per_s"] / base["generated_tokens_per_s"]
-                print(f"N={n:3d} K={k} a={accept:.1f} {spec['step_ms_p50']:7.3f} ms/step  "
-                      f"{spec['generated_tokens_per_s']:9.0f} tok/s  {spec['tokens_per_step'] / n:4.2f} tok/req/step "
-                      f"x{speedup:4.2f}  (KDA state floor {floor_us:6.1f} us){'' if same else '  OUTPUT DIFFERS'}")
-                row["speculative"].append({"drafts": k, "accept": accept, **spec, "kda_state_floor_us": floor_us,
-                                           "speedup": speedup, "same_tokens_as_baseline": same})
+            engine.scheduler.drafter = BaselineDrafter(expected, k)
+            run(engine, prompts, params)  # captures this width's graphs
+            spec, outputs = run(engine, prompts, params)
+            floor_us = 1e6 * n * (2 + k) * state_bytes / rate
+            projected = {f"{a:.1f}": n * sum(a**j for j in range(k + 1)) / (1e-3 * spec["step_ms_p50"])
+                         for a in accepts}
+            print(f"N={n:3d} K={k} verify  {spec['step_ms_p50']:7.3f} ms/step  ({spec['step_ms_p50'] / base['step_ms_p50']:4.2f}x"
+                  f" a decode; KDA state floor {floor_us:6.1f} us); measured {spec['tokens_per_step'] / n:4.2f} "
+                  f"tok/req/step; at acceptance " + ", ".join(
+                      f"{a}: x{v / base['generated_tokens_per_s']:4.2f}" for a, v in projected.items()))
+            row["speculative"].append({"drafts": k, **spec, "kda_state_floor_us": floor_us,
+                                       "same_tokens_as_baseline": outputs == expected,
+                                       "projected_tokens_per_s": projected,
+                                       "projected_speedup": {a: v / base["generated_tokens_per_s"]
+                                                             for a, v in projected.items()}})
         results.append(row)
     del engine
     release_memory()

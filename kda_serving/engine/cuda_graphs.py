@@ -1,4 +1,4 @@
-"""CUDA graphs for decode steps: one captured forward per (batch bucket, key-length bucket), replayed.
+"""CUDA graphs for decode steps: one captured forward per (batch bucket, width, key-length bucket), replayed.
 
 A GPU decode step is mostly host work: ~265 kernel launches, custom-op dispatch and argument checks for a few
 ms of kernels (docs/engine.md). Replaying a captured graph costs one launch. What a graph needs:
@@ -14,6 +14,11 @@ ms of kernels (docs/engine.md). Replaying a captured graph costs one launch. Wha
 - No host syncs inside. The ops skip their host-side index checks while capturing; MLA takes its key lengths
   from RaggedBatch.kv_lens (host); the MoE runs its grouped GEMMs (KimiLinearModel.decode_capturable).
 
+Speculative decoding's verifying steps (every sequence W tokens: its last one and W-1 drafts, the KDA states
+after each kept in slots of their own, RaggedBatch.spec) replay graphs of width W, captured on first use.
+Their padding rows verify nothing (state slot -1, length 0) and send the states they would keep to one scratch
+state slot beside the pool, as their latents go to the scratch KV slot.
+
 The graphs of every batch bucket at the smallest key-length bucket are captured when the engine starts
 (`capture_batch_buckets`, ~50 ms each on an H100), longer contexts' on the first step that needs them; all go
 into one shared memory pool: steps replay one at a time and each step's logits are consumed (sampled) before
@@ -26,7 +31,8 @@ import logging
 
 import torch
 
-from ..model.batch import RaggedBatch
+from ..model.batch import RaggedBatch, SpecVerify
+from ..ops import indices_checked_by_caller
 
 log = logging.getLogger(__name__)
 
@@ -52,106 +58,145 @@ def kv_bucket(max_kv_len: int, block_size: int, limit: int) -> int:
 
 
 class DecodeGraphs:
-    """Captured decode steps of `model` over `caches`; `run(batch)` returns the step's logits [N, vocab].
+    """Captured decode and verifying steps of `model` over `caches`; `run(batch)` returns the step's logits.
 
     scratch_slot: a flat KV-cache slot outside every request's blocks, where padding rows write their latent.
+    scratch_state_slot: a state slot outside the pool's, where padding rows of a verifying step write the
+    states they would keep. max_width: the widest verifying step (1 + the most drafts; 1 without speculation).
     """
 
-    def __init__(self, model, caches, max_num_seqs: int, block_size: int, max_model_len: int, scratch_slot: int):
+    def __init__(self, model, caches, max_num_seqs: int, block_size: int, max_model_len: int, scratch_slot: int,
+                 max_width: int = 1, scratch_state_slot: int | None = None):
         self.model, self.caches = model, caches
         self.max_num_seqs, self.block_size = max_num_seqs, block_size
         self.max_blocks = -(-max_model_len // block_size)
         self.kv_limit = self.max_blocks * block_size
-        self.scratch_slot = scratch_slot
-        dev, n = model.device, max_num_seqs
+        self.scratch_slot, self.scratch_state_slot = scratch_slot, scratch_state_slot
+        if max_width > 1 and scratch_state_slot is None:
+            raise ValueError("DecodeGraphs: verifying steps need a scratch state slot")
+        self.max_width = max_width
+        dev, n, t = model.device, max_num_seqs, max_num_seqs * max_width
         i32, i64 = dict(dtype=torch.int32, device=dev), dict(dtype=torch.int64, device=dev)
-        # The step's inputs, rewritten before every replay (rows past the step's N hold padding).
-        self.input_ids = torch.zeros(n, **i64)
-        self.positions = torch.zeros(n, **i64)
+        # The step's inputs, rewritten before every replay (rows past the step's N hold padding). Token buffers
+        # hold up to max_width tokens per sequence; a step of width W uses their first nb * W entries.
+        self.input_ids = torch.zeros(t, **i64)
+        self.positions = torch.zeros(t, **i64)
+        self.slot_mapping = torch.full((t,), scratch_slot, **i64)
+        self.out_slots = torch.full((t,), -1 if scratch_state_slot is None else scratch_state_slot, **i32)
         self.seq_lens = torch.zeros(n, **i32)
         self.state_slots = torch.full((n,), -1, **i32)
         self.block_tables = torch.full((n, self.max_blocks), -1, **i32)
-        self.slot_mapping = torch.full((n,), scratch_slot, **i64)
-        # Constant for decode: one token per sequence.
+        # Constant: one token per sequence (decode) or W (cu_seqlens made per width).
         self.cu_seqlens = torch.arange(n + 1, **i32)
-        self.logits_indices = torch.arange(n, **i64)
+        self.logits_indices = torch.arange(t, **i64)
         self.has_initial_state = torch.ones(n, dtype=torch.bool, device=dev)
-        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._cu_seqlens = {1: self.cu_seqlens}  # per width; kept alive as long as the graphs that read them
+        self.graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
 
     def batch_buckets(self) -> list[int]:
         return sorted({batch_bucket(n, self.max_num_seqs) for n in range(1, self.max_num_seqs + 1)})
 
     def capture_batch_buckets(self) -> None:
-        """Captures every batch bucket at the smallest key-length bucket, so that short-context decode steps
-        never wait for a capture."""
+        """Captures every batch bucket of plain decode steps at the smallest key-length bucket, so that
+        short-context decode steps never wait for a capture."""
         kv = kv_bucket(1, self.block_size, self.kv_limit)
         for nb in self.batch_buckets():
-            if (nb, kv) not in self.graphs:
-                self.graphs[(nb, kv)] = self._capture(nb, kv)
+            if (nb, 1, kv) not in self.graphs:
+                self.graphs[(nb, 1, kv)] = self._capture(nb, 1, kv)
+
+    @staticmethod
+    def step_width(batch: RaggedBatch) -> int | None:
+        """1 for a decode step, W for a step in which every sequence verifies W tokens, None for any other."""
+        if batch.checkpoints is not None or not batch.kv_lens:
+            return None
+        if batch.is_decode:
+            return 1
+        spec = batch.spec
+        return spec.width if spec is not None and spec.rest is None else None
 
     def run(self, batch: RaggedBatch) -> torch.Tensor:
-        """batch: a decode step (is_decode, host tensors, kv_lens given). Returns fp32 logits [N, vocab]."""
-        n = batch.num_seqs
+        """batch: a decode or all-verifying step (step_width not None; host tensors, kv_lens given). Returns fp32
+        logits [N * W, vocab]."""
+        n, w = batch.num_seqs, self.step_width(batch)
+        if w is None or w > self.max_width:
+            raise ValueError(f"DecodeGraphs.run: not a step these graphs replay (width {w})")
         nb = batch_bucket(n, self.max_num_seqs)
         width = batch.block_tables.shape[1]
         kv = kv_bucket(max(max(batch.kv_lens), width * self.block_size), self.block_size, self.kv_limit)
-        key = (nb, kv)
+        key = (nb, w, kv)
         if key not in self.graphs:
-            self.graphs[key] = self._capture(nb, kv)
+            self.graphs[key] = self._capture(nb, w, kv)
         graph, logits = self.graphs[key]
-        self._load(batch, n, nb, width, kv // self.block_size)
+        self._load(batch, n, nb, w, width, kv // self.block_size)
         graph.replay()
-        return logits[:n]
+        return logits[: n * w]
 
-    def _load(self, batch: RaggedBatch, n: int, nb: int, width: int, graph_width: int) -> None:
+    def _load(self, batch: RaggedBatch, n: int, nb: int, w: int, width: int, graph_width: int) -> None:
         """Copies the step into the static buffers; rows n..nb-1 become padding. Only the first graph_width
         block-table columns are read by the graph."""
-        self._pad(n, nb, graph_width)
+        self._pad(n, nb, w, graph_width)
         for dst, src in ((self.input_ids, batch.input_ids), (self.positions, batch.positions),
-                         (self.seq_lens, batch.seq_lens), (self.state_slots, batch.state_slots),
                          (self.slot_mapping, batch.slot_mapping)):
+            dst[: n * w].copy_(src, non_blocking=True)
+        for dst, src in ((self.seq_lens, batch.seq_lens), (self.state_slots, batch.state_slots)):
             dst[:n].copy_(src, non_blocking=True)
+        if w > 1:
+            self.out_slots[: n * w].copy_(batch.spec.out_slots.reshape(-1), non_blocking=True)
         self.block_tables[:n, :width].copy_(batch.block_tables, non_blocking=True)
         self.block_tables[:n, width:graph_width].fill_(-1)
 
-    def _pad(self, start: int, end: int, graph_width: int) -> None:
-        self.input_ids[start:end] = 0
-        self.positions[start:end] = 0
+    def _pad(self, start: int, end: int, w: int, graph_width: int) -> None:
+        tokens = slice(start * w, end * w)
+        self.input_ids[tokens] = 0
+        self.positions[tokens] = 0
+        self.slot_mapping[tokens] = self.scratch_slot
+        if self.scratch_state_slot is not None:
+            self.out_slots[tokens] = self.scratch_state_slot
         self.seq_lens[start:end] = 0
         self.state_slots[start:end] = -1
-        self.slot_mapping[start:end] = self.scratch_slot
         self.block_tables[start:end, :graph_width] = -1
 
-    def _static_batch(self, nb: int, kv: int) -> RaggedBatch:
+    def _static_batch(self, nb: int, w: int, kv: int) -> RaggedBatch:
+        t = nb * w
+        if w not in self._cu_seqlens:
+            self._cu_seqlens[w] = self.cu_seqlens * w
+        spec = None
+        if w > 1:
+            spec = SpecVerify(nb, w, self.out_slots[:t].view(nb, w), None)
         return RaggedBatch(
-            input_ids=self.input_ids[:nb],
-            positions=self.positions[:nb],
-            cu_seqlens=self.cu_seqlens[: nb + 1],
-            context_lens=self.seq_lens[:nb],  # not read by a decode step
+            input_ids=self.input_ids[:t],
+            positions=self.positions[:t],
+            cu_seqlens=self._cu_seqlens[w][: nb + 1],
+            context_lens=self.seq_lens[:nb],  # not read by a decode or verifying step
             seq_lens=self.seq_lens[:nb],
             state_slots=self.state_slots[:nb],
             has_initial_state=self.has_initial_state[:nb],
             block_tables=self.block_tables[:nb, : kv // self.block_size],
-            slot_mapping=self.slot_mapping[:nb],
-            logits_indices=self.logits_indices[:nb],
-            query_lens=[1] * nb,
+            slot_mapping=self.slot_mapping[:t],
+            logits_indices=self.logits_indices[:t],
+            query_lens=[w] * nb,
             kv_lens=[kv] * nb,
-            is_decode=True,
+            is_decode=w == 1,
+            spec=spec,
         )
 
-    def _capture(self, nb: int, kv: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        """Warm-up and capture on an all-padding batch: nothing but the scratch KV slot is written."""
-        self._pad(0, nb, kv // self.block_size)
-        batch = self._static_batch(nb, kv)
+    def _capture(self, nb: int, w: int, kv: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """Warm-up and capture on an all-padding batch: nothing but the scratch KV slot (and state slot) is
+        written."""
+        self._pad(0, nb, w, kv // self.block_size)
+        batch = self._static_batch(nb, w, kv)
         stream = torch.cuda.Stream(self.model.device)
         stream.wait_stream(torch.cuda.current_stream(self.model.device))
-        with torch.cuda.stream(stream):  # lazy initialisation (cuBLAS workspaces, library load) outside capture
+        # lazy initialisation (cuBLAS workspaces, library load) outside capture, with the index checks off as in
+        # capture: the padding rows of a verifying step share the scratch state slot
+        with torch.cuda.stream(stream), indices_checked_by_caller():
             self.model.forward(batch, self.caches)
         torch.cuda.current_stream(self.model.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             logits = self.model.forward(batch, self.caches)
         self.pool = graph.pool()
-        log.info("captured the decode graph for %d sequences, keys up to %d tokens", nb, kv)
+        log.info("captured the %s graph for %d sequences, keys up to %d tokens",
+                 "decode" if w == 1 else f"verify (width {w})", nb, kv)
         return graph, logits

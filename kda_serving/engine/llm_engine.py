@@ -75,7 +75,7 @@ class LLMEngine:
                                    config.max_model_len)
         self.scheduler = Scheduler(
             config.max_num_seqs, config.max_num_batched_tokens, self.slots, self.blocks, self.prefix_cache,
-            policy=config.scheduling_policy, drafter=drafter,
+            policy=config.scheduling_policy, drafter=drafter, uniform_drafts=self.runner.graphs is not None,
         )
         self.device = self.runner.device
         self._generator = torch.Generator(device=self.device)

@@ -39,15 +39,19 @@ class ModelRunner:
         use_graphs = (config.enable_cuda_graphs and self.device.type == "cuda"
                       and getattr(model, "decode_capturable", False))
         # With graphs one KV block more than the block manager knows of: padding rows of a captured step write
-        # their latent there (cuda_graphs.py).
+        # their latent there; with speculation also one state slot more, where padding rows of a captured
+        # verifying step write the states they would keep (cuda_graphs.py).
         self.num_kv_blocks = config.num_kv_blocks + (1 if use_graphs else 0)
-        self.caches = model.allocate_caches(config.num_state_slots, self.num_kv_blocks, config.block_size,
-                                            self.state_dtype)
+        scratch_state = use_graphs and config.num_speculative_tokens > 0
+        self.caches = model.allocate_caches(config.num_state_slots + scratch_state, self.num_kv_blocks,
+                                            config.block_size, self.state_dtype)
         if use_graphs:
             from .cuda_graphs import DecodeGraphs
 
             self.graphs = DecodeGraphs(model, self.caches, config.max_num_seqs, config.block_size,
-                                       config.max_model_len, scratch_slot=config.num_kv_blocks * config.block_size)
+                                       config.max_model_len, scratch_slot=config.num_kv_blocks * config.block_size,
+                                       max_width=config.num_speculative_tokens + 1,
+                                       scratch_state_slot=config.num_state_slots if scratch_state else None)
             self.graphs.capture_batch_buckets()
 
     def _size_caches(self) -> None:
@@ -115,7 +119,7 @@ class ModelRunner:
             self.caches.copy_states(list(src), list(dst))
         if out.block_copies:
             self._copy_kv_blocks(*zip(*out.block_copies))
-        if self.graphs is not None and batch.is_decode and batch.kv_lens and batch.checkpoints is None:
+        if self.graphs is not None and self.graphs.step_width(batch) is not None:
             logits = self.graphs.run(batch)
         else:
             # Checked once here, on the host: the ops then skip their own index checks, each of which would

@@ -8,11 +8,12 @@ request, which frees its slot and blocks (to a prefix-cache entry it resumes fro
 blocks at once; a finished turn's slot and blocks become a prefix-cache entry instead.
 
 With speculative decoding (a draft proposer given), the decodes then take draft tokens while the step has
-budget, free state slots (beyond those admissions may need) and free KV blocks: a verifying decode feeds its
+budget, state slots (beyond those admissions may need) and free KV blocks: a verifying decode feeds its
 last sampled token and W-1 drafts, W the same for every verifying request of the step, and takes W state slots
 for the step, one for the state after each token. After sampling the engine calls `accept` with how many of
-them the request keeps; the other slots, and the request's old one, go back to the pool. Drafts never evict a
-cache entry or preempt a request.
+them the request keeps; the other slots, and the request's old one, go back to the pool. Short of free slots,
+drafts evict least recently used cache entries (the cache then holds that many fewer states); they never
+preempt a request or take a block that is not free.
 
 The "priority" policy orders both queues by (priority, arrival), lower first: the waiting queue, and the
 running list, whose last request is the one a decode preempts. And before a step, while the first waiting
@@ -90,9 +91,11 @@ class Scheduler:
         checkpoint_align: int = CHECKPOINT_ALIGN,
         policy: str = "fcfs",
         drafter=None,
+        uniform_drafts: bool = False,
     ):
         """drafter: None, or a draft proposer (engine/ngram.py PromptLookup: num_tokens, limit(seq),
-        propose(seq)) that turns on speculative decoding."""
+        propose(seq)) that turns on speculative decoding. uniform_drafts: every decode of a step verifies
+        drafts or none does (see _add_drafts)."""
         if policy not in SCHEDULING_POLICIES:
             raise ValueError(f"Scheduler: 'policy' must be one of {SCHEDULING_POLICIES}, got {policy!r}")
         self.policy = policy
@@ -103,6 +106,7 @@ class Scheduler:
         self.cache = prefix_cache
         self.checkpoint_align = checkpoint_align  # the kernel's checkpoint granularity (tests use small ones)
         self.drafter = drafter
+        self.uniform_drafts = uniform_drafts
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._pending_hashes: Counter[int] = Counter()  # aligned save points being written this step
@@ -172,15 +176,37 @@ class Scheduler:
         """Turns this step's decodes (so far the only chunks) into verifying ones where drafts are proposed and
         the step has room; returns the tokens added. Every verifying decode gets the same width W = 1 + the
         longest proposal, shorter ones repeating their last draft (any token is a valid guess), so that the KDA
-        layers verify them as one [N, W] block."""
+        layers verify them as one [N, W] block. With `uniform_drafts` (CUDA graphs) it is all the decodes or
+        none, so that the step replays one captured graph: all when at least half of them have a proposal (a
+        decode without one guesses its last token again), with W shrunk to what every request and the step's
+        room allow."""
         proposals = [self.drafter.propose(c.seq) for c in out.chunks]
         width = 1 + max((len(p) for p in proposals), default=0)
         if width == 1:
             return 0
+        self._free_slots_for_drafts(len(out.chunks) * width)
+        if self.uniform_drafts:
+            chunks = out.chunks
+            if any(c.start == 0 for c in chunks):  # a one-token prompt: its first step must run as a prefill
+                return 0
+            # A verifying step costs 1.2-1.7 decode steps (docs/engine.md, Speculative decoding), paid by every
+            # decode of the step: only worth it when at least half of them have drafts of their own.
+            if 2 * sum(1 for p in proposals if p) < len(chunks):
+                return 0
+            room = min(self.drafter.limit(c.seq) for c in chunks) + 1
+            free_slots = self.slots.num_free - self._slot_reserve
+            room = min(room, (budget + len(chunks)) // len(chunks), free_slots // len(chunks))
+            while room > 1 and self._extra_blocks(chunks, room) > self.blocks.num_free:
+                room -= 1
+            width = min(width, room)
+            if width < 2:
+                return 0
+            proposals = [p or c.seq.token_ids[-1:] for p, c in zip(proposals, chunks)]
         added = 0
         for chunk, drafts in zip(out.chunks, proposals):
             seq = chunk.seq
-            extra_blocks = self.blocks.blocks_for(chunk.start + width) - len(seq.block_table)
+            drafts = drafts[: width - 1]
+            extra_blocks = self._extra_blocks([chunk], width)
             if (not drafts or chunk.start == 0 or self.drafter.limit(seq) < width - 1 or budget - added < width - 1
                     or self.slots.num_free - self._slot_reserve < width or extra_blocks > self.blocks.num_free):
                 continue
@@ -192,6 +218,21 @@ class Scheduler:
             added += width - 1
         out.chunks.sort(key=lambda c: not c.drafts)  # stable: verifying decodes first, each group in order
         return added
+
+    def _free_slots_for_drafts(self, need: int) -> None:
+        """Frees up to `need` slots beyond the admissions' reserve for this step's drafts, evicting least
+        recently used cache entries when the free ones fall short: a full prefix cache would otherwise end
+        speculation for good. The slots come back after the step, so the cache only gives up what one step's
+        drafts take. Never evicts towards a target that running requests and pinned entries could make
+        unreachable (leaving 2 * max_num_seqs slots to them), which would empty the cache for nothing."""
+        target = self._slot_reserve + need
+        if (self.cache is not None and self.slots.num_free < target
+                and target <= self.slots.num_slots - 2 * self.max_num_seqs):
+            self.cache.make_room(target, 0)
+
+    def _extra_blocks(self, chunks: list[ScheduledChunk], width: int) -> int:
+        """KV blocks the chunks' requests lack for `width` tokens from their start."""
+        return sum(max(0, self.blocks.blocks_for(c.start + width) - len(c.seq.block_table)) for c in chunks)
 
     def accept(self, chunk: ScheduledChunk, num_kept: int) -> None:
         """After a verifying step: the request keeps the state after its first num_kept tokens (its last sampled

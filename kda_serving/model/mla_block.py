@@ -17,7 +17,7 @@ from torch import nn
 
 from ..ops import mla_decode
 from ..ops.cuda_mla import supports as cuda_mla_supports
-from .batch import RaggedBatch, host_to_device
+from .batch import RaggedBatch
 from .config import ModelConfig
 from .norm import LATENT_NORM_EPS, rms_norm
 
@@ -148,7 +148,8 @@ class MLABlock(nn.Module):
 
         padded = q_max > 1 or Tg != n
         if padded:
-            q_lens_t = host_to_device(q_lens, device)
+            # from the batch's own cu_seqlens, not a host copy: a verifying step is captured in a CUDA graph
+            q_lens_t = batch.cu_seqlens[s + 1 : e + 1].long() - batch.cu_seqlens[s:e].long()
             seq_of = torch.repeat_interleave(torch.arange(n, device=device), q_lens_t, output_size=Tg)
             offset = torch.arange(Tg, device=device) - (torch.cumsum(q_lens_t, 0) - q_lens_t)[seq_of]
             q_pad = q.new_zeros(n, q_max, nh, L)
@@ -184,4 +185,6 @@ def _query_tables(batch: RaggedBatch) -> tuple[torch.Tensor, torch.Tensor]:
     device = batch.block_tables.device
     seqs = torch.arange(batch.num_seqs, device=device)
     seq_of_token = torch.cat((seqs[: spec.num_seqs].repeat_interleave(spec.width), seqs[spec.num_seqs :]))
-    return batch.block_tables[seq_of_token], (batch.positions + 1).to(torch.int32)
+    # a padding row of a captured step (sequence length 0) reads no key
+    lens = torch.minimum(batch.positions + 1, batch.seq_lens[seq_of_token].long()).to(torch.int32)
+    return batch.block_tables[seq_of_token], lens

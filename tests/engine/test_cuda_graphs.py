@@ -39,7 +39,7 @@ def test_engine_decodes_through_graphs(state_dtype):
                                     kda_state_dtype=state_dtype))
     assert engine.runner.caches.recurrent[0].dtype == getattr(torch, state_dtype)
     graphs = engine.runner.graphs
-    assert graphs is not None and set(graphs.graphs) == {(nb, MIN_KV_BUCKET) for nb in (1, 2, 4, 8)}
+    assert graphs is not None and set(graphs.graphs) == {(nb, 1, MIN_KV_BUCKET) for nb in (1, 2, 4, 8)}
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     for i, n in enumerate((9, 30, 4)):
         engine.add_request(str(i), list(range(5, 5 + n)), params)

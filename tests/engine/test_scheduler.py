@@ -38,7 +38,7 @@ class SimDrafter:
 
 class SimEngine:
     def __init__(self, slots=8, blocks=64, block_size=2, interval=8, align=4, max_seqs=4, budget=16, cache=True,
-                 seed=0, policy="fcfs", drafts=0):
+                 seed=0, policy="fcfs", drafts=0, uniform=False):
         self.slots = StateSlotPool(slots)
         self.blocks = KVBlockManager(blocks, block_size)
         self.cache = PrefixCache(interval, self.slots, self.blocks) if cache else None
@@ -52,6 +52,7 @@ class SimEngine:
         self.max_batch_tokens = budget
         if drafts:
             self.sched.drafter = SimDrafter(drafts, random.Random(seed + 1))
+            self.sched.uniform_drafts = uniform
         self.accepted = 0
 
     def add(self, prompt, max_tokens=3, priority=0):
@@ -72,6 +73,8 @@ class SimEngine:
         assert len(set(written)) == len(written) and not set(written) & {c.seq.state_slot for c in out.chunks}
         for c in verifying:
             assert c.start > 0 and c.num_tokens == len(c.drafts) + 1 == len(c.verify_slots)
+        if self.sched.uniform_drafts and verifying:  # all of the step's decodes, or none
+            assert all(c.drafts for c in out.chunks if c.num_tokens == 1 and c.start > 0)
         for src, dst in out.state_restores:
             self.state[dst] = self.state[src]
         for src, dst in out.block_copies:
@@ -340,6 +343,62 @@ def test_drafts_take_only_free_slots_and_blocks():
     sim.drain_cache()
 
 
+def test_uniform_drafts_verify_every_decode_of_a_step_or_none():
+    sim = SimEngine(slots=60, blocks=300, budget=32, max_seqs=4, drafts=3, uniform=True)
+    seqs = [sim.add([1, 2, 0, 1] * (i + 1), max_tokens=20 + 3 * i) for i in range(4)]
+    verifying_steps = 0
+    while sim.sched.has_work():
+        out = sim.step()  # checks the all-or-none rule
+        verifying_steps += out.num_verifying > 0
+    assert verifying_steps > 5 and all(s.is_finished for s in seqs)
+    sim.drain_cache()
+
+
+class SomeDrafter(SimDrafter):
+    """Two drafts for the requests whose id is in `ids`, none for the others."""
+
+    def __init__(self, ids):
+        super().__init__(2, random.Random(0))
+        self.ids = ids
+
+    def propose(self, seq):
+        return [1, 1] if seq.request_id in self.ids else []
+
+
+@pytest.mark.parametrize("proposing, verifies", [({"r0"}, False), ({"r0", "r2"}, True), (set(), False)])
+def test_uniform_drafts_need_proposals_for_half_the_decodes(proposing, verifies):
+    sim = SimEngine(slots=60, blocks=300, budget=32, max_seqs=4, drafts=2, uniform=True)
+    for i in range(4):
+        sim.add([1, 2, 0, 1], max_tokens=20)
+    sim.step()  # the prompts
+    sim.sched.drafter = SomeDrafter(proposing)
+    out = sim.step()
+    assert out.num_verifying == (4 if verifies else 0)
+    if verifies:  # the others guess their last token again
+        others = [c for c in out.chunks if c.seq.request_id not in proposing]
+        assert all(c.drafts == [c.seq.token_ids[c.start]] * 2 for c in others)
+
+
+def test_drafts_evict_cache_entries_when_slots_run_short():
+    # Finished conversations fill the cache's slots; the next request's drafts still get slots, from the
+    # least recently used entries, and only as many as one step needs.
+    sim = SimEngine(slots=24, blocks=400, budget=32, max_seqs=2, drafts=3)
+    sim.sched.drafter = None
+    for i in range(24):
+        sim.add([10 + i, 1, 2, 3], max_tokens=2)
+    sim.run()
+    entries = sim.cache.num_entries
+    assert sim.slots.num_free < 4 and entries > 20
+    sim.sched.drafter = SimDrafter(3, random.Random(5))
+    seq = sim.add([2, 2, 2], max_tokens=12)
+    verified = 0
+    while sim.sched.has_work():
+        verified += sim.step().num_verifying
+    assert seq.is_finished and verified > 0
+    assert sim.cache.num_entries >= entries - 4 - 1  # one step's width, and the admission's slot
+    sim.drain_cache()
+
+
 def test_unknown_policy_is_refused():
     with pytest.raises(ValueError, match="policy"):
         Scheduler(4, 16, StateSlotPool(4), KVBlockManager(8, 2), policy="lifo")
@@ -438,10 +497,11 @@ def test_plan_chunk_branch_points():
     cache=st.booleans(),
     policy=st.sampled_from(["fcfs", "priority"]),
     drafts=st.sampled_from([0, 0, 1, 3]),
+    uniform=st.booleans(),
 )
-def test_random_workloads_keep_every_invariant(ops, slots, blocks, budget, cache, policy, drafts):
+def test_random_workloads_keep_every_invariant(ops, slots, blocks, budget, cache, policy, drafts, uniform):
     sim = SimEngine(slots=slots, blocks=blocks, block_size=2, interval=8, align=4, max_seqs=4, budget=budget,
-                    cache=cache, policy=policy, drafts=drafts)
+                    cache=cache, policy=policy, drafts=drafts, uniform=uniform)
     rng = random.Random(len(ops))
     bases = [[rng.randrange(3) for _ in range(30)] for _ in range(3)]
     live: list[Sequence] = []

@@ -62,7 +62,7 @@ def test_graph_decode_steps_match_eager_steps():
         assert err <= 1e-2
         for s in live:
             s.done += 1
-    assert set(graphs.graphs) == {(4, MIN_KV_BUCKET), (2, MIN_KV_BUCKET)}
+    assert set(graphs.graphs) == {(4, 1, MIN_KV_BUCKET), (2, 1, MIN_KV_BUCKET)}
 
     slots = [s.slot for s in seqs]
     for name, ours, ref in (("recurrent", graphed.recurrent, eager.recurrent), ("conv", graphed.conv, eager.conv)):
