@@ -41,6 +41,19 @@ class ServerState:
     metrics: ServerMetrics
     started_at: int = 0
     ready: bool = False
+    _tool_parser: object = None
+    _tool_parser_made: bool = False
+
+    @property
+    def tool_parser(self):
+        """The tool-call parser for `tool_choice: "auto"` (config.tool_call_parser over the engine's tokenizer),
+        or None; made on first use, once the engine has loaded its tokenizer."""
+        if not self._tool_parser_made:
+            from .tool_parsers import tool_parser_for
+
+            self._tool_parser = tool_parser_for(self.engine.tokenizer, self.config.tool_call_parser)
+            self._tool_parser_made = True
+        return self._tool_parser
 
 
 class BearerAuth:

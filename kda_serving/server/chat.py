@@ -23,6 +23,14 @@ async def create_chat_completion(request: Request, server) -> Response:
     check_model(engine, req.model)
     if req.n > config.max_n:
         raise bad_request(f"n: at most {config.max_n} choices per request, got {req.n}", param="n")
+    parser = None
+    if req.auto_tools():
+        parser = server.tool_parser
+        if parser is None:
+            raise bad_request("tool_choice: 'auto' needs a parser of the model's own tool-call format, and this "
+                              f"model's tokenizer has the markers of none (server --tool-call-parser "
+                              f"{server.config.tool_call_parser!r}); pass 'required', a named function, or 'none'",
+                              param="tool_choice")
     ids = chat_prompt_ids(engine, req)
     max_tokens = resolve_max_tokens(engine, config.max_prompt_tokens, len(ids), req.requested_max_tokens(),
                                     "messages")
@@ -32,7 +40,7 @@ async def create_chat_completion(request: Request, server) -> Response:
                       params=sampling_params(req, max_tokens, j, num_logprobs), priority=req.priority)
                for j in range(req.n)]
     header = ResponseHeader(response_id, int(time.time()), engine.model_name)
-    fmt = _format(engine.tokenizer, num_logprobs is not None, req)
+    fmt = _format(engine.tokenizer, num_logprobs is not None, req, parser)
     return await respond(request, server, choices, header, fmt, stream=req.stream,
                          include_usage=req.include_usage_in_stream())
 
@@ -55,10 +63,40 @@ def tool_calls(req: ChatCompletionRequest, text: str) -> list[dict] | None:
             for n, a in calls]
 
 
-def _format(tokenizer, with_logprobs: bool, req: ChatCompletionRequest) -> EndpointFormat:
+def _format(tokenizer, with_logprobs: bool, req: ChatCompletionRequest, parser=None) -> EndpointFormat:
+    """parser: the tool-call parser of a tool_choice 'auto' request (its replies may end in tool calls)."""
     forced = bool(req.forced_tools())
+    streamed_content: dict[int, str] = {}  # auto tools: the content text each choice has streamed
+
+    def auto_chunk(choice: Choice, out) -> dict | None:
+        """Text streams as usual until the tool-call section starts; the calls go out whole in the last chunk."""
+        start = parser.section_start(choice.output_token_ids)
+        sent = streamed_content.get(choice.index, "")
+        if start is None and not out.finished:
+            text = sent + out.delta_text
+        else:
+            reply = parser.parse(choice.output_token_ids) if start is not None else None
+            text = tokenizer.decode(reply.content_ids, skip_special_tokens=True) if reply else choice.text
+        delta_text = text[len(sent):] if text.startswith(sent) else ""
+        streamed_content[choice.index] = sent + delta_text
+        first = choice.num_updates == 1
+        delta = {"role": "assistant", "content": delta_text} if first else {"content": delta_text}
+        finish = choice.finish_reason
+        if out.finished and start is not None:
+            reply = parser.parse(choice.output_token_ids)
+            if reply.has_calls:
+                delta["tool_calls"] = [{"index": i, **c} for i, c in enumerate(reply.calls)]
+                finish = "tool_calls" if choice.finish_reason == "stop" and reply.complete else finish
+        if not delta_text and not out.finished and not first and not (with_logprobs and out.new_token_ids):
+            return None
+        logprobs = None
+        if with_logprobs:
+            logprobs = chat_logprobs(tokenizer, out.new_token_ids, out.logprobs or [], out.top_logprobs or [])
+        return {"index": choice.index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
 
     def chunk(choice: Choice, out) -> dict | None:
+        if parser is not None:
+            return auto_chunk(choice, out)
         if forced:  # the calls go out whole, in the last chunk, once the grammar has made them parse
             if not out.finished:
                 return None
@@ -84,6 +122,17 @@ def _format(tokenizer, with_logprobs: bool, req: ChatCompletionRequest) -> Endpo
         logprobs = None
         if with_logprobs:
             logprobs = chat_logprobs(tokenizer, choice.output_token_ids, choice.logprobs, choice.top_logprobs)
+        if parser is not None and parser.section_start(choice.output_token_ids) is not None:
+            # tool_choice auto, and the reply opened a tool-call section: the text before it, then its calls
+            reply = parser.parse(choice.output_token_ids)
+            message = {"role": "assistant", "content": tokenizer.decode(reply.content_ids, skip_special_tokens=True),
+                       "refusal": None}
+            finish = choice.finish_reason
+            if reply.has_calls:
+                message["content"] = message["content"] or None
+                message["tool_calls"] = reply.calls
+                finish = "tool_calls" if finish == "stop" and reply.complete else finish
+            return {"index": choice.index, "message": message, "logprobs": logprobs, "finish_reason": finish}
         calls = tool_calls(req, choice.text) if forced and choice.finish_reason == "stop" else None
         if calls is not None:
             message = {"role": "assistant", "content": None, "refusal": None, "tool_calls": calls}

@@ -27,6 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     http.add_argument("--max-prompt-tokens", type=int, default=None,
                       help="longer prompts get a 400 (default: max-model-len minus one)")
     http.add_argument("--max-n", type=int, default=16, help="most choices per request")
+    http.add_argument("--tool-call-parser", default="auto",
+                      help="how tool_choice 'auto' replies are read: auto (the format the tokenizer has markers for), "
+                           "none, or kimi_k2")
     http.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
     eng = p.add_argument_group("engine")
@@ -92,7 +95,8 @@ def main(argv: list[str] | None = None) -> None:
         engine_config = EngineConfig(**engine_kwargs)
         server_config = ServerConfig(api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
                                      max_request_bytes=args.max_request_bytes,
-                                     max_prompt_tokens=args.max_prompt_tokens, max_n=args.max_n)
+                                     max_prompt_tokens=args.max_prompt_tokens, max_n=args.max_n,
+                                     tool_call_parser=args.tool_call_parser)
     except (TypeError, ValueError) as exc:
         parser.error(str(exc))
     if args.host not in LOOPBACK_HOSTS and server_config.api_key is None:

@@ -5,7 +5,8 @@ no type coercion (`"max_tokens": "5"` and `"n": 2.0` are errors), and every rang
 engine sees the request, so the answer is a 400 naming the parameter. OpenAI fields we know but do not
 implement (`suffix`, ...) are accepted only at their neutral value and refused otherwise. `response_format`
 (text, json_object, json_schema) constrains the output (engine/structured.py), and so does a forced tool call
-(`tool_choice` 'required' or a named function; 'auto' needs a parser of the model's own tool-call format).
+(`tool_choice` 'required' or a named function); 'auto' (the default with tools) reads the calls from the
+model's own format (server/tool_parsers.py).
 Five vLLM-style extensions are accepted because the engine has them: `top_k`, `ignore_eos`, `stop_token_ids`,
 `repetition_penalty`, `priority`.
 """
@@ -254,9 +255,8 @@ class ChatCompletionRequest(_SamplingFields):
         if len(set(names)) != len(names):
             raise ValueError("tools: function names must be distinct")
         choice = self.tool_choice
-        if self.tools and choice in (None, "auto"):
-            raise ValueError("tool_choice: 'auto' is not supported (this server does not parse a model's own "
-                             "tool-call format); pass 'required', a named function, or 'none'")
+        if choice == "auto" and not self.tools:
+            raise ValueError("tool_choice: needs tools")
         if choice == "required" or isinstance(choice, NamedToolChoice):
             if not self.tools:
                 raise ValueError("tool_choice: needs tools")
@@ -264,6 +264,11 @@ class ChatCompletionRequest(_SamplingFields):
                 raise ValueError(f"tool_choice: no tool is named {choice.function.name!r}")
             if self.response_format is not None and self.response_format.type != "text":
                 raise ValueError("response_format: cannot be combined with a forced tool call")
+
+    def auto_tools(self) -> bool:
+        """Whether the model chooses between text and tool calls in its own format (tools given, tool_choice
+        'auto' or left out)."""
+        return bool(self.tools) and self.tool_choice in (None, "auto")
 
     def forced_tools(self) -> list[ToolDef]:
         """The tools the reply must call (tool_choice 'required': one or more of them; a named function: that

@@ -20,7 +20,11 @@ CHAT_TEMPLATE = (
 )
 
 
-def byte_tokenizer() -> PreTrainedTokenizerFast:
+KIMI_TOOL_MARKERS = ["<|tool_calls_section_begin|>", "<|tool_calls_section_end|>", "<|tool_call_begin|>",
+                     "<|tool_call_argument_begin|>", "<|tool_call_end|>"]
+
+
+def byte_tokenizer(extra_specials: list[str] = ()) -> PreTrainedTokenizerFast:
     """One token per byte plus a few specials: tiny, offline, and with a chat template."""
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {ch: i for i, ch in enumerate(alphabet)}
@@ -29,7 +33,7 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     tok.decoder = decoders.ByteLevel()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|eos|>")
     fast.add_special_tokens({"additional_special_tokens": ["<|user|>", "<|assistant|>", "<|system|>",
-                                                          "<|developer|>", "<|end|>"]})
+                                                          "<|developer|>", "<|end|>", *extra_specials]})
     fast.chat_template = CHAT_TEMPLATE
     return fast
 
@@ -37,8 +41,10 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
 class FakeEngine:
     model_name = "fake-kda"
 
-    def __init__(self, max_num_seqs: int = 4, max_model_len: int = 256, token_delay: float = 0.001):
-        self.tokenizer = byte_tokenizer()
+    def __init__(self, max_num_seqs: int = 4, max_model_len: int = 256, token_delay: float = 0.001,
+                 tool_markers: bool = False):
+        self.tokenizer = byte_tokenizer(KIMI_TOOL_MARKERS if tool_markers else [])
+        self.script: list[int] | None = None  # when set, the tokens every request outputs (then "stop")
         self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
         self.token_delay = token_delay
@@ -100,9 +106,12 @@ class FakeEngine:
                     if aborted.is_set():
                         yield RequestOutput(request_id, prompt_token_ids, out_ids, [], text, "", True, "abort", cached)
                         return
-                    new = self.tokenizer.convert_tokens_to_ids(chr(ord("a") + len(out_ids) % 26))
+                    if self.script is not None:
+                        new = self.script[len(out_ids)]
+                    else:
+                        new = self.tokenizer.convert_tokens_to_ids(chr(ord("a") + len(out_ids) % 26))
                     out_ids = out_ids + [new]
-                    delta = self.tokenizer.decode([new])
+                    delta = self.tokenizer.decode([new], skip_special_tokens=True)
                     text += delta
                     stop = next((s for s in params.stop if s in text), None)
                     reason = None
@@ -111,6 +120,8 @@ class FakeEngine:
                         text, reason = text[: text.index(stop)], "stop"
                     elif len(out_ids) >= params.max_tokens:
                         reason = "length"
+                    elif self.script is not None and len(out_ids) == len(self.script):
+                        reason = "stop"
                     lp = [-0.5] if params.logprobs is not None else None
                     top = [{new: -0.5, new + 1: -1.5}] if params.logprobs is not None else None
                     yield RequestOutput(request_id, prompt_token_ids, list(out_ids), [new], text, delta,

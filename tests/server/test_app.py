@@ -283,6 +283,82 @@ def test_forced_tool_calls_become_constrained_requests():
     serve(test)
 
 
+KIMI_REPLY = ('Checking.<|tool_calls_section_begin|><|tool_call_begin|>functions.search:0<|tool_call_argument_begin|>'
+              '{"q": "kda"}<|tool_call_end|><|tool_calls_section_end|>')
+
+
+@pytest.mark.parametrize("reply, content, calls, finish", [
+    (KIMI_REPLY, "Checking.", [("functions.search:0", "search", '{"q": "kda"}')], "tool_calls"),
+    ("Only text.", "Only text.", [], "stop"),
+])
+def test_auto_tool_choice_reads_the_models_own_format(reply, content, calls, finish):
+    # A model whose tokenizer has Kimi's markers: tool_choice auto (the default with tools) answers with the
+    # text before the section as content and the section's calls as tool_calls, streamed or not; the tools
+    # reach the chat template and the request is unconstrained.
+    async def test(client, engine):
+        engine.script = engine.tokenizer.encode(reply, add_special_tokens=False)
+        tools = [{"type": "function", "function": {"name": "search", "parameters": {"type": "object"}}}]
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": tools}
+        r = await client.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        [choice] = r.json()["choices"]
+        assert choice["finish_reason"] == finish and choice["message"]["content"] == content
+        got = [(c["id"], c["function"]["name"], c["function"]["arguments"]) for c in choice["message"].get(
+            "tool_calls") or []]
+        assert got == calls and engine.seen_params[-1].structured_output is None
+        r = await client.post("/v1/chat/completions", json={**body, "stream": True, "tool_choice": "auto"})
+        events, done = parse_sse(r.text)
+        assert done
+        deltas = [e["choices"][0]["delta"] for e in events]
+        assert "".join(d.get("content") or "" for d in deltas) == content
+        streamed = [c for d in deltas for c in d.get("tool_calls", [])]
+        assert [(c["id"], c["function"]["name"], c["function"]["arguments"]) for c in streamed] == calls
+        assert events[-1]["choices"][0]["finish_reason"] == finish
+
+    serve(test, FakeEngine(tool_markers=True))
+
+
+def test_auto_tool_calls_through_the_openai_client():
+    # The official client parses the answer (and accumulates the stream) into its own tool-call objects.
+    import openai
+
+    engine = FakeEngine(tool_markers=True)
+    engine.script = engine.tokenizer.encode(KIMI_REPLY, add_special_tokens=False)
+    app = create_app(engine, ServerConfig())
+    tools = [{"type": "function", "function": {"name": "search", "parameters": {"type": "object"}}}]
+    messages = [{"role": "user", "content": "x"}]
+
+    async def main():
+        async with app.router.lifespan_context(app):
+            http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test/v1")
+            client = openai.AsyncOpenAI(api_key="unused", base_url="http://test/v1", http_client=http)
+            reply = await client.chat.completions.create(model=MODEL, messages=messages, tools=tools)
+            [call] = reply.choices[0].message.tool_calls
+            assert reply.choices[0].finish_reason == "tool_calls" and reply.choices[0].message.content == "Checking."
+            assert (call.id, call.function.name, json.loads(call.function.arguments)) == (
+                "functions.search:0", "search", {"q": "kda"})
+            stream = await client.chat.completions.create(model=MODEL, messages=messages, tools=tools, stream=True)
+            chunks = [c async for c in stream]
+            calls = [t for c in chunks for t in (c.choices[0].delta.tool_calls or [])]
+            assert [(t.function.name, t.function.arguments) for t in calls] == [("search", '{"q": "kda"}')]
+            await http.aclose()
+
+    asyncio.run(main())
+
+
+def test_auto_tool_choice_cut_short_keeps_the_engines_finish_reason():
+    async def test(client, engine):
+        engine.script = engine.tokenizer.encode(KIMI_REPLY, add_special_tokens=False)
+        tools = [{"type": "function", "function": {"name": "search"}}]
+        r = await client.post("/v1/chat/completions", json={
+            "model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": tools, "max_tokens": 14})
+        [choice] = r.json()["choices"]
+        assert choice["finish_reason"] == "length" and choice["message"]["content"] == "Checking."
+        assert "tool_calls" not in choice["message"]  # the call was cut before it ended
+
+    serve(test, FakeEngine(tool_markers=True))
+
+
 def test_priority_reaches_the_engine():
     async def test(client, engine):
         r = await client.post("/v1/completions", json={"model": MODEL, "prompt": ["x", "y"], "max_tokens": 1,

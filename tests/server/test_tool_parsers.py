@@ -1,0 +1,61 @@
+"""Tool calls in Kimi K2's format (server/tool_parsers.py), split on the marker tokens' ids."""
+
+from __future__ import annotations
+
+import pytest
+from server_fake_engine import KIMI_TOOL_MARKERS, byte_tokenizer
+
+from kda_serving.server.tool_parsers import KimiK2ToolCalls, tool_parser_for
+
+SB, SE, CB, AB, CE = KIMI_TOOL_MARKERS
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return byte_tokenizer(KIMI_TOOL_MARKERS)
+
+
+def ids(tokenizer, text):
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def test_text_then_calls(tokenizer):
+    parser = KimiK2ToolCalls(tokenizer)
+    reply = parser.parse(ids(tokenizer, f'Let me check.{SB}{CB}functions.get_weather:0{AB}{{"city": "Paris"}}{CE}'
+                                        f"{CB}functions.now:1{AB}{{}}{CE}{SE}"))
+    assert tokenizer.decode(reply.content_ids) == "Let me check." and reply.complete
+    assert reply.calls == [
+        {"id": "functions.get_weather:0", "type": "function",
+         "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+        {"id": "functions.now:1", "type": "function", "function": {"name": "now", "arguments": "{}"}},
+    ]
+
+
+def test_plain_text_has_no_calls(tokenizer):
+    parser = KimiK2ToolCalls(tokenizer)
+    reply = parser.parse(ids(tokenizer, "Just text: functions.f:0 {}"))
+    assert not reply.has_calls and reply.complete and tokenizer.decode(reply.content_ids).startswith("Just")
+    assert parser.section_start(ids(tokenizer, "no section")) is None
+
+
+@pytest.mark.parametrize("tail, calls", [
+    (f"{CB}functions.a:0{AB}{{}}{CE}{CB}functions.b:1{AB}{{\"x\"", 1),  # cut inside the second call
+    (f"{CB}functions.a:0{AB}{{}}{CE}", 1),  # the section never closed
+    (f"{CB}functions.a:0", 0),  # cut in the first header
+    ("", 0),  # only the section marker
+])
+def test_cut_short_keeps_complete_calls(tokenizer, tail, calls):
+    reply = KimiK2ToolCalls(tokenizer).parse(ids(tokenizer, f"x{SB}{tail}"))
+    assert len(reply.calls) == calls and not reply.complete
+    assert tokenizer.decode(reply.content_ids) == "x"
+
+
+def test_parser_selection(tokenizer):
+    assert isinstance(tool_parser_for(tokenizer, "auto"), KimiK2ToolCalls)
+    assert tool_parser_for(tokenizer, "none") is None
+    plain = byte_tokenizer()
+    assert tool_parser_for(plain, "auto") is None
+    with pytest.raises(ValueError, match="no single token"):
+        tool_parser_for(plain, "kimi_k2")
+    with pytest.raises(ValueError, match="unknown"):
+        tool_parser_for(tokenizer, "hermes")
