@@ -19,14 +19,12 @@ from kda_serving.model.caches import ModelCaches
 
 from engine_testing import OracleDrafter, random_prompts
 from test_engine_exact import check_greedy_against_hf
+from test_engine_exact import engine as exact_engine
 
 
 def engine(model, **config):
-    config.setdefault("max_num_seqs", 8)
-    config.setdefault("num_state_slots", 64)
-    config.setdefault("num_kv_blocks", 256)
-    config.setdefault("prefix_cache_interval", 64)
-    return LLM(model_obj=model, **config)
+    """test_engine_exact's engine, with state slots for the drafts of 16 sequences."""
+    return exact_engine(model, **{"num_state_slots": 96, **config})
 
 
 def generate(llm, prompts, params, expected=None, p_wrong=0.2, seed=0):
