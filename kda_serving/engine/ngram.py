@@ -9,6 +9,11 @@ gives several tokens for one step (docs/engine.md, "Speculative decoding").
 The index is incremental: one dict per n, n-gram -> the position just after its latest occurrence, extended
 by the tokens appended since the last call. A step costs O(max_n) per new token; a prompt is indexed once,
 on the request's first proposal. Plain Python: no torch.
+
+A verifying step costs 1.2-1.7 decode steps (docs/engine.md), so drafts that keep failing make a request
+slower than not drafting. PromptLookup therefore tracks each request's recent acceptance and lets a request
+whose drafts were mostly wrong rest for a while (DraftRecord), re-trying after a pause that doubles while it
+keeps failing.
 """
 
 from __future__ import annotations
@@ -44,9 +49,36 @@ class NgramIndex:
         return []
 
 
+class DraftRecord:
+    """One request's recent drafts: decayed counts of drafts accepted and of drafts judged (a rejection ends a
+    run, so a step that accepts m of its k drafts judged m + 1 of them, or k if all held), and the pause."""
+
+    DECAY = 0.8  # per verifying step: about the last five steps count
+    MIN_JUDGED = 3.0  # evidence needed before pausing a request (5 steps whose first draft fails)
+    MIN_RATE = 0.35  # break-even acceptance per draft, from the measured step costs (docs/engine.md)
+    FIRST_PAUSE, MAX_PAUSE = 8, 512  # decode steps
+
+    def __init__(self):
+        self.accepted = self.judged = 0.0
+        self.pause = 0  # decode steps left without drafts
+        self.failures = 0  # pauses in a row
+
+    def record(self, proposed: int, accepted: int) -> None:
+        self.accepted = self.DECAY * self.accepted + accepted
+        self.judged = self.DECAY * self.judged + (accepted + 1 if accepted < proposed else proposed)
+        if self.judged >= self.MIN_JUDGED:
+            if self.accepted < self.MIN_RATE * self.judged:
+                self.pause = min(self.FIRST_PAUSE << self.failures, self.MAX_PAUSE)
+                self.failures += 1
+                self.accepted = self.judged = 0.0
+            else:
+                self.failures = 0
+
+
 class PromptLookup:
     """The scheduler's draft proposer: up to `num_tokens` drafts per decode from each request's own context
-    (an NgramIndex kept on the Sequence), within what the request may still generate."""
+    (an NgramIndex kept on the Sequence), within what the request may still generate, unless the request's
+    recent drafts mostly failed (DraftRecord)."""
 
     def __init__(self, num_tokens: int, min_n: int, max_n: int, max_model_len: int):
         self.num_tokens, self.min_n, self.max_n, self.max_model_len = num_tokens, min_n, max_n, max_model_len
@@ -66,4 +98,13 @@ class PromptLookup:
             return []
         if seq.ngram is None:
             seq.ngram = NgramIndex(self.min_n, self.max_n)
+            seq.draft_record = DraftRecord()
+        if seq.draft_record.pause:
+            seq.draft_record.pause -= 1
+            return []
         return seq.ngram.propose(seq.token_ids, k)
+
+    def record(self, seq, proposed: int, accepted: int) -> None:
+        """After a verifying step: `accepted` of the request's own `proposed` drafts held."""
+        if proposed and seq.draft_record is not None:
+            seq.draft_record.record(proposed, accepted)

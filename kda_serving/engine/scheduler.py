@@ -43,6 +43,7 @@ class ScheduledChunk:
     num_tokens: int
     sample: bool  # this chunk ends at the last token: its logits give the next output token
     drafts: list[int] = field(default_factory=list)  # a verifying decode's draft tokens (num_tokens - 1 of them)
+    proposed: int = 0  # how many of them the drafter proposed (the rest are fillers)
     verify_slots: list[int] = field(default_factory=list)  # where the state after each of its tokens goes
 
 
@@ -181,7 +182,8 @@ class Scheduler:
         decode without one guesses its last token again), with W shrunk to what every request and the step's
         room allow."""
         proposals = [self.drafter.propose(c.seq) for c in out.chunks]
-        width = 1 + max((len(p) for p in proposals), default=0)
+        own = [len(p) for p in proposals]  # before fillers
+        width = 1 + max(own, default=0)
         if width == 1:
             return 0
         self._free_slots_for_drafts(len(out.chunks) * width)
@@ -203,7 +205,7 @@ class Scheduler:
                 return 0
             proposals = [p or c.seq.token_ids[-1:] for p, c in zip(proposals, chunks)]
         added = 0
-        for chunk, drafts in zip(out.chunks, proposals):
+        for chunk, drafts, proposed in zip(out.chunks, proposals, own):
             seq = chunk.seq
             drafts = drafts[: width - 1]
             extra_blocks = self._extra_blocks([chunk], width)
@@ -212,6 +214,7 @@ class Scheduler:
                 continue
             if extra_blocks > 0:
                 seq.block_table += self.blocks.allocate(extra_blocks)
+            chunk.proposed = min(proposed, width - 1)
             chunk.drafts = drafts + drafts[-1:] * (width - 1 - len(drafts))
             chunk.verify_slots = [self.slots.allocate() for _ in range(width)]
             chunk.num_tokens = width
@@ -240,6 +243,9 @@ class Scheduler:
         if not 1 <= num_kept <= chunk.num_tokens:
             raise ValueError(f"Scheduler.accept: num_kept must be in [1, {chunk.num_tokens}], got {num_kept}")
         seq, kept = chunk.seq, chunk.verify_slots[num_kept - 1]
+        record = getattr(self.drafter, "record", None)
+        if record is not None:  # the drafts that held, of those the drafter proposed
+            record(seq, chunk.proposed, min(num_kept - 1, chunk.proposed))
         for slot in chunk.verify_slots:
             if slot != kept:
                 self.slots.free(slot)

@@ -46,6 +46,7 @@ class Sequence:
         self.detokenizer: Any = None
         self.matcher: Any = None  # the grammar matcher of a structured output (engine/structured.py)
         self.ngram: Any = None  # the n-gram index of its tokens that draft proposals read (engine/ngram.py)
+        self.draft_record: Any = None  # how its recent drafts fared (engine/ngram.py DraftRecord)
         self.logprobs: list[float] = []
         self.top_logprobs: list[dict[int, float]] = []
 

@@ -47,3 +47,32 @@ def test_prompt_lookup_limits():
     assert short.limit(seq) == 1
     seq.matcher = object()  # a grammar-constrained request: no drafts
     assert lookup.limit(seq) == 0 and lookup.propose(seq) == []
+
+
+def test_failing_drafts_pause_a_request_and_it_tries_again():
+    lookup = PromptLookup(num_tokens=3, min_n=1, max_n=2, max_model_len=1000)
+    seq = Sequence("a", [1, 2, 3] * 10, SamplingParams(max_tokens=500), 0)
+    assert lookup.propose(seq) == [1, 2, 3]
+    pauses = []
+    for _ in range(3):
+        failures = 0
+        while not seq.draft_record.pause:  # every draft wrong: paused once the evidence suffices
+            lookup.record(seq, 3, 0)
+            failures += 1
+        assert failures == 5  # judged decays by 0.8 a step: 2.95 after four, 3.36 after five
+        n = 0
+        while not lookup.propose(seq):
+            n += 1
+        pauses.append(n)
+    assert pauses == [8, 16, 32]  # doubling while it keeps failing
+    for _ in range(4):
+        lookup.record(seq, 3, 3)
+    assert seq.draft_record.failures == 0 and lookup.propose(seq)  # drafts that hold: no pause
+
+
+def test_good_drafts_never_pause():
+    lookup = PromptLookup(num_tokens=4, min_n=1, max_n=2, max_model_len=1000)
+    seq = Sequence("a", [5, 6] * 10, SamplingParams(max_tokens=500), 0)
+    for _ in range(50):
+        assert lookup.propose(seq)
+        lookup.record(seq, 4, 2)  # 2 of 3 judged each time
