@@ -96,6 +96,7 @@ __global__ void __launch_bounds__(kWgThreads, 1)
   auto head_of = [&](int j, int e) { return 8 * j + 2 * qd + e; };  // fragment column (head) of d[4 j + e (+2)]
   // Warpgroup 0: reduces each of this thread's per-head values v[2 j + e] over the 8 lanes holding other rows of
   // the same heads, and publishes the warp's result per head in red_s[warp][head] for the four warps to read.
+  // (kHeads / 8 is kGroups, which nvcc 13.0 crashes on here: a local constexpr in a lambda's parameter type.)
   auto publish_per_head = [&](float(&v)[2 * (kHeads / 8)], auto op) {
 #pragma unroll
     for (int i = 0; i < 2 * (kHeads / 8); ++i) {
@@ -329,28 +330,26 @@ __global__ void __launch_bounds__(kWgThreads, 1)
   }
   __syncthreads();
 
-  // O^T fragment element (mb, i): value column 256 wg + 64 mb + 16 warp + g (+ 8 for i % 4 >= 2), head
-  // head_of(i / 4, i % 2).
+  // O^T fragment element (mb, i): head head_of(i / 4, i % 2), value column 256 wg + 64 mb + 16 warp + g (+ 8 for
+  // i % 4 >= 2); acc_offset is its place in a [kHeads, kValueDim] output.
   const int col0 = kValueBlocksPerWg * 64 * wg + 16 * warp + g;
+  auto acc_offset = [&](int mb, int i) {
+    return head_of(i / 4, i & 1) * kValueDim + col0 + 64 * mb + 8 * ((i & 3) >> 1);
+  };
   if (p.num_splits == 1) {
     __nv_bfloat16* out_n = p.out + static_cast<int64_t>(n) * kHeads * kValueDim;
 #pragma unroll
     for (int mb = 0; mb < kValueBlocksPerWg; ++mb)
 #pragma unroll
-      for (int i = 0; i < kAcc; ++i) {
-        const int h = head_of(i / 4, i & 1), col = col0 + 64 * mb + 8 * ((i & 3) >> 1);
-        out_n[h * kValueDim + col] = __float2bfloat16(o[mb][i] / l_s[h]);  // l > 0: the split holds a real key
-      }
+      for (int i = 0; i < kAcc; ++i)  // l > 0: the split holds a real key
+        out_n[acc_offset(mb, i)] = __float2bfloat16(o[mb][i] / l_s[head_of(i / 4, i & 1)]);
     return;
   }
   float* po = p.part_o + part * kHeads * kValueDim;
 #pragma unroll
   for (int mb = 0; mb < kValueBlocksPerWg; ++mb)
 #pragma unroll
-    for (int i = 0; i < kAcc; ++i) {
-      const int h = head_of(i / 4, i & 1), col = col0 + 64 * mb + 8 * ((i & 3) >> 1);
-      po[h * kValueDim + col] = o[mb][i];
-    }
+    for (int i = 0; i < kAcc; ++i) po[acc_offset(mb, i)] = o[mb][i];
   for (int h = tid; h < kHeads; h += kWgThreads) {
     p.part_ml[(part * kHeads + h) * 2] = m_s[h];
     p.part_ml[(part * kHeads + h) * 2 + 1] = l_s[h];

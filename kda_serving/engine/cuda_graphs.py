@@ -15,11 +15,11 @@ ms of kernels (docs/engine.md). Replaying a captured graph costs one launch. Wha
   from RaggedBatch.kv_lens (host); the MoE runs its grouped GEMMs (KimiLinearModel.decode_capturable).
 
 Speculative decoding's verifying steps (every sequence W tokens: its last one and W-1 drafts, the KDA states
-after each kept in slots of their own, RaggedBatch.spec) replay graphs of width W, captured on first use.
+after each kept in slots of their own, RaggedBatch.spec) replay graphs of width W.
 Their padding rows verify nothing (state slot -1, length 0) and send the states they would keep to one scratch
 state slot beside the pool, as their latents go to the scratch KV slot.
 
-The graphs of every batch bucket at the smallest key-length bucket are captured when the engine starts
+The graphs of every batch bucket and width at the smallest key-length bucket are captured when the engine starts
 (`capture_batch_buckets`, ~50 ms each on an H100), longer contexts' on the first step that needs them; all go
 into one shared memory pool: steps replay one at a time and each step's logits are consumed (sampled) before
 the next replay, so graphs may share memory.
@@ -98,12 +98,13 @@ class DecodeGraphs:
         return sorted({batch_bucket(n, self.max_num_seqs) for n in range(1, self.max_num_seqs + 1)})
 
     def capture_batch_buckets(self) -> None:
-        """Captures every batch bucket of plain decode steps at the smallest key-length bucket, so that
-        short-context decode steps never wait for a capture."""
+        """Captures every batch bucket of decode and verifying steps (every width) at the smallest key-length
+        bucket, so that short-context steps never wait for a capture."""
         kv = kv_bucket(1, self.block_size, self.kv_limit)
-        for nb in self.batch_buckets():
-            if (nb, 1, kv) not in self.graphs:
-                self.graphs[(nb, 1, kv)] = self._capture(nb, 1, kv)
+        for w in range(1, self.max_width + 1):
+            for nb in self.batch_buckets():
+                if (nb, w, kv) not in self.graphs:
+                    self.graphs[(nb, w, kv)] = self._capture(nb, w, kv)
 
     @staticmethod
     def step_width(batch: RaggedBatch) -> int | None:

@@ -51,3 +51,37 @@ def test_engine_decodes_through_graphs(state_dtype):
     assert sorted(finished) == ["0", "1", "2"]
     assert all(len(o.output_token_ids) == 12 for o in finished.values())
     assert len(graphs.graphs) == 4  # every step fit a graph captured at start-up
+
+
+@pytest.mark.gpu
+def test_engine_verifies_drafts_through_graphs():
+    """With speculation, every width's graphs are captured at start-up and verifying steps replay them: a
+    run whose drafts are its own earlier outputs accepts drafts and captures nothing more."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from engine_testing import OracleDrafter
+
+    config = dict(device="cuda", max_num_seqs=8, num_state_slots=64, num_kv_blocks=64)
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    prompts = {str(i): list(range(5, 5 + n)) for i, n in enumerate((9, 30, 4))}
+    plain = LLMEngine(EngineConfig(**config))
+    expected = {}
+    for request_id, prompt in prompts.items():
+        plain.add_request(request_id, prompt, params)
+    while plain.has_unfinished_requests():
+        for output in plain.step():
+            expected.setdefault(output.request_id, []).extend(output.new_token_ids)
+    engine = LLMEngine(EngineConfig(num_speculative_tokens=3, **config))
+    graphs = engine.runner.graphs
+    assert set(graphs.graphs) == {(nb, w, MIN_KV_BUCKET) for nb in (1, 2, 4, 8) for w in (1, 2, 3, 4)}
+    OracleDrafter(engine, expected, p_wrong=0.0)
+    for request_id, prompt in prompts.items():
+        engine.add_request(request_id, prompt, params)
+    outputs = {}
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            outputs.setdefault(output.request_id, []).extend(output.new_token_ids)
+    assert all(len(o) == 16 for o in outputs.values())
+    assert engine.stats().spec_accepted_tokens_total > 0 and len(graphs.graphs) == 16
