@@ -3,6 +3,7 @@ CUDA graphs in the same run, and the generated tokens per second that follow for
 layers of Kimi-Linear-48B shapes (random bf16 weights, bench_engine.py).
 
     python benchmarks/bench_spec_decode.py [--batch 1,8,32] [--drafts 2,4]
+    python benchmarks/bench_spec_decode.py --device cpu     # the embedded default model, measured end to end
 
 Random weights never repeat their context, so prompt lookup proposes nothing here, and a stand-in proposer
 with known drafts cannot hold an acceptance either: the drafts would be the run without speculation's tokens,
@@ -16,12 +17,18 @@ A verifying step of N requests with K drafts each moves, per KDA layer, N states
 out (the state after every token is kept until sampling decides), against N in and N out for a decode: that
 state-traffic floor is printed beside each time; with MoE, each draft token also routes to its own experts.
 Writes benchmarks/results/<card>-spec_decode.json.
+
+On the CPU (fp32, the embedded default model) the runs with and without speculation compute the same tokens,
+so the stand-in proposer holds its acceptance: each draft token is the baseline's with probability a, else a
+wrong one, and tokens per second are measured end to end, not projected (cpu-spec_decode.json).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import platform
+import random
 import statistics
 import sys
 import time
@@ -38,17 +45,20 @@ from kda_serving.engine import EngineConfig, LLMEngine, SamplingParams  # noqa: 
 
 
 class BaselineDrafter:
-    """Drafts each request's next tokens from the run without speculation (right until the outputs part)."""
+    """Drafts each request's next tokens from the run without speculation (right until the outputs part), each
+    replaced by a wrong one with probability 1 - accept."""
 
-    def __init__(self, expected: dict[str, list[int]], num_tokens: int):
-        self.expected, self.num_tokens = expected, num_tokens
+    def __init__(self, expected: dict[str, list[int]], num_tokens: int, accept: float = 1.0, vocab: int = 1):
+        self.expected, self.num_tokens, self.accept, self.vocab = expected, num_tokens, accept, vocab
+        self.rng = random.Random(0)
 
     def limit(self, seq) -> int:
         return max(0, min(self.num_tokens, seq.params.max_tokens - seq.num_output_tokens - 1))
 
     def propose(self, seq) -> list[int]:
         n = seq.num_output_tokens
-        return self.expected[seq.request_id][n : n + self.limit(seq)]
+        drafts = self.expected[seq.request_id][n : n + self.limit(seq)]
+        return [t if self.rng.random() < self.accept else (t + 1) % self.vocab for t in drafts]
 
 
 def run(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams) -> tuple[dict, dict[str, list[int]]]:
@@ -58,7 +68,8 @@ def run(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams) -> 
     outputs = {f"r{i}": [] for i in range(len(prompts))}
     times, tokens = [], []
     while engine.has_unfinished_requests():
-        torch.cuda.synchronize()
+        if engine.device.type == "cuda":
+            torch.cuda.synchronize()
         t0 = time.perf_counter()
         outs = engine.step()
         t1 = time.perf_counter()  # step() ends by reading the sampled tokens: the GPU is done
@@ -84,11 +95,14 @@ def main() -> None:
     p.add_argument("--prompt-len", type=int, default=256)
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--kda-state-dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--out", default=None)
     args = p.parse_args()
     batches = [int(x) for x in args.batch.split(",")]
     drafts = [int(x) for x in args.drafts.split(",")]
     accepts = [float(x) for x in args.accept.split(",")]
+    if args.device == "cpu":
+        return cpu_main(args, batches, drafts, accepts)
     device = torch.device("cuda")
     model = random_kimi48b_model(device)
     cfg = model.config
@@ -136,6 +150,45 @@ def main() -> None:
         "benchmark": "spec_decode", "environment": environment(), "shape": "kimi48b-4layer",
         "args": vars(args), "copy_rate_gb_s": rate / 1e9, "kda_state_bytes_per_seq": state_bytes,
         "results": results,
+    })
+
+
+def cpu_main(args, batches: list[int], drafts: list[int], accepts: list[float]) -> None:
+    """The embedded default model in fp32 on the CPU, where speculation keeps the baseline's tokens: measured
+    generated tokens per second at each set acceptance."""
+    from kda_serving.model import load_model
+
+    torch.set_num_threads(1)  # the shared two-core machines: steadier
+    model = load_model(None, device="cpu", dtype="float32", progress=False)
+    vocab = model.config.vocab_size
+    engine = LLMEngine(EngineConfig(max_num_seqs=max(batches), num_speculative_tokens=max(drafts),
+                                    num_state_slots=max(batches) * (max(drafts) + 2) + 64), model=model)
+    params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
+    gen = torch.Generator().manual_seed(0)
+    results = []
+    for n in batches:
+        prompts = [torch.randint(10, vocab, (args.prompt_len,), generator=gen).tolist() for _ in range(n)]
+        engine.scheduler.drafter = None
+        run(engine, prompts, params)
+        base, expected = run(engine, prompts, params)
+        print(f"N={n:3d} decode            {base['step_ms_p50']:7.2f} ms/step  {base['generated_tokens_per_s']:7.0f} tok/s")
+        row = {"batch": n, "baseline": base, "speculative": []}
+        for k in drafts:
+            for accept in (1.0, *accepts, 0.0):
+                engine.scheduler.drafter = BaselineDrafter(expected, k, accept, vocab)
+                spec, outputs = run(engine, prompts, params)
+                speedup = spec["generated_tokens_per_s"] / base["generated_tokens_per_s"]
+                print(f"N={n:3d} K={k} a={accept:.1f}  {spec['step_ms_p50']:7.2f} ms/step  "
+                      f"{spec['generated_tokens_per_s']:7.0f} tok/s  {spec['tokens_per_step'] / n:4.2f} tok/req/step  "
+                      f"x{speedup:4.2f}{'' if outputs == expected else '  OUTPUT DIFFERS'}")
+                row["speculative"].append({"drafts": k, "accept": accept, **spec, "speedup": speedup,
+                                           "same_tokens_as_baseline": outputs == expected})
+        results.append(row)
+    out = args.out or str(RESULTS / "cpu-spec_decode.json")
+    write_json(__import__("pathlib").Path(out), {
+        "benchmark": "spec_decode", "environment": {"cpu": platform.processor() or platform.machine(),
+                                                    "torch": torch.__version__, "threads": 1},
+        "shape": "tiny-default", "args": vars(args), "results": results,
     })
 
 
