@@ -184,10 +184,10 @@ class LLMEngine:
             if not c.sample:
                 continue
             seq = c.seq
+            if seq.matcher is not None:  # a mask per row: now, and after each draft
+                constrained += range(len(index), len(index) + len(c.drafts) + 1)
+                matchers.append((seq.matcher, c.drafts))
             for j in range(len(c.drafts) + 1):
-                if seq.matcher is not None:  # never with drafts (PromptLookup.limit)
-                    constrained.append(len(index))
-                    matchers.append(seq.matcher)
                 index.append(first + j)
                 params.append(seq.params)
                 generators.append(seq.generator)

@@ -85,10 +85,7 @@ class PromptLookup:
 
     def limit(self, seq) -> int:
         """The most drafts seq can verify this step: every accepted one must still be a token it may output
-        (max_tokens, max_model_len). A grammar-constrained request takes none: each draft position would need
-        its own token mask."""
-        if seq.matcher is not None:
-            return 0
+        (max_tokens, max_model_len)."""
         room = min(seq.params.max_tokens - seq.num_output_tokens, self.max_model_len - seq.num_tokens) - 1
         return max(0, min(self.num_tokens, room))
 
@@ -102,7 +99,10 @@ class PromptLookup:
         if seq.draft_record.pause:
             seq.draft_record.pause -= 1
             return []
-        return seq.ngram.propose(seq.token_ids, k)
+        drafts = seq.ngram.propose(seq.token_ids, k)
+        if drafts and seq.matcher is not None:  # a grammar-constrained request: only drafts its grammar allows
+            drafts = drafts[: seq.matcher.validate_tokens(drafts)]
+        return drafts
 
     def record(self, seq, proposed: int, accepted: int) -> None:
         """After a verifying step: `accepted` of the request's own `proposed` drafts held."""

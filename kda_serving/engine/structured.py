@@ -45,16 +45,29 @@ class StructuredDecoding:
             raise ValueError(f"structured_output: the grammar does not compile: {matcher.get_error()}")
         return matcher
 
-    def token_mask(self, matchers: list, device: torch.device) -> torch.Tensor:
-        """[len(matchers), vocab] bool on device: the tokens each matcher allows next."""
+    def token_mask(self, requests: list, device: torch.device) -> torch.Tensor:
+        """[rows, vocab] bool on device: the tokens each matcher allows next. requests: (matcher, drafts) pairs,
+        each giving len(drafts) + 1 rows (speculative decoding): the mask now, then after each draft in turn.
+        Past a draft the grammar refuses, rows are unconstrained: sampling stops accepting before it (the mask
+        of the row before excludes it), so they are never kept. The matchers end where they began."""
         words = (self._vocab_size + 31) // 32
-        bits = torch.zeros(len(matchers), words, dtype=torch.int32)
-        for i, m in enumerate(matchers):  # what llguidance.torch.fill_next_token_bitmask does, without its import
-            m.unsafe_compute_mask_ptr(bits[i].data_ptr(), words * 4)
+        bits = torch.zeros(sum(len(d) + 1 for _, d in requests), words, dtype=torch.int32)
+        row = 0
+        for m, drafts in requests:  # what llguidance.torch.fill_next_token_bitmask does, without its import
+            valid = m.validate_tokens(drafts) if drafts else 0
+            for j in range(len(drafts) + 1):
+                if j <= valid:
+                    m.unsafe_compute_mask_ptr(bits[row].data_ptr(), words * 4)
+                    if j < valid:
+                        m.consume_token(drafts[j])
+                row += 1
+            if valid:
+                m.rollback(valid)
         bits = bits.to(device, non_blocking=True)  # pageable memory: staged before the call returns
         shifts = torch.arange(32, device=device, dtype=torch.int32)
         allowed = ((bits.unsqueeze(-1) >> shifts) & 1).bool()  # bit b of word w: token 32 w + b
-        allowed = allowed.view(len(matchers), words * 32)[:, : self._vocab_size]
-        # A row with nothing allowed (a matcher gone wrong) stays unconstrained rather than sampling from an
-        # empty set; the engine ends it when the matcher refuses the token. No host sync: decided on the device.
+        allowed = allowed.view(bits.shape[0], words * 32)[:, : self._vocab_size]
+        # A row with nothing allowed (a matcher gone wrong, or past a refused draft) stays unconstrained rather
+        # than sampling from an empty set; the engine ends a request whose matcher refuses the token it keeps.
+        # No host sync: decided on the device.
         return allowed | ~allowed.any(dim=1, keepdim=True)

@@ -45,8 +45,13 @@ def test_prompt_lookup_limits():
     assert lookup.limit(seq) == 4
     short = PromptLookup(num_tokens=4, min_n=1, max_n=3, max_model_len=len(seq.token_ids) + 2)
     assert short.limit(seq) == 1
-    seq.matcher = object()  # a grammar-constrained request: no drafts
-    assert lookup.limit(seq) == 0 and lookup.propose(seq) == []
+
+    class FirstTokenOnly:  # a grammar that allows only the first of the drafts
+        def validate_tokens(self, tokens):
+            return min(1, len(tokens))
+
+    seq.matcher = FirstTokenOnly()  # a grammar-constrained request: the drafts its grammar allows
+    assert lookup.limit(seq) == 4 and len(lookup.propose(seq)) == 1
 
 
 def test_failing_drafts_pause_a_request_and_it_tries_again():

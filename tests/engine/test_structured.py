@@ -57,21 +57,40 @@ def test_regex_outputs_match_and_free_text_is_unchanged(engine):
     assert outs["free"].output_token_ids == alone["free-alone"].output_token_ids  # its batch-mates' masks
 
 
-def test_constrained_requests_decode_beside_speculating_ones():
-    # With speculation on, a grammar-constrained request takes no drafts (each position would need its own
-    # mask) while its batch-mate verifies drafts: both still come out as without speculation.
+def test_constrained_requests_verify_drafts_with_a_mask_per_position():
+    # With speculation on, a grammar-constrained request verifies drafts too, each row masked by the grammar
+    # after the drafts before it: both requests come out as without speculation.
     from engine_testing import OracleDrafter
 
     plain = LLMEngine(EngineConfig(max_num_seqs=8, num_state_slots=16, num_kv_blocks=256))
     free = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
-    so = SamplingParams(temperature=1.0, seed=3, max_tokens=200, structured_output=("json_schema", json.dumps(SCHEMA)))
+    so = SamplingParams(temperature=0.0, max_tokens=200, structured_output=("json_schema", json.dumps(SCHEMA)))
     expected = run(plain, {"free": free, "s": so})
     spec = LLMEngine(EngineConfig(max_num_seqs=8, num_state_slots=64, num_kv_blocks=256, num_speculative_tokens=3))
+    # a fifth of the drafts wrong: some of them tokens the grammar refuses there
     OracleDrafter(spec, {k: v.output_token_ids for k, v in expected.items()}, p_wrong=0.2)
     outs = run(spec, {"free": free, "s": so})
     assert outs["free"].output_token_ids == expected["free"].output_token_ids
     assert outs["s"].output_token_ids == expected["s"].output_token_ids and json.loads(outs["s"].text)
-    assert 0 < spec.stats().spec_draft_tokens_total <= 15
+    stats = spec.stats()
+    assert stats.spec_draft_tokens_total > 15 and stats.spec_accepted_tokens_total > 0  # both requests drafted
+
+
+def test_masks_along_drafts(engine):
+    # Rows: the mask now, then after each draft; a draft the grammar refuses leaves the rows after it
+    # unconstrained (never kept), and the matcher ends where it began.
+    import torch
+
+    tok = engine.tokenizer
+    matcher = engine.structured.matcher(("regex", "(yes|no)-[0-9]{2}"))
+    yes, dash, four = (tok.encode(t, add_special_tokens=False)[0] for t in ("y", "-", "4"))
+    drafts = tok.encode("yes-4", add_special_tokens=False)
+    rows = engine.structured.token_mask([(matcher, drafts), (matcher, [four, yes])], torch.device("cpu"))
+    assert rows.shape == (len(drafts) + 1 + 3, engine.vocab_size)
+    assert all(bool(rows[j, drafts[j]]) for j in range(len(drafts)))  # each draft allowed where it is fed
+    assert bool(rows[len(drafts) - 2, dash]) and not bool(rows[0, dash])
+    assert not bool(rows[len(drafts) + 1, four]) and rows[len(drafts) + 2].all() and rows[len(drafts) + 3].all()
+    assert matcher.validate_tokens(drafts) == len(drafts)  # back at the start
 
 
 def test_json_object_starts_an_object(engine):
@@ -109,7 +128,8 @@ def test_a_row_whose_mask_is_empty_stays_unconstrained():
                 words[t // 32] |= 1 << (t % 32)
             ctypes.memmove(ptr, words.data_ptr(), nbytes)
 
-    mask = StructuredDecoding(None, 70, [1]).token_mask([Allows([3, 64, 69]), Allows([])], torch.device("cpu"))
+    mask = StructuredDecoding(None, 70, [1]).token_mask([(Allows([3, 64, 69]), []), (Allows([]), [])],
+                                                        torch.device("cpu"))
     assert mask.shape == (2, 70)
     assert mask[0].nonzero().flatten().tolist() == [3, 64, 69]
     assert bool(mask[1].all())
