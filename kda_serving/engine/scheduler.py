@@ -186,7 +186,6 @@ class Scheduler:
         width = 1 + max(own, default=0)
         if width == 1:
             return 0
-        self._free_slots_for_drafts(len(out.chunks) * width)
         if self.uniform_drafts:
             chunks = out.chunks
             if any(c.start == 0 for c in chunks):  # a one-token prompt: its first step must run as a prefill
@@ -195,6 +194,7 @@ class Scheduler:
             # decode of the step: only worth it when at least half of them have drafts of their own.
             if 2 * sum(1 for p in proposals if p) < len(chunks):
                 return 0
+            self._free_slots_for_drafts(len(chunks) * width)
             room = min(self.drafter.limit(c.seq) for c in chunks) + 1
             free_slots = self.slots.num_free - self._slot_reserve
             room = min(room, (budget + len(chunks)) // len(chunks), free_slots // len(chunks))
@@ -204,6 +204,8 @@ class Scheduler:
             if width < 2:
                 return 0
             proposals = [p or c.seq.token_ids[-1:] for p, c in zip(proposals, chunks)]
+        else:
+            self._free_slots_for_drafts(sum(1 for p in proposals if p) * width)
         added = 0
         for chunk, drafts, proposed in zip(out.chunks, proposals, own):
             seq = chunk.seq
