@@ -87,6 +87,18 @@ def run(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams) -> 
     }, outputs
 
 
+def baselines(engine: LLMEngine, batches: list[int], vocab: int, prompt_len: int, params: SamplingParams):
+    """Per batch size N: N random prompts, a warm-up run (the prompts then sit in the prefix cache) and a timed
+    run without drafts; yields (N, prompts, measurements, outputs)."""
+    gen = torch.Generator().manual_seed(0)
+    for n in batches:
+        prompts = [torch.randint(10, vocab, (prompt_len,), generator=gen).tolist() for _ in range(n)]
+        engine.scheduler.drafter = None
+        run(engine, prompts, params)
+        base, expected = run(engine, prompts, params)
+        yield n, prompts, base, expected
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--batch", default="1,8,32")
@@ -115,13 +127,8 @@ def main() -> None:
                                     num_state_slots=max(batches) * (max(drafts) + 2) + 64),
                        model=model, tokenizer=None)
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
-    gen = torch.Generator().manual_seed(0)
     results = []
-    for n in batches:
-        prompts = [torch.randint(10, vocab, (args.prompt_len,), generator=gen).tolist() for _ in range(n)]
-        engine.scheduler.drafter = None
-        run(engine, prompts, params)  # warm-up (and the prompts enter the prefix cache)
-        base, expected = run(engine, prompts, params)
+    for n, prompts, base, expected in baselines(engine, batches, vocab, args.prompt_len, params):
         base_floor_us = 1e6 * 2 * n * state_bytes / rate
         print(f"N={n:3d} decode      {base['step_ms_p50']:7.3f} ms/step  {base['generated_tokens_per_s']:9.0f} tok/s"
               f"  (KDA state floor {base_floor_us:6.1f} us)")
@@ -164,13 +171,8 @@ def cpu_main(args, batches: list[int], drafts: list[int], accepts: list[float]) 
     engine = LLMEngine(EngineConfig(max_num_seqs=max(batches), num_speculative_tokens=max(drafts),
                                     num_state_slots=max(batches) * (max(drafts) + 2) + 64), model=model)
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
-    gen = torch.Generator().manual_seed(0)
     results = []
-    for n in batches:
-        prompts = [torch.randint(10, vocab, (args.prompt_len,), generator=gen).tolist() for _ in range(n)]
-        engine.scheduler.drafter = None
-        run(engine, prompts, params)
-        base, expected = run(engine, prompts, params)
+    for n, prompts, base, expected in baselines(engine, batches, vocab, args.prompt_len, params):
         print(f"N={n:3d} decode            {base['step_ms_p50']:7.2f} ms/step  {base['generated_tokens_per_s']:7.0f} tok/s")
         row = {"batch": n, "baseline": base, "speculative": []}
         for k in drafts:
