@@ -103,6 +103,15 @@ def tool_parser_for(tokenizer, name: str | None = "auto"):
 
 
 def _single_token_id(tokenizer, text: str) -> int | None:
+    """The id of the token spelled `text`: looked up as a token first (tokenizers whose encode() reads special
+    tokens in text as plain text, as tiktoken-based ones may, still know them by name), else by encoding."""
+    try:
+        token_id = tokenizer.convert_tokens_to_ids(text)
+    except (AttributeError, KeyError, TypeError, ValueError):
+        token_id = None
+    if (isinstance(token_id, int) and token_id >= 0 and token_id != getattr(tokenizer, "unk_token_id", None)
+            and tokenizer.decode([token_id], skip_special_tokens=False) == text):
+        return token_id
     ids = tokenizer.encode(text, add_special_tokens=False)
     return ids[0] if len(ids) == 1 else None
 

@@ -59,3 +59,25 @@ def test_parser_selection(tokenizer):
         tool_parser_for(plain, "kimi_k2")
     with pytest.raises(ValueError, match="unknown"):
         tool_parser_for(tokenizer, "hermes")
+
+
+def test_markers_found_by_name_when_encode_splits_them(tokenizer):
+    # Tokenizers whose encode() reads special tokens in text as plain text (tiktoken-based ones may) still
+    # know the markers by name.
+    class PlainTextEncode:
+        unk_token_id = None
+
+        def __init__(self, inner):
+            self.inner = inner
+
+        def convert_tokens_to_ids(self, token):
+            return self.inner.convert_tokens_to_ids(token)
+
+        def decode(self, ids, **kw):
+            return self.inner.decode(ids, **kw)
+
+        def encode(self, text, add_special_tokens=False):  # every character a token
+            return [self.inner.convert_tokens_to_ids("a")] * len(text)
+
+    parser = tool_parser_for(PlainTextEncode(tokenizer), "auto")
+    assert isinstance(parser, KimiK2ToolCalls) and parser.section_begin == tokenizer.convert_tokens_to_ids(SB)
