@@ -68,6 +68,10 @@ def _format(tokenizer, with_logprobs: bool, req: ChatCompletionRequest, parser=N
     forced = bool(req.forced_tools())
     streamed_content: dict[int, str] = {}  # auto tools: the content text each choice has streamed
 
+    def auto_calls(reply) -> list[dict]:
+        """The calls of a tool_choice 'auto' reply: the first only with parallel_tool_calls false."""
+        return reply.calls[:1] if req.parallel_tool_calls is False else reply.calls
+
     def auto_chunk(choice: Choice, out) -> dict | None:
         """Text streams as usual until the tool-call section starts; the calls go out whole in the last chunk."""
         start = parser.section_start(choice.output_token_ids)
@@ -85,7 +89,7 @@ def _format(tokenizer, with_logprobs: bool, req: ChatCompletionRequest, parser=N
         if out.finished and start is not None:
             reply = parser.parse(choice.output_token_ids)
             if reply.has_calls:
-                delta["tool_calls"] = [{"index": i, **c} for i, c in enumerate(reply.calls)]
+                delta["tool_calls"] = [{"index": i, **c} for i, c in enumerate(auto_calls(reply))]
                 finish = "tool_calls" if choice.finish_reason == "stop" and reply.complete else finish
         if not delta_text and not out.finished and not first and not (with_logprobs and out.new_token_ids):
             return None
@@ -130,7 +134,7 @@ def _format(tokenizer, with_logprobs: bool, req: ChatCompletionRequest, parser=N
             finish = choice.finish_reason
             if reply.has_calls:
                 message["content"] = message["content"] or None
-                message["tool_calls"] = reply.calls
+                message["tool_calls"] = auto_calls(reply)
                 finish = "tool_calls" if finish == "stop" and reply.complete else finish
             return {"index": choice.index, "message": message, "logprobs": logprobs, "finish_reason": finish}
         calls = tool_calls(req, choice.text) if forced and choice.finish_reason == "stop" else None

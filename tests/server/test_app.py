@@ -346,6 +346,21 @@ def test_auto_tool_calls_through_the_openai_client():
     asyncio.run(main())
 
 
+def test_auto_tool_choice_keeps_one_call_without_parallel_tool_calls():
+    async def test(client, engine):
+        call = ("<|tool_call_begin|>functions.search:{i}<|tool_call_argument_begin|>{{}}<|tool_call_end|>")
+        reply = f"<|tool_calls_section_begin|>{call.format(i=0)}{call.format(i=1)}<|tool_calls_section_end|>"
+        engine.script = engine.tokenizer.encode(reply, add_special_tokens=False)
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                "tools": [{"type": "function", "function": {"name": "search"}}]}
+        both = (await client.post("/v1/chat/completions", json=body)).json()["choices"][0]["message"]["tool_calls"]
+        one = (await client.post("/v1/chat/completions", json={**body, "parallel_tool_calls": False})).json()
+        assert [c["id"] for c in both] == ["functions.search:0", "functions.search:1"]
+        assert [c["id"] for c in one["choices"][0]["message"]["tool_calls"]] == ["functions.search:0"]
+
+    serve(test, FakeEngine(tool_markers=True))
+
+
 def test_auto_tool_choice_cut_short_keeps_the_engines_finish_reason():
     async def test(client, engine):
         engine.script = engine.tokenizer.encode(KIMI_REPLY, add_special_tokens=False)
