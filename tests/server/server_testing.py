@@ -166,8 +166,8 @@ COMPLETION_FIELDS = ["model", "prompt", "max_tokens", "n", "temperature", "top_p
                      "priority", "response_format"]
 CHAT_FIELDS = ["model", "messages", "max_tokens", "max_completion_tokens", "n", "temperature", "top_p", "seed",
                "stop", "stream", "stream_options", "logprobs", "top_logprobs", "presence_penalty",
-               "frequency_penalty", "logit_bias", "user", "top_k", "tools", "response_format", "ignore_eos",
-               "priority"]
+               "frequency_penalty", "logit_bias", "user", "top_k", "tools", "tool_choice", "parallel_tool_calls",
+               "response_format", "ignore_eos", "priority"]
 
 
 @st.composite

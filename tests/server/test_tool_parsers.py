@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from server_fake_engine import KIMI_TOOL_MARKERS, byte_tokenizer
 
 from kda_serving.server.tool_parsers import KimiK2ToolCalls, tool_parser_for
@@ -81,3 +83,19 @@ def test_markers_found_by_name_when_encode_splits_them(tokenizer):
 
     parser = tool_parser_for(PlainTextEncode(tokenizer), "auto")
     assert isinstance(parser, KimiK2ToolCalls) and parser.section_begin == tokenizer.convert_tokens_to_ids(SB)
+
+
+@settings(max_examples=300, deadline=None)
+@given(pieces=st.lists(st.sampled_from([SB, SE, CB, AB, CE, "functions.f:0", "functions.:1", ":", "{}", "x", "é"]),
+                       max_size=14))
+def test_any_reply_parses_without_error(pieces):
+    # Whatever a model writes around the markers: no exception, the content is the reply up to the first
+    # section marker, and every call it returns has a name and came from a complete begin..end run.
+    tok = byte_tokenizer(KIMI_TOOL_MARKERS)
+    parser = KimiK2ToolCalls(tok)
+    token_ids = ids(tok, "".join(pieces))
+    reply = parser.parse(token_ids)
+    start = parser.section_start(token_ids)
+    assert reply.content_ids == token_ids[: len(token_ids) if start is None else start]
+    assert len(reply.calls) <= sum(1 for p in pieces if p == CE)
+    assert all(c["function"]["name"] for c in reply.calls)
