@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench_engine import prompts, random_kimi48b_model  # noqa: E402
+from bench_engine import prompts, random_kimi48b_model, release_memory  # noqa: E402
 
 from kda_serving.engine import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
 from kda_serving.engine import llm_engine  # noqa: E402
@@ -31,6 +31,7 @@ def timed(store: dict, name: str, fn):
             return fn(*args, **kwargs)
         finally:
             store.setdefault(name, []).append(1e3 * (time.perf_counter() - t0))
+    wrapper.__wrapped__ = fn
     return wrapper
 
 
@@ -60,7 +61,9 @@ def main() -> None:
         print(f"N={n}: step {statistics.median(steps):.3f} ms (median of 40)")
         for name, values in times.items():
             print(f"  {name:28s} {statistics.median(values):.3f} ms per call, {len(values) / 40:.0f} calls per step")
+        llm_engine.build_batch = llm_engine.build_batch.__wrapped__
         del engine
+        release_memory()
 
 
 if __name__ == "__main__":
