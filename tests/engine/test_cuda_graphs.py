@@ -54,7 +54,8 @@ def test_engine_decodes_through_graphs(state_dtype):
 
 
 @pytest.mark.gpu
-def test_engine_verifies_drafts_through_graphs():
+@pytest.mark.parametrize("state_dtype", ["float32", "bfloat16"])
+def test_engine_verifies_drafts_through_graphs(state_dtype):
     """With speculation, every width's graphs are captured at start-up and verifying steps replay them: a
     run whose drafts are its own earlier outputs accepts drafts and captures nothing more."""
     import sys
@@ -63,7 +64,7 @@ def test_engine_verifies_drafts_through_graphs():
     sys.path.insert(0, str(Path(__file__).parent))
     from engine_testing import OracleDrafter
 
-    config = dict(device="cuda", max_num_seqs=8, num_state_slots=64, num_kv_blocks=64)
+    config = dict(device="cuda", max_num_seqs=8, num_state_slots=64, num_kv_blocks=64, kda_state_dtype=state_dtype)
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     prompts = {str(i): list(range(5, 5 + n)) for i, n in enumerate((9, 30, 4))}
     plain = LLMEngine(EngineConfig(**config))
