@@ -26,6 +26,7 @@ from kda_serving.server.completions import create_completion
 from kda_serving.server.config import ServerConfig
 from kda_serving.server.errors import APIError, error_response
 from kda_serving.server.metrics import ServerMetrics
+from kda_serving.server.tokenize import detokenize, tokenize
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +57,12 @@ class ServerState:
         return self._tool_parser
 
 
+# What an API key guards: the OpenAI API and the tokenizer endpoints (/health and /metrics stay open)
+PROTECTED_PATHS = ("/v1", "/tokenize", "/detokenize")
+
+
 class BearerAuth:
-    """Refuses /v1 requests without `Authorization: Bearer <api_key>` (401 in OpenAI's format).
+    """Refuses requests to PROTECTED_PATHS without `Authorization: Bearer <api_key>` (401 in OpenAI's format).
 
     A plain ASGI middleware rather than Starlette's BaseHTTPMiddleware, which would buffer streamed answers and
     hide client disconnects from the stream.
@@ -69,7 +74,7 @@ class BearerAuth:
         self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+        if scope["type"] == "http" and scope["path"].startswith(PROTECTED_PATHS):
             given = dict(scope["headers"]).get(b"authorization", b"")
             if not hmac.compare_digest(given, self.expected):
                 self.metrics.http_errors.labels(status="401").inc()
@@ -146,6 +151,14 @@ def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         return await create_chat_completion(request, server)
+
+    @app.post("/tokenize")
+    async def tokenize_route(request: Request) -> Response:
+        return await tokenize(request, server)
+
+    @app.post("/detokenize")
+    async def detokenize_route(request: Request) -> Response:
+        return await detokenize(request, server)
 
     return app
 

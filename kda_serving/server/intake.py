@@ -51,7 +51,7 @@ def check_model(engine, model: str) -> None:
 def completion_prompt_ids(engine, prompt: str | list[int]) -> list[int]:
     """Token ids of one /v1/completions prompt (text is tokenized with the tokenizer's special tokens)."""
     if isinstance(prompt, str):
-        return _encode(engine, prompt, "prompt", add_special_tokens=True)
+        return text_ids(engine, prompt, "prompt", add_special_tokens=True)
     vocab = vocab_size(engine)
     bad = next((t for t in prompt if t >= vocab), None)
     if bad is not None:
@@ -67,10 +67,11 @@ def chat_prompt_ids(engine, request: ChatCompletionRequest) -> list[int]:
     except Exception as exc:  # jinja raises TemplateError or plain exceptions for conversations it refuses
         raise bad_request(f"messages: the chat template rejected the conversation: {exc}", param="messages")
     # The template writes the special tokens (bos, role markers) itself.
-    return _encode(engine, text, "messages", add_special_tokens=False)
+    return text_ids(engine, text, "messages", add_special_tokens=False)
 
 
-def _encode(engine, text: str, param: str, add_special_tokens: bool) -> list[int]:
+def text_ids(engine, text: str, param: str, add_special_tokens: bool) -> list[int]:
+    """Token ids of text; a 400 naming `param` for text the tokenizer refuses."""
     try:
         return list(engine.tokenizer.encode(text, add_special_tokens=add_special_tokens))
     except (TypeError, ValueError) as exc:  # e.g. a lone UTF-16 surrogate ("\ud800"), which JSON allows

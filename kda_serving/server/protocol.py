@@ -352,3 +352,35 @@ def _validation_error(exc: ValidationError) -> APIError:
             return bad_request(message, param=f"{loc}.{name}" if loc else name)
         return bad_request(message, param=loc or None)
     return bad_request(f"{loc}: {message}" if loc else message, param=loc or None)
+
+
+class TokenizeRequest(_Strict):
+    """POST /tokenize (as vLLM): the token ids a prompt, or a conversation through the chat template (with the
+    assistant's generation prompt, and `tools` rendered as a chat request would), becomes; nothing generated."""
+
+    model: str
+    prompt: str | None = None
+    add_special_tokens: bool = True  # prompt only: the tokenizer's special tokens, as /v1/completions adds them
+    messages: list[ChatMessage] | None = None
+    tools: list[ToolDef] | None = None
+
+    @model_validator(mode="after")
+    def _check_tokenize(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("prompt: give prompt or messages, not both")
+        if self.messages is not None and len(self.messages) == 0:
+            raise ValueError("messages: must contain at least one message")
+        if self.tools is not None and self.messages is None:
+            raise ValueError("tools: only with messages")
+        return self
+
+    def chat_request(self) -> "ChatCompletionRequest":
+        return ChatCompletionRequest(model=self.model, messages=self.messages, tools=self.tools,
+                                     tool_choice="auto" if self.tools else None)
+
+
+class DetokenizeRequest(_Strict):
+    """POST /detokenize (as vLLM): the text of token ids."""
+
+    model: str
+    tokens: list[NonNegInt]

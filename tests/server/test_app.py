@@ -436,6 +436,30 @@ def test_prompt_token_limit():
     serve(test, config=ServerConfig(max_prompt_tokens=10))
 
 
+def test_tokenize_and_detokenize():
+    async def test(client, engine):
+        tok = engine.tokenizer
+        r = (await client.post("/tokenize", json={"model": MODEL, "prompt": "hello"})).json()
+        assert r == {"count": 5, "max_model_len": engine.max_model_len, "tokens": tok.encode("hello")}
+        messages = [{"role": "user", "content": "hi"}]
+        r = (await client.post("/tokenize", json={"model": MODEL, "messages": messages})).json()
+        assert tok.decode(r["tokens"]) == "<|user|>hi<|end|><|assistant|>"  # the chat template, as a chat sees it
+        back = (await client.post("/detokenize", json={"model": MODEL, "tokens": tok.encode("héllo")})).json()
+        assert back == {"prompt": "héllo"}
+        for path, body, status, param in (
+            ("/tokenize", {"model": MODEL, "prompt": "x", "messages": messages}, 400, "prompt"),
+            ("/tokenize", {"model": MODEL}, 400, "prompt"),
+            ("/tokenize", {"model": MODEL, "prompt": "x", "tools": []}, 400, "tools"),
+            ("/tokenize", {"model": "other", "prompt": "x"}, 404, "model"),
+            ("/detokenize", {"model": MODEL, "tokens": [1, 10**6]}, 400, "tokens"),
+            ("/detokenize", {"model": MODEL, "tokens": [-1]}, 400, "tokens.0"),
+        ):
+            assert_openai_error(await client.post(path, json=body), status, param=param)
+        assert engine.seen_params == []  # nothing was generated
+
+    serve(test)
+
+
 def test_bearer_auth():
     async def test(client, engine):
         body = {"model": MODEL, "prompt": "x", "max_tokens": 1}
@@ -445,6 +469,8 @@ def test_bearer_auth():
         assert_openai_error(await client.get("/v1/models", headers={"Authorization": "secret"}), 401)
         ok = await client.post("/v1/completions", json=body, headers={"Authorization": "Bearer secret"})
         assert ok.status_code == 200
+        assert_openai_error(await client.post("/tokenize", json={"model": MODEL, "prompt": "x"}), 401)
+        assert_openai_error(await client.post("/detokenize", json={"model": MODEL, "tokens": [1]}), 401)
         assert (await client.get("/health")).status_code == 200
         assert (await client.get("/metrics")).status_code == 200
 

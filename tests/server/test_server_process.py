@@ -312,3 +312,22 @@ def test_openai_client_forced_tool_calls(server):
     with pytest.raises(openai.BadRequestError):  # 'auto' needs a parser of the model's own format
         client.chat.completions.create(model=server.model, messages=messages, tools=[weather], max_tokens=4)
     wait_until_free(server, timeout=10)
+
+
+def test_tokenize_counts_what_a_request_uses(server):
+    # /tokenize's count is the prompt_tokens a completion and a chat of the same input report.
+    text = "the state of a chunk decays by its gate"
+    messages = [{"role": "user", "content": text}]
+    tok = httpx.post(server.base_url + "/tokenize", json={"model": server.model, "prompt": text}, headers=AUTH).json()
+    chat_tok = httpx.post(server.base_url + "/tokenize", json={"model": server.model, "messages": messages},
+                          headers=AUTH).json()
+    comp = httpx.post(server.base_url + "/v1/completions", json={"model": server.model, "prompt": text,
+                                                                  "max_tokens": 1}, headers=AUTH, timeout=60).json()
+    chat = httpx.post(server.base_url + "/v1/chat/completions", json={"model": server.model, "messages": messages,
+                                                                       "max_tokens": 1}, headers=AUTH,
+                      timeout=60).json()
+    assert tok["count"] == len(tok["tokens"]) == comp["usage"]["prompt_tokens"]
+    assert chat_tok["count"] == chat["usage"]["prompt_tokens"] > tok["count"]
+    back = httpx.post(server.base_url + "/detokenize", json={"model": server.model, "tokens": tok["tokens"]},
+                      headers=AUTH).json()
+    assert back["prompt"] == text
