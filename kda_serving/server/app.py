@@ -94,6 +94,11 @@ def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
         await engine.start()
+        try:
+            _ = server.tool_parser  # a named format the tokenizer lacks fails the start, not a request
+        except ValueError as exc:
+            await engine.shutdown()
+            raise RuntimeError(f"--tool-call-parser: {exc}") from None
         server.started_at = int(time.time())
         server.ready = True
         logger.info("serving model %r (max_model_len %d)", engine.model_name, engine.max_model_len)

@@ -361,6 +361,17 @@ def test_auto_tool_choice_keeps_one_call_without_parallel_tool_calls():
     serve(test, FakeEngine(tool_markers=True))
 
 
+def test_a_named_tool_parser_the_tokenizer_lacks_fails_the_start():
+    app = create_app(FakeEngine(), ServerConfig(tool_call_parser="kimi_k2"))
+
+    async def main():
+        async with app.router.lifespan_context(app):
+            pass
+
+    with pytest.raises(RuntimeError, match="tool-call-parser: kimi_k2: the tokenizer has no single token"):
+        asyncio.run(main())
+
+
 def test_auto_tool_choice_cut_short_keeps_the_engines_finish_reason():
     async def test(client, engine):
         engine.script = engine.tokenizer.encode(KIMI_REPLY, add_special_tokens=False)
