@@ -72,6 +72,11 @@ class EngineStats:
     finish_reasons: dict[str, int] = field(default_factory=dict)
 
     @property
+    def spec_acceptance_rate(self) -> float:
+        """Fraction of verified draft tokens that were accepted (speculative decoding)."""
+        return self.spec_accepted_tokens_total / self.spec_draft_tokens_total if self.spec_draft_tokens_total else 0.0
+
+    @property
     def prefix_cache_hit_rate(self) -> float:
         """Fraction of queried prompt tokens served from the cache."""
         return self.prefix_cache_hit_tokens / self.prefix_cache_query_tokens if self.prefix_cache_query_tokens else 0.0

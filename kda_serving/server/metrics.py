@@ -38,8 +38,9 @@ class EngineStatsCollector:
             logger.exception("engine.stats() failed during a /metrics scrape")
             return
         values = dataclasses.asdict(stats) if dataclasses.is_dataclass(stats) else dict(vars(stats))
-        if hasattr(stats, "prefix_cache_hit_rate"):  # a property, not a field
-            values["prefix_cache_hit_rate"] = stats.prefix_cache_hit_rate
+        for rate in ("prefix_cache_hit_rate", "spec_acceptance_rate"):  # properties, not fields
+            if hasattr(stats, rate):
+                values[rate] = getattr(stats, rate)
         for name, value in values.items():
             metric = f"kda_serving_engine_{name}"
             if isinstance(value, dict):  # e.g. finish_reasons: {"stop": 3, "length": 5}

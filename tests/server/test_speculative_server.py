@@ -63,3 +63,5 @@ def test_speculating_server_answers_as_without_speculation():
     values = parse_metrics(metrics)
     assert values["kda_serving_engine_spec_accepted_tokens_total"] > 0
     assert values["kda_serving_engine_spec_draft_tokens_total"] >= values["kda_serving_engine_spec_accepted_tokens_total"]
+    rate = values["kda_serving_engine_spec_accepted_tokens_total"] / values["kda_serving_engine_spec_draft_tokens_total"]
+    assert values["kda_serving_engine_spec_acceptance_rate"] == pytest.approx(rate)
