@@ -6,9 +6,13 @@ For n from `max_n` down to `min_n`, the last n tokens are looked up among the ea
 documents, structured data and the loops of small models repeat their context, and there a verified draft
 gives several tokens for one step (docs/engine.md, "Speculative decoding").
 
-The index is incremental: one dict per n, n-gram -> the position just after its latest occurrence, extended
-by the tokens appended since the last call. A step costs O(max_n) per new token; a prompt is indexed once,
-on the request's first proposal. Plain Python: no torch.
+The index is incremental: one dict per n, hash of the n-gram -> the position just after its latest
+occurrence, extended by the tokens appended since the last call, at most INDEX_PER_CALL positions a call: a
+long prompt is indexed over its first decode steps (a 128K-token prompt over 128) instead of stalling one step
+for every request (about 0.1 s for 128K tokens), and until then drafts come from the part indexed so far.
+A step costs O(max_n) per new token.
+Keys are hashes, not tuples (a third of the memory; a collision only costs a rejected draft). Plain Python:
+no torch.
 
 A verifying step costs 1.2-1.7 decode steps (docs/engine.md), so drafts that keep failing make a request
 slower than not drafting. PromptLookup therefore tracks each request's recent acceptance and lets a request
@@ -19,6 +23,9 @@ keeps failing.
 from __future__ import annotations
 
 
+INDEX_PER_CALL = 1024  # positions indexed per propose() call: ~1 ms of Python
+
+
 class NgramIndex:
     """The n-grams of one token list, min_n <= n <= max_n, for `propose`."""
 
@@ -26,7 +33,7 @@ class NgramIndex:
         if not 1 <= min_n <= max_n:
             raise ValueError(f"NgramIndex: need 1 <= min_n <= max_n, got {min_n}, {max_n}")
         self.min_n, self.max_n = min_n, max_n
-        self._ends: dict[int, dict[tuple[int, ...], int]] = {n: {} for n in range(min_n, max_n + 1)}
+        self._ends: dict[int, dict[int, int]] = {n: {} for n in range(min_n, max_n + 1)}
         # n-grams ending at positions < _indexed are in the index (an n-gram [i-n, i) "ends at" i)
         self._indexed = 0
 
@@ -36,14 +43,15 @@ class NgramIndex:
         length = len(tokens)
         if k <= 0 or length <= self.min_n:
             return []
-        # Index every n-gram that ends before the suffix's end: positions up to length - 1.
-        for end in range(max(self._indexed, self.min_n), length):
+        # Index the n-grams that end before the suffix's end (positions up to length - 1), INDEX_PER_CALL at most.
+        stop = min(length, max(self._indexed, self.min_n) + INDEX_PER_CALL)
+        for end in range(max(self._indexed, self.min_n), stop):
             for n, table in self._ends.items():
                 if end >= n:
-                    table[tuple(tokens[end - n : end])] = end
-        self._indexed = max(self._indexed, length)
+                    table[hash(tuple(tokens[end - n : end]))] = end
+        self._indexed = max(self._indexed, stop)
         for n in range(min(self.max_n, length - 1), self.min_n - 1, -1):
-            end = self._ends[n].get(tuple(tokens[length - n :]))
+            end = self._ends[n].get(hash(tuple(tokens[length - n :])))
             if end is not None:
                 return tokens[end : min(end + k, length)]
         return []

@@ -81,3 +81,14 @@ def test_good_drafts_never_pause():
     for _ in range(50):
         assert lookup.propose(seq)
         lookup.record(seq, 4, 2)  # 2 of 3 judged each time
+
+
+def test_a_long_prompt_is_indexed_over_several_calls():
+    from kda_serving.engine.ngram import INDEX_PER_CALL
+
+    tokens = [(i * 7919) % 5000 for i in range(2 * INDEX_PER_CALL + 100)]  # a suffix that occurred only late
+    tokens += tokens[INDEX_PER_CALL + 50 : INDEX_PER_CALL + 53]
+    index = NgramIndex(2, 3)
+    answers = [index.propose(tokens, 4) for _ in range(3)]
+    assert answers[0] == []  # only the first INDEX_PER_CALL positions indexed yet
+    assert answers[2] == brute_force(tokens, 4, 2, 3) == tokens[INDEX_PER_CALL + 53 : INDEX_PER_CALL + 57]
