@@ -320,13 +320,12 @@ def test_speculative_decodes_keep_the_state_after_the_last_accepted_token():
     # its KV blocks their tokens: after a verifying step that is the state the accepted count picked.
     sim = SimEngine(slots=40, blocks=300, budget=32, max_seqs=4, drafts=4)
     seqs = [sim.add([1, 2, 0, 1] * (i + 1), max_tokens=30) for i in range(4)]
-    steps = 0
+    steps = verifying_steps = 0
     while sim.sched.has_work():
-        out = sim.step()
+        verifying_steps += sim.step().num_verifying > 0
         steps += 1
-        assert out.num_verifying > 0 or not any(c.start for c in out.chunks) or steps > 3
     assert all(s.num_output_tokens == 30 for s in seqs)
-    assert sim.accepted > 10 and steps < 30 - sim.accepted // 4 + 2
+    assert verifying_steps > 5 and sim.accepted > 10 and steps < 30 - sim.accepted // 4 + 2
     sim.drain_cache()
 
 
