@@ -59,7 +59,9 @@ def test_greedy_tokens_equal_decoding_one_at_a_time(tiny_model, hf_model, k, p_w
     for prompt, out in zip(prompts, spec):
         check_greedy_against_hf(hf_model, prompt, out.output_token_ids)
     stats = llm.engine.stats()
-    assert stats.spec_draft_tokens_total > 0 and stats.spec_accepted_tokens_total > (0 if p_wrong < 0.5 else -1)
+    assert stats.spec_draft_tokens_total > 0
+    if p_wrong < 0.5:
+        assert stats.spec_accepted_tokens_total > 0
     assert stats.generation_tokens_total == 24 * len(prompts)
     if p_wrong == 0.0:  # one accepted draft per step, nearly always
         assert stats.num_steps_total < 24 * len(prompts) * 0.6
