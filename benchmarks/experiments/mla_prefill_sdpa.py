@@ -1,6 +1,8 @@
-"""Experiment (not CI): the MLA prefill attention as MLABlock._attend computes it (heads folded into the query
-axis, an explicit boolean mask) against SDPA with heads as heads, the one latent key/value row shared by all
-of them (enable_gqa) and a lower-right causal bias, for one sequence of Q new tokens after C cached ones.
+"""Experiment (not CI): forms of the MLA prefill attention for one sequence of Q new tokens after C cached
+ones: SDPA with the heads folded into the query axis and a boolean mask (MLABlock's SDPA form), SDPA with the
+heads apart, the one latent key/value row shared by all of them (enable_gqa) and a lower-right causal bias,
+and two GEMMs with fp32 scores around a masked softmax (MLABlock._gemm_attention); then MLABlock._attend
+itself, over a paged cache, with its GEMM form switched on and off.
 
     python benchmarks/experiments/mla_prefill_sdpa.py
 """
@@ -76,5 +78,44 @@ def main():
               f"folded / GEMMs x{ta / tc:5.2f}")
 
 
+def block_ab():
+    """MLABlock._attend on 48B shapes (32 heads, latent 576) over a paged cache: GEMM form on vs off."""
+    from bench_engine import KIMI48B
+
+    from kda_serving.model import ModelConfig, mla_block
+    from kda_serving.model.batch import RaggedBatch
+
+    cfg = ModelConfig.from_dict(KIMI48B)
+    block = mla_block.MLABlock(cfg, torch.bfloat16, "cuda")
+    bs = 16
+    for Q, C in ((512, 4096), (512, 32768), (2048, 16384), (2048, 0)):
+        total = C + Q
+        nblocks = -(-total // bs)
+        cache = torch.randn(nblocks + 8, bs, L, device="cuda", dtype=torch.bfloat16)
+        table = torch.randperm(nblocks + 8, device="cuda")[:nblocks].to(torch.int32)
+        pos = torch.arange(C, total, device="cuda")
+        batch = RaggedBatch(
+            input_ids=torch.zeros(Q, dtype=torch.long, device="cuda"), positions=pos,
+            cu_seqlens=torch.tensor([0, Q], dtype=torch.int32, device="cuda"),
+            context_lens=torch.tensor([C], dtype=torch.int32, device="cuda"),
+            seq_lens=torch.tensor([total], dtype=torch.int32, device="cuda"),
+            state_slots=torch.zeros(1, dtype=torch.int32, device="cuda"),
+            has_initial_state=torch.tensor([C > 0], device="cuda"), block_tables=table[None],
+            slot_mapping=(table.long()[pos // bs] * bs + pos % bs),
+            logits_indices=torch.tensor([Q - 1], device="cuda"), query_lens=[Q], kv_lens=[total])
+        q = torch.randn(Q, H, L, device="cuda", dtype=torch.bfloat16)
+        flat = cache.view(-1, L)
+        times, outs = {}, {}
+        for name, ratio in (("gemm", 2), ("sdpa", 1 << 30)):
+            mla_block.GEMM_ATTENTION_KEYS_PER_QUERY = ratio
+            outs[name] = block._attend(q, batch, flat, bs).float()
+            times[name] = time_ms(lambda: block._attend(q, batch, flat, bs), warmup=3, iters=10)
+        diff = ((outs["gemm"] - outs["sdpa"]).norm() / outs["sdpa"].norm()).item()
+        print(f"MLABlock._attend Q {Q:5d} cached {C:6d}: SDPA form {times['sdpa']:8.3f} ms  GEMM form "
+              f"{times['gemm']:8.3f} ms  x{times['sdpa'] / times['gemm']:5.2f}  rel diff {diff:.1e}")
+    mla_block.GEMM_ATTENTION_KEYS_PER_QUERY = 2
+
+
 if __name__ == "__main__":
     main()
+    block_ab()
