@@ -149,22 +149,15 @@ def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
             raise APIError(404, f"The model '{model}' does not exist.", param="model", code="model_not_found")
         return JSONResponse(_model_card(server))
 
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> Response:
-        return await create_completion(request, server)
+    def served(handler):
+        async def route(request: Request) -> Response:
+            return await handler(request, server)
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Response:
-        return await create_chat_completion(request, server)
+        return route
 
-    @app.post("/tokenize")
-    async def tokenize_route(request: Request) -> Response:
-        return await tokenize(request, server)
-
-    @app.post("/detokenize")
-    async def detokenize_route(request: Request) -> Response:
-        return await detokenize(request, server)
-
+    for path, handler in (("/v1/completions", create_completion), ("/v1/chat/completions", create_chat_completion),
+                          ("/tokenize", tokenize), ("/detokenize", detokenize)):
+        app.add_api_route(path, served(handler), methods=["POST"])
     return app
 
 
