@@ -19,6 +19,14 @@ OUT_TOL = 8e-3  # bf16 rounding of the output (2^-9 relative) with margin
 UNTOUCHED = 1e30
 
 
+def _check_output(name: str, out: torch.Tensor, y_ref: torch.Tensor) -> None:
+    """Every output element written (the NaN poison gone) and within OUT_TOL of the float64 reference."""
+    assert not out.isnan().any(), "some outputs were never written"
+    err = rel_err(out, y_ref)
+    print(f"{name} rel {err:.2e} max {max_err(out, y_ref):.2e}")
+    assert err <= OUT_TOL
+
+
 def _cpu_reference_prefill(x, weight, bias, cu, pool, slots, has_init, silu):
     """The CPU op in float64 on copies; returns (y float64 [T, D], pool after, in the pool's dtype)."""
     pool64 = pool.double().cpu()
@@ -55,10 +63,7 @@ def test_conv_prefill_matches_reference(pool_dtype, weight_dtype, with_bias, sil
     torch.ops.kda_serving.causal_conv1d_prefill_(x, weight, bias, cu, pool, slots, has_init, silu, out)
     torch.cuda.synchronize()
 
-    assert not out.isnan().any(), "some outputs were never written"
-    err = rel_err(out, y_ref)
-    print(f"conv prefill rel {err:.2e} max {max_err(out, y_ref):.2e}")
-    assert err <= OUT_TOL
+    _check_output("conv prefill", out, y_ref)
     assert torch.equal(pool.cpu(), pool_ref), "new conv states differ from the reference"
     pad_tokens = slice(int(cu[6]), int(cu[7]))
     assert (out[pad_tokens] == 0).all()
@@ -80,8 +85,7 @@ def test_conv_prefill_large_and_int64():
     y_ref, pool_ref = _cpu_reference_prefill(x, weight, None, cu, pool, slots, None, True)
     out = torch.full_like(x, float("nan"))
     torch.ops.kda_serving.causal_conv1d_prefill_(x, weight, None, cu, pool, slots, None, True, out)
-    assert not out.isnan().any()
-    assert rel_err(out, y_ref) <= OUT_TOL
+    _check_output("conv prefill (large, int64)", out, y_ref)
     assert torch.equal(pool.cpu(), pool_ref)
 
 
@@ -106,10 +110,7 @@ def test_conv_decode_matches_reference(pool_dtype, weight_dtype):
     out = torch.full_like(x, float("nan"))
     torch.ops.kda_serving.causal_conv1d_decode_(x, weight, bias, pool, slots, True, out)
     torch.cuda.synchronize()
-    assert not out.isnan().any()
-    err = rel_err(out, y_ref)
-    print(f"conv decode rel {err:.2e} max {max_err(out, y_ref):.2e}")
-    assert err <= OUT_TOL
+    _check_output("conv decode", out, y_ref)
     assert torch.equal(pool.cpu(), pool64.to(pool_dtype))
     assert (out[4] == 0).all()
     untouched = torch.ones(S, dtype=torch.bool, device=DEV)
@@ -202,10 +203,7 @@ def test_conv_verify_matches_reference(pool_dtype):
     with indices_checked_by_caller():
         torch.ops.kda_serving.causal_conv1d_verify_(x, weight, None, pool, slots, inter, False, True, out)
     torch.cuda.synchronize()
-    assert not out.isnan().any()
-    err = rel_err(out, y_ref)
-    print(f"conv verify rel {err:.2e} max {max_err(out, y_ref):.2e}")
-    assert err <= OUT_TOL
+    _check_output("conv verify", out, y_ref)
     assert torch.equal(pool.cpu(), pool64.to(pool_dtype))
     untouched = torch.ones(S, dtype=torch.bool, device=DEV)
     untouched[inter.reshape(-1).long()] = False
