@@ -68,29 +68,30 @@ def _format(tokenizer, with_logprobs: bool, req: ChatCompletionRequest, parser=N
     forced = bool(req.forced_tools())
     streamed_content: dict[int, str] = {}  # auto tools: the content text each choice has streamed
 
-    def auto_calls(reply) -> list[dict]:
-        """The calls of a tool_choice 'auto' reply: the first only with parallel_tool_calls false."""
-        return reply.calls[:1] if req.parallel_tool_calls is False else reply.calls
+    def auto_reply(choice: Choice) -> tuple[str, list[dict], str | None]:
+        """A tool_choice 'auto' reply whose tool-call section has begun: the text before it, its complete calls
+        (the first only with parallel_tool_calls false), and the finish reason they make."""
+        reply = parser.parse(choice.output_token_ids)
+        calls = reply.calls[:1] if req.parallel_tool_calls is False else reply.calls
+        finish = choice.finish_reason
+        if calls and finish == "stop" and reply.complete:
+            finish = "tool_calls"
+        return tokenizer.decode(reply.content_ids, skip_special_tokens=True), calls, finish
 
     def auto_chunk(choice: Choice, out) -> dict | None:
         """Text streams as usual until the tool-call section starts; the calls go out whole in the last chunk."""
-        start = parser.section_start(choice.output_token_ids)
         sent = streamed_content.get(choice.index, "")
-        if start is None and not out.finished:
-            text = sent + out.delta_text
+        calls, finish = [], choice.finish_reason
+        if parser.section_start(choice.output_token_ids) is not None:
+            text, calls, finish = auto_reply(choice)
         else:
-            reply = parser.parse(choice.output_token_ids) if start is not None else None
-            text = tokenizer.decode(reply.content_ids, skip_special_tokens=True) if reply else choice.text
+            text = choice.text if out.finished else sent + out.delta_text
         delta_text = text[len(sent):] if text.startswith(sent) else ""
         streamed_content[choice.index] = sent + delta_text
         first = choice.num_updates == 1
         delta = {"role": "assistant", "content": delta_text} if first else {"content": delta_text}
-        finish = choice.finish_reason
-        if out.finished and start is not None:
-            reply = parser.parse(choice.output_token_ids)
-            if reply.has_calls:
-                delta["tool_calls"] = [{"index": i, **c} for i, c in enumerate(auto_calls(reply))]
-                finish = "tool_calls" if choice.finish_reason == "stop" and reply.complete else finish
+        if out.finished and calls:
+            delta["tool_calls"] = [{"index": i, **c} for i, c in enumerate(calls)]
         if not delta_text and not out.finished and not first and not (with_logprobs and out.new_token_ids):
             return None
         logprobs = None
@@ -128,14 +129,10 @@ def _format(tokenizer, with_logprobs: bool, req: ChatCompletionRequest, parser=N
             logprobs = chat_logprobs(tokenizer, choice.output_token_ids, choice.logprobs, choice.top_logprobs)
         if parser is not None and parser.section_start(choice.output_token_ids) is not None:
             # tool_choice auto, and the reply opened a tool-call section: the text before it, then its calls
-            reply = parser.parse(choice.output_token_ids)
-            message = {"role": "assistant", "content": tokenizer.decode(reply.content_ids, skip_special_tokens=True),
-                       "refusal": None}
-            finish = choice.finish_reason
-            if reply.has_calls:
-                message["content"] = message["content"] or None
-                message["tool_calls"] = auto_calls(reply)
-                finish = "tool_calls" if finish == "stop" and reply.complete else finish
+            content, calls, finish = auto_reply(choice)
+            message = {"role": "assistant", "content": (content or None) if calls else content, "refusal": None}
+            if calls:
+                message["tool_calls"] = calls
             return {"index": choice.index, "message": message, "logprobs": logprobs, "finish_reason": finish}
         calls = tool_calls(req, choice.text) if forced and choice.finish_reason == "stop" else None
         if calls is not None:
