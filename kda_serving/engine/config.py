@@ -54,6 +54,9 @@ class EngineConfig:
     num_speculative_tokens: 0 (off) or the most draft tokens a decode verifies per step (speculative decoding
     by prompt lookup, engine/ngram.py); drafts come from the last occurrence of the request's last
     prompt_lookup_max .. prompt_lookup_min tokens in its own context.
+    async_scheduling: queue each step's forward before reading the previous step's tokens back, so that the
+    host's scheduling and batch building overlap the GPU (docs/engine.md, Asynchronous scheduling). None (the
+    default) turns it on on CUDA without speculative decoding, whose drafts need the tokens on the host.
     """
 
     model: str | None = None
@@ -78,6 +81,7 @@ class EngineConfig:
     num_speculative_tokens: int = 0
     prompt_lookup_min: int = 2
     prompt_lookup_max: int = 4
+    async_scheduling: bool | None = None
 
     def __post_init__(self):
         if self.model is not None and not isinstance(self.model, str):
@@ -132,6 +136,14 @@ class EngineConfig:
         if self.prompt_lookup_min > self.prompt_lookup_max:
             _fail(ValueError, "prompt_lookup_min",
                   f"({self.prompt_lookup_min}) must be <= prompt_lookup_max ({self.prompt_lookup_max})")
+        if self.async_scheduling is None:
+            self.async_scheduling = self.device != "cpu" and self.num_speculative_tokens == 0
+        if not isinstance(self.async_scheduling, bool):
+            _fail(TypeError, "async_scheduling", "must be a bool or None")
+        if self.async_scheduling and self.num_speculative_tokens:
+            _fail(ValueError, "async_scheduling",
+                  "cannot be combined with speculative decoding (num_speculative_tokens > 0): drafts are proposed "
+                  "from the tokens sampled last, which asynchronous scheduling reads back one step later")
         if self.scheduling_policy not in SCHEDULING_POLICIES:
             _fail(ValueError, "scheduling_policy",
                   f"must be one of {SCHEDULING_POLICIES}, got {self.scheduling_policy!r}")

@@ -116,9 +116,10 @@ class DecodeGraphs:
         spec = batch.spec
         return spec.width if spec is not None and spec.rest is None else None
 
-    def run(self, batch: RaggedBatch) -> torch.Tensor:
-        """batch: a decode or all-verifying step (step_width not None; host tensors, kv_lens given). Returns fp32
-        logits [N * W, vocab]."""
+    def run(self, batch: RaggedBatch, patch: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """batch: a decode or all-verifying step (step_width not None; host tensors, kv_lens given). patch:
+        (token rows, device token ids) that replace those rows' input ids (tokens not read back yet). Returns
+        fp32 logits [N * W, vocab]."""
         n, w = batch.num_seqs, self.step_width(batch)
         if w is None or w > self.max_width:
             raise ValueError(f"DecodeGraphs.run: not a step these graphs replay (width {w})")
@@ -130,6 +131,8 @@ class DecodeGraphs:
             self.graphs[key] = self._capture(nb, w, kv)
         graph, logits = self.graphs[key]
         self._load(batch, n, nb, w, width, kv // self.block_size)
+        if patch is not None:
+            self.input_ids.index_copy_(0, *patch)
         graph.replay()
         return logits[: n * w]
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -21,14 +22,25 @@ from .detokenizer import IncrementalDetokenizer
 from .model_runner import ModelRunner
 from .ngram import PromptLookup
 from .outputs import EngineStats, RequestOutput, StepInfo
-from .sampler import Sampler
+from .sampler import DeviceSample, Sampler
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
 from .sequence import Sequence
 from .structured import StructuredDecoding
 
 DEFAULT_MODEL_NAME = "kda-serving-tiny"
+PENDING_TOKEN = -1  # stands in token_ids for a token a deferred step sampled and the host has not read yet
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class SampledStep:
+    """A step's sampled chunks and their tokens (rows in chunk order, a verifying decode's one per token),
+    still on the device while `deferred`."""
+
+    chunks: list
+    result: DeviceSample
+    deferred: bool
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "tiktoken.model")
@@ -94,6 +106,8 @@ class LLMEngine:
         self._accepted_tokens = 0
         self._finish_reasons: dict[str, int] = {}
         self.last_step: StepInfo | None = None
+        self._async = config.async_scheduling
+        self._in_flight: SampledStep | None = None  # a deferred step whose tokens are not read back yet
 
     # ---- requests -----------------------------------------------------------------------------------------
 
@@ -156,21 +170,38 @@ class LLMEngine:
         return [self.abort_request(request_id) for request_id in list(self._seqs)]
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._seqs)
+        """True while requests run or wait, or a step's tokens are still to be read back."""
+        return bool(self._seqs) or self._in_flight is not None
 
     # ---- the step -----------------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        """Runs one step; returns the outputs of the requests it advanced. With asynchronous scheduling a step's
+        tokens are read back during the next step() call, after that call has queued its own forward: the
+        outputs returned are then those of the previous step (docs/engine.md, Asynchronous scheduling)."""
         out = self.scheduler.schedule()
+        previous, self._in_flight = self._in_flight, None
         if not out.chunks:
-            return []
+            return self._finish(previous) if previous is not None else []
         batch = build_batch(out, self.config.block_size, pin_memory=self._pin)
-        logits = self.runner.execute(out, batch)
+        logits = self.runner.execute(out, batch, self._pending_inputs(out, batch, previous))
         self.scheduler.update(out)
         self._steps += 1
         decodes = sum(c.num_tokens for c in out.chunks
                       if (c.num_tokens == 1 or c.drafts) and c.start >= c.seq.num_prompt_tokens)
         self.last_step = StepInfo(len(out.chunks), out.num_tokens, out.num_tokens - decodes, out.is_decode)
+        step = self._sample(out, logits)
+        outputs = self._finish(previous) if previous is not None else []
+        if step is not None:
+            if step.deferred:
+                self._defer(step)
+            else:
+                outputs += self._finish(step)
+        return outputs
+
+    def _sample(self, out, logits) -> SampledStep | None:
+        """Queues the sampling of the step's sampled chunks on the device; deferred (not read back yet) when
+        every one of them can run its next decode without its token on the host."""
         # logits rows, in chunk order: one per chunk, a verifying decode's one per token
         first_row, rows = [], 0
         for c in out.chunks:
@@ -178,7 +209,7 @@ class LLMEngine:
             rows += len(c.drafts) + 1
         sampled = [c for c in out.chunks if c.sample]
         if not sampled:
-            return []
+            return None
         index, params, generators, histories, constrained, matchers = [], [], [], [], [], []
         for c, first in zip(out.chunks, first_row):
             if not c.sample:
@@ -195,10 +226,49 @@ class LLMEngine:
                 tokens = seq.token_ids + c.drafts[:j] if j and seq.params.penalized else seq.token_ids
                 histories.append((tokens, seq.num_prompt_tokens))
         allowed = (constrained, self.structured.token_mask(matchers, logits.device)) if constrained else None
-        result = self.sampler(logits[host_to_device(index, logits.device)], params, generators, histories, allowed)
+        result = self.sampler.sample(logits[host_to_device(index, logits.device)], params, generators, histories,
+                                     allowed)
+        deferred = self._async and all(c.seq.matcher is None and not c.seq.params.penalized for c in sampled)
+        if deferred:
+            result.copy_to_host()
+        return SampledStep(sampled, result, deferred)
+
+    def _defer(self, step: SampledStep) -> None:
+        """Leaves the step's tokens on the device: each request still running gets a placeholder token, which
+        the next step feeds from the device (_pending_inputs) and _finish replaces with the real one."""
+        for row, chunk in enumerate(step.chunks):
+            seq = chunk.seq
+            if seq.is_finished:  # aborted, or ended by the previous step's tokens
+                continue
+            seq.token_ids.append(PENDING_TOKEN)
+            seq.pending_row = row
+            # Its last token: the scheduler gives it no further decode, which could only be thrown away.
+            seq.pending_is_last = (seq.num_output_tokens >= seq.params.max_tokens
+                                   or seq.num_tokens >= self.max_model_len)
+        self._in_flight = step
+
+    def _pending_inputs(self, out, batch, previous: SampledStep | None):
+        """(batch rows, rows of the previous step's sampled tokens): the decodes that feed a token the
+        previous step sampled and this host has not read yet. Their host input id is a placeholder (0)."""
+        if previous is None:
+            return None
+        rows, sources, row = [], [], 0
+        for chunk in out.chunks:
+            seq = chunk.seq
+            if seq.pending_row is not None and chunk.start == seq.num_tokens - 1:
+                rows.append(row)
+                sources.append(seq.pending_row)
+                batch.input_ids[row] = 0
+            row += chunk.num_tokens
+        return (rows, sources, previous.result.tokens) if rows else None
+
+    def _finish(self, step: SampledStep) -> list[RequestOutput]:
+        """Reads the step's sampled tokens back and advances its requests (skipping those that ended since)."""
+        result = step.result.result()
         outputs, row = [], 0
-        for c in sampled:
-            outputs.append(self._advance(c, result, row))
+        for c in step.chunks:
+            if not c.seq.is_finished:
+                outputs.append(self._advance(c, result, row))
             row += len(c.drafts) + 1
         return outputs
 
@@ -208,6 +278,9 @@ class LLMEngine:
         every position from the model's own distribution and keeping the run that matches the drafts emits
         exactly what decoding one token at a time would, in distribution (and token for token when greedy)."""
         seq, drafts = chunk.seq, chunk.drafts
+        if seq.pending_row is not None:  # the placeholder a deferred step left (_defer)
+            seq.token_ids.pop()
+            seq.pending_row, seq.pending_is_last = None, False
         sampled = result.token_ids[row : row + len(drafts) + 1]
         accepted = 0
         while accepted < len(drafts) and sampled[accepted] == drafts[accepted]:

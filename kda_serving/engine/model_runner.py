@@ -112,21 +112,32 @@ class ModelRunner:
         return max(budget, 0)
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput, batch: RaggedBatch) -> torch.Tensor:
-        """Restores cached prefixes, runs the step, saves states for the prefix cache; logits [N, vocab] fp32."""
+    def execute(self, out: SchedulerOutput, batch: RaggedBatch, pending_inputs=None) -> torch.Tensor:
+        """Restores cached prefixes, runs the step, saves states for the prefix cache; logits [N, vocab] fp32.
+
+        pending_inputs: None, or (rows, sources, tokens): input_ids[rows[i]] is tokens[sources[i]], a token
+        the previous step sampled that is still only on the device (asynchronous scheduling)."""
         if out.state_restores:
             src, dst = zip(*out.state_restores)
             self.caches.copy_states(list(src), list(dst))
         if out.block_copies:
             self._copy_kv_blocks(*zip(*out.block_copies))
+        patch = None
+        if pending_inputs is not None:
+            rows, sources, tokens = pending_inputs
+            patch = (host_to_device(rows, self.device, torch.long),
+                     tokens.index_select(0, host_to_device(sources, self.device, torch.long)))
         if self.graphs is not None and self.graphs.step_width(batch) is not None:
-            logits = self.graphs.run(batch)
+            logits = self.graphs.run(batch, patch)
         else:
             # Checked once here, on the host: the ops then skip their own index checks, each of which would
             # wait for the GPU (docs/engine.md, "Host synchronisation").
             batch.check(self.config.num_state_slots, self.num_kv_blocks, self.config.block_size)
+            batch = batch.to(self.device)
+            if patch is not None:
+                batch.input_ids.index_copy_(0, *patch)
             with indices_checked_by_caller():
-                logits = self.model.forward(batch.to(self.device), self.caches)
+                logits = self.model.forward(batch, self.caches)
         if out.state_saves:
             src, dst = zip(*out.state_saves)
             self.caches.copy_states(list(src), list(dst))

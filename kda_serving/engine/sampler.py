@@ -18,6 +18,44 @@ class SampleResult:
     top_logprobs: list[dict[int, float] | None]
 
 
+class DeviceSample:
+    """A step's choice still on the device: the tokens, and the logprobs of the rows that want them.
+
+    `copy_to_host()` starts copying it into pinned host memory and returns at once; `result()` then waits
+    only for that copy, where a .tolist() of the device tensors would wait for everything queued on the
+    stream since, the next step's forward included (asynchronous scheduling, docs/engine.md)."""
+
+    def __init__(self, n: int, tokens: torch.Tensor, want: list[tuple[int, int]], chosen, top_vals, top_ids):
+        self.n, self.tokens, self.want = n, tokens, want  # want: (row, how many top logprobs) per row asking
+        self._tensors = [t for t in (tokens, chosen, top_vals, top_ids)]
+        self._host = None
+        self._done = None
+
+    def copy_to_host(self) -> "DeviceSample":
+        if self._host is None and self.tokens.device.type == "cuda":
+            self._host = [None if t is None else t.to("cpu", non_blocking=True) for t in self._tensors]
+            self._done = torch.cuda.Event()
+            self._done.record()
+        return self
+
+    def result(self) -> SampleResult:
+        if self._host is not None:
+            self._done.synchronize()
+            tokens, chosen, top_vals, top_ids = self._host
+        else:
+            tokens, chosen, top_vals, top_ids = self._tensors
+        logprobs: list[float | None] = [None] * self.n
+        top: list[dict[int, float] | None] = [None] * self.n
+        if self.want:
+            chosen_list = chosen.tolist()
+            vals = top_vals.tolist() if top_vals is not None else None
+            ids = top_ids.tolist() if top_ids is not None else None
+            for j, (i, ki) in enumerate(self.want):
+                logprobs[i] = chosen_list[j]
+                top[i] = dict(zip(ids[j][:ki], vals[j][:ki])) if ki else {}
+        return SampleResult(tokens.tolist(), logprobs, top)
+
+
 class Sampler:
     """Samples rows of logits [N, vocab] (fp32), one SamplingParams per row.
 
@@ -39,6 +77,12 @@ class Sampler:
                  allowed: tuple[list[int], torch.Tensor] | None = None) -> SampleResult:
         """allowed: (rows, [len(rows), vocab] bool) the only tokens those rows may choose (structured
         outputs), applied after penalties and biases."""
+        return self.sample(logits, params, generators, histories, allowed).result()
+
+    def sample(self, logits: torch.Tensor, params: list[SamplingParams], generators: list,
+               histories: list[tuple[list[int], int]] | None = None,
+               allowed: tuple[list[int], torch.Tensor] | None = None) -> "DeviceSample":
+        """The same choice as __call__, left on the logits' device: nothing here waits for it."""
         logits = logits.float()
         n, vocab = logits.shape
         scores = logits  # what the token is chosen from
@@ -68,21 +112,16 @@ class Sampler:
                 noise[j].exponential_(generator=generators[i] or self.generator)
             noise.clamp_(min=torch.finfo(noise.dtype).tiny)
             tokens[rows] = (probs / noise).argmax(dim=-1)
-        token_list = tokens.tolist()
-        want = [i for i, p in enumerate(params) if p.logprobs is not None]
-        logprobs: list[float | None] = [None] * n
-        top: list[dict[int, float] | None] = [None] * n
+        want = [(i, params[i].logprobs) for i, p in enumerate(params) if p.logprobs is not None]
+        chosen = top_vals = top_ids = None
         if want:
-            rows = host_to_device(want, logits.device)
+            rows = host_to_device([i for i, _ in want], logits.device)
             logp = torch.log_softmax(logits[rows], dim=-1)
-            chosen = logp.gather(1, tokens[rows].unsqueeze(1)).squeeze(1).tolist()
-            k = max(params[i].logprobs for i in want)
-            top_vals, top_ids = logp.topk(min(k, vocab), dim=-1) if k else (None, None)
-            for j, i in enumerate(want):
-                logprobs[i] = chosen[j]
-                ki = params[i].logprobs
-                top[i] = dict(zip(top_ids[j, :ki].tolist(), top_vals[j, :ki].tolist())) if ki else {}
-        return SampleResult(token_list, logprobs, top)
+            chosen = logp.gather(1, tokens[rows].unsqueeze(1)).squeeze(1)
+            k = max(ki for _, ki in want)
+            if k:
+                top_vals, top_ids = logp.topk(min(k, vocab), dim=-1)
+        return DeviceSample(n, tokens, want, chosen, top_vals, top_ids)
 
     @staticmethod
     def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:

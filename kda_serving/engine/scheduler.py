@@ -150,6 +150,8 @@ class Scheduler:
         for seq in [s for s in self.running if s.num_tokens - s.num_computed_tokens == 1]:
             if budget == 0:
                 break
+            if seq.pending_is_last:  # its pending token ends it: a decode after it would be thrown away
+                continue
             if seq.status is SequenceStatus.RUNNING and self._grow_blocks(seq, out):
                 budget -= self._schedule_chunk(seq, budget, out)
         if self.drafter is not None and budget > 0:
@@ -161,7 +163,8 @@ class Scheduler:
         skipped = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting.popleft()
-            admitted = self._admit(seq, out)
+            # Preempted while its last token is still on the device: its prompt is not known in full yet.
+            admitted = None if seq.pending_row is not None else self._admit(seq, out)
             if admitted is None:
                 skipped.append(seq)  # waits for a concurrent request to cache the prefix it shares
                 continue
@@ -427,9 +430,15 @@ class Scheduler:
         self.num_preemptions += 1
 
     def finish(self, seq: Sequence, reason: str) -> None:
-        """Ends a running request after a step: its state and KV become a prefix-cache entry (stop/length)."""
-        self.running.remove(seq)
-        self._release(seq, cache_it=reason in ("stop", "length"))
+        """Ends a request after a step: its state and KV become a prefix-cache entry (stop/length). With
+        asynchronous scheduling the request may have been preempted since (waiting, holding nothing), and if it
+        runs in the step queued meanwhile, its slot's state will include the token that ended it, which the
+        computed tokens then count: the entry is for the state the slot will hold."""
+        if seq.status is SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        else:
+            self.running.remove(seq)
+            self._release(seq, cache_it=reason in ("stop", "length"))
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
 

@@ -47,6 +47,11 @@ class Sequence:
         self.matcher: Any = None  # the grammar matcher of a structured output (engine/structured.py)
         self.ngram: Any = None  # the n-gram index of its tokens that draft proposals read (engine/ngram.py)
         self.draft_record: Any = None  # how its recent drafts fared (engine/ngram.py DraftRecord)
+        # Asynchronous scheduling: while the step that sampled its last token is deferred, token_ids ends with
+        # a placeholder, pending_row is that token's row in the step's samples and pending_is_last says it ends
+        # the request (max_tokens or the model length). None/False otherwise.
+        self.pending_row: int | None = None
+        self.pending_is_last = False
         self.logprobs: list[float] = []
         self.top_logprobs: list[dict[int, float]] = []
 
@@ -60,7 +65,9 @@ class Sequence:
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self.token_ids[len(self.prompt_token_ids) :]
+        """The generated tokens known on the host (not a pending placeholder)."""
+        end = len(self.token_ids) - (self.pending_row is not None)
+        return self.token_ids[len(self.prompt_token_ids) : end]
 
     @property
     def num_output_tokens(self) -> int:

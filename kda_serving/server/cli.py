@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="shortest suffix of the context that prompt lookup matches (default 2)")
     eng.add_argument("--prompt-lookup-max", type=int, default=None,
                      help="longest suffix of the context that prompt lookup matches (default 4)")
+    eng.add_argument("--async-scheduling", dest="async_scheduling", action=argparse.BooleanOptionalAction,
+                     default=None,
+                     help="queue each step before reading the previous one's tokens back, overlapping host work with "
+                          "the GPU (default: on for CUDA without speculative decoding)")
     eng.add_argument("--cpu-threads", type=int, default=None,
                      help="torch intra-op threads (default: torch's choice); 1 is fastest for the small "
                           "default model on a busy machine, where extra threads only spin")
@@ -75,7 +79,7 @@ ENGINE_FLAGS = ("model", "served_model_name", "device", "dtype", "max_num_seqs",
                 "max_model_len", "num_state_slots", "num_kv_blocks", "block_size", "gpu_memory_utilization",
                 "cpu_cache_bytes", "enable_prefix_caching", "enable_cuda_graphs", "kda_state_dtype",
                 "prefix_cache_interval", "seed", "scheduling_policy", "num_speculative_tokens", "prompt_lookup_min",
-                "prompt_lookup_max")
+                "prompt_lookup_max", "async_scheduling")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -10,7 +10,17 @@ from kda_serving.engine import AsyncLLMEngine, EngineConfig, SamplingParams
 from engine_testing import random_prompts
 
 
+SCHEDULING = {}
+
+
+@pytest.fixture(autouse=True, params=[False, True], ids=["sync", "async-scheduling"])
+def scheduling(request, monkeypatch):
+    """Every test twice: with steps read back at once, and with asynchronous scheduling (deferred tokens)."""
+    monkeypatch.setitem(SCHEDULING, "async_scheduling", request.param)
+
+
 def config(**kw):
+    kw.update(SCHEDULING)
     kw.setdefault("max_num_seqs", 16)
     kw.setdefault("num_state_slots", 4)
     kw.setdefault("num_kv_blocks", 96)

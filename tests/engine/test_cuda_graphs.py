@@ -86,3 +86,47 @@ def test_engine_verifies_drafts_through_graphs(state_dtype):
             outputs.setdefault(output.request_id, []).extend(output.new_token_ids)
     assert all(len(o) == 16 for o in outputs.values())
     assert engine.stats().spec_accepted_tokens_total > 0 and len(graphs.graphs) == 16
+
+
+def _greedy_run(engine, requests, deferred: list | None = None):
+    """Runs (id, prompt, params) to the end on `engine`; {id: (tokens, logprobs)}. deferred collects, per
+    step, whether its tokens were left on the device."""
+    for request_id, prompt, params in requests:
+        engine.add_request(request_id, prompt, params)
+    out = {}
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            tokens, logprobs = out.setdefault(o.request_id, ([], []))
+            tokens += o.new_token_ids
+            logprobs += o.logprobs or []
+        if deferred is not None:
+            deferred.append(engine._in_flight is not None)
+    return out
+
+
+@pytest.mark.gpu
+def test_async_scheduling_through_graphs_matches_synchronous_steps():
+    """With asynchronous scheduling on CUDA each decode graph is replayed while the previous step's tokens
+    are still on the device (fed by an index copy into the graph's input buffer). With the same batches as
+    the synchronous engine (length limits only: no decode is queued after a request's last token) every token
+    and logprob is the same; a request ending on a stop token, whose decode after the stop is queued and
+    thrown away, ends where the synchronous one does."""
+    config = dict(device="cuda", max_num_seqs=8, num_state_slots=32, num_kv_blocks=64)
+    greedy = lambda n, **kw: SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, **kw)  # noqa: E731
+    requests = [("a", list(range(5, 14)), greedy(12)), ("b", list(range(7, 37)), greedy(7, logprobs=2)),
+                ("c", list(range(9, 13)), greedy(20)), ("d", [3], greedy(1))]
+    sync = _greedy_run(LLMEngine(EngineConfig(async_scheduling=False, **config)), requests)
+    engine = LLMEngine(EngineConfig(**config))
+    assert engine.config.async_scheduling and engine.runner.graphs is not None
+    deferred = []
+    out = _greedy_run(engine, requests, deferred)
+    assert sum(deferred) >= 15  # decode steps left their tokens on the device
+    for request_id, (tokens, logprobs) in sync.items():
+        assert out[request_id][0] == tokens, request_id
+        assert out[request_id][1] == pytest.approx(logprobs, abs=1e-4), request_id
+    stop = sync["c"][0][8]
+    stopping = [("s", list(range(9, 13)), greedy(20, stop_token_ids=[stop]))]
+    first = sync["c"][0].index(stop)
+    assert _greedy_run(engine, stopping)["s"][0] == sync["c"][0][: first + 1]
+    stats = engine.stats()
+    assert stats.state_slots_used == 0 and stats.kv_blocks_used == 0 and stats.num_running == 0

@@ -2,7 +2,8 @@
 follow-up turns that reuse a finished conversation, aborts, and steps, on pools small enough that prefix-cache
 eviction and preemption happen. Every request must end exactly once, within its limits, every slot and block
 must come back, and a greedy request must produce the tokens it produces alone on an engine without a prefix
-cache: reuse, eviction, preemption and batching never change a result.
+cache: reuse, eviction, preemption and batching never change a result. Both with and without asynchronous
+scheduling, whose deferred tokens meet every one of those events.
 
 The scheduler's bookkeeping is fuzzed against a simulated model in test_scheduler.py; this runs the same kind
 of workloads through the model itself."""
@@ -29,11 +30,12 @@ def _engine(model, **overrides):
     return LLMEngine(EngineConfig(**cfg), model=model)
 
 
-@pytest.fixture(scope="module")
-def engines(tiny_model):
-    """(the engine under test, a reference engine: no prefix cache, one sequence at a time)."""
-    return _engine(tiny_model), _engine(tiny_model, enable_prefix_caching=False, max_num_seqs=1,
-                                        num_state_slots=2, num_kv_blocks=96)
+@pytest.fixture(scope="module", params=[False, True], ids=["sync", "async"])
+def engines(tiny_model, request):
+    """(the engine under test, synchronous or with asynchronous scheduling; a reference engine: no prefix
+    cache, one sequence at a time)."""
+    return _engine(tiny_model, async_scheduling=request.param), _engine(
+        tiny_model, enable_prefix_caching=False, max_num_seqs=1, num_state_slots=2, num_kv_blocks=96)
 
 
 ADD = st.tuples(st.just("add"), st.integers(1, 100), st.integers(0, 10**6), st.integers(1, MAX_TOKENS),
