@@ -57,6 +57,9 @@ class EngineConfig:
     async_scheduling: queue each step's forward before reading the previous step's tokens back, so that the
     host's scheduling and batch building overlap the GPU (docs/engine.md, Asynchronous scheduling). None (the
     default) turns it on on CUDA without speculative decoding, whose drafts need the tokens on the host.
+    torch_compile: compile the model's plain torch pieces (norms, residual adds, the MoE router) with
+    torch.compile, fusing their small kernels (KimiLinearModel.compile_plain_ops); None (the default) turns it
+    on on CUDA, where it shortens decode steps, and off on the CPU.
     """
 
     model: str | None = None
@@ -82,6 +85,7 @@ class EngineConfig:
     prompt_lookup_min: int = 2
     prompt_lookup_max: int = 4
     async_scheduling: bool | None = None
+    torch_compile: bool | None = None
 
     def __post_init__(self):
         if self.model is not None and not isinstance(self.model, str):
@@ -144,6 +148,10 @@ class EngineConfig:
             _fail(ValueError, "async_scheduling",
                   "cannot be combined with speculative decoding (num_speculative_tokens > 0): drafts are proposed "
                   "from the tokens sampled last, which asynchronous scheduling reads back one step later")
+        if self.torch_compile is None:
+            self.torch_compile = self.device != "cpu"
+        if not isinstance(self.torch_compile, bool):
+            _fail(TypeError, "torch_compile", "must be a bool or None")
         if self.scheduling_policy not in SCHEDULING_POLICIES:
             _fail(ValueError, "scheduling_policy",
                   f"must be one of {SCHEDULING_POLICIES}, got {self.scheduling_policy!r}")

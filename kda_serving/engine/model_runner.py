@@ -33,6 +33,8 @@ class ModelRunner:
 
             model = load_model(config.model, device=self.device, dtype=config.dtype)
         self.model = model
+        if hasattr(model, "compile_plain_ops"):  # before the profiling step and the graph captures compile it
+            model.compile_plain_ops(config.torch_compile)
         self.state_dtype = getattr(torch, config.kda_state_dtype)
         self._size_caches()
         self.graphs = None

@@ -45,6 +45,25 @@ class DenseMLP(nn.Module):
         return swiglu(x, self.gate_up_proj, self.down_proj)
 
 
+def route_experts(x: torch.Tensor, router: torch.Tensor, bias: torch.Tensor, top_k: int, num_groups: int,
+                  topk_group: int, renormalize: bool, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The router (module doc): x [T, hidden] -> (expert ids [T, top_k] int64, weights [T, top_k] fp32)."""
+    T, E = x.shape[0], router.shape[0]
+    scores = F.linear(x.float(), router.float()).sigmoid()
+    choice = scores + bias
+    if num_groups > 1:
+        per_group = choice.view(T, num_groups, E // num_groups)
+        group_scores = per_group.topk(2, dim=-1).values.sum(-1)  # [T, G]
+        best = group_scores.topk(topk_group, dim=-1, sorted=False).indices
+        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
+        choice = choice.masked_fill(~keep.repeat_interleave(E // num_groups, dim=1), float("-inf"))
+    ids = choice.topk(top_k, dim=-1, sorted=False).indices
+    weights = scores.gather(1, ids)
+    if renormalize:
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+    return ids, weights * scaling
+
+
 class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device):
         super().__init__()
@@ -64,22 +83,13 @@ class MoE(nn.Module):
         """Whether forward runs without a host sync (the grouped GEMMs), so a CUDA graph can capture it."""
         return _grouped_gemm_fits(self.router, self.gate_up_proj)
 
+    # route_experts, or its compiled version on a compiled model (KimiLinearModel.compile_plain_ops)
+    route_fn = staticmethod(route_experts)
+
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, hidden] -> (expert ids [T, top_k] int64, weights [T, top_k] fp32)."""
-        T, E = x.shape[0], self.num_experts
-        scores = F.linear(x.float(), self.router.float()).sigmoid()
-        choice = scores + self.e_score_correction_bias
-        if self.num_groups > 1:
-            per_group = choice.view(T, self.num_groups, E // self.num_groups)
-            group_scores = per_group.topk(2, dim=-1).values.sum(-1)  # [T, G]
-            best = group_scores.topk(self.topk_group, dim=-1, sorted=False).indices
-            keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
-            choice = choice.masked_fill(~keep.repeat_interleave(E // self.num_groups, dim=1), float("-inf"))
-        ids = choice.topk(self.top_k, dim=-1, sorted=False).indices
-        weights = scores.gather(1, ids)
-        if self.renormalize:
-            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-        return ids, weights * self.scaling
+        return self.route_fn(x, self.router, self.e_score_correction_bias, self.top_k, self.num_groups,
+                             self.topk_group, self.renormalize, self.scaling)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ids, weights = self.route(x)

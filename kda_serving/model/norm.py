@@ -15,3 +15,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return weight * h.to(x.dtype)
+
+
+def add_rms_norm(h: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float):
+    """The residual add and the norm after it: (h + x, rms_norm(h + x)), one function so that a compiled
+    model fuses them (KimiLinearModel.compile_plain_ops)."""
+    h = h + x
+    return h, rms_norm(h, weight, eps)

@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                      default=None,
                      help="queue each step before reading the previous one's tokens back, overlapping host work with "
                           "the GPU (default: on for CUDA without speculative decoding)")
+    eng.add_argument("--torch-compile", dest="torch_compile", action=argparse.BooleanOptionalAction, default=None,
+                     help="compile the model's norms, residual adds and MoE router with torch.compile (default: on "
+                          "for CUDA)")
     eng.add_argument("--cpu-threads", type=int, default=None,
                      help="torch intra-op threads (default: torch's choice); 1 is fastest for the small "
                           "default model on a busy machine, where extra threads only spin")
@@ -79,7 +82,7 @@ ENGINE_FLAGS = ("model", "served_model_name", "device", "dtype", "max_num_seqs",
                 "max_model_len", "num_state_slots", "num_kv_blocks", "block_size", "gpu_memory_utilization",
                 "cpu_cache_bytes", "enable_prefix_caching", "enable_cuda_graphs", "kda_state_dtype",
                 "prefix_cache_interval", "seed", "scheduling_policy", "num_speculative_tokens", "prompt_lookup_min",
-                "prompt_lookup_max", "async_scheduling")
+                "prompt_lookup_max", "async_scheduling", "torch_compile")
 
 
 def main(argv: list[str] | None = None) -> None:

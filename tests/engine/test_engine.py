@@ -150,6 +150,24 @@ def test_engine_config_validation():
     with pytest.raises(ValueError, match="scheduling_policy"):
         EngineConfig(scheduling_policy="lifo")
     assert EngineConfig(device="cuda").dtype == "bfloat16" and EngineConfig().dtype == "float32"
+    with pytest.raises(TypeError, match="torch_compile"):
+        EngineConfig(torch_compile="yes")
+    assert EngineConfig(device="cuda").torch_compile and not EngineConfig().torch_compile
+
+
+def test_torch_compile_flag_reaches_the_model(tiny_model):
+    """The engine compiles the model's plain pieces when asked and puts the eager ones back when not (a model
+    object shared by several engines, as in the benchmarks)."""
+    from kda_serving.model.norm import rms_norm
+    from kda_serving.server.cli import build_parser
+
+    LLMEngine(EngineConfig(torch_compile=True, num_state_slots=4, num_kv_blocks=32), model=tiny_model)
+    assert tiny_model.norm_fn is not rms_norm
+    LLMEngine(EngineConfig(num_state_slots=4, num_kv_blocks=32), model=tiny_model)
+    assert tiny_model.norm_fn is rms_norm and tiny_model.layers[0].norm_fn is rms_norm
+    parser = build_parser()
+    assert parser.parse_args(["--no-torch-compile"]).torch_compile is False
+    assert parser.parse_args([]).torch_compile is None
 
 
 def test_generate_is_all_or_nothing_on_a_bad_prompt(llm):

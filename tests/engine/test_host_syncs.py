@@ -3,7 +3,7 @@
 The ops' own index checks copy cu_seqlens and slot indices to the host (a synchronisation per op call); the
 engine checks its batch once on the host instead (RaggedBatch.check) and runs the model inside
 ops.indices_checked_by_caller. torch's sync debug mode turns any synchronising call inside the model
-runner into an error here: prefills with prefix-cache checkpoints, a follow-up turn restored from the cache
+runner, or in the sampler's choice and its copy back (asynchronous scheduling), into an error here: prefills with prefix-cache checkpoints, a follow-up turn restored from the cache
 (state copies), a mixed prefill + decode step, and the CUDA-graph decode steps between them.
 """
 
@@ -23,19 +23,31 @@ def test_eager_steps_run_the_model_without_a_host_sync(monkeypatch):
     execute = runner.execute
     eager_steps = []
 
-    def strict_execute(out, batch):
+    def strict_execute(out, batch, pending_inputs=None):
         eager = not batch.is_decode or batch.checkpoints is not None
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            logits = execute(out, batch)
+            logits = execute(out, batch, pending_inputs)
         finally:
             torch.cuda.set_sync_debug_mode(0)
         if eager:
             eager_steps.append((out.num_tokens, bool(out.state_restores), bool(out.checkpoints)))
+        fed_from_device.append(pending_inputs is not None)
         return logits
 
+    sample = engine._sample
+
+    def strict_sample(out, logits):  # with asynchronous scheduling: the choice and its copy to the host
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return sample(out, logits)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+
+    fed_from_device = []
     monkeypatch.setattr(runner, "execute", strict_execute)
+    monkeypatch.setattr(engine, "_sample", strict_sample)
     greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     prompt = [5 + (7 * i) % 200 for i in range(150)]
     engine.add_request("a", prompt, greedy)
@@ -54,6 +66,7 @@ def test_eager_steps_run_the_model_without_a_host_sync(monkeypatch):
     run()
     assert sorted(finished) == list("abcd") and all(len(o.output_token_ids) == 6 for o in finished.values())
     assert engine.stats().prefix_cache_hit_tokens > 0
+    assert engine.config.async_scheduling and sum(fed_from_device) > 10  # decodes fed tokens left on the device
     assert any(restored for _, restored, _ in eager_steps), eager_steps
     assert any(ckpt for _, _, ckpt in eager_steps), eager_steps
     assert any(tokens == 70 + 1 for tokens, _, _ in eager_steps), eager_steps  # d's prefill + c's decode

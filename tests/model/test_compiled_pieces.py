@@ -1,0 +1,110 @@
+"""The model with its plain torch pieces compiled (KimiLinearModel.compile_plain_ops: the RMS norms, residual add +
+norm, and the MoE router through torch.compile / Inductor) against the same model eager.
+
+A dense random model (no MoE, whose expert choice is discontinuous: a near-tie flips with any rounding) runs
+a packed prefill of two prompts and decode steps both ways. On the CPU (fp32) the compiled kernels only
+reorder float operations, so the logits agree to ~1e-6; a fused piece that dropped a term, used the wrong
+weight or skipped the residual would be off by O(1). The router is checked on its own, on random inputs whose
+top-k has no ties: the same experts, the same weights. On the GPU (bf16) both runs are measured against the
+fp32 CPU truth, as in test_state_dtype.py.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+import torch
+from kimi_testing import Sequence, make_hf_model, run_step, save_hf_checkpoint
+
+from kda_serving.model import load_model
+from kda_serving.model.kimi_linear import _compiled
+from kda_serving.model.moe import route_experts
+from kda_serving.model.norm import add_rms_norm, rms_norm
+
+BLOCK = 16
+
+
+@pytest.fixture(scope="module")
+def dense_checkpoint(tmp_path_factory) -> str:
+    hf, _ = make_hf_model(
+        seed=13, hidden_size=256, q_lora_rank=64, first_k_dense_replace=4,
+        linear_attn_config={"kda_layers": [1, 2, 4], "full_attn_layers": [3], "num_heads": 2, "head_dim": 128,
+                            "short_conv_kernel_size": 4},
+    )
+    return save_hf_checkpoint(hf, str(tmp_path_factory.mktemp("dense")))
+
+
+def _run(model) -> list[torch.Tensor]:
+    caches = model.allocate_caches(4, 16, BLOCK)
+    gen = torch.Generator().manual_seed(0)
+    a = Sequence(torch.randint(3, model.config.vocab_size, (60,), generator=gen).tolist(), slot=3, blocks=[4, 0, 7, 2])
+    b = Sequence(torch.randint(3, model.config.vocab_size, (45,), generator=gen).tolist(), slot=1, blocks=[9, 5, 11])
+    run_step(model, caches, [(a, 50), (b, 40)], BLOCK)
+    for _ in range(5):
+        run_step(model, caches, [(a, 1), (b, 1)], BLOCK)
+    return [torch.cat(s.logits) for s in (a, b)]
+
+
+def _rel(ours: list[torch.Tensor], ref: list[torch.Tensor]) -> list[float]:
+    """Per-token relative error of each sequence's logits rows."""
+    return [((x.double() - y.double()).norm() / y.double().norm()).item()
+            for o, r in zip(ours, ref) for x, y in zip(o, r.to(o.device))]
+
+
+def _route_inputs(device, dtype):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(37, 64, generator=gen).to(device, dtype)
+    router = torch.randn(32, 64, generator=gen).to(device, dtype)
+    bias = (0.1 * torch.randn(32, generator=gen)).to(device)
+    return x, router, bias
+
+
+def _check_router(device, dtype) -> None:
+    args = _route_inputs(device, dtype)
+    for groups, topk_group in ((1, 1), (4, 2)):
+        ids, weights = route_experts(*args, 6, groups, topk_group, True, 2.5)
+        cids, cweights = _compiled(route_experts)(*args, 6, groups, topk_group, True, 2.5)
+        order, corder = ids.sort(-1), cids.sort(-1)
+        assert torch.equal(order.values, corder.values)
+        torch.testing.assert_close(weights.gather(1, order.indices), cweights.gather(1, corder.indices),
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_compiled_pieces_match_eager_cpu(dense_checkpoint):
+    model = load_model(dense_checkpoint, device="cpu", progress=False)
+    eager = _run(model)
+    model.compile_plain_ops()
+    assert model.layers[0].norm_fn is _compiled(rms_norm) and model.layers[0].add_norm_fn is _compiled(add_rms_norm)
+    compiled = _run(model)
+    model.compile_plain_ops(False)
+    assert model.norm_fn is rms_norm and model.layers[0].add_norm_fn is add_rms_norm
+    errs = _rel(compiled, eager)
+    print(f"cpu: worst per-token logits rel {max(errs):.2e}")
+    assert all(torch.isfinite(c).all() for c in compiled) and max(errs) <= 1e-5
+    _check_router("cpu", torch.float32)
+
+
+def test_add_rms_norm_is_the_add_then_the_norm():
+    gen = torch.Generator().manual_seed(2)
+    h, x, w = torch.randn(5, 16, generator=gen), torch.randn(5, 16, generator=gen), torch.randn(16, generator=gen)
+    s, n = add_rms_norm(h, x, w, 1e-5)
+    assert torch.equal(s, h + x) and torch.equal(n, rms_norm(h + x, w, 1e-5))
+
+
+@pytest.mark.gpu
+def test_compiled_pieces_track_the_fp32_truth_cuda(dense_checkpoint):
+    """bf16 on the GPU: the compiled run may be off the fp32 CPU truth by at most 1.25x the eager run's error
+    plus 2e-3 (a fused kernel keeps an intermediate in fp32 where eager rounds it to bf16)."""
+    truth = _run(load_model(dense_checkpoint, device="cpu", progress=False))
+    model = load_model(dense_checkpoint, device="cuda", progress=False)
+    eager = _run(model)
+    model.compile_plain_ops()
+    compiled = _run(model)
+    assert all(torch.isfinite(c).all() for c in compiled)
+    e_eager, e_comp = statistics.median(_rel(eager, truth)), statistics.median(_rel(compiled, truth))
+    w_eager, w_comp = max(_rel(eager, truth)), max(_rel(compiled, truth))
+    print(f"cuda vs fp32 truth, median (worst) per token: eager {e_eager:.2e} ({w_eager:.2e}), "
+          f"compiled {e_comp:.2e} ({w_comp:.2e})")
+    assert e_comp <= 1.25 * e_eager + 2e-3 and w_comp <= 1.25 * w_eager + 2e-3
+    _check_router("cuda", torch.bfloat16)
