@@ -8,15 +8,17 @@ engine's decode step (asynchronous scheduling, graphs) with the model as is and 
   plain ops  EngineConfig.torch_compile (KimiLinearModel.compile_plain_ops): the norms, residual add + norm and
              the MoE router, dynamic=True (one compile for every token count); what the engine does
   whole      model.forward, dynamic=False (graph breaks at each custom op; recompiles per shape and key length)
+  plain-fp32 the same, compiled without emulate_precision_casts (fused intermediates kept in fp32)
   plain+moe  the plain ops and the whole MoE.forward (grouped GEMMs included), dynamic=True
 
 and compares the first decode step's logits with the uncompiled model's (bf16: not bit-equal).
 
-    python benchmarks/experiments/compile_decode.py [N requests ...]
+    python benchmarks/experiments/compile_decode.py [N requests ...] [variant labels ...]
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import statistics
 import sys
@@ -30,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench_engine import prompts, random_kimi48b_model, release_memory  # noqa: E402
 
 from kda_serving.engine import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
-from kda_serving.model import moe  # noqa: E402
+from kda_serving.model import kimi_linear, moe  # noqa: E402
 
 
 def measure(model, n: int, label: str, plain_ops: bool):
@@ -68,24 +70,31 @@ def measure(model, n: int, label: str, plain_ops: bool):
 
 
 def main() -> None:
-    sizes = [int(x) for x in sys.argv[1:]] or [1, 8, 64]
+    sizes = [int(x) for x in sys.argv[1:] if x.isdigit()] or [1, 8, 64]
+    chosen = [x for x in sys.argv[1:] if not x.isdigit()]  # variant labels to run (default: all)
     model = random_kimi48b_model(torch.device("cuda"))
     torch._dynamo.config.cache_size_limit = 64
-    forward, moe_forward = model.forward, moe.MoE.forward
+    forward, moe_forward, compiled = model.forward, moe.MoE.forward, kimi_linear._compiled
 
     def restore():
-        model.forward, moe.MoE.forward = forward, moe_forward
+        model.forward, moe.MoE.forward, kimi_linear._compiled = forward, moe_forward, compiled
         torch._dynamo.reset()
+
+    def fp32_intermediates(fn):  # what compile_plain_ops did before emulate_precision_casts
+        return torch.compile(fn, dynamic=True)
 
     variants = {  # label: (set-up, EngineConfig.torch_compile)
         "as is": (lambda: None, False),
         "plain ops": (lambda: None, True),
+        "plain-fp32": (lambda: setattr(kimi_linear, "_compiled", functools.cache(fp32_intermediates)), True),
         "whole": (lambda: setattr(model, "forward", torch.compile(forward, dynamic=False)), False),
         "plain+moe": (lambda: setattr(moe.MoE, "forward", torch.compile(moe_forward, dynamic=True)), True),
     }
     for n in sizes:
         reference = None
         for label, (apply, plain_ops) in variants.items():
+            if chosen and label != "as is" and label not in chosen:
+                continue
             apply()
             try:
                 logits = measure(model, n, label, plain_ops)

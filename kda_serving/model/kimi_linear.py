@@ -155,8 +155,11 @@ class KimiLinearModel(nn.Module):
 
 @functools.cache
 def _compiled(fn):
-    """One compiled wrapper per function for the process, so that models and engines share its compilations."""
-    return torch.compile(fn, dynamic=True)
+    """One compiled wrapper per function for the process, so that models and engines share its compilations.
+    emulate_precision_casts: a fused kernel rounds its intermediates to their dtype as the eager ops do (else it
+    keeps e.g. the bf16 residual sum in fp32 for the norm after it), so that the compiled model computes what
+    the eager one does (docs/engine.md, Compiled plain ops)."""
+    return torch.compile(fn, dynamic=True, options={"emulate_precision_casts": True})
 
 
 def _check_state_dtype(state_dtype) -> None:
