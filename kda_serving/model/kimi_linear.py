@@ -86,7 +86,7 @@ class KimiLinearModel(nn.Module):
         the RMS norms, each residual add with the norm after it, and the MoE router, each one function shared
         by every layer and compiled once for every token count (dynamic shapes). Their dozens of small
         elementwise, reduction and top-k kernels per step become a few fused ones: on an H200 a CUDA-graph
-        decode step of 4 Kimi-Linear-48B-shaped layers went 1.05 -> 0.92 ms at 1 request and 2.65 -> 2.44 ms
+        decode step of 4 Kimi-Linear-48B-shaped layers went 1.05 -> 0.92 ms at 1 request and 2.63 -> 2.42 ms
         at 64 (benchmarks/experiments/compile_decode.py). The rest stays eager: the custom ops and GEMMs gain
         nothing from it, and compiling the whole forward specialises on the key lengths of every step.
         enable=False puts the eager functions back."""
@@ -156,10 +156,12 @@ class KimiLinearModel(nn.Module):
 @functools.cache
 def _compiled(fn):
     """One compiled wrapper per function for the process, so that models and engines share its compilations.
-    emulate_precision_casts: a fused kernel rounds its intermediates to their dtype as the eager ops do (else it
-    keeps e.g. the bf16 residual sum in fp32 for the norm after it), so that the compiled model computes what
-    the eager one does (docs/engine.md, Compiled plain ops)."""
-    return torch.compile(fn, dynamic=True, options={"emulate_precision_casts": True})
+
+    Fused intermediates stay in fp32 where eager ops round them to bf16 (the residual sum before its norm): on
+    an H200 that measured as accurate against the fp32 truth (tests/model/test_compiled_pieces.py) and 0.13 ms
+    faster per one-request decode step than rounding them as eager does (emulate_precision_casts, bit-equal
+    to eager, no gain at one request: benchmarks/results/logs/session14/h200-compile-decode-emulate.log)."""
+    return torch.compile(fn, dynamic=True)
 
 
 def _check_state_dtype(state_dtype) -> None:
