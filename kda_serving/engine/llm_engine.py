@@ -190,7 +190,7 @@ class LLMEngine:
         decodes = sum(c.num_tokens for c in out.chunks
                       if (c.num_tokens == 1 or c.drafts) and c.start >= c.seq.num_prompt_tokens)
         self.last_step = StepInfo(len(out.chunks), out.num_tokens, out.num_tokens - decodes, out.is_decode)
-        step = self._sample(out, logits)
+        step = self._sample(out, logits, previous)
         outputs = self._finish(previous) if previous is not None else []
         if step is not None:
             if step.deferred:
@@ -199,9 +199,11 @@ class LLMEngine:
                 outputs += self._finish(step)
         return outputs
 
-    def _sample(self, out, logits) -> SampledStep | None:
+    def _sample(self, out, logits, previous: SampledStep | None) -> SampledStep | None:
         """Queues the sampling of the step's sampled chunks on the device; deferred (not read back yet) when
-        every one of them can run its next decode without its token on the host."""
+        every one of them can run its next decode without its token on the host: all but structured outputs,
+        whose grammar mask follows the tokens. A penalized request's token still on the device (previous step)
+        joins its penalty counts there."""
         # logits rows, in chunk order: one per chunk, a verifying decode's one per token
         first_row, rows = [], 0
         for c in out.chunks:
@@ -224,11 +226,14 @@ class LLMEngine:
                 generators.append(seq.generator)
                 # a draft row's penalties count the drafts before it as output
                 tokens = seq.token_ids + c.drafts[:j] if j and seq.params.penalized else seq.token_ids
-                histories.append((tokens, seq.num_prompt_tokens))
+                if seq.pending_row is not None:  # the placeholder's token is previous.result.tokens[pending_row]
+                    histories.append((tokens[:-1], seq.num_prompt_tokens, seq.pending_row))
+                else:
+                    histories.append((tokens, seq.num_prompt_tokens))
         allowed = (constrained, self.structured.token_mask(matchers, logits.device)) if constrained else None
         result = self.sampler.sample(logits[host_to_device(index, logits.device)], params, generators, histories,
-                                     allowed)
-        deferred = self._async and all(c.seq.matcher is None and not c.seq.params.penalized for c in sampled)
+                                     allowed, previous.result.tokens if previous is not None else None)
+        deferred = self._async and all(c.seq.matcher is None for c in sampled)
         if deferred:
             result.copy_to_host()
         return SampledStep(sampled, result, deferred)

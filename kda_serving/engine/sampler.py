@@ -80,9 +80,12 @@ class Sampler:
         return self.sample(logits, params, generators, histories, allowed).result()
 
     def sample(self, logits: torch.Tensor, params: list[SamplingParams], generators: list,
-               histories: list[tuple[list[int], int]] | None = None,
-               allowed: tuple[list[int], torch.Tensor] | None = None) -> "DeviceSample":
-        """The same choice as __call__, left on the logits' device: nothing here waits for it."""
+               histories: list[tuple] | None = None,
+               allowed: tuple[list[int], torch.Tensor] | None = None,
+               pending_tokens: torch.Tensor | None = None) -> "DeviceSample":
+        """The same choice as __call__, left on the logits' device: nothing here waits for it. A history may
+        name its row's last output token by its index in pending_tokens, a previous step's tokens still on the
+        device (penalize)."""
         logits = logits.float()
         n, vocab = logits.shape
         scores = logits  # what the token is chosen from
@@ -94,7 +97,8 @@ class Sampler:
             if histories is None:
                 raise ValueError("Sampler: penalties need the rows' token histories")
             rows = host_to_device(penalized, logits.device)
-            scores[rows] = penalize(logits[rows], [params[i] for i in penalized], [histories[i] for i in penalized])
+            scores[rows] = penalize(logits[rows], [params[i] for i in penalized], [histories[i] for i in penalized],
+                                    pending_tokens)
         if biased:
             rows, ids, bias = zip(*[(i, t, b) for i in biased for t, b in params[i].logit_bias])
             scores.index_put_((host_to_device(rows, logits.device), host_to_device(ids, logits.device)),
@@ -146,9 +150,12 @@ class Sampler:
         return filtered.softmax(dim=-1)
 
 
-def penalize(logits: torch.Tensor, params: list[SamplingParams], histories: list[tuple[list[int], int]]
+def penalize(logits: torch.Tensor, params: list[SamplingParams], histories: list[tuple], pending_tokens=None
              ) -> torch.Tensor:
     """logits [R, vocab] of R rows with their penalties applied (a new tensor).
+
+    histories[r] = (token ids, prompt length) or (token ids, prompt length, i): with i, the row's last output
+    token is pending_tokens[i], on the device and not in the host list yet (asynchronous scheduling).
 
     Repetition first (every token of the prompt or the output: a positive logit divided by r, a negative one
     multiplied by r), then the output counts: minus frequency_penalty * count minus presence_penalty * (count > 0).
@@ -157,17 +164,30 @@ def penalize(logits: torch.Tensor, params: list[SamplingParams], histories: list
     rows, vocab = logits.shape
     device = logits.device
     out_keys, seen_keys = [], []  # row * vocab + token id, for one bincount each
-    for r, ((tokens, prompt_len), p) in enumerate(zip(histories, params)):
+    pending_rows, pending_src = [], []
+    for r, (history, p) in enumerate(zip(histories, params)):
+        tokens, prompt_len = history[0], history[1]
         base = r * vocab
         out_keys += [base + t for t in tokens[prompt_len:]]
         if p.repetition_penalty != 1.0:
             seen_keys += [base + t for t in tokens]
+        if len(history) > 2 and history[2] is not None:
+            pending_rows.append(r)
+            pending_src.append(history[2])
     # counted where the logits are: [R, vocab] never crosses to the host (integer counts: deterministic on CUDA)
-    counts = torch.bincount(host_to_device(out_keys, device, torch.int64), minlength=rows * vocab)
+    out_keys = host_to_device(out_keys, device, torch.int64)
+    seen_keys = host_to_device(seen_keys, device, torch.int64) if seen_keys else None
+    if pending_rows:  # each one more output token, still on the device (asynchronous scheduling)
+        keys = (host_to_device(pending_rows, device, torch.int64) * vocab
+                + pending_tokens.index_select(0, host_to_device(pending_src, device, torch.int64)))
+        out_keys = torch.cat((out_keys, keys))
+        if seen_keys is not None:  # a row without a repetition penalty loses nothing by having it "seen"
+            seen_keys = torch.cat((seen_keys, keys))
+    counts = torch.bincount(out_keys, minlength=rows * vocab)
     counts = counts.view(rows, vocab).to(logits.dtype)
     result = logits
-    if seen_keys:
-        seen = torch.bincount(host_to_device(seen_keys, device, torch.int64), minlength=rows * vocab)
+    if seen_keys is not None:
+        seen = torch.bincount(seen_keys, minlength=rows * vocab)
         rep = host_to_device([p.repetition_penalty for p in params], device, logits.dtype)[:, None]
         penalized = torch.where(logits > 0, logits / rep, logits * rep)
         result = torch.where(seen.view(rows, vocab) > 0, penalized, logits)

@@ -85,14 +85,45 @@ def test_steps_are_deferred_and_outputs_arrive_one_step_later(tiny_model):
     assert len(first[0].new_token_ids + second[0].new_token_ids + third[0].new_token_ids) == 3
 
 
-def test_penalised_and_structured_requests_are_read_back_at_once(tiny_model):
+def test_penalised_requests_are_deferred_and_count_their_pending_token(tiny_model):
+    """A penalised request's next step needs its last token in the penalty counts: with the token still on the
+    device it joins them there. Every penalty kind, greedy (so any miscount changes the tokens), beside a plain
+    request; the same tokens as the synchronous engine, with its steps deferred."""
+    prompts = random_prompts([12, 30, 7], VOCAB, seed=8)
+    # A logit bias makes token 50 the greedy choice until its penalty outweighs it, so the counts decide the
+    # tokens: one miscounted occurrence changes where it stops or comes back.
+    biased = ((50, 6.0),)
+    kinds = [dict(frequency_penalty=2.0, logit_bias=biased),
+             dict(frequency_penalty=1.0, presence_penalty=2.0, logit_bias=biased),
+             dict(repetition_penalty=3.0, frequency_penalty=0.5, logit_bias=biased)]
+    requests = [(f"p{i}", p, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, **k))
+                for i, (p, k) in enumerate(zip(prompts, kinds))]
+    requests.append(("plain", prompts[0], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)))
+    _, sync_tokens, _ = run(make_engine(tiny_model, False), requests)
     engine = make_engine(tiny_model, True)
-    engine.add_request("p", [5, 6, 7], SamplingParams(max_tokens=3, presence_penalty=0.5, ignore_eos=True))
-    assert len(engine.step()) == 1 and engine._in_flight is None  # its next step needs its tokens on the host
-    engine.add_request("q", [8, 9], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
-    while engine.has_unfinished_requests():
-        engine.step()
-    assert engine.stats().state_slots_used == 0
+    deferred = []
+    step = engine.step
+
+    def recording_step():
+        outputs = step()
+        deferred.append(engine._in_flight is not None)
+        return outputs
+
+    engine.step = recording_step
+    _, tokens, _ = run(engine, requests)
+    assert tokens == sync_tokens and sum(deferred) >= 20
+    assert all(1 < tokens[r].count(50) < 24 for r in ("p0", "p1", "p2"))  # the penalties steered the choice
+
+
+def test_structured_requests_are_read_back_at_once():
+    engine = LLMEngine(EngineConfig(max_num_seqs=4, num_state_slots=8, num_kv_blocks=64, async_scheduling=True))
+    prompt = engine.tokenizer.encode("Answer in JSON:")
+    engine.add_request("j", prompt, SamplingParams(temperature=0, max_tokens=6, structured_output=("json_object", "")))
+    engine.add_request("q", prompt, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    first = engine.step()  # the grammar's mask for the next token needs this one on the host
+    assert engine._in_flight is None and {o.request_id for o in first} == {"j", "q"}
+    final, tokens, _ = run(engine, [])
+    assert final["j"].text.startswith("{") and engine.stats().state_slots_used == 0
 
 
 @pytest.mark.parametrize("caching", [True, False])

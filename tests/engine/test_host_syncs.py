@@ -38,10 +38,10 @@ def test_eager_steps_run_the_model_without_a_host_sync(monkeypatch):
 
     sample = engine._sample
 
-    def strict_sample(out, logits):  # with asynchronous scheduling: the choice and its copy to the host
+    def strict_sample(out, logits, previous):  # asynchronous scheduling: the choice and its copy to the host
         torch.cuda.set_sync_debug_mode("error")
         try:
-            return sample(out, logits)
+            return sample(out, logits, previous)
         finally:
             torch.cuda.set_sync_debug_mode(0)
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from kda_serving.engine.sampler import Sampler
+from kda_serving.engine.sampler import Sampler, penalize
 from kda_serving.engine.sampling_params import SamplingParams
 
 
@@ -102,7 +102,6 @@ def reference_penalties(logits, p, tokens, prompt_len):
 
 
 def test_penalties_match_the_rule_row_by_row():
-    from kda_serving.engine.sampler import penalize
 
     gen = torch.Generator().manual_seed(3)
     vocab = 40
@@ -119,6 +118,27 @@ def test_penalties_match_the_rule_row_by_row():
         ref = reference_penalties(logits[r], p, tokens, prompt_len)
         assert torch.allclose(got[r].double(), ref, rtol=0, atol=1e-5), r
     assert torch.equal(got[4], logits[4])
+
+
+def test_a_pending_token_counts_as_if_it_were_in_the_history():
+    """Asynchronous scheduling: a row's last output token may still be on the device (histories[r] names its
+    index in pending_tokens); the penalties are exactly those of the history with the token appended, for every
+    kind, whether the token is new, already in the prompt or already generated."""
+    gen = torch.Generator().manual_seed(4)
+    vocab = 40
+    params = [SamplingParams(presence_penalty=1.5), SamplingParams(frequency_penalty=0.7),
+              SamplingParams(repetition_penalty=1.8), SamplingParams(repetition_penalty=0.5, frequency_penalty=2.0),
+              SamplingParams(presence_penalty=1.0), SamplingParams(repetition_penalty=2.5)]
+    histories = [([1, 2, 3, 5], 2), ([4, 4, 7], 1), ([0, 10, 11], 3), ([6, 6, 1], 1), ([2, 3, 9], 2), ([7, 8], 2)]
+    last = [33, 5, 10, 6, 9, 25]  # new / generated / in the prompt only / generated twice / generated / new
+    logits = torch.randn(len(params), vocab, generator=gen) * 3
+    whole = penalize(logits, params, [(t + [x], n) for (t, n), x in zip(histories, last)])
+    pending = torch.tensor([99, *reversed(last)])  # in another order, as a previous step's rows would be
+    named = penalize(logits, params, [(t, n, len(last) - r) for r, (t, n) in enumerate(histories)], pending)
+    assert torch.equal(named, whole)
+    mixed = penalize(logits, params, [(t + [x], n) if r % 2 else (t, n, len(last) - r)
+                                      for r, ((t, n), x) in enumerate(zip(histories, last))], pending)
+    assert torch.equal(mixed, whole)
 
 
 def test_penalties_steer_the_choice_but_not_the_logprobs():
