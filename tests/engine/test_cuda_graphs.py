@@ -114,13 +114,16 @@ def test_async_scheduling_through_graphs_matches_synchronous_steps():
     config = dict(device="cuda", max_num_seqs=8, num_state_slots=32, num_kv_blocks=64)
     greedy = lambda n, **kw: SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, **kw)  # noqa: E731
     requests = [("a", list(range(5, 14)), greedy(12)), ("b", list(range(7, 37)), greedy(7, logprobs=2)),
-                ("c", list(range(9, 13)), greedy(20)), ("d", [3], greedy(1))]
+                ("c", list(range(9, 13)), greedy(20)), ("d", [3], greedy(1)),
+                # penalised: its pending token joins the penalty counts on the device
+                ("e", list(range(11, 20)), greedy(14, frequency_penalty=1.0, logit_bias=((50, 6.0),)))]
     sync = _greedy_run(LLMEngine(EngineConfig(async_scheduling=False, **config)), requests)
     engine = LLMEngine(EngineConfig(**config))
     assert engine.config.async_scheduling and engine.runner.graphs is not None
     deferred = []
     out = _greedy_run(engine, requests, deferred)
     assert sum(deferred) >= 15  # decode steps left their tokens on the device
+    assert 1 < sync["e"][0].count(50) < 14  # the penalty steered the biased choice
     for request_id, (tokens, logprobs) in sync.items():
         assert out[request_id][0] == tokens, request_id
         assert out[request_id][1] == pytest.approx(logprobs, abs=1e-4), request_id
