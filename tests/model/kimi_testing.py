@@ -201,3 +201,33 @@ def logit_error(ours: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
         return math.inf, math.inf
     diff = (ours.double() - ref.double())
     return (diff.abs().max() / ref.abs().max()).item(), (diff.norm() / ref.double().norm()).item()
+
+
+def save_dense_checkpoint(path: str, seed: int) -> str:
+    """A dense random model saved at path: 3 KDA layers of head size 128 and one MLA layer, no MoE (whose expert
+    choice is discontinuous: a near-tie flips with any rounding and moves a token's logits by O(1)), so that two
+    runs' logits can be held to a rounding-level distance."""
+    hf, _ = make_hf_model(
+        seed=seed, hidden_size=256, q_lora_rank=64, first_k_dense_replace=4,
+        linear_attn_config={"kda_layers": [1, 2, 4], "full_attn_layers": [3], "num_heads": 2, "head_dim": 128,
+                            "short_conv_kernel_size": 4},
+    )
+    return save_hf_checkpoint(hf, path)
+
+
+def run_two_prompts(model, state_dtype=torch.float32, block_size: int = 16) -> list[torch.Tensor]:
+    """A packed prefill of two random prompts, then 5 decode steps of both; each sequence's logits rows."""
+    caches = model.allocate_caches(4, 16, block_size, state_dtype=state_dtype)
+    gen = torch.Generator().manual_seed(0)
+    a = Sequence(torch.randint(3, model.config.vocab_size, (60,), generator=gen).tolist(), slot=3, blocks=[4, 0, 7, 2])
+    b = Sequence(torch.randint(3, model.config.vocab_size, (45,), generator=gen).tolist(), slot=1, blocks=[9, 5, 11])
+    run_step(model, caches, [(a, 50), (b, 40)], block_size)
+    for _ in range(5):
+        run_step(model, caches, [(a, 1), (b, 1)], block_size)
+    return [torch.cat(s.logits) for s in (a, b)]
+
+
+def per_token_rel(ours: list[torch.Tensor], ref: list[torch.Tensor]) -> list[float]:
+    """Per-token relative error of each sequence's logits rows, flattened over the sequences."""
+    return [((x.double() - y.double()).norm() / y.double().norm()).item()
+            for o, r in zip(ours, ref) for x, y in zip(o, r.to(o.device))]

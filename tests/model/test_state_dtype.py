@@ -15,39 +15,18 @@ import statistics
 
 import pytest
 import torch
-from kimi_testing import Sequence, make_hf_model, run_step, save_hf_checkpoint
+from kimi_testing import per_token_rel as _rel
+from kimi_testing import run_two_prompts as _run
+from kimi_testing import save_dense_checkpoint
 
 from kda_serving.model import load_model
 
 BLOCK = 16
 
 
-def _run(model, state_dtype) -> list[torch.Tensor]:
-    caches = model.allocate_caches(4, 16, BLOCK, state_dtype=state_dtype)
-    assert all(p.dtype == state_dtype for p in caches.recurrent)
-    gen = torch.Generator().manual_seed(0)
-    a = Sequence(torch.randint(3, model.config.vocab_size, (60,), generator=gen).tolist(), slot=3, blocks=[4, 0, 7, 2])
-    b = Sequence(torch.randint(3, model.config.vocab_size, (45,), generator=gen).tolist(), slot=1, blocks=[9, 5, 11])
-    run_step(model, caches, [(a, 50), (b, 40)], BLOCK)
-    for _ in range(5):
-        run_step(model, caches, [(a, 1), (b, 1)], BLOCK)
-    return [torch.cat(s.logits) for s in (a, b)]
-
-
 @pytest.fixture(scope="module")
 def dense_checkpoint(tmp_path_factory) -> str:
-    hf, _ = make_hf_model(
-        seed=12, hidden_size=256, q_lora_rank=64, first_k_dense_replace=4,
-        linear_attn_config={"kda_layers": [1, 2, 4], "full_attn_layers": [3], "num_heads": 2, "head_dim": 128,
-                            "short_conv_kernel_size": 4},
-    )
-    return save_hf_checkpoint(hf, str(tmp_path_factory.mktemp("dense")))
-
-
-def _rel(ours: list[torch.Tensor], ref: list[torch.Tensor]) -> list[float]:
-    """Per-token relative error of each sequence's logits rows, flattened over both sequences."""
-    return [((x.double() - y.double()).norm() / y.double().norm()).item()
-            for o, r in zip(ours, ref) for x, y in zip(o, r.to(o.device))]
+    return save_dense_checkpoint(str(tmp_path_factory.mktemp("dense")), seed=12)
 
 
 def test_bf16_states_track_fp32_states_cpu(dense_checkpoint):
