@@ -224,12 +224,7 @@ class LLMEngine:
                 index.append(first + j)
                 params.append(seq.params)
                 generators.append(seq.generator)
-                # a draft row's penalties count the drafts before it as output
-                tokens = seq.token_ids + c.drafts[:j] if j and seq.params.penalized else seq.token_ids
-                if seq.pending_row is not None:  # the placeholder's token is previous.result.tokens[pending_row]
-                    histories.append((tokens[:-1], seq.num_prompt_tokens, seq.pending_row))
-                else:
-                    histories.append((tokens, seq.num_prompt_tokens))
+                histories.append(self._history(seq, c.drafts[:j]) if seq.params.penalized else None)
         allowed = (constrained, self.structured.token_mask(matchers, logits.device)) if constrained else None
         result = self.sampler.sample(logits[host_to_device(index, logits.device)], params, generators, histories,
                                      allowed, previous.result.tokens if previous is not None else None)
@@ -237,6 +232,14 @@ class LLMEngine:
         if deferred:
             result.copy_to_host()
         return SampledStep(sampled, result, deferred)
+
+    @staticmethod
+    def _history(seq: Sequence, drafts: list[int]) -> tuple:
+        """A penalized row's tokens for the sampler: a draft row counts the drafts before it as output; a
+        placeholder's token is named by its row in the previous step's tokens, still on the device."""
+        if seq.pending_row is not None:
+            return seq.token_ids[:-1], seq.num_prompt_tokens, seq.pending_row
+        return (seq.token_ids + drafts if drafts else seq.token_ids), seq.num_prompt_tokens
 
     def _defer(self, step: SampledStep) -> None:
         """Leaves the step's tokens on the device: each request still running gets a placeholder token, which
@@ -253,8 +256,9 @@ class LLMEngine:
         self._in_flight = step
 
     def _pending_inputs(self, out, batch, previous: SampledStep | None):
-        """(batch rows, rows of the previous step's sampled tokens): the decodes that feed a token the
-        previous step sampled and this host has not read yet. Their host input id is a placeholder (0)."""
+        """The decodes that feed a token the previous step sampled and this host has not read yet, as the
+        runner's pending_inputs: (their batch rows, their rows in the previous step's tokens, those tokens);
+        None if there are none. Their host input id becomes 0, a valid id the device copy overwrites."""
         if previous is None:
             return None
         rows, sources, row = [], [], 0

@@ -27,7 +27,7 @@ class DeviceSample:
 
     def __init__(self, n: int, tokens: torch.Tensor, want: list[tuple[int, int]], chosen, top_vals, top_ids):
         self.n, self.tokens, self.want = n, tokens, want  # want: (row, how many top logprobs) per row asking
-        self._tensors = [t for t in (tokens, chosen, top_vals, top_ids)]
+        self._tensors = [tokens, chosen, top_vals, top_ids]
         self._host = None
         self._done = None
 
@@ -64,7 +64,8 @@ class Sampler:
     is batched with. Unseeded rows share the engine's generator. Logprobs are of the full (temperature 1)
     distribution, as the OpenAI API reports them, before penalties and logit biases.
 
-    Penalties (SamplingParams) need each penalized row's tokens: histories[i] = (token ids, prompt length).
+    Penalties (SamplingParams) need each penalized row's tokens: histories[i] = (token ids, prompt length) (or
+    the three-part form of `penalize`) for a penalized row i; other rows' entries are not read.
     Their counts are rebuilt every step, in one bincount over the penalized rows' tokens, so a penalized
     request costs host time in proportion to its length; unpenalized rows cost nothing.
     """
