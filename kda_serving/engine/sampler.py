@@ -31,7 +31,7 @@ class DeviceSample:
         self._host = None
         self._done = None
 
-    def copy_to_host(self) -> "DeviceSample":
+    def copy_to_host(self) -> DeviceSample:
         if self._host is None and self.tokens.device.type == "cuda":
             self._host = [None if t is None else t.to("cpu", non_blocking=True) for t in self._tensors]
             self._done = torch.cuda.Event()
@@ -83,7 +83,7 @@ class Sampler:
     def sample(self, logits: torch.Tensor, params: list[SamplingParams], generators: list,
                histories: list[tuple] | None = None,
                allowed: tuple[list[int], torch.Tensor] | None = None,
-               pending_tokens: torch.Tensor | None = None) -> "DeviceSample":
+               pending_tokens: torch.Tensor | None = None) -> DeviceSample:
         """The same choice as __call__, left on the logits' device: nothing here waits for it. A history may
         name its row's last output token by its index in pending_tokens, a previous step's tokens still on the
         device (penalize)."""

@@ -8,6 +8,7 @@ blocks (see RaggedBatch). Only the rows named by batch.logits_indices reach the 
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,8 @@ from .kda_block import KDABlock
 from .mla_block import MLABlock
 from .moe import DenseMLP, MoE, route_experts
 from .norm import add_rms_norm, rms_norm
+
+log = logging.getLogger(__name__)
 
 
 class DecoderLayer(nn.Module):
@@ -81,7 +84,7 @@ class KimiLinearModel(nn.Module):
 
     norm_fn = staticmethod(rms_norm)
 
-    def compile_plain_ops(self, enable: bool = True) -> None:
+    def compile_plain_ops(self, enable: bool = True) -> bool:
         """Compiles (torch.compile, Inductor) the model's plain torch pieces between its custom ops and GEMMs:
         the RMS norms, each residual add with the norm after it, and the MoE router, each one function shared
         by every layer and compiled once for every token count (dynamic shapes). Their dozens of small
@@ -89,7 +92,18 @@ class KimiLinearModel(nn.Module):
         decode step of 4 Kimi-Linear-48B-shaped layers went 1.05 -> 0.92 ms at 1 request and 2.63 -> 2.42 ms
         at 64 (benchmarks/experiments/compile_decode.py). The rest stays eager: the custom ops and GEMMs gain
         nothing from it, and compiling the whole forward specialises on the key lengths of every step.
-        enable=False puts the eager functions back."""
+        enable=False puts the eager functions back.
+
+        The functions are compiled here, on one and two tokens (every longer count shares the second). If that
+        fails (no C compiler for Triton's launcher, an Inductor error), the eager functions stay, with a
+        warning, rather than the first step failing. Returns whether the compiled ones are in use."""
+        if enable:
+            try:
+                self._warm_up_compiled()
+            except Exception as exc:  # noqa: BLE001 - any compile failure leaves the eager path, which is correct
+                log.warning("torch.compile of the model's plain ops failed (%s: %s); they run eagerly",
+                            type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+                enable = False
         pick = _compiled if enable else (lambda fn: fn)
         norm, add_norm, route = pick(rms_norm), pick(add_rms_norm), pick(route_experts)
         self.norm_fn = norm
@@ -97,6 +111,19 @@ class KimiLinearModel(nn.Module):
             layer.norm_fn, layer.add_norm_fn = norm, add_norm
             if isinstance(layer.mlp, MoE):
                 layer.mlp.route_fn = route
+        return enable
+
+    @torch.inference_mode()  # as forward runs: the compiled code is guarded on it
+    def _warm_up_compiled(self) -> None:
+        eps = self.config.rms_norm_eps
+        moe = next((layer.mlp for layer in self.layers if isinstance(layer.mlp, MoE)), None)
+        for tokens in (1, 2):
+            h = torch.ones(tokens, self.norm.shape[0], dtype=self.dtype, device=self.device)
+            _compiled(rms_norm)(h, self.norm, eps)
+            _compiled(add_rms_norm)(h, h, self.norm, eps)
+            if moe is not None:
+                _compiled(route_experts)(h, moe.router, moe.e_score_correction_bias, moe.top_k, moe.num_groups,
+                                         moe.topk_group, moe.renormalize, moe.scaling)
 
     @property
     def decode_capturable(self) -> bool:

@@ -88,3 +88,21 @@ def test_compiled_pieces_track_the_fp32_truth_cuda(dense_checkpoint):
           f"compiled {e_comp:.2e} ({w_comp:.2e})")
     assert e_comp <= 1.25 * e_eager + 2e-3 and w_comp <= 1.5 * w_eager + 5e-3
     _check_router("cuda", torch.bfloat16)
+
+
+def test_a_failing_compile_leaves_the_eager_functions(dense_checkpoint, monkeypatch, caplog):
+    """No C compiler, an Inductor error: the model keeps its eager functions and says so, instead of failing
+    its first step."""
+    from kda_serving.model import kimi_linear
+
+    def broken(fn):
+        def compiled(*args):
+            raise RuntimeError("Inductor: no working C compiler found\nmore detail")
+        return compiled
+
+    monkeypatch.setattr(kimi_linear, "_compiled", broken)
+    model = load_model(dense_checkpoint, device="cpu", progress=False)
+    assert model.compile_plain_ops() is False
+    assert model.norm_fn is rms_norm and model.layers[0].add_norm_fn is add_rms_norm
+    assert "no working C compiler found" in caplog.text and "run eagerly" in caplog.text
+    assert all(torch.isfinite(x).all() for x in _run(model))
