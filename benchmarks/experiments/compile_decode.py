@@ -7,8 +7,8 @@ engine's decode step (asynchronous scheduling, graphs) with the model as is and 
 
   plain ops  EngineConfig.torch_compile (KimiLinearModel.compile_plain_ops): the norms, residual add + norm and
              the MoE router, dynamic=True (one compile for every token count); what the engine does
+  plain-emulate  the plain ops with emulate_precision_casts (fused intermediates rounded to bf16 as eager does)
   whole      model.forward, dynamic=False (graph breaks at each custom op; recompiles per shape and key length)
-  plain-emulate  the same with emulate_precision_casts (fused intermediates rounded to bf16 as eager does)
   plain+moe  the plain ops and the whole MoE.forward (grouped GEMMs included), dynamic=True
 
 and compares the first decode step's logits with the uncompiled model's (bf16: not bit-equal).
