@@ -49,6 +49,13 @@ def _finish(y: Tensor, bias: Tensor | None, silu: bool) -> Tensor:
     return F.silu(y) if silu else y
 
 
+def _taps(windows: Tensor, weight: Tensor) -> Tensor:
+    """sum_w windows[..., w, d] * weight[d, w] (the CPU paths' convolution). A multiply and a sum over the W taps:
+    torch.einsum made it a batched product over the channels, 2-4x slower on the CPU (16 x 4 x 768: 153 vs 76 us;
+    1024 tokens: 20.5 vs 4.7 ms)."""
+    return (windows * weight.float().t()).sum(-2)
+
+
 @torch.library.custom_op("kda_serving::causal_conv1d_prefill_", mutates_args=("out", "conv_pool"))
 def _conv_prefill_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], cu_seqlens: Tensor, conv_pool: Tensor,
                      state_indices: Tensor, has_initial_state: Optional[Tensor], silu: bool, out: Tensor) -> None:
@@ -71,7 +78,7 @@ def _conv_prefill_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], cu_seqle
     carry_pos = (seg_start.unsqueeze(1) + torch.arange(W - 1)).reshape(-1)
     buf[carry_pos.to(x.device)] = start.reshape(-1, D)
     window = (seg_start[seq_of_tok] + tok_off).unsqueeze(1) + torch.arange(W)  # [T, W] rows of buf
-    y = torch.einsum("twd,dw->td", buf[window.to(x.device)], weight.float())
+    y = _taps(buf[window.to(x.device)], weight)
     y = _finish(y, bias, silu)
     y[~real.to(y.device)[seq_of_tok.to(y.device)]] = 0
     _write_output(out, y)
@@ -102,7 +109,7 @@ def _conv_decode_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], conv_pool
     window = torch.zeros((N, W, D), dtype=torch.float32, device=x.device)
     window[real, : W - 1] = conv_pool[idx[real]].float()
     window[:, W - 1] = x.float()
-    y = _finish(torch.einsum("nwd,dw->nd", window, weight.float()), bias, silu)
+    y = _finish(_taps(window, weight), bias, silu)
     y[~real] = 0
     _write_output(out, y)
     conv_pool[idx[real]] = window[real, 1:].to(conv_pool.dtype)
@@ -130,7 +137,7 @@ def _conv_verify_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], conv_pool
     # per sequence: its W-1 carried inputs, then its T new ones
     buf = torch.cat((conv_pool[idx.clamp(min=0)].float() * real[:, None, None], x.float()), dim=1)
     windows = buf.unfold(1, W, 1)  # [N, T, D, W]: window t ends at token t
-    y = _finish(torch.einsum("ntdw,dw->ntd", windows, weight.float()), bias, silu)
+    y = _finish(_taps(windows.transpose(-1, -2), weight), bias, silu)
     _write_output(out, (y * real[:, None, None]).view(N * T, D))
     # the state after token t is the W-1 inputs ending there: buf rows t+1 .. t+W-1
     states = buf.unfold(1, W - 1, 1)[:, 1:].transpose(2, 3).reshape(N * T, W - 1, D).to(conv_pool.dtype)
