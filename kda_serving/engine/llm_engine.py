@@ -251,8 +251,7 @@ class LLMEngine:
             seq.token_ids.append(PENDING_TOKEN)
             seq.pending_row = row
             # Its last token: the scheduler gives it no further decode, which could only be thrown away.
-            seq.pending_is_last = (seq.num_output_tokens >= seq.params.max_tokens
-                                   or seq.num_tokens >= self.max_model_len)
+            seq.pending_is_last = self._at_length_limit(seq)
         self._in_flight = step
 
     def _pending_inputs(self, out, batch, previous: SampledStep | None):
@@ -327,9 +326,13 @@ class LLMEngine:
             # came out empty can sample: the request ends either way.
             if not seq.matcher.consume_token(token) or seq.matcher.is_stopped():
                 return "stop"
-        if seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+        if self._at_length_limit(seq):
             return "length"
         return None
+
+    def _at_length_limit(self, seq: Sequence) -> bool:
+        """Its last token is its last: max_tokens generated, or the model length reached."""
+        return seq.num_output_tokens >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len
 
     def _output(self, seq: Sequence, new_tokens, logprobs, top_logprobs) -> RequestOutput:
         finished = seq.is_finished
