@@ -7,6 +7,7 @@ import logging
 import torch
 
 from ..model.batch import RaggedBatch, host_to_device
+from ..model.mla_prefill import EXPANDED_BUDGET
 from ..ops import indices_checked_by_caller
 from .config import EngineConfig
 from .scheduler import SchedulerOutput
@@ -106,6 +107,10 @@ class ModelRunner:
         self.model.forward(profile_batch(tokens, cfg.block_size).to(self.device), caches)
         torch.cuda.synchronize(self.device)
         activation = torch.cuda.max_memory_allocated(self.device) - base
+        if self.model.config.mla_layers:
+            # the MLA attention of a step with cached context holds up to EXPANDED_BUDGET elements of expanded
+            # keys and values per call (model/mla_prefill.py), which a prefill from scratch may not reach
+            activation += EXPANDED_BUDGET * self.model.dtype.itemsize
         del caches
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(self.device)

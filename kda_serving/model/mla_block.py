@@ -2,11 +2,16 @@
 
 Each token is cached as one latent row [kv_lora_rank + qk_rope_head_dim]: the RMS-normalised KV latent c
 followed by the shared key part r. Keys and values of head h are k_h = [W_uk[h] c, r], v_h = W_uv[h] c,
-with W_uk, W_uv the two halves of kv_b_proj. Attention is computed in the absorbed form, on the latents
+with W_uk, W_uv the two halves of kv_b_proj. Decodes attend in the absorbed form, on the latents
 themselves: score = [W_uk[h]^T q_nope, q_rope] . [c, r] and out_h = W_uv[h] (sum_l p_l c_l), which is the same
 function as expanding keys and values but never materialises them, so the cost per token is that of one
 multi-query attention of head size kv_lora_rank + qk_rope_head_dim. The softmax scale stays qk_head_dim ** -0.5.
 No rotary embedding is applied (mla_use_nope), exactly as transformers' KimiLinearAttention.
+
+Where it runs: on CUDA a decode or verify step takes the paged kernel (ops.mla_decode); a step with prompt
+tokens takes, for sequences of EXPANDED_MIN_QUERIES+ new tokens, the expanded form on the flash kernel
+(mla_prefill.py: keys and values expanded per head, which pays when queries are many), and the paged kernel
+for the other rows. Elsewhere (the CPU, fp32, other sizes) _attend, the absorbed form in torch ops.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from ..ops import mla_decode
 from ..ops.cuda_mla import supports as cuda_mla_supports
 from .batch import RaggedBatch
 from .config import ModelConfig
+from .mla_prefill import ExpandedPrefill, flash_varlen_supported, plan_runs
 from .norm import LATENT_NORM_EPS, rms_norm
 
 # Bounds on the attention's temporaries, in elements: one [seqs, heads, queries, keys] score block (512 MiB in
@@ -28,6 +34,14 @@ LATENT_BUDGET = 1 << 28
 # On CUDA, groups whose keys number at least this many times their queries (a prompt chunk after cached
 # context) take _gemm_attention instead of SDPA: measured 1.2-1.4x faster there, 0.77x with no context.
 GEMM_ATTENTION_KEYS_PER_QUERY = 2
+# On CUDA, in a step with prompt tokens, a sequence with at least this many new tokens takes the expanded form
+# on the flash kernel (mla_prefill); the other rows (decodes, verifications, short chunks) the paged kernel, one
+# query each. The paged kernel reads a sequence's cache once per query, the expanded form expands every key
+# once: measured on an H200, they cross at 96-192 queries, lower the longer the context (docs/engine.md).
+EXPANDED_MIN_QUERIES = 128
+# False sends steps with prompt tokens to _attend on CUDA too (the torch-ops path before the kernels took them):
+# the baseline of benchmarks/bench_engine.py --mla-prefill torch.
+PREFILL_ON_KERNELS = True
 
 
 def _param(*shape: int, dtype: torch.dtype, device) -> nn.Parameter:
@@ -76,29 +90,76 @@ class MLABlock(nn.Module):
         c, r = F.linear(x, self.kv_a_proj_with_mqa, self._bias("kv_a_proj_with_mqa")).split(
             [self.kv_lora_rank, self.rope_dim], dim=-1
         )
-        latent = torch.cat([rms_norm(c, self.kv_a_layernorm, LATENT_NORM_EPS), r], dim=-1)  # [T, L]
+        latent = torch.cat([rms_norm(c, self.kv_a_layernorm, LATENT_NORM_EPS), r], dim=-1).to(kv_cache.dtype)
         flat_cache = kv_cache.view(-1, kv_cache.shape[-1])
-        flat_cache[batch.slot_mapping] = latent.to(kv_cache.dtype)
+        flat_cache[batch.slot_mapping] = latent  # [T, L]
 
         w_kv = self.kv_b_proj.view(nh, self.nope_dim + self.v_dim, self.kv_lora_rank)
-        w_uk, w_uv = w_kv[:, : self.nope_dim], w_kv[:, self.nope_dim :]
-        q_absorbed = torch.cat([torch.einsum("thd,hdc->thc", q_nope, w_uk), q_rope], dim=-1)  # [T, nh, L]
-        if self._paged_decode(q_absorbed, batch, kv_cache):
+        if not self._on_cuda_kernels(x, batch, kv_cache):
+            out_latent = self._attend(self._absorb(q_nope, q_rope, w_kv), batch, flat_cache, kv_cache.shape[1])
+            out = self._unabsorb(out_latent, w_kv)
+        elif batch.decode_only:
             # no prompt tokens: the paged kernel reads each cached row in place, once per query
             tables, lens = _query_tables(batch)
-            out_latent = mla_decode(q_absorbed, kv_cache, tables, lens, scale=self.scale,
+            out_latent = mla_decode(self._absorb(q_nope, q_rope, w_kv), kv_cache, tables, lens, scale=self.scale,
                                     max_seq_len=max(batch.kv_lens), value_dim=self.kv_lora_rank)
+            out = self._unabsorb(out_latent, w_kv)
         else:
-            out_latent = self._attend(q_absorbed, batch, flat_cache, kv_cache.shape[1])  # [T, nh, kv_lora_rank]
-        out = torch.einsum("thc,hvc->thv", out_latent, w_uv).reshape(T, nh * self.v_dim)
-        return F.linear(out, self.o_proj, self._bias("o_proj"))
+            out = self._prefill(q_nope, q_rope, latent, batch, kv_cache, w_kv)
+        return F.linear(out.reshape(T, nh * self.v_dim), self.o_proj, self._bias("o_proj"))
 
-    def _paged_decode(self, q: torch.Tensor, batch: RaggedBatch, kv_cache: torch.Tensor) -> bool:
-        """Whether this step goes to the paged decode kernel (ops.mla_decode): a decode (or verify) step on CUDA,
-        bf16, with the host bound of the key lengths, in sizes the kernel is built for (16 or 32 heads of 576)."""
-        return (q.is_cuda and batch.decode_only and bool(batch.kv_lens) and q.dtype == kv_cache.dtype == torch.bfloat16
+    def _absorb(self, q_nope: torch.Tensor, q_rope: torch.Tensor, w_kv: torch.Tensor) -> torch.Tensor:
+        """Queries [T, nh, nope], [T, nh, rope] -> absorbed queries [T, nh, L] = [W_uk[h]^T q_nope, q_rope]."""
+        return torch.cat([torch.einsum("thd,hdc->thc", q_nope, w_kv[:, : self.nope_dim]), q_rope], dim=-1)
+
+    def _unabsorb(self, out_latent: torch.Tensor, w_kv: torch.Tensor) -> torch.Tensor:
+        """Attention output on the latents [T, nh, C] -> per-head values [T, nh, v] (W_uv[h] applied)."""
+        return torch.einsum("thc,hvc->thv", out_latent, w_kv[:, self.nope_dim :])
+
+    def _on_cuda_kernels(self, x: torch.Tensor, batch: RaggedBatch, kv_cache: torch.Tensor) -> bool:
+        """Whether this step's attention runs on the CUDA kernels: bf16, with host copies of the query and key
+        lengths, in sizes the paged kernel is built for (16 or 32 heads of 576), and, with prompt tokens, heads
+        the flash kernel takes. Decode and verify steps go to the paged kernel (ops.mla_decode) whole; steps with
+        prompt tokens to _prefill. Elsewhere _attend, in the absorbed form with torch ops."""
+        return (x.is_cuda and bool(batch.kv_lens) and bool(batch.query_lens)
+                and x.dtype == kv_cache.dtype == torch.bfloat16
                 and batch.block_tables.dtype == torch.int32 and batch.seq_lens.dtype == torch.int32
-                and cuda_mla_supports(self.num_heads, q.shape[-1], self.kv_lora_rank))
+                and cuda_mla_supports(self.num_heads, kv_cache.shape[-1], self.kv_lora_rank)
+                and (batch.decode_only or (PREFILL_ON_KERNELS and flash_varlen_supported(
+                    x, self.nope_dim + self.rope_dim, self.v_dim))))
+
+    def _prefill(self, q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, batch: RaggedBatch,
+                 kv_cache: torch.Tensor, w_kv: torch.Tensor) -> torch.Tensor:
+        """A step with prompt tokens, on CUDA: sequences with at least EXPANDED_MIN_QUERIES new tokens in the
+        expanded form (mla_prefill), the other rows on the paged kernel one query each, over the keys up to
+        their own position. Returns per-head values [T, nh, v]."""
+        T, nh = q_nope.shape[:2]
+        q_lens, kv_lens = batch.query_lens, batch.kv_lens
+        starts = [0]
+        for n in q_lens:
+            starts.append(starts[-1] + n)
+        long = [n for n in range(len(q_lens)) if q_lens[n] >= EXPANDED_MIN_QUERIES]
+        short = [n for n in range(len(q_lens)) if q_lens[n] < EXPANDED_MIN_QUERIES]
+        out = q_nope.new_empty(T, nh, self.v_dim)
+        flat_cache = kv_cache.view(-1, kv_cache.shape[-1])
+        if long:
+            rows = _rows(long, starts, q_nope.device)
+            attend = ExpandedPrefill(w_kv, self.nope_dim, self.rope_dim, self.scale,
+                                     target_ctas=2 * _sm_count(q_nope.device))
+            runs = plan_runs(long, q_lens, kv_lens, attend.key_budget)
+            out[rows] = attend(torch.cat([q_nope[rows], q_rope[rows]], dim=-1), latent[rows], runs,
+                               batch.block_tables, flat_cache, kv_cache.shape[1])
+        if short:
+            rows = _rows(short, starts, q_nope.device)
+            seq_of_row = torch.tensor([n for n in short for _ in range(q_lens[n])]).to(q_nope.device,
+                                                                                      non_blocking=True)
+            # each query sees the keys up to its own position: a short chunk's earlier tokens, not its later ones
+            lens = (batch.positions[rows] + 1).to(torch.int32)
+            out_latent = mla_decode(self._absorb(q_nope[rows], q_rope[rows], w_kv), kv_cache,
+                                    batch.block_tables[seq_of_row], lens, scale=self.scale,
+                                    max_seq_len=max(kv_lens[n] for n in short), value_dim=self.kv_lora_rank)
+            out[rows] = self._unabsorb(out_latent, w_kv)
+        return out
 
     def _attend(self, q: torch.Tensor, batch: RaggedBatch, flat_cache: torch.Tensor, block_size: int):
         """Causal attention of the new tokens' queries q [T, nh, L] over each sequence's cached latents.
@@ -192,6 +253,20 @@ class MLABlock(nn.Module):
         scores = torch.bmm(q, keys.transpose(1, 2), out_dtype=torch.float32).mul_(self.scale)
         probs = torch.softmax(scores.masked_fill_(~mask, float("-inf")), dim=-1).to(q.dtype)
         return torch.bmm(probs, keys[:, :, : self.kv_lora_rank], out_dtype=torch.float32).to(q.dtype)
+
+
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (8 stands in elsewhere: the CPU reference path in tests)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+
+
+def _rows(seqs: list[int], starts: list[int], device) -> slice | torch.Tensor:
+    """The token rows of sequences `seqs` (in order; starts: token offsets of the batch's sequences): a slice
+    where they are contiguous, else an index tensor."""
+    if all(b == a + 1 for a, b in zip(seqs, seqs[1:])):
+        return slice(starts[seqs[0]], starts[seqs[-1] + 1])
+    index = [t for n in seqs for t in range(starts[n], starts[n + 1])]
+    return torch.tensor(index).to(device, non_blocking=True)
 
 
 def _query_tables(batch: RaggedBatch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -199,10 +199,10 @@ def test_mla_block_decode_on_the_kernel_matches_the_gather_path():
     x = torch.randn(N, 512, generator=gen, device="cuda").to(torch.bfloat16)
     with torch.inference_mode():
         cache_k = cache.clone()
-        assert block._paged_decode(torch.empty(N, 32, 576, dtype=torch.bfloat16, device="cuda"), batch, cache_k)
+        assert block._on_cuda_kernels(x, batch, cache_k)
         out_kernel = block(x, batch, cache_k)
         cache_g = cache.clone()
-        gather_batch = RaggedBatch(**{**batch.__dict__, "is_decode": False})  # not a decode: the gather path
+        gather_batch = RaggedBatch(**{**batch.__dict__, "query_lens": []})  # no host lengths: the gather path
         out_gather = block(x, gather_batch, cache_g)
     assert torch.equal(cache_k, cache_g)
     check(out_kernel, out_gather.double(), "MLABlock decode, kernel vs gather path", rel_tol=1.5e-2)

@@ -1,0 +1,276 @@
+"""MLA attention of prompt chunks in the expanded form, on the FlashAttention-2 varlen kernel shipped in torch.
+
+The absorbed form (mla_block) attends on the cached latents themselves: one multi-query attention of head size
+kv_lora_rank + qk_rope_head_dim (576 at Kimi-Linear-48B's shapes), 2 * (576 + 512) FLOPs per query, key and
+head, and no flash kernel takes a head of 576. A prompt chunk has many queries per key, so it pays to expand
+the keys and values once per step instead: k_h = [W_uk[h] c, r] (192) and v_h = W_uv[h] c (128), one GEMM per
+key, after which each (query, key, head) costs 2 * (192 + 192) FLOPs (values padded to the key's size, which
+the flash kernel needs) and the flash kernel runs it.
+
+Sequence n's Q new tokens attend over its C cached keys and its Q new ones. That splits in two parts:
+  - its own new keys, expanded from this step's latents: causal and square, where upper-left and lower-right
+    alignment agree, so one varlen call with is_causal covers every sequence;
+  - its cached context, gathered from the paged cache and expanded: no mask (every cached key precedes every
+    new query), in pieces, each a varlen call.
+The parts merge by their log-sum-exps. Every call holds at most `key_budget` expanded keys (and a sequence's
+new tokens are cut into runs of at most that many queries, a run's earlier tokens joining its context), so the
+temporaries stay bounded whatever the prompt and context.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+# Elements of expanded keys and values (and their latents) one call may hold: 512 MiB in bf16, the same bound as
+# the absorbed form's gathered latents (mla_block.LATENT_BUDGET); 20,000 keys at 48B's shapes.
+EXPANDED_BUDGET = 1 << 28
+FLASH_MAX_HEAD_DIM = 256  # FlashAttention-2's largest head size (torch's build)
+TILE_M = 128  # query rows per CTA of the flash kernel's forward at head sizes 128-192
+MIN_PIECE_KEYS = 256  # context pieces no smaller: each costs a merge
+
+
+def flash_varlen_supported(q: torch.Tensor, qk_dim: int, v_dim: int) -> bool:
+    """Whether the flash varlen kernel takes these queries: CUDA, 16-bit, SM80+, heads up to 256 (values padded
+    to the key size), a multiple of 8."""
+    return (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and v_dim <= qk_dim <= FLASH_MAX_HEAD_DIM
+            and qk_dim % 8 == 0 and torch.cuda.get_device_capability(q.device)[0] >= 8)
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens_q: list[int], lens_k: list[int],
+                     causal: bool, scale: float, v_dim: int,
+                     cu: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of packed sequences: q [Tq, H, D], k [Tk, H, D], v [Tk, H, D] whose first v_dim columns are the
+    values (the rest zeros: the flash kernel needs values of the key size), sequence i owning lens_q[i] query
+    and lens_k[i] key rows in order; causal: square sequences, query j sees keys 0..j. Rows of q, k, v may be
+    strided; the last dimension must be contiguous. cu: the cumulative lengths as int32 tensors on q's device,
+    where the caller has them.
+    Returns (out [Tq, H, v_dim] in q's dtype, lse [Tq, H] fp32, the log-sum-exp of each row's scaled scores).
+
+    On CUDA FlashAttention-2's varlen kernel, one launch for any mix of lengths (cuDNN's attention runs these
+    sizes 2.4x faster, but builds a plan of ~64 ms for every new shape, and a serving step's shapes are new at
+    every turn: docs/engine.md); elsewhere a per-sequence fp32 loop, the reference the tests hold the
+    decomposition to."""
+    Tq, H, D = q.shape
+    if not q.is_cuda:
+        return _reference_attention(q, k, v[..., :v_dim], lens_q, lens_k, causal, scale)
+    cu_q, cu_k = cu if cu is not None else (_cu(lens_q, q.device), _cu(lens_k, q.device))
+    out, lse = torch.ops.aten._flash_attention_forward(
+        q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), 0.0, causal, False, scale=scale)[:2]
+    return out[..., :v_dim], _lse_rows(lse, cu_q, Tq, H)
+
+
+def _reference_attention(q, k, v, lens_q, lens_k, causal: bool, scale: float):
+    """varlen_attention one sequence at a time in fp32 (v: the values alone)."""
+    Tq, H, _ = q.shape
+    out = q.new_empty(Tq, H, v.shape[-1])
+    lse = torch.empty(Tq, H, dtype=torch.float32, device=q.device)
+    q0 = k0 = 0
+    for lq, lk in zip(lens_q, lens_k):
+        q1, k1 = q0 + lq, k0 + lk
+        scores = torch.einsum("qhd,khd->hqk", q[q0:q1].float(), k[k0:k1].float()) * scale
+        if causal:
+            scores.masked_fill_(torch.ones(lq, lk, dtype=torch.bool, device=q.device).triu_(1), float("-inf"))
+        row_lse = torch.logsumexp(scores, dim=-1)  # [H, q]
+        probs = torch.exp(scores - row_lse[..., None])
+        out[q0:q1] = torch.einsum("hqk,khd->qhd", probs, v[k0:k1].float()).to(q.dtype)
+        lse[q0:q1] = row_lse.t()
+        q0, k0 = q1, k1
+    return out, lse
+
+
+def _lse_rows(lse: torch.Tensor, cu_q: torch.Tensor, Tq: int, H: int) -> torch.Tensor:
+    """The flash kernel's log-sum-exps as [Tq, H]: torch's varlen build returns them [H, Tq]; a padded layout
+    [batch, H, max_q] (older builds) is unpacked by sequence."""
+    if lse.dim() == 2:
+        return lse.t()
+    seq_of_row = torch.repeat_interleave(torch.arange(cu_q.shape[0] - 1, device=lse.device),
+                                         cu_q.diff().long(), output_size=Tq)
+    offset = torch.arange(Tq, device=lse.device) - cu_q.long()[seq_of_row]
+    return lse[seq_of_row, :, offset]
+
+
+@dataclass
+class QueryRun:
+    """Queries rows[0]:rows[1] (in the expanded rows) of batch sequence `seq`, at positions context..context +
+    rows[1] - rows[0] - 1: they attend causally among themselves and fully over the `context` keys before."""
+
+    seq: int
+    rows: tuple[int, int]
+    context: int
+
+
+def plan_runs(seqs: list[int], q_lens: list[int], kv_lens: list[int], max_run: int) -> list[QueryRun]:
+    """The query runs of sequences `seqs` (their new tokens packed in this order), each at most max_run long:
+    a sequence's tokens are the last q_lens[n] of its kv_lens[n] keys."""
+    runs, row = [], 0
+    for n in seqs:
+        context = kv_lens[n] - q_lens[n]
+        for a in range(0, q_lens[n], max_run):
+            size = min(max_run, q_lens[n] - a)
+            runs.append(QueryRun(n, (row + a, row + a + size), context + a))
+        row += q_lens[n]
+    return runs
+
+
+def plan_calls(run_of: list[int], sizes: list[int], budget: int, *, once: bool = True) -> list[list[int]]:
+    """Groups items i (of query run run_of[i], with sizes[i] keys), in order, into calls of at most `budget` keys
+    (an item over it alone); with `once`, no run twice in a call (its rows would be written twice)."""
+    calls, cur, cur_keys, seen = [], [], 0, set()
+    for i, size in enumerate(sizes):
+        if cur and (cur_keys + size > budget or (once and run_of[i] in seen)):
+            calls.append(cur)
+            cur, cur_keys, seen = [], 0, set()
+        cur.append(i)
+        cur_keys += size
+        seen.add(run_of[i])
+    if cur:
+        calls.append(cur)
+    return calls
+
+
+def plan_pieces(runs: list[QueryRun], num_heads: int, key_budget: int, target_ctas: int) -> list[tuple[int, int, int]]:
+    """The context pieces (run index, first key, end key), ordered piece by piece across the runs (every run's
+    first piece, then every run's second, ...). A run's context is cut finer than the key budget where its own
+    (query tile, head) CTAs could not fill the GPU: the flash kernel does not split the keys, so a run of 64
+    queries over 32K keys would give only 32 CTAs (one per head); as pieces in one call it gives ~target_ctas,
+    merged afterwards by log-sum-exp."""
+    pieces = []
+    for i, run in enumerate(runs):
+        tiles = -(-(run.rows[1] - run.rows[0]) // TILE_M) * num_heads
+        splits = max(1, -(-target_ctas // tiles))
+        size = min(key_budget, max(MIN_PIECE_KEYS, min(-(-run.context // splits), key_budget // splits)))
+        pieces += [(j, i, a, min(a + size, run.context)) for j, a in enumerate(range(0, run.context, size))]
+    return [(i, a, b) for _, i, a, b in sorted(pieces)]
+
+
+def _cu(lengths: list[int], device) -> torch.Tensor:
+    cu = [0]
+    for n in lengths:
+        cu.append(cu[-1] + n)
+    return torch.tensor(cu, dtype=torch.int32).to(device, non_blocking=True)
+
+
+class ExpandedPrefill:
+    """The expanded-form attention of one MLA layer's prompt sequences (module docstring).
+
+    w_kv: [H, nope + v, C] (kv_b_proj per head); scale: the softmax scale; target_ctas: CTAs a context call
+    should give the attention kernel (plan_pieces), about two per SM.
+    """
+
+    def __init__(self, w_kv: torch.Tensor, nope_dim: int, rope_dim: int, scale: float, target_ctas: int):
+        H, nope_v, C = w_kv.shape
+        self.num_heads, self.scale, self.target_ctas = H, scale, target_ctas
+        self.v_dim = nope_v - nope_dim
+        # keys per call: each holds its latent row and its expanded keys and values
+        self.key_budget = max(1, EXPANDED_BUDGET // (C + rope_dim + H * 2 * (nope_dim + rope_dim)))
+        # One GEMM takes a latent row [c, r] to [k_h | v_h, 0] for every head: k_h = [W_uk[h] c, r] (r through an
+        # identity block, exact), v_h = W_uv[h] c padded with zeros to the key size. Keys and values come out as
+        # strided views of its output, with no concatenation or padding pass over them (those passes cost more
+        # than the GEMM's extra columns: docs/engine.md).
+        D = self.head_dim = nope_dim + rope_dim
+        w = w_kv.new_zeros(H, 2 * D, C + rope_dim)
+        w[:, :nope_dim, :C] = w_kv[:, :nope_dim]
+        w[:, nope_dim:D, C:] = torch.eye(rope_dim, dtype=w.dtype, device=w.device)
+        w[:, D : D + self.v_dim, :C] = w_kv[:, nope_dim:]
+        self.w_expand = w.view(H * 2 * D, C + rope_dim)
+
+    def _expand(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latent rows [K, C + rope] -> keys [K, H, D], values [K, H, D] (v_dim, then zeros), views of one GEMM."""
+        kv = F.linear(latents, self.w_expand).view(latents.shape[0], self.num_heads, 2 * self.head_dim)
+        return kv[..., : self.head_dim], kv[..., self.head_dim :]
+
+    def __call__(self, q: torch.Tensor, new_latents: torch.Tensor, runs: list[QueryRun], block_tables: torch.Tensor,
+                 flat_cache: torch.Tensor, block_size: int) -> torch.Tensor:
+        """q [R, H, nope + rope] the runs' queries, packed; new_latents [R, C + rope] their tokens' latents as
+        cached; block_tables [N, max_blocks] the batch's; flat_cache [rows, C + rope]. Returns [R, H, v]."""
+        R, H, D = q.shape
+        device = q.device
+        out = torch.empty(R, H, self.v_dim, dtype=torch.float32, device=device)
+        lse = torch.empty(R, H, dtype=torch.float32, device=device)
+
+        # the new keys: one causal call per group of whole runs (a run's rows are contiguous, and so are a call's)
+        for call in plan_calls(list(range(len(runs))), [r.rows[1] - r.rows[0] for r in runs], self.key_budget):
+            r0, r1 = runs[call[0]].rows[0], runs[call[-1]].rows[1]
+            lengths = [runs[i].rows[1] - runs[i].rows[0] for i in call]
+            k, v = self._expand(new_latents[r0:r1])
+            o, l = varlen_attention(q[r0:r1], k, v, lengths, lengths, True, self.scale, self.v_dim)
+            out[r0:r1], lse[r0:r1] = o.float(), l
+
+        # the cached context: pieces of each run's keys (plan_pieces), several to a call, merged by log-sum-exp
+        pieces = plan_pieces(runs, H, self.key_budget, self.target_ctas)
+        for call in plan_calls([p[0] for p in pieces], [p[2] - p[1] for p in pieces], self.key_budget, once=False):
+            self._context_call([pieces[j] for j in call], runs, q, out, lse, block_tables, flat_cache, block_size)
+        return out.to(q.dtype)
+
+    def _context_call(self, pieces, runs, q, out, lse, block_tables, flat_cache, block_size) -> None:
+        """One attention call over the pieces' keys, each piece with a copy of its run's queries; then the merge, one
+        segment (a stretch of pieces holding each run at most once) after another, in order."""
+        device = q.device
+        key_lens = [b - a for _, a, b in pieces]
+        q_lens = [runs[i].rows[1] - runs[i].rows[0] for i, _, _ in pieces]
+        P, K = len(pieces), sum(key_lens)
+        row_index = [r for i, _, _ in pieces for r in range(*runs[i].rows)]
+        whole = row_index == list(range(q.shape[0]))
+        # every index the call needs, in one copy to the device: per piece its sequence, first key and first row
+        # among the call's keys; the two cumulative lengths; the query rows (unless they are q's rows in order)
+        meta = [x for (i, a, _), c in zip(pieces, _starts(key_lens)) for x in (runs[i].seq, a, c)]
+        host = meta + key_lens + _starts(q_lens + [0]) + _starts(key_lens + [0]) + ([] if whole else row_index)
+        dev = torch.tensor(host, dtype=torch.int64).to(device, non_blocking=True)
+        meta, lens_t, cu_q, cu_k, index = dev.split([3 * P, P, P + 1, P + 1, len(host) - 6 * P - 2])
+        piece_of_key = torch.repeat_interleave(torch.arange(P, device=device), lens_t, output_size=K)
+        seq, first, start = meta.view(P, 3)[piece_of_key].unbind(-1)
+        pos = first + torch.arange(K, device=device) - start
+        rows = block_tables[seq, pos // block_size].long() * block_size + pos % block_size
+        k, v = self._expand(flat_cache[rows].to(q.dtype))
+
+        segments, seen = [[]], set()
+        for i, _, _ in pieces:
+            if i in seen:
+                segments.append([])
+                seen = set()
+            segments[-1].append(i)
+            seen.add(i)
+        qc = q if whole else q.index_select(0, index)
+        o, l = varlen_attention(qc, k, v, q_lens, key_lens, False, self.scale, self.v_dim,
+                                cu=(cu_q.to(torch.int32), cu_k.to(torch.int32)))
+        o = o.float()
+        if all(seg == segments[0] for seg in segments):  # the same runs in every segment: one batched merge
+            n = len(segments)
+            _merge(out, lse, _rows_of(segments[0], runs, q.shape[0], device), o.view(n, -1, *o.shape[1:]),
+                   l.view(n, -1, l.shape[-1]))
+            return
+        at = 0
+        for seg in segments:
+            size = sum(runs[i].rows[1] - runs[i].rows[0] for i in seg)
+            _merge(out, lse, _rows_of(seg, runs, q.shape[0], device), o[None, at : at + size], l[None, at : at + size])
+            at += size
+
+
+def _rows_of(seg: list[int], runs: list[QueryRun], total: int, device) -> slice | torch.Tensor:
+    """The rows of runs `seg` (in order): a slice where they are contiguous, else an index tensor."""
+    index = [r for i in seg for r in range(*runs[i].rows)]
+    if index == list(range(index[0], index[0] + len(index))):
+        return slice(index[0], index[0] + len(index))
+    return torch.tensor(index).to(device, non_blocking=True)
+
+
+def _merge(out: torch.Tensor, lse: torch.Tensor, rows, o: torch.Tensor, l: torch.Tensor) -> None:
+    """Folds partial results o [n, R, H, Dv] (fp32, each normalised) with log-sum-exps l [n, R, H] into out[rows],
+    lse[rows]: softmax weights exp(lse - m) per part, m the running maximum, summed in a fixed order."""
+    prev_out, prev_lse = out[rows], lse[rows]
+    m = torch.maximum(prev_lse, l.amax(0))
+    w_prev, w = torch.exp(prev_lse - m), torch.exp(l - m)
+    den = w_prev + w.sum(0)
+    out[rows] = (prev_out * w_prev[..., None] + (o * w[..., None]).sum(0)) / den[..., None]
+    lse[rows] = m + torch.log(den)
+
+
+def _starts(lengths: list[int]) -> list[int]:
+    starts, total = [], 0
+    for n in lengths:
+        starts.append(total)
+        total += n
+    return starts
