@@ -73,8 +73,8 @@ class RaggedBatch:
     # every token of a verifying sequence
     logits_indices: torch.Tensor
     query_lens: list[int] = field(default_factory=list)  # host copy of the new-token counts
-    # host copy of seq_lens, or an upper bound of each (a captured decode step pads every sequence to its
-    # bucket); MLA layers size their key blocks from it without reading seq_lens back from the device
+    # host copy of seq_lens (in a decode-only step, an upper bound of each: a captured decode step pads every
+    # sequence to its bucket); MLA layers size their work from it without reading seq_lens back from the device
     kv_lens: list[int] = field(default_factory=list)
     is_decode: bool = False  # every sequence has exactly one new token and a cached context
     checkpoints: StateCheckpoints | None = None
@@ -118,17 +118,39 @@ class RaggedBatch:
         if self.block_tables.numel() and (int(self.block_tables.min()) < -1
                                           or int(self.block_tables.max()) >= num_kv_blocks):
             raise ValueError(f"RaggedBatch.block_tables: a block id lies outside [-1, {num_kv_blocks})")
+        holds_keys = torch.arange(self.block_tables.shape[1]) * block_size < self.seq_lens[:, None]
+        if bool((self.block_tables[holds_keys] < 0).any()):
+            raise ValueError("RaggedBatch.block_tables: a sequence's keys reach an entry of -1 (no block)")
         if self.logits_indices.dim() != 1 or self.logits_indices.shape[0] < N:
             raise ValueError(f"RaggedBatch.logits_indices: expected at least {N} entries, got "
                              f"{tuple(self.logits_indices.shape)}")
         if N and (int(self.logits_indices.min()) < 0 or int(self.logits_indices.max()) >= T):
             raise ValueError(f"RaggedBatch.logits_indices: an entry lies outside the {T} tokens")
+        self.check_host_lengths(block_size)
         if self.spec is not None:
             self._check_spec(num_state_slots, num_kv_blocks, block_size)
         if self.checkpoints is not None:
             ckpt = self.checkpoints
             validate_checkpoints(KDACheckpoints(ckpt.seq, ckpt.pos, ckpt.slot), N, T, 1, self.cu_seqlens,
                                  num_state_slots, self.state_slots, cpu)
+
+    def check_host_lengths(self, block_size: int) -> None:
+        """The host copies (query_lens, kv_lens, where given) against cu_seqlens and seq_lens: the new-token
+        counts equal; the key counts equal, or in a decode-only step bound, the sequence lengths, and fit the
+        block tables. MLA layers size gathers and attention calls from them; raises ValueError. Reads
+        cu_seqlens and seq_lens on the host."""
+        N = self.num_seqs
+        if self.query_lens and list(self.query_lens) != self.cu_seqlens.diff().tolist():
+            raise ValueError("RaggedBatch.query_lens: must equal the new-token counts of cu_seqlens")
+        if not self.kv_lens:
+            return
+        if len(self.kv_lens) != N:
+            raise ValueError(f"RaggedBatch.kv_lens: expected {N} entries, got {len(self.kv_lens)}")
+        exact, room = not self.decode_only, self.block_tables.shape[1] * block_size
+        for n, (kv, length) in enumerate(zip(self.kv_lens, self.seq_lens.tolist())):
+            if kv < length or (exact and kv != length) or kv > room:
+                raise ValueError(f"RaggedBatch.kv_lens[{n}]: {kv} keys for a sequence of {length} tokens (must be "
+                                 f"{'equal' if exact else 'at least'}, and at most the {room} rows of its block table)")
 
     def _check_spec(self, num_state_slots: int, num_kv_blocks: int, block_size: int) -> None:
         spec, cpu = self.spec, torch.device("cpu")

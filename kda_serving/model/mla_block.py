@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops import mla_decode
+from ..ops.contract import skip_index_value_checks
 from ..ops.cuda_mla import supports as cuda_mla_supports
 from .batch import RaggedBatch
 from .config import ModelConfig
@@ -134,6 +135,8 @@ class MLABlock(nn.Module):
         expanded form (mla_prefill), the other rows on the paged kernel one query each, over the keys up to
         their own position. Returns per-head values [T, nh, v]."""
         T, nh = q_nope.shape[:2]
+        if not skip_index_value_checks():  # the engine checked the batch already (RaggedBatch.check)
+            batch.check_host_lengths(kv_cache.shape[1])
         q_lens, kv_lens = batch.query_lens, batch.kv_lens
         starts = [0]
         for n in q_lens:

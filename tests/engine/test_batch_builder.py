@@ -90,11 +90,52 @@ def test_ragged_batch_check_names_the_bad_index(field, value, match):
     name = field.removeprefix("ckpt.")
     holder = batch.checkpoints if field.startswith("ckpt.") else batch
     setattr(holder, name, torch.tensor(value, dtype=getattr(holder, name).dtype))
+    if field == "cu_seqlens":  # the host copy follows (RaggedBatch.check_host_lengths checks they agree)
+        batch.query_lens = batch.cu_seqlens.diff().tolist()
     if match is None:
         batch.check(num_state_slots=8, num_kv_blocks=23, block_size=16)
     else:
         with pytest.raises(ValueError, match=match):
             batch.check(num_state_slots=8, num_kv_blocks=23, block_size=16)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("query_lens", [129, 1], "query_lens"),
+    ("kv_lens", [130], "expected 2 entries"),
+    ("kv_lens", [131, 40], r"kv_lens\[0\]: 131 keys .*must be equal"),  # a step with prompt tokens: exact
+    ("kv_lens", [130, 39], r"kv_lens\[1\]"),
+])
+def test_ragged_batch_check_holds_the_host_lengths_to_the_tensors(field, value, match):
+    """query_lens and kv_lens, the host copies the MLA layers size their gathers and attention calls from,
+    must agree with cu_seqlens and seq_lens."""
+    batch = _checked_batch()
+    setattr(batch, field, value)
+    with pytest.raises(ValueError, match=match):
+        batch.check(num_state_slots=8, num_kv_blocks=23, block_size=16)
+
+
+def test_decode_steps_may_bound_their_key_lengths():
+    """A decode-only step's kv_lens may exceed seq_lens (a captured step pads to its bucket), not its tables."""
+    a, b = Sequence("a", [3] * 30, SamplingParams(), 0), Sequence("b", [4] * 40, SamplingParams(), 1)
+    a.state_slot, a.block_table = 2, [1, 2]
+    b.state_slot, b.block_table = 5, [20, 21, 22]
+    out = SchedulerOutput(chunks=[ScheduledChunk(a, 29, 1, True), ScheduledChunk(b, 39, 1, True)])
+    batch = build_batch(out, block_size=16)
+    assert batch.is_decode
+    batch.kv_lens = [32, 48]
+    batch.check(num_state_slots=8, num_kv_blocks=23, block_size=16)
+    batch.kv_lens = [49, 48]  # past the three blocks a row of the table holds
+    with pytest.raises(ValueError, match=r"kv_lens\[0\]"):
+        batch.check(num_state_slots=8, num_kv_blocks=23, block_size=16)
+
+
+def test_ragged_batch_check_finds_keys_without_a_block():
+    """A sequence whose keys reach a table entry of -1 (no block) would send the paged kernel outside the
+    cache: refused."""
+    batch = _checked_batch()
+    batch.block_tables[1, 2] = -1  # b's third block, holding its keys 32..39
+    with pytest.raises(ValueError, match="block_tables"):
+        batch.check(num_state_slots=8, num_kv_blocks=23, block_size=16)
 
 
 def test_ragged_batch_check_bounds_the_kv_blocks():
