@@ -147,10 +147,8 @@ def plan_pieces(runs: list[QueryRun], num_heads: int, key_budget: int, target_ct
 
 
 def _cu(lengths: list[int], device) -> torch.Tensor:
-    cu = [0]
-    for n in lengths:
-        cu.append(cu[-1] + n)
-    return torch.tensor(cu, dtype=torch.int32).to(device, non_blocking=True)
+    """Cumulative lengths [0, l0, l0 + l1, ...] as int32 on `device`."""
+    return torch.tensor(_starts(lengths + [0]), dtype=torch.int32).to(device, non_blocking=True)
 
 
 class ExpandedPrefill:
@@ -269,6 +267,7 @@ def _merge(out: torch.Tensor, lse: torch.Tensor, rows, o: torch.Tensor, l: torch
 
 
 def _starts(lengths: list[int]) -> list[int]:
+    """Where each of consecutive stretches of these lengths starts: [0, l0, l0 + l1, ...] (one per length)."""
     starts, total = [], 0
     for n in lengths:
         starts.append(total)
