@@ -27,7 +27,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py
 
-from common import RESULTS, card_name, copy_rate_bytes_per_s, environment, time_ms, write_json  # noqa: E402
+from common import (  # noqa: E402
+    RESULTS, card_name, copy_rate_bytes_per_s, environment, gpu_ms, time_ms, write_json,
+)
 
 from kda_serving.model import mla_block  # noqa: E402
 from kda_serving.model.batch import RaggedBatch  # noqa: E402
@@ -66,20 +68,6 @@ def gemm_rate_flops_per_s(n: int = 8192) -> float:
     a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     return 2 * n**3 / (time_ms(lambda: a @ b, warmup=5, iters=20) / 1e3)
-
-
-def gpu_ms(fn, n: int = 10) -> float:
-    """GPU time per call with the host queued ahead (a ~100 ms sleep kernel holds the GPU meanwhile)."""
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda._sleep(200_000_000)
-    start.record()
-    for _ in range(n):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / n
 
 
 def make_step(seqs: list[tuple[int, int]], gen: torch.Generator) -> tuple[RaggedBatch, torch.Tensor]:

@@ -37,6 +37,22 @@ def time_ms(fn, *, warmup: int = 10, iters: int = 50) -> float:
     return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
 
 
+def gpu_ms(fn, n: int = 10) -> float:
+    """GPU milliseconds per call with the host queued ahead of the GPU, as between a model's layers: a ~100 ms
+    sleep kernel holds the GPU while the host queues n calls, and events time the calls alone (time_ms instead
+    times each call from an idle GPU, so it shows the host's time where that is longer)."""
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(200_000_000)
+    start.record()
+    for _ in range(n):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / n
+
+
 def graph_replay_us(fn, *, iters: int = 50) -> float:
     """Median microseconds of one replay of a CUDA graph of fn(), warmed up on a side stream first (as capture
     wants: lazy initialisation and allocator warm-up happen outside the graph)."""

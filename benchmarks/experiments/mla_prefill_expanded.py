@@ -5,9 +5,14 @@ prompt tokens, one sequence of Q new tokens after C cached ones, in four forms o
   expanded  every sequence expanded (EXPANDED_MIN_QUERIES = 1)
   paged     every row on the paged kernel, one query each (EXPANDED_MIN_QUERIES huge)
 then a mixed step (8 prompts of 1024 and 32 decodes at 4K keys). Times in ms per block forward (projections
-included), relative error of each against the float64 reference of tests/model/test_mla_prefill.py.
+included): wall (each call timed alone) and GPU (common.gpu_ms: the host queued ahead); relative error of
+each against the float64 reference of tests/model/test_mla_prefill.py. Before that table, the flash kernel
+against torch's cuDNN attention on single calls. (The session-15 logs ran "auto" at a threshold of 64.)
 
-    python benchmarks/experiments/mla_prefill_expanded.py
+    python benchmarks/experiments/mla_prefill_expanded.py                     # both tables
+    python benchmarks/experiments/mla_prefill_expanded.py --new-shapes        # cuDNN's cost of a new shape
+    python benchmarks/experiments/mla_prefill_expanded.py --profile 512x32768 # kernels of one forward
+    python benchmarks/experiments/mla_prefill_expanded.py --host-profile 128x4096
 """
 
 import os
@@ -19,28 +24,15 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
-from common import time_ms  # noqa: E402
+from common import gpu_ms, time_ms  # noqa: E402
 
 from kda_serving.model import mla_block  # noqa: E402
 from kda_serving.ops import indices_checked_by_caller  # noqa: E402
 from model.test_mla_prefill import KIMI48B_MLA, make_block, make_case, reference  # noqa: E402
 
-def gpu_ms(fn, n: int = 10) -> float:
-    """GPU time per call with the host ahead of the GPU, as between a model's layers: a sleep kernel holds the
-    GPU while the host queues n calls, and the events time the calls alone."""
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda._sleep(200_000_000)  # ~100 ms
-    start.record()
-    for _ in range(n):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / n
-
-
-FORMS = {"torch": (False, 64), "auto": (True, 64), "expanded": (True, 1), "paged": (True, 1 << 30)}
+DEFAULT_MIN_QUERIES = mla_block.EXPANDED_MIN_QUERIES
+FORMS = {"torch": (False, DEFAULT_MIN_QUERIES), "auto": (True, DEFAULT_MIN_QUERIES), "expanded": (True, 1),
+         "paged": (True, 1 << 30)}
 
 
 def measure(block, seqs, check: bool):
@@ -57,7 +49,7 @@ def measure(block, seqs, check: bool):
             gpu = gpu_ms(lambda: block(x, batch, work))
         err = ((out.double().cpu() - ref).norm() / ref.norm()).item() if check else float("nan")
         row[name] = (ms, gpu, err)
-    mla_block.PREFILL_ON_KERNELS, mla_block.EXPANDED_MIN_QUERIES = True, 64
+    mla_block.PREFILL_ON_KERNELS, mla_block.EXPANDED_MIN_QUERIES = True, DEFAULT_MIN_QUERIES
     return row
 
 
