@@ -142,7 +142,7 @@ class MLABlock(nn.Module):
         for n in q_lens:
             starts.append(starts[-1] + n)
         long = [n for n in range(len(q_lens)) if q_lens[n] >= EXPANDED_MIN_QUERIES]
-        short = [n for n in range(len(q_lens)) if q_lens[n] < EXPANDED_MIN_QUERIES]
+        short = [n for n in range(len(q_lens)) if 0 < q_lens[n] < EXPANDED_MIN_QUERIES]  # (a sequence may be empty)
         out = q_nope.new_empty(T, nh, self.v_dim)
         flat_cache = kv_cache.view(-1, kv_cache.shape[-1])
         if long:
