@@ -74,7 +74,9 @@ class SimEngine:
         for c in verifying:
             assert c.start > 0 and c.num_tokens == len(c.drafts) + 1 == len(c.verify_slots)
         if self.sched.uniform_drafts and verifying:  # all of the step's decodes, or none
-            assert all(c.drafts for c in out.chunks if c.num_tokens == 1 and c.start > 0)
+            # a decode runs its request's last token after a cached context; a one-token chunk cut from the middle
+            # of a prompt by the step's budget is no decode
+            assert all(c.drafts for c in out.chunks if c.num_tokens == 1 and 0 < c.start == c.seq.num_tokens - 1)
         for src, dst in out.state_restores:
             self.state[dst] = self.state[src]
         for src, dst in out.block_copies:
