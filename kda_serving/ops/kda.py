@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from .chunked import chunked_scan
+from .chunked import chunked_scan, cpu_step
 from .contract import (
     PAD_SLOT,
     KDACheckpoints,
@@ -32,7 +32,7 @@ from .contract import (
     validate_scale,
 )
 from .layout import from_padded, gather_initial_states, padded_entries, scatter_final_states, sequence_lengths, to_padded
-from .reference import KDAOutput, prepare_inputs, recurrent_step
+from .reference import KDAOutput, prepare_inputs
 
 Tensor = torch.Tensor
 
@@ -174,24 +174,6 @@ def flash_kda_fwd(q, k, v, g, beta, scale, out, A_log, dt_bias, lower_bound, ini
 
 
 # ------------------------------------------------------------------------------------------------ decode op
-def _decode_step(S, q_t, k_t, v_t, a_t, b_t, scale):
-    """reference.recurrent_step rearranged for the CPU (same shapes and result): S' k and S' q come from one
-    batched product of the old state with the decayed vectors (S' = S diag(e^a), so S' x = S (e^a * x)), and
-    o = scale (S' q + u (k . q)) = scale S'' q, so the state is read twice and written once instead of read
-    four times and written twice. The products take the vectors as rows (x^T S^T): on the CPU a batch of
-    matrix-vector products with the vector as a column ran 8x slower (518 vs 66 us for 32 heads of 128 x 128,
-    one thread), which made it most of the embedded model's decode time."""
-    n, H, V, K = S.shape
-    decay = a_t.exp().reshape(n * H, 1, K)
-    k, q = k_t.reshape(n * H, 1, K), q_t.reshape(n * H, 1, K)
-    heads = S.view(n * H, V, K)
-    sk, sq = torch.bmm(torch.cat((decay * k, decay * q), dim=1), heads.transpose(1, 2)).unbind(1)  # [nH, V]
-    u = b_t.reshape(n * H, 1) * (v_t.reshape(n * H, V) - sk)
-    new = torch.addcmul(heads * decay, u.unsqueeze(-1), k)
-    o = scale * (sq + u * (k * q).sum(-1))
-    return new.view(n, H, V, K), o.view(n, H, V)
-
-
 @torch.library.custom_op("kda_serving::kda_decode_", mutates_args=("out", "state_pool"))
 def _kda_decode_op(
     q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, A_log: Tensor, dt_bias: Tensor, scale: float,
@@ -210,7 +192,7 @@ def _kda_decode_op(
     slots = idx[rows]
     S = state_pool.index_select(0, slots).to(dtype)
     for t in range(q.shape[1]):
-        S, o_t = _decode_step(S, qn[:, t], kn[:, t], vv[:, t], a[:, t], b[:, t], scale)
+        S, o_t = cpu_step(S, qn[:, t], kn[:, t], vv[:, t], a[:, t], b[:, t], scale)
         out[rows, t] = o_t.to(out.dtype)
         if intermediate_slots is not None:
             inter = intermediate_slots[rows, t].long()

@@ -190,6 +190,33 @@ def test_large_scores_merge_without_overflow(monkeypatch):
     assert err < 1e-5
 
 
+def test_absorbed_path_groups_a_prompt_chunk_apart_from_decodes(monkeypatch):
+    """MLABlock._attend (the CPU's path) pads a group's sequences to its longest: a prompt chunk among decodes
+    takes a group of its own instead of padding every decode to its length; the output is the same."""
+    sizes = CPU_CONFIG
+    block = make_block(sizes, torch.float32, "cpu", seed=3)
+    batch, cache = make_case([(1, 300)] * 6 + [(96, 0), (1, 200)], sizes["lora"] + sizes["rope"], 4, torch.float32,
+                             "cpu", seed=4)
+    x = torch.randn(batch.num_tokens, sizes["hidden"], generator=torch.Generator().manual_seed(5))
+    groups = []
+    real_group = MLABlock._attend_group
+    monkeypatch.setattr(MLABlock, "_attend_group", lambda self, q, b, s, e, *a: groups.append((s, e))
+                        or real_group(self, q, b, s, e, *a))
+    outs = {}
+    for padding in (mla_block.GROUP_PADDING, float("inf")):
+        monkeypatch.setattr(mla_block, "GROUP_PADDING", padding)
+        groups.clear()
+        with torch.inference_mode():
+            outs[padding] = block(x, batch, cache.clone())
+        print(f"padding bound {padding}: groups {groups}")
+        if padding == mla_block.GROUP_PADDING and padding != float("inf"):
+            assert groups == [(0, 6), (6, 7), (7, 8)]
+    assert groups == [(0, 8)]
+    torch.testing.assert_close(outs[2], outs[float("inf")], rtol=1e-5, atol=1e-6)
+    err, _ = rel_err(outs[2], reference(block, x, batch, cache))
+    assert err < 1e-5
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.tuples(st.integers(1, 40), st.integers(0, 90)), min_size=1, max_size=6), st.integers(1, 50),
        st.integers(1, 64))

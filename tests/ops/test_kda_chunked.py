@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from kda_testing import EXTREME_GATES, MILD_GATES, cu_seqlens_of, make_kda_inputs, max_err, rel_err
-from kda_serving.ops import KDACheckpoints, kda_prefill, kda_recurrent_reference
+from kda_serving.ops import KDACheckpoints, chunked, kda_prefill, kda_recurrent_reference
 
 FP32_TOL = 3e-4  # float32 rounding, amplified by the chunk's triangular solve when gates are extreme
 GATES = {"mild": MILD_GATES, "extreme": EXTREME_GATES}
@@ -32,7 +32,8 @@ def test_fixed_length_matches_recurrence(T, form, gates):
     _check(got.final_state, ref.final_state, FP32_TOL, "final_state")
 
 
-@pytest.mark.parametrize("lengths", [[1300, 547, 963, 271], [1, 15, 0, 64, 65, 17], [5] * 12])
+@pytest.mark.parametrize("lengths", [[1300, 547, 963, 271], [1, 15, 0, 64, 65, 17], [5] * 12,
+                                     [1, 700, 3, 1, 130, 0, 1]])  # a long prompt among decodes: scanned in groups
 @pytest.mark.parametrize("form", FORMS)
 def test_varlen_matches_recurrence(lengths, form):
     gen = torch.Generator().manual_seed(sum(lengths))
@@ -98,16 +99,21 @@ def test_scale_is_applied():
     assert torch.allclose(default, base * 16**-0.5, atol=1e-6)
 
 
-def test_checkpoints_match_prefix_states():
+@pytest.mark.parametrize("lengths", [[300, 64, 129], [300, 1, 129, 1, 1, 1]])
+def test_checkpoints_match_prefix_states(lengths):
     gen = torch.Generator().manual_seed(6)
-    lengths = [300, 64, 129]
     q, k, v, g, beta, A_log, dt = make_kda_inputs(1, sum(lengths), 2, 32, generator=gen, **EXTREME_GATES)
     cu = cu_seqlens_of(lengths)
-    pool = torch.randn(10, 2, 32, 32, generator=gen)
-    slots = torch.tensor([3, 7, 1])
-    ck = KDACheckpoints(seq=torch.tensor([0, 0, 1, 2, 0]), pos=torch.tensor([64, 192, 64, 128, 256]),
-                        slot=torch.tensor([0, 2, 4, 5, 9]))
-    untouched = [6, 8]
+    pool = torch.randn(12, 2, 32, 32, generator=gen)
+    slots = torch.tensor([3, 7, 1, 10, 11, 6][: len(lengths)])
+    if lengths[1] == 64:
+        ck = KDACheckpoints(seq=torch.tensor([0, 0, 1, 2, 0]), pos=torch.tensor([64, 192, 64, 128, 256]),
+                            slot=torch.tensor([0, 2, 4, 5, 9]))
+    else:  # the decodes are scanned apart from the prompts (chunked.length_groups); checkpoints in both prompts
+        ck = KDACheckpoints(seq=torch.tensor([0, 2, 0, 2]), pos=torch.tensor([64, 64, 192, 128]),
+                            slot=torch.tensor([0, 4, 2, 5]))
+        assert len(chunked.length_groups(lengths)) > 1
+    untouched = [8] + ([6] if len(lengths) == 3 else [])
     before = pool.clone()
     ref = kda_recurrent_reference(q, k, v, g, beta, A_log, dt, cu_seqlens=cu, state_pool=pool, state_indices=slots,
                                   checkpoints=ck)
