@@ -11,7 +11,8 @@ No rotary embedding is applied (mla_use_nope), exactly as transformers' KimiLine
 Where it runs: on CUDA a decode or verify step takes the paged kernel (ops.mla_decode); a step with prompt
 tokens takes, for sequences of EXPANDED_MIN_QUERIES+ new tokens, the expanded form on the flash kernel
 (mla_prefill.py: keys and values expanded per head, which pays when queries are many), and the paged kernel
-for the other rows. Elsewhere (the CPU, fp32, other sizes) _attend, the absorbed form in torch ops.
+for the other rows. On the CPU, a step of long or fresh prompts takes the expanded form too (torch's CPU flash
+kernel); the rest (and fp32 or other sizes on CUDA) _attend, the absorbed form in torch ops.
 """
 
 from __future__ import annotations
@@ -43,6 +44,12 @@ GROUP_PADDING = 2
 # query each. The paged kernel reads a sequence's cache once per query, the expanded form expands every key
 # once: measured on an H200, they cross at 96-192 queries, lower the longer the context (docs/engine.md).
 EXPANDED_MIN_QUERIES = 128
+# On the CPU a step with prompt tokens runs in the expanded form (torch's CPU flash kernel) when every sequence
+# in it is a fresh prompt of at least CPU_FRESH_MIN_QUERIES tokens or has CPU_MIN_QUERIES new tokens; else
+# _attend. Measured with the default model's MLA (4 heads, latent 128 + 32): 1.4x at 4 fresh prompts of 64,
+# 2.3x at 2 of 512, 2.0x at 2 x 512 after 1K cached; 0.7-0.9x at 64-128 new tokens after as many cached.
+CPU_FRESH_MIN_QUERIES = 32
+CPU_MIN_QUERIES = 256
 # False sends steps with prompt tokens to _attend on CUDA too (the torch-ops path before the kernels took them):
 # the baseline of benchmarks/bench_engine.py --mla-prefill torch.
 PREFILL_ON_KERNELS = True
@@ -99,7 +106,9 @@ class MLABlock(nn.Module):
         flat_cache[batch.slot_mapping] = latent  # [T, L]
 
         w_kv = self.kv_b_proj.view(nh, self.nope_dim + self.v_dim, self.kv_lora_rank)
-        if not self._on_cuda_kernels(x, batch, kv_cache):
+        if self._expanded_on_cpu(x, batch):
+            out = self._prefill(q_nope, q_rope, latent, batch, kv_cache, w_kv, min_queries=1)
+        elif not self._on_cuda_kernels(x, batch, kv_cache):
             out_latent = self._attend(self._absorb(q_nope, q_rope, w_kv), batch, flat_cache, kv_cache.shape[1])
             out = self._unabsorb(out_latent, w_kv)
         elif batch.decode_only:
@@ -132,11 +141,19 @@ class MLABlock(nn.Module):
                 and (batch.decode_only or (PREFILL_ON_KERNELS and flash_varlen_supported(
                     x, self.nope_dim + self.rope_dim, self.v_dim))))
 
+    def _expanded_on_cpu(self, x: torch.Tensor, batch: RaggedBatch) -> bool:
+        """Whether this CPU step runs every sequence in the expanded form (CPU_FRESH_MIN_QUERIES above)."""
+        if (x.is_cuda or not PREFILL_ON_KERNELS or batch.decode_only or not batch.query_lens or not batch.kv_lens
+                or self.v_dim > self.nope_dim + self.rope_dim):
+            return False
+        return all(q >= CPU_MIN_QUERIES or (q == kv and q >= CPU_FRESH_MIN_QUERIES)
+                   for q, kv in zip(batch.query_lens, batch.kv_lens))
+
     def _prefill(self, q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, batch: RaggedBatch,
-                 kv_cache: torch.Tensor, w_kv: torch.Tensor) -> torch.Tensor:
-        """A step with prompt tokens, on CUDA: sequences with at least EXPANDED_MIN_QUERIES new tokens in the
-        expanded form (mla_prefill), the other rows on the paged kernel one query each, over the keys up to
-        their own position. Returns per-head values [T, nh, v]."""
+                 kv_cache: torch.Tensor, w_kv: torch.Tensor, min_queries: int | None = None) -> torch.Tensor:
+        """A step with prompt tokens: sequences with at least min_queries (default EXPANDED_MIN_QUERIES) new
+        tokens in the expanded form (mla_prefill), the other rows on the paged kernel one query each, over the
+        keys up to their own position. Returns per-head values [T, nh, v]."""
         T, nh = q_nope.shape[:2]
         if not skip_index_value_checks():  # the engine checked the batch already (RaggedBatch.check)
             batch.check_host_lengths(kv_cache.shape[1])
@@ -144,8 +161,9 @@ class MLABlock(nn.Module):
         starts = [0]
         for n in q_lens:
             starts.append(starts[-1] + n)
-        long = [n for n in range(len(q_lens)) if q_lens[n] >= EXPANDED_MIN_QUERIES]
-        short = [n for n in range(len(q_lens)) if 0 < q_lens[n] < EXPANDED_MIN_QUERIES]  # (a sequence may be empty)
+        least = EXPANDED_MIN_QUERIES if min_queries is None else min_queries
+        long = [n for n in range(len(q_lens)) if q_lens[n] >= max(1, least)]
+        short = [n for n in range(len(q_lens)) if 0 < q_lens[n] < least]  # (a sequence may be empty)
         out = q_nope.new_empty(T, nh, self.v_dim)
         flat_cache = kv_cache.view(-1, kv_cache.shape[-1])
         if long:

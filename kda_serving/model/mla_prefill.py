@@ -51,19 +51,36 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens_q: 
 
     On CUDA FlashAttention-2's varlen kernel, one launch for any mix of lengths (cuDNN's attention runs these
     sizes 2.4x faster, but builds a plan of ~64 ms for every new shape, and a serving step's shapes are new at
-    every turn: docs/engine.md); elsewhere a per-sequence fp32 loop, the reference the tests hold the
-    decomposition to."""
+    every turn: docs/engine.md); on the CPU torch's flash kernel for the CPU, one sequence at a time."""
     Tq, H, D = q.shape
     if not q.is_cuda:
-        return _reference_attention(q, k, v[..., :v_dim], lens_q, lens_k, causal, scale)
+        return _cpu_attention(q, k, v, lens_q, lens_k, causal, scale, v_dim)
     cu_q, cu_k = cu if cu is not None else (_cu(lens_q, q.device), _cu(lens_k, q.device))
     out, lse = torch.ops.aten._flash_attention_forward(
         q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), 0.0, causal, False, scale=scale)[:2]
     return out[..., :v_dim], _lse_rows(lse, cu_q, Tq, H)
 
 
-def _reference_attention(q, k, v, lens_q, lens_k, causal: bool, scale: float):
-    """varlen_attention one sequence at a time in fp32 (v: the values alone)."""
+def _cpu_attention(q, k, v, lens_q, lens_k, causal: bool, scale: float, v_dim: int):
+    """varlen_attention on the CPU: torch's CPU flash kernel per sequence (it returns the log-sum-exps too)."""
+    Tq, H, _ = q.shape
+    out = q.new_empty(Tq, H, v_dim)
+    lse = torch.empty(Tq, H, dtype=torch.float32, device=q.device)
+    q0 = k0 = 0
+    for lq, lk in zip(lens_q, lens_k):
+        q1, k1 = q0 + lq, k0 + lk
+        if lq:
+            o, l = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                *(t.transpose(0, 1)[None] for t in (q[q0:q1], k[k0:k1], v[k0:k1])), 0.0, causal, scale=scale)
+            out[q0:q1] = o[0, :, :, :v_dim].transpose(0, 1)
+            lse[q0:q1] = l[0].transpose(0, 1)
+        q0, k0 = q1, k1
+    return out, lse
+
+
+def reference_attention(q, k, v, lens_q, lens_k, causal: bool, scale: float):
+    """varlen_attention one sequence at a time with materialised scores, in fp32 or float64 (v: the values
+    alone): the tests' reference."""
     Tq, H, _ = q.shape
     out = q.new_empty(Tq, H, v.shape[-1])
     lse = torch.empty(Tq, H, dtype=torch.float32, device=q.device)

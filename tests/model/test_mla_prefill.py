@@ -1,9 +1,10 @@
 """MLA attention of steps with prompt tokens in the expanded form (model/mla_prefill.py, MLABlock._prefill).
 
 Against an independent float64 reference written here (queries, latents, keys and values expanded per head,
-a lower-right causal softmax per sequence): on the CPU through the reference varlen path, with budgets small
-enough that prompts split into runs, contexts into pieces and pieces into several calls, and sequences of
-the expanded and the paged forms interleaved; on the GPU (marked) through the flash kernel at Kimi-Linear-48B's
+a lower-right causal softmax per sequence): on the CPU (torch's CPU flash kernel, the paged rows through
+ops.mla_decode's CPU path), with budgets small enough that prompts split into runs, contexts into pieces and
+pieces into several calls, and sequences of the expanded and the paged forms interleaved; the CPU's own
+routing of long and fresh prompts; on the GPU (marked) through the flash kernel at Kimi-Linear-48B's
 sizes, with the caching allocator poisoned by NaN so that a row left unwritten shows. Every cache row no
 sequence holds is NaN, so a key read from the wrong row shows too.
 """
@@ -171,6 +172,47 @@ def test_prefill_split_matches_the_float64_reference_on_cpu(monkeypatch, seqs, b
     torch.testing.assert_close(cache_split, cache_attend, equal_nan=True)
 
 
+def test_cpu_varlen_attention_matches_the_reference():
+    """varlen_attention on the CPU (torch's CPU flash kernel per sequence, keys and values strided views of one
+    buffer, an empty sequence) against reference_attention in float64: outputs and log-sum-exps."""
+    gen = torch.Generator().manual_seed(11)
+    lens_q, lens_k = [5, 0, 33, 1], [9, 4, 33, 70]
+    for causal in (False, True):
+        kq = lens_q if causal else lens_k
+        q = torch.randn(sum(lens_q), 4, 24, generator=gen)
+        kv = torch.randn(sum(kq), 4, 48, generator=gen)
+        kv[..., 24 + 16 :] = 0
+        k, v = kv[..., :24], kv[..., 24:]
+        out, lse = mla_prefill.varlen_attention(q, k, v, lens_q, kq, causal, 0.3, 16)
+        ref_out, ref_lse = mla_prefill.reference_attention(q.double(), k.double(), v[..., :16].double(), lens_q, kq,
+                                                           causal, 0.3)
+        assert (out.double() - ref_out).abs().max() < 1e-5 and (lse.double() - ref_lse).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("seqs,expanded", [
+    ([(40, 0), (33, 0)], True),  # fresh prompts of 32+ tokens
+    ([(300, 20), (40, 0)], True),  # 256+ new tokens after context, and a fresh prompt
+    ([(40, 0), (1, 30)], False),  # a decode in the step: the absorbed path (_attend)
+    ([(100, 50)], False),  # a shorter chunk after context
+])
+def test_cpu_routes_long_and_fresh_prompts_to_the_expanded_form(monkeypatch, seqs, expanded):
+    """The CPU's own routing (MLABlock._expanded_on_cpu), the default model's MLA sizes: the expanded form for
+    steps of long or fresh prompts only, each within 1e-5 of the float64 reference."""
+    sizes = dict(nh=4, nope=64, rope=32, v=64, lora=128, hidden=256)
+    block = make_block(sizes, torch.float32, "cpu", seed=6)
+    batch, cache = make_case(seqs, 160, 16, torch.float32, "cpu", seed=7)
+    x = torch.randn(batch.num_tokens, 256, generator=torch.Generator().manual_seed(8))
+    calls = []
+    real_varlen = mla_prefill.varlen_attention
+    monkeypatch.setattr(mla_prefill, "varlen_attention", lambda *a, **kw: calls.append(a) or real_varlen(*a, **kw))
+    with torch.inference_mode():
+        out = block(x, batch, cache.clone())
+    assert bool(calls) == expanded
+    err, max_err = rel_err(out, reference(block, x, batch, cache))
+    print(f"{seqs}: expanded {expanded}, |out-ref|/|ref| {err:.2e} (max {max_err:.2e})")
+    assert err < 1e-5
+
+
 def test_large_scores_merge_without_overflow(monkeypatch):
     """Scores of hundreds (queries scaled up): the pieces' log-sum-exp merge must not overflow or lose the
     dominant key."""
@@ -289,8 +331,8 @@ def test_varlen_attention_matches_float64_with_its_log_sum_exps(D, Dv, lens_q, l
         k, v = kv[..., :D], kv[..., D:]
         scale = D**-0.5 * 4  # peaky softmax
         out, lse = mla_prefill.varlen_attention(q, k, v, lens_q, kq, causal, scale, Dv)
-        ref_out, ref_lse = mla_prefill.varlen_attention(q.double().cpu(), k.double().cpu(), v.double().cpu(),
-                                                        lens_q, kq, causal, scale, Dv)
+        ref_out, ref_lse = mla_prefill.reference_attention(q.double().cpu(), k.double().cpu(),
+                                                           v[..., :Dv].double().cpu(), lens_q, kq, causal, scale)
         assert out.shape == (sum(lens_q), 8, Dv) and lse.shape == (sum(lens_q), 8)
         err, max_err = rel_err(out, ref_out)
         lse_err = (lse.double().cpu() - ref_lse.double()).abs().max().item()
