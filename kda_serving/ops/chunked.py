@@ -22,12 +22,13 @@ from __future__ import annotations
 import torch
 
 CHUNK = 64  # tokens per chunk; CHECKPOINT_ALIGN is a multiple of it, so checkpoints fall on chunk ends
-SUB_CHUNK = 16  # pairs inside a sub-block use pairwise decays; across sub-blocks, matrix products
+SUB_CHUNK = 8  # pairs inside a sub-block use pairwise decays; across sub-blocks, matrix products (8: 1.5-2x
+# faster than 16 on the CPU, 2 x 1,024 tokens x 2 heads of 128: 35 vs 70 ms; 4 no faster)
 GROUP_BUDGET = 1 << 23  # elements of [.., C, K] chunk tensors processed together
 GROUP_PADDING = 2  # length_groups: a group's padded chunks at most this many times its sequences' own
 # A group whose longest sequence has at most this many tokens steps the recurrence token by token instead of
-# filling a chunk: 16 decodes in a mixed step cost 0.26 ms this way, 37 ms as 16 chunks of 64 (a sequence of
-# 16 tokens alone: 1.5 vs 3.0 ms).
+# filling a chunk: 16 decodes in a mixed step cost 0.4 ms this way, 20 ms as 16 chunks of 64 (a sequence of
+# 16 tokens alone: 1.2 vs 2.2 ms; they tie at 32).
 RECURRENT_MAX_TOKENS = 16
 
 
