@@ -50,8 +50,8 @@ EXPANDED_MIN_QUERIES = 128
 # 2.3x at 2 of 512, 2.0x at 2 x 512 after 1K cached; 0.7-0.9x at 64-128 new tokens after as many cached.
 CPU_FRESH_MIN_QUERIES = 32
 CPU_MIN_QUERIES = 256
-# False sends steps with prompt tokens to _attend on CUDA too (the torch-ops path before the kernels took them):
-# the baseline of benchmarks/bench_engine.py --mla-prefill torch.
+# False sends every step with prompt tokens to _attend, on CUDA and on the CPU (the absorbed torch-ops path all
+# of them took before session 15): the baseline of benchmarks/bench_engine.py --mla-prefill torch.
 PREFILL_ON_KERNELS = True
 
 
