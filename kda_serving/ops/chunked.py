@@ -126,35 +126,48 @@ def _recurrent(q, k, v, a, b, S, scale):
 
 
 def chunked_scan(q, k, v, a, b, S, scale, lens, checkpoints=None, chunk: int = CHUNK):
-    """Same contract as reference.recurrent_scan (padded layout [N, Tmax, ...], inert padding). Sequences of
-    unlike lengths are scanned in groups (length_groups), each padded only to its own longest; a group of at
-    most RECURRENT_MAX_TOKENS tokens steps the recurrence instead of filling a chunk."""
-    groups = length_groups(lens.tolist(), chunk)
-    if len(groups) == 1:
-        if q.shape[1] <= RECURRENT_MAX_TOKENS and (checkpoints is None or not len(checkpoints.seq)):
-            return _recurrent(q, k, v, a, b, S, scale)
-        return _scan(q, k, v, a, b, S, scale, lens, checkpoints, chunk)
-    N, tmax, H, _ = q.shape
-    o = q.new_zeros((N, tmax, H, v.shape[-1]))
+    """Same contract as reference.recurrent_scan (padded layout [N, Tmax, ...], inert padding): every sequence
+    padded to the longest, so for sequences of like lengths (scan_packed groups unlike ones first). At most
+    RECURRENT_MAX_TOKENS tokens step the recurrence instead of filling a chunk."""
+    if q.shape[1] <= RECURRENT_MAX_TOKENS and (checkpoints is None or not len(checkpoints.seq)):
+        return _recurrent(q, k, v, a, b, S, scale)
+    return _scan(q, k, v, a, b, S, scale, lens, checkpoints, chunk)
+
+
+def scan_packed(q, k, v, a, b, S, scale, lens: list[int], checkpoints=None, chunk: int = CHUNK):
+    """The scan of packed sequences: q, k, a [T, H, K], v [T, H, V], b [T, H], sequence n owning the next
+    lens[n] rows; S [N, H, V, K] their initial states. Sequences of like lengths (length_groups) are padded
+    together to their own longest and scanned by chunked_scan, so a prompt chunk among decodes pads nothing
+    to its length. Returns (o [T, H, V], final states [N, H, V, K], checkpoint states or None)."""
+    starts = [0]
+    for n in lens:
+        starts.append(starts[-1] + n)
+    o = v.new_empty(v.shape)
     S_out = torch.empty_like(S)
     ckpt = None if checkpoints is None else S.new_zeros((len(checkpoints.seq), *S.shape[1:]))
-    for group in groups:
-        idx = torch.tensor(group)
-        t = max(1, int(lens[idx].max()))
-        sub = None
+    for group in length_groups(lens, chunk):
+        t = max(1, max(lens[n] for n in group))
+        seq = torch.tensor([i for i, n in enumerate(group) for _ in range(lens[n])], dtype=torch.long)
+        pos = torch.tensor([j for n in group for j in range(lens[n])], dtype=torch.long)
+        rows = torch.tensor([starts[n] + j for n in group for j in range(lens[n])], dtype=torch.long)
+
+        def padded(x):  # the group's sequences as [n, t, ...], zeros (inert) past each one's end
+            out = x.new_zeros((len(group), t, *x.shape[1:]))
+            out[seq, pos] = x[rows]
+            return out
+
+        sub, mine = None, None
         if checkpoints is not None:  # this group's checkpoints, their sequences renumbered within it
-            mine = torch.isin(checkpoints.seq, idx)
             local = {n: i for i, n in enumerate(group)}
-            sub = type(checkpoints)(torch.tensor([local[int(n)] for n in checkpoints.seq[mine]], dtype=torch.long),
+            mine = [m for m, n in enumerate(checkpoints.seq.tolist()) if n in local]
+            sub = type(checkpoints)(torch.tensor([local[int(checkpoints.seq[m])] for m in mine], dtype=torch.long),
                                     checkpoints.pos[mine], checkpoints.slot[mine])
-        args = (q[idx, :t], k[idx, :t], v[idx, :t], a[idx, :t], b[idx, :t], S[idx], scale)
-        if t <= RECURRENT_MAX_TOKENS:
-            o_g, S_g, ckpt_g = _recurrent(*args)
-        else:
-            o_g, S_g, ckpt_g = _scan(*args, lens[idx], sub, chunk)
-        o[idx, :t] = o_g
-        S_out[idx] = S_g
-        if sub is not None and len(sub.seq):
+        index = torch.tensor(group, dtype=torch.long)
+        o_g, S_g, ckpt_g = chunked_scan(padded(q), padded(k), padded(v), padded(a), padded(b), S[index], scale,
+                                        torch.tensor([lens[n] for n in group]), sub, chunk)
+        o[rows] = o_g[seq, pos]
+        S_out[index] = S_g
+        if mine:
             ckpt[mine] = ckpt_g
     return o, S_out, ckpt
 

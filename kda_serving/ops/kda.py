@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from .chunked import chunked_scan, cpu_step
+from .chunked import chunked_scan, cpu_step, scan_packed
 from .contract import (
     PAD_SLOT,
     KDACheckpoints,
@@ -60,16 +60,22 @@ def _kda_prefill_op(
     dtype = _compute_dtype(q)
     qn, kn, vv, a, b = prepare_inputs(q, k, v, g, beta, A_log, dt_bias, lower_bound, dtype)
     lens = sequence_lengths(problem, cu_seqlens)
-    tmax = int(lens.max()) if lens.numel() else 0
-    padded = [to_padded(x, problem, lens, tmax) for x in (qn, kn, vv, a, b)]
     S0 = gather_initial_states(problem, initial_state, state_pool, state_indices, has_initial_state, dtype, q.device)
     if ckpt is not None:
         ckpt = KDACheckpoints(*(t.detach().cpu().long() for t in ckpt))
-    o, S, ckpt_states = chunked_scan(*padded, S0, scale, lens, ckpt)
     pad = padded_entries(problem, state_indices)
-    if pad is not None:
-        o[pad] = 0
-    out.copy_(from_padded(o, problem, lens))
+    if problem.varlen:  # packed sequences of any lengths, in groups of like ones
+        o, S, ckpt_states = scan_packed(*(x[0] for x in (qn, kn, vv, a, b)), S0, scale, lens.tolist(), ckpt)
+        if pad is not None:
+            o[torch.repeat_interleave(pad, lens)] = 0
+        out.copy_(o.unsqueeze(0))
+    else:  # a dense batch: every sequence of the same length
+        tmax = int(lens.max()) if lens.numel() else 0
+        o, S, ckpt_states = chunked_scan(*(to_padded(x, problem, lens, tmax) for x in (qn, kn, vv, a, b)), S0, scale,
+                                         lens, ckpt)
+        if pad is not None:
+            o[pad] = 0
+        out.copy_(from_padded(o, problem, lens))
     if final_state is not None:
         final_state.copy_(S)
     if problem.state_mode == "pool":
