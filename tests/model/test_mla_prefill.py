@@ -137,8 +137,8 @@ CPU_CASES = [
 @pytest.mark.parametrize("seqs", CPU_CASES)
 @pytest.mark.parametrize("budget_keys", [5, 1 << 20])
 def test_prefill_split_matches_the_float64_reference_on_cpu(monkeypatch, seqs, budget_keys):
-    """MLABlock._prefill on the CPU (the flash call replaced by the reference varlen loop, the paged kernel by
-    ops.mla_decode's CPU path): fp32 within 1e-5 of the float64 reference, and of the absorbed _attend path."""
+    """MLABlock._prefill on the CPU, forced (torch's CPU flash kernel in place of the CUDA one, the paged kernel
+    by ops.mla_decode's CPU path): fp32 within 1e-5 of the float64 reference, as is the absorbed _attend path."""
     torch.manual_seed(0)
     sizes = CPU_CONFIG
     block = make_block(sizes, torch.float32, "cpu", seed=len(seqs))
@@ -148,6 +148,8 @@ def test_prefill_split_matches_the_float64_reference_on_cpu(monkeypatch, seqs, b
     monkeypatch.setattr(mla_prefill, "EXPANDED_BUDGET", per_key * budget_keys)
     monkeypatch.setattr(mla_block, "EXPANDED_MIN_QUERIES", 4)
     monkeypatch.setattr(mla_prefill, "MIN_PIECE_KEYS", 2)  # contexts cut for parallelism as well as budget
+    monkeypatch.setattr(mla_block, "CPU_FRESH_MIN_QUERIES", 1 << 30)  # the CPU's own route: absorbed, always
+    monkeypatch.setattr(mla_block, "CPU_MIN_QUERIES", 1 << 30)
     calls = []
     real_varlen = mla_prefill.varlen_attention
     monkeypatch.setattr(mla_prefill, "varlen_attention", lambda *a, **kw: calls.append(a) or real_varlen(*a, **kw))
