@@ -24,9 +24,10 @@ from torch import nn
 from ..ops import mla_decode
 from ..ops.contract import skip_index_value_checks
 from ..ops.cuda_mla import supports as cuda_mla_supports
+from ..ops.mla_decode import _sm_count
 from .batch import RaggedBatch
 from .config import ModelConfig
-from .mla_prefill import ExpandedPrefill, flash_varlen_supported, plan_runs
+from .mla_prefill import ExpandedPrefill, flash_varlen_supported, offsets, plan_runs, row_index
 from .norm import LATENT_NORM_EPS, rms_norm
 
 # Bounds on the attention's temporaries, in elements: one [seqs, heads, queries, keys] score block (512 MiB in
@@ -158,23 +159,21 @@ class MLABlock(nn.Module):
         if not skip_index_value_checks():  # the engine checked the batch already (RaggedBatch.check)
             batch.check_host_lengths(kv_cache.shape[1])
         q_lens, kv_lens = batch.query_lens, batch.kv_lens
-        starts = [0]
-        for n in q_lens:
-            starts.append(starts[-1] + n)
+        starts = offsets(q_lens)
         least = EXPANDED_MIN_QUERIES if min_queries is None else min_queries
         long = [n for n in range(len(q_lens)) if q_lens[n] >= max(1, least)]
         short = [n for n in range(len(q_lens)) if 0 < q_lens[n] < least]  # (a sequence may be empty)
         out = q_nope.new_empty(T, nh, self.v_dim)
         flat_cache = kv_cache.view(-1, kv_cache.shape[-1])
         if long:
-            rows = _rows(long, starts, q_nope.device)
-            attend = ExpandedPrefill(w_kv, self.nope_dim, self.rope_dim, self.scale,
-                                     target_ctas=2 * _sm_count(q_nope.device))
+            rows = row_index([(starts[n], starts[n + 1]) for n in long], q_nope.device)
+            sms = _sm_count(q_nope.device.index or 0) if q_nope.is_cuda else 8  # 8: the CPU, one call a sequence
+            attend = ExpandedPrefill(w_kv, self.nope_dim, self.rope_dim, self.scale, target_ctas=2 * sms)
             runs = plan_runs(long, q_lens, kv_lens, attend.key_budget)
             out[rows] = attend(torch.cat([q_nope[rows], q_rope[rows]], dim=-1), latent[rows], runs,
                                batch.block_tables, flat_cache, kv_cache.shape[1])
         if short:
-            rows = _rows(short, starts, q_nope.device)
+            rows = row_index([(starts[n], starts[n + 1]) for n in short], q_nope.device)
             seq_of_row = torch.tensor([n for n in short for _ in range(q_lens[n])]).to(q_nope.device,
                                                                                       non_blocking=True)
             # each query sees the keys up to its own position: a short chunk's earlier tokens, not its later ones
@@ -195,9 +194,7 @@ class MLABlock(nn.Module):
         T, nh, L = q.shape
         q_lens = list(batch.query_lens) if batch.query_lens else batch.cu_seqlens.diff().tolist()
         kv_lens = list(batch.kv_lens) if batch.kv_lens else batch.seq_lens.tolist()
-        starts = [0]
-        for n in q_lens:
-            starts.append(starts[-1] + n)
+        starts = offsets(q_lens)
         out = q.new_empty(T, nh, self.kv_lora_rank)
         s, N = 0, len(q_lens)
         while s < N:
@@ -281,20 +278,6 @@ class MLABlock(nn.Module):
         scores = torch.bmm(q, keys.transpose(1, 2), out_dtype=torch.float32).mul_(self.scale)
         probs = torch.softmax(scores.masked_fill_(~mask, float("-inf")), dim=-1).to(q.dtype)
         return torch.bmm(probs, keys[:, :, : self.kv_lora_rank], out_dtype=torch.float32).to(q.dtype)
-
-
-def _sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device (8 stands in elsewhere: the CPU reference path in tests)."""
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
-
-
-def _rows(seqs: list[int], starts: list[int], device) -> slice | torch.Tensor:
-    """The token rows of sequences `seqs` (in order; starts: token offsets of the batch's sequences): a slice
-    where they are contiguous, else an index tensor."""
-    if all(b == a + 1 for a, b in zip(seqs, seqs[1:])):
-        return slice(starts[seqs[0]], starts[seqs[-1] + 1])
-    index = [t for n in seqs for t in range(starts[n], starts[n + 1])]
-    return torch.tensor(index).to(device, non_blocking=True)
 
 
 def _query_tables(batch: RaggedBatch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,6 +20,7 @@ temporaries stay bounded whatever the prompt and context.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 import torch.nn.functional as F
@@ -163,9 +164,22 @@ def plan_pieces(runs: list[QueryRun], num_heads: int, key_budget: int, target_ct
     return [(i, a, b) for _, i, a, b in sorted(pieces)]
 
 
+def offsets(lengths: list[int]) -> list[int]:
+    """Where consecutive stretches of these lengths start, and the end: [0, l0, l0 + l1, ..., sum]."""
+    return list(accumulate(lengths, initial=0))
+
+
+def row_index(ranges: list[tuple[int, int]], device) -> slice | torch.Tensor:
+    """The rows of (start, end) ranges, in order: a slice where each ends where the next starts, else an index
+    tensor on `device`."""
+    if all(a[1] == b[0] for a, b in zip(ranges, ranges[1:])):
+        return slice(ranges[0][0], ranges[-1][1])
+    return torch.tensor([r for a, b in ranges for r in range(a, b)]).to(device, non_blocking=True)
+
+
 def _cu(lengths: list[int], device) -> torch.Tensor:
     """Cumulative lengths [0, l0, l0 + l1, ...] as int32 on `device`."""
-    return torch.tensor(_starts(lengths + [0]), dtype=torch.int32).to(device, non_blocking=True)
+    return torch.tensor(offsets(lengths), dtype=torch.int32).to(device, non_blocking=True)
 
 
 class ExpandedPrefill:
@@ -227,12 +241,13 @@ class ExpandedPrefill:
         key_lens = [b - a for _, a, b in pieces]
         q_lens = [runs[i].rows[1] - runs[i].rows[0] for i, _, _ in pieces]
         P, K = len(pieces), sum(key_lens)
-        row_index = [r for i, _, _ in pieces for r in range(*runs[i].rows)]
-        whole = row_index == list(range(q.shape[0]))
+        query_rows = [r for i, _, _ in pieces for r in range(*runs[i].rows)]
+        whole = query_rows == list(range(q.shape[0]))
         # every index the call needs, in one copy to the device: per piece its sequence, first key and first row
         # among the call's keys; the two cumulative lengths; the query rows (unless they are q's rows in order)
-        meta = [x for (i, a, _), c in zip(pieces, _starts(key_lens)) for x in (runs[i].seq, a, c)]
-        host = meta + key_lens + _starts(q_lens + [0]) + _starts(key_lens + [0]) + ([] if whole else row_index)
+        key_starts = offsets(key_lens)
+        meta = [x for (i, a, _), c in zip(pieces, key_starts) for x in (runs[i].seq, a, c)]
+        host = meta + key_lens + offsets(q_lens) + key_starts + ([] if whole else query_rows)
         dev = torch.tensor(host, dtype=torch.int64).to(device, non_blocking=True)
         meta, lens_t, cu_q, cu_k, index = dev.split([3 * P, P, P + 1, P + 1, len(host) - 6 * P - 2])
         piece_of_key = torch.repeat_interleave(torch.arange(P, device=device), lens_t, output_size=K)
@@ -254,22 +269,15 @@ class ExpandedPrefill:
         o = o.float()
         if all(seg == segments[0] for seg in segments):  # the same runs in every segment: one batched merge
             n = len(segments)
-            _merge(out, lse, _rows_of(segments[0], runs, q.shape[0], device), o.view(n, -1, *o.shape[1:]),
+            _merge(out, lse, row_index([runs[i].rows for i in segments[0]], device), o.view(n, -1, *o.shape[1:]),
                    l.view(n, -1, l.shape[-1]))
             return
         at = 0
         for seg in segments:
             size = sum(runs[i].rows[1] - runs[i].rows[0] for i in seg)
-            _merge(out, lse, _rows_of(seg, runs, q.shape[0], device), o[None, at : at + size], l[None, at : at + size])
+            _merge(out, lse, row_index([runs[i].rows for i in seg], device), o[None, at : at + size],
+                   l[None, at : at + size])
             at += size
-
-
-def _rows_of(seg: list[int], runs: list[QueryRun], total: int, device) -> slice | torch.Tensor:
-    """The rows of runs `seg` (in order): a slice where they are contiguous, else an index tensor."""
-    index = [r for i in seg for r in range(*runs[i].rows)]
-    if index == list(range(index[0], index[0] + len(index))):
-        return slice(index[0], index[0] + len(index))
-    return torch.tensor(index).to(device, non_blocking=True)
 
 
 def _merge(out: torch.Tensor, lse: torch.Tensor, rows, o: torch.Tensor, l: torch.Tensor) -> None:
@@ -281,12 +289,3 @@ def _merge(out: torch.Tensor, lse: torch.Tensor, rows, o: torch.Tensor, l: torch
     den = w_prev + w.sum(0)
     out[rows] = (prev_out * w_prev[..., None] + (o * w[..., None]).sum(0)) / den[..., None]
     lse[rows] = m + torch.log(den)
-
-
-def _starts(lengths: list[int]) -> list[int]:
-    """Where each of consecutive stretches of these lengths starts: [0, l0, l0 + l1, ...] (one per length)."""
-    starts, total = [], 0
-    for n in lengths:
-        starts.append(total)
-        total += n
-    return starts

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import torch
 
+from .layout import _token_owner
+
 CHUNK = 64  # tokens per chunk; CHECKPOINT_ALIGN is a multiple of it, so checkpoints fall on chunk ends
 SUB_CHUNK = 8  # pairs inside a sub-block use pairwise decays; across sub-blocks, matrix products (8: 1.5-2x
 # faster than 16 on the CPU, 2 x 1,024 tokens x 2 heads of 128: 35 vs 70 ms; 4 no faster)
@@ -139,17 +141,17 @@ def scan_packed(q, k, v, a, b, S, scale, lens: list[int], checkpoints=None, chun
     lens[n] rows; S [N, H, V, K] their initial states. Sequences of like lengths (length_groups) are padded
     together to their own longest and scanned by chunked_scan, so a prompt chunk among decodes pads nothing
     to its length. Returns (o [T, H, V], final states [N, H, V, K], checkpoint states or None)."""
-    starts = [0]
-    for n in lens:
-        starts.append(starts[-1] + n)
+    lens_t = torch.tensor(lens, dtype=torch.long)
+    starts = lens_t.cumsum(0) - lens_t
     o = v.new_empty(v.shape)
     S_out = torch.empty_like(S)
     ckpt = None if checkpoints is None else S.new_zeros((len(checkpoints.seq), *S.shape[1:]))
     for group in length_groups(lens, chunk):
-        t = max(1, max(lens[n] for n in group))
-        seq = torch.tensor([i for i, n in enumerate(group) for _ in range(lens[n])], dtype=torch.long)
-        pos = torch.tensor([j for n in group for j in range(lens[n])], dtype=torch.long)
-        rows = torch.tensor([starts[n] + j for n in group for j in range(lens[n])], dtype=torch.long)
+        index = torch.tensor(group, dtype=torch.long)
+        group_lens = lens_t[index]
+        t = max(1, int(group_lens.max()))
+        seq, pos = _token_owner(group_lens)  # the group's tokens, packed
+        rows = starts[index][seq] + pos
 
         def padded(x):  # the group's sequences as [n, t, ...], zeros (inert) past each one's end
             out = x.new_zeros((len(group), t, *x.shape[1:]))
@@ -162,9 +164,8 @@ def scan_packed(q, k, v, a, b, S, scale, lens: list[int], checkpoints=None, chun
             mine = [m for m, n in enumerate(checkpoints.seq.tolist()) if n in local]
             sub = type(checkpoints)(torch.tensor([local[int(checkpoints.seq[m])] for m in mine], dtype=torch.long),
                                     checkpoints.pos[mine], checkpoints.slot[mine])
-        index = torch.tensor(group, dtype=torch.long)
         o_g, S_g, ckpt_g = chunked_scan(padded(q), padded(k), padded(v), padded(a), padded(b), S[index], scale,
-                                        torch.tensor([lens[n] for n in group]), sub, chunk)
+                                        group_lens, sub, chunk)
         o[rows] = o_g[seq, pos]
         S_out[index] = S_g
         if mine:
