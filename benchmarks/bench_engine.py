@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/common.py
 
 from kda_serving.engine import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
-from kda_serving.model import mla_block  # noqa: E402
+from kda_serving.model import mla_block, mla_prefill  # noqa: E402
 
 REFERENCE_CONFIG = os.path.join(
     os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "reference", "kimi-linear-48b-a3b.config.json"
@@ -251,9 +251,10 @@ def main(argv=None) -> None:
     ap.add_argument("--turn-output-len", type=int, default=None, help="generated tokens per turn (multiturn)")
     ap.add_argument("--scenarios", default="prefill,decode,mixed,multiturn")
     ap.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly (the baseline)")
-    ap.add_argument("--mla-prefill", default="kernels", choices=["kernels", "torch"],
-                    help="MLA attention of steps with prompt tokens: the flash and paged kernels, or the absorbed "
-                         "torch-ops form (the baseline; mla_block.PREFILL_ON_KERNELS)")
+    ap.add_argument("--mla-prefill", default="kernels", choices=["kernels", "flash2", "torch"],
+                    help="MLA attention of steps with prompt tokens: our attention and paged kernels, the same with "
+                         "FlashAttention-2 in place of our attention kernel (mla_prefill.OWN_KERNEL off), or the "
+                         "absorbed torch-ops form (mla_block.PREFILL_ON_KERNELS off)")
     ap.add_argument("--kda-state-dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--repeats", type=int, default=None, help="runs per measurement; the fastest is kept")
     ap.add_argument("--out", default=None)
@@ -268,7 +269,8 @@ def main(argv=None) -> None:
         if getattr(args, key) is None:
             setattr(args, key, value)
     device = torch.device(args.device)
-    mla_block.PREFILL_ON_KERNELS = args.mla_prefill == "kernels"
+    mla_block.PREFILL_ON_KERNELS = args.mla_prefill != "torch"
+    mla_prefill.OWN_KERNEL = args.mla_prefill == "kernels"
 
     tokenizer = None
     if args.model is None and cuda:

@@ -1,6 +1,7 @@
-"""MLA layers in steps with prompt tokens: MLABlock.forward on the kernels (the expanded form on the flash kernel
-for sequences of EXPANDED_MIN_QUERIES+ new tokens, the paged kernel for the other rows) against the same block
-on the torch-ops path it replaces (the absorbed form: gathered latents, SDPA or two GEMMs around a masked
+"""MLA layers in steps with prompt tokens: MLABlock.forward on the kernels (the expanded form on our attention
+kernel for sequences of EXPANDED_MIN_QUERIES+ new tokens, the paged kernel for the other rows) against the same
+block with FlashAttention-2 in place of our attention kernel ("flash2", values padded to the key size) and on
+the torch-ops path both replace (the absorbed form: gathered latents, SDPA or two GEMMs around a masked
 softmax), in the same run, on Kimi-Linear-48B's MLA layer (hidden 2304, 32 heads, latent 512 + 64, bf16,
 16-token blocks shuffled over the cache, random weights).
 
@@ -28,10 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repositor
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py
 
 from common import (  # noqa: E402
-    RESULTS, card_name, copy_rate_bytes_per_s, environment, gpu_ms, time_ms, write_json,
+    RESULTS, card_name, copy_rate_bytes_per_s, environment, gemm_rate_flops_per_s, gpu_ms, time_ms, write_json,
 )
 
-from kda_serving.model import mla_block  # noqa: E402
+from kda_serving.model import mla_block, mla_prefill  # noqa: E402
 from kda_serving.model.batch import RaggedBatch  # noqa: E402
 from kda_serving.model.config import ModelConfig  # noqa: E402
 from kda_serving.model.mla_block import MLABlock  # noqa: E402
@@ -61,13 +62,6 @@ MLA_CONFIG = {  # Kimi-Linear-48B's MLA layer; the rest minimal (only the block 
     "linear_attn_config": {"kda_layers": [], "full_attn_layers": [1], "num_heads": 1, "head_dim": 128,
                            "short_conv_kernel_size": 4},
 }
-
-
-def gemm_rate_flops_per_s(n: int = 8192) -> float:
-    """bf16 dense GEMM rate of this card, measured: an n x n x n matmul."""
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    return 2 * n**3 / (time_ms(lambda: a @ b, warmup=5, iters=20) / 1e3)
 
 
 def make_step(seqs: list[tuple[int, int]], gen: torch.Generator) -> tuple[RaggedBatch, torch.Tensor]:
@@ -131,23 +125,29 @@ def main() -> None:
         batch, cache = make_step(seqs, gen)
         x = torch.randn(batch.num_tokens, HIDDEN, generator=gen, device="cuda").to(torch.bfloat16)
         result, outs = {}, {}
-        for form, on_kernels in (("ours", True), ("torch", False)):
-            mla_block.PREFILL_ON_KERNELS = on_kernels
+        # ours: the expanded form on our attention kernel; flash2: the same on FlashAttention-2 (values padded
+        # to 192), the kernel it replaced; torch: the absorbed torch-ops path before either
+        for form, on_kernels, own in (("ours", True, True), ("flash2", True, False), ("torch", False, False)):
+            mla_block.PREFILL_ON_KERNELS, mla_prefill.OWN_KERNEL = on_kernels, own
             with torch.inference_mode(), indices_checked_by_caller():  # as the engine runs it
                 work = cache.clone()
                 outs[form] = block(x, batch, work).float()
                 result[f"{form}_gpu_ms"] = gpu_ms(lambda: block(x, batch, work))
                 result[f"{form}_wall_ms"] = time_ms(lambda: block(x, batch, work), warmup=2, iters=5)
-        mla_block.PREFILL_ON_KERNELS = True
+        mla_block.PREFILL_ON_KERNELS, mla_prefill.OWN_KERNEL = True, True
         floor = floor_ms(seqs, gemm_rate, copy_rate)
         diff = ((outs["ours"] - outs["torch"]).norm() / outs["torch"].norm()).item()
+        diff2 = ((outs["ours"] - outs["flash2"]).norm() / outs["flash2"].norm()).item()
         row = dict(case=name, seqs=seqs, tokens=batch.num_tokens, **result, floor_ms=floor,
                    floor_over_ours=floor / result["ours_gpu_ms"],
-                   speedup=result["torch_gpu_ms"] / result["ours_gpu_ms"], rel_diff_vs_torch=diff)
+                   speedup=result["torch_gpu_ms"] / result["ours_gpu_ms"],
+                   speedup_vs_flash2=result["flash2_gpu_ms"] / result["ours_gpu_ms"], rel_diff_vs_torch=diff,
+                   rel_diff_vs_flash2=diff2)
         rows.append(row)
-        print(f"{name:>32}: ours {row['ours_gpu_ms']:7.3f} ms (wall {row['ours_wall_ms']:6.3f})  torch "
-              f"{row['torch_gpu_ms']:7.3f} ms (wall {row['torch_wall_ms']:6.3f})  floor {floor:6.3f} ms "
-              f"({100 * row['floor_over_ours']:4.1f}%)  x{row['speedup']:5.1f}  rel diff {diff:.1e}", flush=True)
+        print(f"{name:>32}: ours {row['ours_gpu_ms']:7.3f} ms (wall {row['ours_wall_ms']:6.3f})  flash2 "
+              f"{row['flash2_gpu_ms']:7.3f}  torch {row['torch_gpu_ms']:7.3f} ms (wall {row['torch_wall_ms']:6.3f})"
+              f"  floor {floor:6.3f} ms ({100 * row['floor_over_ours']:4.1f}%)  x{row['speedup_vs_flash2']:4.2f} "
+              f"vs flash2, x{row['speedup']:5.1f} vs torch  rel diff {diff:.1e} / {diff2:.1e}", flush=True)
     write_json(Path(args.out_dir) / f"{card_name()}-mla_prefill.json",
                {"benchmark": "mla_prefill", "environment": environment(), "copy_rate_bytes_per_s": copy_rate,
                 "gemm_rate_flops_per_s": gemm_rate, "expanded_min_queries": mla_block.EXPANDED_MIN_QUERIES,

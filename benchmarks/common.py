@@ -68,6 +68,13 @@ def graph_replay_us(fn, *, iters: int = 50) -> float:
     return time_ms(graph.replay, warmup=5, iters=iters) * 1e3
 
 
+def gemm_rate_flops_per_s(n: int = 8192) -> float:
+    """bf16 dense GEMM rate of this card, measured: an n x n x n matmul."""
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    return 2 * n**3 / (time_ms(lambda: a @ b, warmup=5, iters=20) / 1e3)
+
+
 def copy_rate_bytes_per_s(nbytes: int = 1 << 30) -> float:
     """Device-to-device copy rate, counting bytes read plus bytes written (the bandwidth a floor divides by)."""
     src = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_(0, 255)

@@ -20,6 +20,7 @@ case "${1:-tests}" in  # tests | bench | bench-prefill [bench_prefill.py args]
     { python3 benchmarks/bench_decode.py --out-dir "$OUT" &&
       python3 benchmarks/bench_kda_layer.py --out-dir "$OUT" &&
       python3 benchmarks/bench_mla_decode.py --out-dir "$OUT" &&
+      python3 benchmarks/bench_flash_attention.py --out-dir "$OUT" &&
       python3 benchmarks/bench_mla_prefill.py --out-dir "$OUT" &&
       python3 benchmarks/bench_engine.py --device cuda --out "$OUT/engine.json" &&
       python3 benchmarks/bench_spec_decode.py --out "$OUT/spec_decode.json" &&

@@ -38,6 +38,18 @@ __device__ __forceinline__ uint64_t sw128_desc(const void* smem) {
   return d.desc_;
 }
 
+// Descriptor of an SW128 operand read MN-major whose MN extent spans several 64-column blocks, `block_bytes`
+// apart (the leading byte offset); 8-row groups along K lie 1024 bytes apart, as in sw128_desc.
+__device__ __forceinline__ uint64_t sw128_desc_mn(const void* smem, uint32_t block_bytes) {
+  cute::GmmaDescriptor d;
+  d.bitfield.start_address_ = static_cast<uint16_t>(cute::cast_smem_ptr_to_uint(smem) >> 4);
+  d.bitfield.leading_byte_offset_ = static_cast<uint16_t>(block_bytes >> 4);
+  d.bitfield.stride_byte_offset_ = 1024 >> 4;
+  d.bitfield.base_offset_ = 0;
+  d.bitfield.layout_type_ = static_cast<uint8_t>(cute::SM90::GMMA::LayoutType::B128);
+  return d.desc_;
+}
+
 // D (m64 x N fp32 fragment, N / 2 registers) = A B (+ D when accumulate), A and B by descriptor.
 template <int N, GmmaMajor kMajorA, GmmaMajor kMajorB>
 struct Wgmma;
@@ -59,6 +71,42 @@ struct Wgmma<16, kMajorA, kMajorB> {
     cute::SM90::GMMA::MMA_64x16x16_F32BF16BF16_SS<kMajorA, kMajorB>::fma(
         a, b, d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7],
         accumulate ? cute::SM90::GMMA::ScaleOut::One : cute::SM90::GMMA::ScaleOut::Zero);
+  }
+};
+
+template <GmmaMajor kMajorA, GmmaMajor kMajorB>
+struct Wgmma<128, kMajorA, kMajorB> {
+  static constexpr int kRegs = 64;
+  __device__ __forceinline__ static void run(uint64_t a, uint64_t b, float (&d)[64], bool accumulate) {
+    cute::SM90::GMMA::MMA_64x128x16_F32BF16BF16_SS<kMajorA, kMajorB>::fma(
+        a, b, d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7],
+        d[8], d[9], d[10], d[11], d[12], d[13], d[14], d[15],
+        d[16], d[17], d[18], d[19], d[20], d[21], d[22], d[23],
+        d[24], d[25], d[26], d[27], d[28], d[29], d[30], d[31],
+        d[32], d[33], d[34], d[35], d[36], d[37], d[38], d[39],
+        d[40], d[41], d[42], d[43], d[44], d[45], d[46], d[47],
+        d[48], d[49], d[50], d[51], d[52], d[53], d[54], d[55],
+        d[56], d[57], d[58], d[59], d[60], d[61], d[62], d[63],
+        accumulate ? cute::SM90::GMMA::ScaleOut::One : cute::SM90::GMMA::ScaleOut::Zero);
+  }
+};
+
+// D (m64 x 128 fp32) += A B with A (m64 x k16, bf16) in registers: a[0..3] hold, as packed pairs, the thread's
+// elements at the places an m64nNk16 accumulator fragment holds its first 8 (so a k16 slice of a score
+// fragment, packed pair by pair, is this A), and B by descriptor.
+template <GmmaMajor kMajorB>
+struct WgmmaRs128 {
+  __device__ __forceinline__ static void run(const uint32_t (&a)[4], uint64_t b, float (&d)[64]) {
+    cute::SM90::GMMA::MMA_64x128x16_F32BF16BF16_RS<GmmaMajor::K, kMajorB>::fma(
+        a[0], a[1], a[2], a[3], b, d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7],
+        d[8], d[9], d[10], d[11], d[12], d[13], d[14], d[15],
+        d[16], d[17], d[18], d[19], d[20], d[21], d[22], d[23],
+        d[24], d[25], d[26], d[27], d[28], d[29], d[30], d[31],
+        d[32], d[33], d[34], d[35], d[36], d[37], d[38], d[39],
+        d[40], d[41], d[42], d[43], d[44], d[45], d[46], d[47],
+        d[48], d[49], d[50], d[51], d[52], d[53], d[54], d[55],
+        d[56], d[57], d[58], d[59], d[60], d[61], d[62], d[63],
+        cute::SM90::GMMA::ScaleOut::One);
   }
 };
 

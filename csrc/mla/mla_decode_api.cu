@@ -10,6 +10,7 @@
 
 #include "common/cuda_check.h"
 #include "common/pdl.cuh"
+#include "common/tensor_map.h"
 #include "mla/mla_decode_combine.cuh"
 #include "mla/mla_decode_split.cuh"
 
@@ -22,26 +23,11 @@ constexpr int kCtasPerSm = 1;  // the split kernel's shared memory (191 KB at 32
 // columns, 128-byte swizzle (the kernel's shared-memory layout), rows outside the cache read as zeros. Returns
 // whether it could be made: the block size must be a multiple of 16 (a box never straddles two blocks) and the
 // rows must fit TMA's int32 coordinates; otherwise the kernel loads by cp.async.
-using EncodeTiled = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
-                                 const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
-                                 CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
-
-EncodeTiled encode_tiled() {  // the driver's cuTensorMapEncodeTiled, looked up once (no link against libcuda)
-  static const EncodeTiled fn = [] {
-    void* f = nullptr;
-    cudaDriverEntryPointQueryResult found{};
-    const cudaError_t err = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault,
-                                                             &found);
-    return err == cudaSuccess && found == cudaDriverEntryPointSuccess ? reinterpret_cast<EncodeTiled>(f) : nullptr;
-  }();
-  return fn;
-}
-
 bool make_kv_map(const MlaDecodeParams& p, CUtensorMap* map) {
   if (p.block_size % kTmaRows != 0 || p.kv_rows <= 0 || p.kv_rows > INT32_MAX - kTmaRows ||
       reinterpret_cast<uintptr_t>(p.kv) % 16 != 0)
     return false;
-  const EncodeTiled encode = encode_tiled();
+  const kda::EncodeTiled encode = kda::encode_tiled();
   if (encode == nullptr) return false;
   const cuuint64_t dims[2] = {static_cast<cuuint64_t>(kLatentDim), static_cast<cuuint64_t>(p.kv_rows)};
   const cuuint64_t strides[1] = {static_cast<cuuint64_t>(kLatentDim) * 2};

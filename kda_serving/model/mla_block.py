@@ -168,7 +168,7 @@ class MLABlock(nn.Module):
         if long:
             rows = row_index([(starts[n], starts[n + 1]) for n in long], q_nope.device)
             sms = _sm_count(q_nope.device.index or 0) if q_nope.is_cuda else 8  # 8: the CPU, one call a sequence
-            attend = ExpandedPrefill(w_kv, self.nope_dim, self.rope_dim, self.scale, target_ctas=2 * sms)
+            attend = ExpandedPrefill(w_kv, self.nope_dim, self.rope_dim, self.scale, sms)
             runs = plan_runs(long, q_lens, kv_lens, attend.key_budget)
             out[rows] = attend(torch.cat([q_nope[rows], q_rope[rows]], dim=-1), latent[rows], runs,
                                batch.block_tables, flat_cache, kv_cache.shape[1])

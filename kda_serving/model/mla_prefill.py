@@ -25,57 +25,67 @@ from itertools import accumulate
 import torch
 import torch.nn.functional as F
 
+from ..ops import cuda_attention
+from ..ops.flash_attention import flash_attention
+
 # Elements of expanded keys and values (and their latents) one call may hold: 512 MiB in bf16, the same bound as
 # the absorbed form's gathered latents (mla_block.LATENT_BUDGET); 20,000 keys at 48B's shapes.
 EXPANDED_BUDGET = 1 << 28
 FLASH_MAX_HEAD_DIM = 256  # FlashAttention-2's largest head size (torch's build)
 TILE_M = 128  # query rows per CTA of the flash kernel's forward at head sizes 128-192
 MIN_PIECE_KEYS = 256  # context pieces no smaller: each costs a merge
+# False sends CUDA calls our kernel would take to FlashAttention-2 instead (benchmarks' baseline).
+OWN_KERNEL = True
 
 
 def flash_varlen_supported(q: torch.Tensor, qk_dim: int, v_dim: int) -> bool:
-    """Whether the flash varlen kernel takes these queries: CUDA, 16-bit, SM80+, heads up to 256 (values padded
-    to the key size), a multiple of 8."""
-    return (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and v_dim <= qk_dim <= FLASH_MAX_HEAD_DIM
-            and qk_dim % 8 == 0 and torch.cuda.get_device_capability(q.device)[0] >= 8)
+    """Whether a flash kernel takes these queries on CUDA: our own (ops.flash_attention: SM90, bf16, heads of 128
+    or 192 with values of 128), or FlashAttention-2's (16-bit, SM80+, heads up to 256, a multiple of 8; values
+    padded to the key size)."""
+    return _own_kernel(q, qk_dim, v_dim) or (
+        q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and v_dim <= qk_dim <= FLASH_MAX_HEAD_DIM
+        and qk_dim % 8 == 0 and torch.cuda.get_device_capability(q.device)[0] >= 8)
+
+
+def values_padded(q: torch.Tensor, qk_dim: int, v_dim: int) -> bool:
+    """Whether varlen_attention needs values padded with zeros to the key size: all but our CUDA kernel do."""
+    return not _own_kernel(q, qk_dim, v_dim)
+
+
+def _own_kernel(q: torch.Tensor, qk_dim: int, v_dim: int) -> bool:
+    return OWN_KERNEL and cuda_attention.supports(q, qk_dim, v_dim)
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens_q: list[int], lens_k: list[int],
-                     causal: bool, scale: float, v_dim: int,
-                     cu: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of packed sequences: q [Tq, H, D], k [Tk, H, D], v [Tk, H, D] whose first v_dim columns are the
-    values (the rest zeros: the flash kernel needs values of the key size), sequence i owning lens_q[i] query
-    and lens_k[i] key rows in order; causal: square sequences, query j sees keys 0..j. Rows of q, k, v may be
+                     causal: bool, scale: float, v_dim: int, cu: tuple | None = None, out: torch.Tensor | None = None,
+                     lse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of packed sequences: q [Tq, H, D], k [Tk, H, D], v [Tk, H, >= v_dim] whose first v_dim columns
+    are the values (where values_padded, D columns, the rest zeros), sequence i owning lens_q[i] query and
+    lens_k[i] key rows in order; causal: square sequences, query j sees keys 0..j. Rows of q, k, v may be
     strided; the last dimension must be contiguous. cu: the cumulative lengths as int32 tensors on q's device,
-    where the caller has them.
-    Returns (out [Tq, H, v_dim] in q's dtype, lse [Tq, H] fp32, the log-sum-exp of each row's scaled scores).
+    where the caller has them; out, lse: fp32 [Tq, H, v_dim] and [Tq, H] to write into.
+    Returns (out [Tq, H, v_dim] fp32, lse [Tq, H] fp32, the log-sum-exp of each row's scaled scores).
 
-    On CUDA FlashAttention-2's varlen kernel, one launch for any mix of lengths (cuDNN's attention runs these
-    sizes 2.4x faster, but builds a plan of ~64 ms for every new shape, and a serving step's shapes are new at
-    every turn: docs/engine.md); on the CPU torch's flash kernel for the CPU, one sequence at a time."""
+    On an SM90 GPU our kernel (ops.flash_attention, csrc/attention): one launch for any mix of lengths, values of
+    128 unpadded. Other CUDA GPUs and sizes: FlashAttention-2's varlen kernel in torch (cuDNN's attention is
+    faster than both, but builds a plan of ~64 ms for every new shape, and a serving step's shapes are new at
+    every turn: docs/engine.md). The CPU: torch's flash kernel for the CPU, one sequence at a time."""
     Tq, H, D = q.shape
-    if not q.is_cuda:
-        return _cpu_attention(q, k, v, lens_q, lens_k, causal, scale, v_dim)
-    cu_q, cu_k = cu if cu is not None else (_cu(lens_q, q.device), _cu(lens_k, q.device))
-    out, lse = torch.ops.aten._flash_attention_forward(
-        q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), 0.0, causal, False, scale=scale)[:2]
-    return out[..., :v_dim], _lse_rows(lse, cu_q, Tq, H)
-
-
-def _cpu_attention(q, k, v, lens_q, lens_k, causal: bool, scale: float, v_dim: int):
-    """varlen_attention on the CPU: torch's CPU flash kernel per sequence (it returns the log-sum-exps too)."""
-    Tq, H, _ = q.shape
-    out = q.new_empty(Tq, H, v_dim)
-    lse = torch.empty(Tq, H, dtype=torch.float32, device=q.device)
-    q0 = k0 = 0
-    for lq, lk in zip(lens_q, lens_k):
-        q1, k1 = q0 + lq, k0 + lk
-        if lq:
-            o, l = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                *(t.transpose(0, 1)[None] for t in (q[q0:q1], k[k0:k1], v[k0:k1])), 0.0, causal, scale=scale)
-            out[q0:q1] = o[0, :, :, :v_dim].transpose(0, 1)
-            lse[q0:q1] = l[0].transpose(0, 1)
-        q0, k0 = q1, k1
+    if q.is_cuda and _own_kernel(q, D, v_dim):
+        return flash_attention(q, k, v[..., :v_dim], lens_q, lens_k, causal=causal, scale=scale, cu=cu, out=out,
+                               lse=lse)
+    if q.is_cuda:
+        cu_q, cu_k = cu if cu is not None else (_cu(lens_q, q.device), _cu(lens_k, q.device))
+        o, l = torch.ops.aten._flash_attention_forward(
+            q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), 0.0, causal, False, scale=scale)[:2]
+        o, l = o[..., :v_dim], _lse_rows(l, cu_q, Tq, H)
+    else:  # the op's CPU path; values padded to D columns (no copy), of whose output v_dim are kept
+        o, l = flash_attention(q, k, v, lens_q, lens_k, causal=causal, scale=scale, cu=cu)
+        o = o[..., :v_dim]
+    if out is None:
+        return o.float(), l
+    out.copy_(o)
+    lse.copy_(l)
     return out, lse
 
 
@@ -152,13 +162,14 @@ def plan_calls(run_of: list[int], sizes: list[int], budget: int, *, once: bool =
 def plan_pieces(runs: list[QueryRun], num_heads: int, key_budget: int, target_ctas: int) -> list[tuple[int, int, int]]:
     """The context pieces (run index, first key, end key), ordered piece by piece across the runs (every run's
     first piece, then every run's second, ...). A run's context is cut finer than the key budget where its own
-    (query tile, head) CTAs could not fill the GPU: the flash kernel does not split the keys, so a run of 64
-    queries over 32K keys would give only 32 CTAs (one per head); as pieces in one call it gives ~target_ctas,
-    merged afterwards by log-sum-exp."""
+    (query tile, head) CTAs could not fill the GPU: the attention kernels do not split the keys, so a run of 64
+    queries over 32K keys would give only 32 CTAs (one per head); as pieces in one call it gives up to
+    target_ctas (the CTAs the GPU holds at once: 4 pieces of 32 CTAs for 132, not 5, whose 160 would leave a
+    second wave of 28), merged afterwards by log-sum-exp."""
     pieces = []
     for i, run in enumerate(runs):
         tiles = -(-(run.rows[1] - run.rows[0]) // TILE_M) * num_heads
-        splits = max(1, -(-target_ctas // tiles))
+        splits = max(1, target_ctas // tiles)
         size = min(key_budget, max(MIN_PIECE_KEYS, min(-(-run.context // splits), key_budget // splits)))
         pieces += [(j, i, a, min(a + size, run.context)) for j, a in enumerate(range(0, run.context, size))]
     return [(i, a, b) for _, i, a, b in sorted(pieces)]
@@ -185,30 +196,36 @@ def _cu(lengths: list[int], device) -> torch.Tensor:
 class ExpandedPrefill:
     """The expanded-form attention of one MLA layer's prompt sequences (module docstring).
 
-    w_kv: [H, nope + v, C] (kv_b_proj per head); scale: the softmax scale; target_ctas: CTAs a context call
-    should give the attention kernel (plan_pieces), about two per SM.
+    w_kv: [H, nope + v, C] (kv_b_proj per head); scale: the softmax scale; sms: the GPU's multiprocessors (a
+    context call gives the attention kernel as many CTAs as they hold at once: plan_pieces).
     """
 
-    def __init__(self, w_kv: torch.Tensor, nope_dim: int, rope_dim: int, scale: float, target_ctas: int):
+    def __init__(self, w_kv: torch.Tensor, nope_dim: int, rope_dim: int, scale: float, sms: int):
         H, nope_v, C = w_kv.shape
-        self.num_heads, self.scale, self.target_ctas = H, scale, target_ctas
+        self.num_heads, self.scale = H, scale
         self.v_dim = nope_v - nope_dim
-        # keys per call: each holds its latent row and its expanded keys and values
-        self.key_budget = max(1, EXPANDED_BUDGET // (C + rope_dim + H * 2 * (nope_dim + rope_dim)))
-        # One GEMM takes a latent row [c, r] to [k_h | v_h, 0] for every head: k_h = [W_uk[h] c, r] (r through an
-        # identity block, exact), v_h = W_uv[h] c padded with zeros to the key size. Keys and values come out as
-        # strided views of its output, with no concatenation or padding pass over them (those passes cost more
-        # than the GEMM's extra columns: docs/engine.md).
+        # One GEMM takes a latent row [c, r] to [k_h | v_h] for every head: k_h = [W_uk[h] c, r] (r through an
+        # identity block, exact), v_h = W_uv[h] c, padded with zeros to the key size where the attention kernel
+        # needs it (values_padded). Keys and values come out as strided views of its output, with no
+        # concatenation or padding pass over them (those passes cost more than the GEMM's extra columns:
+        # docs/engine.md).
         D = self.head_dim = nope_dim + rope_dim
-        w = w_kv.new_zeros(H, 2 * D, C + rope_dim)
+        padded = values_padded(w_kv, D, self.v_dim)
+        self.value_width = D if padded else self.v_dim
+        # CTAs resident per SM: ours 1 (214 KB of shared memory), FlashAttention-2's 2 at these head sizes
+        self.target_ctas = sms * (2 if padded else 1)
+        # keys per call: each holds its latent row and its expanded keys and values
+        self.key_budget = max(1, EXPANDED_BUDGET // (C + rope_dim + H * (D + self.value_width)))
+        w = w_kv.new_zeros(H, D + self.value_width, C + rope_dim)
         w[:, :nope_dim, :C] = w_kv[:, :nope_dim]
         w[:, nope_dim:D, C:] = torch.eye(rope_dim, dtype=w.dtype, device=w.device)
         w[:, D : D + self.v_dim, :C] = w_kv[:, nope_dim:]
-        self.w_expand = w.view(H * 2 * D, C + rope_dim)
+        self.w_expand = w.view(H * (D + self.value_width), C + rope_dim)
 
     def _expand(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Latent rows [K, C + rope] -> keys [K, H, D], values [K, H, D] (v_dim, then zeros), views of one GEMM."""
-        kv = F.linear(latents, self.w_expand).view(latents.shape[0], self.num_heads, 2 * self.head_dim)
+        """Latent rows [K, C + rope] -> keys [K, H, D], values [K, H, value_width] (v_dim, then any zeros), views of
+        one GEMM."""
+        kv = F.linear(latents, self.w_expand).view(latents.shape[0], self.num_heads, -1)
         return kv[..., : self.head_dim], kv[..., self.head_dim :]
 
     def __call__(self, q: torch.Tensor, new_latents: torch.Tensor, runs: list[QueryRun], block_tables: torch.Tensor,
@@ -225,8 +242,8 @@ class ExpandedPrefill:
             r0, r1 = runs[call[0]].rows[0], runs[call[-1]].rows[1]
             lengths = [runs[i].rows[1] - runs[i].rows[0] for i in call]
             k, v = self._expand(new_latents[r0:r1])
-            o, l = varlen_attention(q[r0:r1], k, v, lengths, lengths, True, self.scale, self.v_dim)
-            out[r0:r1], lse[r0:r1] = o.float(), l
+            varlen_attention(q[r0:r1], k, v, lengths, lengths, True, self.scale, self.v_dim, out=out[r0:r1],
+                             lse=lse[r0:r1])
 
         # the cached context: pieces of each run's keys (plan_pieces), several to a call, merged by log-sum-exp
         pieces = plan_pieces(runs, H, self.key_budget, self.target_ctas)
@@ -266,7 +283,6 @@ class ExpandedPrefill:
         qc = q if whole else q.index_select(0, index)
         o, l = varlen_attention(qc, k, v, q_lens, key_lens, False, self.scale, self.v_dim,
                                 cu=(cu_q.to(torch.int32), cu_k.to(torch.int32)))
-        o = o.float()
         if all(seg == segments[0] for seg in segments):  # the same runs in every segment: one batched merge
             n = len(segments)
             _merge(out, lse, row_index([runs[i].rows for i in segments[0]], device), o.view(n, -1, *o.shape[1:]),
