@@ -65,7 +65,7 @@ int kda_serving_flash_attention(const void* q, int64_t rows_q, int64_t q_row_str
                                 int64_t max_q, int causal, float scale, float* out, int64_t out_row_stride,
                                 int64_t out_head_stride, float* lse, int64_t lse_row_stride, void* stream) {
   const bool valid = (qk_dim == 128 || qk_dim == 192) && v_dim == kValueDim && heads >= 1 && heads <= 65535 &&
-                     num_seqs >= 0 && num_seqs <= 65535 && rows_q >= 0 && rows_q <= INT32_MAX - kBlockM &&
+                     num_seqs >= 0 && rows_q >= 0 && rows_q <= INT32_MAX - kBlockM &&
                      rows_k >= 0 && rows_k <= INT32_MAX - kBlockN && max_q >= 0 && max_q <= rows_q &&
                      scale > 0.f && aligned16(q, q_row_stride, q_head_stride) &&
                      aligned16(k, k_row_stride, k_head_stride) && aligned16(v, v_row_stride, v_head_stride) &&
@@ -81,8 +81,6 @@ int kda_serving_flash_attention(const void* q, int64_t rows_q, int64_t q_row_str
       !make_map(&v_map, v, map_rows_k, heads, v_dim, v_row_stride, v_head_stride, kBlockN))
     return static_cast<int>(cudaErrorInvalidValue);
   FlashAttnParams p{};
-  p.cu_q = cu_q;
-  p.cu_k = cu_k;
   p.out = out;
   p.out_row_stride = out_row_stride;
   p.out_head_stride = out_head_stride;
@@ -90,12 +88,20 @@ int kda_serving_flash_attention(const void* q, int64_t rows_q, int64_t q_row_str
   p.lse_row_stride = lse_row_stride;
   p.causal = causal != 0;
   p.scale_log2 = scale * 1.4426950408889634f;
-  const dim3 grid(static_cast<unsigned>((max_q + kBlockM - 1) / kBlockM), static_cast<unsigned>(heads),
-                  static_cast<unsigned>(num_seqs));
   auto s = static_cast<cudaStream_t>(stream);
-  const cudaError_t err = qk_dim == 192 ? launch<3>(p, q_map, k_map, v_map, grid, s)
-                                        : launch<2>(p, q_map, k_map, v_map, grid, s);
-  return static_cast<int>(err);
+  // Sequences are the grid's z dimension (at most 65535 per launch): more go in several launches, each given its
+  // stretch of the cumulative lengths (which stay absolute row offsets).
+  constexpr int64_t kMaxGridZ = 65535;
+  for (int64_t first = 0; first < num_seqs; first += kMaxGridZ) {
+    p.cu_q = cu_q + first;
+    p.cu_k = cu_k + first;
+    const dim3 grid(static_cast<unsigned>((max_q + kBlockM - 1) / kBlockM), static_cast<unsigned>(heads),
+                    static_cast<unsigned>(num_seqs - first < kMaxGridZ ? num_seqs - first : kMaxGridZ));
+    const cudaError_t err = qk_dim == 192 ? launch<3>(p, q_map, k_map, v_map, grid, s)
+                                          : launch<2>(p, q_map, k_map, v_map, grid, s);
+    if (err != cudaSuccess) return static_cast<int>(err);
+  }
+  return static_cast<int>(cudaSuccess);
 }
 
 }  // extern "C"

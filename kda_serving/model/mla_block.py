@@ -25,6 +25,7 @@ from ..ops import mla_decode
 from ..ops.contract import skip_index_value_checks
 from ..ops.cuda_mla import supports as cuda_mla_supports
 from ..ops.mla_decode import _sm_count
+from . import mla_prefill
 from .batch import RaggedBatch
 from .config import ModelConfig
 from .mla_prefill import ExpandedPrefill, flash_varlen_supported, offsets, plan_runs, row_index
@@ -85,6 +86,7 @@ class MLABlock(nn.Module):
                 self.q_a_proj_bias = _param(cfg.q_lora_rank, dtype=dtype, device=device)
             self.kv_a_proj_with_mqa_bias = _param(cfg.latent_dim, dtype=dtype, device=device)
             self.o_proj_bias = _param(cfg.hidden_size, dtype=dtype, device=device)
+        self._expansion: tuple[tuple, ExpandedPrefill] | None = None  # (key, ExpandedPrefill): _expanded_prefill
 
     def _bias(self, name: str):
         return getattr(self, name + "_bias", None) if self.attention_bias else None
@@ -167,8 +169,7 @@ class MLABlock(nn.Module):
         flat_cache = kv_cache.view(-1, kv_cache.shape[-1])
         if long:
             rows = row_index([(starts[n], starts[n + 1]) for n in long], q_nope.device)
-            sms = _sm_count(q_nope.device.index or 0) if q_nope.is_cuda else 8  # 8: the CPU, one call a sequence
-            attend = ExpandedPrefill(w_kv, self.nope_dim, self.rope_dim, self.scale, sms)
+            attend = self._expanded_prefill(w_kv)
             runs = plan_runs(long, q_lens, kv_lens, attend.key_budget)
             out[rows] = attend(torch.cat([q_nope[rows], q_rope[rows]], dim=-1), latent[rows], runs,
                                batch.block_tables, flat_cache, kv_cache.shape[1])
@@ -183,6 +184,20 @@ class MLABlock(nn.Module):
                                     max_seq_len=max(kv_lens[n] for n in short), value_dim=self.kv_lora_rank)
             out[rows] = self._unabsorb(out_latent, w_kv)
         return out
+
+    def _expanded_prefill(self, w_kv: torch.Tensor) -> ExpandedPrefill:
+        """The layer's ExpandedPrefill, whose expansion matrix (12 MB at 48B's sizes; building it took six
+        kernels per layer and step) is kept while kv_b_proj is unchanged: same storage, same version counter
+        (an in-place reload bumps it), same attention kernel. Weights made under inference mode have no version
+        counter, so theirs is built at every step. (The key also holds the settings the instance reads.)"""
+        sms = _sm_count(w_kv.device.index or 0) if w_kv.is_cuda else 8  # 8: the CPU, one call a sequence
+        if self.kv_b_proj.is_inference():
+            return ExpandedPrefill(w_kv, self.nope_dim, self.rope_dim, self.scale, sms)
+        key = (self.kv_b_proj.data_ptr(), self.kv_b_proj._version, mla_prefill.OWN_KERNEL, mla_prefill.EXPANDED_BUDGET,
+               sms)
+        if self._expansion is None or self._expansion[0] != key:
+            self._expansion = key, ExpandedPrefill(w_kv, self.nope_dim, self.rope_dim, self.scale, sms)
+        return self._expansion[1]
 
     def _attend(self, q: torch.Tensor, batch: RaggedBatch, flat_cache: torch.Tensor, block_size: int):
         """Causal attention of the new tokens' queries q [T, nh, L] over each sequence's cached latents.

@@ -98,3 +98,15 @@ def test_bad_layouts_raise():
     misaligned = torch.empty(4 * 2 * 192 + 4, device="cuda", dtype=torch.bfloat16)[4:].view(4, 2, 192)
     with pytest.raises(ValueError, match="kda: argument 'q'"):  # rows not 16-byte aligned
         flash_attention(misaligned, k, v, [4], [4], causal=False, scale=0.1)
+
+
+def test_more_sequences_than_one_launch_holds():
+    """70,000 sequences of one query and one key (the grid holds 65,535 a launch): each row's output is its key's
+    value exactly (one key takes all the weight) and its log-sum-exp the scaled score."""
+    needs_kernel()
+    n = 70_000
+    q, k, v = make_inputs([1] * n, [1] * n, 2, 128, 128, torch.bfloat16, "cuda", seed=2)
+    out, lse = run(q, k, v, [1] * n, [1] * n, False, 0.125)
+    assert torch.equal(out, v.float())
+    scores = (q.double() * k.double()).sum(-1) * 0.125
+    torch.testing.assert_close(lse.double(), scores, rtol=1e-5, atol=1e-4)

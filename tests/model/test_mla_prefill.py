@@ -215,6 +215,27 @@ def test_cpu_routes_long_and_fresh_prompts_to_the_expanded_form(monkeypatch, seq
     assert err < 1e-5
 
 
+def test_expansion_is_kept_until_the_weights_change():
+    """MLABlock keeps its ExpandedPrefill (the expansion matrix) across steps while kv_b_proj is unchanged, and
+    builds a new one after an in-place reload of it: outputs follow the new weights."""
+    sizes = dict(nh=4, nope=64, rope=32, v=64, lora=128, hidden=256)
+    block = make_block(sizes, torch.float32, "cpu", seed=6)
+    batch, cache = make_case([(40, 0), (33, 0)], 160, 16, torch.float32, "cpu", seed=7)
+    x = torch.randn(batch.num_tokens, 256, generator=torch.Generator().manual_seed(8))
+    with torch.inference_mode():
+        block(x, batch, cache.clone())
+        first = block._expansion[1]
+        block(x, batch, cache.clone())
+        assert block._expansion[1] is first
+    with torch.no_grad():
+        block.kv_b_proj.mul_(0.5)
+    with torch.inference_mode():
+        out = block(x, batch, cache.clone())
+    assert block._expansion[1] is not first
+    err, _ = rel_err(out, reference(block, x, batch, cache))
+    assert err < 1e-5
+
+
 def test_large_scores_merge_without_overflow(monkeypatch):
     """Scores of hundreds (queries scaled up): the pieces' log-sum-exp merge must not overflow or lose the
     dominant key."""
@@ -378,3 +399,13 @@ def test_prefill_split_matches_the_float64_reference_on_gpu(monkeypatch, seqs, b
           f"{err_attend:.2e} (max {max_attend:.2e})")
     assert err < 1.5e-2 and err <= 1.5 * err_attend
     torch.testing.assert_close(cache_split, cache_attend, equal_nan=True, rtol=0, atol=0)
+
+
+def test_pieces_fill_one_wave_of_ctas():
+    """plan_pieces at 48B's 32 heads and a 132-SM GPU: a run of one query tile over 32K keys is cut into 4 pieces
+    (128 CTAs; 5 would leave a second wave of 28), 8 where two CTAs fit per SM; a run of two tiles into 2."""
+    for queries, target, count in ((64, 132, 4), (64, 264, 8), (200, 132, 2), (128 * 40, 132, 1)):
+        runs = [mla_prefill.QueryRun(0, (0, queries), 32768)]
+        pieces = mla_prefill.plan_pieces(runs, 32, 1 << 20, target)
+        assert len(pieces) == count, (queries, target, pieces)
+        assert sum(b - a for _, a, b in pieces) == 32768
