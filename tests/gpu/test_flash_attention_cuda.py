@@ -102,11 +102,12 @@ def test_bad_layouts_raise():
 
 def test_more_sequences_than_one_launch_holds():
     """70,000 sequences of one query and one key (the grid holds 65,535 a launch): each row's output is its key's
-    value exactly (one key takes all the weight) and its log-sum-exp the scaled score."""
+    value (one key takes all the weight, up to the rounding of exp2(s - s)) and its log-sum-exp the scaled
+    score."""
     needs_kernel()
     n = 70_000
     q, k, v = make_inputs([1] * n, [1] * n, 2, 128, 128, torch.bfloat16, "cuda", seed=2)
     out, lse = run(q, k, v, [1] * n, [1] * n, False, 0.125)
-    assert torch.equal(out, v.float())
+    torch.testing.assert_close(out, v.float(), rtol=1e-6, atol=1e-6)
     scores = (q.double() * k.double()).sum(-1) * 0.125
     torch.testing.assert_close(lse.double(), scores, rtol=1e-5, atol=1e-4)
