@@ -9,6 +9,7 @@
 #include <cuda_runtime.h>
 
 #include "attention/flash_attn_kernel.cuh"
+#include "attention/merge_kernel.cuh"
 #include "common/cuda_check.h"
 #include "common/tensor_map.h"
 
@@ -102,6 +103,27 @@ int kda_serving_flash_attention(const void* q, int64_t rows_q, int64_t q_row_str
     if (err != cudaSuccess) return static_cast<int>(err);
   }
   return static_cast<int>(cudaSuccess);
+}
+
+// Folds n partial results into out and lse (MergeParams): part_o [n, num_rows, heads, dim] and part_lse [n,
+// num_rows, heads] fp32 contiguous; row r of them goes to rows[r] (int64 on the device) or, with rows null, to
+// row0 + r. out's strides in elements, multiples of 4, and dim a multiple of 4 (16-byte vectors).
+int kda_serving_attention_merge(float* out, int64_t out_row_stride, int64_t out_head_stride, float* lse,
+                                int64_t lse_row_stride, const int64_t* rows, int64_t row0, const float* part_o,
+                                const float* part_lse, int64_t num_rows, int num_parts, int heads, int dim,
+                                void* stream) {
+  const bool valid = num_rows >= 0 && num_parts >= 0 && heads >= 1 && dim >= 4 && dim % 4 == 0 &&
+                     out_row_stride % 4 == 0 && out_head_stride % 4 == 0 &&
+                     reinterpret_cast<uintptr_t>(out) % 16 == 0 && reinterpret_cast<uintptr_t>(part_o) % 16 == 0 &&
+                     num_rows * heads / kMergeWarps < INT32_MAX;
+  if (!valid) return static_cast<int>(cudaErrorInvalidValue);
+  if (num_rows == 0) return static_cast<int>(cudaSuccess);
+  const MergeParams p{out, out_row_stride, out_head_stride, lse, lse_row_stride, rows, row0, part_o, part_lse,
+                      num_rows, num_parts, heads, dim};
+  const int64_t items = num_rows * heads;
+  attention_merge_kernel<<<static_cast<unsigned>((items + kMergeWarps - 1) / kMergeWarps), kMergeWarps * 32, 0,
+                           static_cast<cudaStream_t>(stream)>>>(p);
+  return static_cast<int>(cudaGetLastError());
 }
 
 }  // extern "C"

@@ -25,3 +25,26 @@ struct FlashAttnParams {
 };
 
 }  // namespace kda_serving::attn
+
+namespace kda_serving::attn {
+
+// Folding partial attention results into running ones (merge_kernel.cuh): for each of R rows and H heads,
+// out[row] and lse[row] (row = rows[r], or row0 + r without rows) absorb the n partials o[i, r], l[i, r], each
+// normalised with its own log-sum-exp: weights exp(l - m), m the maximum, summed in order i = 0 .. n - 1.
+struct MergeParams {
+  float* out;              // [.., heads, dim] at out_row_stride / out_head_stride (elements)
+  int64_t out_row_stride;
+  int64_t out_head_stride;
+  float* lse;              // [.., heads] at lse_row_stride
+  int64_t lse_row_stride;
+  const int64_t* rows;     // [R] or nullptr
+  int64_t row0;
+  const float* part_o;     // [n, R, heads, dim], contiguous
+  const float* part_lse;   // [n, R, heads], contiguous
+  int64_t num_rows;        // R
+  int num_parts;           // n
+  int heads;
+  int dim;                 // a multiple of 4
+};
+
+}  // namespace kda_serving::attn

@@ -13,7 +13,6 @@ import glob
 import os
 import re
 
-import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 

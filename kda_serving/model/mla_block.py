@@ -99,7 +99,8 @@ class MLABlock(nn.Module):
         else:
             q_lat = F.linear(x, self.q_a_proj, self._bias("q_a_proj"))
             q = F.linear(rms_norm(q_lat, self.q_a_layernorm, LATENT_NORM_EPS), self.q_b_proj)
-        q_nope, q_rope = q.view(T, nh, -1).split([self.nope_dim, self.rope_dim], dim=-1)
+        q = q.view(T, nh, -1)  # [nope | rope] per head
+        q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
 
         c, r = F.linear(x, self.kv_a_proj_with_mqa, self._bias("kv_a_proj_with_mqa")).split(
             [self.kv_lora_rank, self.rope_dim], dim=-1
@@ -110,7 +111,7 @@ class MLABlock(nn.Module):
 
         w_kv = self.kv_b_proj.view(nh, self.nope_dim + self.v_dim, self.kv_lora_rank)
         if self._expanded_on_cpu(x, batch):
-            out = self._prefill(q_nope, q_rope, latent, batch, kv_cache, w_kv, min_queries=1)
+            out = self._prefill(q, latent, batch, kv_cache, w_kv, min_queries=1)
         elif not self._on_cuda_kernels(x, batch, kv_cache):
             out_latent = self._attend(self._absorb(q_nope, q_rope, w_kv), batch, flat_cache, kv_cache.shape[1])
             out = self._unabsorb(out_latent, w_kv)
@@ -121,7 +122,7 @@ class MLABlock(nn.Module):
                                     max_seq_len=max(batch.kv_lens), value_dim=self.kv_lora_rank)
             out = self._unabsorb(out_latent, w_kv)
         else:
-            out = self._prefill(q_nope, q_rope, latent, batch, kv_cache, w_kv)
+            out = self._prefill(q, latent, batch, kv_cache, w_kv)
         return F.linear(out.reshape(T, nh * self.v_dim), self.o_proj, self._bias("o_proj"))
 
     def _absorb(self, q_nope: torch.Tensor, q_rope: torch.Tensor, w_kv: torch.Tensor) -> torch.Tensor:
@@ -152,12 +153,12 @@ class MLABlock(nn.Module):
         return all(q >= CPU_MIN_QUERIES or (q == kv and q >= CPU_FRESH_MIN_QUERIES)
                    for q, kv in zip(batch.query_lens, batch.kv_lens))
 
-    def _prefill(self, q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, batch: RaggedBatch,
-                 kv_cache: torch.Tensor, w_kv: torch.Tensor, min_queries: int | None = None) -> torch.Tensor:
-        """A step with prompt tokens: sequences with at least min_queries (default EXPANDED_MIN_QUERIES) new
-        tokens in the expanded form (mla_prefill), the other rows on the paged kernel one query each, over the
-        keys up to their own position. Returns per-head values [T, nh, v]."""
-        T, nh = q_nope.shape[:2]
+    def _prefill(self, q: torch.Tensor, latent: torch.Tensor, batch: RaggedBatch, kv_cache: torch.Tensor,
+                 w_kv: torch.Tensor, min_queries: int | None = None) -> torch.Tensor:
+        """A step with prompt tokens (queries q [T, nh, nope + rope]): sequences with at least min_queries (default
+        EXPANDED_MIN_QUERIES) new tokens in the expanded form (mla_prefill), the other rows on the paged kernel
+        one query each, over the keys up to their own position. Returns per-head values [T, nh, v]."""
+        T, nh = q.shape[:2]
         if not skip_index_value_checks():  # the engine checked the batch already (RaggedBatch.check)
             batch.check_host_lengths(kv_cache.shape[1])
         q_lens, kv_lens = batch.query_lens, batch.kv_lens
@@ -165,21 +166,25 @@ class MLABlock(nn.Module):
         least = EXPANDED_MIN_QUERIES if min_queries is None else min_queries
         long = [n for n in range(len(q_lens)) if q_lens[n] >= max(1, least)]
         short = [n for n in range(len(q_lens)) if 0 < q_lens[n] < least]  # (a sequence may be empty)
-        out = q_nope.new_empty(T, nh, self.v_dim)
         flat_cache = kv_cache.view(-1, kv_cache.shape[-1])
+        out = None
         if long:
-            rows = row_index([(starts[n], starts[n + 1]) for n in long], q_nope.device)
+            rows = row_index([(starts[n], starts[n + 1]) for n in long], q.device)
             attend = self._expanded_prefill(w_kv)
             runs = plan_runs(long, q_lens, kv_lens, attend.key_budget)
-            out[rows] = attend(torch.cat([q_nope[rows], q_rope[rows]], dim=-1), latent[rows], runs,
-                               batch.block_tables, flat_cache, kv_cache.shape[1])
+            expanded = attend(q[rows], latent[rows], runs, batch.block_tables, flat_cache, kv_cache.shape[1])
+            if isinstance(rows, slice) and rows == slice(0, T):  # every token: the result is the output
+                return expanded
+            out = q.new_empty(T, nh, self.v_dim)
+            out[rows] = expanded
+        out = q.new_empty(T, nh, self.v_dim) if out is None else out
         if short:
-            rows = row_index([(starts[n], starts[n + 1]) for n in short], q_nope.device)
-            seq_of_row = torch.tensor([n for n in short for _ in range(q_lens[n])]).to(q_nope.device,
-                                                                                      non_blocking=True)
+            rows = row_index([(starts[n], starts[n + 1]) for n in short], q.device)
+            seq_of_row = torch.tensor([n for n in short for _ in range(q_lens[n])]).to(q.device, non_blocking=True)
             # each query sees the keys up to its own position: a short chunk's earlier tokens, not its later ones
             lens = (batch.positions[rows] + 1).to(torch.int32)
-            out_latent = mla_decode(self._absorb(q_nope[rows], q_rope[rows], w_kv), kv_cache,
+            q_nope, q_rope = q[rows].split([self.nope_dim, self.rope_dim], dim=-1)
+            out_latent = mla_decode(self._absorb(q_nope, q_rope, w_kv), kv_cache,
                                     batch.block_tables[seq_of_row], lens, scale=self.scale,
                                     max_seq_len=max(kv_lens[n] for n in short), value_dim=self.kv_lora_rank)
             out[rows] = self._unabsorb(out_latent, w_kv)

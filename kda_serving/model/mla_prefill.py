@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ops import cuda_attention
-from ..ops.flash_attention import flash_attention
+from ..ops.flash_attention import flash_attention, merge_attention
 
 # Elements of expanded keys and values (and their latents) one call may hold: 512 MiB in bf16, the same bound as
 # the absorbed form's gathered latents (mla_block.LATENT_BUDGET); 20,000 keys at 48B's shapes.
@@ -285,23 +285,13 @@ class ExpandedPrefill:
                                 cu=(cu_q.to(torch.int32), cu_k.to(torch.int32)))
         if all(seg == segments[0] for seg in segments):  # the same runs in every segment: one batched merge
             n = len(segments)
-            _merge(out, lse, row_index([runs[i].rows for i in segments[0]], device), o.view(n, -1, *o.shape[1:]),
-                   l.view(n, -1, l.shape[-1]))
+            merge_attention(out, lse, row_index([runs[i].rows for i in segments[0]], device),
+                            o.view(n, -1, *o.shape[1:]), l.view(n, -1, l.shape[-1]))
             return
         at = 0
         for seg in segments:
             size = sum(runs[i].rows[1] - runs[i].rows[0] for i in seg)
-            _merge(out, lse, row_index([runs[i].rows for i in seg], device), o[None, at : at + size],
-                   l[None, at : at + size])
+            merge_attention(out, lse, row_index([runs[i].rows for i in seg], device), o[None, at : at + size],
+                            l[None, at : at + size])
             at += size
 
-
-def _merge(out: torch.Tensor, lse: torch.Tensor, rows, o: torch.Tensor, l: torch.Tensor) -> None:
-    """Folds partial results o [n, R, H, Dv] (fp32, each normalised) with log-sum-exps l [n, R, H] into out[rows],
-    lse[rows]: softmax weights exp(lse - m) per part, m the running maximum, summed in a fixed order."""
-    prev_out, prev_lse = out[rows], lse[rows]
-    m = torch.maximum(prev_lse, l.amax(0))
-    w_prev, w = torch.exp(prev_lse - m), torch.exp(l - m)
-    den = w_prev + w.sum(0)
-    out[rows] = (prev_out * w_prev[..., None] + (o * w[..., None]).sum(0)) / den[..., None]
-    lse[rows] = m + torch.log(den)

@@ -30,6 +30,9 @@ def library() -> ctypes.CDLL:
     fn.argtypes = [ptr, i64, i64, i64, ptr, i64, i64, i64, ptr, i64, i64, ptr, ptr, i64, ctypes.c_int, ctypes.c_int,
                    ctypes.c_int, i64, ctypes.c_int, ctypes.c_float, ptr, i64, i64, ptr, i64, ptr]
     fn.restype = ctypes.c_int
+    merge = lib.kda_serving_attention_merge
+    merge.argtypes = [ptr, i64, i64, ptr, i64, ptr, i64, ptr, ptr, i64, ctypes.c_int, ctypes.c_int, ctypes.c_int, ptr]
+    merge.restype = ctypes.c_int
     return lib
 
 
@@ -44,6 +47,11 @@ def _built() -> bool:
         return hasattr(library(), "kda_serving_flash_attention")
     except (RuntimeError, AttributeError):
         return False
+
+
+def merge_supported(out: torch.Tensor) -> bool:
+    """Whether the merge kernel runs on out's device (the library is built for SM90 only)."""
+    return out.is_cuda and _sm90(out.device.index or 0) and _built()
 
 
 def supports(q: torch.Tensor, qk_dim: int, v_dim: int) -> bool:
@@ -94,3 +102,32 @@ def flash_attention(q, k, v, cu_q, cu_k, max_q: int, causal: bool, scale: float,
         v.shape[2], max_q, int(causal), float(scale), out.data_ptr(), out.stride(0), out.stride(1),
         lse.data_ptr(), max(lse.stride(0), H), stream_handle(dev))
     check_launch(code, "flash attention")
+
+
+def merge(out, lse, rows, row0: int, part_o, part_lse) -> None:
+    """Folds part_o [n, R, H, D] / part_lse [n, R, H] into out / lse at rows (int64 [R] on the device, or None:
+    rows row0 .. row0 + R - 1); see flash_attention.merge_attention."""
+    dev = out.device
+    n, R, H, D = part_o.shape
+    cuda_tensor("part_o", part_o, (torch.float32,), dev)
+    cuda_tensor("part_lse", part_lse, (torch.float32,), dev)
+    if tuple(part_lse.shape) != (n, R, H):
+        raise ValueError(f"kda: argument 'part_lse': expected shape {(n, R, H)}, got {tuple(part_lse.shape)}")
+    if not isinstance(out, torch.Tensor) or out.dtype != torch.float32 or out.dim() != 3 or out.shape[1:] != (H, D) \
+            or out.stride(2) != 1 or out.stride(0) % 4 or out.stride(1) % 4 or out.data_ptr() % 16 or D % 4:
+        raise ValueError(f"kda: argument 'out': the merge kernel needs fp32 [rows, {H}, {D}] with a contiguous last "
+                         "dimension, 16-byte aligned rows and D a multiple of 4")
+    if not isinstance(lse, torch.Tensor) or lse.dtype != torch.float32 or lse.device != dev or lse.dim() != 2 \
+            or lse.shape[1] != H or lse.stride(1) != 1 or lse.shape[0] != out.shape[0]:
+        raise ValueError(f"kda: argument 'lse': expected fp32 [{out.shape[0]}, {H}] on {dev} with contiguous rows")
+    if rows is not None:
+        cuda_tensor("rows", rows, (torch.int64,), dev, ndim=1)
+        if rows.shape[0] != R:
+            raise ValueError(f"kda: argument 'rows': expected {R} entries, got {rows.shape[0]}")
+    elif not 0 <= row0 <= out.shape[0] - R:
+        raise ValueError(f"kda: argument 'row0': rows {row0} .. {row0 + R - 1} lie outside out's {out.shape[0]}")
+    code = library().kda_serving_attention_merge(
+        out.data_ptr(), out.stride(0), out.stride(1), lse.data_ptr(), lse.stride(0),
+        None if rows is None else rows.data_ptr(), row0, part_o.data_ptr(), part_lse.data_ptr(), R, n, H, D,
+        stream_handle(dev))
+    check_launch(code, "attention merge")

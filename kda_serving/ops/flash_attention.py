@@ -122,9 +122,9 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, lens_q: list[int], lens_k: 
     Tq, H = q.shape[:2]
     out = torch.empty(Tq, H, v.shape[2], dtype=torch.float32, device=q.device) if out is None else out
     lse = torch.empty(Tq, H, dtype=torch.float32, device=q.device) if lse is None else lse
-    if cu is None:
-        cu = tuple(torch.tensor(list(accumulate(lens, initial=0)), dtype=torch.int32).to(q.device, non_blocking=True)
-                   for lens in (lens_q, lens_k))
+    if cu is None:  # both in one copy to the device
+        both = [*accumulate(lens_q, initial=0), *accumulate(lens_k, initial=0)]
+        cu = torch.tensor(both, dtype=torch.int32).to(q.device, non_blocking=True).split(len(lens_q) + 1)
     if q.is_cuda and not cuda_attention.supports(q, q.shape[2], v.shape[2]):
         _fail(ValueError, "q", f"the CUDA kernel takes bf16 heads of {cuda_attention.QK_DIMS} with values of "
                                f"{cuda_attention.VALUE_DIM} on an SM90 GPU, got {q.dtype} D={q.shape[2]} "
@@ -132,3 +132,54 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, lens_q: list[int], lens_k: 
     _flash_attention_op(q, k, v, cu[0], cu[1], max(lens_q, default=0), causal, float(scale), out, lse)
     return out, lse
 
+
+
+def _merge_torch(out, lse, rows, row0: int, part_o, part_lse) -> None:
+    """merge_attention in torch ops, on any device."""
+    index = slice(row0, row0 + part_o.shape[1]) if rows is None else rows
+    prev_out, prev_lse = out[index], lse[index]
+    m = torch.maximum(prev_lse, part_lse.amax(0))
+    finite = torch.where(m == float("-inf"), 0.0, m)  # a row without keys anywhere stays zero and -inf
+    w_prev, w = torch.exp(prev_lse - finite), torch.exp(part_lse - finite)
+    den = w_prev + w.sum(0)
+    merged = (prev_out * w_prev[..., None] + (part_o * w[..., None]).sum(0)) / den.clamp_min(1e-38)[..., None]
+    out[index] = torch.where((den > 0)[..., None], merged, 0.0)
+    lse[index] = finite + torch.log(den)
+
+
+@torch.library.custom_op("kda_serving::merge_attention_", mutates_args=("out", "lse"))
+def _merge_op(out: Tensor, lse: Tensor, rows: Tensor | None, row0: int, part_o: Tensor, part_lse: Tensor) -> None:
+    """CPU implementation (torch ops); on CUDA the kernel below (one launch instead of ~15 on SM90)."""
+    _merge_torch(out, lse, rows, row0, part_o, part_lse)
+
+
+@_merge_op.register_kernel("cuda")
+def _merge_cuda(out, lse, rows, row0, part_o, part_lse):
+    if cuda_attention.merge_supported(out):
+        cuda_attention.merge(out, lse, rows, row0, part_o, part_lse)
+    else:  # the library's kernels are built for SM90 only
+        _merge_torch(out, lse, rows, row0, part_o, part_lse)
+
+
+@_merge_op.register_fake
+def _(*args, **kwargs) -> None:
+    return None
+
+
+def merge_attention(out: Tensor, lse: Tensor, rows: slice | Tensor, part_o: Tensor, part_lse: Tensor) -> None:
+    """Folds n partial attention results into running ones, in place: for each of R rows and each head,
+
+        m = max(lse[row], part_lse[0..n-1, r]);  w = exp(. - m)
+        out[row] = (w_prev out[row] + sum_i w_i part_o[i, r]) / (w_prev + sum_i w_i);  lse[row] = m + log(sum)
+
+    summed in order i = 0 .. n - 1 (results repeat). out [rows, H, D] fp32, lse [rows, H] fp32; rows a slice of
+    R rows (step 1) or an int64 index of R rows on out's device; part_o [n, R, H, D], part_lse [n, R, H] fp32
+    contiguous, each part normalised by its own log-sum-exp (as flash_attention returns them). A row without
+    keys in any part stays zero with lse -inf."""
+    if isinstance(rows, slice):
+        if rows.step not in (None, 1):
+            _fail(ValueError, "rows", "a slice must have step 1")
+        row0, index = rows.start or 0, None
+    else:
+        row0, index = 0, rows
+    _merge_op(out, lse, index, row0, part_o.contiguous(), part_lse.contiguous())

@@ -111,3 +111,30 @@ def test_more_sequences_than_one_launch_holds():
     torch.testing.assert_close(out, v.float(), rtol=1e-6, atol=1e-6)
     scores = (q.double() * k.double()).sum(-1) * 0.125
     torch.testing.assert_close(lse.double(), scores, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("parts", [1, 3])
+@pytest.mark.parametrize("rows_as", ["slice", "index"])
+def test_merge_kernel_matches_the_torch_ops(parts, rows_as):
+    """The merge kernel against the same merge in torch ops (float64), into rows of a larger output: log-sum-exps
+    far apart (one part dominates), rows without keys in any part, untouched rows left as they were."""
+    from kda_serving.ops.flash_attention import _merge_torch, merge_attention
+
+    needs_kernel()
+    R, H, D = 300, 32, 128
+    gen = torch.Generator(device="cuda").manual_seed(parts)
+    out = torch.randn(R + 50, H, D, device="cuda", generator=gen)
+    lse = torch.randn(R + 50, H, device="cuda", generator=gen) * 30
+    part_o = torch.randn(parts, R, H, D, device="cuda", generator=gen)
+    part_lse = torch.randn(parts, R, H, device="cuda", generator=gen) * 30
+    where = slice(20, 20 + R) if rows_as == "slice" else torch.randperm(R + 50, device="cuda", generator=gen)[:R]
+    lse_rows = lse[where]
+    lse_rows[:7] = float("-inf")
+    lse[where] = lse_rows
+    part_lse[:, :7] = float("-inf")
+    ref_out, ref_lse = out.double(), lse.double()
+    _merge_torch(ref_out, ref_lse, None if rows_as == "slice" else where, 20, part_o.double(), part_lse.double())
+    merge_attention(out, lse, where, part_o, part_lse)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), ref_out, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=1e-5)

@@ -106,3 +106,41 @@ def test_bad_arguments_raise_naming_them(bad, err):
     with pytest.raises(err, match="kda: argument"):
         flash_attention(args["q"], args["k"], args["v"], args["lens_q"], args["lens_k"], causal=False,
                         scale=args["scale"])
+
+
+@pytest.mark.parametrize("rows_as", ["slice", "index"])
+def test_merging_parts_equals_attention_over_all_keys(rows_as):
+    """flash_attention over the first keys, then merge_attention of the rest's parts (each attended alone) into
+    it: the float64 attention over all keys. Rows given as a slice of a larger buffer or as an index."""
+    from kda_serving.ops.flash_attention import merge_attention
+
+    H, D, Dv, Q = 3, 16, 8, 5
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(Q, H, D, generator=gen) * 2
+    k = torch.randn(40, H, D, generator=gen)
+    v = torch.randn(40, H, Dv, generator=gen)
+    out = torch.full((Q + 4, H, Dv), float("nan"))
+    lse = torch.full((Q + 4, H), float("nan"))
+    where = slice(2, 2 + Q) if rows_as == "slice" else torch.tensor([6, 0, 3, 8, 1])
+    first_o, first_l = flash_attention(q, k[:10], v[:10], [Q], [10], causal=False, scale=0.4)
+    out[where], lse[where] = first_o, first_l
+    parts = [flash_attention(q, k[a:b], v[a:b], [Q], [b - a], causal=False, scale=0.4)
+             for a, b in ((10, 25), (25, 40))]
+    merge_attention(out, lse, where, torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts]))
+    ref_out, ref_lse = reference(q, k, v, [Q], [40], False, 0.4)
+    compare(out[where], lse[where], ref_out, ref_lse, f"merge, rows as {rows_as}", 1e-5, 1e-5)
+    untouched = torch.ones(Q + 4, dtype=torch.bool)
+    untouched[where] = False
+    assert torch.isnan(out[untouched]).all() and torch.isnan(lse[untouched]).all()
+
+
+def test_merge_keeps_rows_without_keys_at_zero():
+    from kda_serving.ops.flash_attention import merge_attention
+
+    out, lse = torch.zeros(2, 1, 4), torch.tensor([[float("-inf")], [0.5]])
+    part_o = torch.ones(1, 2, 1, 4)
+    part_lse = torch.tensor([[[float("-inf")], [0.5]]])
+    merge_attention(out, lse, slice(0, 2), part_o, part_lse)
+    assert (out[0] == 0).all() and lse[0, 0] == float("-inf")
+    torch.testing.assert_close(out[1], torch.full((1, 4), 0.5))  # half its weight from the part's ones
+    torch.testing.assert_close(lse[1], torch.tensor([0.5 + math.log(2)]))
