@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from ..ops import cuda_attention
 from ..ops.flash_attention import flash_attention, merge_attention
+from ..ops.paged_rows import gather_paged_rows
 
 # Elements of expanded keys and values (and their latents) one call may hold: 512 MiB in bf16, the same bound as
 # the absorbed form's gathered latents (mla_block.LATENT_BUDGET); 20,000 keys at 48B's shapes.
@@ -257,21 +258,16 @@ class ExpandedPrefill:
         device = q.device
         key_lens = [b - a for _, a, b in pieces]
         q_lens = [runs[i].rows[1] - runs[i].rows[0] for i, _, _ in pieces]
-        P, K = len(pieces), sum(key_lens)
+        P = len(pieces)
         query_rows = [r for i, _, _ in pieces for r in range(*runs[i].rows)]
         whole = query_rows == list(range(q.shape[0]))
-        # every index the call needs, in one copy to the device: per piece its sequence, first key and first row
-        # among the call's keys; the two cumulative lengths; the query rows (unless they are q's rows in order)
-        key_starts = offsets(key_lens)
-        meta = [x for (i, a, _), c in zip(pieces, key_starts) for x in (runs[i].seq, a, c)]
-        host = meta + key_lens + offsets(q_lens) + key_starts + ([] if whole else query_rows)
-        dev = torch.tensor(host, dtype=torch.int64).to(device, non_blocking=True)
-        meta, lens_t, cu_q, cu_k, index = dev.split([3 * P, P, P + 1, P + 1, len(host) - 6 * P - 2])
-        piece_of_key = torch.repeat_interleave(torch.arange(P, device=device), lens_t, output_size=K)
-        seq, first, start = meta.view(P, 3)[piece_of_key].unbind(-1)
-        pos = first + torch.arange(K, device=device) - start
-        rows = block_tables[seq, pos // block_size].long() * block_size + pos % block_size
-        k, v = self._expand(flat_cache[rows].to(q.dtype))
+        # the two cumulative lengths and the query rows (unless they are q's rows in order) in one copy
+        host = offsets(q_lens) + offsets(key_lens) + ([] if whole else query_rows)
+        cu_q, cu_k, index = torch.tensor(host, dtype=torch.int32).to(device, non_blocking=True).split(
+            [P + 1, P + 1, len(host) - 2 * P - 2])
+        latents = gather_paged_rows(flat_cache, block_tables, [(runs[i].seq, a, b - a) for i, a, b in pieces],
+                                    block_size)
+        k, v = self._expand(latents.to(q.dtype))
 
         segments, seen = [[]], set()
         for i, _, _ in pieces:
@@ -281,8 +277,7 @@ class ExpandedPrefill:
             segments[-1].append(i)
             seen.add(i)
         qc = q if whole else q.index_select(0, index)
-        o, l = varlen_attention(qc, k, v, q_lens, key_lens, False, self.scale, self.v_dim,
-                                cu=(cu_q.to(torch.int32), cu_k.to(torch.int32)))
+        o, l = varlen_attention(qc, k, v, q_lens, key_lens, False, self.scale, self.v_dim, cu=(cu_q, cu_k))
         if all(seg == segments[0] for seg in segments):  # the same runs in every segment: one batched merge
             n = len(segments)
             merge_attention(out, lse, row_index([runs[i].rows for i in segments[0]], device),

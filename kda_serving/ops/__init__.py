@@ -1,13 +1,15 @@
 """KDA operators: the contract (contract.py), the float64 truth (reference.py), the chunked CPU path
-(chunked.py), the public custom ops (kda.py, conv.py, gated_norm.py, mla_decode.py) and the CUDA library
-bindings (cuda_lib.py, cuda_decode.py, cuda_norm.py, cuda_mla.py, their shared checks in cuda_args.py).
-See docs/kda-contract.md."""
+(chunked.py), the public custom ops (kda.py, conv.py, gated_norm.py, mla_decode.py, flash_attention.py,
+paged_rows.py) and the CUDA library bindings (cuda_lib.py, cuda_decode.py, cuda_norm.py, cuda_mla.py,
+cuda_attention.py, their shared checks in cuda_args.py). See docs/kda-contract.md."""
 
 from .contract import CHECKPOINT_ALIGN, PAD_SLOT, KDACheckpoints, indices_checked_by_caller
 from .conv import causal_conv1d_decode, causal_conv1d_prefill, causal_conv1d_verify
+from .flash_attention import flash_attention, merge_attention
 from .gated_norm import gated_rms_norm
 from .kda import flash_kda_fwd, kda_decode, kda_prefill
 from .mla_decode import mla_decode
+from .paged_rows import gather_paged_rows
 from .reference import KDAOutput, kda_recurrent_reference
 
 __all__ = [
@@ -18,11 +20,14 @@ __all__ = [
     "causal_conv1d_decode",
     "causal_conv1d_prefill",
     "causal_conv1d_verify",
+    "flash_attention",
     "flash_kda_fwd",
+    "gather_paged_rows",
     "gated_rms_norm",
     "indices_checked_by_caller",
     "kda_decode",
     "kda_prefill",
     "kda_recurrent_reference",
+    "merge_attention",
     "mla_decode",
 ]

@@ -36,29 +36,16 @@ def library() -> ctypes.CDLL:
     return lib
 
 
-@functools.lru_cache(maxsize=8)
-def _sm90(index: int) -> bool:
-    return torch.cuda.get_device_capability(index) == (9, 0)
-
-
-@functools.lru_cache(maxsize=1)
-def _built() -> bool:
-    try:
-        return hasattr(library(), "kda_serving_flash_attention")
-    except (RuntimeError, AttributeError):
-        return False
-
-
 def merge_supported(out: torch.Tensor) -> bool:
     """Whether the merge kernel runs on out's device (the library is built for SM90 only)."""
-    return out.is_cuda and _sm90(out.device.index or 0) and _built()
+    return out.is_cuda and cuda_lib.runs_on(out.device.index or 0, "kda_serving_attention_merge")
 
 
 def supports(q: torch.Tensor, qk_dim: int, v_dim: int) -> bool:
     """Whether the kernel takes these attention sizes on q's device: bf16 on an SM90 GPU, query/key heads of
     128 or 192, values of 128, the library built with it."""
     return (q.is_cuda and q.dtype == torch.bfloat16 and qk_dim in QK_DIMS and v_dim == VALUE_DIM
-            and _sm90(q.device.index or 0) and _built())
+            and cuda_lib.runs_on(q.device.index or 0, "kda_serving_flash_attention"))
 
 
 def _rows_operand(name: str, t, device) -> None:

@@ -123,6 +123,18 @@ def available() -> bool:
     return True
 
 
+@lru_cache(maxsize=32)
+def runs_on(index: int, entry_point: str) -> bool:
+    """Whether the library's kernels (built for SM90 only) run on CUDA device `index` and it has `entry_point`
+    (a library built before that kernel lacks it): an SM90 GPU, the library loads."""
+    if torch.cuda.get_device_capability(index) != (9, 0):
+        return False
+    try:
+        return hasattr(load(), entry_point)
+    except RuntimeError:
+        return False
+
+
 def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 

@@ -100,3 +100,35 @@ def mla_decode(q, kv_cache, block_tables, seq_lens, scale: float, num_splits: in
         keys_per_split, float(scale), *workspace, out.data_ptr(), stream_handle(dev),
     )
     check_launch(code, "MLA decode")
+
+
+@functools.lru_cache(maxsize=1)
+def _gather_fn():
+    fn = cuda_lib.load().kda_serving_mla_gather_rows
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,
+                   ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def gather_rows(flat_cache, block_tables, pieces, block_size: int, out) -> None:
+    """out [K, L] = the cache rows of the pieces' keys; see paged_rows.py. Checks what keeps the kernel inside
+    its memory; block ids outside the cache (and keys past a table's width) read zeros."""
+    dev = flat_cache.device
+    cuda_tensor("flat_cache", flat_cache, (torch.bfloat16, torch.float16, torch.float32), dev, ndim=2)
+    cuda_tensor("pieces", pieces, _I32, dev, ndim=2)
+    cuda_tensor("out", out, (flat_cache.dtype,), dev, ndim=2)
+    row_bytes = flat_cache.shape[1] * flat_cache.element_size()
+    if out.shape[1] != flat_cache.shape[1] or row_bytes % 16 or flat_cache.data_ptr() % 16 or out.data_ptr() % 16 \
+            or pieces.shape[1] != 3 or pieces.shape[0] < 1:
+        raise ValueError("kda: argument 'flat_cache': the gather kernel needs rows of a multiple of 16 bytes, "
+                         "16-byte aligned, out of the same width and pieces [P >= 1, 3]")
+    if not isinstance(block_tables, torch.Tensor) or block_tables.dtype not in _I32 or block_tables.device != dev \
+            or block_tables.dim() != 2 or (block_tables.shape[1] > 1 and block_tables.stride(1) != 1):
+        raise ValueError("kda: argument 'block_tables': the CUDA kernel needs int32 [N, max_blocks] on the cache's "
+                         "device with contiguous rows")
+    code = _gather_fn()(flat_cache.data_ptr(), flat_cache.shape[0], row_bytes, block_tables.data_ptr(),
+                        block_tables.stride(0) if block_tables.shape[0] else 0, block_tables.shape[1],
+                        block_size, pieces.data_ptr(), pieces.shape[0], out.shape[0], out.data_ptr(),
+                        stream_handle(dev))
+    check_launch(code, "MLA row gather")

@@ -56,3 +56,18 @@ def test_torch_compile_traces_through_gated_norm():
     w = torch.randn(16)
     compiled = torch.compile(lambda *a: gated_rms_norm(*a, 1e-5) * 2, fullgraph=True, backend="eager")
     assert torch.equal(compiled(x, gate, w), gated_rms_norm(x, gate, w, 1e-5) * 2)
+
+
+def test_attention_ops_pass_opcheck():
+    q, kv = torch.randn(7, 2, 16), torch.randn(9, 2, 24)
+    cu_q, cu_k = torch.tensor([0, 3, 7], dtype=torch.int32), torch.tensor([0, 4, 9], dtype=torch.int32)
+    opcheck(torch.ops.kda_serving.flash_attention_.default,
+            (q, kv[..., :16], kv[..., 16:], cu_q, cu_k, 4, False, 0.25, torch.empty(7, 2, 8), torch.empty(7, 2)),
+            test_utils=("test_schema", "test_faketensor"))
+    opcheck(torch.ops.kda_serving.merge_attention_.default,
+            (torch.randn(6, 2, 8), torch.randn(6, 2), torch.tensor([4, 0, 2]), 0, torch.randn(2, 3, 2, 8),
+             torch.randn(2, 3, 2)), test_utils=("test_schema", "test_faketensor"))
+    flat, tables = torch.randn(32, 8), torch.randperm(8, dtype=torch.int32).view(2, 4)
+    pieces = torch.tensor([[1, 2, 0], [0, 0, 5]], dtype=torch.int32)
+    opcheck(torch.ops.kda_serving.gather_paged_rows.default, (flat, tables, pieces, 9, 4),
+            test_utils=("test_schema", "test_faketensor"))
