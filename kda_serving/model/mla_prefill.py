@@ -1,20 +1,21 @@
-"""MLA attention of prompt chunks in the expanded form, on the FlashAttention-2 varlen kernel shipped in torch.
+"""MLA attention of prompt chunks in the expanded form, on our varlen flash attention kernel (ops.flash_attention,
+SM90; FlashAttention-2's in torch on other GPUs, torch's CPU flash kernel on the CPU).
 
 The absorbed form (mla_block) attends on the cached latents themselves: one multi-query attention of head size
 kv_lora_rank + qk_rope_head_dim (576 at Kimi-Linear-48B's shapes), 2 * (576 + 512) FLOPs per query, key and
 head, and no flash kernel takes a head of 576. A prompt chunk has many queries per key, so it pays to expand
 the keys and values once per step instead: k_h = [W_uk[h] c, r] (192) and v_h = W_uv[h] c (128), one GEMM per
-key, after which each (query, key, head) costs 2 * (192 + 192) FLOPs (values padded to the key's size, which
-the flash kernel needs) and the flash kernel runs it.
+key, after which each (query, key, head) costs 2 * (192 + 128) FLOPs (2 * (192 + 192) on FlashAttention-2, which
+needs values padded to the key's size) and a flash kernel runs it.
 
 Sequence n's Q new tokens attend over its C cached keys and its Q new ones. That splits in two parts:
   - its own new keys, expanded from this step's latents: causal and square, where upper-left and lower-right
     alignment agree, so one varlen call with is_causal covers every sequence;
-  - its cached context, gathered from the paged cache and expanded: no mask (every cached key precedes every
-    new query), in pieces, each a varlen call.
-The parts merge by their log-sum-exps. Every call holds at most `key_budget` expanded keys (and a sequence's
-new tokens are cut into runs of at most that many queries, a run's earlier tokens joining its context), so the
-temporaries stay bounded whatever the prompt and context.
+  - its cached context, gathered from the paged cache (ops.gather_paged_rows) and expanded: no mask (every
+    cached key precedes every new query), in pieces, each a varlen call.
+The parts merge by their log-sum-exps (ops.merge_attention). Every call holds at most `key_budget` expanded
+keys (and a sequence's new tokens are cut into runs of at most that many queries, a run's earlier tokens
+joining its context), so the temporaries stay bounded whatever the prompt and context.
 """
 
 from __future__ import annotations

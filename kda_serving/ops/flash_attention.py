@@ -41,7 +41,8 @@ def _flash_attention_op(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Ten
             o, l = _materialized(q[q0:q1], k[k0:k1], v[k0:k1], causal, scale)
         else:
             vs = v[k0:k1] if Dv == D else torch.nn.functional.pad(v[k0:k1], (0, D - Dv))
-            # the CPU flash kernel aligns a causal mask at the top left: keys past lk - lq see every row alike
+            # the CPU flash kernel's is_causal aligns the diagonal at the top left: with more keys than queries
+            # the bottom-right diagonal goes in as an additive mask instead
             o, l = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
                 *(t.transpose(0, 1)[None] for t in (q[q0:q1], k[k0:k1], vs)), 0.0, causal and lk == lq,
                 attn_mask=_bottom_right_mask(lq, lk, q.dtype) if causal and lk != lq else None, scale=scale)[:2]
@@ -120,6 +121,10 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, lens_q: list[int], lens_k: 
     """
     _validate(q, k, v, lens_q, lens_k, scale)
     Tq, H = q.shape[:2]
+    for name, t, shape in (("out", out, (Tq, H, v.shape[2])), ("lse", lse, (Tq, H))):
+        if t is not None and (not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or t.device != q.device
+                              or tuple(t.shape) != shape or t.stride(-1) != 1):
+            _fail(ValueError, name, f"expected fp32 {shape} on {q.device} with a contiguous last dimension")
     out = torch.empty(Tq, H, v.shape[2], dtype=torch.float32, device=q.device) if out is None else out
     lse = torch.empty(Tq, H, dtype=torch.float32, device=q.device) if lse is None else lse
     if cu is None:  # both in one copy to the device
@@ -131,7 +136,6 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, lens_q: list[int], lens_k: 
                                f"Dv={v.shape[2]}")
     _flash_attention_op(q, k, v, cu[0], cu[1], max(lens_q, default=0), causal, float(scale), out, lse)
     return out, lse
-
 
 
 def _merge_torch(out, lse, rows, row0: int, part_o, part_lse) -> None:
@@ -176,9 +180,14 @@ def merge_attention(out: Tensor, lse: Tensor, rows: slice | Tensor, part_o: Tens
     R rows (step 1) or an int64 index of R rows on out's device; part_o [n, R, H, D], part_lse [n, R, H] fp32
     contiguous, each part normalised by its own log-sum-exp (as flash_attention returns them). A row without
     keys in any part stays zero with lse -inf."""
+    if part_o.dim() != 4 or part_lse.shape != part_o.shape[:3] or out.dim() != 3 or out.shape[1:] != part_o.shape[2:] \
+            or lse.shape != out.shape[:2] or not all(t.dtype == torch.float32 for t in (out, lse, part_o, part_lse)):
+        _fail(ValueError, "part_o", f"expected fp32 part_o [n, R, H, D], part_lse [n, R, H], out [rows, H, D] and lse "
+                                    f"[rows, H], got {tuple(part_o.shape)}, {tuple(part_lse.shape)}, "
+                                    f"{tuple(out.shape)}, {tuple(lse.shape)}")
     if isinstance(rows, slice):
-        if rows.step not in (None, 1):
-            _fail(ValueError, "rows", "a slice must have step 1")
+        if rows.step not in (None, 1) or (rows.stop or 0) - (rows.start or 0) != part_o.shape[1]:
+            _fail(ValueError, "rows", f"a slice must have step 1 and {part_o.shape[1]} rows")
         row0, index = rows.start or 0, None
     else:
         row0, index = 0, rows

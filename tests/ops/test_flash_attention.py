@@ -98,14 +98,16 @@ def test_writes_into_given_buffers_and_bf16():
     (dict(scale=-1.0), ValueError),
     (dict(scale=float("nan")), ValueError),
     (dict(k=torch.zeros(6, 2, 8).transpose(0, 2).contiguous().transpose(0, 2)), ValueError),
+    (dict(out=torch.zeros(4, 2, 8)), ValueError),  # values are 4 wide
+    (dict(lse=torch.zeros(4, 2, dtype=torch.float64)), ValueError),
 ])
 def test_bad_arguments_raise_naming_them(bad, err):
     args = dict(q=torch.zeros(4, 2, 8), k=torch.zeros(6, 2, 8), v=torch.zeros(6, 2, 4), lens_q=[2, 2],
-                lens_k=[3, 3], scale=0.5)
+                lens_k=[3, 3], scale=0.5, out=None, lse=None)
     args.update(bad)
     with pytest.raises(err, match="kda: argument"):
         flash_attention(args["q"], args["k"], args["v"], args["lens_q"], args["lens_k"], causal=False,
-                        scale=args["scale"])
+                        scale=args["scale"], out=args["out"], lse=args["lse"])
 
 
 @pytest.mark.parametrize("rows_as", ["slice", "index"])
@@ -144,3 +146,13 @@ def test_merge_keeps_rows_without_keys_at_zero():
     assert (out[0] == 0).all() and lse[0, 0] == float("-inf")
     torch.testing.assert_close(out[1], torch.full((1, 4), 0.5))  # half its weight from the part's ones
     torch.testing.assert_close(lse[1], torch.tensor([0.5 + math.log(2)]))
+
+
+def test_merge_rejects_mismatched_parts():
+    from kda_serving.ops.flash_attention import merge_attention
+
+    out, lse = torch.zeros(4, 2, 8), torch.zeros(4, 2)
+    with pytest.raises(ValueError, match="kda: argument 'part_o'"):
+        merge_attention(out, lse, slice(0, 3), torch.zeros(1, 3, 2, 4), torch.zeros(1, 3, 2))
+    with pytest.raises(ValueError, match="kda: argument 'rows'"):
+        merge_attention(out, lse, slice(0, 2), torch.zeros(1, 3, 2, 8), torch.zeros(1, 3, 2))
