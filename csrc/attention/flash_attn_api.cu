@@ -74,12 +74,12 @@ int kda_serving_flash_attention(const void* q, int64_t rows_q, int64_t q_row_str
                      out_head_stride % 2 == 0 && lse_row_stride >= heads;
   if (!valid) return static_cast<int>(cudaErrorInvalidValue);
   if (num_seqs == 0 || max_q == 0) return static_cast<int>(cudaSuccess);
-  // A map over zero rows cannot be made; a one-row map over k is never read when no sequence has a key.
-  const int64_t map_rows_k = rows_k > 0 ? rows_k : 1;
+  // Without keys (every row gets zeros and -inf) the key and value maps are never read, and none can be made
+  // over zero rows: they stay empty.
   CUtensorMap q_map{}, k_map{}, v_map{};
   if (!make_map(&q_map, q, rows_q, heads, qk_dim, q_row_stride, q_head_stride, kBlockM) ||
-      !make_map(&k_map, k, map_rows_k, heads, qk_dim, k_row_stride, k_head_stride, kBlockN) ||
-      !make_map(&v_map, v, map_rows_k, heads, v_dim, v_row_stride, v_head_stride, kBlockN))
+      (rows_k > 0 && (!make_map(&k_map, k, rows_k, heads, qk_dim, k_row_stride, k_head_stride, kBlockN) ||
+                      !make_map(&v_map, v, rows_k, heads, v_dim, v_row_stride, v_head_stride, kBlockN))))
     return static_cast<int>(cudaErrorInvalidValue);
   FlashAttnParams p{};
   p.out = out;

@@ -81,6 +81,14 @@ def test_scores_in_the_hundreds_and_heads_of_48b():
         compare(out, lse, ref_out, ref_lse, f"scores in the hundreds, causal {causal}", 1e-2, 2e-3)
 
 
+def test_no_keys_at_all_gives_zeros():
+    """Sequences with queries and no keys, none in the call: zeros and -inf, the key tensors never read."""
+    needs_kernel()
+    q, k, v = make_inputs([5, 130], [0, 0], 4, 192, 128, torch.bfloat16, "cuda", seed=1)
+    out, lse = run(q, k, v, [5, 130], [0, 0], False, 0.1)
+    assert (out == 0).all() and (lse == float("-inf")).all()
+
+
 def test_repeat_calls_are_bitwise_equal():
     needs_kernel()
     lens_q, lens_k = [500, 37, 1024], [500, 37, 1024]
