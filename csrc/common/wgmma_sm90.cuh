@@ -74,20 +74,23 @@ struct Wgmma<16, kMajorA, kMajorB> {
   }
 };
 
+// The 64 registers of an m64n128 fp32 accumulator fragment, as the argument list CuTe's wgmma atoms take.
+#define KDA_WGMMA_D64(d) \
+  (d)[0], (d)[1], (d)[2], (d)[3], (d)[4], (d)[5], (d)[6], (d)[7], \
+  (d)[8], (d)[9], (d)[10], (d)[11], (d)[12], (d)[13], (d)[14], (d)[15], \
+  (d)[16], (d)[17], (d)[18], (d)[19], (d)[20], (d)[21], (d)[22], (d)[23], \
+  (d)[24], (d)[25], (d)[26], (d)[27], (d)[28], (d)[29], (d)[30], (d)[31], \
+  (d)[32], (d)[33], (d)[34], (d)[35], (d)[36], (d)[37], (d)[38], (d)[39], \
+  (d)[40], (d)[41], (d)[42], (d)[43], (d)[44], (d)[45], (d)[46], (d)[47], \
+  (d)[48], (d)[49], (d)[50], (d)[51], (d)[52], (d)[53], (d)[54], (d)[55], \
+  (d)[56], (d)[57], (d)[58], (d)[59], (d)[60], (d)[61], (d)[62], (d)[63]
+
 template <GmmaMajor kMajorA, GmmaMajor kMajorB>
 struct Wgmma<128, kMajorA, kMajorB> {
   static constexpr int kRegs = 64;
   __device__ __forceinline__ static void run(uint64_t a, uint64_t b, float (&d)[64], bool accumulate) {
     cute::SM90::GMMA::MMA_64x128x16_F32BF16BF16_SS<kMajorA, kMajorB>::fma(
-        a, b, d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7],
-        d[8], d[9], d[10], d[11], d[12], d[13], d[14], d[15],
-        d[16], d[17], d[18], d[19], d[20], d[21], d[22], d[23],
-        d[24], d[25], d[26], d[27], d[28], d[29], d[30], d[31],
-        d[32], d[33], d[34], d[35], d[36], d[37], d[38], d[39],
-        d[40], d[41], d[42], d[43], d[44], d[45], d[46], d[47],
-        d[48], d[49], d[50], d[51], d[52], d[53], d[54], d[55],
-        d[56], d[57], d[58], d[59], d[60], d[61], d[62], d[63],
-        accumulate ? cute::SM90::GMMA::ScaleOut::One : cute::SM90::GMMA::ScaleOut::Zero);
+        a, b, KDA_WGMMA_D64(d), accumulate ? cute::SM90::GMMA::ScaleOut::One : cute::SM90::GMMA::ScaleOut::Zero);
   }
 };
 
@@ -98,15 +101,7 @@ template <GmmaMajor kMajorB>
 struct WgmmaRs128 {
   __device__ __forceinline__ static void run(const uint32_t (&a)[4], uint64_t b, float (&d)[64]) {
     cute::SM90::GMMA::MMA_64x128x16_F32BF16BF16_RS<GmmaMajor::K, kMajorB>::fma(
-        a[0], a[1], a[2], a[3], b, d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7],
-        d[8], d[9], d[10], d[11], d[12], d[13], d[14], d[15],
-        d[16], d[17], d[18], d[19], d[20], d[21], d[22], d[23],
-        d[24], d[25], d[26], d[27], d[28], d[29], d[30], d[31],
-        d[32], d[33], d[34], d[35], d[36], d[37], d[38], d[39],
-        d[40], d[41], d[42], d[43], d[44], d[45], d[46], d[47],
-        d[48], d[49], d[50], d[51], d[52], d[53], d[54], d[55],
-        d[56], d[57], d[58], d[59], d[60], d[61], d[62], d[63],
-        cute::SM90::GMMA::ScaleOut::One);
+        a[0], a[1], a[2], a[3], b, KDA_WGMMA_D64(d), cute::SM90::GMMA::ScaleOut::One);
   }
 };
 
