@@ -16,9 +16,8 @@
 // other's products.
 //
 // Masking. Keys past the sequence (the last tile's box runs into the next sequence's rows, or past the tensor,
-// where TMA reads zeros) and, when causal, keys past a row's diagonal get -inf before the softmax; tiles no
-// key of which a warpgroup's rows may see are not loaded. Rows past the sequence are computed and not
-// written. The heaviest query tiles launch first (causal: the last rows see the most keys).
+// where TMA reads zeros) and, when causal, keys past a row's diagonal get -inf before the softmax; tiles past
+// the CTA's last row's diagonal are not loaded. Rows past the sequence are computed and not written. The heaviest query tiles launch first (causal: the last rows see the most keys).
 #pragma once
 
 #include <cuda.h>
