@@ -2,7 +2,8 @@
 follow-up turns that reuse a finished conversation, aborts, and steps, on pools small enough that prefix-cache
 eviction and preemption happen. Every request must end exactly once, within its limits, every slot and block
 must come back, and a greedy request must produce the tokens it produces alone on an engine without a prefix
-cache: reuse, eviction, preemption and batching never change a result. Both with and without asynchronous
+cache (or, on a numerical tie of the MoE router, alone with its prompt chunked finer): reuse, eviction,
+preemption and batching never change a result. Both with and without asynchronous
 scheduling, whose deferred tokens meet every one of those events.
 
 The scheduler's bookkeeping is fuzzed against a simulated model in test_scheduler.py; this runs the same kind
@@ -11,7 +12,7 @@ of workloads through the model itself."""
 import os
 
 import pytest
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from kda_serving.engine import EngineConfig, LLMEngine, SamplingParams
@@ -32,10 +33,11 @@ def _engine(model, **overrides):
 
 @pytest.fixture(scope="module", params=[False, True], ids=["sync", "async"])
 def engines(tiny_model, request):
-    """(the engine under test, synchronous or with asynchronous scheduling; a reference engine: no prefix
-    cache, one sequence at a time)."""
-    return _engine(tiny_model, async_scheduling=request.param), _engine(
-        tiny_model, enable_prefix_caching=False, max_num_seqs=1, num_state_slots=2, num_kv_blocks=96)
+    """(the engine under test, synchronous or with asynchronous scheduling; two reference engines: no prefix
+    cache, one sequence at a time, prompts in chunks of 48 and of 4 tokens)."""
+    reference = dict(enable_prefix_caching=False, max_num_seqs=1, num_state_slots=2, num_kv_blocks=96)
+    return (_engine(tiny_model, async_scheduling=request.param), _engine(tiny_model, **reference),
+            _engine(tiny_model, **reference, max_num_batched_tokens=4))
 
 
 ADD = st.tuples(st.just("add"), st.integers(1, 100), st.integers(0, 10**6), st.integers(1, MAX_TOKENS),
@@ -60,8 +62,9 @@ def _alone(reference: LLMEngine, prompt, params) -> list[int]:
 @settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", 40)), deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(ops=st.lists(OPS, min_size=1, max_size=16))
+@example(ops=[("add", 46, 66101, 16, 0.0, None, False), ("follow_up", 63586, 15)])  # a router tie, found at 600
 def test_random_workloads_end_cleanly_and_greedy_results_match_an_isolated_run(engines, ops):
-    engine, reference = engines
+    engine, reference, fine_reference = engines
     before = engine.stats()
     requests = {}  # id -> (prompt, params)
     finished = {}  # id -> the final RequestOutput
@@ -124,4 +127,12 @@ def test_random_workloads_end_cleanly_and_greedy_results_match_an_isolated_run(e
             continue
         assert out.finish_reason == "length" and len(out.output_token_ids) == params.max_tokens
         if params.temperature == 0.0 and params.presence_penalty == 0.0:
-            assert out.output_token_ids == _alone(reference, prompt, params), request_id
+            alone = _alone(reference, prompt, params)
+            if out.output_token_ids != alone:
+                # A tie in fp32: the tiny model's MoE router can hold two experts within 1e-7 of each other, and
+                # then how a prompt is chunked decides which one a token takes (the example below: a follow-up's
+                # third token is 4 with chunks of 32+ tokens, 160 with chunks of 4-16 and in the engine, which
+                # computed the tied position as a decode). Such a result is right if a finer chunking gives it;
+                # a real error matches neither.
+                event("greedy result on a numerical tie")
+                assert out.output_token_ids == _alone(fine_reference, prompt, params), request_id
