@@ -36,8 +36,7 @@ template <int kQkBlocks>
 cudaError_t launch(const FlashAttnParams& p, const CUtensorMap& q_map, const CUtensorMap& k_map,
                    const CUtensorMap& v_map, dim3 grid, cudaStream_t s) {
   constexpr auto kernel = flash_attn_kernel<kQkBlocks>;
-  static const cudaError_t attr = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                       FlashSmem<kQkBlocks>::kBytes);
+  const cudaError_t attr = kda::allow_dynamic_smem<kernel>(FlashSmem<kQkBlocks>::kBytes);
   if (attr != cudaSuccess) return attr;
   kernel<<<grid, kThreads, FlashSmem<kQkBlocks>::kBytes, s>>>(p, q_map, k_map, v_map);
   return cudaGetLastError();

@@ -1,6 +1,8 @@
-// Error handling shared by every C-ABI entry point (kernels return a cudaError_t as int, never abort), and the
-// device query the launch heuristics share.
+// Error handling shared by every C-ABI entry point (kernels return a cudaError_t as int, never abort), the
+// device query the launch heuristics share, and the once-per-kernel opt-in to large dynamic shared memory.
 #pragma once
+
+#include <cstddef>
 
 #include <cuda_runtime.h>
 
@@ -19,3 +21,16 @@ inline int kda_sm_count() {
   if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) return 0;
   return sms;
 }
+
+namespace kda {
+
+// Opts kKernel into `bytes` of dynamic shared memory (above the default 48 KB), once per process and kernel;
+// returns that attribute call's result.
+template <auto kKernel>
+cudaError_t allow_dynamic_smem(size_t bytes) {
+  static const cudaError_t err =
+      cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+  return err;
+}
+
+}  // namespace kda

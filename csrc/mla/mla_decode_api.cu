@@ -38,18 +38,10 @@ bool make_kv_map(const MlaDecodeParams& p, CUtensorMap* map) {
                 CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-// Opts kKernel into its (> 48 KB) dynamic shared memory, once per process and kernel.
-template <auto kKernel>
-cudaError_t allow_smem(size_t bytes) {
-  static const cudaError_t err =
-      cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
-  return err;
-}
-
 template <int kHeads>
 cudaError_t launch_split(const MlaDecodeParams& p, cudaStream_t s) {
   constexpr auto kernel = mla_decode_split_kernel<kHeads>;
-  const cudaError_t err = allow_smem<kernel>(WgSmem<kHeads>::kBytes);
+  const cudaError_t err = kda::allow_dynamic_smem<kernel>(WgSmem<kHeads>::kBytes);
   if (err != cudaSuccess) return err;
   CUtensorMap map{};
   const int use_tma = make_kv_map(p, &map) ? 1 : 0;

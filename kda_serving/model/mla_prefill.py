@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ops import cuda_attention
-from ..ops.flash_attention import flash_attention, merge_attention
+from ..ops.flash_attention import cumulative_lengths, flash_attention, merge_attention
 from ..ops.paged_rows import gather_paged_rows
 
 # Elements of expanded keys and values (and their latents) one call may hold: 512 MiB in bf16, the same bound as
@@ -77,7 +77,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens_q: 
         return flash_attention(q, k, v[..., :v_dim], lens_q, lens_k, causal=causal, scale=scale, cu=cu, out=out,
                                lse=lse)
     if q.is_cuda:
-        cu_q, cu_k = cu if cu is not None else (_cu(lens_q, q.device), _cu(lens_k, q.device))
+        cu_q, cu_k = cu if cu is not None else cumulative_lengths(lens_q, lens_k, q.device)
         o, l = torch.ops.aten._flash_attention_forward(
             q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), 0.0, causal, False, scale=scale)[:2]
         o, l = o[..., :v_dim], _lse_rows(l, cu_q, Tq, H)
@@ -188,11 +188,6 @@ def row_index(ranges: list[tuple[int, int]], device) -> slice | torch.Tensor:
     if all(a[1] == b[0] for a, b in zip(ranges, ranges[1:])):
         return slice(ranges[0][0], ranges[-1][1])
     return torch.tensor([r for a, b in ranges for r in range(a, b)]).to(device, non_blocking=True)
-
-
-def _cu(lengths: list[int], device) -> torch.Tensor:
-    """Cumulative lengths [0, l0, l0 + l1, ...] as int32 on `device`."""
-    return torch.tensor(offsets(lengths), dtype=torch.int32).to(device, non_blocking=True)
 
 
 class ExpandedPrefill:

@@ -54,6 +54,15 @@ def plan_constants(num_heads: int) -> tuple[int, int]:
     return ctas.value, tile.value
 
 
+def _check_block_tables(block_tables, dev, where: str) -> None:
+    """Block tables the kernels read: int32 [N, max_blocks] on `dev` (named `where` in the error), each row
+    contiguous (a column slice of a wider table is fine)."""
+    if not isinstance(block_tables, torch.Tensor) or block_tables.dtype not in _I32 or block_tables.device != dev \
+            or block_tables.dim() != 2 or (block_tables.shape[1] > 1 and block_tables.stride(1) != 1):
+        raise ValueError(f"kda: argument 'block_tables': the CUDA kernel needs int32 [N, max_blocks] on {where} "
+                         "with contiguous rows")
+
+
 def supports(num_heads: int, latent_dim: int, value_dim: int) -> bool:
     """Whether the kernel is built for these MLA sizes (else the caller keeps its PyTorch path)."""
     return num_heads in HEADS and latent_dim == LATENT_DIM and value_dim == VALUE_DIM
@@ -71,10 +80,7 @@ def mla_decode(q, kv_cache, block_tables, seq_lens, scale: float, num_splits: in
     cuda_tensor("kv_cache", kv_cache, _BF16, dev, ndim=3)
     if kv_cache.shape[2] != L:
         raise ValueError(f"kda: argument 'kv_cache': expected rows of {L}, got shape {tuple(kv_cache.shape)}")
-    if not isinstance(block_tables, torch.Tensor) or block_tables.dtype not in _I32 or block_tables.device != dev \
-            or block_tables.dim() != 2 or (block_tables.shape[1] > 1 and block_tables.stride(1) != 1):
-        raise ValueError("kda: argument 'block_tables': the CUDA kernel needs int32 [N, max_blocks] on q's device "
-                         "with contiguous rows")
+    _check_block_tables(block_tables, dev, "q's device")
     cuda_tensor("seq_lens", seq_lens, _I32, dev, ndim=1)
     if block_tables.shape[0] != N or seq_lens.shape[0] != N:
         raise ValueError(f"kda: argument 'block_tables': expected {N} rows (and seq_lens {N} entries), got "
@@ -123,10 +129,7 @@ def gather_rows(flat_cache, block_tables, pieces, block_size: int, out) -> None:
             or pieces.shape[1] != 3 or pieces.shape[0] < 1:
         raise ValueError("kda: argument 'flat_cache': the gather kernel needs rows of a multiple of 16 bytes, "
                          "16-byte aligned, out of the same width and pieces [P >= 1, 3]")
-    if not isinstance(block_tables, torch.Tensor) or block_tables.dtype not in _I32 or block_tables.device != dev \
-            or block_tables.dim() != 2 or (block_tables.shape[1] > 1 and block_tables.stride(1) != 1):
-        raise ValueError("kda: argument 'block_tables': the CUDA kernel needs int32 [N, max_blocks] on the cache's "
-                         "device with contiguous rows")
+    _check_block_tables(block_tables, dev, "the cache's device")
     code = _gather_fn()(flat_cache.data_ptr(), flat_cache.shape[0], row_bytes, block_tables.data_ptr(),
                         block_tables.stride(0) if block_tables.shape[0] else 0, block_tables.shape[1],
                         block_size, pieces.data_ptr(), pieces.shape[0], out.shape[0], out.data_ptr(),

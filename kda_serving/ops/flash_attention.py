@@ -104,6 +104,12 @@ def _validate(q, k, v, lens_q, lens_k, scale) -> None:
     validate_scale(scale, q.shape[2])
 
 
+def cumulative_lengths(lens_q: list[int], lens_k: list[int], device) -> tuple[Tensor, Tensor]:
+    """([0, q0, q0 + q1, ...], [0, k0, ...]) as int32 on `device`, both in one copy to it."""
+    both = [*accumulate(lens_q, initial=0), *accumulate(lens_k, initial=0)]
+    return tuple(torch.tensor(both, dtype=torch.int32).to(device, non_blocking=True).split(len(lens_q) + 1))
+
+
 def flash_attention(q: Tensor, k: Tensor, v: Tensor, lens_q: list[int], lens_k: list[int], *, causal: bool,
                     scale: float, cu: tuple[Tensor, Tensor] | None = None, out: Tensor | None = None,
                     lse: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -127,9 +133,8 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, lens_q: list[int], lens_k: 
             _fail(ValueError, name, f"expected fp32 {shape} on {q.device} with a contiguous last dimension")
     out = torch.empty(Tq, H, v.shape[2], dtype=torch.float32, device=q.device) if out is None else out
     lse = torch.empty(Tq, H, dtype=torch.float32, device=q.device) if lse is None else lse
-    if cu is None:  # both in one copy to the device
-        both = [*accumulate(lens_q, initial=0), *accumulate(lens_k, initial=0)]
-        cu = torch.tensor(both, dtype=torch.int32).to(q.device, non_blocking=True).split(len(lens_q) + 1)
+    if cu is None:
+        cu = cumulative_lengths(lens_q, lens_k, q.device)
     if q.is_cuda and not cuda_attention.supports(q, q.shape[2], v.shape[2]):
         _fail(ValueError, "q", f"the CUDA kernel takes bf16 heads of {cuda_attention.QK_DIMS} with values of "
                                f"{cuda_attention.VALUE_DIM} on an SM90 GPU, got {q.dtype} D={q.shape[2]} "
