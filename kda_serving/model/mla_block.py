@@ -167,7 +167,6 @@ class MLABlock(nn.Module):
         long = [n for n in range(len(q_lens)) if q_lens[n] >= max(1, least)]
         short = [n for n in range(len(q_lens)) if 0 < q_lens[n] < least]  # (a sequence may be empty)
         flat_cache = kv_cache.view(-1, kv_cache.shape[-1])
-        out = None
         if long:
             rows = row_index([(starts[n], starts[n + 1]) for n in long], q.device)
             attend = self._expanded_prefill(w_kv)
@@ -175,9 +174,9 @@ class MLABlock(nn.Module):
             expanded = attend(q[rows], latent[rows], runs, batch.block_tables, flat_cache, kv_cache.shape[1])
             if isinstance(rows, slice) and rows == slice(0, T):  # every token: the result is the output
                 return expanded
-            out = q.new_empty(T, nh, self.v_dim)
+        out = q.new_empty(T, nh, self.v_dim)
+        if long:
             out[rows] = expanded
-        out = q.new_empty(T, nh, self.v_dim) if out is None else out
         if short:
             rows = row_index([(starts[n], starts[n + 1]) for n in short], q.device)
             seq_of_row = torch.tensor([n for n in short for _ in range(q_lens[n])]).to(q.device, non_blocking=True)
