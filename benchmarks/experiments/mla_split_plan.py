@@ -1,10 +1,11 @@
 """Experiment (not part of CI): where a paged MLA decode call spends its time, and how the split plan moves it.
 
-For each (sequences, context) case and each plan (SPLIT_KEYS keys per split granule, CTAs per SM targeted), the
-call is timed by CUDA-graph replay, and one eager call is profiled for the split and combine kernels' own
-times. 32 heads, 16-token blocks shuffled over the cache (bench_mla_decode.py's inputs).
+For each (sequences, context) case and each plan (CTAs per SM targeted; each split holds whole 64-key tiles, the
+kernel's; sessions before 17 also varied that granule), the call is timed by CUDA-graph replay, and one eager
+call is profiled for the split and combine kernels' own times. 32 heads, 16-token blocks shuffled over the
+cache (bench_mla_decode.py's inputs).
 
-    python benchmarks/experiments/mla_split_plan.py [--plans 64x1,128x1,256x1] [--cases 1x4096,8x1024]
+    python benchmarks/experiments/mla_split_plan.py [--plans 1,2] [--cases 1x4096,8x1024]
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def kernel_us(fn) -> dict[str, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--plans", default="64x1,128x1,256x1")
+    ap.add_argument("--plans", default="1,2")
     ap.add_argument("--cases", default=CASES)
     args = ap.parse_args()
     rate = copy_rate_bytes_per_s()
@@ -60,10 +61,11 @@ def main() -> None:
         q = torch.randn(N, HEADS, LATENT, generator=gen, device="cuda").to(torch.bfloat16)
         floor_us = N * C * LATENT * 2 / rate * 1e6
         for plan in args.plans.split(","):
-            split_keys, ctas_per_sm = (int(x) for x in plan.split("x"))
-            mla_mod.SPLIT_KEYS = split_keys
+            ctas_per_sm = int(plan)
             cuda_mla.plan_constants = lambda heads, c=ctas_per_sm, t=tile: (c, t)  # the plan mla_decode uses
-            splits, kps = mla_mod.plan_splits(N, C, sms, ctas_per_sm)
+            splits = mla_mod.plan_splits(N, C, sms, ctas_per_sm)
+            tiles = -(-C // tile)
+            kps = -(-tiles // splits) * tile
 
             def call():
                 return mla_decode(q, cache, tables, lens, scale=0.07, max_seq_len=C, value_dim=VALUE)

@@ -51,7 +51,6 @@ cudaError_t launch_split(const MlaDecodeParams& p, cudaStream_t s) {
 
 template <int kHeads>
 cudaError_t launch(const MlaDecodeParams& p, cudaStream_t s) {
-  if (p.keys_per_split % kWgTileKeys != 0) return cudaErrorInvalidValue;
   // Both kernels launch with PDL (common/pdl.cuh): each is scheduled while the kernel before it drains.
   const cudaError_t e = launch_split<kHeads>(p, s);
   if (e != cudaSuccess || p.num_splits == 1) return e;
@@ -67,12 +66,13 @@ using namespace kda_serving::mla;
 extern "C" {
 
 int kda_serving_mla_decode(const void* q, const void* kv, int64_t kv_rows, const int32_t* block_tables,
-                           int64_t block_table_stride, int block_table_width, const int32_t* seq_lens,
-                           int block_size, int64_t num_seqs, int heads, int num_splits, int keys_per_split,
-                           float scale, float* part_o, float* part_ml, void* out, void* stream) {
+                           int64_t block_table_stride, int block_table_width, int64_t block_table_rows,
+                           const int32_t* table_rows, const int32_t* seq_lens, int block_size, int64_t num_seqs,
+                           int heads, int num_splits, float scale, float* part_o, float* part_ml, void* out,
+                           void* stream) {
   const bool valid = (heads == 16 || heads == 32) && num_seqs >= 0 && num_seqs <= 65535 && block_size > 0 &&
-                     block_table_width >= 0 && num_splits >= 1 && num_splits <= kMaxSplits && keys_per_split > 0 &&
-                     kv_rows >= 0;
+                     block_table_width >= 0 && block_table_rows >= 0 && num_splits >= 1 &&
+                     num_splits <= kMaxSplits && kv_rows >= 0;
   if (!valid) return static_cast<int>(cudaErrorInvalidValue);
   if (num_seqs == 0) return static_cast<int>(cudaSuccess);
   MlaDecodeParams p{};
@@ -82,11 +82,12 @@ int kda_serving_mla_decode(const void* q, const void* kv, int64_t kv_rows, const
   p.block_tables = block_tables;
   p.block_table_stride = block_table_stride;
   p.block_table_width = block_table_width;
+  p.block_table_rows = block_table_rows;
+  p.table_rows = table_rows;
   p.seq_lens = seq_lens;
   p.block_size = block_size;
   p.num_seqs = static_cast<int>(num_seqs);
   p.num_splits = num_splits;
-  p.keys_per_split = keys_per_split;
   p.scale_log2 = scale * 1.4426950408889634f;
   p.part_o = part_o;
   p.part_ml = part_ml;
@@ -96,8 +97,8 @@ int kda_serving_mla_decode(const void* q, const void* kv, int64_t kv_rows, const
   return static_cast<int>(err);
 }
 
-// The split plan's constants for this build's kernel: CTAs resident per SM and the key tile (keys_per_split
-// must be a multiple of it). Returns a cudaError_t.
+// The split plan's constants for this build's kernel: CTAs resident per SM and the key tile (a split holds whole
+// tiles of it). Returns a cudaError_t.
 int kda_serving_mla_decode_plan(int heads, int* ctas_per_sm, int* tile_keys) {
   if (heads != 16 && heads != 32) return static_cast<int>(cudaErrorInvalidValue);
   *ctas_per_sm = kCtasPerSm;

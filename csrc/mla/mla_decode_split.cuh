@@ -116,8 +116,11 @@ __global__ void __launch_bounds__(kWgThreads, 1)
   kda::grid_dependency_wait();
   kda::allow_dependent_launch();  // the merge kernel may take idle SMs now; it waits for this grid to finish
   const int len = p.seq_lens[n];
-  const int k_begin = split * p.keys_per_split;
-  const int k_end = min(len, k_begin + p.keys_per_split);
+  // This query's keys in num_splits equal shares of whole tiles (the trailing splits of a short query get none).
+  const int tiles_per_split = ((len + kWgTileKeys - 1) / kWgTileKeys + p.num_splits - 1) / p.num_splits;
+  const int keys_per_split = max(tiles_per_split, 1) * kWgTileKeys;
+  const int k_begin = split * keys_per_split;
+  const int k_end = min(len, k_begin + keys_per_split);
   const int64_t part = static_cast<int64_t>(n) * p.num_splits + split;
   if (k_begin >= k_end) {  // nothing to attend: an empty partial (or, alone, a zero output)
     if (p.num_splits == 1) {
@@ -138,7 +141,9 @@ __global__ void __launch_bounds__(kWgThreads, 1)
     kda::cp_async_16(q_s + (c / 8) * L::kQBlock + kda::sw128_offset(r, (c % 8) * 8), q_n + r * kLatentDim + 8 * c,
                      true);
   }
-  const int32_t* table = p.block_tables + static_cast<int64_t>(n) * p.block_table_stride;
+  const int64_t table_row = p.table_rows != nullptr ? p.table_rows[n] : n;
+  const bool table_row_valid = table_row >= 0 && table_row < p.block_table_rows;
+  const int32_t* table = p.block_tables + (table_row_valid ? table_row : 0) * p.block_table_stride;
   // lookup_row(t) issues the block-table load of this thread's key of tile t (cp.async: threads < 64, one key
   // each; TMA: threads < 4, one 16-key group each); store_row publishes it, so the lookup for tile t + 2 is
   // issued before tile t's math and its latency hidden behind it.
@@ -147,7 +152,9 @@ __global__ void __launch_bounds__(kWgThreads, 1)
     const int j = k_begin + t * kWgTileKeys + tid * key_step;
     if (tid >= lookups || j >= k_end) return -1;
     const int blk = j / p.block_size;  // a key past the table or a bad block id reads zeros, never outside
-    return blk < p.block_table_width ? static_cast<int64_t>(table[blk]) * p.block_size + j % p.block_size : -1;
+    return table_row_valid && blk < p.block_table_width
+               ? static_cast<int64_t>(table[blk]) * p.block_size + j % p.block_size
+               : -1;
   };
   auto store_row = [&](int64_t row, int buf) {
     if (tid < lookups) rows_s[buf * kWgTileKeys + tid] = row < 0 || row >= p.kv_rows ? -1 : row;

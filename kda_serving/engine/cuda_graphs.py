@@ -5,10 +5,15 @@ ms of kernels (docs/engine.md). Replaying a captured graph costs one launch. Wha
 
 - Fixed shapes. A step of N sequences runs the graph of the smallest batch bucket >= N (powers of two up to
   max_num_seqs); the extra rows are padding: state slot -1 (the KDA and conv kernels skip them and write
-  zero outputs), sequence length 0, and their MLA latent goes to a scratch KV slot that no request owns. MLA
-  gathers keys up to a key-length bucket (from 512 tokens in quarter-octave steps, >= every sequence's length
-  and block table) and masks each sequence at its real length, so one graph serves every length in its
-  bucket.
+  zero outputs), sequence length 0, and their MLA latent goes to a scratch KV slot that no request owns.
+- Key lengths. On the paged MLA kernel (KimiLinearModel.decode_any_length) one graph serves every length:
+  the kernel reads each sequence's key count and block-table row on the device and divides the keys among
+  a fixed number of CTAs there, so the graph is captured once, at the model's length, with block tables of
+  full width, and no step waits for a capture when a conversation grows. (A capture per length bucket cost
+  a multi-turn conversation ~22 ms before the first token of nearly every turn: docs/engine.md.) The
+  torch-ops attention instead gathers keys up to a key-length bucket (from 512 tokens in quarter-octave
+  steps, >= every sequence's length and block table) and masks each sequence at its real length: a graph
+  per bucket there.
 - Static inputs. The graph reads the step from persistent device buffers; each step copies its batch into
   them (a few small host-to-device copies) before the replay.
 - No host syncs inside. The ops skip their host-side index checks while capturing; MLA takes its key lengths
@@ -19,10 +24,10 @@ after each kept in slots of their own, RaggedBatch.spec) replay graphs of width 
 Their padding rows verify nothing (state slot -1, length 0) and send the states they would keep to one scratch
 state slot beside the pool, as their latents go to the scratch KV slot.
 
-The graphs of every batch bucket and width at the smallest key-length bucket are captured when the engine starts
-(`capture_batch_buckets`, ~50 ms each on an H100), longer contexts' on the first step that needs them; all go
-into one shared memory pool: steps replay one at a time and each step's logits are consumed (sampled) before
-the next replay, so graphs may share memory.
+The graphs of every batch bucket and width (at the smallest key-length bucket, or the one of every length) are
+captured when the engine starts (`capture_batch_buckets`, ~50 ms each on an H100), longer buckets' on the first
+step that needs them; all go into one shared memory pool: steps replay one at a time and each step's logits are
+consumed (sampled) before the next replay, so graphs may share memory.
 """
 
 from __future__ import annotations
@@ -63,14 +68,16 @@ class DecodeGraphs:
     scratch_slot: a flat KV-cache slot outside every request's blocks, where padding rows write their latent.
     scratch_state_slot: a state slot outside the pool's, where padding rows of a verifying step write the
     states they would keep. max_width: the widest verifying step (1 + the most drafts; 1 without speculation).
+    any_length: one graph per batch bucket and width serves every key length (model.decode_any_length).
     """
 
     def __init__(self, model, caches, max_num_seqs: int, block_size: int, max_model_len: int, scratch_slot: int,
-                 max_width: int = 1, scratch_state_slot: int | None = None):
+                 max_width: int = 1, scratch_state_slot: int | None = None, any_length: bool = False):
         self.model, self.caches = model, caches
         self.max_num_seqs, self.block_size = max_num_seqs, block_size
         self.max_blocks = -(-max_model_len // block_size)
         self.kv_limit = self.max_blocks * block_size
+        self.any_length = any_length
         self.scratch_slot, self.scratch_state_slot = scratch_slot, scratch_state_slot
         if max_width > 1 and scratch_state_slot is None:
             raise ValueError("DecodeGraphs: verifying steps need a scratch state slot")
@@ -97,10 +104,14 @@ class DecodeGraphs:
     def batch_buckets(self) -> list[int]:
         return sorted({batch_bucket(n, self.max_num_seqs) for n in range(1, self.max_num_seqs + 1)})
 
+    def key_bucket(self, max_kv_len: int) -> int:
+        """The key length a step's graph is captured at: the model's with any_length, else the step's bucket."""
+        return self.kv_limit if self.any_length else kv_bucket(max_kv_len, self.block_size, self.kv_limit)
+
     def capture_batch_buckets(self) -> None:
         """Captures every batch bucket of decode and verifying steps (every width) at the smallest key-length
-        bucket, so that short-context steps never wait for a capture."""
-        kv = kv_bucket(1, self.block_size, self.kv_limit)
+        bucket (with any_length, the only one), so that short-context steps never wait for a capture."""
+        kv = self.key_bucket(1)
         for w in range(1, self.max_width + 1):
             for nb in self.batch_buckets():
                 if (nb, w, kv) not in self.graphs:
@@ -125,7 +136,7 @@ class DecodeGraphs:
             raise ValueError(f"DecodeGraphs.run: not a step these graphs replay (width {w})")
         nb = batch_bucket(n, self.max_num_seqs)
         width = batch.block_tables.shape[1]
-        kv = kv_bucket(max(max(batch.kv_lens), width * self.block_size), self.block_size, self.kv_limit)
+        kv = self.key_bucket(max(max(batch.kv_lens), width * self.block_size))
         key = (nb, w, kv)
         if key not in self.graphs:
             self.graphs[key] = self._capture(nb, w, kv)
@@ -138,7 +149,8 @@ class DecodeGraphs:
 
     def _load(self, batch: RaggedBatch, n: int, nb: int, w: int, width: int, graph_width: int) -> None:
         """Copies the step into the static buffers; rows n..nb-1 become padding. Only the first graph_width
-        block-table columns are read by the graph."""
+        block-table columns are read by the graph; with any_length only a sequence's own blocks (those holding
+        its keys), so the columns past the step's width keep what earlier steps left there."""
         self._pad(n, nb, w, graph_width)
         for dst, src in ((self.input_ids, batch.input_ids), (self.positions, batch.positions),
                          (self.slot_mapping, batch.slot_mapping)):
@@ -148,7 +160,8 @@ class DecodeGraphs:
         if w > 1:
             self.out_slots[: n * w].copy_(batch.spec.out_slots.reshape(-1), non_blocking=True)
         self.block_tables[:n, :width].copy_(batch.block_tables, non_blocking=True)
-        self.block_tables[:n, width:graph_width].fill_(-1)
+        if not self.any_length:  # the torch-ops attention gathers every column up to the bucket
+            self.block_tables[:n, width:graph_width].fill_(-1)
 
     def _pad(self, start: int, end: int, w: int, graph_width: int) -> None:
         tokens = slice(start * w, end * w)
@@ -159,7 +172,8 @@ class DecodeGraphs:
             self.out_slots[tokens] = self.scratch_state_slot
         self.seq_lens[start:end] = 0
         self.state_slots[start:end] = -1
-        self.block_tables[start:end, :graph_width] = -1
+        if not self.any_length:  # with any_length a padding row's length 0 reads no column
+            self.block_tables[start:end, :graph_width] = -1
 
     def _static_batch(self, nb: int, w: int, kv: int) -> RaggedBatch:
         t = nb * w

@@ -54,7 +54,8 @@ class ModelRunner:
             self.graphs = DecodeGraphs(model, self.caches, config.max_num_seqs, config.block_size,
                                        config.max_model_len, scratch_slot=config.num_kv_blocks * config.block_size,
                                        max_width=config.num_speculative_tokens + 1,
-                                       scratch_state_slot=config.num_state_slots if scratch_state else None)
+                                       scratch_state_slot=config.num_state_slots if scratch_state else None,
+                                       any_length=getattr(model, "decode_any_length", False))
             self.graphs.capture_batch_buckets()
 
     def _size_caches(self) -> None:

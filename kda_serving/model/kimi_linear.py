@@ -133,6 +133,13 @@ class KimiLinearModel(nn.Module):
             getattr(layer.mlp, "capturable", True) for layer in self.layers
         )
 
+    @property
+    def decode_any_length(self) -> bool:
+        """Whether a captured decode step serves every key length: each MLA layer's attention reads the key
+        counts and block tables on the device (MLABlock.decode_on_kernel), so nothing in the step's shapes or
+        launch parameters depends on them. Otherwise the engine captures a step per key-length bucket."""
+        return all(layer.self_attn.decode_on_kernel for layer in self.layers if not layer.is_kda)
+
     @torch.inference_mode()
     def forward(self, batch: RaggedBatch, caches: ModelCaches) -> torch.Tensor:
         """Runs one step; returns fp32 logits [N, vocab] for the tokens at batch.logits_indices."""

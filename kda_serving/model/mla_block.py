@@ -23,7 +23,7 @@ from torch import nn
 
 from ..ops import mla_decode
 from ..ops.contract import skip_index_value_checks
-from ..ops.cuda_mla import supports as cuda_mla_supports
+from ..ops import cuda_mla
 from ..ops.mla_decode import _sm_count
 from . import mla_prefill
 from .batch import RaggedBatch
@@ -117,9 +117,10 @@ class MLABlock(nn.Module):
             out = self._unabsorb(out_latent, w_kv)
         elif batch.decode_only:
             # no prompt tokens: the paged kernel reads each cached row in place, once per query
-            tables, lens = _query_tables(batch)
-            out_latent = mla_decode(self._absorb(q_nope, q_rope, w_kv), kv_cache, tables, lens, scale=self.scale,
-                                    max_seq_len=max(batch.kv_lens), value_dim=self.kv_lora_rank)
+            lens, table_rows = _query_lengths(batch)
+            out_latent = mla_decode(self._absorb(q_nope, q_rope, w_kv), kv_cache, batch.block_tables, lens,
+                                    scale=self.scale, max_seq_len=max(batch.kv_lens), value_dim=self.kv_lora_rank,
+                                    table_rows=table_rows)
             out = self._unabsorb(out_latent, w_kv)
         else:
             out = self._prefill(q, latent, batch, kv_cache, w_kv)
@@ -133,6 +134,16 @@ class MLABlock(nn.Module):
         """Attention output on the latents [T, nh, C] -> per-head values [T, nh, v] (W_uv[h] applied)."""
         return torch.einsum("thc,hvc->thv", out_latent, w_kv[:, self.nope_dim :])
 
+    @property
+    def decode_on_kernel(self) -> bool:
+        """Whether this layer's decode and verifying steps run on the paged kernel (bf16 on an SM90 GPU, sizes
+        it is built for), which reads each query's key count and block-table row on the device: one captured
+        step then serves every key length (engine/cuda_graphs.py)."""
+        w = self.kv_b_proj
+        return (w.is_cuda and w.dtype == torch.bfloat16
+                and cuda_mla.supports(self.num_heads, self.kv_lora_rank + self.rope_dim, self.kv_lora_rank)
+                and cuda_mla.runs_on(w.device.index or 0))
+
     def _on_cuda_kernels(self, x: torch.Tensor, batch: RaggedBatch, kv_cache: torch.Tensor) -> bool:
         """Whether this step's attention runs on the CUDA kernels: bf16, with host copies of the query and key
         lengths, in sizes the paged kernel is built for (16 or 32 heads of 576), and, with prompt tokens, heads
@@ -141,7 +152,8 @@ class MLABlock(nn.Module):
         return (x.is_cuda and bool(batch.kv_lens) and bool(batch.query_lens)
                 and x.dtype == kv_cache.dtype == torch.bfloat16
                 and batch.block_tables.dtype == torch.int32 and batch.seq_lens.dtype == torch.int32
-                and cuda_mla_supports(self.num_heads, kv_cache.shape[-1], self.kv_lora_rank)
+                and cuda_mla.supports(self.num_heads, kv_cache.shape[-1], self.kv_lora_rank)
+                and cuda_mla.runs_on(x.device.index or 0)
                 and (batch.decode_only or (PREFILL_ON_KERNELS and flash_varlen_supported(
                     x, self.nope_dim + self.rope_dim, self.v_dim))))
 
@@ -299,16 +311,17 @@ class MLABlock(nn.Module):
         return torch.bmm(probs, keys[:, :, : self.kv_lora_rank], out_dtype=torch.float32).to(q.dtype)
 
 
-def _query_tables(batch: RaggedBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block table and key count of every query of a step without prompt tokens, for the paged decode kernel:
-    a decode's are its sequence's; the W tokens of a verifying sequence are W queries over the same blocks
-    that see their own position and those before it (so a draft never sees the drafts after it)."""
+def _query_lengths(batch: RaggedBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Key count and block-table row of every query of a step without prompt tokens, for the paged decode
+    kernel: a decode's are its sequence's (rows None: query n reads row n); the W tokens of a verifying
+    sequence are W queries over its row that see their own position and those before it (so a draft never sees
+    the drafts after it)."""
     spec = batch.spec
     if spec is None:
-        return batch.block_tables, batch.seq_lens
+        return batch.seq_lens, None
     device = batch.block_tables.device
     seqs = torch.arange(batch.num_seqs, device=device)
     seq_of_token = torch.cat((seqs[: spec.num_seqs].repeat_interleave(spec.width), seqs[spec.num_seqs :]))
     # a padding row of a captured step (sequence length 0) reads no key
     lens = torch.minimum(batch.positions + 1, batch.seq_lens[seq_of_token].long()).to(torch.int32)
-    return batch.block_tables[seq_of_token], lens
+    return lens, seq_of_token.to(torch.int32)

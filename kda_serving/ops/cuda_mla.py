@@ -1,12 +1,12 @@
 """ctypes binding of the paged MLA decode attention kernel (csrc/mla) in the C-ABI library.
 
-    mla_decode(q, kv_cache, block_tables, seq_lens, scale, num_splits, keys_per_split, part_o, part_ml, out)
+    mla_decode(q, kv_cache, block_tables, seq_lens, scale, num_splits, part_o, part_ml, out, table_rows=None)
 
 The public op (mla_decode.py) validates the call, picks the split and allocates out and the split workspace;
 this function checks only what keeps the kernel inside its memory (dtypes, device, contiguity, shapes, the
 kernel's fixed sizes), then enqueues it on torch's current stream. It neither allocates nor synchronises, so
 it can be captured in a CUDA graph. Keys past a block table's width or with block ids outside the cache read
-zeros: the kernel bounds every row it reads.
+zeros, and so does a table row outside the block tables: the kernel bounds every row it reads.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ def library() -> ctypes.CDLL:
     lib = cuda_lib.load()
     fn = lib.kda_serving_mla_decode
     fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,
-                   ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                   ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+                   ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int,
+                   ctypes.c_int, ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
     fn.restype = ctypes.c_int
     plan = lib.kda_serving_mla_decode_plan
     plan.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_int)]
@@ -47,7 +47,7 @@ def library() -> ctypes.CDLL:
 @functools.lru_cache(maxsize=4)
 def plan_constants(num_heads: int) -> tuple[int, int]:
     """(CTAs resident per SM, key tile) of the built kernel for num_heads: the split plan fills one wave of
-    CTAs, and keys_per_split must be a multiple of the tile."""
+    CTAs, and a split holds whole tiles."""
     ctas, tile = ctypes.c_int(), ctypes.c_int()
     check_launch(library().kda_serving_mla_decode_plan(num_heads, ctypes.byref(ctas), ctypes.byref(tile)),
                  "MLA decode plan")
@@ -68,8 +68,14 @@ def supports(num_heads: int, latent_dim: int, value_dim: int) -> bool:
     return num_heads in HEADS and latent_dim == LATENT_DIM and value_dim == VALUE_DIM
 
 
-def mla_decode(q, kv_cache, block_tables, seq_lens, scale: float, num_splits: int, keys_per_split: int,
-               part_o, part_ml, out) -> None:
+@functools.lru_cache(maxsize=16)
+def runs_on(index: int) -> bool:
+    """Whether the kernel runs on CUDA device `index` (an SM90 GPU, the library built with it)."""
+    return cuda_lib.runs_on(index, "kda_serving_mla_decode")
+
+
+def mla_decode(q, kv_cache, block_tables, seq_lens, scale: float, num_splits: int, part_o, part_ml, out,
+               table_rows=None) -> None:
     """out [N, H, 512] = softmax(scale q k^T) v per sequence over its paged latent rows; see mla_decode.py."""
     dev = q.device
     cuda_tensor("q", q, _BF16, ndim=3)
@@ -82,13 +88,15 @@ def mla_decode(q, kv_cache, block_tables, seq_lens, scale: float, num_splits: in
         raise ValueError(f"kda: argument 'kv_cache': expected rows of {L}, got shape {tuple(kv_cache.shape)}")
     _check_block_tables(block_tables, dev, "q's device")
     cuda_tensor("seq_lens", seq_lens, _I32, dev, ndim=1)
-    if block_tables.shape[0] != N or seq_lens.shape[0] != N:
+    if table_rows is not None:
+        cuda_tensor("table_rows", table_rows, _I32, dev, ndim=1)
+        if table_rows.shape[0] != N:
+            raise ValueError(f"kda: argument 'table_rows': expected {N} entries, got {tuple(table_rows.shape)}")
+    if (table_rows is None and block_tables.shape[0] != N) or seq_lens.shape[0] != N:
         raise ValueError(f"kda: argument 'block_tables': expected {N} rows (and seq_lens {N} entries), got "
                          f"{tuple(block_tables.shape)} and {tuple(seq_lens.shape)}")
-    tile = plan_constants(H)[1]
-    if not 1 <= num_splits <= MAX_SPLITS or keys_per_split < tile or keys_per_split % tile:
-        raise ValueError(f"kda: argument 'keys_per_split': must be a positive multiple of {tile} in at most "
-                         f"{MAX_SPLITS} splits, got {keys_per_split} ({num_splits} splits)")
+    if not 1 <= num_splits <= MAX_SPLITS:
+        raise ValueError(f"kda: argument 'num_splits': must lie in [1, {MAX_SPLITS}], got {num_splits}")
     cuda_tensor("out", out, _BF16, dev)
     if tuple(out.shape) != (N, H, VALUE_DIM):
         raise ValueError(f"kda: argument 'out': expected shape {(N, H, VALUE_DIM)}, got {tuple(out.shape)}")
@@ -102,8 +110,9 @@ def mla_decode(q, kv_cache, block_tables, seq_lens, scale: float, num_splits: in
     workspace = (part_o.data_ptr(), part_ml.data_ptr()) if num_splits > 1 else (None, None)
     code = library().kda_serving_mla_decode(
         q.data_ptr(), kv_cache.data_ptr(), blocks * block_size, block_tables.data_ptr(), table_stride,
-        block_tables.shape[1], seq_lens.data_ptr(), block_size, N, H, num_splits,
-        keys_per_split, float(scale), *workspace, out.data_ptr(), stream_handle(dev),
+        block_tables.shape[1], block_tables.shape[0], None if table_rows is None else table_rows.data_ptr(),
+        seq_lens.data_ptr(), block_size, N, H, num_splits, float(scale), *workspace, out.data_ptr(),
+        stream_handle(dev),
     )
     check_launch(code, "MLA decode")
 

@@ -32,7 +32,7 @@ def check(out, ref, what, rel_tol=6e-3):
     return err
 
 
-def run_op(q, cache, tables, seq_lens, max_seq_len, splits=None, keys_per_split=None):
+def run_op(q, cache, tables, seq_lens, max_seq_len, splits=None, table_rows=None):
     """The custom op with a NaN-poisoned output (and workspace); splits forced when given."""
     from kda_serving.ops.mla_decode import _sm_count, plan_splits
 
@@ -40,13 +40,11 @@ def run_op(q, cache, tables, seq_lens, max_seq_len, splits=None, keys_per_split=
     if splits is None:
         from kda_serving.ops import cuda_mla
 
-        splits, keys_per_split = plan_splits(N, max_seq_len, _sm_count(q.device.index or 0),
-                                             cuda_mla.plan_constants(H)[0])
+        splits = plan_splits(N, max_seq_len, _sm_count(q.device.index or 0), cuda_mla.plan_constants(H)[0])
     out = torch.full((N, H, V), float("nan"), dtype=torch.bfloat16, device=q.device)
     part_o = torch.full((N, splits, H, V), float("nan"), device=q.device)
     part_ml = torch.full((N, splits, H, 2), float("nan"), device=q.device)
-    torch.ops.kda_serving.mla_decode_(q, cache, tables, seq_lens, SCALE, splits, keys_per_split, part_o, part_ml,
-                                      out)
+    torch.ops.kda_serving.mla_decode_(q, cache, tables, table_rows, seq_lens, SCALE, splits, part_o, part_ml, out)
     return out
 
 
@@ -88,12 +86,36 @@ def test_extreme_scores_stay_exact():
 
 @pytest.mark.parametrize("splits", [1, 2, 3, 7, 12, 40, 1024])  # merge groups 1, 2, 4; the most splits
 def test_every_split_count_gives_the_same_result(splits):
+    """Each query's keys in `splits` shares of whole tiles: 900 keys = 15 tiles (40 splits leave 25 CTAs
+    without keys), 64 keys = 1 tile, 5 keys = part of one."""
     lens = [900, 5, 64]
     q, cache, tables, seq_lens = make_case(lens, H=32, L=L, block_size=16, seed=11, dtype=torch.bfloat16,
                                            device="cuda")
-    per_split = -(-15 // splits) * 64  # 900 keys = 15 tiles of 64; 40 splits leave 25 of them empty
-    out = run_op(q, cache, tables, seq_lens, 900, splits=splits, keys_per_split=per_split)
-    check(out, reference(q, cache, tables, seq_lens, SCALE, V), f"{splits} splits of {per_split}")
+    out = run_op(q, cache, tables, seq_lens, 900, splits=splits)
+    check(out, reference(q, cache, tables, seq_lens, SCALE, V), f"{splits} splits")
+
+
+@pytest.mark.parametrize("splits", [1, 5])
+def test_table_rows_share_a_row_and_bad_rows_read_zeros(splits):
+    """Queries naming block-table rows (a verifying sequence's tokens: one row, their own key counts) against
+    each query with its own copy of the row; a row index outside the table (value checks skipped) must read
+    no cache row: an all-zero output for that query, never a fault."""
+    from kda_serving.ops import indices_checked_by_caller
+
+    q, cache, tables, _ = make_case([1000, 300], H=32, L=L, block_size=16, seed=21, dtype=torch.bfloat16,
+                                    device="cuda")
+    q = torch.cat([q, q.flip(0), q[:1]])
+    rows = torch.tensor([0, 0, 1, 0, 1], dtype=torch.int32, device="cuda")
+    lens = torch.tensor([998, 1000, 300, 999, 1], dtype=torch.int32, device="cuda")
+    out = run_op(q, cache, tables, lens, 1000, splits=splits, table_rows=rows)
+    check(out, reference(q, cache, tables[rows.long()], lens, SCALE, V), f"table rows, {splits} splits")
+    bad = torch.tensor([0, 2, -1, 1, 7], dtype=torch.int32, device="cuda")
+    lens = torch.tensor([998, 1000, 300, 300, 1], dtype=torch.int32, device="cuda")
+    with indices_checked_by_caller():
+        out = mla_decode(q, cache, tables, lens, scale=SCALE, max_seq_len=1000, value_dim=V, table_rows=bad)
+    torch.cuda.synchronize()
+    assert torch.all(out[[1, 2, 4]] == 0) and torch.isfinite(out).all()
+    check(out[[0, 3]], reference(q[[0, 3]], cache, tables[[0, 1]], lens[[0, 3]], SCALE, V), "valid rows")
 
 
 def test_block_table_slice_and_graph_replay():

@@ -231,3 +231,43 @@ def per_token_rel(ours: list[torch.Tensor], ref: list[torch.Tensor]) -> list[flo
     """Per-token relative error of each sequence's logits rows, flattened over the sequences."""
     return [((x.double() - y.double()).norm() / y.double().norm()).item()
             for o, r in zip(ours, ref) for x, y in zip(o, r.to(o.device))]
+
+
+def paged_kernel_model(seed: int = 0, device: str = "cuda"):
+    """A random bf16 KimiLinearModel whose MLA layer is of sizes our CUDA kernels take (16 heads, latent
+    512 + 64 for the paged decode kernel; heads of 192 and values of 128 for the flash kernel), small
+    elsewhere: a KDA layer of 2 heads of 128, then the MLA layer, dense MLPs (the MoE's discontinuous expert
+    choice would turn rounding into O(1) logit changes). Weights ~ N(0, 1/fan_in), norms 1, KDA decay rates
+    and time steps as bench_engine.py draws them."""
+    from kda_serving.model import KimiLinearModel, ModelConfig
+
+    cfg = ModelConfig.from_dict({
+        "model_type": "kimi_linear", "vocab_size": 256, "hidden_size": 256, "intermediate_size": 256,
+        "moe_intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 16, "num_key_value_heads": 16,
+        "kv_lora_rank": 512, "q_lora_rank": None, "qk_rope_head_dim": 64, "qk_nope_head_dim": 128,
+        "v_head_dim": 128, "num_experts": 0, "num_experts_per_token": 1, "num_shared_experts": 0,
+        "first_k_dense_replace": 2, "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "hidden_act": "silu",
+        "model_max_length": 8192, "eos_token_id": 1, "mla_use_nope": True, "head_dim": 48,
+        "linear_attn_config": {"kda_layers": [1], "full_attn_layers": [2], "num_heads": 2, "head_dim": 128,
+                               "short_conv_kernel_size": 4},
+    })
+    gen = torch.Generator(device=device).manual_seed(seed)
+    model = KimiLinearModel(cfg, dtype=torch.bfloat16, device=device)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if "norm" in leaf:
+                p.fill_(1.0)
+            elif leaf == "A_log":  # decay rates exp(A_log) in [1, 16]
+                p.copy_((1 + 15 * torch.rand(p.shape, generator=gen, device=device)).log())
+            elif leaf == "dt_bias":  # inverse softplus of dt, log-uniform in [1e-3, 1e-1]
+                u = torch.rand(p.shape, generator=gen, device=device)
+                dt = torch.exp(math.log(1e-3) + (math.log(1e-1) - math.log(1e-3)) * u)
+                p.copy_(dt + torch.log(-torch.expm1(-dt)))
+            elif leaf == "conv_weight":
+                p.uniform_(-0.5, 0.5, generator=gen)
+            elif p.dim() == 1:
+                p.normal_(0.0, 0.1, generator=gen)
+            else:
+                p.normal_(0.0, p.shape[-1] ** -0.5, generator=gen)
+    return model.eval()

@@ -81,3 +81,52 @@ def test_graph_decode_steps_match_eager_steps():
             assert torch.equal(a[free_slots], b[free_slots])
     for a, b in zip(graphed.kv, before.kv):
         assert torch.equal(a[free_blocks], b[free_blocks])
+
+
+@pytest.mark.gpu
+def test_one_graph_serves_every_key_length_on_the_paged_kernel():
+    """MLA on the paged kernel (16 heads, latent 512 + 64): the graphs are captured once per batch bucket at the
+    model's length (any_length) and serve sequences of 37 to 1,500 keys, with the block-table columns past each
+    step's width holding what earlier steps left there (here: random block ids, never read). Logits and states
+    against the same steps run eagerly (which plan their splits from the step's own longest sequence)."""
+    from kimi_testing import paged_kernel_model
+
+    model = paged_kernel_model(seed=3)
+    assert model.decode_capturable and model.decode_any_length
+    num_blocks, vocab = 260, model.config.vocab_size
+    eager = model.allocate_caches(8, num_blocks + 1, BLOCK)
+    gen = torch.Generator().manual_seed(1)
+    perm = torch.randperm(num_blocks, generator=gen).tolist()
+    seqs, used = [], 0
+    for n, slot in ((37, 2), (600, 5), (1100, 0), (1500, 7)):
+        blocks = perm[used : used + -(-(n + 4) // BLOCK)]
+        used += len(blocks)
+        seqs.append(Sequence(torch.randint(3, vocab, (n + 4,), generator=gen).tolist(), slot=slot, blocks=blocks))
+    for s in seqs:  # one prefill each (the 1,500-token one alone is within the default chunk of the tests)
+        model.forward(make_batch([(s, len(s.tokens) - 4)], BLOCK).to("cuda"), eager)
+        s.done = len(s.tokens) - 4
+    graphed = _clone(eager)
+    before = _clone(eager)
+    graphs = DecodeGraphs(model, graphed, max_num_seqs=8, block_size=BLOCK, max_model_len=num_blocks * BLOCK,
+                          scratch_slot=num_blocks * BLOCK, any_length=True)
+    graphs.block_tables.random_(0, num_blocks)  # stale columns: blocks other sequences hold
+    for step, live in enumerate(([0, 1, 2], [3, 0], [2, 1, 3, 0])):
+        chunk = [(seqs[i], 1) for i in live]
+        batch = make_batch(chunk, BLOCK)
+        ref = model.forward(batch.to("cuda"), eager)
+        out = graphs.run(batch)
+        torch.cuda.synchronize()
+        err = _rel(out, ref)
+        print(f"step {step} (sequences of {[seqs[i].done + 1 for i in live]} keys): logits rel {err:.2e}")
+        assert torch.isfinite(out).all() and err <= 1e-2
+        for s, _ in chunk:
+            s.done += 1
+    assert set(graphs.graphs) == {(4, 1, graphs.kv_limit), (2, 1, graphs.kv_limit)}
+    slots = [s.slot for s in seqs]
+    for ours, ref in zip(graphed.recurrent + graphed.conv, eager.recurrent + eager.conv):
+        assert _rel(ours[slots], ref[slots]) <= 1e-2
+    owned = sorted(b for s in seqs for b in s.blocks)
+    free_blocks = [i for i in range(num_blocks) if i not in owned]
+    for a, b, c in zip(graphed.kv, eager.kv, before.kv):
+        assert _rel(a[owned], b[owned]) <= 1e-2
+        assert torch.equal(a[free_blocks], c[free_blocks])

@@ -85,16 +85,43 @@ def test_argument_checks_name_the_argument():
         mla_decode(q, cache, tables, seq_lens, **{**ok, "max_seq_len": 9})
 
 
-def test_split_plan_covers_every_key_in_whole_tiles():
+def test_split_plan_fills_one_wave_with_whole_tiles():
+    """The plan names CTAs per query; the kernel gives each an equal share of whole tiles of its own keys
+    (ceil(tiles / splits) each), so no split of the longest query may be left without keys."""
     for sms, ctas_per_sm in ((1, 1), (132, 1), (132, 2)):
         for n in (1, 3, 8, 64, 300):
             for length in (0, 1, 63, 64, 65, 1000, 16384, 100_000):
-                splits, per_split = plan_splits(n, length, sms, ctas_per_sm)
-                assert per_split % SPLIT_KEYS == 0 and per_split > 0 and splits >= 1
-                assert splits * per_split >= length and (splits - 1) * per_split < max(length, 1)
+                splits = plan_splits(n, length, sms, ctas_per_sm)
+                tiles = max(1, -(-length // SPLIT_KEYS))
+                assert 1 <= splits <= min(tiles, MAX_SPLITS)
+                per_split = -(-tiles // splits)
+                assert (splits - 1) * per_split < tiles  # the last split of the longest query holds a tile
                 assert n * splits <= max(n, ctas_per_sm * sms)  # one wave of resident CTAs at most
-    assert plan_splits(8, 16384, 132, 2) == (32, 512)
-    assert plan_splits(8, 16384, 132, 1) == (16, 1024)
-    assert plan_splits(300, 4096, 132, 2) == (1, 4096)
-    assert plan_splits(64, 4096, 132, 2) == (4, 1024)  # 256 CTAs: not 5 splits, 320 CTAs in 1.2 waves
-    assert plan_splits(1, 1 << 22, 4096) == (MAX_SPLITS, 4096)  # the merge kernel's bound, on any GPU
+    assert plan_splits(8, 16384, 132, 2) == 32
+    assert plan_splits(8, 16384, 132, 1) == 16
+    assert plan_splits(300, 4096, 132, 2) == 1
+    assert plan_splits(64, 4096, 132, 2) == 4  # 256 CTAs: not 5 splits, 320 CTAs in 1.2 waves
+    assert plan_splits(64, 640, 132, 2) == 4  # 10 tiles: 3, 3, 3, 1
+    assert plan_splits(64, 576, 132, 2) == 3  # 9 tiles: 3, 3, 3 (a fourth CTA would get none)
+    assert plan_splits(1, 1 << 22, 4096) == MAX_SPLITS  # the merge kernel's bound, on any GPU
+
+
+def test_table_rows_let_queries_share_a_block_table_row():
+    """Three queries over one sequence's row with their own key counts (a verifying sequence's tokens) and one
+    over another row: the same as each query with its own copy of the row."""
+    q, cache, tables, _ = make_case([9, 6], seed=4)
+    q = torch.cat([q, torch.randn(2, *q.shape[1:], generator=torch.Generator().manual_seed(5))])
+    rows = torch.tensor([0, 0, 0, 1], dtype=torch.int32)
+    lens = torch.tensor([7, 8, 9, 6], dtype=torch.int32)
+    out = mla_decode(q, cache, tables, lens, scale=0.3, max_seq_len=9, value_dim=32, table_rows=rows)
+    ref = reference(q, cache, tables[rows.long()], lens, 0.3, 32)
+    assert torch.allclose(out.double(), ref, atol=1e-5, rtol=1e-5)
+    ok = dict(scale=0.3, max_seq_len=9, value_dim=32)
+    with pytest.raises(ValueError, match="'table_rows'"):
+        mla_decode(q, cache, tables, lens, table_rows=rows.long(), **ok)
+    with pytest.raises(ValueError, match="'table_rows'"):
+        mla_decode(q, cache, tables, lens, table_rows=rows[:3], **ok)
+    with pytest.raises(ValueError, match="'table_rows'"):
+        mla_decode(q, cache, tables, lens, table_rows=torch.tensor([0, 0, 2, 1], dtype=torch.int32), **ok)
+    with pytest.raises(ValueError, match="'block_tables'"):
+        mla_decode(q, cache, tables, lens, **ok)  # 4 queries, 2 rows, no table_rows
