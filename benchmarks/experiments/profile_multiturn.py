@@ -129,6 +129,13 @@ def main(argv=None) -> int:
             gpu_ms = sum(e.self_device_time_total for e in kernels) / 1e3
             print(f"profiled turn, prompt {len(conv)}: ttft {ttft:.1f} ms under the profiler; GPU busy {gpu_ms:.2f} ms;"
                   f" steps " + "; ".join(f"{ms:.1f} ms ({n} prompt tok: {ph})" for ms, n, ph in steps))
+            syncs = {e.key: e.count for e in events if any(k in e.key for k in (
+                "Synchronize", "_local_scalar_dense", "cudaMemcpy", "cudaMalloc", "cudaHostAlloc", "nonzero"))}
+            print(f"host waits and allocations: {syncs}")
+            launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cudaLaunchKernelExC",
+                                                                 "cuLaunchKernel", "cuLaunchKernelEx"))
+            print(f"kernel launches: {launches}")
+            print(events.table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=70))
             print(events.table(sort_by="cpu_time_total", row_limit=40, max_name_column_width=70))
             print(events.table(sort_by="self_device_time_total", row_limit=20, max_name_column_width=70))
         del engine

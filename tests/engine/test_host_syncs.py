@@ -16,9 +16,16 @@ from kda_serving.engine import EngineConfig, LLMEngine, SamplingParams
 
 
 @pytest.mark.gpu
-def test_eager_steps_run_the_model_without_a_host_sync(monkeypatch):
+@pytest.mark.parametrize("model", ["default", "paged-kernels"])
+def test_eager_steps_run_the_model_without_a_host_sync(monkeypatch, model):
+    """model: the embedded default (MLA on torch ops), or one whose MLA layer runs on our CUDA kernels (the
+    flash kernel for prompt tokens, the paged kernel for cached context and decodes)."""
+    from model.kimi_testing import paged_kernel_model  # tests/model/kimi_testing.py
+
+    weights = paged_kernel_model(seed=1) if model == "paged-kernels" else None
     engine = LLMEngine(EngineConfig(device="cuda", max_num_seqs=8, num_state_slots=48, num_kv_blocks=256,
-                                    block_size=16, prefix_cache_interval=64, enable_prefix_caching=True))
+                                    block_size=16, prefix_cache_interval=64, enable_prefix_caching=True),
+                       model=weights)
     runner = engine.runner
     execute = runner.execute
     eager_steps = []
