@@ -19,7 +19,7 @@ from .caches import ModelCaches
 from .config import DENSE, KDA, ModelConfig
 from .kda_block import KDABlock
 from .mla_block import MLABlock
-from .moe import DenseMLP, MoE, route_experts
+from .moe import DenseMLP, MoE, combine_experts, route_experts, silu_mul
 from .norm import add_rms_norm, rms_norm
 
 log = logging.getLogger(__name__)
@@ -86,11 +86,11 @@ class KimiLinearModel(nn.Module):
 
     def compile_plain_ops(self, enable: bool = True) -> bool:
         """Compiles (torch.compile, Inductor) the model's plain torch pieces between its custom ops and GEMMs:
-        the RMS norms, each residual add with the norm after it, and the MoE router, each one function shared
-        by every layer and compiled once for every token count (dynamic shapes). Their dozens of small
-        elementwise, reduction and top-k kernels per step become a few fused ones: on an H200 a CUDA-graph
-        decode step of 4 Kimi-Linear-48B-shaped layers went 1.05 -> 0.92 ms at 1 request and 2.63 -> 2.42 ms
-        at 64 (benchmarks/experiments/compile_decode.py). The rest stays eager: the custom ops and GEMMs gain
+        the RMS norms, each residual add with the norm after it, the MoE router, the SwiGLU activation and the
+        experts' weighted sum, each one function shared by every layer and compiled once for every token count
+        (dynamic shapes). Their dozens of small elementwise, reduction and top-k kernels per step become a few
+        fused ones: on an H200 a CUDA-graph decode step of 4 Kimi-Linear-48B-shaped layers went 1.05 -> 0.92 ms
+        at 1 request and 2.63 -> 2.42 ms at 64 (benchmarks/experiments/compile_decode.py, the first three). The rest stays eager: the custom ops and GEMMs gain
         nothing from it, and compiling the whole forward specialises on the key lengths of every step.
         enable=False puts the eager functions back.
 
@@ -106,11 +106,15 @@ class KimiLinearModel(nn.Module):
                 enable = False
         pick = _compiled if enable else (lambda fn: fn)
         norm, add_norm, route = pick(rms_norm), pick(add_rms_norm), pick(route_experts)
+        act, combine = pick(silu_mul), pick(combine_experts)
         self.norm_fn = norm
         for layer in self.layers:
             layer.norm_fn, layer.add_norm_fn = norm, add_norm
+            mlps = [layer.mlp] + ([layer.mlp.shared_experts] if isinstance(layer.mlp, MoE) else [])
+            for mlp in filter(None, mlps):
+                mlp.act_fn = act
             if isinstance(layer.mlp, MoE):
-                layer.mlp.route_fn = route
+                layer.mlp.route_fn, layer.mlp.combine_fn = route, combine
         return enable
 
     @torch.inference_mode()  # as forward runs: the compiled code is guarded on it
@@ -121,9 +125,14 @@ class KimiLinearModel(nn.Module):
             h = torch.ones(tokens, self.norm.shape[0], dtype=self.dtype, device=self.device)
             _compiled(rms_norm)(h, self.norm, eps)
             _compiled(add_rms_norm)(h, h, self.norm, eps)
+            _compiled(silu_mul)(torch.ones(tokens, 2 * self.config.intermediate_size, dtype=self.dtype,
+                                           device=self.device))
             if moe is not None:
                 _compiled(route_experts)(h, moe.router, moe.e_score_correction_bias, moe.top_k, moe.num_groups,
                                          moe.topk_group, moe.renormalize, moe.scaling)
+                pairs = torch.arange(tokens * moe.top_k, device=self.device)
+                _compiled(combine_experts)(h.repeat_interleave(moe.top_k, 0), pairs,
+                                           torch.ones(tokens, moe.top_k, device=self.device))
 
     @property
     def decode_capturable(self) -> bool:

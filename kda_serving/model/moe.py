@@ -23,8 +23,29 @@ def _param(*shape: int, dtype: torch.dtype, device) -> nn.Parameter:
 
 def swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     """down(silu(gate x) * up x) with gate_up [2I, hidden] = [gate; up] and down [hidden, I]."""
-    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
-    return F.linear(F.silu(gate) * up, down)
+    return F.linear(silu_mul(F.linear(x, gate_up)), down)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """[..., 2I] = [gate, up] -> silu(gate) * up [..., I]."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def combine_experts(y: torch.Tensor, inverse: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The experts' outputs y [T * k, hidden] (pairs sorted by expert; pair (t, j) at row inverse[t * k + j])
+    -> sum_j weights[t, j] * y[pair (t, j)] per token [T, hidden], in fp32, summed in a fixed order (no
+    atomics: deterministic), rounded once. Compiled (KimiLinearModel.compile_plain_ops), the gather, the
+    weighting and the sum are one kernel that reads y once; eager, three passes over fp32 copies of it."""
+    pairs = y.index_select(0, inverse).view(*weights.shape, -1)
+    return (pairs.float() * weights[..., None]).sum(1).to(y.dtype)
+
+
+# Below this many tokens a step runs the eager activation and expert sum even on a compiled model: a compiled
+# call costs more host time than its fused kernels save there (one Kimi-Linear-48B MoE layer on an H200,
+# compiled vs eager, benchmarks/experiments/moe_combine.py, logs/session17/h200-moe-combine.log: 0.93 vs 0.63
+# ms at 64 tokens, 0.96 vs 0.80 at 512, 1.05 vs 1.18 at 1,024, 1.48 vs 1.72 at 2,049, 3.45 vs 4.27 at 8,192).
+FUSED_MIN_TOKENS = 1024
 
 
 def _grouped_gemm_fits(x: torch.Tensor, gate_up: torch.Tensor) -> bool:
@@ -41,8 +62,12 @@ class DenseMLP(nn.Module):
         self.gate_up_proj = _param(2 * intermediate, hidden, dtype=dtype, device=device)  # [gate; up]
         self.down_proj = _param(hidden, intermediate, dtype=dtype, device=device)
 
+    # silu_mul, or its compiled version on a compiled model (KimiLinearModel.compile_plain_ops)
+    act_fn = staticmethod(silu_mul)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return swiglu(x, self.gate_up_proj, self.down_proj)
+        act = self.act_fn if x.shape[0] >= FUSED_MIN_TOKENS else silu_mul
+        return F.linear(act(F.linear(x, self.gate_up_proj)), self.down_proj)
 
 
 def route_experts(x: torch.Tensor, router: torch.Tensor, bias: torch.Tensor, top_k: int, num_groups: int,
@@ -83,8 +108,11 @@ class MoE(nn.Module):
         """Whether forward runs without a host sync (the grouped GEMMs), so a CUDA graph can capture it."""
         return _grouped_gemm_fits(self.router, self.gate_up_proj)
 
-    # route_experts, or its compiled version on a compiled model (KimiLinearModel.compile_plain_ops)
+    # route_experts, silu_mul and combine_experts, or their compiled versions on a compiled model
+    # (KimiLinearModel.compile_plain_ops)
     route_fn = staticmethod(route_experts)
+    act_fn = staticmethod(silu_mul)
+    combine_fn = staticmethod(combine_experts)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, hidden] -> (expert ids [T, top_k] int64, weights [T, top_k] fp32)."""
@@ -107,16 +135,18 @@ class MoE(nn.Module):
         counts, which made a 64-sequence decode step of the 4-layer Kimi-Linear-48B-shaped model host-bound
         (docs/engine.md). The CPU keeps the loop: there a launch costs nothing and it is the path the
         transformers comparisons pin down."""
+        fused = x.shape[0] >= FUSED_MIN_TOKENS
+        act, combine = (self.act_fn, self.combine_fn) if fused else (silu_mul, combine_experts)
         flat_ids = ids.reshape(-1)
         order = flat_ids.argsort(stable=True)
         token = order // self.top_k  # which token each sorted pair belongs to
-        rows = x[token]
+        rows = x.index_select(0, token)
         if _grouped_gemm_fits(x, self.gate_up_proj):
             # End of each expert's rows in the sorted pairs, computed on the device: no host sync.
             experts = torch.arange(1, self.num_experts + 1, device=x.device)
             ends = torch.searchsorted(flat_ids[order], experts, right=False).to(torch.int32)
-            gate, up = torch._grouped_mm(rows, self.gate_up_proj.transpose(1, 2), offs=ends).chunk(2, dim=-1)
-            y = torch._grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offs=ends)
+            h = act(torch._grouped_mm(rows, self.gate_up_proj.transpose(1, 2), offs=ends))
+            y = torch._grouped_mm(h, self.down_proj.transpose(1, 2), offs=ends)
         else:
             counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()
             y = torch.empty_like(rows)
@@ -125,8 +155,6 @@ class MoE(nn.Module):
                 if n:
                     y[start : start + n] = swiglu(rows[start : start + n], self.gate_up_proj[e], self.down_proj[e])
                     start += n
-        # back to (token, k) order, then a plain sum over each token's k experts (no atomics, deterministic)
-        pairs = torch.empty_like(y)
-        pairs[order] = y
-        pairs = pairs.float().view(*ids.shape, -1) * weights[..., None]
-        return pairs.sum(1).to(x.dtype)
+        # where each (token, k) pair landed in the sorted order
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+        return combine(y, inverse, weights)

@@ -1,12 +1,14 @@
 """The model with its plain torch pieces compiled (KimiLinearModel.compile_plain_ops: the RMS norms, residual add +
-norm, and the MoE router through torch.compile / Inductor) against the same model eager.
+norm, the MoE router, the SwiGLU activation and the experts' weighted sum through torch.compile / Inductor)
+against the same model eager.
 
 A dense random model (no MoE, whose expert choice is discontinuous: a near-tie flips with any rounding) runs
 a packed prefill of two prompts and decode steps both ways. On the CPU (fp32) the compiled kernels only
 reorder float operations, so the logits agree to ~1e-6; a fused piece that dropped a term, used the wrong
 weight or skipped the residual would be off by O(1). The router is checked on its own, on random inputs whose
-top-k has no ties: the same experts, the same weights. On the GPU (bf16) both runs are measured against the
-fp32 CPU truth, as in test_state_dtype.py.
+top-k has no ties: the same experts, the same weights; so is the experts' weighted sum, against float64. On the
+GPU (bf16) both runs are measured against the fp32 CPU truth, as in test_state_dtype.py. The compiled
+activation is forced at every token count (the model uses it from moe.FUSED_MIN_TOKENS).
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ from kimi_testing import run_two_prompts as _run
 from kimi_testing import save_dense_checkpoint
 
 from kda_serving.model import load_model
+from kda_serving.model import moe
 from kda_serving.model.kimi_linear import _compiled
-from kda_serving.model.moe import route_experts
+from kda_serving.model.moe import combine_experts, route_experts, silu_mul
 from kda_serving.model.norm import add_rms_norm, rms_norm
 
 @pytest.fixture(scope="module")
@@ -48,18 +51,40 @@ def _check_router(device, dtype) -> None:
                                    rtol=1e-4, atol=1e-5)
 
 
-def test_compiled_pieces_match_eager_cpu(dense_checkpoint):
+def _check_combine(device, dtype, tol) -> None:
+    """combine_experts on 37 tokens x 6 experts: each token's pairs at shuffled rows of y, compiled and eager,
+    against the float64 sum written out; tol is the output dtype's rounding."""
+    gen = torch.Generator().manual_seed(4)
+    T, k, H = 37, 6, 48
+    y = torch.randn(T * k, H, generator=gen).to(device, dtype)
+    inverse = torch.randperm(T * k, generator=gen).to(device)
+    weights = torch.rand(T, k, generator=gen).to(device)
+    ref = torch.zeros(T, H, dtype=torch.float64)
+    for t in range(T):
+        for j in range(k):
+            ref[t] += weights[t, j].double().cpu() * y[inverse[t * k + j]].double().cpu()
+    for fn in (combine_experts, _compiled(combine_experts)):
+        out = fn(y, inverse, weights)
+        assert out.dtype == dtype and out.shape == (T, H)
+        torch.testing.assert_close(out.double().cpu(), ref, rtol=tol, atol=tol)
+
+
+def test_compiled_pieces_match_eager_cpu(dense_checkpoint, monkeypatch):
+    monkeypatch.setattr(moe, "FUSED_MIN_TOKENS", 0)  # the compiled activation at every token count
     model = load_model(dense_checkpoint, device="cpu", progress=False)
     eager = _run(model)
     model.compile_plain_ops()
     assert model.layers[0].norm_fn is _compiled(rms_norm) and model.layers[0].add_norm_fn is _compiled(add_rms_norm)
+    assert model.layers[0].mlp.act_fn is _compiled(silu_mul)
     compiled = _run(model)
     model.compile_plain_ops(False)
     assert model.norm_fn is rms_norm and model.layers[0].add_norm_fn is add_rms_norm
     errs = _rel(compiled, eager)
     print(f"cpu: worst per-token logits rel {max(errs):.2e}")
     assert all(torch.isfinite(c).all() for c in compiled) and max(errs) <= 1e-5
+    assert model.layers[0].mlp.act_fn is silu_mul  # compile_plain_ops(False) put the eager ones back
     _check_router("cpu", torch.float32)
+    _check_combine("cpu", torch.float32, 1e-5)
 
 
 def test_add_rms_norm_is_the_add_then_the_norm():
@@ -70,12 +95,13 @@ def test_add_rms_norm_is_the_add_then_the_norm():
 
 
 @pytest.mark.gpu
-def test_compiled_pieces_track_the_fp32_truth_cuda(dense_checkpoint):
+def test_compiled_pieces_track_the_fp32_truth_cuda(dense_checkpoint, monkeypatch):
     """bf16 on the GPU: the compiled run's median per-token error against the fp32 CPU truth may be at most
     1.25x the eager run's plus 2e-3 (a fused kernel keeps an intermediate in fp32 where eager rounds it to
     bf16), its worst token 1.5x plus 5e-3: single-token maxima move by a third with any change of rounding
     order (H200: eager 8.4e-2, compiled 1.09e-1, while the median went 2.71e-2 -> 2.66e-2). A broken fused
     piece is off by O(1) in every token."""
+    monkeypatch.setattr(moe, "FUSED_MIN_TOKENS", 0)  # the compiled activation at every token count
     truth = _run(load_model(dense_checkpoint, device="cpu", progress=False))
     model = load_model(dense_checkpoint, device="cuda", progress=False)
     eager = _run(model)
@@ -88,6 +114,7 @@ def test_compiled_pieces_track_the_fp32_truth_cuda(dense_checkpoint):
           f"compiled {e_comp:.2e} ({w_comp:.2e})")
     assert e_comp <= 1.25 * e_eager + 2e-3 and w_comp <= 1.5 * w_eager + 5e-3
     _check_router("cuda", torch.bfloat16)
+    _check_combine("cuda", torch.bfloat16, 1e-2)
 
 
 def test_a_failing_compile_leaves_the_eager_functions(dense_checkpoint, monkeypatch, caplog):
