@@ -123,17 +123,18 @@ class LLMEngine:
             raise TypeError(f"add_request: 'request_id' must be a str, got {type(request_id).__name__}")
         if request_id in self._seqs:
             raise ValueError(f"add_request: 'request_id' {request_id!r} is already in use")
+        # Checked with C-level passes (the element types as a set, min and max): a turn of a long conversation
+        # resends its whole history, and a per-token Python loop cost 30 ms at 64K tokens.
         if not isinstance(prompt_token_ids, (list, tuple)) or not all(
-            isinstance(t, int) and not isinstance(t, bool) for t in prompt_token_ids
+            issubclass(kind, int) and not issubclass(kind, bool) for kind in set(map(type, prompt_token_ids))
         ):
             raise TypeError("add_request: 'prompt_token_ids' must be a list of ints")
         if not prompt_token_ids:
             raise ValueError("add_request: 'prompt_token_ids' must not be empty")
-        bad = [t for t in prompt_token_ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise ValueError(
-                f"add_request: 'prompt_token_ids' holds {bad[0]}, outside the vocabulary [0, {self.vocab_size})"
-            )
+        low, high = min(prompt_token_ids), max(prompt_token_ids)
+        if low < 0 or high >= self.vocab_size:
+            raise ValueError(f"add_request: 'prompt_token_ids' holds {low if low < 0 else high}, outside the "
+                             f"vocabulary [0, {self.vocab_size})")
         bad = [t for t, _ in params.logit_bias if t >= self.vocab_size]
         if bad:
             raise ValueError(

@@ -43,6 +43,8 @@ def test_max_model_len_ends_generation_and_rejects_long_prompts(tiny_model):
     ([3, 500], ValueError, "outside the vocabulary"),
     ([3, -1], ValueError, "outside the vocabulary"),
     ([3, "a"], TypeError, "list of ints"),
+    ([3, True], TypeError, "list of ints"),
+    ([3, 4.0], TypeError, "list of ints"),
     ("abc", TypeError, "list of ints"),
 ])
 def test_add_request_rejects_bad_prompts(llm, prompt, error, match):
