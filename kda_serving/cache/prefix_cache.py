@@ -22,6 +22,7 @@ Plain Python on purpose: the engine tests it without torch.
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import itertools
 from dataclasses import dataclass
@@ -39,7 +40,7 @@ def chain_hash(parent_hash: int, tokens: tuple[int, ...]) -> int:
 
 class CacheNode:
     __slots__ = ("parent", "tokens", "start", "hash", "blocks", "slot", "children", "tails", "is_tail", "pins",
-                 "last_used", "removed")
+                 "last_used", "removed", "tail_lengths", "branches")
 
     def __init__(self, parent, tokens, start, hash_, blocks, is_tail):
         self.parent: CacheNode | None = parent
@@ -50,6 +51,10 @@ class CacheNode:
         self.slot: int | None = None
         self.children: dict[int, CacheNode] = {}  # aligned children by hash
         self.tails: dict[tuple[int, ...], CacheNode] = {}
+        # For lookups that cost no more with many entries below a node (the root holds every short prompt's):
+        # how many tails of each length, and the tokens of every child and tail, sorted.
+        self.tail_lengths: dict[int, int] = {}
+        self.branches: list[tuple[int, ...]] = []
         self.is_tail = is_tail
         self.pins = 0
         self.last_used = 0
@@ -132,21 +137,27 @@ class PrefixCache:
         for node in path:
             if node.slot is not None and node.end <= max_len and (best is None or node.end > best.end):
                 best = node
-            if not node.tails or node.end >= len(tokens):
-                continue
-            first = tokens[node.end]
-            for tail in node.tails.values():
-                # cheap first/last-token tests before the full comparison: a popular node has many tails
-                if tail.tokens[0] != first or tail.end > max_len or (best is not None and tail.end <= best.end):
+            # the longest tail that the tokens continue with: one dict probe per tail length present, longest
+            # first (not a scan of the tails: the root holds one for every short prompt cached)
+            room = min(len(tokens), max_len) - node.end
+            for length in sorted(node.tail_lengths, reverse=True):
+                if length > room:
                     continue
-                if tokens[tail.end - 1] == tail.tokens[-1] and tuple(tokens[tail.start : tail.end]) == tail.tokens:
+                if best is not None and node.end + length <= best.end:
+                    break
+                tail = node.tails.get(tuple(tokens[node.end : node.end + length]))
+                if tail is not None:
                     best = tail
+                    break
         last = path[-1]
         match_len = last.end
-        rest = tokens[last.end : last.end + self.interval]
-        for other in itertools.chain(last.children.values(), last.tails.values()):
+        # how far the tokens follow any child or tail of the last node: the longest common prefix with a set of
+        # sorted sequences is with a neighbour of the tokens' place among them
+        rest = tuple(tokens[last.end : last.end + self.interval])
+        at = bisect.bisect_left(last.branches, rest)
+        for other in last.branches[max(at - 1, 0) : at + 1]:
             common = 0
-            for a, b in zip(rest, other.tokens):
+            for a, b in zip(rest, other):
                 if a != b:
                     break
                 common += 1
@@ -210,6 +221,7 @@ class PrefixCache:
                 child = CacheNode(node, chunk, start, h, blocks, is_tail=False)
                 self._index[h] = child
                 node.children[h] = child
+                bisect.insort(node.branches, chunk)
             elif child.parent is not node or child.tokens != chunk:
                 self._drop_useless(node)
                 return False
@@ -224,6 +236,8 @@ class PrefixCache:
                 self.block_mgr.incref(blocks)
                 target = CacheNode(node, tail_tokens, node.end, None, blocks, is_tail=True)
                 node.tails[tail_tokens] = target
+                node.tail_lengths[len(tail_tokens)] = node.tail_lengths.get(len(tail_tokens), 0) + 1
+                bisect.insort(node.branches, tail_tokens)
         self._touch(target)
         if target.slot is not None:
             self._drop_useless(node)
@@ -273,9 +287,14 @@ class PrefixCache:
             parent = node.parent
             if node.is_tail:
                 del parent.tails[node.tokens]
+                n = len(node.tokens)
+                parent.tail_lengths[n] -= 1
+                if not parent.tail_lengths[n]:
+                    del parent.tail_lengths[n]
             else:
                 del parent.children[node.hash]
                 del self._index[node.hash]
+            del parent.branches[bisect.bisect_left(parent.branches, node.tokens)]
             self.block_mgr.decref(node.blocks)
             node.removed = True
             node = parent

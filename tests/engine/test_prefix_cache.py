@@ -116,3 +116,57 @@ def test_bad_arguments():
         cache.insert([1, 2], 3, [0], 0)
     with pytest.raises(ValueError, match="not pinned"):
         cache.unpin(cache.root)
+
+
+def _path_tokens(node) -> tuple:
+    """The tokens from the root to the end of node."""
+    parts = []
+    while node is not None:
+        parts.append(node.tokens)
+        node = node.parent
+    return tuple(t for part in reversed(parts) for t in part)
+
+
+def _common(a, b) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def test_lookups_match_the_definitions_under_random_inserts_and_evictions():
+    """Prompts over 3 token values (so prefixes, tails and branches collide often) inserted at random lengths,
+    evicted at random, looked up at random: every hit is the longest cached entry that is a prefix of the
+    tokens within max_len, and match_len the longest common prefix of the tokens with any cached node's path
+    (what the branch-point saving reads). Written from the definitions over the whole tree, so the indexed
+    lookups (tails by length, branches sorted) must agree with a scan of every node."""
+    import random
+
+    rng = random.Random(0)
+    cache, pool, bm = make(slots=24, blocks=400, block_size=2, interval=4)
+    for step in range(600):
+        tokens = [rng.randrange(3) for _ in range(rng.randrange(1, 14))]
+        if rng.random() < 0.5:
+            length = rng.randrange(1, len(tokens) + 1)
+            if not cache.make_room(1, -(-length // 2)):
+                continue
+            slot, table = request(pool, bm, length)
+            if not cache.insert(tokens, length, table, slot):
+                pool.free(slot)
+            bm.decref(table)
+            continue
+        if rng.random() < 0.1:
+            cache.evict_one()
+        max_len = rng.randrange(0, len(tokens) + 1)
+        nodes = list(cache._nodes())
+        entries = [len(p) for n in nodes if n.slot is not None
+                   for p in [_path_tokens(n)] if len(p) <= max_len and tuple(tokens[: len(p)]) == p]
+        match = max([0] + [_common(tokens, _path_tokens(n)) for n in nodes])
+        hit = cache.lookup(tokens, max_len)
+        assert hit.length == max(entries, default=0), (step, tokens, max_len)
+        assert hit.match_len == match, (step, tokens)
+        if hit.node is not None:
+            assert _path_tokens(hit.node) == tuple(tokens[: hit.length]) and hit.slot == hit.node.slot
+    assert cache.num_entries > 5  # the run kept a populated tree
