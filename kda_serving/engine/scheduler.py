@@ -5,7 +5,8 @@ prefilled, in admission order), then waiting requests, first come first served, 
 budget, a sequence place, a free state slot and the KV blocks for the whole prompt (evicting prefix-cache
 entries when needed). A decode that needs a new KV block and finds none preempts the most recently admitted
 request, which frees its slot and blocks (to a prefix-cache entry it resumes from, while the entry lasts).
-Finished and aborted requests free their slot and blocks at once; a finished turn's slot and blocks become a prefix-cache entry instead.
+Finished and aborted requests free their slot and blocks at once; a finished turn's slot and blocks become a
+prefix-cache entry instead.
 
 With speculative decoding (a draft proposer given), the decodes then take draft tokens while the step has
 budget, state slots (beyond those admissions may need) and free KV blocks: a verifying decode feeds its
