@@ -3,11 +3,11 @@
 A turn of a chat resends the whole history: the engine checks the prompt, looks its prefix up in the cache,
 builds the step's block tables and saves the turn's states, all in Python, all growing with the history.
 This runs the embedded default model's engine on the CPU with its forward replaced by zeros (so only the
-host's work is timed), grows one conversation by 2,048 tokens a turn to 62K, and prints the first step's
+host's work is timed), grows one conversation by 2,048 tokens a turn (--turn-tokens) to 62K, and prints the first step's
 schedule / build_batch / update times every few turns, then a cProfile of one more turn (add_request
 included).
 
-    python benchmarks/experiments/turn_host_cost.py [--turns 30]
+    python benchmarks/experiments/turn_host_cost.py [--turns 30] [--turn-tokens 2048] [--max-len 65536]
 """
 
 from __future__ import annotations
@@ -23,17 +23,18 @@ import torch
 from kda_serving.engine import EngineConfig, LLMEngine, SamplingParams, llm_engine
 from kda_serving.model import load_model
 
-MAX_LEN = 1 << 16
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--turns", type=int, default=30)
+    ap.add_argument("--turn-tokens", type=int, default=2048)
+    ap.add_argument("--max-len", type=int, default=1 << 16)
     args = ap.parse_args()
+    max_len = args.max_len
     model = load_model(None, device="cpu", progress=False)
-    object.__setattr__(model.config, "max_model_len", MAX_LEN)  # the host's work does not depend on the weights
+    object.__setattr__(model.config, "max_model_len", max_len)  # the host's work does not depend on the weights
     engine = LLMEngine(EngineConfig(device="cpu", max_num_seqs=4, max_num_batched_tokens=4096, num_state_slots=64,
-                                    num_kv_blocks=MAX_LEN // 16 + 64, max_model_len=MAX_LEN), model=model)
+                                    num_kv_blocks=max_len // 16 + 64, max_model_len=max_len), model=model)
     times: dict[str, list[float]] = {}
 
     def timed(name, fn):
@@ -56,7 +57,7 @@ def main() -> None:
 
     def turn(request_id: str) -> None:
         nonlocal conv
-        conv = conv + torch.randint(3, vocab, (2048,), generator=gen).tolist()
+        conv = conv + torch.randint(3, vocab, (args.turn_tokens,), generator=gen).tolist()
         engine.add_request(request_id, conv, params)
         while engine.has_unfinished_requests():
             for out in engine.step():

@@ -291,9 +291,11 @@ class Scheduler:
         bs = self.blocks.block_size
         hit = None
         if self.cache is not None:
-            hit = self.cache.lookup(seq.token_ids, seq.num_tokens - 1)
-            awaited = self.cache.boundary_hashes(seq.token_ids, seq.num_tokens - 1)[hit.length // self.cache.interval :]
-            if any(h in self._pending_hashes for h in awaited):
+            if seq.cache_cursor is None:
+                seq.cache_cursor = self.cache.cursor(seq.token_ids, seq.num_prompt_tokens)
+            hit = self.cache.lookup(seq.token_ids, seq.num_tokens - 1, seq.cache_cursor)
+            awaited = self.cache.boundary_hashes(seq.token_ids, seq.num_tokens - 1, seq.cache_cursor)
+            if any(h in self._pending_hashes for h in awaited[hit.length // self.cache.interval :]):
                 return None
         length = hit.length if hit is not None else 0
         shared = hit.blocks[: length // bs] if length else []
@@ -362,7 +364,7 @@ class Scheduler:
             # The end of the prompt: a chat follow-up repeats this prompt verbatim, while the reply it carries
             # is re-tokenized and often differs from the generated ids, so the end-of-turn entry misses.
             points.add(total)
-        points -= self.cache.cached_lengths(seq.token_ids[:total])
+        points -= self.cache.cached_lengths(seq.token_ids, seq.cache_cursor, start, total)
         return points
 
     def _save_slot(self, seq: Sequence, length: int, out: SchedulerOutput, evict: bool = False) -> int | None:
@@ -377,7 +379,7 @@ class Scheduler:
                 return None
         boundary_hash = None
         if length % self.cache.interval == 0:
-            boundary_hash = self.cache.boundary_hashes(seq.token_ids, length)[-1]
+            boundary_hash = self.cache.boundary_hashes(seq.token_ids, length, seq.cache_cursor)[-1]
             if boundary_hash in self._pending_hashes:
                 return None
         slot = self.slots.allocate()
@@ -399,7 +401,8 @@ class Scheduler:
                 self._pending_hashes[save.boundary_hash] -= 1
                 if not self._pending_hashes[save.boundary_hash]:
                     del self._pending_hashes[save.boundary_hash]
-            if not self.cache.insert(save.seq.token_ids, save.length, save.seq.block_table, save.slot):
+            if not self.cache.insert(save.seq.token_ids, save.length, save.seq.block_table, save.slot,
+                                     save.seq.cache_cursor):
                 self.slots.free(save.slot)
 
     # ---- leaving ------------------------------------------------------------------------------------------
@@ -411,10 +414,12 @@ class Scheduler:
         if seq.state_slot is not None:
             kept = False
             if cache_it and self.cache is not None and seq.num_computed_tokens > 0:
-                kept = self.cache.insert(seq.token_ids, seq.num_computed_tokens, seq.block_table, seq.state_slot)
+                kept = self.cache.insert(seq.token_ids, seq.num_computed_tokens, seq.block_table, seq.state_slot,
+                                         seq.cache_cursor)
             if not kept:
                 self.slots.free(seq.state_slot)
             seq.state_slot = None
+        seq.cache_cursor = None
         self.blocks.decref(seq.block_table)
         seq.block_table = []
 

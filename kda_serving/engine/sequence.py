@@ -40,6 +40,7 @@ class Sequence:
         self.block_table: list[int] = []
         self.block_row_cache = None  # batch_builder.block_row's int32 copy: (the list, its length then, tensor)
         self.pinned = None  # the prefix-cache node whose state this request restores in its next step
+        self.cache_cursor = None  # its place in the prefix-cache tree while it runs (cache.PathCursor)
         self.branch_point: int | None = None  # where the prompt leaves a cached path (a save point)
         self.finish_reason: str | None = None
         self.generator: Any = None  # the per-request torch.Generator of a seeded request

@@ -138,25 +138,46 @@ def _common(a, b) -> int:
 
 def test_lookups_match_the_definitions_under_random_inserts_and_evictions():
     """Prompts over 3 token values (so prefixes, tails and branches collide often) inserted at random lengths,
-    evicted at random, looked up at random: every hit is the longest cached entry that is a prefix of the
-    tokens within max_len, and match_len the longest common prefix of the tokens with any cached node's path
-    (what the branch-point saving reads). Written from the definitions over the whole tree, so the indexed
-    lookups (tails by length, branches sorted) must agree with a scan of every node."""
+    evicted at random, looked up at random, some through cursors kept across operations (a running
+    request's): every hit is the longest cached entry that is a prefix of the tokens within max_len, match_len
+    the longest common prefix of the tokens with any cached node's path (what the branch-point saving reads),
+    and a cursor's cached boundaries those of the aligned nodes on its path. Written from the definitions over
+    the whole tree, so the indexed lookups (tails by length, branches sorted) and the walks resumed from a
+    cursor's node must agree with a scan of every node."""
     import random
 
     rng = random.Random(0)
     cache, pool, bm = make(slots=24, blocks=400, block_size=2, interval=4)
+    live = []  # requests that keep a cursor across operations, as the scheduler's running requests do
+    inserted = set()
     for step in range(600):
         tokens = [rng.randrange(3) for _ in range(rng.randrange(1, 14))]
+        cursor = None
+        if live and rng.random() < 0.5:
+            tokens, cursor = rng.choice(live)
+        elif rng.random() < 0.3:
+            cursor = cache.cursor(tokens, len(tokens))
+            live = (live + [(tokens, cursor)])[-4:]
         if rng.random() < 0.5:
             length = rng.randrange(1, len(tokens) + 1)
             if not cache.make_room(1, -(-length // 2)):
                 continue
             slot, table = request(pool, bm, length)
-            if not cache.insert(tokens, length, table, slot):
+            if cache.insert(tokens, length, table, slot, cursor):
+                inserted.add(tuple(tokens[:length]))
+            else:
                 pool.free(slot)
             bm.decref(table)
+            for n in cache._nodes():  # the tree's shape, and every entry one that was inserted
+                assert (0 < len(n.tokens) < 4) if n.is_tail else (len(n.tokens) == 4 and n.start % 4 == 0)
+                assert n.start == n.parent.end and (n.slot is None or _path_tokens(n) in inserted)
             continue
+        if cursor is not None:  # what the scheduler asks at each prompt chunk: the cached boundaries past start
+            start, end = rng.randrange(len(tokens) + 1), len(tokens)
+            expected = {n.end for n in cache._nodes() if n.slot is not None and not n.is_tail
+                        and start < n.end <= end and _path_tokens(n) == tuple(tokens[: n.end])}
+            assert cache.cached_lengths(tokens, cursor, start, end) == expected, (step, tokens, start)
+            assert cache.boundary_hashes(tokens, end, cursor) == cache.boundary_hashes(tokens, end)
         if rng.random() < 0.1:
             cache.evict_one()
         max_len = rng.randrange(0, len(tokens) + 1)
@@ -164,7 +185,7 @@ def test_lookups_match_the_definitions_under_random_inserts_and_evictions():
         entries = [len(p) for n in nodes if n.slot is not None
                    for p in [_path_tokens(n)] if len(p) <= max_len and tuple(tokens[: len(p)]) == p]
         match = max([0] + [_common(tokens, _path_tokens(n)) for n in nodes])
-        hit = cache.lookup(tokens, max_len)
+        hit = cache.lookup(tokens, max_len, cursor)
         assert hit.length == max(entries, default=0), (step, tokens, max_len)
         assert hit.match_len == match, (step, tokens)
         if hit.node is not None:
