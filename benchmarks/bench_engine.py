@@ -27,7 +27,6 @@ import argparse
 import dataclasses
 import gc
 import json
-import math
 import os
 import platform
 import statistics
@@ -63,6 +62,7 @@ KIMI48B = {  # the published config fields (see REFERENCE_CONFIG), cut to 4 laye
 def random_kimi48b_model(device: torch.device, seed: int = 0):
     """The 4-layer 48B-shaped model with random bf16 weights, initialised in place (no checkpoint on disk)."""
     from kda_serving.model import KimiLinearModel, ModelConfig
+    from kda_serving.model.random_init import fill_random_
 
     if os.path.exists(REFERENCE_CONFIG):  # stay faithful to the published file where it is at hand
         with open(REFERENCE_CONFIG) as f:
@@ -71,28 +71,9 @@ def random_kimi48b_model(device: torch.device, seed: int = 0):
             if key not in ("num_hidden_layers", "linear_attn_config") and key in published:
                 assert published[key] == value, f"KIMI48B[{key!r}] differs from the published config"
     cfg = ModelConfig.from_dict(KIMI48B)
-    gen = torch.Generator(device=device).manual_seed(seed)
     with torch.device(device):
         model = KimiLinearModel(cfg, dtype=torch.bfloat16, device=device)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            leaf = name.rsplit(".", 1)[-1]
-            if "norm" in leaf:
-                p.fill_(1.0)
-            elif leaf == "A_log":  # decay rates exp(A_log) in [1, 16]
-                p.copy_((1 + 15 * torch.rand(p.shape, generator=gen, device=device)).log())
-            elif leaf == "dt_bias":  # inverse softplus of dt, log-uniform in [1e-3, 1e-1]
-                u = torch.rand(p.shape, generator=gen, device=device)
-                dt = torch.exp(math.log(1e-3) + (math.log(1e-1) - math.log(1e-3)) * u)
-                p.copy_(dt + torch.log(-torch.expm1(-dt)))
-            elif leaf == "conv_weight":
-                p.uniform_(-0.5, 0.5, generator=gen)
-            elif leaf == "router":
-                p.normal_(0.0, 0.1, generator=gen)
-            elif leaf == "e_score_correction_bias":
-                p.normal_(0.0, 0.01, generator=gen)
-            else:
-                p.normal_(0.0, 0.02, generator=gen)
+    fill_random_(model, seed, weight_std=0.02)
     return model.eval()
 
 

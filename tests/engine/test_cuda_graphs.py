@@ -109,24 +109,15 @@ def test_engine_on_the_paged_kernel_captures_nothing_after_start_up():
     gen = torch.Generator().manual_seed(0)
     prompts = {str(i): torch.randint(3, 256, (n,), generator=gen).tolist() for i, n in enumerate((40, 700, 1290))}
     plain = LLMEngine(EngineConfig(**config), model=model)
-    expected = {}
-    for request_id, prompt in prompts.items():
-        plain.add_request(request_id, prompt, params)
-    while plain.has_unfinished_requests():
-        for output in plain.step():
-            expected.setdefault(output.request_id, []).extend(output.new_token_ids)
+    requests = [(request_id, prompt, params) for request_id, prompt in prompts.items()]
+    expected = {request_id: tokens for request_id, (tokens, _) in _greedy_run(plain, requests).items()}
     engine = LLMEngine(EngineConfig(num_speculative_tokens=2, **config), model=model)
     graphs = engine.runner.graphs
     captured = {(nb, w, graphs.kv_limit) for nb in (1, 2, 4) for w in (1, 2, 3)}
     assert graphs.any_length and set(graphs.graphs) == captured
     assert set(plain.runner.graphs.graphs) == {(nb, 1, graphs.kv_limit) for nb in (1, 2, 4)}
     OracleDrafter(engine, expected, p_wrong=0.3)
-    for request_id, prompt in prompts.items():
-        engine.add_request(request_id, prompt, params)
-    outputs = {}
-    while engine.has_unfinished_requests():
-        for output in engine.step():
-            outputs.setdefault(output.request_id, []).extend(output.new_token_ids)
+    outputs = {request_id: tokens for request_id, (tokens, _) in _greedy_run(engine, requests).items()}
     assert engine.stats().spec_accepted_tokens_total > 0
     assert set(graphs.graphs) == captured  # no capture after start-up
     assert sorted(outputs) == sorted(prompts) and all(len(o) == 24 for o in outputs.values())

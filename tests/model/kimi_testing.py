@@ -237,9 +237,9 @@ def paged_kernel_model(seed: int = 0, device: str = "cuda"):
     """A random bf16 KimiLinearModel whose MLA layer is of sizes our CUDA kernels take (16 heads, latent
     512 + 64 for the paged decode kernel; heads of 192 and values of 128 for the flash kernel), small
     elsewhere: a KDA layer of 2 heads of 128, then the MLA layer, dense MLPs (the MoE's discontinuous expert
-    choice would turn rounding into O(1) logit changes). Weights ~ N(0, 1/fan_in), norms 1, KDA decay rates
-    and time steps as bench_engine.py draws them."""
+    choice would turn rounding into O(1) logit changes). Weights from model/random_init.py, N(0, 1/fan_in)."""
     from kda_serving.model import KimiLinearModel, ModelConfig
+    from kda_serving.model.random_init import fill_random_
 
     cfg = ModelConfig.from_dict({
         "model_type": "kimi_linear", "vocab_size": 256, "hidden_size": 256, "intermediate_size": 256,
@@ -251,23 +251,4 @@ def paged_kernel_model(seed: int = 0, device: str = "cuda"):
         "linear_attn_config": {"kda_layers": [1], "full_attn_layers": [2], "num_heads": 2, "head_dim": 128,
                                "short_conv_kernel_size": 4},
     })
-    gen = torch.Generator(device=device).manual_seed(seed)
-    model = KimiLinearModel(cfg, dtype=torch.bfloat16, device=device)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            leaf = name.rsplit(".", 1)[-1]
-            if "norm" in leaf:
-                p.fill_(1.0)
-            elif leaf == "A_log":  # decay rates exp(A_log) in [1, 16]
-                p.copy_((1 + 15 * torch.rand(p.shape, generator=gen, device=device)).log())
-            elif leaf == "dt_bias":  # inverse softplus of dt, log-uniform in [1e-3, 1e-1]
-                u = torch.rand(p.shape, generator=gen, device=device)
-                dt = torch.exp(math.log(1e-3) + (math.log(1e-1) - math.log(1e-3)) * u)
-                p.copy_(dt + torch.log(-torch.expm1(-dt)))
-            elif leaf == "conv_weight":
-                p.uniform_(-0.5, 0.5, generator=gen)
-            elif p.dim() == 1:
-                p.normal_(0.0, 0.1, generator=gen)
-            else:
-                p.normal_(0.0, p.shape[-1] ** -0.5, generator=gen)
-    return model.eval()
+    return fill_random_(KimiLinearModel(cfg, dtype=torch.bfloat16, device=device), seed).eval()
