@@ -46,6 +46,35 @@ def test_top_k_and_top_p_cut_the_tail():
     assert draw(sampler(), logits, SamplingParams(top_p=0.01), 200)[0] == 1.0
 
 
+def _filtered_reference(logits, params):
+    """float64, row by row from the definitions: softmax(l / T) kept on the top_k largest and on the smallest
+    set of the largest whose mass (within the top-k) reaches top_p, renormalised."""
+    out = torch.zeros(logits.shape, dtype=torch.float64)
+    for r, p in enumerate(params):
+        probs = torch.softmax(logits[r].double() / p.temperature, dim=-1)
+        order = probs.argsort(descending=True)
+        k = p.top_k if 0 < p.top_k < logits.shape[1] else logits.shape[1]
+        kept = probs[order[:k]] / probs[order[:k]].sum()
+        n = k
+        if p.top_p < 1:
+            n = int((torch.cumsum(kept, 0) - kept < p.top_p).sum())
+        out[r, order[:n]] = probs[order[:n]] / probs[order[:n]].sum()
+    return out
+
+
+@pytest.mark.parametrize("rows", [
+    [dict(temperature=0.7)] * 3,  # nothing to cut: no sort
+    [dict(top_k=5), dict(top_k=40, temperature=1.5), dict(top_k=1)],  # a top-k on every row: top-k selection
+    [dict(top_k=5), dict(), dict(temperature=0.5)],  # top-k beside none: the sort
+    [dict(top_p=0.9), dict(top_k=8, top_p=0.5), dict()],  # a top-p: the sort
+])
+def test_filtered_distribution_matches_the_definition_on_every_path(rows):
+    logits = torch.randn(len(rows), 300, generator=torch.Generator().manual_seed(3)) * 3
+    params = [SamplingParams(**kw) for kw in rows]
+    probs = Sampler._filtered_probs(logits, params)
+    torch.testing.assert_close(probs.double(), _filtered_reference(logits, params), rtol=1e-5, atol=1e-7)
+
+
 def test_seeded_rows_do_not_depend_on_the_batch():
     logits = torch.randn(4, 100, generator=torch.Generator().manual_seed(2))
     params = [SamplingParams(temperature=1.0, seed=42)] * 4
@@ -55,6 +84,26 @@ def test_seeded_rows_do_not_depend_on_the_batch():
         return sampler(seed=len(rows))(logits[rows], [params[i] for i in rows], gens).token_ids
 
     assert [run([i])[0] for i in range(4)] == run([0, 1, 2, 3])
+
+
+def test_unseeded_rows_share_one_draw_beside_seeded_rows():
+    """Rows without a seed take their noise from one draw of the engine's generator; seeded rows beside them
+    keep their own streams. Mixed batches: the seeded rows' tokens are those they get alone, and the unseeded
+    rows follow the distribution (every row its own token: 32 rows x 250 steps)."""
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = probs.log().repeat(34, 1)
+    params = [SamplingParams(temperature=1.0, seed=7)] * 2 + [SamplingParams(temperature=1.0)] * 32
+    s, counts, seeded = sampler(), torch.zeros(4), []
+    alone = [torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)]
+    gens = [torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)] + [None] * 32
+    expected = []
+    for _ in range(250):
+        tokens = s(logits, params, gens).token_ids
+        seeded.append(tokens[:2])
+        expected.append([s(logits[:1], params[:1], [g]).token_ids[0] for g in alone])
+        counts += torch.bincount(torch.tensor(tokens[2:]), minlength=4)
+    assert seeded == expected
+    assert torch.allclose(counts / counts.sum(), probs, atol=0.02), counts / counts.sum()
 
 
 def test_logprobs_of_chosen_and_top_tokens():
