@@ -71,3 +71,18 @@ def test_attention_ops_pass_opcheck():
     pieces = torch.tensor([[1, 2, 0], [0, 0, 5]], dtype=torch.int32)
     opcheck(torch.ops.kda_serving.gather_paged_rows.default, (flat, tables, pieces, 9, 4),
             test_utils=("test_schema", "test_faketensor"))
+
+
+def test_mla_decode_op_passes_opcheck():
+    """The paged MLA decode op, with and without table_rows (the verifying tokens' shared block-table rows)."""
+    from kda_serving.ops import mla_decode  # noqa: F401  (registers the op)
+
+    gen = torch.Generator().manual_seed(5)
+    q, cache = torch.randn(3, 2, 24, generator=gen), torch.randn(6, 4, 24, generator=gen)
+    tables = torch.tensor([[0, 3, -1], [5, 1, 2]], dtype=torch.int32)
+    lens = torch.tensor([7, 12, 5], dtype=torch.int32)
+    workspace = torch.empty(0)
+    for rows, table in ((torch.tensor([0, 1, 1], dtype=torch.int32), tables), (None, tables[[0, 1, 1]])):
+        opcheck(torch.ops.kda_serving.mla_decode_.default,
+                (q, cache, table, rows, lens, 0.3, 1, workspace, workspace, torch.empty(3, 2, 16)),
+                test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
