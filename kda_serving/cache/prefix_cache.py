@@ -129,18 +129,13 @@ class PrefixCache:
     def boundary_hashes(self, tokens: Sequence[int], upto: int, cursor: PathCursor | None = None) -> list[int]:
         """Chained hashes of the aligned boundaries interval, 2*interval, ... <= upto (with a cursor over these
         tokens, those within its limit computed once)."""
-        hashes = []
-        if cursor is not None:
-            hashes = cursor.hashes
-            for start in range(len(hashes) * self.interval, min(upto, cursor.limit) - self.interval + 1,
-                               self.interval):
-                hashes.append(chain_hash(hashes[-1] if hashes else ROOT_HASH,
-                                         tuple(tokens[start : start + self.interval])))
-            hashes = hashes[: upto // self.interval]
-        h = hashes[-1] if hashes else ROOT_HASH
+        memo = cursor.hashes if cursor is not None else []
+        limit = cursor.limit if cursor is not None else 0
+        hashes = memo[: upto // self.interval]
         for start in range(len(hashes) * self.interval, upto - self.interval + 1, self.interval):
-            h = chain_hash(h, tuple(tokens[start : start + self.interval]))
-            hashes.append(h)
+            hashes.append(chain_hash(hashes[-1] if hashes else ROOT_HASH, tuple(tokens[start : start + self.interval])))
+            if start + self.interval <= limit:  # within the unchanging tokens: the memo's next boundary
+                memo.append(hashes[-1])
         return hashes
 
     def _resume(self, cursor: PathCursor | None, length: int) -> CacheNode:
