@@ -64,7 +64,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   using ScoreMma = kda::Wgmma<128, kda::GmmaMajor::K, kda::GmmaMajor::K>;
   using ValueMma = kda::WgmmaRs128<kda::GmmaMajor::MN>;
   extern __shared__ unsigned char smem_raw[];
-  unsigned char* smem = smem_raw + ((1024 - (cute::cast_smem_ptr_to_uint(smem_raw) & 1023)) & 1023);
+  unsigned char* smem = kda::align_smem_1024(smem_raw);
   unsigned char* q_s = smem + L::kQ;
   unsigned char* k_s = smem + L::kK;
   unsigned char* v_s = smem + L::kV;

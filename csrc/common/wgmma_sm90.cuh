@@ -22,6 +22,12 @@ namespace kda {
 
 using GmmaMajor = cute::SM90::GMMA::Major;
 
+// The first 1024-byte-aligned byte of a dynamic shared-memory buffer, where SW128 blocks can start: the buffer
+// itself is only 16-byte aligned, so a kernel allocates 1024 bytes more than its blocks take.
+__device__ __forceinline__ unsigned char* align_smem_1024(unsigned char* raw) {
+  return raw + ((1024 - (cute::cast_smem_ptr_to_uint(raw) & 1023)) & 1023);
+}
+
 // Byte offset of element (row, col) of an SW128 column block (64 columns of bf16).
 __device__ __forceinline__ uint32_t sw128_offset(int row, int col) {
   return static_cast<uint32_t>(row * 128 + ((((col >> 3) ^ row) & 7) << 4) + (col & 7) * 2);

@@ -79,7 +79,7 @@ __global__ void __launch_bounds__(kWgThreads, 1)
   constexpr int kAcc = ScoreMma::kRegs;     // fp32 registers of one m64 x kHeads fragment
   constexpr int kGroups = kHeads / 8;       // 8-head groups j of a fragment; a thread holds heads 8 j + 2 q + e
   extern __shared__ unsigned char smem_raw[];
-  unsigned char* smem = smem_raw + ((1024 - (cute::cast_smem_ptr_to_uint(smem_raw) & 1023)) & 1023);
+  unsigned char* smem = kda::align_smem_1024(smem_raw);
   unsigned char* q_s = smem + L::kQ;
   unsigned char* kv_s = smem + L::kKv;
   unsigned char* pt_s = smem + L::kPt;
