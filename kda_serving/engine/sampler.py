@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from ..model.batch import host_to_device
+from ..ops.sampling import top_k_floor, top_p_floor
 from .sampling_params import SamplingParams
 
 
@@ -114,8 +115,7 @@ class Sampler:
             probs = self._filtered_probs(scores[rows], [params[i] for i in random_rows])
             noise = torch.empty_like(probs)
             # A seeded row draws from its own generator; the unseeded ones share one draw of the engine's (a
-            # draw per row costs a launch each: 1.0 ms more for 256 rows on an H200,
-            # benchmarks/experiments/sampler_cost.py)
+            # draw per row costs a launch each: 1.0 ms more for 256 rows on an H200, docs/engine.md)
             shared = [j for j, i in enumerate(random_rows) if generators[i] is None]
             if len(shared) == len(random_rows):
                 noise.exponential_(generator=self.generator)
@@ -141,37 +141,28 @@ class Sampler:
 
     @staticmethod
     def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-        """Softmax of logits / temperature with everything outside each row's top-k and top-p set to 0.
+        """Softmax of logits / temperature with everything outside each row's top-k and top-p set to 0, not
+        renormalised (the race compares a row's entries only with each other).
 
-        Sorting every row of a 163,840-token vocabulary is most of a sampled step's device time, so it is done
-        only when some row has a top-p or the rows mix top-k with none: without top-k or top-p (the OpenAI
-        defaults) there is nothing to cut, and with a top-k on every row a selection of the largest k suffices."""
-        temps = host_to_device([p.temperature for p in params], logits.device).unsqueeze(1)
+        Nothing is sorted: each cut is a threshold per row found by a radix search (kda_serving.ops.sampling),
+        the k-th largest logit and the smallest probability of the top-p set. Sorting every row of a
+        163,840-token vocabulary cost as much as the decode step before it (docs/engine.md, "Top-k and top-p
+        without a sort"). Tokens tied with either threshold all stay, as in vLLM's top-k: the kept set is then
+        a little larger than k, or than the smallest set reaching top_p, but never depends on how a sort breaks
+        ties."""
+        device = logits.device
+        temps = host_to_device([p.temperature for p in params], device).unsqueeze(1)
         logits = logits / temps
         vocab = logits.shape[1]
-        ks = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
-        if all(p.top_p >= 1 for p in params) and (min(ks) == vocab or max(ks) < vocab):
-            if min(ks) == vocab:
-                return logits.softmax(dim=-1)
-            values, ids = logits.topk(max(ks), dim=-1)
-            rank = torch.arange(max(ks), device=logits.device).unsqueeze(0)
-            values = values.masked_fill(rank >= host_to_device(ks, logits.device).unsqueeze(1), float("-inf"))
-            return torch.full_like(logits, float("-inf")).scatter(1, ids, values).softmax(dim=-1)
-        top_k = host_to_device(ks, logits.device)
-        # top_p 1 keeps everything (a cumulative sum can round past 1 before the last token)
-        top_p = host_to_device([p.top_p if p.top_p < 1 else float("inf") for p in params], logits.device)
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        rank = torch.arange(vocab, device=logits.device).unsqueeze(0)
-        sorted_logits = sorted_logits.masked_fill(rank >= top_k.unsqueeze(1), float("-inf"))
-        sorted_probs = sorted_logits.softmax(dim=-1)
-        # Keep the smallest set whose mass (within the top-k) reaches top_p: a token goes when the mass before
-        # it already does. The most likely token always stays.
-        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-        drop = mass_before >= top_p.unsqueeze(1)
-        drop[:, 0] = False
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        filtered = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
-        return filtered.softmax(dim=-1)
+        ks = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]  # vocab: no cut
+        if min(ks) < vocab:
+            kth = top_k_floor(logits, ks).unsqueeze(1)
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = logits.softmax(dim=-1)
+        if any(p.top_p < 1 for p in params):
+            floor = top_p_floor(probs, [min(p.top_p, 1.0) for p in params]).unsqueeze(1)
+            probs = probs.masked_fill(probs < floor, 0.0)
+        return probs
 
 
 def penalize(logits: torch.Tensor, params: list[SamplingParams], histories: list[tuple], pending_tokens=None

@@ -47,32 +47,83 @@ def test_top_k_and_top_p_cut_the_tail():
 
 
 def _filtered_reference(logits, params):
-    """float64, row by row from the definitions: softmax(l / T) kept on the top_k largest and on the smallest
-    set of the largest whose mass (within the top-k) reaches top_p, renormalised."""
+    """float64, row by row from the definitions by a sort: softmax(l / T) kept on the top_k largest, then on the
+    smallest set of the largest whose mass (within the top-k) reaches top_p, renormalised. Tokens tied with
+    the last one kept by either cut stay too (the sampler's thresholds keep ties; a sort would split them
+    arbitrarily)."""
     out = torch.zeros(logits.shape, dtype=torch.float64)
     for r, p in enumerate(params):
-        probs = torch.softmax(logits[r].double() / p.temperature, dim=-1)
-        order = probs.argsort(descending=True)
-        k = p.top_k if 0 < p.top_k < logits.shape[1] else logits.shape[1]
-        kept = probs[order[:k]] / probs[order[:k]].sum()
-        n = k
+        scaled = logits[r].double() / p.temperature
+        if 0 < p.top_k < logits.shape[1]:
+            kth = scaled.sort(descending=True).values[p.top_k - 1]
+            scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+        probs = torch.softmax(scaled, dim=-1)
         if p.top_p < 1:
-            n = int((torch.cumsum(kept, 0) - kept < p.top_p).sum())
-        out[r, order[:n]] = probs[order[:n]] / probs[order[:n]].sum()
+            ordered = probs.sort(descending=True).values
+            n = int((torch.cumsum(ordered, 0) - ordered < p.top_p).sum())
+            probs = probs.masked_fill(probs < ordered[n - 1], 0.0)
+        out[r] = probs / probs.sum()
     return out
 
 
+def _check_filtered(logits, params, rtol=1e-5, atol=1e-7):
+    probs = Sampler._filtered_probs(logits, params).double()
+    ref = _filtered_reference(logits.cpu(), params)
+    probs = probs.cpu()
+    assert torch.equal(probs > 0, ref > 0), "kept sets differ"
+    torch.testing.assert_close(probs / probs.sum(-1, keepdim=True), ref, rtol=rtol, atol=atol)
+
+
 @pytest.mark.parametrize("rows", [
-    [dict(temperature=0.7)] * 3,  # nothing to cut: no sort
-    [dict(top_k=5), dict(top_k=40, temperature=1.5), dict(top_k=1)],  # a top-k on every row: top-k selection
-    [dict(top_k=5), dict(), dict(temperature=0.5)],  # top-k beside none: the sort
-    [dict(top_p=0.9), dict(top_k=8, top_p=0.5), dict()],  # a top-p: the sort
+    [dict(temperature=0.7)] * 3,  # nothing to cut
+    [dict(top_k=5), dict(top_k=40, temperature=1.5), dict(top_k=1)],  # a top-k on every row
+    [dict(top_k=5), dict(), dict(temperature=0.5)],  # top-k beside none
+    [dict(top_p=0.9), dict(top_k=8, top_p=0.5), dict()],  # top-p, within a top-k, beside nothing
+    [dict(top_p=0.01), dict(top_p=0.999999), dict(top_p=0.5, temperature=0.05), dict(top_p=0.95, temperature=20)],
 ])
 def test_filtered_distribution_matches_the_definition_on_every_path(rows):
     logits = torch.randn(len(rows), 300, generator=torch.Generator().manual_seed(3)) * 3
-    params = [SamplingParams(**kw) for kw in rows]
-    probs = Sampler._filtered_probs(logits, params)
-    torch.testing.assert_close(probs.double(), _filtered_reference(logits, params), rtol=1e-5, atol=1e-7)
+    _check_filtered(logits, [SamplingParams(**kw) for kw in rows])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_top_p_floor_on_a_full_vocabulary_with_ties(seed):
+    """163,840 tokens as Kimi-Linear has, logits rounded to bf16 as a bf16 model writes them (so many tokens
+    tie), peaked and flat rows, top-p anywhere in (0, 1): the kept set is the definition's, ties kept."""
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(4, 163840, generator=g) * torch.tensor([[1.0], [4.0], [12.0], [0.01]])).bfloat16().float()
+    top_ps = torch.rand(4, generator=g).clamp(min=1e-3).tolist()
+    params = [SamplingParams(top_p=p, temperature=t) for p, t in zip(top_ps, (1.0, 0.8, 1.3, 1.0))]
+    _check_filtered(logits, params, rtol=1e-4, atol=1e-9)
+
+
+def test_top_p_floor_when_every_token_ties():
+    """A flat row: every token is the boundary one, so all stay whatever top_p; one dominant token with a
+    flat rest: it alone reaches 0.5, and with top_p just above its mass every token stays."""
+    flat = torch.zeros(1, 1000)
+    assert bool((Sampler._filtered_probs(flat, [SamplingParams(top_p=0.3)]) > 0).all())
+    peaked = torch.zeros(1, 1000)
+    peaked[0, 7] = 10.0
+    p7 = float(torch.softmax(peaked[0].double(), 0)[7])
+    kept = Sampler._filtered_probs(peaked, [SamplingParams(top_p=0.5)]) > 0
+    assert kept[0].nonzero().flatten().tolist() == [7]
+    assert bool((Sampler._filtered_probs(peaked, [SamplingParams(top_p=min(p7 + 1e-4, 0.999))]) > 0).all())
+
+
+@pytest.mark.gpu
+def test_top_p_on_cuda_matches_the_definition_and_repeats():
+    """64 rows of 163,840 bf16-rounded logits on the GPU: the kept sets are the float64 definition's, and a
+    second call keeps exactly the same (the histograms' atomic adds are integer adds)."""
+    g = torch.Generator().manual_seed(11)
+    scale = torch.rand(64, 1, generator=g) * 10 + 0.05
+    logits = (torch.randn(64, 163840, generator=g) * scale).bfloat16().float()
+    top_ks = torch.randint(0, 3000, (64,), generator=g) * (torch.arange(64) % 3 == 0)  # a top-k on every third row
+    params = [SamplingParams(top_p=float(p), top_k=int(k), temperature=float(t)) for p, k, t in zip(
+        torch.rand(64, generator=g).clamp(min=1e-3), top_ks, torch.rand(64, generator=g) + 0.5)]
+    on_gpu = logits.cuda()
+    first = Sampler._filtered_probs(on_gpu, params)
+    assert torch.equal(first, Sampler._filtered_probs(on_gpu, params))
+    _check_filtered(on_gpu, params, rtol=1e-4, atol=1e-9)
 
 
 def test_seeded_rows_do_not_depend_on_the_batch():
