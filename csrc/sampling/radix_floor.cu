@@ -21,6 +21,7 @@
 // 0.22 ms however little each CTA read.) No allocation, no synchronisation with the host: the launches can be
 // captured in a CUDA graph.
 #include <cstdint>
+#include <type_traits>
 
 #include <cuda_runtime.h>
 
@@ -97,6 +98,18 @@ struct Hist {
   }
 };
 
+template <typename F>
+__device__ __forceinline__ void for_each_value(float v, F& f) {
+  f(v);
+}
+template <typename F>
+__device__ __forceinline__ void for_each_value(const float4& v, F& f) {
+  f(v.x);
+  f(v.y);
+  f(v.z);
+  f(v.w);
+}
+
 // Adds the weights of one thread's entries to the histogram. Entries come in runs of one bin (the long tail of
 // a peaked row, or a flat row, lands in few bins), so a thread sums a run before adding it: a warp's lanes
 // hitting one shared address at once would be served one at a time.
@@ -150,35 +163,17 @@ __global__ void __launch_bounds__(kThreads, 1) radix_floor_level_kernel(const Ra
     }
     run.add((key >> kShift) & kDigitMask, weight_of<kByMass>(v));
   };
-  if constexpr (kVec4) {
-    const float4* x4 = reinterpret_cast<const float4*>(x);
-    for (int64_t i = begin + tid; i < end; i += kThreads * kUnroll) {
-      float4 v[kUnroll];
+  using Unit = std::conditional_t<kVec4, float4, float>;  // what one load reads
+  const Unit* units_x = reinterpret_cast<const Unit*>(x);
+  for (int64_t i = begin + tid; i < end; i += kThreads * kUnroll) {
+    Unit v[kUnroll];
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        if (i + u * kThreads < end) v[u] = __ldg(x4 + i + u * kThreads);
-      }
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        if (i + u * kThreads < end) {
-          visit(v[u].x);
-          visit(v[u].y);
-          visit(v[u].z);
-          visit(v[u].w);
-        }
-      }
+    for (int u = 0; u < kUnroll; ++u) {
+      if (i + u * kThreads < end) v[u] = __ldg(units_x + i + u * kThreads);
     }
-  } else {
-    for (int64_t i = begin + tid; i < end; i += kThreads * kUnroll) {
-      float v[kUnroll];
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        if (i + u * kThreads < end) v[u] = __ldg(x + i + u * kThreads);
-      }
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        if (i + u * kThreads < end) visit(v[u]);
-      }
+    for (int u = 0; u < kUnroll; ++u) {
+      if (i + u * kThreads < end) for_each_value(v[u], visit);
     }
   }
   run.flush();
