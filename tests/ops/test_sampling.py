@@ -101,6 +101,26 @@ def test_radix_floor_op_passes_opcheck():
             test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
+def test_rows_spread_over_the_sms_only_while_they_leave_some_idle():
+    """CTAs per row (cuda_sampling.parts_per_row) for Kimi-Linear's vocabulary on a 132-SM H100: one row gets 20
+    CTAs of 8,192 entries; 64 rows 4 each; 256 rows 1; a row over 2^18 entries always gets enough that none
+    takes more."""
+    from kda_serving.ops.cuda_sampling import MAX_SLICE, parts_per_row
+
+    assert [parts_per_row(rows, 163840, 132) for rows in (1, 16, 64, 256)] == [20, 16, 4, 1]
+    assert parts_per_row(1000, 5 * MAX_SLICE, 132) == 5
+    assert parts_per_row(3, 100, 132) == 1
+
+
+def test_the_cuda_binding_refuses_what_the_kernel_cannot_take():
+    from kda_serving.ops import cuda_sampling
+
+    with pytest.raises(ValueError, match="CUDA device"):
+        cuda_sampling.radix_floor(torch.rand(2, 8), torch.ones(2, dtype=torch.int64), True, torch.empty(2))
+    with pytest.raises(TypeError, match="float32"):
+        cuda_sampling.radix_floor(torch.rand(2, 8).double(), torch.ones(2, dtype=torch.int64), True, torch.empty(2))
+
+
 GPU_CASES = CASES + [("bf16", 64, 163840), ("masked", 130, 2463), ("plain", 1, 163840)]
 
 
