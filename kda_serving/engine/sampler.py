@@ -160,7 +160,7 @@ class Sampler:
             logits = logits.masked_fill(logits < kth, float("-inf"))
         probs = logits.softmax(dim=-1)
         if any(p.top_p < 1 for p in params):
-            floor = top_p_floor(probs, [min(p.top_p, 1.0) for p in params]).unsqueeze(1)
+            floor = top_p_floor(probs, [p.top_p for p in params]).unsqueeze(1)
             probs = probs.masked_fill(probs < floor, 0.0)
         return probs
 

@@ -24,7 +24,7 @@ from torch import nn
 from ..ops import mla_decode
 from ..ops.contract import skip_index_value_checks
 from ..ops import cuda_mla
-from ..ops.mla_decode import _sm_count
+from ..ops.cuda_args import sm_count
 from . import mla_prefill
 from .batch import RaggedBatch
 from .config import ModelConfig
@@ -206,7 +206,7 @@ class MLABlock(nn.Module):
         kernels per layer and step) is kept while kv_b_proj is unchanged: same storage, same version counter
         (an in-place reload bumps it), same attention kernel. Weights made under inference mode have no version
         counter, so theirs is built at every step. (The key also holds the settings the instance reads.)"""
-        sms = _sm_count(w_kv.device.index or 0) if w_kv.is_cuda else 8  # 8: the CPU, one call a sequence
+        sms = sm_count(w_kv.device) if w_kv.is_cuda else 8  # 8: the CPU, one call a sequence
         if self.kv_b_proj.is_inference():
             return ExpandedPrefill(w_kv, self.nope_dim, self.rope_dim, self.scale, sms)
         key = (self.kv_b_proj.data_ptr(), self.kv_b_proj._version, mla_prefill.OWN_KERNEL, mla_prefill.EXPANDED_BUDGET,

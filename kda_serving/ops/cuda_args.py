@@ -1,5 +1,5 @@
-"""Argument checks and launch plumbing shared by the ctypes bindings of the decode, conv and norm kernels
-(cuda_decode.py, cuda_norm.py).
+"""Argument checks and launch plumbing shared by the ctypes bindings (cuda_decode.py, cuda_norm.py,
+cuda_sampling.py, ...), and the SM count that the MLA and sampling launch plans divide work by (sm_count).
 
 A binding checks only what keeps its kernel inside its memory (dtype, device, contiguity, alignment), with
 errors that name the argument like the public ops' own, enqueues the kernel on torch's current stream and turns
@@ -30,6 +30,16 @@ def cuda_tensor(name: str, t, dtypes, device=None, ndim=None) -> torch.Tensor:
     if ndim is not None and t.dim() != ndim:
         raise ValueError(f"kda: argument '{name}': expected {ndim} dimensions, got shape {tuple(t.shape)}")
     return t
+
+
+@functools.lru_cache(maxsize=8)
+def _sm_count_of(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """SMs of a CUDA device (one without an index: the current one), for the launch plans of the bindings."""
+    return _sm_count_of(torch.cuda.current_device() if device.index is None else device.index)
 
 
 def check_aligned(name: str, t: torch.Tensor) -> None:

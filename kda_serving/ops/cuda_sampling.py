@@ -19,7 +19,7 @@ import functools
 import torch
 
 from . import cuda_lib
-from .cuda_args import check_launch, cuda_tensor, stream_handle
+from .cuda_args import check_launch, cuda_tensor, sm_count, stream_handle
 
 
 @functools.lru_cache(maxsize=1)
@@ -38,11 +38,6 @@ MAX_PARTS = 1024
 MAX_ROWS = 65535  # the grid's y dimension
 MIN_SLICE = 8192  # entries below which another CTA for a row is not worth its histogram (Kimi-Linear: 20 a row)
 BINS = 2048
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def parts_per_row(rows: int, vocab: int, sms: int) -> int:
@@ -73,8 +68,7 @@ def radix_floor(x, target, by_mass: bool, out) -> None:
     for name, t, dtype in (("target", target, torch.int64), ("out", out, torch.float32)):
         if tuple(cuda_tensor(name, t, (dtype,), x.device, ndim=1).shape) != (rows,):
             raise ValueError(f"kda: argument '{name}': expected shape {(rows,)}, got {tuple(t.shape)}")
-    parts = parts_per_row(rows, vocab, _sm_count(x.device.index if x.device.index is not None else
-                                                 torch.cuda.current_device()))
+    parts = parts_per_row(rows, vocab, sm_count(x.device))
     slices = torch.empty(rows * parts * BINS, dtype=torch.int64, device=x.device)
     state = torch.empty(rows * 2, dtype=torch.int64, device=x.device)
     arrived = torch.zeros(rows, dtype=torch.int32, device=x.device)

@@ -26,7 +26,6 @@ decode graphs: engine/cuda_graphs.py).
 
 from __future__ import annotations
 
-import functools
 
 import torch
 
@@ -36,11 +35,6 @@ Tensor = torch.Tensor
 
 SPLIT_KEYS = 64  # a split holds whole 64-key tiles (the kernel's tile)
 MAX_SPLITS = 1024  # the kernel's bound (cuda_mla.MAX_SPLITS)
-
-
-@functools.lru_cache(maxsize=8)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def plan_splits(num_queries: int, max_seq_len: int, sms: int, ctas_per_sm: int = 1) -> int:
@@ -162,11 +156,12 @@ def mla_decode(q: Tensor, kv_cache: Tensor, block_tables: Tensor, seq_lens: Tens
     part_o = part_ml = q.new_empty(0, dtype=torch.float32)
     if q.is_cuda:
         from . import cuda_mla
+        from .cuda_args import sm_count
 
         built = cuda_mla.supports(H, q.shape[2], value_dim)  # else the binding refuses the call
         ctas_per_sm, tile = cuda_mla.plan_constants(H) if built else (1, SPLIT_KEYS)
         assert tile == SPLIT_KEYS, "the plan counts the kernel's tiles"
-        splits = plan_splits(N, max_seq_len, _sm_count(q.device.index or 0), ctas_per_sm)
+        splits = plan_splits(N, max_seq_len, sm_count(q.device), ctas_per_sm)
         if splits > 1:
             part_o = torch.empty((N, splits, H, value_dim), dtype=torch.float32, device=q.device)
             part_ml = torch.empty((N, splits, H, 2), dtype=torch.float32, device=q.device)

@@ -34,13 +34,14 @@ def check(out, ref, what, rel_tol=6e-3):
 
 def run_op(q, cache, tables, seq_lens, max_seq_len, splits=None, table_rows=None):
     """The custom op with a NaN-poisoned output (and workspace); splits forced when given."""
-    from kda_serving.ops.mla_decode import _sm_count, plan_splits
+    from kda_serving.ops.cuda_args import sm_count
+    from kda_serving.ops.mla_decode import plan_splits
 
     N, H, _ = q.shape
     if splits is None:
         from kda_serving.ops import cuda_mla
 
-        splits = plan_splits(N, max_seq_len, _sm_count(q.device.index or 0), cuda_mla.plan_constants(H)[0])
+        splits = plan_splits(N, max_seq_len, sm_count(q.device), cuda_mla.plan_constants(H)[0])
     out = torch.full((N, H, V), float("nan"), dtype=torch.bfloat16, device=q.device)
     part_o = torch.full((N, splits, H, V), float("nan"), device=q.device)
     part_ml = torch.full((N, splits, H, 2), float("nan"), device=q.device)
