@@ -49,6 +49,8 @@ class EngineConfig:
     (more state slots in the same budget) and the decode's state traffic, at one bf16 rounding per step.
     enable_cuda_graphs: on CUDA, decode steps replay captured CUDA graphs (engine/cuda_graphs.py) when the
     model allows it (bf16, MoE on grouped GEMMs); False runs every step eagerly.
+    prompt_graph_tokens: with CUDA graphs on, steps with prompt tokens of at most this many tokens (in all)
+    replay piecewise graphs, the mixers eager between them (engine/prompt_graphs.py); 0 runs them eagerly.
     scheduling_policy: "fcfs" (first come first served) or "priority" (requests carry a priority, lower
     served first, and may preempt running requests of a lower one; engine/scheduler.py).
     num_speculative_tokens: 0 (off) or the most draft tokens a decode verifies per step (speculative decoding
@@ -76,6 +78,7 @@ class EngineConfig:
     state_memory_fraction: float = 0.5
     enable_prefix_caching: bool = True
     enable_cuda_graphs: bool = True
+    prompt_graph_tokens: int = 512
     kda_state_dtype: str = "float32"
     prefix_cache_interval: int = 256
     served_model_name: str | None = None
@@ -103,6 +106,10 @@ class EngineConfig:
         for name in ("max_model_len", "num_state_slots", "num_kv_blocks"):
             _positive_int(name, getattr(self, name), allow_none=True)
         _positive_int("cpu_cache_bytes", self.cpu_cache_bytes)
+        if not isinstance(self.prompt_graph_tokens, int) or isinstance(self.prompt_graph_tokens, bool):
+            _fail(TypeError, "prompt_graph_tokens", f"must be an int, got {type(self.prompt_graph_tokens).__name__}")
+        if self.prompt_graph_tokens < 0:
+            _fail(ValueError, "prompt_graph_tokens", f"must be >= 0, got {self.prompt_graph_tokens}")
         if self.max_num_batched_tokens < self.max_num_seqs:
             _fail(
                 ValueError,

@@ -32,6 +32,8 @@ consumed (sampled) before the next replay, so graphs may share memory.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 
 import torch
@@ -42,6 +44,20 @@ from ..ops import indices_checked_by_caller
 log = logging.getLogger(__name__)
 
 MIN_KV_BUCKET = 512  # tokens: below this the padded key gather costs less than a second graph
+
+
+@contextlib.contextmanager
+def collector_paused():
+    """Python's garbage collector held off during a capture. A collection there may destroy unreachable CUDA
+    graphs (another engine's) and free their memory pools, calls that invalidate the capture ("operation failed
+    due to a previous error during capture"); in the tests, where engines come and go, it did."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def batch_bucket(n: int, max_num_seqs: int) -> int:
@@ -112,6 +128,7 @@ class DecodeGraphs:
         """Captures every batch bucket of decode and verifying steps (every width) at the smallest key-length
         bucket (with any_length, the only one), so that short-context steps never wait for a capture."""
         kv = self.key_bucket(1)
+        gc.collect()  # what is unreachable goes before the captures, not during one (collector_paused)
         for w in range(1, self.max_width + 1):
             for nb in self.batch_buckets():
                 if (nb, w, kv) not in self.graphs:
@@ -212,7 +229,7 @@ class DecodeGraphs:
             self.model.forward(batch, self.caches)
         torch.cuda.current_stream(self.model.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        with collector_paused(), torch.cuda.graph(graph, pool=self.pool):
             logits = self.model.forward(batch, self.caches)
         self.pool = graph.pool()
         log.info("captured the %s graph for %d sequences, keys up to %d tokens",

@@ -57,6 +57,15 @@ class ModelRunner:
                                        scratch_state_slot=config.num_state_slots if scratch_state else None,
                                        any_length=getattr(model, "decode_any_length", False))
             self.graphs.capture_batch_buckets()
+        self.prompt_graphs = None
+        prompt_tokens = min(config.prompt_graph_tokens, config.max_num_batched_tokens)
+        if use_graphs and prompt_tokens and hasattr(model, "piece"):
+            from .prompt_graphs import PromptGraphs
+
+            self.prompt_graphs = PromptGraphs(model, self.caches, prompt_tokens,
+                                              scratch_slot=config.num_kv_blocks * config.block_size,
+                                              pool=self.graphs.pool)
+            self.prompt_graphs.capture_all()
 
     def _size_caches(self) -> None:
         cfg, model = self.config, self.model
@@ -141,11 +150,14 @@ class ModelRunner:
             # Checked once here, on the host: the ops then skip their own index checks, each of which would
             # wait for the GPU (docs/engine.md, "Host synchronisation").
             batch.check(self.config.num_state_slots, self.num_kv_blocks, self.config.block_size)
-            batch = batch.to(self.device)
-            if patch is not None:
-                batch.input_ids.index_copy_(0, *patch)
+            device_batch = batch.to(self.device)
             with indices_checked_by_caller():
-                logits = self.model.forward(batch, self.caches)
+                if self.prompt_graphs is not None and batch.num_tokens <= self.prompt_graphs.max_tokens:
+                    logits = self.prompt_graphs.run(batch, device_batch, patch)
+                else:
+                    if patch is not None:
+                        device_batch.input_ids.index_copy_(0, *patch)
+                    logits = self.model.forward(device_batch, self.caches)
         if out.state_saves:
             src, dst = zip(*out.state_saves)
             self.caches.copy_states(list(src), list(dst))

@@ -45,20 +45,44 @@ class KDABlock(nn.Module):
         self, x: torch.Tensor, batch: RaggedBatch, state_pool: torch.Tensor, conv_pool: torch.Tensor
     ) -> torch.Tensor:
         """x [T, hidden] -> [T, hidden]; state_pool [S, H, V, K] and conv_pool [S, W-1, 3D] updated in place."""
+        inputs = self.project(x)
+        return self.finish(self.mix(inputs, batch, state_pool, conv_pool), inputs)
+
+    # forward in three parts: project and finish see only the tokens (a piecewise CUDA graph captures them per
+    # token count, engine/prompt_graphs.py); mix reads the batch's sequences and states.
+
+    def project(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The projections of x [T, hidden]: conv inputs "qkv" [T, 3D], raw forget gate "g" [T, H, K], beta
+        logits "beta" [T, H], and "g_a" [T, K] for the output gate."""
         T, H, K = x.shape[0], self.num_heads, self.head_dim
         mixed, f_a, g_a, beta = F.linear(x, self.in_proj).split(self.split_sizes, dim=-1)
-        mixed, beta = mixed.contiguous(), beta.contiguous()
-        g = F.linear(f_a, self.f_b_proj).view(T, H, K)
+        return {"qkv": mixed.contiguous(), "g": F.linear(f_a, self.f_b_proj).view(T, H, K),
+                "beta": beta.contiguous(), "g_a": g_a}
+
+    @property
+    def mix_shape(self) -> tuple[int, int]:
+        """mix's output per token: [H, V]."""
+        return self.num_heads, self.head_dim
+
+    def mix(self, inputs: dict[str, torch.Tensor], batch: RaggedBatch, state_pool: torch.Tensor,
+            conv_pool: torch.Tensor) -> torch.Tensor:
+        """The short convolution and the KDA recurrence of every sequence: out [T, H, V]."""
+        mixed, g, beta = inputs["qkv"], inputs["g"], inputs["beta"]
         spec = batch.spec
         if spec is None:
-            out = self._mix(mixed, g, beta, batch, state_pool, conv_pool)
-        else:  # the verifying sequences come first, the rest run as usual
-            tv = spec.num_tokens
-            out = self._verify(mixed[:tv], g[:tv], beta[:tv], batch.state_slots[: spec.num_seqs], spec, state_pool,
-                               conv_pool)
-            if spec.rest is not None:
-                out = torch.cat((out, self._mix(mixed[tv:], g[tv:], beta[tv:], spec.rest, state_pool, conv_pool)))
-        gate = F.linear(g_a, self.g_b_proj).view(T, H, K)
+            return self._mix(mixed, g, beta, batch, state_pool, conv_pool)
+        # the verifying sequences come first, the rest run as usual
+        tv = spec.num_tokens
+        out = self._verify(mixed[:tv], g[:tv], beta[:tv], batch.state_slots[: spec.num_seqs], spec, state_pool,
+                           conv_pool)
+        if spec.rest is not None:
+            out = torch.cat((out, self._mix(mixed[tv:], g[tv:], beta[tv:], spec.rest, state_pool, conv_pool)))
+        return out
+
+    def finish(self, out: torch.Tensor, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The gated output norm and o_proj: out [T, H, V] -> [T, hidden]."""
+        T, H, K = out.shape[0], self.num_heads, self.head_dim
+        gate = F.linear(inputs["g_a"], self.g_b_proj).view(T, H, K)
         out = gated_rms_norm(out, gate, self.o_norm, self.eps)
         return F.linear(out.reshape(T, self.dim), self.o_proj)
 

@@ -46,11 +46,27 @@ class DecoderLayer(nn.Module):
 
     def forward(self, h: torch.Tensor, batch: RaggedBatch, caches: ModelCaches, index: int) -> torch.Tensor:
         """h [T, hidden] -> [T, hidden]; `index` is this layer's position in caches.recurrent/conv or caches.kv."""
+        inputs = self.project(h, batch, caches, index)
+        return self.finish(h, self.mix(inputs, batch, caches, index), inputs)
+
+    # forward in three parts, as the mixers split theirs (KDABlock.project, .mix, .finish)
+
+    def project(self, h: torch.Tensor, batch: RaggedBatch, caches: ModelCaches, index: int) -> dict:
+        """The input norm and the mixer's projections: its inputs, each [T, ...]."""
         x = self.norm_fn(h, self.input_layernorm, self.eps)
         if self.is_kda:
-            x = self.self_attn(x, batch, caches.recurrent[index], caches.conv[index])
-        else:
-            x = self.self_attn(x, batch, caches.kv[index])
+            return self.self_attn.project(x)
+        return self.self_attn.project(x, batch, caches.kv[index])
+
+    def mix(self, inputs: dict, batch: RaggedBatch, caches: ModelCaches, index: int) -> torch.Tensor:
+        """The mixer's work across the batch's sequences: [T, *self.self_attn.mix_shape]."""
+        if self.is_kda:
+            return self.self_attn.mix(inputs, batch, caches.recurrent[index], caches.conv[index])
+        return self.self_attn.mix(inputs, batch, caches.kv[index])
+
+    def finish(self, h: torch.Tensor, mixed: torch.Tensor, inputs: dict) -> torch.Tensor:
+        """The mixer's output projection, the residual add and norm, the MLP and its residual add: [T, hidden]."""
+        x = self.self_attn.finish(mixed, inputs) if self.is_kda else self.self_attn.finish(mixed)
         h, x = self.add_norm_fn(h, x, self.post_attention_layernorm, self.eps)
         return h + self.mlp(x)
 
@@ -156,8 +172,36 @@ class KimiLinearModel(nn.Module):
         h = F.embedding(batch.input_ids, self.embed_tokens)  # [T, hidden]
         for layer, index in zip(self.layers, self._cache_index):
             h = layer(h, batch, caches, index)
+        return self.logits(h, batch)
+
+    def logits(self, h: torch.Tensor, batch: RaggedBatch) -> torch.Tensor:
+        """The final norm and lm_head of the rows batch.logits_indices of h [T, hidden]: fp32 [R, vocab]."""
         last = self.norm_fn(h[batch.logits_indices], self.norm, self.config.rms_norm_eps)
         return F.linear(last, self.lm_head).float()
+
+    # The forward cut where it reads the batch's sequences, for piecewise CUDA graphs (engine/prompt_graphs.py):
+    #   carry = piece(0, {}); then for each layer i: carry["mixer_out"] = mix(i, carry); carry = piece(i + 1, carry);
+    #   then logits(carry["h"]).
+    # A piece sees only the step's tokens (batch.input_ids and batch.slot_mapping), so one capture serves every
+    # step of its token count; every carry entry is [T, ...].
+
+    def piece(self, i: int, carry: dict, batch: RaggedBatch, caches: ModelCaches) -> dict:
+        """Piece i: layer i-1's finish (from i = 1), then layer i's project (below the last layer); returns the
+        carry: the residual stream "h" and layer i's mixer inputs."""
+        if i == 0:
+            h = F.embedding(batch.input_ids, self.embed_tokens)
+        else:
+            h = self.layers[i - 1].finish(carry["h"], carry["mixer_out"], carry)
+        if i == len(self.layers):
+            return {"h": h}
+        return {"h": h, **self.layers[i].project(h, batch, caches, self._cache_index[i])}
+
+    def mix(self, i: int, carry: dict, batch: RaggedBatch, caches: ModelCaches) -> torch.Tensor:
+        """Layer i's mixer over the batch's sequences, from the carry of piece i: [T, *mix_shape(i)]."""
+        return self.layers[i].mix(carry, batch, caches, self._cache_index[i])
+
+    def mix_shape(self, i: int) -> tuple[int, ...]:
+        return tuple(self.layers[i].self_attn.mix_shape)
 
     def allocate_caches(self, num_state_slots: int, num_kv_blocks: int, block_size: int,
                         state_dtype: torch.dtype = torch.float32) -> ModelCaches:

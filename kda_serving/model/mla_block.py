@@ -93,38 +93,57 @@ class MLABlock(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: RaggedBatch, kv_cache: torch.Tensor) -> torch.Tensor:
         """x [T, hidden] -> [T, hidden]. Writes the new latents into kv_cache [blocks, block_size, latent]."""
+        return self.finish(self.mix(self.project(x, batch, kv_cache), batch, kv_cache))
+
+    # forward in three parts: project and finish see only the tokens (a piecewise CUDA graph captures them per
+    # token count, engine/prompt_graphs.py; project reads batch.slot_mapping alone); mix reads the batch's
+    # sequences and block tables.
+
+    def project(self, x: torch.Tensor, batch: RaggedBatch, kv_cache: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Queries "q" [T, nh, nope + rope] and the new tokens' latent rows "latent" [T, L], which it also writes
+        into kv_cache at batch.slot_mapping."""
         T, nh = x.shape[0], self.num_heads
         if self.q_lora_rank is None:
             q = F.linear(x, self.q_proj)
         else:
             q_lat = F.linear(x, self.q_a_proj, self._bias("q_a_proj"))
             q = F.linear(rms_norm(q_lat, self.q_a_layernorm, LATENT_NORM_EPS), self.q_b_proj)
-        q = q.view(T, nh, -1)  # [nope | rope] per head
-        q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
-
         c, r = F.linear(x, self.kv_a_proj_with_mqa, self._bias("kv_a_proj_with_mqa")).split(
             [self.kv_lora_rank, self.rope_dim], dim=-1
         )
         latent = torch.cat([rms_norm(c, self.kv_a_layernorm, LATENT_NORM_EPS), r], dim=-1).to(kv_cache.dtype)
-        flat_cache = kv_cache.view(-1, kv_cache.shape[-1])
-        flat_cache[batch.slot_mapping] = latent  # [T, L]
+        kv_cache.view(-1, kv_cache.shape[-1])[batch.slot_mapping] = latent  # [T, L]
+        return {"q": q.view(T, nh, -1), "latent": latent}  # q: [nope | rope] per head
 
-        w_kv = self.kv_b_proj.view(nh, self.nope_dim + self.v_dim, self.kv_lora_rank)
-        if self._expanded_on_cpu(x, batch):
-            out = self._prefill(q, latent, batch, kv_cache, w_kv, min_queries=1)
-        elif not self._on_cuda_kernels(x, batch, kv_cache):
+    @property
+    def mix_shape(self) -> tuple[int, int]:
+        """mix's output per token: [nh, v_head_dim]."""
+        return self.num_heads, self.v_dim
+
+    def mix(self, inputs: dict[str, torch.Tensor], batch: RaggedBatch, kv_cache: torch.Tensor) -> torch.Tensor:
+        """Attention of the new tokens over their sequences' cached keys, themselves included: per-head values
+        [T, nh, v]."""
+        q, latent = inputs["q"], inputs["latent"]
+        q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        flat_cache = kv_cache.view(-1, kv_cache.shape[-1])
+        w_kv = self.kv_b_proj.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        if self._expanded_on_cpu(q, batch):
+            return self._prefill(q, latent, batch, kv_cache, w_kv, min_queries=1)
+        if not self._on_cuda_kernels(q, batch, kv_cache):
             out_latent = self._attend(self._absorb(q_nope, q_rope, w_kv), batch, flat_cache, kv_cache.shape[1])
-            out = self._unabsorb(out_latent, w_kv)
-        elif batch.decode_only:
+            return self._unabsorb(out_latent, w_kv)
+        if batch.decode_only:
             # no prompt tokens: the paged kernel reads each cached row in place, once per query
             lens, table_rows = _query_lengths(batch)
             out_latent = mla_decode(self._absorb(q_nope, q_rope, w_kv), kv_cache, batch.block_tables, lens,
                                     scale=self.scale, max_seq_len=max(batch.kv_lens), value_dim=self.kv_lora_rank,
                                     table_rows=table_rows)
-            out = self._unabsorb(out_latent, w_kv)
-        else:
-            out = self._prefill(q, latent, batch, kv_cache, w_kv)
-        return F.linear(out.reshape(T, nh * self.v_dim), self.o_proj, self._bias("o_proj"))
+            return self._unabsorb(out_latent, w_kv)
+        return self._prefill(q, latent, batch, kv_cache, w_kv)
+
+    def finish(self, out: torch.Tensor) -> torch.Tensor:
+        """o_proj: per-head values [T, nh, v] -> [T, hidden]."""
+        return F.linear(out.reshape(out.shape[0], -1), self.o_proj, self._bias("o_proj"))
 
     def _absorb(self, q_nope: torch.Tensor, q_rope: torch.Tensor, w_kv: torch.Tensor) -> torch.Tensor:
         """Queries [T, nh, nope], [T, nh, rope] -> absorbed queries [T, nh, L] = [W_uk[h]^T q_nope, q_rope]."""

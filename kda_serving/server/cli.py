@@ -51,7 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     eng.add_argument("--kda-state-dtype", default=None, choices=["float32", "bfloat16"],
                      help="KDA recurrent states (default float32); bfloat16 halves their memory and decode traffic")
     eng.add_argument("--no-cuda-graphs", dest="enable_cuda_graphs", action="store_false", default=None,
-                     help="run every decode step eagerly instead of replaying captured CUDA graphs")
+                     help="run every step eagerly instead of replaying captured CUDA graphs")
+    eng.add_argument("--prompt-graph-tokens", type=int, default=None,
+                     help="steps with prompt tokens of up to this many tokens replay piecewise CUDA graphs, the "
+                          "attention and KDA recurrence eager between them (default 512; 0: every such step eager)")
     eng.add_argument("--prefix-cache-interval", type=int, default=None,
                      help="prompt tokens between cached states (multiple of 64 and of the block size)")
     eng.add_argument("--seed", type=int, default=None, help="engine seed for unseeded sampling")
@@ -80,9 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 ENGINE_FLAGS = ("model", "served_model_name", "device", "dtype", "max_num_seqs", "max_num_batched_tokens",
                 "max_model_len", "num_state_slots", "num_kv_blocks", "block_size", "gpu_memory_utilization",
-                "cpu_cache_bytes", "enable_prefix_caching", "enable_cuda_graphs", "kda_state_dtype",
-                "prefix_cache_interval", "seed", "scheduling_policy", "num_speculative_tokens", "prompt_lookup_min",
-                "prompt_lookup_max", "async_scheduling", "torch_compile")
+                "cpu_cache_bytes", "enable_prefix_caching", "enable_cuda_graphs", "prompt_graph_tokens",
+                "kda_state_dtype", "prefix_cache_interval", "seed", "scheduling_policy", "num_speculative_tokens",
+                "prompt_lookup_min", "prompt_lookup_max", "async_scheduling", "torch_compile")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -168,3 +168,49 @@ def test_async_scheduling_through_graphs_matches_synchronous_steps():
     assert _greedy_run(engine, stopping)["s"][0] == sync["c"][0][: first + 1]
     stats = engine.stats()
     assert stats.state_slots_used == 0 and stats.kv_blocks_used == 0 and stats.num_running == 0
+
+
+@pytest.mark.gpu
+def test_engine_runs_prompt_steps_through_piecewise_graphs():
+    """Steps with prompt tokens replay piecewise graphs (engine/prompt_graphs.py), all captured at start-up:
+    fresh prompts, a prompt arriving among running decodes (asynchronous scheduling patches the decodes' input
+    tokens into the graphs' buffer) and a second turn restored from the prefix cache give the tokens an engine
+    running those steps eagerly gives (the same kernels on the same rows: bit-equal on the GPU, as
+    tests/model/test_prompt_graphs.py measures), and a step over prompt_graph_tokens runs eagerly."""
+    from kda_serving.model import load_model
+
+    model = load_model(None, device="cuda", dtype=torch.bfloat16, progress=False)
+    outputs, counts = [], []
+    for tokens in (256, 0):
+        engine = LLMEngine(EngineConfig(device="cuda", max_num_seqs=8, num_state_slots=32, num_kv_blocks=256,
+                                        max_num_batched_tokens=512, prompt_graph_tokens=tokens), model=model)
+        graphs = engine.runner.prompt_graphs
+        assert (graphs is None) == (tokens == 0)
+        runs = []
+        if graphs is not None:
+            assert sorted(graphs.captured) == graphs.buckets and graphs.buckets[-1] == 256
+            run = graphs.run
+            graphs.run = lambda batch, *a, **kw: runs.append(batch.num_tokens) or run(batch, *a, **kw)
+        params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+        done = {}
+
+        def step():
+            for out in engine.step():
+                if out.finished:
+                    done[out.request_id] = out.output_token_ids
+
+        engine.add_request("a", list(range(5, 45)), params)
+        step()
+        step()  # a decodes
+        engine.add_request("b", list(range(100, 119)), params)  # joins a's decodes
+        engine.add_request("c", list(range(7, 400)), params)  # 393 tokens: over 256, eager
+        while engine.has_unfinished_requests():
+            step()
+        first_turn = list(range(5, 45)) + done["a"]
+        engine.add_request("a2", first_turn + list(range(60, 80)), params)  # a second turn: restored prefix
+        while engine.has_unfinished_requests():
+            step()
+        outputs.append(done)
+        counts.append(runs)
+    assert outputs[0] == outputs[1]
+    assert counts[0] and max(counts[0]) <= 256 and min(counts[0]) < 40  # b among a's decodes, a's second turn

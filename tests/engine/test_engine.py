@@ -151,6 +151,10 @@ def test_engine_config_validation():
         EngineConfig(enable_cuda_graphs=1)
     with pytest.raises(ValueError, match="scheduling_policy"):
         EngineConfig(scheduling_policy="lifo")
+    with pytest.raises(ValueError, match="prompt_graph_tokens"):
+        EngineConfig(prompt_graph_tokens=-1)
+    with pytest.raises(TypeError, match="prompt_graph_tokens"):
+        EngineConfig(prompt_graph_tokens=True)
     assert EngineConfig(device="cuda").dtype == "bfloat16" and EngineConfig().dtype == "float32"
     with pytest.raises(TypeError, match="torch_compile"):
         EngineConfig(torch_compile="yes")

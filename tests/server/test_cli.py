@@ -30,8 +30,9 @@ def test_every_engine_flag_is_an_engine_config_field():
     (["--num-speculative-tokens", "99"], "num_speculative_tokens"),
     (["--prompt-lookup-min", "5"], "prompt_lookup_min"),
     (["--tool-call-parser", "hermes"], "tool_call_parser"),
+    (["--prompt-graph-tokens", "-1"], "prompt_graph_tokens"),
 ], ids=["device", "max-num-seqs", "prefix-cache-interval", "max-request-bytes", "cpu-threads", "port",
-        "num-speculative-tokens", "prompt-lookup-min", "tool-call-parser"])
+        "num-speculative-tokens", "prompt-lookup-min", "tool-call-parser", "prompt-graph-tokens"])
 def test_bad_flags_exit_2_naming_the_flag(argv, names, capsys):
     with pytest.raises(SystemExit) as exc:
         main(argv)

@@ -1,0 +1,126 @@
+"""Host time of the eager parts of a step replayed from prompt graphs (experiment, not part of CI): each mixer
+(KDA: short convolution and recurrence; MLA: attention), its ops, and the logits, on bench_prompt_step.py's
+4-layer Kimi-Linear-48B-shaped engine; then cProfile of PromptGraphs.run, the functions with the most own time.
+
+    python benchmarks/experiments/mixer_host_cost.py [--step "1 prompt x 16"]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import os
+import pstats
+import sys
+import time
+from types import SimpleNamespace
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench_engine import random_kimi48b_model  # noqa: E402
+from bench_prompt_step import STEPS, make_step  # noqa: E402
+
+from kda_serving.engine import EngineConfig, LLMEngine  # noqa: E402
+from kda_serving.ops import causal_conv1d_prefill, cuda_lib, indices_checked_by_caller, kda_prefill  # noqa: E402
+from kda_serving.ops.contract import validate_kda_args  # noqa: E402
+
+
+def host_us(fn, n: int = 100) -> float:
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    spent = (time.perf_counter() - t0) / n * 1e6
+    torch.cuda.synchronize()
+    return spent
+
+
+def busy_host_us(fn) -> float:
+    """Host time of one call queued behind a ~20 ms sleep kernel."""
+    fn()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(40_000_000)
+    t0 = time.perf_counter()
+    fn()
+    spent = (time.perf_counter() - t0) * 1e6
+    torch.cuda.synchronize()
+    return spent
+
+
+@torch.inference_mode()
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--step", default="1 prompt x 16")
+    args = ap.parse_args()
+    seqs = dict(STEPS)[args.step]
+    model = random_kimi48b_model(torch.device("cuda"))
+    blocks = sum(-(-(c + n) // 16) for c, n in seqs)
+    engine = LLMEngine(EngineConfig(device="cuda", max_num_seqs=64, max_num_batched_tokens=2048,
+                                    num_state_slots=64, num_kv_blocks=blocks), model=model)
+    runner, caches = engine.runner, engine.runner.caches
+    host = make_step(seqs, model.config.vocab_size, torch.Generator().manual_seed(0))
+    batch = host.to("cuda")
+    graphs = runner.prompt_graphs
+    nothing = SimpleNamespace(state_restores=[], block_copies=[], state_saves=[])
+    runner.execute(nothing, host)
+    T = host.num_tokens
+    captured = graphs.captured[graphs.bucket(T)]
+    kda_carry = {k: v[:T] for k, v in captured.carries[0].items()}
+    mla_i = next(i for i, layer in enumerate(model.layers) if not layer.is_kda)
+    mla_carry = {k: v[:T] for k, v in captured.carries[mla_i].items()}
+    block = model.layers[0].self_attn
+    H, K = block.num_heads, block.head_dim
+    qkv = causal_conv1d_prefill(kda_carry["qkv"], block.conv_weight, None, batch.cu_seqlens, caches.conv[0],
+                                batch.state_slots, batch.has_initial_state, split=3)
+    q, k, v = qkv.view(3, T, H, K).unbind(0)
+    g, beta = kda_carry["g"], kda_carry["beta"]
+    out = torch.empty_like(v)[None]
+    kda_args = (q[None], k[None], v[None], g[None], beta[None], block.A_log, block.dt_bias)
+    pool_args = dict(cu_seqlens=batch.cu_seqlens, state_pool=caches.recurrent[0], state_indices=batch.state_slots,
+                     has_initial_state=batch.has_initial_state)
+    calls = {
+        "PromptGraphs.run (whole step)": lambda: graphs.run(host, batch),
+        "batch.check + batch.to": lambda: (host.check(64, blocks + 1, 16), host.to("cuda")),
+        "KDA mix (layer 0)": lambda: model.mix(0, kda_carry, batch, caches),
+        "  causal_conv1d_prefill": lambda: causal_conv1d_prefill(
+            kda_carry["qkv"], block.conv_weight, None, batch.cu_seqlens, caches.conv[0], batch.state_slots,
+            batch.has_initial_state, split=3),
+        "  kda_prefill": lambda: kda_prefill(*kda_args, **pool_args),
+        "    validate_kda_args": lambda: validate_kda_args(*kda_args, **pool_args),
+        "    torch.ops kda_prefill_": lambda: torch.ops.kda_serving.kda_prefill_(
+            *kda_args, K**-0.5, None, batch.cu_seqlens, None, None, caches.recurrent[0], batch.state_slots,
+            batch.has_initial_state, None, None, None, out),
+        "    cuda_lib.prefill": lambda: cuda_lib.prefill(
+            *kda_args, K**-0.5, None, batch.cu_seqlens, None, None, caches.recurrent[0], batch.state_slots,
+            batch.has_initial_state, None, None, None, out),
+        f"MLA mix (layer {mla_i})": lambda: model.mix(mla_i, mla_carry, batch, caches),
+        "logits": lambda: model.logits(captured.carries[-1]["h"][:T], batch),
+        "one graph replay (piece 1)": lambda: captured.graphs[1].replay(),
+    }
+    calls["torch.tensor(list).to(cuda, non_blocking)"] = lambda: torch.tensor([1, 2, 3]).to("cuda", non_blocking=True)
+    calls["pinned tensor .to(cuda, non_blocking)"] = lambda: pinned.to("cuda", non_blocking=True)
+    pinned = torch.tensor([1, 2, 3]).pin_memory()
+    print(f"{torch.cuda.get_device_name()}: step {args.step!r} ({T} tokens), host us per call; then the same "
+          f"with the GPU busy (a ~20 ms sleep kernel queued first): a call that waits for the GPU shows it")
+    with indices_checked_by_caller():
+        for name, fn in calls.items():
+            print(f"  {name:44s} {host_us(fn):8.1f} {busy_host_us(fn):10.1f}")
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(20):
+            graphs.run(host, batch)
+        prof.disable()
+    torch.cuda.synchronize()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(35)
+    print(text.getvalue())
+
+
+if __name__ == "__main__":
+    main()
