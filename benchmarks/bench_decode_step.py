@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/common.py
 
 from bench_engine import prompts, random_kimi48b_model, release_memory  # noqa: E402
-from common import RESULTS, card_name, copy_rate_bytes_per_s, environment, write_json  # noqa: E402
+from common import RESULTS, card_name, copy_rate_bytes_per_s, environment, weight_bytes, write_json  # noqa: E402
 
 from kda_serving.engine import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
 from kda_serving.model.moe import MoE  # noqa: E402
@@ -71,14 +71,7 @@ def routed_expert_fraction(model, vocab: int, n: int) -> float:
 def decode_floor_bytes(model, engine: LLMEngine, n: int, context: int, touched: float) -> float:
     """Bytes one decode step of n sequences at `context` tokens must read or write (see the module doc), a
     share `touched` of the routed experts read."""
-    total = 0.0
-    for name, p in model.named_parameters():
-        nbytes = p.numel() * p.element_size()
-        if name == "embed_tokens":
-            nbytes = n * p.shape[1] * p.element_size()
-        elif name.endswith(("mlp.gate_up_proj", "mlp.down_proj")) and p.dim() == 3:
-            nbytes *= touched
-        total += nbytes
+    total = weight_bytes(model, n, touched)
     caches = engine.runner.caches
     for state in caches.recurrent:  # read + written, per sequence
         total += 2 * n * state[0].numel() * state.element_size()

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repositor
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py
 
 from bench_engine import random_kimi48b_model  # noqa: E402
-from common import RESULTS, card_name, copy_rate_bytes_per_s, environment, gpu_ms, write_json  # noqa: E402
+from common import RESULTS, card_name, copy_rate_bytes_per_s, environment, gpu_ms, weight_bytes, write_json  # noqa: E402
 
 from kda_serving.engine import EngineConfig, LLMEngine  # noqa: E402
 from kda_serving.model.batch import RaggedBatch  # noqa: E402
@@ -81,19 +81,19 @@ def make_step(seqs: list[tuple[int, int]], vocab: int, gen: torch.Generator) -> 
     )
 
 
-def weight_bytes(model, tokens: int) -> float:
-    """Bytes of weights a step of `tokens` tokens reads: all but the embedding table (a row per token), the
-    routed experts at the expected share that the tokens' top-k choices touch under uniform routing."""
-    total = 0.0
-    for name, p in model.named_parameters():
-        size = p.numel() * p.element_size()
-        if name == "embed_tokens":
-            size = tokens * p.shape[1] * p.element_size()
-        elif name.endswith(("mlp.gate_up_proj", "mlp.down_proj")) and p.dim() == 3:
-            experts, k = p.shape[0], model.config.num_experts_per_token
-            size *= 1 - (1 - k / experts) ** tokens
-        total += size
-    return total
+def experts_touched(model, tokens: int) -> float:
+    """The expected share of the routed experts that `tokens` tokens' top-k choices touch, routed uniformly."""
+    k, experts = model.config.num_experts_per_token, max(model.config.num_experts, 1)
+    return 1 - (1 - k / experts) ** tokens
+
+
+def step_engine(model, steps: list[list[tuple[int, int]]]) -> LLMEngine:
+    """An engine (prompt graphs up to 512 tokens) with room for any of `steps` (make_step's slots and blocks)
+    plus a padding prompt of up to 512 tokens (its own state slot and blocks)."""
+    seqs = max(len(s) for s in steps)
+    blocks = max(sum(-(-(c + n) // BLOCK) for c, n in s) for s in steps) + 512 // BLOCK
+    return LLMEngine(EngineConfig(device="cuda", max_num_seqs=seqs, max_num_batched_tokens=2048,
+                                  num_state_slots=seqs + 1, num_kv_blocks=blocks), model=model)
 
 
 def main(argv=None) -> None:
@@ -103,13 +103,9 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     rate = copy_rate_bytes_per_s()
     model = random_kimi48b_model(torch.device("cuda"))
-    seqs_max = max(len(s) for _, s in STEPS)
-    # + a padding sequence (eager_padded below): a state slot and up to 512 tokens of blocks
-    blocks = max(sum(-(-(c + n) // BLOCK) for c, n in s) for _, s in STEPS) + 512 // BLOCK
     before = torch.cuda.memory_reserved()
     t0 = time.perf_counter()
-    engine = LLMEngine(EngineConfig(device="cuda", max_num_seqs=seqs_max, max_num_batched_tokens=2048,
-                                    num_state_slots=seqs_max + 1, num_kv_blocks=blocks), model=model)
+    engine = step_engine(model, [s for _, s in STEPS])
     runner = engine.runner
     graphs = runner.prompt_graphs
     setup = {"engine_start_s": time.perf_counter() - t0,
@@ -160,7 +156,8 @@ def main(argv=None) -> None:
             outs["eager_padded"] = runner.execute(nothing, padded)[:-1]  # the padding prompt's row dropped
         runner.prompt_graphs = graphs
         del saved
-        result["weights_floor_ms"] = 1e3 * weight_bytes(model, batch.num_tokens) / rate
+        touched = experts_touched(model, batch.num_tokens)
+        result["weights_floor_ms"] = 1e3 * weight_bytes(model, batch.num_tokens, touched) / rate
         a, b = outs["eager"].double(), outs["graphs"].double()
         result["logits_rel_diff"] = ((a - b).norm() / a.norm()).item()
         if "eager_padded" in outs:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import platform
 import statistics
+import time
 from pathlib import Path
 
 import torch
@@ -66,6 +67,34 @@ def graph_replay_us(fn, *, iters: int = 50) -> float:
     with torch.cuda.graph(graph):
         fn()
     return time_ms(graph.replay, warmup=5, iters=iters) * 1e3
+
+
+def host_us(fn, n: int = 100) -> float:
+    """Host microseconds per call of fn(), n calls queued without waiting for the device (drained before and
+    after), after 5 warm-up calls."""
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    spent = (time.perf_counter() - t0) / n * 1e6
+    torch.cuda.synchronize()
+    return spent
+
+
+def weight_bytes(model, tokens: int, experts_touched: float) -> float:
+    """Bytes of weights a step of `tokens` tokens reads: every weight but the embedding table (a row per token)
+    and the routed experts (the share `experts_touched` of them)."""
+    total = 0.0
+    for name, p in model.named_parameters():
+        nbytes = p.numel() * p.element_size()
+        if name == "embed_tokens":
+            nbytes = tokens * p.shape[1] * p.element_size()
+        elif name.endswith(("mlp.gate_up_proj", "mlp.down_proj")) and p.dim() == 3:
+            nbytes *= experts_touched
+        total += nbytes
+    return total
 
 
 def gemm_rate_flops_per_s(n: int = 8192) -> float:

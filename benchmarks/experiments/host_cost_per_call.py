@@ -10,27 +10,17 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # benchmarks/common.py
+
+from common import host_us  # noqa: E402
 
 from kda_serving.model.norm import rms_norm  # noqa: E402
 from kda_serving.ops import gated_norm  # noqa: E402
 from kda_serving.ops.gated_norm import _gated_rms_norm_cuda  # noqa: E402
-
-
-def host_us(fn, n: int = 200) -> float:
-    for _ in range(20):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    spent = (time.perf_counter() - t0) / n * 1e6
-    torch.cuda.synchronize()
-    return spent
 
 
 @torch.inference_mode()
@@ -54,7 +44,7 @@ def main() -> None:
     }
     print(torch.cuda.get_device_name())
     for name, fn in calls.items():
-        print(f"{name:30s} {host_us(fn):7.1f} us host per call")
+        print(f"{name:30s} {host_us(fn, n=200):7.1f} us host per call")
 
 
 if __name__ == "__main__":

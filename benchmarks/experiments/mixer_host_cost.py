@@ -22,23 +22,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench_engine import random_kimi48b_model  # noqa: E402
-from bench_prompt_step import STEPS, make_step  # noqa: E402
+from common import host_us  # noqa: E402
+from bench_prompt_step import STEPS, make_step, step_engine  # noqa: E402
 
-from kda_serving.engine import EngineConfig, LLMEngine  # noqa: E402
 from kda_serving.ops import causal_conv1d_prefill, cuda_lib, indices_checked_by_caller, kda_prefill  # noqa: E402
 from kda_serving.ops.contract import validate_kda_args  # noqa: E402
-
-
-def host_us(fn, n: int = 100) -> float:
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    spent = (time.perf_counter() - t0) / n * 1e6
-    torch.cuda.synchronize()
-    return spent
 
 
 def busy_host_us(fn) -> float:
@@ -60,9 +48,7 @@ def main() -> None:
     args = ap.parse_args()
     seqs = dict(STEPS)[args.step]
     model = random_kimi48b_model(torch.device("cuda"))
-    blocks = sum(-(-(c + n) // 16) for c, n in seqs)
-    engine = LLMEngine(EngineConfig(device="cuda", max_num_seqs=64, max_num_batched_tokens=2048,
-                                    num_state_slots=64, num_kv_blocks=blocks), model=model)
+    engine = step_engine(model, [seqs])
     runner, caches = engine.runner, engine.runner.caches
     host = make_step(seqs, model.config.vocab_size, torch.Generator().manual_seed(0))
     batch = host.to("cuda")
@@ -86,7 +72,8 @@ def main() -> None:
                      has_initial_state=batch.has_initial_state)
     calls = {
         "PromptGraphs.run (whole step)": lambda: graphs.run(host, batch),
-        "batch.check + batch.to": lambda: (host.check(64, blocks + 1, 16), host.to("cuda")),
+        "batch.check + batch.to": lambda: (host.check(engine.config.num_state_slots, runner.num_kv_blocks, 16),
+                                           host.to("cuda")),
         "KDA mix (layer 0)": lambda: model.mix(0, kda_carry, batch, caches),
         "  causal_conv1d_prefill": lambda: causal_conv1d_prefill(
             kda_carry["qkv"], block.conv_weight, None, batch.cu_seqlens, caches.conv[0], batch.state_slots,

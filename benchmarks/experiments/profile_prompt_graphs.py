@@ -22,9 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench_engine import random_kimi48b_model  # noqa: E402
-from bench_prompt_step import STEPS, make_step  # noqa: E402
+from bench_prompt_step import STEPS, make_step, step_engine  # noqa: E402
 
-from kda_serving.engine import EngineConfig, LLMEngine  # noqa: E402
 
 
 def main() -> None:
@@ -33,9 +32,7 @@ def main() -> None:
     args = ap.parse_args()
     seqs = dict(STEPS)[args.step]
     model = random_kimi48b_model(torch.device("cuda"))
-    blocks = sum(-(-(c + n) // 16) for c, n in seqs)
-    engine = LLMEngine(EngineConfig(device="cuda", max_num_seqs=64, max_num_batched_tokens=2048,
-                                    num_state_slots=64, num_kv_blocks=blocks), model=model)
+    engine = step_engine(model, [seqs])
     runner = engine.runner
     batch = make_step(seqs, model.config.vocab_size, torch.Generator().manual_seed(0))
     nothing = SimpleNamespace(state_restores=[], block_copies=[], state_saves=[])

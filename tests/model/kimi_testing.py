@@ -195,6 +195,17 @@ def run_step(model, caches, chunks: list[tuple[Sequence, int]], block_size: int,
     return logits
 
 
+def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| in float64."""
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def clone_caches(caches):
+    """A copy of a ModelCaches, every pool cloned."""
+    return type(caches)(*[[t.clone() for t in pools] for pools in (caches.recurrent, caches.conv, caches.kv)])
+
+
 def logit_error(ours: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
     """(max |ours - ref| / max |ref|, ||ours - ref|| / ||ref||); inf if ours has a NaN/Inf."""
     if not torch.isfinite(ours).all():

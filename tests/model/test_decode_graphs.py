@@ -13,20 +13,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kimi_testing import Sequence, make_batch
+from kimi_testing import Sequence, clone_caches, make_batch, rel_error
 
 from kda_serving.engine.cuda_graphs import MIN_KV_BUCKET, DecodeGraphs
 
 BLOCK = 16
 
-
-def _rel(a, b) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm()).item()
-
-
-def _clone(caches):
-    return type(caches)(*[[t.clone() for t in pools] for pools in (caches.recurrent, caches.conv, caches.kv)])
 
 
 @pytest.mark.gpu
@@ -44,8 +36,8 @@ def test_graph_decode_steps_match_eager_steps():
     model.forward(make_batch([(s, len(s.tokens) - 4) for s in seqs], BLOCK).to("cuda"), eager)
     for s in seqs:
         s.done = len(s.tokens) - 4
-    graphed = _clone(eager)
-    before = _clone(eager)
+    graphed = clone_caches(eager)
+    before = clone_caches(eager)
     graphs = DecodeGraphs(model, graphed, max_num_seqs=8, block_size=BLOCK, max_model_len=num_blocks * BLOCK,
                           scratch_slot=num_blocks * BLOCK)
 
@@ -57,7 +49,7 @@ def test_graph_decode_steps_match_eager_steps():
         out = graphs.run(batch)
         torch.cuda.synchronize()
         assert out.shape == ref.shape and torch.isfinite(out).all()
-        err = _rel(out, ref)
+        err = rel_error(out, ref)
         print(f"step {step} ({len(live)} sequences): logits rel {err:.2e}")
         assert err <= 1e-2
         for s in live:
@@ -67,12 +59,12 @@ def test_graph_decode_steps_match_eager_steps():
     slots = [s.slot for s in seqs]
     for name, ours, ref in (("recurrent", graphed.recurrent, eager.recurrent), ("conv", graphed.conv, eager.conv)):
         for layer, (a, b) in enumerate(zip(ours, ref)):
-            e = _rel(a[slots], b[slots])
+            e = rel_error(a[slots], b[slots])
             print(f"{name} state layer {layer}: rel {e:.2e}")
             assert e <= 1e-2
     owned = sorted(b for s in seqs for b in s.blocks)
     for a, b in zip(graphed.kv, eager.kv):
-        assert _rel(a[owned], b[owned]) <= 1e-2
+        assert rel_error(a[owned], b[owned]) <= 1e-2
     # Nothing outside the sequences' slots and blocks moved, except the graph's scratch block.
     free_slots = [i for i in range(8) if i not in slots]
     free_blocks = [i for i in range(num_blocks) if i not in owned]
@@ -105,8 +97,8 @@ def test_one_graph_serves_every_key_length_on_the_paged_kernel():
     for s in seqs:  # one prefill each (the 1,500-token one alone is within the default chunk of the tests)
         model.forward(make_batch([(s, len(s.tokens) - 4)], BLOCK).to("cuda"), eager)
         s.done = len(s.tokens) - 4
-    graphed = _clone(eager)
-    before = _clone(eager)
+    graphed = clone_caches(eager)
+    before = clone_caches(eager)
     graphs = DecodeGraphs(model, graphed, max_num_seqs=8, block_size=BLOCK, max_model_len=num_blocks * BLOCK,
                           scratch_slot=num_blocks * BLOCK, any_length=True)
     graphs.block_tables.random_(0, num_blocks)  # stale columns: blocks other sequences hold
@@ -116,7 +108,7 @@ def test_one_graph_serves_every_key_length_on_the_paged_kernel():
         ref = model.forward(batch.to("cuda"), eager)
         out = graphs.run(batch)
         torch.cuda.synchronize()
-        err = _rel(out, ref)
+        err = rel_error(out, ref)
         print(f"step {step} (sequences of {[seqs[i].done + 1 for i in live]} keys): logits rel {err:.2e}")
         assert torch.isfinite(out).all() and err <= 1e-2
         for s, _ in chunk:
@@ -124,9 +116,9 @@ def test_one_graph_serves_every_key_length_on_the_paged_kernel():
     assert set(graphs.graphs) == {(4, 1, graphs.kv_limit), (2, 1, graphs.kv_limit)}
     slots = [s.slot for s in seqs]
     for ours, ref in zip(graphed.recurrent + graphed.conv, eager.recurrent + eager.conv):
-        assert _rel(ours[slots], ref[slots]) <= 1e-2
+        assert rel_error(ours[slots], ref[slots]) <= 1e-2
     owned = sorted(b for s in seqs for b in s.blocks)
     free_blocks = [i for i in range(num_blocks) if i not in owned]
     for a, b, c in zip(graphed.kv, eager.kv, before.kv):
-        assert _rel(a[owned], b[owned]) <= 1e-2
+        assert rel_error(a[owned], b[owned]) <= 1e-2
         assert torch.equal(a[free_blocks], c[free_blocks])

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kimi_testing import Sequence, make_batch
+from kimi_testing import Sequence, clone_caches, make_batch, rel_error
 
 from kda_serving.engine.prompt_graphs import PromptGraphs, token_buckets
 from kda_serving.model.batch import SpecVerify, StateCheckpoints
@@ -26,14 +26,6 @@ from kda_serving.ops import indices_checked_by_caller
 
 BLOCK = 16
 
-
-def _rel(a, b) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm()).item()
-
-
-def _clone(caches):
-    return type(caches)(*[[t.clone() for t in pools] for pools in (caches.recurrent, caches.conv, caches.kv)])
 
 
 class _Rerun:
@@ -76,7 +68,7 @@ def test_pieces_compose_to_the_forward():
     caches = model.allocate_caches(4, 8, BLOCK)
     seq = Sequence(list(range(3, 40)), slot=1, blocks=[5, 2, 7])
     batch = make_batch([(seq, 37)], BLOCK)
-    ref = model.forward(batch, _clone(caches))
+    ref = model.forward(batch, clone_caches(caches))
     with torch.inference_mode():
         carry = model.piece(0, {}, batch, caches)
         for i in range(len(model.layers)):
@@ -127,8 +119,8 @@ def _check_prompt_steps(model, graphs_class, tol: float) -> None:
     gen = torch.Generator().manual_seed(0)
     for pool in eager.recurrent + eager.conv + eager.kv:  # stale contents everywhere, as in a running engine
         pool.copy_(torch.randn(pool.shape, generator=gen).to(pool.dtype) * 0.1)
-    before = _clone(eager)
-    graphed = _clone(eager)
+    before = clone_caches(eager)
+    graphed = clone_caches(eager)
     graphs = graphs_class(model, graphed, max_tokens=128, scratch_slot=num_blocks * BLOCK)
 
     def seq(n, slot, blocks):
@@ -153,7 +145,7 @@ def _check_prompt_steps(model, graphs_class, tol: float) -> None:
         with torch.inference_mode(), indices_checked_by_caller():
             out = graphs.run(batch, batch.to(device))
         assert out.shape == ref.shape and torch.isfinite(out).all()
-        err = _rel(out, ref)
+        err = rel_error(out, ref)
         print(f"step {step} ({batch.num_tokens} tokens, bucket {graphs.bucket(batch.num_tokens)}): logits rel "
               f"{err:.2e}")
         assert err <= tol
@@ -164,12 +156,12 @@ def _check_prompt_steps(model, graphs_class, tol: float) -> None:
     slots = [1, 6, 4, 9, 12, 13, 14, 15, 2, 3, 5]
     for name, ours, ref in (("recurrent", graphed.recurrent, eager.recurrent), ("conv", graphed.conv, eager.conv)):
         for layer, (x, y) in enumerate(zip(ours, ref)):
-            e = _rel(x[slots], y[slots])
+            e = rel_error(x[slots], y[slots])
             print(f"{name} state layer {layer}: rel {e:.2e}")
             assert e <= tol
     owned = sorted({blk for s in (a, b, c, d) for blk in s.blocks})
     for x, y in zip(graphed.kv, eager.kv):
-        assert _rel(x[owned], y[owned]) <= tol
+        assert rel_error(x[owned], y[owned]) <= tol
     free_slots = [i for i in range(num_slots) if i not in slots]
     free_blocks = [i for i in range(num_blocks) if i not in owned]
     for x, y in zip(graphed.recurrent + graphed.conv, before.recurrent + before.conv):

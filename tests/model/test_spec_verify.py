@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kimi_testing import Sequence, make_batch
+from kimi_testing import Sequence, clone_caches, make_batch, rel_error
 
 from kda_serving.model.batch import SpecVerify
 
@@ -25,14 +25,6 @@ DEVICES = [
         pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]),
 ]
 
-
-def _rel(a, b) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm()).item()
-
-
-def _clone(caches):
-    return type(caches)(*[[t.clone() for t in pools] for pools in (caches.recurrent, caches.conv, caches.kv)])
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -81,7 +73,7 @@ def _check_verify_step(model, specs, num_blocks: int) -> None:
     assert not batch.is_decode and batch.decode_only
     batch.check(num_slots + 1, num_blocks + 1, BLOCK)
 
-    decoded, verified = _clone(base), _clone(base)
+    decoded, verified = clone_caches(base), clone_caches(base)
     steps = []
     for t in range(W):
         steps.append(model.forward(make_batch([(s, 1) for s in seqs], BLOCK).to(device), decoded))
@@ -93,7 +85,7 @@ def _check_verify_step(model, specs, num_blocks: int) -> None:
         s.done -= W
     runs = [("eager", model.forward(batch.to(device), verified), verified)]
     if device == "cuda":
-        graphed = _clone(base)
+        graphed = clone_caches(base)
         graphs = DecodeGraphs(model, graphed, max_num_seqs=4, block_size=BLOCK, max_model_len=num_blocks * BLOCK,
                               scratch_slot=num_blocks * BLOCK, max_width=W, scratch_state_slot=num_slots,
                               any_length=model.decode_any_length)
@@ -104,13 +96,13 @@ def _check_verify_step(model, specs, num_blocks: int) -> None:
     for name, logits, caches in runs:
         logits = logits.view(len(seqs), W, -1)
         for t, (ref, kept) in enumerate(steps):
-            err = _rel(logits[:, t], ref)
+            err = rel_error(logits[:, t], ref)
             print(f"{device} {name} token {t}: logits rel {err:.2e}")
             assert err <= tol
             pools = caches.recurrent + caches.conv
             for layer, (pool, states) in enumerate(zip(pools, kept)):
                 for n, state in enumerate(states):
-                    assert _rel(pool[out_slots[n, t]], state) <= tol, (name, t, layer, n)
+                    assert rel_error(pool[out_slots[n, t]], state) <= tol, (name, t, layer, n)
         for pools, before in ((caches.recurrent, base.recurrent), (caches.conv, base.conv)):
             for a, b in zip(pools, before):
                 for s in seqs:  # the sequence's own slot is only read
@@ -121,4 +113,4 @@ def _check_verify_step(model, specs, num_blocks: int) -> None:
             others = [i for i in range(num_blocks) if i not in owned_blocks]
             assert torch.equal(a[others], b[others])
             owned = sorted(owned_blocks)
-            assert _rel(a[owned], d[owned]) <= tol  # the latents the verified tokens appended
+            assert rel_error(a[owned], d[owned]) <= tol  # the latents the verified tokens appended
