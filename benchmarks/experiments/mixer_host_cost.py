@@ -1,6 +1,10 @@
-"""Host time of the eager parts of a step replayed from prompt graphs (experiment, not part of CI): each mixer
-(KDA: short convolution and recurrence; MLA: attention), its ops, and the logits, on bench_prompt_step.py's
-4-layer Kimi-Linear-48B-shaped engine; then cProfile of PromptGraphs.run, the functions with the most own time.
+"""Host time of the eager parts of a step replayed from prompt graphs (experiment, not part of CI), on
+bench_prompt_step.py's 4-layer Kimi-Linear-48B-shaped engine and one of its steps (--step, a name from STEPS):
+1. each mixer (KDA: short convolution and recurrence; MLA: attention), its ops, the logits and one replay,
+   called alone (host microseconds per call), then once behind a ~20 ms sleep kernel (a call that waits for the
+   GPU shows ~20,000);
+2. cProfile of PromptGraphs.run, the functions with the most own time;
+3. the same phases timed inside whole steps (ModelRunner.execute).
 
     python benchmarks/experiments/mixer_host_cost.py [--step "1 prompt x 16"]
 """
@@ -12,6 +16,7 @@ import cProfile
 import io
 import os
 import pstats
+import statistics
 import sys
 import time
 from types import SimpleNamespace
@@ -107,6 +112,43 @@ def main() -> None:
     text = io.StringIO()
     pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(35)
     print(text.getvalue())
+    time_phases(runner, host, captured)
+
+
+def time_phases(runner, host, captured) -> None:
+    """Host time of each phase inside whole steps (ModelRunner.execute, the device drained around each): the
+    replays, the mixers and the logits, per step over 10 steps."""
+    model, graphs = runner.model, runner.prompt_graphs
+    nothing = SimpleNamespace(state_restores=[], block_copies=[], state_saves=[])
+    spent: dict[str, list[float]] = {}
+
+    def timed(name, fn):
+        def wrapper(*a, **kw):
+            t0 = time.perf_counter()
+            out = fn(*a, **kw)
+            spent.setdefault(name, []).append(1e6 * (time.perf_counter() - t0))
+            return out
+        return wrapper
+
+    saved = model.mix, model.logits, graphs.run, [g.replay for g in captured.graphs]
+    model.mix, model.logits, graphs.run = timed("mix", model.mix), timed("logits", model.logits), timed(
+        "PromptGraphs.run", graphs.run)
+    for g in captured.graphs:
+        g.replay = timed("replay", g.replay)
+    walls = []
+    for _ in range(10):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        runner.execute(nothing, host)
+        walls.append(1e6 * (time.perf_counter() - t0))
+        torch.cuda.synchronize()
+    model.mix, model.logits, graphs.run, replays = saved
+    for g, replay in zip(captured.graphs, replays):
+        g.replay = replay
+    print(f"phases inside whole steps: execute {statistics.median(walls):.0f} us of host (median of 10)")
+    for name, values in spent.items():
+        print(f"  {name:18s} {len(values) // 10:3d} calls/step, {statistics.median(values):7.1f} us median each, "
+              f"{sum(values) / 10:7.1f} us/step")
 
 
 if __name__ == "__main__":
