@@ -37,8 +37,10 @@ class IncrementalDetokenizer:
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def append(self, token_ids: list[int]) -> bool:
-        """Adds output tokens; True when the text now contains a stop string (and was cut before it)."""
+    def append(self, token_ids: list[int], check_stop: bool = True) -> bool:
+        """Adds output tokens; True when the text now contains a stop string (and was cut before it). With
+        check_stop False the stop strings are not looked for (before a request's min_tokens); the next search
+        still covers the held-back end of the text."""
         if self.tokenizer is None:
             return False
         new = self._stream_text(token_ids) if self._stream is not None else self._window_text(token_ids)
@@ -46,6 +48,8 @@ class IncrementalDetokenizer:
             return False
         search_from = max(0, len(self.text) - self._holdback)
         self.text += new
+        if not check_stop:
+            return False
         hits = [at for at in (self.text.find(s, search_from) for s in self.stop) if at >= 0]
         if hits:
             self.text = self.text[: min(hits)]

@@ -215,6 +215,7 @@ class LLMEngine:
         if not sampled:
             return None
         index, params, generators, histories, constrained, matchers = [], [], [], [], [], []
+        banned = ([], [])  # (row, token) pairs: what would end a request before its min_tokens
         for c, first in zip(out.chunks, first_row):
             if not c.sample:
                 continue
@@ -223,17 +224,26 @@ class LLMEngine:
                 constrained += range(len(index), len(index) + len(c.drafts) + 1)
                 matchers.append((seq.matcher, c.drafts))
             for j in range(len(c.drafts) + 1):
+                if seq.num_output_tokens + j < seq.params.min_tokens:  # row j samples output token num + j
+                    stops = self._stop_tokens(seq.params)
+                    banned[0].extend([len(index)] * len(stops))
+                    banned[1].extend(stops)
                 index.append(first + j)
                 params.append(seq.params)
                 generators.append(seq.generator)
                 histories.append(self._history(seq, c.drafts[:j]) if seq.params.penalized else None)
         allowed = (constrained, self.structured.token_mask(matchers, logits.device)) if constrained else None
         result = self.sampler.sample(logits[host_to_device(index, logits.device)], params, generators, histories,
-                                     allowed, previous.result.tokens if previous is not None else None)
+                                     allowed, previous.result.tokens if previous is not None else None, banned)
         deferred = self._async and all(c.seq.matcher is None for c in sampled)
         if deferred:
             result.copy_to_host()
         return SampledStep(sampled, result, deferred)
+
+    def _stop_tokens(self, params: SamplingParams) -> list[int]:
+        """The tokens that end a request of these params: its stop_token_ids, and eos unless ignore_eos."""
+        eos = () if params.ignore_eos else self.eos_token_ids
+        return sorted(set(params.stop_token_ids) | set(eos))
 
     @staticmethod
     def _history(seq: Sequence, drafts: list[int]) -> tuple:
@@ -320,7 +330,8 @@ class LLMEngine:
 
     def _stop_reason(self, seq: Sequence, token: int) -> str | None:
         p = seq.params
-        hit_stop_string = seq.detokenizer.append([token])
+        # stop strings count only past min_tokens (the stop tokens were not sampled before it: _sample)
+        hit_stop_string = seq.detokenizer.append([token], check_stop=seq.num_output_tokens > p.min_tokens)
         if hit_stop_string or token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
             return "stop"
         if seq.matcher is not None:

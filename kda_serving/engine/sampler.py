@@ -1,5 +1,5 @@
-"""Picks each sequence's next token from its logits: penalties, then greedy or temperature / top-k / top-p
-sampling."""
+"""Picks each sequence's next token from its logits: penalties, then greedy or temperature / top-k / min-p /
+top-p sampling."""
 
 from __future__ import annotations
 
@@ -76,15 +76,18 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, params: list[SamplingParams], generators: list,
                  histories: list[tuple[list[int], int]] | None = None,
-                 allowed: tuple[list[int], torch.Tensor] | None = None) -> SampleResult:
+                 allowed: tuple[list[int], torch.Tensor] | None = None,
+                 banned: tuple[list[int], list[int]] | None = None) -> SampleResult:
         """allowed: (rows, [len(rows), vocab] bool) the only tokens those rows may choose (structured
-        outputs), applied after penalties and biases."""
-        return self.sample(logits, params, generators, histories, allowed).result()
+        outputs), applied after penalties and biases. banned: (rows, token ids), pairs that may not be chosen
+        (the tokens that would end a request before its min_tokens), applied with the biases."""
+        return self.sample(logits, params, generators, histories, allowed, banned=banned).result()
 
     def sample(self, logits: torch.Tensor, params: list[SamplingParams], generators: list,
                histories: list[tuple] | None = None,
                allowed: tuple[list[int], torch.Tensor] | None = None,
-               pending_tokens: torch.Tensor | None = None) -> DeviceSample:
+               pending_tokens: torch.Tensor | None = None,
+               banned: tuple[list[int], list[int]] | None = None) -> DeviceSample:
         """The same choice as __call__, left on the logits' device: nothing here waits for it. A history may
         name its row's last output token by its index in pending_tokens, a previous step's tokens still on the
         device (penalize)."""
@@ -93,7 +96,8 @@ class Sampler:
         scores = logits  # what the token is chosen from
         penalized = [i for i, p in enumerate(params) if p.penalized]
         biased = [i for i, p in enumerate(params) if p.logit_bias]
-        if penalized or biased or allowed is not None:
+        banned = banned if banned is not None and banned[0] else None
+        if penalized or biased or allowed is not None or banned is not None:
             scores = logits.clone()
         if penalized:
             if histories is None:
@@ -105,6 +109,9 @@ class Sampler:
             rows, ids, bias = zip(*[(i, t, b) for i in biased for t, b in params[i].logit_bias])
             scores.index_put_((host_to_device(rows, logits.device), host_to_device(ids, logits.device)),
                               host_to_device(bias, logits.device), accumulate=True)
+        if banned is not None:
+            rows, ids = (host_to_device(x, logits.device, torch.int64) for x in banned)
+            scores.index_put_((rows, ids), scores.new_full((len(banned[0]),), float("-inf")))
         if allowed is not None:
             rows = host_to_device(allowed[0], logits.device)
             scores[rows] = scores[rows].masked_fill(~allowed[1], float("-inf"))
@@ -141,8 +148,10 @@ class Sampler:
 
     @staticmethod
     def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-        """Softmax of logits / temperature with everything outside each row's top-k and top-p set to 0, not
-        renormalised (the race compares a row's entries only with each other).
+        """Softmax of logits / temperature with everything outside each row's top-k, min-p and top-p sets set to
+        0, not renormalised (the race compares a row's entries only with each other). Top-p applies to what the
+        other two keep, renormalised, as in vLLM; the top-k and min-p cuts commute (the most likely token
+        survives both, and min-p's threshold on the logits is the row's largest logit + log(min_p)).
 
         Nothing is sorted: each cut is a threshold per row found by a radix search (kda_serving.ops.sampling),
         the k-th largest logit and the smallest probability of the top-p set. Sorting every row of a
@@ -158,6 +167,9 @@ class Sampler:
         if min(ks) < vocab:
             kth = top_k_floor(logits, ks).unsqueeze(1)
             logits = logits.masked_fill(logits < kth, float("-inf"))
+        if any(p.min_p > 0 for p in params):
+            log_min_p = host_to_device([p.min_p for p in params], device).log().unsqueeze(1)  # 0 -> -inf: no cut
+            logits = logits.masked_fill(logits < logits.amax(dim=-1, keepdim=True) + log_min_p, float("-inf"))
         probs = logits.softmax(dim=-1)
         if any(p.top_p < 1 for p in params):
             floor = top_p_floor(probs, [p.top_p for p in params]).unsqueeze(1)

@@ -40,10 +40,12 @@ def _is_number(x) -> bool:
 class SamplingParams:
     """Sampling and stopping for one request.
 
-    temperature 0 is greedy (top_p/top_k/seed are then ignored). top_k 0 means no top-k cut. `stop` strings end
-    the text at (not including) the first match; `stop_token_ids` and the tokenizer's eos end it after that
-    token (eos unless ignore_eos). `logprobs` None returns none; k >= 0 returns the chosen token's log
-    probability and the k most likely alternatives for every new token. `seed` makes a sampled request
+    temperature 0 is greedy (top_p/top_k/min_p/seed are then ignored). top_k 0 means no top-k cut; min_p cuts
+    the tokens less likely than min_p times the most likely one (0: no cut). `stop` strings end the text at (not
+    including) the first match; `stop_token_ids` and the tokenizer's eos end it after that token (eos unless
+    ignore_eos). Before `min_tokens` output tokens none of them ends it: eos and stop_token_ids are not sampled
+    and stop strings are not looked for (vLLM's rule). `logprobs` None returns none; k >= 0 returns the chosen
+    token's log probability and the k most likely alternatives for every new token. `seed` makes a sampled request
     reproducible regardless of what it is batched with. Penalties, on the logits the token is chosen from (not
     on the logprobs reported): `repetition_penalty` r divides a positive logit by r and multiplies a negative
     one by r for every token already in the prompt or the output (1 = off); then `frequency_penalty` times
@@ -61,10 +63,12 @@ class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    min_p: float = 0.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    min_tokens: int = 0
     logprobs: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -90,6 +94,10 @@ class SamplingParams:
             raise TypeError(f"SamplingParams: 'top_k' must be an int, got {type(self.top_k).__name__}")
         if self.top_k < 0:
             raise ValueError(f"SamplingParams: 'top_k' must be >= 0 (0 = no limit), got {self.top_k}")
+        if not _is_number(self.min_p):
+            raise TypeError(f"SamplingParams: 'min_p' must be a number, got {type(self.min_p).__name__}")
+        if not (0.0 <= self.min_p <= 1.0):
+            raise ValueError(f"SamplingParams: 'min_p' must be in [0, 1], got {self.min_p}")
         if self.seed is not None and not _is_int(self.seed):
             raise TypeError(f"SamplingParams: 'seed' must be an int or None, got {type(self.seed).__name__}")
         if self.seed is not None and not (0 <= self.seed < 2**63):
@@ -108,6 +116,11 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", tuple(ids))
         if not isinstance(self.ignore_eos, bool):
             raise TypeError(f"SamplingParams: 'ignore_eos' must be a bool, got {type(self.ignore_eos).__name__}")
+        if not _is_int(self.min_tokens):
+            raise TypeError(f"SamplingParams: 'min_tokens' must be an int, got {type(self.min_tokens).__name__}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"SamplingParams: 'min_tokens' must be in [0, max_tokens={self.max_tokens}], got "
+                             f"{self.min_tokens}")
         if self.logprobs is not None:
             if not _is_int(self.logprobs):
                 raise TypeError(
@@ -151,6 +164,8 @@ class SamplingParams:
                 raise TypeError("SamplingParams: 'structured_output' must be None or a (kind, spec) pair")
             _check_structured(*so)
             object.__setattr__(self, "structured_output", tuple(so))
+            if self.min_tokens:  # the grammar says where the output may end; a ban on eos could leave no token
+                raise ValueError("SamplingParams: 'min_tokens' cannot be combined with 'structured_output'")
 
     @property
     def greedy(self) -> bool:

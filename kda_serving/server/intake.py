@@ -115,6 +115,8 @@ def sampling_params(request: CompletionRequest | ChatCompletionRequest, max_toke
         kwargs["top_p"] = request.top_p
     if request.top_k is not None:
         kwargs["top_k"] = max(request.top_k, 0)
+    if request.min_p is not None:
+        kwargs["min_p"] = request.min_p
     if request.seed is not None:
         kwargs["seed"] = (request.seed + choice) % (INT64_MAX + 1)
     for name in ("presence_penalty", "frequency_penalty", "repetition_penalty"):
@@ -128,6 +130,7 @@ def sampling_params(request: CompletionRequest | ChatCompletionRequest, max_toke
     try:
         return SamplingParams(max_tokens=max_tokens, stop=tuple(request.stop_list()),
                               stop_token_ids=tuple(request.stop_token_ids or ()), ignore_eos=request.ignore_eos,
+                              min_tokens=request.min_tokens,
                               logprobs=logprobs, output_kind="delta", **kwargs)
     except (TypeError, ValueError) as exc:
         raise bad_request(str(exc)) from None

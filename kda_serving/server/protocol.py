@@ -7,8 +7,8 @@ implement (`suffix`, ...) are accepted only at their neutral value and refused o
 (text, json_object, json_schema) constrains the output (engine/structured.py), and so does a forced tool call
 (`tool_choice` 'required' or a named function); 'auto' (the default with tools) reads the calls from the
 model's own format (server/tool_parsers.py).
-Five vLLM-style extensions are accepted because the engine has them: `top_k`, `ignore_eos`, `stop_token_ids`,
-`repetition_penalty`, `priority`.
+Seven vLLM-style extensions are accepted because the engine has them: `top_k`, `min_p`, `ignore_eos`,
+`stop_token_ids`, `min_tokens`, `repetition_penalty`, `priority`.
 """
 
 from __future__ import annotations
@@ -75,8 +75,10 @@ class _SamplingFields(_Strict):
     user: str | None = None
     # vLLM-style extensions the engine implements.
     top_k: int | None = Field(None, ge=-1)  # -1 or 0: no top-k cut
+    min_p: float | None = Field(None, ge=0.0, le=1.0)  # 0: no cut
     ignore_eos: bool = False
     stop_token_ids: list[NonNegInt] | None = None
+    min_tokens: int = Field(0, ge=0)  # no stop before this many output tokens
     repetition_penalty: float | None = Field(None, gt=0.0, allow_inf_nan=False)
     priority: int = Field(0, ge=-INT64_MAX, le=INT64_MAX)  # lower first; needs --scheduling-policy priority
     response_format: ResponseFormat | None = None  # OpenAI's; on /v1/completions too, as in vLLM

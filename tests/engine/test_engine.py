@@ -30,6 +30,48 @@ def test_stop_token_ids_and_max_tokens(llm):
     assert out.finish_reason == "stop" and out.output_token_ids == ref.output_token_ids[: first + 1]
 
 
+def test_min_tokens_holds_off_every_stop(llm):
+    """A +100 bias makes a stop token (a stop_token_id, or eos) every step's choice: without min_tokens the request
+    stops at its first token, with min_tokens 4 the stop token is banned for the first 4 and ends it at the
+    fifth; greedy or sampled, one request at a time or batched (rows of other requests untouched)."""
+    prompt = random_prompts([12], 211, seed=11)[0]
+    eos = min(llm.engine.eos_token_ids)
+    for stop in (dict(stop_token_ids=[17]), dict()):
+        token = 17 if stop else eos
+        for temperature in (0.0, 1.0):
+            base = dict(temperature=temperature, seed=3, max_tokens=8, logit_bias={token: 100.0}, **stop)
+            free, held, other = llm.generate([prompt] * 3, [
+                SamplingParams(**base), SamplingParams(min_tokens=4, **base),
+                SamplingParams(**{**base, "stop_token_ids": [], "logit_bias": {}}, ignore_eos=True)])
+            assert free.output_token_ids == [token] and free.finish_reason == "stop"
+            assert len(held.output_token_ids) == 5 and held.finish_reason == "stop"
+            assert held.output_token_ids[-1] == token and token not in held.output_token_ids[:4]
+            assert other.finish_reason == "length" and len(other.output_token_ids) == 8
+
+
+def test_min_tokens_holds_off_stop_strings():
+    """The default model (with a tokenizer): a stop string that the text reaches at its first tokens ends it
+    there without min_tokens; with min_tokens 6 the search starts with the seventh token's text (and the end of
+    the text before it that a match could start in), as vLLM's detokenizer does."""
+    llm = LLM(num_state_slots=8, num_kv_blocks=64)
+    prompt = "The quick brown fox"
+    ref = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0]
+    texts = [llm.tokenizer.decode(ref.output_token_ids[: i + 1], skip_special_tokens=True) for i in range(12)]
+    stop = texts[1][-1]  # in the text by the second token
+    early = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop=[stop]))[0]
+    assert early.finish_reason == "stop" and early.text == ref.text[: ref.text.index(stop)]
+    assert len(early.output_token_ids) <= 2
+    held = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop=[stop],
+                                               min_tokens=6))[0]
+    cut = ref.text.find(stop, len(texts[5]) - (len(stop) - 1))
+    assert held.output_token_ids == ref.output_token_ids[: len(held.output_token_ids)]
+    if cut < 0:
+        assert held.finish_reason == "length" and held.text == ref.text
+    else:
+        assert held.finish_reason == "stop" and held.text == ref.text[:cut]
+    assert len(held.output_token_ids) > 6 and len(held.text) > len(early.text)
+
+
 def test_max_model_len_ends_generation_and_rejects_long_prompts(tiny_model):
     llm = make_llm(tiny_model, max_model_len=20)
     out = llm.generate([list(range(3, 18))], SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))[0]

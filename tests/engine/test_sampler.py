@@ -1,4 +1,5 @@
-"""Sampler: greedy, temperature, top-k, top-p, per-request seeds and logprobs, on synthetic logits."""
+"""Sampler: greedy, temperature, top-k, min-p, top-p, banned tokens, per-request seeds and logprobs, on synthetic
+logits."""
 
 import math
 
@@ -47,10 +48,10 @@ def test_top_k_and_top_p_cut_the_tail():
 
 
 def _filtered_reference(logits, params):
-    """float64, row by row from the definitions by a sort: softmax(l / T) kept on the top_k largest, then on the
-    smallest set of the largest whose mass (within the top-k) reaches top_p, renormalised. Tokens tied with
-    the last one kept by either cut stay too (the sampler's thresholds keep ties; a sort would split them
-    arbitrarily)."""
+    """float64, row by row from the definitions by a sort: softmax(l / T) kept on the top_k largest and on the
+    tokens at least min_p times as likely as the most likely one, then on the smallest set of the largest whose
+    mass (within those) reaches top_p, renormalised. Tokens tied with the last one kept by either cut stay too
+    (the sampler's thresholds keep ties; a sort would split them arbitrarily)."""
     out = torch.zeros(logits.shape, dtype=torch.float64)
     for r, p in enumerate(params):
         scaled = logits[r].double() / p.temperature
@@ -58,6 +59,9 @@ def _filtered_reference(logits, params):
             kth = scaled.sort(descending=True).values[p.top_k - 1]
             scaled = scaled.masked_fill(scaled < kth, float("-inf"))
         probs = torch.softmax(scaled, dim=-1)
+        if p.min_p > 0:
+            probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
+            probs = probs / probs.sum()
         if p.top_p < 1:
             ordered = probs.sort(descending=True).values
             n = int((torch.cumsum(ordered, 0) - ordered < p.top_p).sum())
@@ -80,6 +84,8 @@ def _check_filtered(logits, params, rtol=1e-5, atol=1e-7):
     [dict(top_k=5), dict(), dict(temperature=0.5)],  # top-k beside none
     [dict(top_p=0.9), dict(top_k=8, top_p=0.5), dict()],  # top-p, within a top-k, beside nothing
     [dict(top_p=0.01), dict(top_p=0.999999), dict(top_p=0.5, temperature=0.05), dict(top_p=0.95, temperature=20)],
+    [dict(min_p=0.1), dict(min_p=0.5, top_k=10), dict(min_p=0.05, top_p=0.8, temperature=1.7), dict(min_p=1.0),
+     dict(min_p=1e-9, temperature=0.3), dict()],  # min-p alone, within a top-k, before a top-p, at its ends
 ])
 def test_filtered_distribution_matches_the_definition_on_every_path(rows):
     logits = torch.randn(len(rows), 300, generator=torch.Generator().manual_seed(3)) * 3
@@ -124,6 +130,29 @@ def test_top_p_on_cuda_matches_the_definition_and_repeats():
     first = Sampler._filtered_probs(on_gpu, params)
     assert torch.equal(first, Sampler._filtered_probs(on_gpu, params))
     _check_filtered(on_gpu, params, rtol=1e-4, atol=1e-9)
+
+
+def test_min_p_keeps_the_tokens_at_least_that_likely_relative_to_the_best():
+    """probabilities 0.5, 0.3, 0.15, 0.05: min_p 0.25 keeps those >= 0.125 (the first three), renormalised;
+    min_p 0.7 the first alone; at temperature 0 min_p changes nothing."""
+    logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()
+    freq = draw(sampler(), logits, SamplingParams(min_p=0.25), 3000)
+    assert freq[3] == 0 and abs(freq[0] - 0.5 / 0.95) < 0.04 and freq[2] > 0
+    assert draw(sampler(), logits, SamplingParams(min_p=0.7), 200)[0] == 1.0
+    shuffled = logits[torch.tensor([2, 0, 3, 1])]
+    assert sampler()(shuffled[None], [SamplingParams(temperature=0, min_p=0.9)], [None]).token_ids == [1]
+
+
+def test_banned_tokens_are_never_chosen():
+    """banned (row, token) pairs lose even a +100 logit bias, greedy or sampled, in their own rows only."""
+    logits = torch.randn(3, 20, generator=torch.Generator().manual_seed(5))
+    params = [SamplingParams(temperature=0, logit_bias={4: 100.0}), SamplingParams(logit_bias={4: 100.0}),
+              SamplingParams(temperature=0, logit_bias={4: 100.0})]
+    banned = ([0, 0, 1], [4, 9, 4])
+    for seed in range(20):
+        out = sampler(seed)(logits, params, [None] * 3, banned=banned)
+        assert out.token_ids[0] not in (4, 9) and out.token_ids[1] != 4 and out.token_ids[2] == 4
+    assert sampler()(logits, params, [None] * 3, banned=([], [])).token_ids[0] == 4
 
 
 def test_seeded_rows_do_not_depend_on_the_batch():
@@ -177,6 +206,9 @@ def test_logprobs_of_chosen_and_top_tokens():
     (dict(top_k=-1), ValueError), (dict(seed="x"), TypeError), (dict(stop=[1]), TypeError),
     (dict(stop=[""]), ValueError), (dict(stop_token_ids=[-1]), ValueError), (dict(logprobs=21), ValueError),
     (dict(ignore_eos=1), TypeError), (dict(top_k=True), TypeError),
+    (dict(min_p=-0.1), ValueError), (dict(min_p=1.01), ValueError), (dict(min_p=float("nan")), ValueError),
+    (dict(min_p="0.1"), TypeError), (dict(min_tokens=-1), ValueError), (dict(min_tokens=17), ValueError),
+    (dict(min_tokens=2.0), TypeError), (dict(min_tokens=1, structured_output=("json_object", "")), ValueError),
 ], ids=lambda x: str(x) if not isinstance(x, type) else x.__name__)
 def test_sampling_params_reject_bad_values(kwargs, error):
     name = next(iter(kwargs))

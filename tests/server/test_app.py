@@ -170,6 +170,11 @@ BAD_REQUESTS = {
     "frequency_penalty out of range": ({"prompt": "x", "frequency_penalty": -2.01}, 400, "frequency_penalty"),
     "zero repetition_penalty": ({"prompt": "x", "repetition_penalty": 0.0}, 400, "repetition_penalty"),
     "float priority": ({"prompt": "x", "priority": 1.5}, 400, "priority"),
+    "min_p out of range": ({"prompt": "x", "min_p": 1.5}, 400, "min_p"),
+    "negative min_tokens": ({"prompt": "x", "min_tokens": -1}, 400, "min_tokens"),
+    "min_tokens over max_tokens": ({"prompt": "x", "max_tokens": 2, "min_tokens": 3}, 400, None),
+    "min_tokens with a response_format": ({"prompt": "x", "min_tokens": 1, "response_format": {
+        "type": "json_object"}}, 400, None),
     "unknown response_format": ({"prompt": "x", "response_format": {"type": "xml"}}, 400, "response_format.type"),
     "json_schema without a schema": ({"prompt": "x", "response_format": {"type": "json_schema"}}, 400,
                                      "response_format.json_schema"),
@@ -219,6 +224,20 @@ def test_penalties_and_biases_reach_the_engine_and_updates_are_deltas():
         assert first.logit_bias == ((7, -100.0), (12, 2.5)) and second.logit_bias == ()
         assert (second.presence_penalty, second.frequency_penalty, second.repetition_penalty) == (0.0, 2.0, 1.0)
         assert first.output_kind == second.output_kind == "delta"
+
+    serve(test)
+
+
+def test_min_p_and_min_tokens_reach_the_engine():
+    async def test(client, engine):
+        r = await client.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 3,
+                                                       "min_p": 0.2, "min_tokens": 2})
+        assert r.status_code == 200
+        r = await client.post("/v1/chat/completions", json={"model": MODEL, "max_tokens": 2,
+                                                            "messages": [{"role": "user", "content": "x"}]})
+        assert r.status_code == 200
+        first, second = engine.seen_params
+        assert (first.min_p, first.min_tokens) == (0.2, 2) and (second.min_p, second.min_tokens) == (0.0, 0)
 
     serve(test)
 
