@@ -143,6 +143,18 @@ def test_min_p_keeps_the_tokens_at_least_that_likely_relative_to_the_best():
     assert sampler()(shuffled[None], [SamplingParams(temperature=0, min_p=0.9)], [None]).token_ids == [1]
 
 
+@pytest.mark.parametrize("min_p", [0.02, 0.3, 0.9])
+def test_min_p_keeps_what_transformers_keeps(min_p):
+    """The kept set against transformers' MinPLogitsWarper (code nobody here wrote), at temperature 0.8."""
+    from transformers.generation.logits_process import MinPLogitsWarper
+
+    logits = torch.randn(8, 500, generator=torch.Generator().manual_seed(9)) * 2.5
+    ours = Sampler._filtered_probs(logits, [SamplingParams(min_p=min_p, temperature=0.8)] * 8) > 0
+    theirs = MinPLogitsWarper(min_p)(torch.zeros(8, 1, dtype=torch.long), logits / 0.8) > float("-inf")
+    assert torch.equal(ours, theirs) and bool(ours.any(-1).all())
+    assert min_p > 0.1 or int(ours.sum()) > 80  # a low min_p keeps many tokens per row
+
+
 def test_banned_tokens_are_never_chosen():
     """banned (row, token) pairs lose even a +100 logit bias, greedy or sampled, in their own rows only."""
     logits = torch.randn(3, 20, generator=torch.Generator().manual_seed(5))
