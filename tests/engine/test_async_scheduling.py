@@ -71,6 +71,14 @@ def test_async_engine_produces_what_the_synchronous_one_does(tiny_model):
     assert stats.generation_tokens_total == sum(len(t) for t in tokens.values())
 
 
+def test_min_tokens_counts_the_token_in_flight(tiny_model):
+    """min_tokens with tokens still on the device: a request whose stop token wins every step (+100 bias) is
+    held off for exactly min_tokens tokens, counting its pending one, as the synchronous engine holds it."""
+    params = SamplingParams(temperature=0, max_tokens=9, stop_token_ids=[17], logit_bias={17: 100.0}, min_tokens=4)
+    results = [run(make_engine(tiny_model, mode), [("m", [5, 6, 7, 8], params)])[1]["m"] for mode in (False, True)]
+    assert results[0] == results[1] and len(results[0]) == 5 and results[0][-1] == 17 and 17 not in results[0][:4]
+
+
 def test_steps_are_deferred_and_outputs_arrive_one_step_later(tiny_model):
     engine = make_engine(tiny_model, True)
     engine.add_request("a", [5, 6, 7], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))

@@ -86,6 +86,23 @@ def test_logprobs_penalties_and_stop_tokens_equal_decoding_one_at_a_time(tiny_mo
     assert any(o.finish_reason == "stop" for o in spec)
 
 
+def test_min_tokens_bans_stop_tokens_at_every_draft_position(tiny_model):
+    """A stop token that wins every step (+100 bias) and min_tokens 6: each verifying row must refuse it exactly
+    at the output positions before the sixth, as decoding one token at a time does. With 3 drafts the verifying
+    steps cover output positions 1-4 and 5-8, the second across min_tokens. Drafts that are the plain run's
+    tokens (the stop at position 6 must be accepted in the step that starts at 5), then drafts with the stop
+    token slipped in at position 5 after correct ones (that row must refuse it)."""
+    prompts = random_prompts([5, 33], 211, seed=8)
+    params = SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[17], logit_bias={17: 100.0},
+                            min_tokens=6)
+    plain = generate(engine(tiny_model), prompts, params)
+    assert all(len(o.output_token_ids) == 7 and o.output_token_ids[-1] == 17 for o in plain)
+    for drafts in ({i: o.output_token_ids for i, o in enumerate(plain)},
+                   {i: o.output_token_ids[:5] + [17] + o.output_token_ids[5:] for i, o in enumerate(plain)}):
+        spec = generate(engine(tiny_model, num_speculative_tokens=3), prompts, params, drafts, p_wrong=0.0)
+        assert [o.output_token_ids for o in spec] == [o.output_token_ids for o in plain]
+
+
 def test_stop_strings_inside_accepted_drafts():
     # The embedded default model (a real tokenizer): a stop string that the run without speculation meets
     # mid-output ends the speculating run at the same token with the same text, even where the drafts run on.
