@@ -118,14 +118,16 @@ def test_top_p_floor_when_every_token_ties():
 
 @pytest.mark.gpu
 def test_top_p_on_cuda_matches_the_definition_and_repeats():
-    """64 rows of 163,840 bf16-rounded logits on the GPU: the kept sets are the float64 definition's, and a
-    second call keeps exactly the same (the histograms' atomic adds are integer adds)."""
+    """64 rows of 163,840 bf16-rounded logits on the GPU (top-p, top-k on every third row, min-p on every
+    fourth): the kept sets are the float64 definition's, and a second call keeps exactly the same (the
+    histograms' atomic adds are integer adds)."""
     g = torch.Generator().manual_seed(11)
     scale = torch.rand(64, 1, generator=g) * 10 + 0.05
     logits = (torch.randn(64, 163840, generator=g) * scale).bfloat16().float()
     top_ks = torch.randint(0, 3000, (64,), generator=g) * (torch.arange(64) % 3 == 0)  # a top-k on every third row
-    params = [SamplingParams(top_p=float(p), top_k=int(k), temperature=float(t)) for p, k, t in zip(
-        torch.rand(64, generator=g).clamp(min=1e-3), top_ks, torch.rand(64, generator=g) + 0.5)]
+    min_ps = (torch.rand(64, generator=g) * 0.3) * (torch.arange(64) % 4 == 1)  # a min-p on every fourth row
+    params = [SamplingParams(top_p=float(p), top_k=int(k), temperature=float(t), min_p=float(m)) for p, k, t, m in zip(
+        torch.rand(64, generator=g).clamp(min=1e-3), top_ks, torch.rand(64, generator=g) + 0.5, min_ps)]
     on_gpu = logits.cuda()
     first = Sampler._filtered_probs(on_gpu, params)
     assert torch.equal(first, Sampler._filtered_probs(on_gpu, params))
