@@ -27,12 +27,22 @@ def block_row(seq: Sequence) -> torch.Tensor:
     return row
 
 
+def prompt_logprob_positions(chunk) -> range:
+    """The positions of a chunk whose logits give prompt tokens' log probabilities (SamplingParams.
+    prompt_logprobs): position p predicts token p + 1, so every position of the chunk before the prompt's last."""
+    seq = chunk.seq
+    if seq.prompt_logprobs is None or chunk.drafts:
+        return range(0)
+    return range(chunk.start, min(chunk.start + chunk.num_tokens, seq.num_prompt_tokens - 1))
+
+
 def build_batch(out: SchedulerOutput, block_size: int, pin_memory: bool = False) -> RaggedBatch:
     """One RaggedBatch for the scheduled chunks, in chunk order (sequence n = out.chunks[n]).
 
     Every sequence gets a logits row (logits_indices = its last new token); rows of prefill chunks that do
     not end the prompt are simply not sampled. A verifying decode (chunk.drafts, first in out.chunks) feeds its
-    last token and its drafts and gets a row for each of them.
+    last token and its drafts and gets a row for each of them. After all of those come the rows of the
+    positions that give prompt logprobs (prompt_logprob_positions), chunk by chunk.
     """
     input_ids, positions, slot_mapping = [], [], []
     cu_seqlens, context_lens, seq_lens, state_slots, query_lens, logits_indices = [0], [], [], [], [], []
@@ -53,6 +63,8 @@ def build_batch(out: SchedulerOutput, block_size: int, pin_memory: bool = False)
         state_slots.append(seq.state_slot)
         query_lens.append(n)
         logits_indices.append(cu_seqlens[-1] - 1)
+    for chunk, offset in zip(out.chunks, cu_seqlens):  # offset: the chunk's first token in the batch
+        logits_indices += [offset + p - chunk.start for p in prompt_logprob_positions(chunk)]
     # [N, longest table], -1 past each table's end; one masked copy (torch's pad_sequence: ~3x slower here)
     rows = [block_row(c.seq) for c in out.chunks]
     lens = torch.tensor([len(c.seq.block_table) for c in out.chunks])

@@ -33,7 +33,7 @@ class LLM:
         """prompts: a string, a list of strings, or a list of token-id lists. sampling_params: one
         SamplingParams for all or one per prompt. priority: None, or one int per prompt (lower served first;
         needs scheduling_policy="priority"). Returns the final output of each prompt, in order, with every
-        token's logprobs where asked for."""
+        token's logprobs (and the prompt's) where asked for."""
         prompt_ids = self._tokenize(prompts)
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
             params = [sampling_params or SamplingParams()] * len(prompt_ids)
@@ -62,6 +62,7 @@ class LLM:
         text: dict[str, list[str]] = {i: [] for i in ids}
         logprobs: dict[str, list] = {i: [] for i in ids}
         top: dict[str, list] = {i: [] for i in ids}
+        prompt_lp: dict[str, tuple] = {}  # the first update's prompt logprobs, where asked for
         while self.engine.has_unfinished_requests():
             for out in self.engine.step():
                 if out.request_id not in tokens:  # not this call's (one left by an interrupted call)
@@ -71,6 +72,8 @@ class LLM:
                 if out.logprobs is not None:
                     logprobs[out.request_id] += out.logprobs
                     top[out.request_id] += out.top_logprobs
+                if out.prompt_logprobs is not None:
+                    prompt_lp[out.request_id] = out.prompt_logprobs, out.prompt_top_logprobs
                 if out.finished:
                     final[out.request_id] = out
         for request_id, out in final.items():  # the whole generation, as one cumulative update
@@ -78,6 +81,8 @@ class LLM:
             out.text = out.delta_text = "".join(text[request_id])
             if out.logprobs is not None:
                 out.logprobs, out.top_logprobs = logprobs[request_id], top[request_id]
+            if request_id in prompt_lp:
+                out.prompt_logprobs, out.prompt_top_logprobs = prompt_lp[request_id]
         return [final[i] for i in ids]
 
     def _tokenize(self, prompts) -> list[list[int]]:

@@ -16,7 +16,7 @@ import torch
 
 from ..cache import KVBlockManager, PrefixCache, StateSlotPool
 from ..model.batch import host_to_device
-from .batch_builder import build_batch
+from .batch_builder import build_batch, prompt_logprob_positions
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
 from .model_runner import ModelRunner
@@ -192,6 +192,7 @@ class LLMEngine:
         decodes = sum(c.num_tokens for c in out.chunks
                       if (c.num_tokens == 1 or c.drafts) and c.start >= c.seq.num_prompt_tokens)
         self.last_step = StepInfo(len(out.chunks), out.num_tokens, out.num_tokens - decodes, out.is_decode)
+        self._collect_prompt_logprobs(out, logits)
         step = self._sample(out, logits, previous)
         outputs = self._finish(previous) if previous is not None else []
         if step is not None:
@@ -239,6 +240,34 @@ class LLMEngine:
         if deferred:
             result.copy_to_host()
         return SampledStep(sampled, result, deferred)
+
+    def _collect_prompt_logprobs(self, out, logits: torch.Tensor) -> None:
+        """Prompt tokens' log probabilities (SamplingParams.prompt_logprobs) from the step's rows past the sampled
+        ones (batch_builder.prompt_logprob_positions), into each request's Sequence.prompt_logprobs. Read back at
+        once: a wait for the device that only steps carrying such a prompt pay. Done 128 rows at a time, so that
+        the log-softmax's copies stay small beside the logits."""
+        wanted = [(c, positions) for c in out.chunks if len(positions := prompt_logprob_positions(c))]
+        if not wanted:
+            return
+        rows = logits[sum(len(c.drafts) + 1 for c in out.chunks):]
+        targets = host_to_device([c.seq.token_ids[p + 1] for c, positions in wanted for p in positions],
+                                 logits.device, torch.int64)
+        k = max(c.seq.params.prompt_logprobs for c, _ in wanted)
+        chosen, top_vals, top_ids = [], [], []
+        for r in range(0, rows.shape[0], 128):
+            logp = torch.log_softmax(rows[r : r + 128].float(), dim=-1)
+            chosen += logp.gather(1, targets[r : r + 128, None]).squeeze(1).tolist()
+            if k:
+                vals, ids = logp.topk(min(k, logp.shape[1]), dim=-1)
+                top_vals += vals.tolist()
+                top_ids += ids.tolist()
+        r = 0
+        for c, positions in wanted:
+            ki = c.seq.params.prompt_logprobs
+            for p in positions:
+                top = dict(zip(top_ids[r][:ki], top_vals[r][:ki])) if ki else {}
+                c.seq.prompt_logprobs[p + 1] = (chosen[r], top)
+                r += 1
 
     def _stop_tokens(self, params: SamplingParams) -> list[int]:
         """The tokens that end a request of these params: its stop_token_ids, and eos unless ignore_eos."""
@@ -353,6 +382,11 @@ class LLMEngine:
         # A cumulative update copies every output token so far: with 256 sequences at 2,000 tokens that was
         # more than half of a no-op model's per-step host time; a delta update costs the same at any length.
         cumulative = seq.params.output_kind == "cumulative"
+        prompt_lp = prompt_top = None
+        if seq.prompt_logprobs is not None and not seq.prompt_logprobs_sent:  # the first update carries them
+            seq.prompt_logprobs_sent = True
+            prompt_lp = [None if e is None else e[0] for e in seq.prompt_logprobs]
+            prompt_top = [None if e is None else e[1] for e in seq.prompt_logprobs]
         return RequestOutput(
             request_id=seq.request_id,
             prompt_token_ids=seq.prompt_token_ids,
@@ -365,6 +399,8 @@ class LLMEngine:
             num_cached_tokens=seq.num_cached_tokens or 0,
             logprobs=logprobs,
             top_logprobs=top_logprobs,
+            prompt_logprobs=prompt_lp,
+            prompt_top_logprobs=prompt_top,
         )
 
     # ---- accounting ---------------------------------------------------------------------------------------

@@ -15,6 +15,8 @@ class RequestOutput:
     limit), "abort", or None while running. num_cached_tokens: prompt tokens restored from the prefix cache.
     logprobs[i]: log probability of new_token_ids[i] (None unless SamplingParams.logprobs is set);
     top_logprobs[i]: {token_id: logprob} of the SamplingParams.logprobs most likely tokens at that step.
+    prompt_logprobs / prompt_top_logprobs: the same for every prompt token (None for the first), in the
+    request's first update only, where SamplingParams.prompt_logprobs asks for them.
     """
 
     request_id: str
@@ -28,6 +30,8 @@ class RequestOutput:
     num_cached_tokens: int = 0
     logprobs: list[float] | None = None
     top_logprobs: list[dict[int, float]] | None = None
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[dict[int, float] | None] | None = None
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,9 @@ class SamplingParams:
     including) the first match; `stop_token_ids` and the tokenizer's eos end it after that token (eos unless
     ignore_eos). Before `min_tokens` output tokens none of them ends it: eos and stop_token_ids are not sampled
     and stop strings are not looked for (vLLM's rule). `logprobs` None returns none; k >= 0 returns the chosen
-    token's log probability and the k most likely alternatives for every new token. `seed` makes a sampled request
+    token's log probability and the k most likely alternatives for every new token; `prompt_logprobs` k does the
+    same for every prompt token after the first (vLLM's field: such a request computes its whole prompt, with
+    no prefix-cache hit, and its first update carries them). `seed` makes a sampled request
     reproducible regardless of what it is batched with. Penalties, on the logits the token is chosen from (not
     on the logprobs reported): `repetition_penalty` r divides a positive logit by r and multiplies a negative
     one by r for every token already in the prompt or the output (1 = off); then `frequency_penalty` times
@@ -70,6 +72,7 @@ class SamplingParams:
     ignore_eos: bool = False
     min_tokens: int = 0
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
@@ -121,13 +124,14 @@ class SamplingParams:
         if not 0 <= self.min_tokens <= self.max_tokens:
             raise ValueError(f"SamplingParams: 'min_tokens' must be in [0, max_tokens={self.max_tokens}], got "
                              f"{self.min_tokens}")
-        if self.logprobs is not None:
-            if not _is_int(self.logprobs):
-                raise TypeError(
-                    f"SamplingParams: 'logprobs' must be an int or None, got {type(self.logprobs).__name__}"
-                )
-            if not (0 <= self.logprobs <= MAX_LOGPROBS):
-                raise ValueError(f"SamplingParams: 'logprobs' must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not _is_int(value):
+                raise TypeError(f"SamplingParams: '{name}' must be an int or None, got {type(value).__name__}")
+            if not (0 <= value <= MAX_LOGPROBS):
+                raise ValueError(f"SamplingParams: '{name}' must be in [0, {MAX_LOGPROBS}], got {value}")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if not _is_number(value):

@@ -36,6 +36,10 @@ from .chunk_plan import plan_chunk
 from .config import CHECKPOINT_ALIGN, SCHEDULING_POLICIES
 from .sequence import Sequence, SequenceStatus
 
+# The most prompt tokens a request with prompt logprobs computes per step: each needs a row of logits, [tokens,
+# vocab] in fp32 (335 MB at Kimi-Linear's 163,840-token vocabulary).
+PROMPT_LOGPROBS_CHUNK = 512
+
 
 @dataclass
 class ScheduledChunk:
@@ -290,9 +294,10 @@ class Scheduler:
         """Gives a waiting request its slot and blocks (restoring a cached prefix). False: no room, None: wait."""
         bs = self.blocks.block_size
         hit = None
-        if self.cache is not None:
-            if seq.cache_cursor is None:
-                seq.cache_cursor = self.cache.cursor(seq.token_ids, seq.num_prompt_tokens)
+        if self.cache is not None and seq.cache_cursor is None:
+            seq.cache_cursor = self.cache.cursor(seq.token_ids, seq.num_prompt_tokens)
+        # prompt logprobs need the logits of every prompt position: no cached prefix for such a request
+        if self.cache is not None and seq.params.prompt_logprobs is None:
             hit = self.cache.lookup(seq.token_ids, seq.num_tokens - 1, seq.cache_cursor)
             awaited = self.cache.boundary_hashes(seq.token_ids, seq.num_tokens - 1, seq.cache_cursor)
             if any(h in self._pending_hashes for h in awaited[hit.length // self.cache.interval :]):
@@ -340,6 +345,8 @@ class Scheduler:
         if total - start == 1:  # a decode (or a prompt's last token): no save points, so no plan to make
             out.chunks.append(ScheduledChunk(seq, start, 1, True))
             return 1
+        if seq.prompt_logprobs is not None and start < seq.num_prompt_tokens:
+            budget = min(budget, PROMPT_LOGPROBS_CHUNK)
         saves = self._save_points(seq, start, total)
         branch = seq.branch_point if self.cache is not None else None
         plan = plan_chunk(start, total, budget, saves, self.checkpoint_align, branch)

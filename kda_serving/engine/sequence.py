@@ -48,6 +48,12 @@ class Sequence:
         self.matcher: Any = None  # the grammar matcher of a structured output (engine/structured.py)
         self.ngram: Any = None  # the n-gram index of its tokens that draft proposals read (engine/ngram.py)
         self.draft_record: Any = None  # how its recent drafts fared (engine/ngram.py DraftRecord)
+        # SamplingParams.prompt_logprobs: per prompt token, (its log probability, {token: logprob} of the most
+        # likely ones), filled as the prompt's chunks run (the first stays None); None when not asked for
+        self.prompt_logprobs: list[tuple[float, dict[int, float]] | None] | None = None
+        if params.prompt_logprobs is not None:
+            self.prompt_logprobs = [None] * len(prompt_token_ids)
+        self.prompt_logprobs_sent = False
         # Asynchronous scheduling: while the step that sampled its last token is deferred, token_ids ends with
         # a placeholder, pending_row is that token's row in the step's samples and pending_is_last says it ends
         # the request (max_tokens or the model length). None/False otherwise.

@@ -33,7 +33,8 @@ async def create_completion(request: Request, server) -> Response:
         for j in range(req.n):
             index = p * req.n + j
             choices.append(Choice(index=index, request_id=f"{response_id}-{index}", prompt_token_ids=ids,
-                                  params=sampling_params(req, max_tokens, j, req.logprobs), prompt_index=p,
+                                  params=sampling_params(req, max_tokens, j, req.logprobs,
+                                                         req.logprobs if req.echo else None), prompt_index=p,
                                   priority=req.priority))
     header = ResponseHeader(response_id, int(time.time()), engine.model_name)
     # echo: each choice's text starts with its prompt (a token-id prompt decoded).
@@ -44,8 +45,20 @@ async def create_completion(request: Request, server) -> Response:
 
 
 def _format(tokenizer, with_logprobs: bool, echoes: list[str] | None) -> EndpointFormat:
+    """With echo and logprobs the prompt's tokens come first in `logprobs` (the first one's logprob null, as
+    OpenAI's legacy API gives it), from the engine's prompt logprobs; the generated tokens' offsets start after
+    the echoed text."""
     text_offsets: dict[int, int] = {}  # per choice, where the next streamed token starts in its text
     echoed: set[int] = set()  # streamed choices whose prompt went out
+
+    def with_prompt(choice: Choice, echo: str, prompt_lp, prompt_top, generated: dict) -> dict:
+        if not echo or prompt_lp is None:
+            return generated
+        prompt = completion_logprobs(tokenizer, choice.prompt_token_ids, prompt_lp, prompt_top, 0)
+        tops = [part["top_logprobs"] or [None] * len(part["tokens"]) for part in (prompt, generated)]
+        return {"tokens": prompt["tokens"] + generated["tokens"],
+                "token_logprobs": prompt["token_logprobs"] + generated["token_logprobs"],
+                "top_logprobs": tops[0] + tops[1], "text_offset": prompt["text_offset"] + generated["text_offset"]}
 
     def chunk(choice: Choice, out) -> dict | None:
         echo = ""
@@ -56,18 +69,21 @@ def _format(tokenizer, with_logprobs: bool, echoes: list[str] | None) -> Endpoin
             return None
         logprobs = None
         if with_logprobs:
-            offset = text_offsets.get(choice.index, 0)
+            offset = text_offsets.get(choice.index, 0) + len(echo)
             logprobs = completion_logprobs(tokenizer, out.new_token_ids, out.logprobs or [], out.top_logprobs or [],
                                            offset)
             text_offsets[choice.index] = offset + sum(len(t) for t in logprobs["tokens"])
+            logprobs = with_prompt(choice, echo, out.prompt_logprobs, out.prompt_top_logprobs, logprobs)
         return {"index": choice.index, "text": echo + out.delta_text, "logprobs": logprobs,
                 "finish_reason": choice.finish_reason}
 
     def final(choice: Choice) -> dict:
+        echo = echoes[choice.prompt_index] if echoes is not None else ""
         logprobs = None
         if with_logprobs:
-            logprobs = completion_logprobs(tokenizer, choice.output_token_ids, choice.logprobs, choice.top_logprobs, 0)
-        echo = echoes[choice.prompt_index] if echoes is not None else ""
+            logprobs = completion_logprobs(tokenizer, choice.output_token_ids, choice.logprobs, choice.top_logprobs,
+                                           len(echo))
+            logprobs = with_prompt(choice, echo, choice.prompt_logprobs, choice.prompt_top_logprobs, logprobs)
         return {"index": choice.index, "text": echo + choice.text, "logprobs": logprobs,
                 "finish_reason": choice.finish_reason}
 

@@ -41,6 +41,8 @@ class Choice:
     num_updates: int = 0
     logprobs: list[float] = field(default_factory=list)  # of each output token, when requested
     top_logprobs: list[dict[int, float]] = field(default_factory=list)
+    prompt_logprobs: list[float | None] | None = None  # of each prompt token (the first None), when requested
+    prompt_top_logprobs: list[dict[int, float] | None] | None = None
     _first_token_at: float | None = None
     _last_token_at: float | None = None
 
@@ -132,6 +134,8 @@ def _record(choice: Choice, out, metrics: ServerMetrics, started: float, endpoin
         choice.logprobs.extend(out.logprobs)
     if out.top_logprobs:
         choice.top_logprobs.extend(out.top_logprobs)
+    if getattr(out, "prompt_logprobs", None) is not None:
+        choice.prompt_logprobs, choice.prompt_top_logprobs = out.prompt_logprobs, out.prompt_top_logprobs
     if out.finished:
         choice.finish_reason = out.finish_reason or "stop"
         metrics.requests.labels(endpoint=endpoint, finish_reason=choice.finish_reason).inc()

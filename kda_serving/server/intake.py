@@ -106,7 +106,7 @@ def resolve_max_tokens(engine, max_prompt_tokens: int | None, prompt_len: int, r
 
 
 def sampling_params(request: CompletionRequest | ChatCompletionRequest, max_tokens: int, choice: int,
-                    logprobs: int | None) -> SamplingParams:
+                    logprobs: int | None, prompt_logprobs: int | None = None) -> SamplingParams:
     """The engine's SamplingParams for choice number `choice` (seeded choices get distinct seeds)."""
     kwargs = {}
     if request.temperature is not None:
@@ -131,6 +131,6 @@ def sampling_params(request: CompletionRequest | ChatCompletionRequest, max_toke
         return SamplingParams(max_tokens=max_tokens, stop=tuple(request.stop_list()),
                               stop_token_ids=tuple(request.stop_token_ids or ()), ignore_eos=request.ignore_eos,
                               min_tokens=request.min_tokens,
-                              logprobs=logprobs, output_kind="delta", **kwargs)
+                              logprobs=logprobs, prompt_logprobs=prompt_logprobs, output_kind="delta", **kwargs)
     except (TypeError, ValueError) as exc:
         raise bad_request(str(exc)) from None

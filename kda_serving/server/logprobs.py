@@ -11,9 +11,10 @@ def _token_text(tokenizer, token_id: int) -> str:
     return tokenizer.decode([token_id])
 
 
-def completion_logprobs(tokenizer, token_ids: list[int], logprobs: list[float], top: list[dict[int, float]],
-                        text_offset: int) -> dict:
-    """/v1/completions `logprobs` for these tokens; `text_offset` is where the first one starts in the text."""
+def completion_logprobs(tokenizer, token_ids: list[int], logprobs: list[float | None],
+                        top: list[dict[int, float] | None], text_offset: int) -> dict:
+    """/v1/completions `logprobs` for these tokens; `text_offset` is where the first one starts in the text. A
+    None (an echoed prompt's first token) stays null."""
     tokens = [_token_text(tokenizer, t) for t in token_ids]
     offsets = []
     for text in tokens:
@@ -22,7 +23,8 @@ def completion_logprobs(tokenizer, token_ids: list[int], logprobs: list[float], 
     return {
         "tokens": tokens,
         "token_logprobs": list(logprobs),
-        "top_logprobs": [{_token_text(tokenizer, t): lp for t, lp in alts.items()} for alts in top] or None,
+        "top_logprobs": [None if alts is None else {_token_text(tokenizer, t): lp for t, lp in alts.items()}
+                         for alts in top] or None,
         "text_offset": offsets,
     }
 

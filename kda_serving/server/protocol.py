@@ -129,8 +129,6 @@ class CompletionRequest(_SamplingFields):
 
     @model_validator(mode="after")
     def _check_completion(self):
-        if self.echo and self.logprobs is not None:
-            raise ValueError("echo: not supported together with logprobs (the prompt's logprobs are not computed)")
         if self.suffix:
             raise ValueError("suffix: not supported")
         if self.best_of not in (None, 1):

@@ -214,3 +214,27 @@ def test_engine_runs_prompt_steps_through_piecewise_graphs():
         counts.append(runs)
     assert outputs[0] == outputs[1]
     assert counts[0] and max(counts[0]) <= 256 and min(counts[0]) < 40  # b among a's decodes, a's second turn
+
+
+@pytest.mark.gpu
+def test_prompt_logprobs_through_piecewise_graphs():
+    """A prompt-logprobs request's extra logits rows (every prompt position) come out of a step replayed from
+    prompt graphs as out of the eager step: equal, finite, the first None; beside a request without them."""
+    from kda_serving.model import load_model
+
+    model = load_model(None, device="cuda", dtype=torch.bfloat16, progress=False)
+    results = []
+    for tokens in (256, 0):
+        engine = LLMEngine(EngineConfig(device="cuda", max_num_seqs=4, num_state_slots=16, num_kv_blocks=128,
+                                        max_num_batched_tokens=256, prompt_graph_tokens=tokens), model=model)
+        engine.add_request("p", list(range(5, 80)), SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=2))
+        engine.add_request("q", list(range(9, 30)), SamplingParams(temperature=0, max_tokens=2))
+        first = {}
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                first.setdefault(out.request_id, out)
+        results.append((first["p"].prompt_logprobs, first["p"].prompt_top_logprobs))
+        assert first["q"].prompt_logprobs is None
+    (lp, top), (lp_eager, top_eager) = results
+    assert lp == lp_eager and top == top_eager and lp[0] is None and len(lp) == 75
+    assert all(v is not None and v <= 0 for v in lp[1:]) and all(len(t) == 2 for t in top[1:])

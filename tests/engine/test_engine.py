@@ -372,3 +372,45 @@ def test_priority_needs_the_priority_policy_and_an_int(tiny_model):
         with pytest.raises(TypeError, match="priority"):
             prio.add_request("r", [1, 2], priority=bad)
     assert not prio.has_unfinished_requests()
+
+
+def test_prompt_logprobs_equal_transformers(tiny_model, hf_model):
+    """SamplingParams.prompt_logprobs against transformers' own forward of the prompt (fp32, code nobody here
+    wrote): every prompt token after the first gets log_softmax(logits of the token before)[token] and the k
+    most likely alternatives; the first gets None. Prompts of 70 and 45 tokens in chunks of at most 32 tokens
+    (so the rows of several steps, mixed with another request's decodes, are stitched together), one beside a
+    request without them; a second run of the same prompt gets them all again, its prefix not taken from the
+    cache. One update carries them, the first."""
+    from model.kimi_testing import hf_logits
+
+    llm = make_llm(tiny_model, max_num_batched_tokens=32, max_num_seqs=4)
+    prompts = random_prompts([70, 45, 20], 211, seed=12)
+    params = [SamplingParams(temperature=0, max_tokens=3, prompt_logprobs=3),
+              SamplingParams(temperature=0, max_tokens=5, prompt_logprobs=0),
+              SamplingParams(temperature=0, max_tokens=4)]
+    for attempt in range(2):
+        outs = llm.generate(prompts, params)
+        assert outs[2].prompt_logprobs is None and outs[2].prompt_top_logprobs is None
+        for out, prompt, p in zip(outs[:2], prompts, params):
+            ref = torch.log_softmax(hf_logits(hf_model, prompt).double(), dim=-1)
+            lp, top = out.prompt_logprobs, out.prompt_top_logprobs
+            assert len(lp) == len(top) == len(prompt) and lp[0] is None and top[0] is None
+            want = [float(ref[i - 1, prompt[i]]) for i in range(1, len(prompt))]
+            assert lp[1:] == pytest.approx(want, abs=1e-4)
+            for i in range(1, len(prompt)):
+                expect = ref[i - 1].topk(p.prompt_logprobs)
+                assert sorted(top[i]) == sorted(expect.indices.tolist())
+                assert sorted(top[i].values()) == pytest.approx(sorted(expect.values.tolist()), abs=1e-4)
+            assert out.num_cached_tokens == 0
+    assert llm.engine.stats().prefix_cache_entries > 0  # the cache had the prompts the second time
+
+
+def test_prompt_logprobs_in_the_first_update_only(tiny_model):
+    engine = LLMEngine(EngineConfig(num_state_slots=8, num_kv_blocks=64), model=tiny_model)
+    engine.add_request("a", list(range(5, 25)), SamplingParams(temperature=0, max_tokens=4, prompt_logprobs=1,
+                                                                output_kind="delta"))
+    updates = []
+    while engine.has_unfinished_requests():
+        updates += engine.step()
+    assert updates[0].prompt_logprobs is not None and len(updates[0].prompt_logprobs) == 20
+    assert all(u.prompt_logprobs is None and u.prompt_top_logprobs is None for u in updates[1:])

@@ -124,8 +124,12 @@ class FakeEngine:
                         reason = "stop"
                     lp = [-0.5] if params.logprobs is not None else None
                     top = [{new: -0.5, new + 1: -1.5}] if params.logprobs is not None else None
+                    prompt_lp = prompt_top = None
+                    if params.prompt_logprobs is not None and len(out_ids) == 1:  # the first update carries them
+                        prompt_lp = [None] + [-1.0 - 0.25 * i for i in range(1, len(prompt_token_ids))]
+                        prompt_top = [None] + [{t: -1.0} for t in prompt_token_ids[1:]]
                     yield RequestOutput(request_id, prompt_token_ids, list(out_ids), [new], text, delta,
-                                        reason is not None, reason, cached, lp, top)
+                                        reason is not None, reason, cached, lp, top, prompt_lp, prompt_top)
                     if reason is not None:
                         self.seen_prompts.append(list(prompt_token_ids) + out_ids)
                         return

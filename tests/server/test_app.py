@@ -162,7 +162,6 @@ BAD_REQUESTS = {
     "nan temperature": ('{"model": "fake-kda", "prompt": "x", "temperature": NaN}', 400, None),
     "too many stops": ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     "n over limit": ({"prompt": "x", "n": 17}, 400, "n"),
-    "echo with logprobs": ({"prompt": "x", "echo": True, "logprobs": 1}, 400, "echo"),
     "invalid json": ("{not json", 400, None),
     "json array": ("[1, 2]", 400, None),
     "negative seed": ({"prompt": "x", "seed": -3}, 400, "seed"),
@@ -276,6 +275,36 @@ def test_echo_puts_the_prompt_before_the_completion():
         ids = engine.tokenizer.encode("hi there")  # a token-id prompt echoes as its decoded text
         r = await client.post("/v1/completions", json={"model": MODEL, "prompt": ids, "max_tokens": 1, "echo": True})
         assert r.json()["choices"][0]["text"] == engine.tokenizer.decode(ids) + "a"
+
+    serve(test)
+
+
+def test_echo_with_logprobs_scores_the_prompt():
+    """echo + logprobs (how evaluation harnesses score a text): the engine is asked for the prompt's logprobs,
+    and `logprobs` lists the prompt's tokens first (the first one's logprob and alternatives null), then the
+    completion's, offsets running through the echoed text; streamed, the first chunk carries the prompt's."""
+    async def test(client, engine):
+        prompt = "x yz"
+        ids = engine.tokenizer.encode(prompt)
+        body = {"model": MODEL, "prompt": prompt, "max_tokens": 2, "echo": True, "logprobs": 1}
+        r = await client.post("/v1/completions", json=body)
+        assert r.status_code == 200
+        lp = r.json()["choices"][0]["logprobs"]
+        assert engine.seen_params[-1].prompt_logprobs == 1 and engine.seen_params[-1].logprobs == 1
+        n = len(ids)
+        assert len(lp["tokens"]) == n + 2 and lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+        assert lp["token_logprobs"][1:n] == [-1.0 - 0.25 * i for i in range(1, n)]
+        assert lp["token_logprobs"][n:] == [-0.5, -0.5] and lp["tokens"][n:] == ["a", "b"]
+        assert lp["text_offset"][n:] == [len(prompt), len(prompt) + 1]
+        assert lp["text_offset"] == sorted(lp["text_offset"])
+        async with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as s:
+            events, done = parse_sse((await s.aread()).decode())
+        streamed = [c["logprobs"] for e in events for c in e.get("choices", []) if c.get("logprobs")]
+        assert done and streamed[0]["token_logprobs"][:n] == lp["token_logprobs"][:n]
+        assert sum((part["tokens"] for part in streamed), []) == lp["tokens"]
+        assert sum((part["text_offset"] for part in streamed), []) == lp["text_offset"]
+        r = await client.post("/v1/completions", json={**body, "echo": False})
+        assert engine.seen_params[-1].prompt_logprobs is None and len(r.json()["choices"][0]["logprobs"]["tokens"]) == 2
 
     serve(test)
 

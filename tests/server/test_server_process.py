@@ -203,6 +203,31 @@ def test_sampling_fields_reach_the_engine(server):
     wait_until_free(server, timeout=10)
 
 
+def test_openai_client_scores_a_prompt_with_echo_and_logprobs(server):
+    """echo + logprobs through the official client on the real server (how evaluation harnesses score a text):
+    one entry per prompt token and per generated token, the first null; the prompt's logprobs equal those of the
+    same model in this process (LLM with prompt_logprobs, kda_serving.engine), twice (the second time the
+    prompt is in the prefix cache, which such a request does not use)."""
+    from openai import OpenAI
+
+    from kda_serving.engine import LLM, SamplingParams
+
+    client = OpenAI(base_url=server.base_url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+    text = "The kernel keeps its state in a slot of the pool"
+    local = LLM(num_state_slots=8, num_kv_blocks=64)
+    ids = local.tokenizer.encode(text)
+    ref = local.generate([ids], SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=2))[0]
+    for _ in range(2):
+        got = client.completions.create(model=server.model, prompt=text, max_tokens=1, temperature=0, echo=True,
+                                        logprobs=2).choices[0]
+        lp = got.logprobs
+        assert got.text.startswith(text) and len(lp.tokens) == len(ids) + 1
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        assert lp.token_logprobs[1 : len(ids)] == pytest.approx(ref.prompt_logprobs[1:], abs=1e-4)
+        assert all(len(t) <= 2 for t in lp.top_logprobs[1:])
+    wait_until_free(server, timeout=10)
+
+
 def _load_example(name: str = "chat_multiturn"):
     spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "examples" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
