@@ -36,8 +36,8 @@ from .chunk_plan import plan_chunk
 from .config import CHECKPOINT_ALIGN, SCHEDULING_POLICIES
 from .sequence import Sequence, SequenceStatus
 
-# The most prompt tokens a request with prompt logprobs computes per step: each needs a row of logits, [tokens,
-# vocab] in fp32 (335 MB at Kimi-Linear's 163,840-token vocabulary).
+# The most prompt tokens of requests with prompt logprobs a step computes (beyond one per such request): each
+# needs a row of logits, [tokens, vocab] in fp32 (335 MB at Kimi-Linear's 163,840-token vocabulary).
 PROMPT_LOGPROBS_CHUNK = 512
 
 
@@ -71,6 +71,7 @@ class SchedulerOutput:
     state_saves: list[tuple[int, int]] = field(default_factory=list)  # after the step: request slot -> cache slot
     pending_saves: list[PendingSave] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    prompt_logprob_tokens: int = 0  # new tokens of chunks whose positions give prompt logprobs
 
     @property
     def num_tokens(self) -> int:
@@ -346,12 +347,15 @@ class Scheduler:
             out.chunks.append(ScheduledChunk(seq, start, 1, True))
             return 1
         if seq.prompt_logprobs is not None and start < seq.num_prompt_tokens:
-            budget = min(budget, PROMPT_LOGPROBS_CHUNK)
+            # the step's prompt-logprob rows stay within PROMPT_LOGPROBS_CHUNK (+ one per such request)
+            budget = min(budget, max(1, PROMPT_LOGPROBS_CHUNK - out.prompt_logprob_tokens))
         saves = self._save_points(seq, start, total)
         branch = seq.branch_point if self.cache is not None else None
         plan = plan_chunk(start, total, budget, saves, self.checkpoint_align, branch)
         index = len(out.chunks)
         out.chunks.append(ScheduledChunk(seq, start, plan.end - start, plan.end == total))
+        if seq.prompt_logprobs is not None:
+            out.prompt_logprob_tokens += plan.end - start
         for b in plan.checkpoints:
             slot = self._save_slot(seq, b, out)
             if slot is not None:

@@ -414,3 +414,22 @@ def test_prompt_logprobs_in_the_first_update_only(tiny_model):
         updates += engine.step()
     assert updates[0].prompt_logprobs is not None and len(updates[0].prompt_logprobs) == 20
     assert all(u.prompt_logprobs is None and u.prompt_top_logprobs is None for u in updates[1:])
+
+
+def test_prompt_logprob_rows_per_step_are_bounded(tiny_model, monkeypatch):
+    """Three such requests of 300 tokens with a step budget of 2,048: each step computes at most
+    PROMPT_LOGPROBS_CHUNK of their prompt tokens (+ 1 per request), and all complete."""
+    from kda_serving.engine import scheduler
+
+    monkeypatch.setattr(scheduler, "PROMPT_LOGPROBS_CHUNK", 100)
+    engine = LLMEngine(EngineConfig(num_state_slots=8, num_kv_blocks=256, max_num_batched_tokens=2048),
+                       model=tiny_model)
+    for i, prompt in enumerate(random_prompts([300, 300, 300], 211, seed=13)):
+        engine.add_request(str(i), prompt, SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=0))
+    first = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            first.setdefault(out.request_id, out)
+        assert engine.last_step is None or engine.last_step.num_prefill_tokens <= 100 + 3
+    assert sorted(first) == ["0", "1", "2"] and all(len(o.prompt_logprobs) == 300 for o in first.values())
+    assert all(v is not None for o in first.values() for v in o.prompt_logprobs[1:])
