@@ -31,7 +31,7 @@ def prompt_logprob_positions(chunk) -> range:
     """The positions of a chunk whose logits give prompt tokens' log probabilities (SamplingParams.
     prompt_logprobs): position p predicts token p + 1, so every position of the chunk before the prompt's last."""
     seq = chunk.seq
-    if seq.prompt_logprobs is None or chunk.drafts:
+    if not seq.wants_prompt_logprobs or chunk.drafts:
         return range(0)
     return range(chunk.start, min(chunk.start + chunk.num_tokens, seq.num_prompt_tokens - 1))
 

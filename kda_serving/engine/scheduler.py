@@ -38,7 +38,7 @@ from .sequence import Sequence, SequenceStatus
 
 # The most prompt tokens of requests with prompt logprobs a step computes (beyond one per such request): each
 # needs a row of logits, [tokens, vocab] in fp32 (335 MB at Kimi-Linear's 163,840-token vocabulary).
-PROMPT_LOGPROBS_CHUNK = 512
+PROMPT_LOGPROB_TOKENS_PER_STEP = 512
 
 
 @dataclass
@@ -298,7 +298,7 @@ class Scheduler:
         if self.cache is not None and seq.cache_cursor is None:
             seq.cache_cursor = self.cache.cursor(seq.token_ids, seq.num_prompt_tokens)
         # prompt logprobs need the logits of every prompt position: no cached prefix for such a request
-        if self.cache is not None and seq.params.prompt_logprobs is None:
+        if self.cache is not None and not seq.wants_prompt_logprobs:
             hit = self.cache.lookup(seq.token_ids, seq.num_tokens - 1, seq.cache_cursor)
             awaited = self.cache.boundary_hashes(seq.token_ids, seq.num_tokens - 1, seq.cache_cursor)
             if any(h in self._pending_hashes for h in awaited[hit.length // self.cache.interval :]):
@@ -346,15 +346,15 @@ class Scheduler:
         if total - start == 1:  # a decode (or a prompt's last token): no save points, so no plan to make
             out.chunks.append(ScheduledChunk(seq, start, 1, True))
             return 1
-        if seq.prompt_logprobs is not None and start < seq.num_prompt_tokens:
-            # the step's prompt-logprob rows stay within PROMPT_LOGPROBS_CHUNK (+ one per such request)
-            budget = min(budget, max(1, PROMPT_LOGPROBS_CHUNK - out.prompt_logprob_tokens))
+        if seq.wants_prompt_logprobs and start < seq.num_prompt_tokens:
+            # the step's prompt-logprob rows stay within PROMPT_LOGPROB_TOKENS_PER_STEP (+ one per such request)
+            budget = min(budget, max(1, PROMPT_LOGPROB_TOKENS_PER_STEP - out.prompt_logprob_tokens))
         saves = self._save_points(seq, start, total)
         branch = seq.branch_point if self.cache is not None else None
         plan = plan_chunk(start, total, budget, saves, self.checkpoint_align, branch)
         index = len(out.chunks)
         out.chunks.append(ScheduledChunk(seq, start, plan.end - start, plan.end == total))
-        if seq.prompt_logprobs is not None:
+        if seq.wants_prompt_logprobs:
             out.prompt_logprob_tokens += plan.end - start
         for b in plan.checkpoints:
             slot = self._save_slot(seq, b, out)

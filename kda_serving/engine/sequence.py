@@ -63,6 +63,12 @@ class Sequence:
         self.top_logprobs: list[dict[int, float]] = []
 
     @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Its prompt's logprobs are asked for and not yet sent (a request resumed after its first update
+        computes its prompt again without them)."""
+        return self.prompt_logprobs is not None and not self.prompt_logprobs_sent
+
+    @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
 

@@ -418,10 +418,10 @@ def test_prompt_logprobs_in_the_first_update_only(tiny_model):
 
 def test_prompt_logprob_rows_per_step_are_bounded(tiny_model, monkeypatch):
     """Three such requests of 300 tokens with a step budget of 2,048: each step computes at most
-    PROMPT_LOGPROBS_CHUNK of their prompt tokens (+ 1 per request), and all complete."""
+    PROMPT_LOGPROB_TOKENS_PER_STEP of their prompt tokens (+ 1 per request), and all complete."""
     from kda_serving.engine import scheduler
 
-    monkeypatch.setattr(scheduler, "PROMPT_LOGPROBS_CHUNK", 100)
+    monkeypatch.setattr(scheduler, "PROMPT_LOGPROB_TOKENS_PER_STEP", 100)
     engine = LLMEngine(EngineConfig(num_state_slots=8, num_kv_blocks=256, max_num_batched_tokens=2048),
                        model=tiny_model)
     for i, prompt in enumerate(random_prompts([300, 300, 300], 211, seed=13)):
