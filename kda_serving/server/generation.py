@@ -134,7 +134,7 @@ def _record(choice: Choice, out, metrics: ServerMetrics, started: float, endpoin
         choice.logprobs.extend(out.logprobs)
     if out.top_logprobs:
         choice.top_logprobs.extend(out.top_logprobs)
-    if getattr(out, "prompt_logprobs", None) is not None:
+    if out.prompt_logprobs is not None:
         choice.prompt_logprobs, choice.prompt_top_logprobs = out.prompt_logprobs, out.prompt_top_logprobs
     if out.finished:
         choice.finish_reason = out.finish_reason or "stop"
