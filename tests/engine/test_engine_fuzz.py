@@ -3,7 +3,8 @@ follow-up turns that reuse a finished conversation, aborts, and steps, on pools 
 eviction and preemption happen. Every request must end exactly once, within its limits, every slot and block
 must come back, and a greedy request must produce the tokens it produces alone on an engine without a prefix
 cache (or, on a numerical tie of the MoE router, alone with its prompt chunked finer): reuse, eviction,
-preemption and batching never change a result. Both with and without asynchronous
+preemption and batching never change a result. Some requests ask for their prompt's logprobs (sent once, equal
+to those of the same run alone) or a min_tokens. Both with and without asynchronous
 scheduling, whose deferred tokens meet every one of those events.
 
 The scheduler's bookkeeping is fuzzed against a simulated model in test_scheduler.py; this runs the same kind
@@ -41,7 +42,8 @@ def engines(tiny_model, request):
 
 
 ADD = st.tuples(st.just("add"), st.integers(1, 100), st.integers(0, 10**6), st.integers(1, MAX_TOKENS),
-                st.sampled_from([0.0, 0.0, 0.8]), st.sampled_from([None, 0, 2]), st.booleans())
+                st.sampled_from([0.0, 0.0, 0.8]), st.sampled_from([None, 0, 2]), st.booleans(),
+                st.sampled_from([None, None, 1]), st.sampled_from([0, 0, 3]))  # prompt_logprobs, min_tokens
 OPS = st.one_of(
     ADD, ADD, ADD,  # adds weighted up, so that the pools run short
     st.tuples(st.just("follow_up"), st.integers(0, 10**6), st.integers(1, 40)),
@@ -51,37 +53,47 @@ OPS = st.one_of(
 
 
 def _alone(reference: LLMEngine, prompt, params) -> list[int]:
+    return _alone_with_prompt_logprobs(reference, prompt, params)[0]
+
+
+def _alone_with_prompt_logprobs(reference: LLMEngine, prompt, params) -> tuple[list[int], list | None]:
     reference.add_request("ref", prompt, params)
-    tokens = None
+    tokens, prompt_logprobs = None, None
     while reference.has_unfinished_requests():
         for out in reference.step():
             tokens = out.output_token_ids
-    return tokens
+            prompt_logprobs = prompt_logprobs or out.prompt_logprobs
+    return tokens, prompt_logprobs
 
 
 @settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", 40)), deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(ops=st.lists(OPS, min_size=1, max_size=16))
-@example(ops=[("add", 46, 66101, 16, 0.0, None, False), ("follow_up", 63586, 15)])  # a router tie, found at 600
+@example(ops=[("add", 46, 66101, 16, 0.0, None, False, None, 0), ("follow_up", 63586, 15)])  # a router tie
 def test_random_workloads_end_cleanly_and_greedy_results_match_an_isolated_run(engines, ops):
     engine, reference, fine_reference = engines
     before = engine.stats()
     requests = {}  # id -> (prompt, params)
     finished = {}  # id -> the final RequestOutput
+    prompt_logprobs = {}  # id -> the prompt logprobs its first update carried
     n = 0
 
     def collect(outputs):
         for out in outputs:
+            if out.prompt_logprobs is not None:
+                assert out.request_id not in prompt_logprobs, f"{out.request_id} sent its prompt logprobs twice"
+                prompt_logprobs[out.request_id] = out.prompt_logprobs
             if out.finished:
                 assert out.request_id not in finished, f"{out.request_id} finished twice"
                 finished[out.request_id] = out
 
     for op in ops:
         if op[0] == "add":
-            _, length, seed, max_tokens, temperature, logprobs, penalize = op
+            _, length, seed, max_tokens, temperature, logprobs, penalize, prompt_lp, min_tokens = op
             prompt = random_prompts([length], VOCAB, seed=seed)[0]
             params = SamplingParams(temperature=temperature, max_tokens=max_tokens, ignore_eos=True, seed=seed,
-                                    logprobs=logprobs, presence_penalty=0.5 if penalize else 0.0)
+                                    logprobs=logprobs, presence_penalty=0.5 if penalize else 0.0,
+                                    prompt_logprobs=prompt_lp, min_tokens=min(min_tokens, max_tokens))
         elif op[0] == "follow_up":
             while not any(r.finish_reason == "length" for r in finished.values()) \
                     and engine.has_unfinished_requests():  # a turn to follow up on
@@ -126,6 +138,14 @@ def test_random_workloads_end_cleanly_and_greedy_results_match_an_isolated_run(e
             assert len(out.output_token_ids) <= params.max_tokens
             continue
         assert out.finish_reason == "length" and len(out.output_token_ids) == params.max_tokens
+        if params.prompt_logprobs is not None:  # every prompt token's, the first None, as the request runs alone
+            event("prompt logprobs")
+            got = prompt_logprobs[request_id]
+            assert len(got) == len(prompt) and got[0] is None and all(v is not None and v <= 0 for v in got[1:])
+            want = _alone_with_prompt_logprobs(reference, prompt, params)[1]
+            if got[1:] != pytest.approx(want[1:], abs=1e-4):  # a router tie (below): a finer chunking gives it
+                want = _alone_with_prompt_logprobs(fine_reference, prompt, params)[1]
+                assert got[1:] == pytest.approx(want[1:], abs=1e-4), request_id
         if params.temperature == 0.0 and params.presence_penalty == 0.0:
             alone = _alone(reference, prompt, params)
             if out.output_token_ids != alone:
