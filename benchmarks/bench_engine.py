@@ -83,6 +83,8 @@ def make_engine(args, model, tokenizer, **overrides) -> LLMEngine:
         block_size=args.block_size, enable_prefix_caching=True, enable_cuda_graphs=not args.no_cuda_graphs,
         kda_state_dtype=args.kda_state_dtype,
     )
+    if args.prompt_graph_tokens is not None:
+        cfg["prompt_graph_tokens"] = args.prompt_graph_tokens
     if args.device == "cpu":
         cfg["cpu_cache_bytes"] = args.cpu_cache_mib << 20
     cfg.update(overrides)
@@ -231,7 +233,9 @@ def main(argv=None) -> None:
     ap.add_argument("--user-tokens", type=int, default=None, help="new user tokens per turn (multiturn)")
     ap.add_argument("--turn-output-len", type=int, default=None, help="generated tokens per turn (multiturn)")
     ap.add_argument("--scenarios", default="prefill,decode,mixed,multiturn")
-    ap.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly (the baseline)")
+    ap.add_argument("--no-cuda-graphs", action="store_true", help="run every step eagerly (the baseline)")
+    ap.add_argument("--prompt-graph-tokens", type=int, default=None,
+                    help="EngineConfig.prompt_graph_tokens (default 512; 0: steps with prompt tokens eager)")
     ap.add_argument("--mla-prefill", default="kernels", choices=["kernels", "flash2", "torch"],
                     help="MLA attention of steps with prompt tokens: our attention and paged kernels, the same with "
                          "FlashAttention-2 in place of our attention kernel (mla_prefill.OWN_KERNEL off), or the "
