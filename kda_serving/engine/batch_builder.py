@@ -63,8 +63,9 @@ def build_batch(out: SchedulerOutput, block_size: int, pin_memory: bool = False)
         state_slots.append(seq.state_slot)
         query_lens.append(n)
         logits_indices.append(cu_seqlens[-1] - 1)
-    for chunk, offset in zip(out.chunks, cu_seqlens):  # offset: the chunk's first token in the batch
-        logits_indices += [offset + p - chunk.start for p in prompt_logprob_positions(chunk)]
+    if out.prompt_logprob_tokens:  # (none of the step's chunks has such positions otherwise)
+        for chunk, offset in zip(out.chunks, cu_seqlens):  # offset: the chunk's first token in the batch
+            logits_indices += [offset + p - chunk.start for p in prompt_logprob_positions(chunk)]
     # [N, longest table], -1 past each table's end; one masked copy (torch's pad_sequence: ~3x slower here)
     rows = [block_row(c.seq) for c in out.chunks]
     lens = torch.tensor([len(c.seq.block_table) for c in out.chunks])

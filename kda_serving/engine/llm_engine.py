@@ -225,7 +225,7 @@ class LLMEngine:
                 constrained += range(len(index), len(index) + len(c.drafts) + 1)
                 matchers.append((seq.matcher, c.drafts))
             for j in range(len(c.drafts) + 1):
-                if seq.num_output_tokens + j < seq.params.min_tokens:  # row j samples output token num + j
+                if seq.params.min_tokens and seq.num_output_tokens + j < seq.params.min_tokens:  # row j: token num + j
                     stops = self._stop_tokens(seq.params)
                     banned[0].extend([len(index)] * len(stops))
                     banned[1].extend(stops)
@@ -246,9 +246,9 @@ class LLMEngine:
         ones (batch_builder.prompt_logprob_positions), into each request's Sequence.prompt_logprobs. Read back at
         once: a wait for the device that only steps carrying such a prompt pay. Done 128 rows at a time, so that
         the log-softmax's copies stay small beside the logits."""
-        wanted = [(c, positions) for c in out.chunks if len(positions := prompt_logprob_positions(c))]
-        if not wanted:
+        if not out.prompt_logprob_tokens:  # (none of the step's chunks has such positions otherwise)
             return
+        wanted = [(c, positions) for c in out.chunks if len(positions := prompt_logprob_positions(c))]
         rows = logits[sum(len(c.drafts) + 1 for c in out.chunks):]
         targets = host_to_device([c.seq.token_ids[p + 1] for c, positions in wanted for p in positions],
                                  logits.device, torch.int64)

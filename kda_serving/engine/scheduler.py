@@ -71,7 +71,8 @@ class SchedulerOutput:
     state_saves: list[tuple[int, int]] = field(default_factory=list)  # after the step: request slot -> cache slot
     pending_saves: list[PendingSave] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
-    prompt_logprob_tokens: int = 0  # new tokens of chunks whose positions give prompt logprobs
+    # new tokens of the chunks of requests that want prompt logprobs (0: no chunk has such positions)
+    prompt_logprob_tokens: int = 0
 
     @property
     def num_tokens(self) -> int:
