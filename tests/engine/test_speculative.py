@@ -103,6 +103,30 @@ def test_min_tokens_bans_stop_tokens_at_every_draft_position(tiny_model):
         assert [o.output_token_ids for o in spec] == [o.output_token_ids for o in plain]
 
 
+def test_prompt_logprobs_beside_verifying_steps(tiny_model):
+    """A request with prompt logprobs among speculating ones: its prompt's rows come after the verifying rows
+    of the step, and its logprobs and tokens are those of an engine without speculation."""
+    prompts = random_prompts([5, 33, 40], 211, seed=9)
+    params = [SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)] * 2 + [
+        SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, prompt_logprobs=2)]
+    plain = LLM(model_obj=tiny_model, num_state_slots=32, num_kv_blocks=128).generate(prompts[:2] + [prompts[2]],
+                                                                                        params)
+    llm = LLM(model_obj=tiny_model, num_state_slots=96, num_kv_blocks=128, num_speculative_tokens=3)
+    OracleDrafter(llm.engine, {"llm-0": plain[0].output_token_ids, "llm-1": plain[1].output_token_ids}, 0.0, 0)
+    eng = llm.engine
+    eng.add_request("llm-0", prompts[0], params[0])
+    eng.add_request("llm-1", prompts[1], params[1])
+    for _ in range(3):  # the first two verify drafts before the third arrives
+        eng.step()
+    eng.add_request("late", prompts[2], params[2])
+    first = {}
+    while eng.has_unfinished_requests():
+        for out in eng.step():
+            first.setdefault(out.request_id, out)
+    assert first["late"].prompt_logprobs == pytest.approx(plain[2].prompt_logprobs, abs=1e-5)
+    assert eng.stats().spec_draft_tokens_total > 0
+
+
 def test_stop_strings_inside_accepted_drafts():
     # The embedded default model (a real tokenizer): a stop string that the run without speculation meets
     # mid-output ends the speculating run at the same token with the same text, even where the drafts run on.
