@@ -2,7 +2,7 @@
 
 Four steps on two copies of the caches, one eager (model.forward), one through PromptGraphs: a packed prefill of
 three prompts (62 tokens: bucket 64); a mixed step of two decodes, a prompt chunk and a new 70-token prompt that
-checkpoints its state at token 64 (bucket 96); a step whose first two sequences verify 3 drafts each, the rest
+checkpoints its state at token 64 (bucket 96); a step whose first two sequences verify 3 tokens each, the rest
 a prompt chunk (speculative decoding beside a prompt); and a step of 3 tokens (bucket 16). Logits of every token
 and every written state and KV row must match the eager step's; pool slots and KV blocks that no sequence owns
 stay bit-identical (padding rows write only the scratch KV block).
