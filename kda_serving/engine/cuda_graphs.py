@@ -60,6 +60,25 @@ def collector_paused():
             gc.enable()
 
 
+def warm_up(device: torch.device, fn) -> None:
+    """Runs fn() once eagerly on a side stream, as a capture wants before it: lazy initialisation (cuBLAS
+    workspaces and kernel choices for these shapes, library loads) happens outside the graph."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
+
+
+def capture(fn, pool):
+    """(graph, fn()'s outputs): fn captured into the memory pool `pool` (None: a new one; the graph's is
+    graph.pool()), the garbage collector paused (collector_paused)."""
+    graph = torch.cuda.CUDAGraph()
+    with collector_paused(), torch.cuda.graph(graph, pool=pool):
+        out = fn()
+    return graph, out
+
+
 def batch_bucket(n: int, max_num_seqs: int) -> int:
     """The smallest power of two >= n, capped at max_num_seqs (itself a bucket)."""
     if not 1 <= n <= max_num_seqs:
@@ -128,7 +147,7 @@ class DecodeGraphs:
         """Captures every batch bucket of decode and verifying steps (every width) at the smallest key-length
         bucket (with any_length, the only one), so that short-context steps never wait for a capture."""
         kv = self.key_bucket(1)
-        gc.collect()  # what is unreachable goes before the captures, not during one (collector_paused)
+        gc.collect()  # what is unreachable goes before the captures, not during one (capture)
         for w in range(1, self.max_width + 1):
             for nb in self.batch_buckets():
                 if (nb, w, kv) not in self.graphs:
@@ -221,16 +240,11 @@ class DecodeGraphs:
         written."""
         self._pad(0, nb, w, kv // self.block_size)
         batch = self._static_batch(nb, w, kv)
-        stream = torch.cuda.Stream(self.model.device)
-        stream.wait_stream(torch.cuda.current_stream(self.model.device))
-        # lazy initialisation (cuBLAS workspaces, library load) outside capture, with the index checks off as in
-        # capture: the padding rows of a verifying step share the scratch state slot
-        with torch.cuda.stream(stream), indices_checked_by_caller():
-            self.model.forward(batch, self.caches)
-        torch.cuda.current_stream(self.model.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with collector_paused(), torch.cuda.graph(graph, pool=self.pool):
-            logits = self.model.forward(batch, self.caches)
+        # the warm-up with the index checks off as in capture: the padding rows of a verifying step share the
+        # scratch state slot
+        with indices_checked_by_caller():
+            warm_up(self.model.device, lambda: self.model.forward(batch, self.caches))
+        graph, logits = capture(lambda: self.model.forward(batch, self.caches), self.pool)
         self.pool = graph.pool()
         log.info("captured the %s graph for %d sequences, keys up to %d tokens",
                  "decode" if w == 1 else f"verify (width {w})", nb, kv)

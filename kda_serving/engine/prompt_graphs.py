@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from ..model.batch import RaggedBatch
 from ..ops import indices_checked_by_caller
-from .cuda_graphs import collector_paused
+from .cuda_graphs import capture, warm_up
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ class PromptGraphs:
     def capture_all(self) -> None:
         """Captures every bucket (at engine start, so that no step waits for a capture); logs the time taken
         and the memory the pool grew by."""
-        gc.collect()  # what is unreachable goes before the captures, not during one (collector_paused)
+        gc.collect()  # what is unreachable goes before the captures, not during one (cuda_graphs.capture)
         start, reserved = time.perf_counter(), torch.cuda.memory_reserved(self.model.device)
         for b in reversed(self.buckets):  # the largest first: the smaller ones' temporaries fit in its blocks
             if b not in self.captured:
@@ -178,20 +178,15 @@ class PromptGraphs:
         return _Bucket(graphs, carries)
 
     def _warm_up(self, batch: RaggedBatch, rows: int) -> None:
-        """The pieces run once eagerly on a side stream before their capture: cuBLAS workspaces and kernel
-        choices for these shapes, other lazy set-up."""
-        device = self.model.device
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
+        """The pieces run once eagerly, in order, before their capture (cuda_graphs.warm_up)."""
+        def pieces():
             carry = {}
             for i in range(self.num_layers + 1):
                 carry = self.model.piece(i, self._piece_inputs(i, carry, rows), batch, self.caches)
-        torch.cuda.current_stream(device).wait_stream(stream)
+
+        warm_up(self.model.device, pieces)
 
     def _capture_piece(self, i: int, inputs: dict, batch: RaggedBatch) -> tuple[torch.cuda.CUDAGraph, dict]:
-        graph = torch.cuda.CUDAGraph()
-        with collector_paused(), torch.cuda.graph(graph, pool=self.pool):
-            out = self.model.piece(i, inputs, batch, self.caches)
+        graph, out = capture(lambda: self.model.piece(i, inputs, batch, self.caches), self.pool)
         self.pool = graph.pool()
         return graph, out
