@@ -26,7 +26,6 @@ decode graphs: engine/cuda_graphs.py).
 
 from __future__ import annotations
 
-
 import torch
 
 from .contract import _fail, skip_index_value_checks, validate_scale
