@@ -4,7 +4,9 @@ bench_prompt_step.py's 4-layer Kimi-Linear-48B-shaped engine and one of its step
    called alone (host microseconds per call), then once behind a ~20 ms sleep kernel (a call that waits for the
    GPU shows ~20,000);
 2. cProfile of PromptGraphs.run, the functions with the most own time;
-3. the same phases timed inside whole steps (ModelRunner.execute).
+3. the same phases timed inside whole steps (ModelRunner.execute);
+4. the MLA mix's functions timed inside it (host microseconds per call, 20 calls) and torch.profiler's
+   ops with the most own CPU time in it.
 
     python benchmarks/experiments/mixer_host_cost.py [--step "1 prompt x 16"]
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import importlib
 import io
 import os
 import pstats
@@ -113,6 +116,61 @@ def main() -> None:
     pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(35)
     print(text.getvalue())
     time_phases(runner, host, captured)
+    with indices_checked_by_caller():
+        mla_breakdown(lambda: model.mix(mla_i, mla_carry, batch, caches))
+
+
+def mla_breakdown(mix) -> None:
+    """Host time of the functions an MLA mix calls, each wrapped with a timer (nested ones count in their
+    callers too), then torch.profiler's table of the ops with the most own CPU time."""
+    from kda_serving.model import mla_block, mla_prefill
+    fa_module = importlib.import_module("kda_serving.ops.flash_attention")  # (ops exports a function of its name)
+
+    spent: dict[str, list[float]] = {}
+    saved = []
+
+    def wrap(owner, name, label):
+        fn = getattr(owner, name)
+        saved.append((owner, name, fn))
+
+        def timed(*a, **kw):
+            t0 = time.perf_counter()
+            out = fn(*a, **kw)
+            spent.setdefault(label, []).append(1e6 * (time.perf_counter() - t0))
+            return out
+        setattr(owner, name, timed)
+
+    block_cls = mla_block.MLABlock
+    for name in ("_prefill", "_expanded_prefill", "_absorb", "_unabsorb"):
+        wrap(block_cls, name, f"MLABlock.{name}")
+    for name in ("mla_decode", "row_index", "plan_runs"):
+        if hasattr(mla_block, name):
+            wrap(mla_block, name, f"mla_block.{name}")
+    for name in ("varlen_attention", "gather_paged_rows", "merge_attention", "plan_pieces", "plan_calls"):
+        wrap(mla_prefill, name, f"mla_prefill.{name}")
+    wrap(mla_prefill.ExpandedPrefill, "__call__", "ExpandedPrefill.__call__")
+    wrap(mla_prefill.ExpandedPrefill, "_context_call", "ExpandedPrefill._context_call")
+    wrap(mla_prefill.ExpandedPrefill, "_expand", "ExpandedPrefill._expand")
+    wrap(mla_prefill, "flash_attention", "flash_attention (ops)")
+    wrap(fa_module, "_flash_attention_op", "torch op flash_attention_")
+    wrap(fa_module, "_validate", "flash_attention._validate")
+    try:
+        for _ in range(20):
+            mix()
+        torch.cuda.synchronize()
+    finally:
+        for owner, name, fn in reversed(saved):
+            setattr(owner, name, fn)
+    print("MLA mix, its functions (host us per call, calls per mix):")
+    for label, values in spent.items():
+        print(f"  {label:34s} {statistics.median(values):8.1f} {len(values) / 20:5.1f}")
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(20):
+            mix()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
 
 
 def time_phases(runner, host, captured) -> None:
