@@ -91,7 +91,8 @@ def weight_bytes(model, tokens: int, experts_touched: float) -> float:
         nbytes = p.numel() * p.element_size()
         if name == "embed_tokens":
             nbytes = tokens * p.shape[1] * p.element_size()
-        elif name.endswith(("mlp.gate_up_proj", "mlp.down_proj")) and p.dim() == 3:
+        elif (name.endswith(("mlp.gate_up_proj", "mlp.down_proj")) and p.dim() == 3) or name.endswith(
+                ("mlp.gate_up_proj_scale", "mlp.down_proj_scale")):  # routed experts (fp8: and their scales)
             nbytes *= experts_touched
         total += nbytes
     return total

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 CHECKPOINT_ALIGN = 64  # == kda_serving.ops.contract.CHECKPOINT_ALIGN; repeated so this module needs no torch
 _DEVICES = ("cpu", "cuda")
 _DTYPES = ("float32", "bfloat16")
+QUANTIZATIONS = (None, "fp8")  # == kda_serving.model.fp8.QUANTIZATIONS
 SCHEDULING_POLICIES = ("fcfs", "priority")  # engine/scheduler.py
 # Drafts per verified decode: each costs a state slot for the step (the state after every token is kept until
 # the draft is checked) and a token of the step's budget.
@@ -47,6 +48,10 @@ class EngineConfig:
     turn; it shares the slot and block pools with running requests and is evicted LRU when they need room.
     kda_state_dtype: "float32" (default) or "bfloat16" for the KDA recurrent states: bf16 halves their memory
     (more state slots in the same budget) and the decode's state traffic, at one bf16 rounding per step.
+    quantization: None (default) or "fp8": the routed experts' weights in e4m3 with a scale per output channel,
+    quantized while loading, their GEMMs in fp8 (model/fp8.py, docs/quantization.md): half the experts'
+    memory (Kimi-Linear-48B fits an 80 GB card) and half the bytes a decode step reads from them. A model
+    object passed to the engine has its experts quantized in place; one already in fp8 sets it to "fp8".
     enable_cuda_graphs: on CUDA, decode steps replay captured CUDA graphs (engine/cuda_graphs.py) when the
     model allows it (bf16, MoE on grouped GEMMs); False runs every step eagerly.
     prompt_graph_tokens: with CUDA graphs on, steps with prompt tokens of at most this many tokens (in all)
@@ -80,6 +85,7 @@ class EngineConfig:
     enable_cuda_graphs: bool = True
     prompt_graph_tokens: int = 512
     kda_state_dtype: str = "float32"
+    quantization: str | None = None
     prefix_cache_interval: int = 256
     served_model_name: str | None = None
     seed: int = 0
@@ -101,6 +107,8 @@ class EngineConfig:
             _fail(ValueError, "dtype", f"must be one of {_DTYPES}, got {self.dtype!r}")
         if self.kda_state_dtype not in _DTYPES:
             _fail(ValueError, "kda_state_dtype", f"must be one of {_DTYPES}, got {self.kda_state_dtype!r}")
+        if self.quantization not in QUANTIZATIONS:
+            _fail(ValueError, "quantization", f"must be None or 'fp8', got {self.quantization!r}")
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "prefix_cache_interval"):
             _positive_int(name, getattr(self, name))
         for name in ("max_model_len", "num_state_slots", "num_kv_blocks"):

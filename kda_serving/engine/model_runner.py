@@ -32,7 +32,11 @@ class ModelRunner:
         if model is None:
             from ..model import load_model
 
-            model = load_model(config.model, device=self.device, dtype=config.dtype)
+            model = load_model(config.model, device=self.device, dtype=config.dtype,
+                               quantization=config.quantization)
+        elif config.quantization == "fp8" and getattr(model, "quantization", None) != "fp8":
+            model.quantize_experts_()
+        config.quantization = getattr(model, "quantization", config.quantization)
         self.model = model
         if hasattr(model, "compile_plain_ops"):  # before the profiling step and the graph captures compile it
             model.compile_plain_ops(config.torch_compile)

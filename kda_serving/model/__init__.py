@@ -15,6 +15,7 @@ from ..ops.contract import CUDA_HEAD_DIM
 from .batch import RaggedBatch, StateCheckpoints
 from .caches import ModelCaches
 from .config import ModelConfig
+from .fp8 import check_quantization
 from .kimi_linear import KimiLinearModel
 from .loader import load_weights
 
@@ -44,10 +45,12 @@ def default_model_path() -> str:
     return _path()
 
 
-def load_model(path: str | os.PathLike | None = None, device="cpu", dtype=None, progress: bool = True) -> KimiLinearModel:
+def load_model(path: str | os.PathLike | None = None, device="cpu", dtype=None, progress: bool = True,
+               quantization: str | None = None) -> KimiLinearModel:
     """Loads a Hugging Face `kimi_linear` checkpoint directory (None: the embedded default model).
 
-    dtype defaults to bfloat16 on CUDA and float32 on the CPU. Unsupported configs raise ValueError before any
+    dtype defaults to bfloat16 on CUDA and float32 on the CPU. quantization: None, or "fp8" to hold the routed
+    experts in e4m3, quantized while loading (model/fp8.py). Unsupported configs raise ValueError before any
     weight is read.
     """
     if path is None:
@@ -68,7 +71,8 @@ def load_model(path: str | os.PathLike | None = None, device="cpu", dtype=None, 
             f"kimi_linear config: 'linear_attn_config.head_dim' is {cfg.linear_head_dim}; the CUDA KDA kernels "
             f"need {CUDA_HEAD_DIM} (run this model on the CPU)"
         )
-    model = KimiLinearModel(cfg, dtype=dtype, device=device, path=path)
+    check_quantization(quantization)
+    model = KimiLinearModel(cfg, dtype=dtype, device=device, path=path, quantization=quantization)
     load_weights(model, path, progress=progress)
     return model.eval()
 

@@ -17,9 +17,10 @@ from torch import nn
 from .batch import RaggedBatch
 from .caches import ModelCaches
 from .config import DENSE, KDA, ModelConfig
+from .fp8 import check_quantization, quantize_rows
 from .kda_block import KDABlock
 from .mla_block import MLABlock
-from .moe import DenseMLP, MoE, combine_experts, route_experts, silu_mul
+from .moe import DenseMLP, MoE, combine_experts, route_experts, silu_mul, silu_mul_quantize
 from .norm import add_rms_norm, rms_norm
 
 log = logging.getLogger(__name__)
@@ -32,14 +33,14 @@ class DecoderLayer(nn.Module):
     norm_fn = staticmethod(rms_norm)
     add_norm_fn = staticmethod(add_rms_norm)
 
-    def __init__(self, cfg: ModelConfig, layer: int, dtype: torch.dtype, device):
+    def __init__(self, cfg: ModelConfig, layer: int, dtype: torch.dtype, device, fp8_experts: bool = False):
         super().__init__()
         self.is_kda = cfg.layer_types[layer] == KDA
         self.self_attn = KDABlock(cfg, dtype, device) if self.is_kda else MLABlock(cfg, dtype, device)
         if cfg.mlp_types[layer] == DENSE:
             self.mlp = DenseMLP(cfg.hidden_size, cfg.intermediate_size, dtype, device)
         else:
-            self.mlp = MoE(cfg, dtype, device)
+            self.mlp = MoE(cfg, dtype, device, fp8=fp8_experts)
         self.input_layernorm = nn.Parameter(torch.empty(cfg.hidden_size, dtype=dtype, device=device), False)
         self.post_attention_layernorm = nn.Parameter(torch.empty(cfg.hidden_size, dtype=dtype, device=device), False)
         self.eps = cfg.rms_norm_eps
@@ -72,16 +73,20 @@ class DecoderLayer(nn.Module):
 
 
 class KimiLinearModel(nn.Module):
-    """Parameters are created empty (torch.empty) and filled by the loader; use load_model() to get one."""
+    """Parameters are created empty (torch.empty) and filled by the loader; use load_model() to get one.
+    quantization: None (every weight in `dtype`) or "fp8" (the routed experts in e4m3: model/fp8.py)."""
 
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.float32, device="cpu", path: str | None = None):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.float32, device="cpu", path: str | None = None,
+                 quantization: str | None = None):
         super().__init__()
         self.config = cfg
         self.dtype = dtype
         self.path = path  # the checkpoint directory (tokenizer files live there too)
+        self.quantization = check_quantization(quantization)
         vocab, hidden = cfg.vocab_size, cfg.hidden_size
         self.embed_tokens = nn.Parameter(torch.empty(vocab, hidden, dtype=dtype, device=device), False)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, dtype, device) for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, dtype, device, fp8_experts=quantization == "fp8")
+                                    for i in range(cfg.num_hidden_layers))
         self.norm = nn.Parameter(torch.empty(hidden, dtype=dtype, device=device), False)
         # With tie_word_embeddings the loader makes lm_head share embed_tokens, but only when the checkpoint has
         # no lm_head.weight: transformers' KimiLinearForCausalLM never ties, so a stored head is used as is.
@@ -102,8 +107,9 @@ class KimiLinearModel(nn.Module):
 
     def compile_plain_ops(self, enable: bool = True) -> bool:
         """Compiles (torch.compile, Inductor) the model's plain torch pieces between its custom ops and GEMMs:
-        the RMS norms, each residual add with the norm after it, the MoE router, the SwiGLU activation and the
-        experts' weighted sum, each one function shared by every layer and compiled once for every token count
+        the RMS norms, each residual add with the norm after it, the MoE router, the SwiGLU activation, the
+        experts' weighted sum and (fp8 experts) the rows' quantization and the activation with its quantization, each
+        one function shared by every layer and compiled once for every token count
         (dynamic shapes). Their dozens of small elementwise, reduction and top-k kernels per step become a few
         fused ones: on an H200 a CUDA-graph decode step of 4 Kimi-Linear-48B-shaped layers went 1.05 -> 0.92 ms
         at 1 request and 2.63 -> 2.42 ms at 64 (benchmarks/experiments/compile_decode.py, the first three); a
@@ -123,7 +129,8 @@ class KimiLinearModel(nn.Module):
                 enable = False
         pick = _compiled if enable else (lambda fn: fn)
         norm, add_norm, route = pick(rms_norm), pick(add_rms_norm), pick(route_experts)
-        act, combine = pick(silu_mul), pick(combine_experts)
+        act, combine, quantize = pick(silu_mul), pick(combine_experts), pick(quantize_rows)
+        act_quantize = pick(silu_mul_quantize)
         self.norm_fn = norm
         for layer in self.layers:
             layer.norm_fn, layer.add_norm_fn = norm, add_norm
@@ -132,6 +139,7 @@ class KimiLinearModel(nn.Module):
                 mlp.act_fn = act
             if isinstance(layer.mlp, MoE):
                 layer.mlp.route_fn, layer.mlp.combine_fn = route, combine
+                layer.mlp.quantize_fn, layer.mlp.act_quantize_fn = quantize, act_quantize
         return enable
 
     @torch.inference_mode()  # as forward runs: the compiled code is guarded on it
@@ -150,11 +158,26 @@ class KimiLinearModel(nn.Module):
                 pairs = torch.arange(tokens * moe.top_k, device=self.device)
                 _compiled(combine_experts)(h.repeat_interleave(moe.top_k, 0), pairs,
                                            torch.ones(tokens, moe.top_k, device=self.device))
+                if moe.fp8:
+                    _compiled(quantize_rows)(h)
+                    _compiled(silu_mul_quantize)(torch.ones(tokens, moe.gate_up_proj.shape[1], dtype=self.dtype,
+                                                            device=self.device))
+
+    def quantize_experts_(self) -> KimiLinearModel:
+        """Turns a loaded model's routed experts into fp8 in place (what load_model(..., quantization="fp8") loads
+        directly, without the bf16 experts on the device); returns the model. Benchmarks and tests compare
+        the two forms of the same weights with it."""
+        for layer in self.layers:
+            if isinstance(layer.mlp, MoE):
+                layer.mlp.quantize_experts_()
+        self.quantization = "fp8"
+        return self
 
     @property
     def decode_capturable(self) -> bool:
         """Whether a decode step (RaggedBatch.is_decode, host kv_lens given) runs without host syncs, so the
-        engine can capture it in a CUDA graph: on CUDA, with every MoE on its grouped GEMMs (bf16)."""
+        engine can capture it in a CUDA graph: on CUDA, with every MoE on its grouped GEMMs (bf16 tokens; bf16
+        experts, or fp8 ones on SM90)."""
         return self.device.type == "cuda" and all(
             getattr(layer.mlp, "capturable", True) for layer in self.layers
         )

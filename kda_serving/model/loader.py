@@ -4,7 +4,9 @@ Accepts both weight namings: transformers' (self_attn.conv1d, self_attn.forget_g
 [E, 2I, hidden]) and the original Moonshot release (self_attn.{q,k,v}_conv1d, self_attn.f_a_proj/A_log/dt_bias,
 block_sparse_moe.experts.{e}.w1/w2/w3), the two sides of transformers' conversion mapping for this model.
 Every checkpoint tensor is copied straight into a region of one of our (partly fused) parameters, so peak
-memory is one tensor beyond the model. Missing or unknown tensors and shape mismatches are ValueErrors.
+memory is one tensor beyond the model. On a model with fp8 experts (model/fp8.py) the experts' tensors are
+quantized as they are copied, a slice of rows at a time: the bf16 experts never exist on the device. Missing or
+unknown tensors and shape mismatches are ValueErrors.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from .config import KDA, MOE, ModelConfig
+from .fp8 import FP8, quantize_into_
 from .kimi_linear import KimiLinearModel
 
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
@@ -154,7 +157,12 @@ def load_weights(model: KimiLinearModel, path: str, progress: bool = True) -> No
                         f"checkpoint tensor {key!r} has shape {tuple(src.shape)}, expected {tuple(dest.shape)} "
                         f"for {name} (does config.json match the weights?)"
                     )
-                dest.copy_(src.reshape(dest.shape))
+                if dest.dtype == FP8:  # a routed expert's weight: quantized rows and their scales
+                    scale = params[f"{name}_scale"] if index is None else params[f"{name}_scale"][index]
+                    quantize_into_(dest, scale, src.reshape(dest.shape))
+                    written[f"{name}_scale"] += scale.numel()
+                else:
+                    dest.copy_(src.reshape(dest.shape))
                 written[name] += dest.numel()
     bar.close()
     if unknown:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .fp8 import FP8, fp8_linear, quantize_into_, quantize_rows
 
 
 def _param(*shape: int, dtype: torch.dtype, device) -> nn.Parameter:
@@ -30,6 +31,12 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """[..., 2I] = [gate, up] -> silu(gate) * up [..., I]."""
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+def silu_mul_quantize(gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """silu_mul, its rows quantized to e4m3 (fp8.quantize_rows): the fp8 experts' activation, one fused kernel
+    when compiled (one read of gate_up, no bf16 activation written)."""
+    return quantize_rows(silu_mul(gate_up))
 
 
 def combine_experts(y: torch.Tensor, inverse: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -49,11 +56,16 @@ FUSED_MIN_TOKENS = 1024
 
 
 def _grouped_gemm_fits(x: torch.Tensor, gate_up: torch.Tensor) -> bool:
-    """Whether torch._grouped_mm's bf16 GPU kernel takes these experts: bf16 on CUDA, every row 16-byte
-    aligned (hidden and the intermediate size multiples of 8)."""
+    """Whether torch's grouped GEMM GPU kernels take these experts: bf16 tokens on CUDA; bf16 experts
+    (torch._grouped_mm) with every row 16-byte aligned (hidden and the intermediate size multiples of 8), or
+    e4m3 experts (torch._scaled_grouped_mm, SM90) with both multiples of 16."""
     hidden, two_i = gate_up.shape[2], gate_up.shape[1]
-    return (x.is_cuda and x.dtype == torch.bfloat16 and gate_up.dtype == torch.bfloat16
-            and hasattr(torch, "_grouped_mm") and hidden % 8 == 0 and two_i % 16 == 0)
+    if not (x.is_cuda and x.dtype == torch.bfloat16):
+        return False
+    if gate_up.dtype == FP8:
+        return (hasattr(torch, "_scaled_grouped_mm") and hidden % 16 == 0 and two_i % 32 == 0
+                and torch.cuda.get_device_capability(x.device) == (9, 0))
+    return gate_up.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm") and hidden % 8 == 0 and two_i % 16 == 0
 
 
 class DenseMLP(nn.Module):
@@ -90,7 +102,10 @@ def route_experts(x: torch.Tensor, router: torch.Tensor, bias: torch.Tensor, top
 
 
 class MoE(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device):
+    """fp8: the routed experts' weights in e4m3 with a scale per output channel (gate_up_proj_scale [E, 2I],
+    down_proj_scale [E, hidden]; model/fp8.py), their GEMMs in fp8; else in the model dtype."""
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device, fp8: bool = False):
         super().__init__()
         E, I, hidden = cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size
         self.num_experts, self.top_k = E, cfg.num_experts_per_token
@@ -98,21 +113,44 @@ class MoE(nn.Module):
         self.renormalize, self.scaling = cfg.moe_renormalize, cfg.routed_scaling_factor
         self.router = _param(E, hidden, dtype=dtype, device=device)
         self.e_score_correction_bias = _param(E, dtype=torch.float32, device=device)
-        self.gate_up_proj = _param(E, 2 * I, hidden, dtype=dtype, device=device)  # per expert [gate; up]
-        self.down_proj = _param(E, hidden, I, dtype=dtype, device=device)
+        self.fp8 = fp8
+        experts_dtype = FP8 if fp8 else dtype
+        self.gate_up_proj = _param(E, 2 * I, hidden, dtype=experts_dtype, device=device)  # per expert [gate; up]
+        self.down_proj = _param(E, hidden, I, dtype=experts_dtype, device=device)
+        if fp8:
+            self.gate_up_proj_scale = _param(E, 2 * I, dtype=torch.float32, device=device)
+            self.down_proj_scale = _param(E, hidden, dtype=torch.float32, device=device)
         shared = I * cfg.num_shared_experts
         self.shared_experts = DenseMLP(hidden, shared, dtype, device) if shared else None
+
+    @torch.no_grad()
+    def quantize_experts_(self) -> None:
+        """Replaces the routed experts' weights by their e4m3 quantization with scales (as loading with
+        quantization="fp8" would have made them), freeing the originals."""
+        if self.fp8:
+            return
+        for name in ("gate_up_proj", "down_proj"):
+            w = getattr(self, name)
+            q = _param(*w.shape, dtype=FP8, device=w.device)
+            scale = _param(*w.shape[:-1], dtype=torch.float32, device=w.device)
+            quantize_into_(q, scale, w)
+            setattr(self, name, q)
+            setattr(self, f"{name}_scale", scale)
+        self.fp8 = True
 
     @property
     def capturable(self) -> bool:
         """Whether forward runs without a host sync (the grouped GEMMs), so a CUDA graph can capture it."""
         return _grouped_gemm_fits(self.router, self.gate_up_proj)
 
-    # route_experts, silu_mul and combine_experts, or their compiled versions on a compiled model
+    # route_experts, silu_mul, combine_experts, quantize_rows and silu_mul_quantize, or their compiled versions on
+    # a compiled model
     # (KimiLinearModel.compile_plain_ops)
     route_fn = staticmethod(route_experts)
     act_fn = staticmethod(silu_mul)
     combine_fn = staticmethod(combine_experts)
+    quantize_fn = staticmethod(quantize_rows)
+    act_quantize_fn = staticmethod(silu_mul_quantize)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, hidden] -> (expert ids [T, top_k] int64, weights [T, top_k] fp32)."""
@@ -134,27 +172,49 @@ class MoE(nn.Module):
         experts' row ranges): the loop below costs ~6 launches per active expert and a host sync for the
         counts, which made a 64-sequence decode step of the 4-layer Kimi-Linear-48B-shaped model host-bound
         (docs/engine.md). The CPU keeps the loop: there a launch costs nothing and it is the path the
-        transformers comparisons pin down."""
+        transformers comparisons pin down. With fp8 experts the GPU's grouped GEMMs are torch._scaled_grouped_mm
+        on rows quantized just before each; the loop runs fp8.fp8_linear, the same arithmetic."""
         fused = x.shape[0] >= FUSED_MIN_TOKENS
         act, combine = (self.act_fn, self.combine_fn) if fused else (silu_mul, combine_experts)
         flat_ids = ids.reshape(-1)
         order = flat_ids.argsort(stable=True)
         token = order // self.top_k  # which token each sorted pair belongs to
-        rows = x.index_select(0, token)
         if _grouped_gemm_fits(x, self.gate_up_proj):
             # End of each expert's rows in the sorted pairs, computed on the device: no host sync.
             experts = torch.arange(1, self.num_experts + 1, device=x.device)
             ends = torch.searchsorted(flat_ids[order], experts, right=False).to(torch.int32)
-            h = act(torch._grouped_mm(rows, self.gate_up_proj.transpose(1, 2), offs=ends))
-            y = torch._grouped_mm(h, self.down_proj.transpose(1, 2), offs=ends)
+            if self.fp8:
+                # each token quantized once, before its top_k copies are gathered (a row's quantization does
+                # not depend on where it goes): k times less quantizing, and the gather moves 1-byte elements
+                xq, x_scale = self.quantize_fn(x)
+                gate_up = torch._scaled_grouped_mm(
+                    xq.index_select(0, token), self.gate_up_proj.transpose(1, 2), x_scale.index_select(0, token),
+                    self.gate_up_proj_scale, offs=ends, out_dtype=x.dtype)
+                # (compiled at every token count: eager, the two quantizations are a dozen kernels, 44 us of GPU
+                # time at one token against 6, which a decode graph replays; experiments/fp8_grouped_mm.py)
+                hq, h_scale = self.act_quantize_fn(gate_up)
+                y = torch._scaled_grouped_mm(hq, self.down_proj.transpose(1, 2), h_scale, self.down_proj_scale,
+                                             offs=ends, out_dtype=x.dtype)
+            else:
+                rows = x.index_select(0, token)
+                h = act(torch._grouped_mm(rows, self.gate_up_proj.transpose(1, 2), offs=ends))
+                y = torch._grouped_mm(h, self.down_proj.transpose(1, 2), offs=ends)
         else:
+            rows = x.index_select(0, token)
             counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()
             y = torch.empty_like(rows)
             start = 0
             for e, n in enumerate(counts):
                 if n:
-                    y[start : start + n] = swiglu(rows[start : start + n], self.gate_up_proj[e], self.down_proj[e])
+                    y[start : start + n] = self._expert(e, rows[start : start + n])
                     start += n
         # where each (token, k) pair landed in the sorted order
         inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
         return combine(y, inverse, weights)
+
+    def _expert(self, e: int, rows: torch.Tensor) -> torch.Tensor:
+        """Expert e's SwiGLU on its rows [n, hidden], one GEMM at a time (the loop path)."""
+        if not self.fp8:
+            return swiglu(rows, self.gate_up_proj[e], self.down_proj[e])
+        h = silu_mul(fp8_linear(rows, self.gate_up_proj[e], self.gate_up_proj_scale[e]))
+        return fp8_linear(h, self.down_proj[e], self.down_proj_scale[e])

@@ -98,3 +98,73 @@ def test_moe_forward_captures_in_a_cuda_graph(moe):
         eager = moe(x)
         torch.cuda.synchronize()
         assert torch.equal(static_out, eager)
+
+
+# fp8 experts (model/fp8.py): torch._scaled_grouped_mm on rows quantized per row, against a float64 emulation
+# written here: each GEMM's input row quantized, both operands dequantized, exact products, and the bf16
+# roundings the GPU path makes (each GEMM's output, and silu(gate) and its product with up, as eager bf16 ops
+# round them; the compiled activation keeps them in fp32, the engine tests cover that). What is left is
+# accumulation order, and elements it moves across an e4m3 rounding boundary (one e4m3 step, 2^-3 relative):
+# ~5e-3 in relative norm against the fp8 loop path (fp32 products of the same operands, measured).
+# Quantization itself moves the experts by ~6.5e-2 from the bf16 ones (checked to be over twice the bound),
+# so the 1.5e-2 bound fails a path that skipped it, and a wrong scale or expert by far more.
+FP8_REF_TOL = 1.5e-2
+
+
+@pytest.fixture(scope="module")
+def moe_fp8(moe) -> MoE:
+    import copy
+
+    quantized = copy.deepcopy(moe)
+    quantized.quantize_experts_()
+    return quantized
+
+
+def _float64_fp8_experts(m: MoE, x, ids, weights) -> torch.Tensor:
+    from kda_serving.model.fp8 import quantize_rows
+
+    def deq(q, s):
+        return q.double().cpu() * s.double().cpu()[..., None]
+
+    def quant(row):
+        q, s = quantize_rows(row.float())
+        return deq(q, s)
+
+    def bf16(t):
+        return t.to(torch.bfloat16).double()
+
+    ids_c, w = ids.cpu(), weights.double().cpu()
+    used = {int(e): (deq(m.gate_up_proj[e], m.gate_up_proj_scale[e]), deq(m.down_proj[e], m.down_proj_scale[e]))
+            for e in ids_c.unique()}
+    out = torch.zeros(x.shape, dtype=torch.float64)
+    for t in range(x.shape[0]):
+        xq = quant(x[t].cpu())
+        for j in range(ids.shape[1]):
+            gate_up, down = used[int(ids_c[t, j])]
+            g, u = bf16(gate_up @ xq).chunk(2)
+            out[t] += w[t, j] * bf16(down @ quant(bf16(bf16(F.silu(g)) * u)))
+    return out
+
+
+@pytest.mark.parametrize("T", [1, 64, 700])
+def test_fp8_grouped_experts_match_loop_and_float64(moe, moe_fp8, T, monkeypatch):
+    assert moe_module._grouped_gemm_fits(torch.empty(1, device="cuda", dtype=torch.bfloat16), moe_fp8.gate_up_proj)
+    gen = torch.Generator(device="cuda").manual_seed(T)
+    x = torch.randn(T, moe_fp8.gate_up_proj.shape[2], generator=gen, device="cuda").to(torch.bfloat16)
+    ids, weights = moe_fp8.route(x)
+    out = moe_fp8._experts(x, ids, weights)
+    loop = _loop_experts(moe_fp8, x, ids, weights, monkeypatch)
+    bf16 = moe._experts(x, ids, weights)
+    assert torch.isfinite(out).all()
+    e_loop, e_bf16 = _rel(out, loop), _rel(out, bf16)
+    e_ref = _rel(out, _float64_fp8_experts(moe_fp8, x, ids, weights)) if T <= 64 else float("nan")
+    print(f"fp8 T={T}: vs fp8 loop {e_loop:.2e}, vs float64 emulation {e_ref:.2e}, vs bf16 experts {e_bf16:.2e} "
+          f"(max |diff| vs loop {(out.float() - loop.float()).abs().max().item():.2e})")
+    assert e_loop <= FP8_REF_TOL
+    if T <= 64:
+        assert e_ref <= FP8_REF_TOL
+    assert 2 * FP8_REF_TOL < e_bf16 < 0.2  # quantized, and only by e4m3's rounding
+
+
+def test_fp8_moe_captures_in_a_cuda_graph(moe_fp8):
+    test_moe_forward_captures_in_a_cuda_graph(moe_fp8)
