@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops import cuda_moe, moe_experts_gemv
 from .config import ModelConfig
 from .fp8 import FP8, fp8_linear, quantize_into_, quantize_rows
 
@@ -53,6 +54,12 @@ def combine_experts(y: torch.Tensor, inverse: torch.Tensor, weights: torch.Tenso
 # compiled vs eager, benchmarks/experiments/moe_combine.py, logs/session17/h200-moe-combine.log: 0.93 vs 0.63
 # ms at 64 tokens, 0.96 vs 0.80 at 512, 1.05 vs 1.18 at 1,024, 1.48 vs 1.72 at 2,049, 3.45 vs 4.27 at 8,192).
 FUSED_MIN_TOKENS = 1024
+# Steps of at most this many tokens run the routed experts as matrix-vector products on CUDA (ops.moe_experts_gemv:
+# each (token, expert) pair streams its expert's weights once), larger ones as grouped GEMMs, whose tiles are
+# nearly all padding at a few tokens per expert. The crossover (one 48B layer, H100, benchmarks/bench_moe.py):
+# bf16 experts 2.13x at 1 token, 1.13x at 8, 0.74x at 16; e4m3 2.57x, 1.42x, 0.95x (docs/moe-gemv.md).
+GEMV_MAX_TOKENS = 8
+FP8_GEMV_MAX_TOKENS = 12
 
 
 def _grouped_gemm_fits(x: torch.Tensor, gate_up: torch.Tensor) -> bool:
@@ -173,7 +180,13 @@ class MoE(nn.Module):
         counts, which made a 64-sequence decode step of the 4-layer Kimi-Linear-48B-shaped model host-bound
         (docs/engine.md). The CPU keeps the loop: there a launch costs nothing and it is the path the
         transformers comparisons pin down. With fp8 experts the GPU's grouped GEMMs are torch._scaled_grouped_mm
-        on rows quantized just before each; the loop runs fp8.fp8_linear, the same arithmetic."""
+        on rows quantized just before each; the loop runs fp8.fp8_linear, the same arithmetic. Steps of up to
+        GEMV_MAX_TOKENS tokens skip the sort on CUDA: ops.moe_experts_gemv, both GEMMs, the activation and the
+        weighted sum in two kernels (e4m3 experts dequantized there, the activations unquantized)."""
+        limit = FP8_GEMV_MAX_TOKENS if self.fp8 else GEMV_MAX_TOKENS
+        if x.shape[0] <= limit and cuda_moe.supports(x, self.gate_up_proj, self.top_k):
+            return moe_experts_gemv(x, ids, weights, self.gate_up_proj, self.down_proj,
+                                    getattr(self, "gate_up_proj_scale", None), getattr(self, "down_proj_scale", None))
         fused = x.shape[0] >= FUSED_MIN_TOKENS
         act, combine = (self.act_fn, self.combine_fn) if fused else (silu_mul, combine_experts)
         flat_ids = ids.reshape(-1)

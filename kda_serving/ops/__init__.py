@@ -1,8 +1,8 @@
 """KDA operators: the contract (contract.py), the float64 truth (reference.py), the chunked CPU path
 (chunked.py), the public custom ops (kda.py, conv.py, gated_norm.py, mla_decode.py, flash_attention.py,
-paged_rows.py, and the sampler's cuts in sampling.py) and the CUDA library bindings (cuda_lib.py,
-cuda_decode.py, cuda_norm.py, cuda_mla.py, cuda_attention.py, cuda_sampling.py, their shared checks in
-cuda_args.py). See docs/kda-contract.md."""
+paged_rows.py, moe_experts.py, and the sampler's cuts in sampling.py) and the CUDA library bindings
+(cuda_lib.py, cuda_decode.py, cuda_norm.py, cuda_mla.py, cuda_attention.py, cuda_moe.py, cuda_sampling.py,
+their shared checks in cuda_args.py). See docs/kda-contract.md."""
 
 from .contract import CHECKPOINT_ALIGN, PAD_SLOT, KDACheckpoints, indices_checked_by_caller
 from .conv import causal_conv1d_decode, causal_conv1d_prefill, causal_conv1d_verify
@@ -10,6 +10,7 @@ from .flash_attention import flash_attention, merge_attention
 from .gated_norm import gated_rms_norm
 from .kda import flash_kda_fwd, kda_decode, kda_prefill
 from .mla_decode import mla_decode
+from .moe_experts import moe_experts_gemv
 from .paged_rows import gather_paged_rows
 from .reference import KDAOutput, kda_recurrent_reference
 from .sampling import top_k_floor, top_p_floor
@@ -32,6 +33,7 @@ __all__ = [
     "kda_recurrent_reference",
     "merge_attention",
     "mla_decode",
+    "moe_experts_gemv",
     "top_k_floor",
     "top_p_floor",
 ]

@@ -41,6 +41,8 @@ def moe() -> MoE:
 def _loop_experts(m: MoE, x, ids, weights, monkeypatch):
     with monkeypatch.context() as mp:
         mp.setattr(moe_module, "_grouped_gemm_fits", lambda *a: False)
+        mp.setattr(moe_module, "GEMV_MAX_TOKENS", 0)
+        mp.setattr(moe_module, "FP8_GEMV_MAX_TOKENS", 0)
         return m._experts(x, ids, weights)
 
 
@@ -63,6 +65,8 @@ def _rel(a, b) -> float:
 
 @pytest.mark.parametrize("T", [1, 64, 700])
 def test_grouped_experts_match_loop_and_float64(moe, T, monkeypatch):
+    monkeypatch.setattr(moe_module, "GEMV_MAX_TOKENS", 0)  # the grouped GEMMs at every size (the GEMV path:
+    # tests/gpu/test_moe_gemv_cuda.py)
     assert moe_module._grouped_gemm_fits(torch.empty(1, device="cuda", dtype=torch.bfloat16), moe.gate_up_proj)
     gen = torch.Generator(device="cuda").manual_seed(T)
     x = torch.randn(T, moe.gate_up_proj.shape[2], generator=gen, device="cuda").to(torch.bfloat16)
@@ -148,6 +152,8 @@ def _float64_fp8_experts(m: MoE, x, ids, weights) -> torch.Tensor:
 
 @pytest.mark.parametrize("T", [1, 64, 700])
 def test_fp8_grouped_experts_match_loop_and_float64(moe, moe_fp8, T, monkeypatch):
+    monkeypatch.setattr(moe_module, "GEMV_MAX_TOKENS", 0)
+    monkeypatch.setattr(moe_module, "FP8_GEMV_MAX_TOKENS", 0)
     assert moe_module._grouped_gemm_fits(torch.empty(1, device="cuda", dtype=torch.bfloat16), moe_fp8.gate_up_proj)
     gen = torch.Generator(device="cuda").manual_seed(T)
     x = torch.randn(T, moe_fp8.gate_up_proj.shape[2], generator=gen, device="cuda").to(torch.bfloat16)

@@ -1,0 +1,247 @@
+// The routed experts of a decode step as matrix-vector products: T tokens (a few), each with its top-k experts,
+// the (token, expert) pairs each streaming their expert's weights once at full bandwidth. Called through ctypes
+// by kda_serving/ops/cuda_moe.py (docs/moe-gemv.md).
+//
+// A grouped GEMM tiles each expert's rows of tokens into 64- or 128-row MMA tiles; at one to a few tokens per
+// expert nearly all of a tile is padding and the kernel's latency, not the weights' bytes, sets the time (0.18
+// ms per Kimi-Linear-48B MoE layer at one token against 0.03 ms of weights, H200). Here every warp reduces one
+// weight row against the token's activations kept in shared memory as fp32, with 16-byte streaming loads:
+//
+//   gate_up_kernel  grid (inter / 16, T * k): h[pair, o] = silu(W_gate[e] x_t)[o] * (W_up[e] x_t)[o]   (fp32)
+//   down_kernel     grid (hidden / 8, T):     out[t, o] = sum_j w[t, j] * (W_down[e_j] h[t * k + j])[o] (bf16)
+//
+// The SwiGLU activation is the first kernel's epilogue and the routing weights' sum the second's, in a fixed
+// order (j = 0 .. k-1): no atomics, results repeat. Weights are bf16, or e4m3 with an fp32 scale per output row
+// (W8A16: the activations stay fp32, the scale applied after the row's dot product). Only enqueues work on
+// `stream`: no allocation (h is the caller's workspace), no synchronisation, CUDA-graph capturable. A pair
+// whose expert id is outside [0, E) contributes nothing (the router never makes one).
+#include <cstdint>
+#include <utility>
+
+#include <cuda_bf16.h>
+#include <cuda_fp8.h>
+#include <cuda_runtime.h>
+
+namespace kda_serving::moe {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kElemsPerVec = 8;   // one load: 16 bytes of bf16 or 8 of e4m3
+constexpr int kUnroll = 4;        // loads in flight per lane and row before their products
+constexpr int kGateUpRowsPerCta = 16;
+constexpr int kDownRowsPerCta = 8;
+constexpr int kMaxSharedBytes = 96 * 1024;
+
+struct Params {
+  const __nv_bfloat16* x;  // [T, hidden] at x_row_stride
+  int64_t x_row_stride;
+  const int64_t* ids;       // [T, k] expert per pair
+  const float* route_w;     // [T, k]
+  const void* gate_up;      // [E, 2 * inter, hidden]: gate rows, then up rows
+  const float* gate_up_scale;  // [E, 2 * inter] (e4m3 only)
+  const void* down;         // [E, hidden, inter]
+  const float* down_scale;  // [E, hidden] (e4m3 only)
+  float* h;                 // [T * k, inter] workspace
+  __nv_bfloat16* out;       // [T, hidden]
+  int tokens, top_k, experts, hidden, inter;
+};
+
+template <bool kFp8>
+struct Weights {
+  using Vec = uint4;  // 8 bf16
+  static __device__ __forceinline__ void expand(const Vec& v, float (&f)[kElemsPerVec]) {
+    const __nv_bfloat162* p = reinterpret_cast<const __nv_bfloat162*>(&v);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 a = __bfloat1622float2(p[i]);
+      f[2 * i] = a.x;
+      f[2 * i + 1] = a.y;
+    }
+  }
+};
+
+template <>
+struct Weights<true> {
+  using Vec = uint2;  // 8 e4m3
+  static __device__ __forceinline__ void expand(const Vec& v, float (&f)[kElemsPerVec]) {
+    const __nv_fp8x2_storage_t* p = reinterpret_cast<const __nv_fp8x2_storage_t*>(&v);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const __half2 pair(__nv_cvt_fp8x2_to_halfraw2(p[i], __NV_E4M3));
+      const float2 a = __half22float2(pair);
+      f[2 * i] = a.x;
+      f[2 * i + 1] = a.y;
+    }
+  }
+};
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+// This lane's share of the dot products of kRows weight rows (vecs loads of 8 elements each) with fp32 vectors
+// in shared memory (xs[r] for row r): lane l takes loads l, l + 32, ...; the caller sums over the warp.
+template <bool kFp8, int kRows>
+__device__ __forceinline__ void dot_rows(const typename Weights<kFp8>::Vec* const (&rows)[kRows],
+                                         const float* const (&xs)[kRows], int vecs, int lane,
+                                         float (&acc)[kRows]) {
+  using Vec = typename Weights<kFp8>::Vec;
+  for (int base = 0; base < vecs; base += 32 * kUnroll) {
+    Vec buf[kRows][kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int v = base + lane + 32 * u;
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        if (v < vecs) buf[r][u] = __ldcs(rows[r] + v);  // read once: evict first
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int v = base + lane + 32 * u;
+      if (v >= vecs) break;
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        float w[kElemsPerVec];
+        Weights<kFp8>::expand(buf[r][u], w);
+        const float4 a = reinterpret_cast<const float4*>(xs[r] + kElemsPerVec * v)[0];
+        const float4 b = reinterpret_cast<const float4*>(xs[r] + kElemsPerVec * v)[1];
+        acc[r] += w[0] * a.x + w[1] * a.y + w[2] * a.z + w[3] * a.w + w[4] * b.x + w[5] * b.y + w[6] * b.z +
+                  w[7] * b.w;
+      }
+    }
+  }
+}
+
+template <bool kFp8>
+__device__ __forceinline__ const typename Weights<kFp8>::Vec* weight_row(const void* base, int64_t row,
+                                                                        int row_len) {
+  constexpr int64_t kBytes = kFp8 ? 1 : 2;
+  return reinterpret_cast<const typename Weights<kFp8>::Vec*>(static_cast<const char*>(base) +
+                                                              row * row_len * kBytes);
+}
+
+template <bool kFp8>
+__global__ void __launch_bounds__(kThreads) gate_up_kernel(Params p) {
+  extern __shared__ float4 smem4[];
+  float* xs = reinterpret_cast<float*>(smem4);
+  const int pair = blockIdx.y;
+  const int t = pair / p.top_k;
+  const int64_t e = p.ids[pair];
+  const __nv_bfloat16* x = p.x + t * p.x_row_stride;
+  for (int i = threadIdx.x; i < p.hidden; i += kThreads) xs[i] = __bfloat162float(x[i]);
+  __syncthreads();
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int end = min((blockIdx.x + 1) * kGateUpRowsPerCta, p.inter);
+  const bool valid = e >= 0 && e < p.experts;
+  for (int o = blockIdx.x * kGateUpRowsPerCta + warp; o < end; o += kWarps) {
+    float acc[2] = {0.f, 0.f};
+    if (valid) {
+      const int64_t gate = e * 2 * p.inter + o, up = gate + p.inter;
+      const typename Weights<kFp8>::Vec* const rows[2] = {weight_row<kFp8>(p.gate_up, gate, p.hidden),
+                                                          weight_row<kFp8>(p.gate_up, up, p.hidden)};
+      const float* const xs2[2] = {xs, xs};
+      dot_rows<kFp8, 2>(rows, xs2, p.hidden / kElemsPerVec, lane, acc);
+      acc[0] = warp_sum(acc[0]);
+      acc[1] = warp_sum(acc[1]);
+      if (kFp8) {
+        acc[0] *= p.gate_up_scale[gate];
+        acc[1] *= p.gate_up_scale[up];
+      }
+    }
+    if (lane == 0) p.h[static_cast<int64_t>(pair) * p.inter + o] = acc[0] / (1.f + __expf(-acc[0])) * acc[1];
+  }
+}
+
+template <bool kFp8>
+__global__ void __launch_bounds__(kThreads) down_kernel(Params p) {
+  extern __shared__ float4 smem4[];
+  float* hs = reinterpret_cast<float*>(smem4);  // the token's k activations, [k, inter]
+  const int t = blockIdx.y;
+  const int64_t first = static_cast<int64_t>(t) * p.top_k;
+  const float4* h4 = reinterpret_cast<const float4*>(p.h + first * p.inter);
+  for (int i = threadIdx.x; i < p.top_k * p.inter / 4; i += kThreads) smem4[i] = h4[i];
+  __syncthreads();
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int end = min((blockIdx.x + 1) * kDownRowsPerCta, p.hidden);
+  for (int o = blockIdx.x * kDownRowsPerCta + warp; o < end; o += kWarps) {
+    float sum = 0.f;
+    for (int j = 0; j < p.top_k; ++j) {
+      const int64_t e = p.ids[first + j];
+      if (e < 0 || e >= p.experts) continue;
+      const typename Weights<kFp8>::Vec* const rows[1] = {weight_row<kFp8>(p.down, e * p.hidden + o, p.inter)};
+      const float* const xs[1] = {hs + j * p.inter};
+      float acc[1] = {0.f};
+      dot_rows<kFp8, 1>(rows, xs, p.inter / kElemsPerVec, lane, acc);
+      float scale = p.route_w[first + j];
+      if (kFp8) scale *= p.down_scale[e * p.hidden + o];
+      sum += scale * acc[0];  // each lane its share; one reduction for all k below
+    }
+    sum = warp_sum(sum);
+    if (lane == 0) p.out[static_cast<int64_t>(t) * p.hidden + o] = __float2bfloat16(sum);
+  }
+}
+
+template <bool kFp8>
+cudaError_t launch(const Params& p, cudaStream_t s) {
+  const int gate_up_smem = p.hidden * static_cast<int>(sizeof(float));
+  const int down_smem = p.top_k * p.inter * static_cast<int>(sizeof(float));
+  for (auto [kernel, bytes] : {std::pair{reinterpret_cast<const void*>(gate_up_kernel<kFp8>), gate_up_smem},
+                               std::pair{reinterpret_cast<const void*>(down_kernel<kFp8>), down_smem}}) {
+    if (bytes > 48 * 1024) {
+      const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+      if (err != cudaSuccess) return err;
+    }
+  }
+  const dim3 grid1((p.inter + kGateUpRowsPerCta - 1) / kGateUpRowsPerCta, p.tokens * p.top_k);
+  gate_up_kernel<kFp8><<<grid1, kThreads, gate_up_smem, s>>>(p);
+  const dim3 grid2((p.hidden + kDownRowsPerCta - 1) / kDownRowsPerCta, p.tokens);
+  down_kernel<kFp8><<<grid2, kThreads, down_smem, s>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace
+}  // namespace kda_serving::moe
+
+using namespace kda_serving::moe;
+
+extern "C" {
+
+// Sizes: hidden and inter multiples of 256 (whole 8-element loads for every lane's share of a row, 16-byte
+// aligned rows), hidden * 4 and top_k * inter * 4 bytes of shared memory at most 96 KB, tokens * top_k at most
+// 65,535 (the grid's y). Returns a cudaError_t.
+int kda_serving_moe_gemv(const void* x, int64_t x_row_stride, const int64_t* ids, const float* route_weights,
+                         int tokens, int top_k, int experts, const void* gate_up, const float* gate_up_scale,
+                         const void* down, const float* down_scale, int fp8, int hidden, int inter, float* h,
+                         void* out, void* stream) {
+  const bool valid = tokens >= 0 && top_k >= 1 && experts >= 1 && hidden >= 256 && hidden % 256 == 0 &&
+                     inter >= 256 && inter % 256 == 0 && x_row_stride >= hidden && x_row_stride % 8 == 0 &&
+                     static_cast<int64_t>(hidden) * 4 <= kMaxSharedBytes &&
+                     static_cast<int64_t>(top_k) * inter * 4 <= kMaxSharedBytes &&
+                     static_cast<int64_t>(tokens) * top_k <= 65535 && (!fp8 || (gate_up_scale && down_scale));
+  if (!valid) return static_cast<int>(cudaErrorInvalidValue);
+  if (tokens == 0) return static_cast<int>(cudaSuccess);
+  Params p{};
+  p.x = static_cast<const __nv_bfloat16*>(x);
+  p.x_row_stride = x_row_stride;
+  p.ids = ids;
+  p.route_w = route_weights;
+  p.gate_up = gate_up;
+  p.gate_up_scale = gate_up_scale;
+  p.down = down;
+  p.down_scale = down_scale;
+  p.h = h;
+  p.out = static_cast<__nv_bfloat16*>(out);
+  p.tokens = tokens;
+  p.top_k = top_k;
+  p.experts = experts;
+  p.hidden = hidden;
+  p.inter = inter;
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  return static_cast<int>(fp8 ? launch<true>(p, s) : launch<false>(p, s));
+}
+
+}  // extern "C"

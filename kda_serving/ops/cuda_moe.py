@@ -1,0 +1,92 @@
+"""ctypes binding of the small-batch MoE kernel (csrc/moe/moe_gemv.cu) in the C-ABI library.
+
+The public op (moe_experts.py) validates the call and allocates out and the fp32 activation workspace; the
+function here checks what keeps the kernel inside its memory (dtypes, device, contiguity, sizes, alignment),
+then enqueues its two kernels on torch's current stream. It neither allocates nor synchronises, so it can be
+captured in a CUDA graph.
+
+    moe_gemv(x, ids, weights, gate_up, gate_up_scale, down, down_scale, h, out)
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import torch
+
+from . import cuda_lib
+from .cuda_args import check_aligned, check_launch, cuda_tensor, stream_handle
+
+ROW_MULTIPLE = 256  # hidden and the expert width: whole 8-element loads for each lane's share of a row
+MAX_SHARED_BYTES = 96 * 1024  # the token's activations (fp32) in shared memory: hidden, and top_k * inter
+MAX_PAIRS = 65535  # tokens * top_k: the first kernel's grid y
+FP8 = torch.float8_e4m3fn
+
+
+@functools.lru_cache(maxsize=1)
+def library() -> ctypes.CDLL:
+    """The library loaded by cuda_lib.load(), with the MoE entry point typed."""
+    lib = cuda_lib.load()
+    fn = lib.kda_serving_moe_gemv
+    p, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+    fn.argtypes = [p, i64, p, p, i32, i32, i32, p, p, p, p, i32, i32, i32, p, p, p]
+    fn.restype = ctypes.c_int
+    return lib
+
+
+def supports(x: torch.Tensor, gate_up: torch.Tensor, top_k: int) -> bool:
+    """Whether the kernel takes these experts: bf16 tokens on an SM90 GPU with the library, bf16 or e4m3
+    experts [E, 2I, hidden] with hidden and I multiples of 256 and the activations within shared memory."""
+    if not (x.is_cuda and x.dtype == torch.bfloat16 and gate_up.dtype in (torch.bfloat16, FP8)):
+        return False
+    hidden, inter = gate_up.shape[2], gate_up.shape[1] // 2
+    return (hidden % ROW_MULTIPLE == 0 and inter % ROW_MULTIPLE == 0 and 4 * hidden <= MAX_SHARED_BYTES
+            and 4 * top_k * inter <= MAX_SHARED_BYTES and x.shape[0] * top_k <= MAX_PAIRS
+            and _runs_on(x.device.index or 0))
+
+
+@functools.lru_cache(maxsize=8)
+def _runs_on(index: int) -> bool:
+    return cuda_lib.runs_on(index, "kda_serving_moe_gemv")
+
+
+def moe_gemv(x, ids, weights, gate_up, gate_up_scale, down, down_scale, h, out) -> None:
+    """out [T, hidden] = sum_j weights[t, j] * expert_{ids[t, j]}(x[t]) (moe_experts.py); h [T * k, inter] fp32
+    is the kernel's workspace."""
+    dev = x.device
+    cuda_tensor("x", x, (torch.bfloat16,), ndim=2)
+    T, hidden = x.shape
+    cuda_tensor("ids", ids, (torch.int64,), dev, ndim=2)
+    k = ids.shape[1]
+    cuda_tensor("weights", weights, (torch.float32,), dev, ndim=2)
+    fp8 = gate_up.dtype == FP8
+    cuda_tensor("gate_up", gate_up, (torch.bfloat16, FP8), dev, ndim=3)
+    E, two_i = gate_up.shape[:2]
+    inter = two_i // 2
+    cuda_tensor("down", down, (gate_up.dtype,), dev, ndim=3)
+    expected = {"ids": (T, k), "weights": (T, k), "gate_up": (E, 2 * inter, hidden), "down": (E, hidden, inter),
+                "h": (T * k, inter), "out": (T, hidden)}
+    cuda_tensor("h", h, (torch.float32,), dev)
+    cuda_tensor("out", out, (torch.bfloat16,), dev)
+    if fp8:
+        cuda_tensor("gate_up_scale", gate_up_scale, (torch.float32,), dev)
+        cuda_tensor("down_scale", down_scale, (torch.float32,), dev)
+        expected.update({"gate_up_scale": (E, 2 * inter), "down_scale": (E, hidden)})
+    args = {"ids": ids, "weights": weights, "gate_up": gate_up, "down": down, "h": h, "out": out,
+            "gate_up_scale": gate_up_scale, "down_scale": down_scale}
+    for name, shape in expected.items():
+        if tuple(args[name].shape) != shape:
+            raise ValueError(f"kda: argument '{name}': expected shape {shape}, got {tuple(args[name].shape)}")
+    if not supports(x, gate_up, k):
+        raise ValueError(f"kda: argument 'gate_up': the MoE kernel needs hidden and the expert width multiples of "
+                         f"{ROW_MULTIPLE} with their activations within {MAX_SHARED_BYTES} bytes, got hidden "
+                         f"{hidden}, width {inter}, top_k {k}, {T} tokens")
+    for name in ("gate_up", "down", "h", "out"):
+        check_aligned(name, args[name])
+    check_aligned("x", x)
+    code = library().kda_serving_moe_gemv(
+        x.data_ptr(), hidden, ids.data_ptr(), weights.data_ptr(), T, k, E, gate_up.data_ptr(),
+        gate_up_scale.data_ptr() if fp8 else None, down.data_ptr(), down_scale.data_ptr() if fp8 else None,
+        int(fp8), hidden, inter, h.data_ptr(), out.data_ptr(), stream_handle(dev))
+    check_launch(code, "MoE GEMV")
