@@ -60,7 +60,9 @@ def _moe_experts_cuda(x, ids, weights, gate_up, gate_up_scale, down, down_scale,
     from . import cuda_moe
 
     h = torch.empty(ids.numel(), gate_up.shape[1] // 2, dtype=torch.float32, device=x.device)
-    cuda_moe.moe_gemv(x, ids, weights, gate_up, gate_up_scale, down, down_scale, h, out)
+    # (the router's outputs may come strided from a compiled function; the kernel reads them densely)
+    cuda_moe.moe_gemv(x.contiguous(), ids.contiguous(), weights.contiguous(), gate_up, gate_up_scale, down,
+                      down_scale, h, out)
 
 
 @_moe_experts_op.register_fake
