@@ -22,6 +22,8 @@
 #include <cuda_fp8.h>
 #include <cuda_runtime.h>
 
+#include "common/packed.cuh"
+
 namespace kda_serving::moe {
 namespace {
 
@@ -50,15 +52,7 @@ struct Params {
 template <bool kFp8>
 struct Weights {
   using Vec = uint4;  // 8 bf16
-  static __device__ __forceinline__ void expand(const Vec& v, float (&f)[kElemsPerVec]) {
-    const __nv_bfloat162* p = reinterpret_cast<const __nv_bfloat162*>(&v);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const float2 a = __bfloat1622float2(p[i]);
-      f[2 * i] = a.x;
-      f[2 * i + 1] = a.y;
-    }
-  }
+  static __device__ __forceinline__ void expand(const Vec& v, float (&f)[kElemsPerVec]) { unpack_bf16x8(v, f); }
 };
 
 template <>

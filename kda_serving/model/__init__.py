@@ -15,7 +15,6 @@ from ..ops.contract import CUDA_HEAD_DIM
 from .batch import RaggedBatch, StateCheckpoints
 from .caches import ModelCaches
 from .config import ModelConfig
-from .fp8 import check_quantization
 from .kimi_linear import KimiLinearModel
 from .loader import load_weights
 
@@ -71,7 +70,6 @@ def load_model(path: str | os.PathLike | None = None, device="cpu", dtype=None, 
             f"kimi_linear config: 'linear_attn_config.head_dim' is {cfg.linear_head_dim}; the CUDA KDA kernels "
             f"need {CUDA_HEAD_DIM} (run this model on the CPU)"
         )
-    check_quantization(quantization)
     model = KimiLinearModel(cfg, dtype=dtype, device=device, path=path, quantization=quantization)
     load_weights(model, path, progress=progress)
     return model.eval()

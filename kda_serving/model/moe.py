@@ -151,8 +151,7 @@ class MoE(nn.Module):
         return _grouped_gemm_fits(self.router, self.gate_up_proj)
 
     # route_experts, silu_mul, combine_experts, quantize_rows and silu_mul_quantize, or their compiled versions on
-    # a compiled model
-    # (KimiLinearModel.compile_plain_ops)
+    # a compiled model (KimiLinearModel.compile_plain_ops)
     route_fn = staticmethod(route_experts)
     act_fn = staticmethod(silu_mul)
     combine_fn = staticmethod(combine_experts)
@@ -181,8 +180,9 @@ class MoE(nn.Module):
         (docs/engine.md). The CPU keeps the loop: there a launch costs nothing and it is the path the
         transformers comparisons pin down. With fp8 experts the GPU's grouped GEMMs are torch._scaled_grouped_mm
         on rows quantized just before each; the loop runs fp8.fp8_linear, the same arithmetic. Steps of up to
-        GEMV_MAX_TOKENS tokens skip the sort on CUDA: ops.moe_experts_gemv, both GEMMs, the activation and the
-        weighted sum in two kernels (e4m3 experts dequantized there, the activations unquantized)."""
+        GEMV_MAX_TOKENS tokens (FP8_GEMV_MAX_TOKENS with fp8 experts) skip the sort on CUDA: ops.moe_experts_gemv,
+        both GEMMs, the activation and the weighted sum in two kernels (e4m3 experts dequantized there, the
+        activations unquantized)."""
         limit = FP8_GEMV_MAX_TOKENS if self.fp8 else GEMV_MAX_TOKENS
         if x.shape[0] <= limit and cuda_moe.supports(x, self.gate_up_proj, self.top_k):
             return moe_experts_gemv(x, ids, weights, self.gate_up_proj, self.down_proj,

@@ -130,13 +130,19 @@ def _run_with_follow_up(path, device, vocab, expected=None, **config):
     return prompts + [follow], outs + [again]
 
 
-def assert_tracks_fp32(shape, hf, prompts, outs, device):
+def tracking(label, hf, prompts, outs):
+    """(errors, gaps, share of exact greedy tokens, a printed summary) of the engine's outputs, teacher-forced."""
     pairs = [p for prompt, out in zip(prompts, outs) for p in teacher_forced(hf, prompt, out)]
     errors, gaps = [e for e, _ in pairs], [g for _, g in pairs]
     exact = sum(g == 0.0 for g in gaps) / len(gaps)
-    summary = (f"{shape} on {device}: logprob error max {max(errors):.3f} median {statistics.median(errors):.3f}, "
+    summary = (f"{label}: logprob error max {max(errors):.3f} median {statistics.median(errors):.3f}, "
                f"{100 * exact:.0f}% exact greedy, largest gap {max(gaps):.3f}")
     print(summary)
+    return errors, gaps, exact, summary
+
+
+def assert_tracks_fp32(shape, hf, prompts, outs, device):
+    errors, gaps, exact, summary = tracking(f"{shape} on {device}", hf, prompts, outs)
     if shape == "dense":
         assert statistics.median(errors) <= MEDIAN_TOL, summary
         assert max(errors) <= LOGPROB_TOL and max(gaps) <= NEAR_TIE, summary
@@ -147,16 +153,12 @@ def assert_tracks_fp32(shape, hf, prompts, outs, device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_fp8_experts_engine_tracks_fp32_transformers(device, checkpoint_k128):
     # quantization="fp8" on a model object: the runner quantizes its routed experts in place (model/fp8.py); on
-    # CUDA their GEMMs are torch._scaled_grouped_mm, on the CPU fp8.fp8_linear. Every step, prefix-cache turn
+    # CUDA their GEMMs are torch._scaled_grouped_mm (steps of up to 12 tokens: ops.moe_experts_gemv), on the CPU
+    # fp8.fp8_linear. Every step, prefix-cache turn
     # included, runs through them, so the aggregates are the bf16 engine's with FP8's rounding added.
     shape, hf, path, vocab = checkpoint_k128
     if shape != "moe":
         pytest.skip("dense MLPs only: nothing to quantize")
     prompts, outs = _run_with_follow_up(path, device, vocab, quantization="fp8")
-    pairs = [p for prompt, out in zip(prompts, outs) for p in teacher_forced(hf, prompt, out)]
-    errors, gaps = [e for e, _ in pairs], [g for _, g in pairs]
-    exact = sum(g == 0.0 for g in gaps) / len(gaps)
-    summary = (f"fp8 experts on {device}: logprob error max {max(errors):.3f} median "
-               f"{statistics.median(errors):.3f}, {100 * exact:.0f}% exact greedy, largest gap {max(gaps):.3f}")
-    print(summary)
+    errors, _, exact, summary = tracking(f"fp8 experts on {device}", hf, prompts, outs)
     assert statistics.median(errors) <= FP8_MEDIAN_TOL and exact >= FP8_MIN_EXACT, summary

@@ -64,16 +64,22 @@ def _rel(a, b) -> float:
 
 
 @pytest.mark.parametrize("T", [1, 64, 700])
-def test_grouped_experts_match_loop_and_float64(moe, T, monkeypatch):
-    monkeypatch.setattr(moe_module, "GEMV_MAX_TOKENS", 0)  # the grouped GEMMs at every size (the GEMV path:
-    # tests/gpu/test_moe_gemv_cuda.py)
-    assert moe_module._grouped_gemm_fits(torch.empty(1, device="cuda", dtype=torch.bfloat16), moe.gate_up_proj)
+def _grouped_and_loop(layer: MoE, T: int, monkeypatch):
+    """Random tokens, their routing, and the layer's experts on the grouped GEMMs (forced at every size: the
+    GEMV path has tests/gpu/test_moe_gemv_cuda.py) and on the loop: (x, ids, weights, grouped, loop)."""
+    monkeypatch.setattr(moe_module, "GEMV_MAX_TOKENS", 0)
+    monkeypatch.setattr(moe_module, "FP8_GEMV_MAX_TOKENS", 0)
+    assert moe_module._grouped_gemm_fits(torch.empty(1, device="cuda", dtype=torch.bfloat16), layer.gate_up_proj)
     gen = torch.Generator(device="cuda").manual_seed(T)
-    x = torch.randn(T, moe.gate_up_proj.shape[2], generator=gen, device="cuda").to(torch.bfloat16)
-    ids, weights = moe.route(x)
-    grouped = moe._experts(x, ids, weights)
-    loop = _loop_experts(moe, x, ids, weights, monkeypatch)
+    x = torch.randn(T, layer.gate_up_proj.shape[2], generator=gen, device="cuda").to(torch.bfloat16)
+    ids, weights = layer.route(x)
+    grouped = layer._experts(x, ids, weights)
     assert torch.isfinite(grouped).all()
+    return x, ids, weights, grouped, _loop_experts(layer, x, ids, weights, monkeypatch)
+
+
+def test_grouped_experts_match_loop_and_float64(moe, T, monkeypatch):
+    x, ids, weights, grouped, loop = _grouped_and_loop(moe, T, monkeypatch)
     e_loop = _rel(grouped, loop)
     e_ref = _rel(grouped, _float64_experts(moe, x, ids, weights)) if T <= 64 else float("nan")
     print(f"T={T}: vs loop {e_loop:.2e}, vs float64 {e_ref:.2e} (max |diff| vs loop "
@@ -152,16 +158,8 @@ def _float64_fp8_experts(m: MoE, x, ids, weights) -> torch.Tensor:
 
 @pytest.mark.parametrize("T", [1, 64, 700])
 def test_fp8_grouped_experts_match_loop_and_float64(moe, moe_fp8, T, monkeypatch):
-    monkeypatch.setattr(moe_module, "GEMV_MAX_TOKENS", 0)
-    monkeypatch.setattr(moe_module, "FP8_GEMV_MAX_TOKENS", 0)
-    assert moe_module._grouped_gemm_fits(torch.empty(1, device="cuda", dtype=torch.bfloat16), moe_fp8.gate_up_proj)
-    gen = torch.Generator(device="cuda").manual_seed(T)
-    x = torch.randn(T, moe_fp8.gate_up_proj.shape[2], generator=gen, device="cuda").to(torch.bfloat16)
-    ids, weights = moe_fp8.route(x)
-    out = moe_fp8._experts(x, ids, weights)
-    loop = _loop_experts(moe_fp8, x, ids, weights, monkeypatch)
+    x, ids, weights, out, loop = _grouped_and_loop(moe_fp8, T, monkeypatch)
     bf16 = moe._experts(x, ids, weights)
-    assert torch.isfinite(out).all()
     e_loop, e_bf16 = _rel(out, loop), _rel(out, bf16)
     e_ref = _rel(out, _float64_fp8_experts(moe_fp8, x, ids, weights)) if T <= 64 else float("nan")
     print(f"fp8 T={T}: vs fp8 loop {e_loop:.2e}, vs float64 emulation {e_ref:.2e}, vs bf16 experts {e_bf16:.2e} "
