@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/common.py
 
 from bench_decode_step import decode_floor_bytes, routed_expert_fraction, run  # noqa: E402
-from bench_engine import KIMI48B, prompts, random_kimi48b_model  # noqa: E402
+from bench_engine import prompts, random_kimi48b_model  # noqa: E402
 from common import RESULTS, card_name, copy_rate_bytes_per_s, environment, gpu_ms, write_json  # noqa: E402
 
 from kda_serving.engine import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
@@ -135,20 +135,12 @@ def ttft_row(engines: dict, prompt_len: int, rounds: int) -> dict:
 
 
 def kimi48b_weight_bytes(quantization: str | None) -> int:
-    """Kimi-Linear-48B's weight bytes (27 layers: layer 0 KDA with the dense MLP, 19 more KDA and 7 MLA layers
-    with MoEs), from the 4-layer model's layers (0: KDA + dense, 1: KDA + MoE, 3: MLA + MoE) built on the meta
-    device."""
-    from kda_serving.model import KimiLinearModel, ModelConfig
+    """Kimi-Linear-48B's weight bytes at the published shapes (27 layers), bf16 or with fp8 experts."""
+    from bench_kimi48b import KIMI48B_FULL
 
-    cfg = ModelConfig.from_dict(KIMI48B)
-    model = KimiLinearModel(cfg, dtype=torch.bfloat16, device="meta", quantization=quantization)
+    from kda_serving.model import ModelConfig, weight_bytes
 
-    def size(module) -> int:
-        return sum(p.numel() * p.element_size() for p in module.parameters(recurse=True))
-
-    outside = sum(p.numel() * p.element_size() for p in (model.embed_tokens, model.norm, model.lm_head))
-    assert [layer.is_kda for layer in model.layers] == [True, True, True, False]
-    return outside + size(model.layers[0]) + 19 * size(model.layers[1]) + 7 * size(model.layers[3])
+    return weight_bytes(ModelConfig.from_dict(KIMI48B_FULL), torch.bfloat16, quantization)
 
 
 def main(argv=None) -> None:

@@ -70,9 +70,33 @@ def load_model(path: str | os.PathLike | None = None, device="cpu", dtype=None, 
             f"kimi_linear config: 'linear_attn_config.head_dim' is {cfg.linear_head_dim}; the CUDA KDA kernels "
             f"need {CUDA_HEAD_DIM} (run this model on the CPU)"
         )
+    if device.type == "cuda":
+        _check_weights_fit(cfg, dtype, quantization, device)
     model = KimiLinearModel(cfg, dtype=dtype, device=device, path=path, quantization=quantization)
     load_weights(model, path, progress=progress)
     return model.eval()
+
+
+def weight_bytes(cfg: ModelConfig, dtype: torch.dtype, quantization: str | None = None) -> int:
+    """Bytes of the model's weights at these settings (a parameter-only model on the meta device: no memory)."""
+    model = KimiLinearModel(cfg, dtype=dtype, device="meta", quantization=quantization)
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def _check_weights_fit(cfg: ModelConfig, dtype: torch.dtype, quantization: str | None, device) -> None:
+    """ValueError, before any allocation, if the weights alone exceed the GPU's free memory (a CUDA
+    out-of-memory error halfway through the loading otherwise), pointing at fp8 experts where those fit."""
+    free, _ = torch.cuda.mem_get_info(device)
+    need = weight_bytes(cfg, dtype, quantization)
+    if need <= free:
+        return
+    hint = ""
+    if quantization is None and cfg.num_experts:
+        fp8 = weight_bytes(cfg, dtype, "fp8")
+        hint = (f"; with fp8 experts (quantization='fp8', kda-serve --quantization fp8) they take {fp8 / 1e9:.1f} GB"
+                + ("" if fp8 <= free else ", still too many"))
+    raise ValueError(f"load_model: the weights take {need / 1e9:.1f} GB in {str(dtype).removeprefix('torch.')}"
+                     f"{' with fp8 experts' if quantization else ''}, but {device} has {free / 1e9:.1f} GB free{hint}")
 
 
 __all__ = [
@@ -83,4 +107,5 @@ __all__ = [
     "StateCheckpoints",
     "default_model_path",
     "load_model",
+    "weight_bytes",
 ]

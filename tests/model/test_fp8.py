@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from kimi_testing import make_hf_model, save_hf_checkpoint, save_moonshot_checkpoint, tiny_hf_config
 
 from kda_serving.engine import EngineConfig
-from kda_serving.model import ModelConfig, fp8, load_model
+from kda_serving.model import ModelConfig, fp8, load_model, weight_bytes
 from kda_serving.model.fp8 import FP8, dequantize_rows, fp8_linear, quantize_into_, quantize_rows
 from kda_serving.model.moe import MoE
 from kda_serving.model.random_init import fill_random_
@@ -155,3 +155,24 @@ def test_engine_and_cli_take_the_setting():
     assert build_parser().parse_args(["--quantization", "fp8"]).quantization == "fp8"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--quantization", "int8"])
+
+
+def test_load_model_refuses_weights_over_free_gpu_memory(tmp_path, monkeypatch):
+    """On CUDA the weights' size is checked against the free memory before anything is allocated, with the fp8
+    experts' size as the way out where it fits (checked here on the CPU: no allocation happens before it)."""
+    k128 = {"kda_layers": [1, 2, 3], "full_attn_layers": [4], "num_heads": 2, "head_dim": 128,
+            "short_conv_kernel_size": 4}
+    hf, _ = make_hf_model(seed=1, hidden_size=128, linear_attn_config=k128)
+    path = save_hf_checkpoint(hf, str(tmp_path / "k128"))
+    cfg = ModelConfig.from_file(path)
+    need_bf16, need_fp8 = weight_bytes(cfg, torch.bfloat16), weight_bytes(cfg, torch.bfloat16, "fp8")
+    loaded = load_model(path, dtype="bfloat16", quantization="fp8", progress=False)
+    assert need_fp8 == sum(p.numel() * p.element_size() for p in loaded.parameters()) < need_bf16
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for free, match in (((need_bf16 + need_fp8) // 2, r"with fp8 experts \(quantization='fp8'.* take"),
+                        (need_fp8 // 2, "still too many")):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None, free=free: (free, 4 * need_bf16))
+        with pytest.raises(ValueError, match=match):
+            load_model(path, device="cuda", progress=False)
+    with pytest.raises(ValueError, match="with fp8 experts, but cuda has"):
+        load_model(path, device="cuda", progress=False, quantization="fp8")
