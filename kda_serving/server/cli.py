@@ -100,11 +100,14 @@ def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
     from kda_serving.engine import AsyncLLMEngine, EngineConfig
+    from kda_serving.model.config import ModelConfig
     from kda_serving.server.app import create_app
     from kda_serving.server.config import ServerConfig
 
     engine_kwargs = {k: getattr(args, k) for k in ENGINE_FLAGS if getattr(args, k) is not None}
     try:
+        if args.model is not None:  # a wrong directory or an unsupported config.json: refused before any load
+            ModelConfig.from_file(args.model)
         engine_config = EngineConfig(**engine_kwargs)
         server_config = ServerConfig(api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
                                      max_request_bytes=args.max_request_bytes,

@@ -38,3 +38,15 @@ def test_bad_flags_exit_2_naming_the_flag(argv, names, capsys):
         main(argv)
     assert exc.value.code == 2
     assert names in capsys.readouterr().err
+
+
+def test_a_model_directory_without_a_usable_config_exits_2(tmp_path, capsys):
+    """A wrong --model directory, or a config.json the model refuses, ends kda-serve with the message before
+    anything loads (not a traceback from the server's start-up)."""
+    with pytest.raises(SystemExit) as exc:
+        main(["--model", str(tmp_path)])
+    assert exc.value.code == 2 and "config.json" in capsys.readouterr().err
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(SystemExit) as exc:
+        main(["--model", str(tmp_path)])
+    assert exc.value.code == 2 and "kimi_linear" in capsys.readouterr().err
