@@ -241,6 +241,8 @@ def main(argv=None) -> None:
                          "FlashAttention-2 in place of our attention kernel (mla_prefill.OWN_KERNEL off), or the "
                          "absorbed torch-ops form (mla_block.PREFILL_ON_KERNELS off)")
     ap.add_argument("--kda-state-dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--quantization", default=None, choices=["fp8"],
+                    help="fp8: the routed experts in e4m3 (EngineConfig.quantization; docs/quantization.md)")
     ap.add_argument("--repeats", type=int, default=None, help="runs per measurement; the fastest is kept")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -264,7 +266,9 @@ def main(argv=None) -> None:
         from kda_serving.model import load_model
 
         shape = "tiny-default" if args.model is None else os.path.basename(os.path.normpath(args.model))
-        model = load_model(args.model, device=device, progress=False)
+        model = load_model(args.model, device=device, progress=False, quantization=args.quantization)
+    if args.quantization == "fp8":  # (the random model is drawn in bf16 first: the same weights as without it)
+        model.quantize_experts_()
     vocab = model.config.vocab_size
     n, p, g = args.num_requests, args.prompt_len, args.output_len
     greedy = lambda tokens: SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)  # noqa: E731
