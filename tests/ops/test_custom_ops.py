@@ -86,3 +86,21 @@ def test_mla_decode_op_passes_opcheck():
         opcheck(torch.ops.kda_serving.mla_decode_.default,
                 (q, cache, table, rows, lens, 0.3, 1, workspace, workspace, torch.empty(3, 2, 16)),
                 test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_moe_experts_op_passes_opcheck():
+    from kda_serving.model.fp8 import quantize_rows
+
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 16, generator=gen)
+    ids = torch.tensor([[0, 2], [1, 1], [3, 0]])
+    weights = torch.rand(3, 2, generator=gen)
+    gate_up, down = torch.randn(4, 24, 16, generator=gen), torch.randn(4, 16, 12, generator=gen)
+    opcheck(torch.ops.kda_serving.moe_experts_gemv_.default,
+            (x, ids, weights, gate_up, None, down, None, torch.empty_like(x)),
+            test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    (q1, s1), (q2, s2) = quantize_rows(gate_up), quantize_rows(down)
+    # (e4m3 inputs: the fake implementation only; opcheck's schema check multiplies the inputs, which e4m3 lacks
+    # on the CPU)
+    opcheck(torch.ops.kda_serving.moe_experts_gemv_.default, (x, ids, weights, q1, s1, q2, s2, torch.empty_like(x)),
+            test_utils=("test_faketensor",))
