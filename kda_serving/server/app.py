@@ -26,6 +26,7 @@ from kda_serving.server.completions import create_completion
 from kda_serving.server.config import ServerConfig
 from kda_serving.server.errors import APIError, error_response
 from kda_serving.server.metrics import ServerMetrics
+from kda_serving.server.responses import create_response
 from kda_serving.server.tokenize import detokenize, tokenize
 
 logger = logging.getLogger(__name__)
@@ -156,7 +157,7 @@ def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
         return route
 
     for path, handler in (("/v1/completions", create_completion), ("/v1/chat/completions", create_chat_completion),
-                          ("/tokenize", tokenize), ("/detokenize", detokenize)):
+                          ("/v1/responses", create_response), ("/tokenize", tokenize), ("/detokenize", detokenize)):
         app.add_api_route(path, served(handler), methods=["POST"])
     return app
 

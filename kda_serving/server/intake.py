@@ -59,15 +59,16 @@ def completion_prompt_ids(engine, prompt: str | list[int]) -> list[int]:
     return list(prompt)
 
 
-def chat_prompt_ids(engine, request: ChatCompletionRequest) -> list[int]:
-    """Token ids of the chat template applied to the messages, ending with the assistant's generation prompt."""
+def chat_prompt_ids(engine, request, param: str = "messages") -> list[int]:
+    """Token ids of the chat template applied to the request's messages (ChatCompletionRequest, or
+    ResponsesRequest's instructions and input), ending with the assistant's generation prompt."""
     try:
         text = engine.tokenizer.apply_chat_template(request.template_messages(), tools=request.template_tools(),
                                                     add_generation_prompt=True, tokenize=False)
     except Exception as exc:  # jinja raises TemplateError or plain exceptions for conversations it refuses
-        raise bad_request(f"messages: the chat template rejected the conversation: {exc}", param="messages")
+        raise bad_request(f"{param}: the chat template rejected the conversation: {exc}", param=param)
     # The template writes the special tokens (bos, role markers) itself.
-    return text_ids(engine, text, "messages", add_special_tokens=False)
+    return text_ids(engine, text, param, add_special_tokens=False)
 
 
 def text_ids(engine, text: str, param: str, add_special_tokens: bool) -> list[int]:

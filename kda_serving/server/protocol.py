@@ -316,6 +316,109 @@ class ChatCompletionRequest(_SamplingFields):
         return [m.template_message() for m in self.messages]
 
 
+class InputText(_Strict):
+    """A text part of a Responses API input message (output_text: an earlier reply sent back in the history)."""
+
+    type: Literal["input_text", "output_text"]
+    text: str
+    annotations: list[Any] | None = None  # echoed back with an earlier reply's output_text
+    logprobs: list[Any] | None = None
+
+
+class InputMessage(_Strict):
+    """A Responses API input item: a message. Earlier replies appended as the API returned them carry their
+    `id` and `status`, which are accepted and ignored."""
+
+    type: Literal["message"] | None = None
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[InputText]
+    id: str | None = None
+    status: str | None = None
+
+    def template_message(self) -> dict[str, Any]:
+        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return {"role": self.role, "content": text}
+
+
+class TextFormat(_Strict):
+    """Responses API text.format: plain text, a JSON object, or JSON following a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    name: str | None = Field(None, pattern=NAME)
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    description: str | None = None
+    strict: bool | None = None
+
+    @model_validator(mode="after")
+    def _check_format(self):
+        if (self.type == "json_schema") != (self.schema_ is not None and self.name is not None):
+            raise ValueError("text.format: name and schema are required with type 'json_schema' and only there")
+        return self
+
+
+class TextConfig(_Strict):
+    format: TextFormat | None = None
+
+
+class ResponsesRequest(_Strict):
+    """POST /v1/responses (OpenAI's Responses API), the stateless text subset: `input` (a string, or messages)
+    after `instructions` as a system message, one output message. Nothing is stored: `store` true and
+    `previous_response_id` are refused, as are tools and reasoning settings."""
+
+    model: str
+    input: str | list[InputMessage]
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    stream: bool = False
+    store: bool | None = None
+    previous_response_id: str | None = None
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+    text: TextConfig | None = None
+    tools: list[Any] | None = None
+    tool_choice: Literal["none"] | None = None
+    parallel_tool_calls: bool | None = None
+    truncation: Literal["disabled"] | None = None
+
+    @model_validator(mode="after")
+    def _check_responses(self):
+        if self.store:
+            raise ValueError("store: responses are not stored here; pass false")
+        if self.previous_response_id is not None:
+            raise ValueError("previous_response_id: not supported (nothing is stored); send the history in input")
+        if self.tools:
+            raise ValueError("tools: not supported on /v1/responses; use /v1/chat/completions")
+        if isinstance(self.input, list) and len(self.input) == 0:
+            raise ValueError("input: must contain at least one message")
+        if isinstance(self.input, str) and self.input == "":
+            raise ValueError("input: must not be empty")
+        return self
+
+    def template_messages(self) -> list[dict[str, Any]]:
+        messages = [{"role": "system", "content": self.instructions}] if self.instructions else []
+        if isinstance(self.input, str):
+            return messages + [{"role": "user", "content": self.input}]
+        return messages + [m.template_message() for m in self.input]
+
+    def template_tools(self) -> None:
+        return None
+
+    def structured_output(self) -> tuple[str, str] | None:
+        fmt = self.text.format if self.text is not None else None
+        if fmt is None or fmt.type == "text":
+            return None
+        if fmt.type == "json_object":
+            return ("json_object", "")
+        return ("json_schema", json.dumps(fmt.schema_))
+
+    def text_config(self) -> dict[str, Any]:
+        """The `text` field of the answer: the format in effect."""
+        fmt = self.text.format if self.text is not None and self.text.format is not None else None
+        return {"format": {"type": "text"} if fmt is None else fmt.model_dump(by_alias=True, exclude_none=True)}
+
+
 def parse_request(model_cls: type[_Strict], body: Any):
     """Validate a decoded JSON body; an invalid one raises a 400 APIError naming the first bad parameter."""
     if not isinstance(body, dict):

@@ -75,11 +75,24 @@ async def respond(request: Request, server, choices: list[Choice], header: Respo
     """
     if stream:
         return EventStreamResponse(_events(server, choices, header, fmt, include_usage))
+    if not await run_to_end(request, server, choices, fmt.name, header.id):
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+    body_usage = usage(choices)
+    server.metrics.count_prompt(body_usage["prompt_tokens"], body_usage["prompt_tokens_details"]["cached_tokens"])
+    body = header.fields(fmt.object_name)
+    body["choices"] = [fmt.final(c) for c in sorted(choices, key=lambda c: c.index)]
+    body["usage"] = body_usage
+    return JSONResponse(body)
+
+
+async def run_to_end(request: Request, server, choices: list[Choice], endpoint: str, response_id: str) -> bool:
+    """Run the choices to their end for a non-streaming answer: False if the client left first (its requests
+    aborted); the engine refusing them is a 400, failing them a 500 (logged; the server keeps serving)."""
 
     async def collect():
         server.metrics.in_flight.inc()
         try:
-            async with aclosing(generate_choices(server.engine, choices, server.metrics, fmt.name)) as outputs:
+            async with aclosing(generate_choices(server.engine, choices, server.metrics, endpoint)) as outputs:
                 async for _ in outputs:
                     pass
             return True
@@ -91,16 +104,9 @@ async def respond(request: Request, server, choices: list[Choice], header: Respo
     except (TypeError, ValueError) as exc:  # the engine refused the request
         raise APIError(400, str(exc)) from None
     except Exception as exc:  # the engine failed: answer in OpenAI's format and keep serving
-        logger.exception("generation failed for %s", header.id)
+        logger.exception("generation failed for %s", response_id)
         raise APIError(500, f"Generation failed: {exc!r}", code="engine_error") from None
-    if finished is None:
-        return Response(status_code=CLIENT_CLOSED_REQUEST)
-    body_usage = usage(choices)
-    server.metrics.count_prompt(body_usage["prompt_tokens"], body_usage["prompt_tokens_details"]["cached_tokens"])
-    body = header.fields(fmt.object_name)
-    body["choices"] = [fmt.final(c) for c in sorted(choices, key=lambda c: c.index)]
-    body["usage"] = body_usage
-    return JSONResponse(body)
+    return finished is not None
 
 
 async def _events(server, choices: list[Choice], header: ResponseHeader, fmt: EndpointFormat, include_usage: bool):

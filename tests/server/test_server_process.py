@@ -261,6 +261,33 @@ def test_openai_client_multiturn_chat_reuses_the_prefix(server):
         OpenAI(base_url=server.base_url + "/v1", api_key="wrong", max_retries=0).models.list()
 
 
+def test_openai_client_responses_api_continues_a_conversation(server):
+    """The official client's Responses calls against the real process: a reply, then a second turn with the
+    first reply's output item sent back in `input` (nothing is stored), its prefix served from the cache, and a
+    streamed reply whose deltas add up to the final text."""
+    import openai
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server.base_url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+    first = client.responses.create(model=server.model, instructions="You are terse.", input="Name a color.",
+                                    max_output_tokens=6, temperature=0)
+    assert first.status in ("completed", "incomplete") and 1 <= first.usage.output_tokens <= 6
+    history = [{"role": "user", "content": "Name a color."}, first.output[0].model_dump(exclude_none=True),
+               {"role": "user", "content": "Another one?"}]
+    second = client.responses.create(model=server.model, instructions="You are terse.", input=history,
+                                     max_output_tokens=6, temperature=0)
+    assert second.usage.input_tokens > first.usage.input_tokens + first.usage.output_tokens - 2
+    assert second.usage.input_tokens_details.cached_tokens > 0
+    stream = client.responses.create(model=server.model, input=history, max_output_tokens=6, temperature=0,
+                                     stream=True)
+    events = list(stream)
+    assert events[-1].type in ("response.completed", "response.incomplete")
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert deltas == events[-1].response.output_text
+    with pytest.raises(openai.BadRequestError):
+        client.responses.create(model=server.model, input="x", previous_response_id=first.id)
+
+
 def test_openai_client_structured_outputs(server):
     """response_format json_schema through the official client: the real server's reply parses and follows
     the schema (the embedded model's random weights alone would never write it); a schema the grammar

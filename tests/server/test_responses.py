@@ -1,0 +1,129 @@
+"""POST /v1/responses (server/responses.py) in-process on the stand-in engine: the official `openai` client's
+Responses calls (plain and streamed) read our answers, the body and the event stream hold OpenAI's shape, the
+prompt is the chat template over instructions and input, and what is not supported is a 400 naming it.
+tests/server/test_server_process.py repeats a call against the real `kda-serve` process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import openai
+import pytest
+from server_fake_engine import FakeEngine
+from server_testing import assert_openai_error, parse_metrics
+
+from kda_serving.server.app import create_app
+from kda_serving.server.config import ServerConfig
+
+MODEL = FakeEngine.model_name
+
+
+def serve(test, engine: FakeEngine | None = None):
+    """Run `await test(http_client, openai_client, engine)` against a started app."""
+    engine = engine or FakeEngine()
+    app = create_app(engine, ServerConfig())
+
+    async def main():
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+                client = openai.AsyncOpenAI(api_key="none", base_url="http://test/v1", http_client=http)
+                return await test(http, client, engine)
+
+    return asyncio.run(main())
+
+
+def test_official_client_reads_a_response():
+    async def test(http, client, engine):
+        resp = await client.responses.create(model=MODEL, input="Hi there", instructions="Be brief.",
+                                             max_output_tokens=5, temperature=0, metadata={"k": "v"})
+        assert resp.output_text == "abcde" and resp.status == "incomplete"
+        assert resp.incomplete_details.reason == "max_output_tokens"
+        assert resp.id.startswith("resp_") and resp.object == "response" and resp.model == MODEL
+        message = resp.output[0]
+        assert message.type == "message" and message.role == "assistant" and message.content[0].type == "output_text"
+        prompt = engine.tokenizer.decode(engine.seen_prompts[-1][: -5])
+        assert prompt == "<|system|>Be brief.<|end|><|user|>Hi there<|end|><|assistant|>"
+        assert resp.usage.input_tokens == len(engine.seen_prompts[-1]) - 5 and resp.usage.output_tokens == 5
+        assert resp.usage.total_tokens == resp.usage.input_tokens + 5 and resp.metadata == {"k": "v"}
+        assert engine.seen_params[-1].temperature == 0 and engine.seen_params[-1].max_tokens == 5
+
+        engine.script = engine.tokenizer.encode("done", add_special_tokens=False)
+        again = await client.responses.create(model=MODEL, input=[
+            {"role": "user", "content": "Hi there"},
+            {"type": "message", "id": message.id, "status": message.status, "role": "assistant",
+             "content": [{"type": "output_text", "text": resp.output_text, "annotations": []}]},
+            {"role": "user", "content": [{"type": "input_text", "text": "More"}]}])
+        assert again.output_text == "done" and again.status == "completed" and again.incomplete_details is None
+        assert engine.tokenizer.decode(engine.seen_prompts[-1][:-4]) == (
+            "<|user|>Hi there<|end|><|assistant|>abcde<|end|><|user|>More<|end|><|assistant|>")
+
+    serve(test)
+
+
+def test_streamed_events_in_order():
+    async def test(http, client, engine):
+        stream = await client.responses.create(model=MODEL, input="Hi", max_output_tokens=4, stream=True)
+        events = [event async for event in stream]
+        kinds = [e.type for e in events]
+        assert kinds == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added"] + ["response.output_text.delta"] * 4 + [
+                         "response.output_text.done", "response.content_part.done", "response.output_item.done",
+                         "response.incomplete"]
+        assert [e.sequence_number for e in events] == list(range(len(events)))
+        assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == "abcd"
+        assert events[0].response.status == "in_progress" and events[0].response.output == []
+        final = events[-1].response
+        assert final.output_text == "abcd" and final.usage.output_tokens == 4
+        assert events[-4].text == "abcd" and events[-2].item.content[0].text == "abcd"
+        ids = {e.item_id for e in events if hasattr(e, "item_id")}
+        assert ids == {final.output[0].id}
+        metrics = parse_metrics((await http.get("/metrics")).text)
+        assert metrics['kda_serving_requests_total{endpoint="responses",finish_reason="length"}'] == 1
+
+    serve(test)
+
+
+def test_structured_output_and_echoed_settings():
+    async def test(http, client, engine):
+        schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+        r = await http.post("/v1/responses", json={
+            "model": MODEL, "input": "x", "max_output_tokens": 3, "top_p": 0.5, "store": False,
+            "text": {"format": {"type": "json_schema", "name": "thing", "schema": schema, "strict": True}}})
+        body = r.json()
+        assert r.status_code == 200, body
+        assert engine.seen_params[-1].structured_output == ("json_schema", json.dumps(schema))
+        assert body["text"] == {"format": {"type": "json_schema", "name": "thing", "schema": schema, "strict": True}}
+        assert body["top_p"] == 0.5 and body["store"] is False and body["tools"] == []
+        r = await http.post("/v1/responses", json={"model": MODEL, "input": "x", "max_output_tokens": 2,
+                                                   "text": {"format": {"type": "json_object"}}})
+        assert engine.seen_params[-1].structured_output == ("json_object", "")
+
+    serve(test)
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"input": "x", "store": True}, "store"),
+    ({"input": "x", "previous_response_id": "resp_1"}, "previous_response_id"),
+    ({"input": "x", "tools": [{"type": "function", "name": "f"}]}, "tools"),
+    ({"input": []}, "input"),
+    ({"input": ""}, "input"),
+    ({"input": "x", "max_output_tokens": 0}, "max_output_tokens"),
+    ({"input": "x", "reasoning": {"effort": "low"}}, "reasoning"),
+    ({"input": [{"role": "tool", "content": "x"}]}, "input"),
+    ({"input": "x", "text": {"format": {"type": "json_schema"}}}, "text"),
+    ({"input": "x" * 400}, "input"),
+], ids=["store", "previous", "tools", "empty-list", "empty-text", "max-output", "reasoning", "role", "schema",
+        "too-long"])
+def test_refused_requests_name_the_parameter(body, param):
+    async def test(http, client, engine):
+        r = await http.post("/v1/responses", json={"model": MODEL, **body})
+        assert_openai_error(r, 400)
+        assert param in r.json()["error"]["message"] or r.json()["error"]["param"] == param
+        r = await http.post("/v1/responses", json={"model": "other", "input": "x"})
+        assert_openai_error(r, 404)
+        assert engine.seen_prompts == [] and engine.running == set()
+
+    serve(test)
