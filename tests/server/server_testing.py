@@ -168,40 +168,54 @@ CHAT_FIELDS = ["model", "messages", "max_tokens", "max_completion_tokens", "n", 
                "stop", "stream", "stream_options", "logprobs", "top_logprobs", "presence_penalty",
                "frequency_penalty", "logit_bias", "user", "top_k", "tools", "tool_choice", "parallel_tool_calls",
                "response_format", "ignore_eos", "priority", "min_p", "min_tokens"]
+RESPONSES_FIELDS = ["model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "stream",
+                    "store", "previous_response_id", "metadata", "user", "text", "tools", "tool_choice",
+                    "parallel_tool_calls", "truncation"]
+# (path, a valid body, the fields to mutate, the field that bounds the work)
+FUZZED_ENDPOINTS = [
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 2}, COMPLETION_FIELDS, "max_tokens"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}, CHAT_FIELDS,
+     "max_tokens"),
+    ("/v1/responses", {"input": "hi", "max_output_tokens": 2}, RESPONSES_FIELDS, "max_output_tokens"),
+]
 
 
 @st.composite
 def mutated_requests(draw, model: str, max_work: int | None = None):
-    """(path, body): a valid request of either kind with 1-3 fields replaced by arbitrary JSON, or dropped.
-    max_work caps valid integer max_tokens / max_completion_tokens / n (a real model would otherwise be asked
-    for thousands of tokens)."""
-    chat = draw(st.booleans())
-    body = ({"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2} if chat
-            else {"model": model, "prompt": "hi", "max_tokens": 2})
-    for field in draw(st.lists(st.sampled_from(CHAT_FIELDS if chat else COMPLETION_FIELDS), min_size=1,
-                               max_size=3, unique=True)):
+    """(path, body): a valid request to one of FUZZED_ENDPOINTS with 1-3 fields replaced by arbitrary JSON, or
+    dropped. max_work caps valid integer max_tokens / max_completion_tokens / max_output_tokens / n (a real model
+    would otherwise be asked for thousands of tokens)."""
+    path, valid, fields, bound = draw(st.sampled_from(FUZZED_ENDPOINTS))
+    body = {"model": model, **valid}
+    for field in draw(st.lists(st.sampled_from(fields), min_size=1, max_size=3, unique=True)):
         if draw(st.integers(0, 5)) == 0:
             body.pop(field, None)
         else:
             body[field] = draw(JSON_VALUES)
     if max_work is not None:
-        for field in ("max_tokens", "max_completion_tokens", "n"):
+        for field in ("max_tokens", "max_completion_tokens", "max_output_tokens", "n"):
             value = body.get(field)
             if type(value) is int and 1 <= value:
                 body[field] = min(value, max_work)
-        if "max_tokens" not in body and "max_completion_tokens" not in body:
-            body["max_tokens"] = max_work
-    return ("/v1/chat/completions" if chat else "/v1/completions"), body
+        if bound not in body and "max_completion_tokens" not in body:
+            body[bound] = max_work
+    return path, body
 
 
-def check_fuzzed_answer(response: httpx.Response, body: dict) -> None:
-    """200 with choices (a stream ending in [DONE]), or an OpenAI-shaped 400, or 404 for another model."""
+def check_fuzzed_answer(response: httpx.Response, body: dict, path: str = "/v1/completions") -> None:
+    """200 with choices (a stream ending in [DONE]; /v1/responses: output, a stream of typed events ending in
+    response.completed or .incomplete), or an OpenAI-shaped 400, or 404 for another model."""
+    responses = path == "/v1/responses"
     if response.status_code == 200:
         if body.get("stream") is True:
             events, done = parse_sse(response.text)
-            assert done and not any("error" in e for e in events), response.text
+            if responses:
+                assert events[-1]["type"] in ("response.completed", "response.incomplete"), response.text
+                assert not any(e["type"] == "error" for e in events), response.text
+            else:
+                assert done and not any("error" in e for e in events), response.text
         else:
-            assert "choices" in response.json(), response.text
+            assert ("output" if responses else "choices") in response.json(), response.text
     elif response.status_code == 404:
         assert_openai_error(response, 404, param="model")
     else:

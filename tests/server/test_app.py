@@ -649,7 +649,7 @@ def test_fuzzed_requests_never_fail_the_server(request):
     async def test(client, engine):
         r = await client.post(path, json=body)
         event(f"HTTP {r.status_code}")
-        check_fuzzed_answer(r, body)
+        check_fuzzed_answer(r, body, path)
         assert not engine.running and not engine.waiting, "a finished request left engine state behind"
         good = await client.post("/v1/completions", json={"model": MODEL, "prompt": "ok", "max_tokens": 2})
         assert good.status_code == 200 and good.json()["choices"][0]["text"] == "ab"

@@ -173,7 +173,7 @@ def test_fuzzed_requests_never_fail_the_real_server(server, request):
     path, body = request
     if body.get("model") == "kda-serving-tiny":
         body["model"] = server.model
-    check_fuzzed_answer(httpx.post(server.base_url + path, json=body, headers=AUTH, timeout=120), body)
+    check_fuzzed_answer(httpx.post(server.base_url + path, json=body, headers=AUTH, timeout=120), body, path)
 
 
 def test_sampling_fields_reach_the_engine(server):
