@@ -84,8 +84,9 @@ def vocab_size(engine) -> int:
 
 
 def resolve_max_tokens(engine, max_prompt_tokens: int | None, prompt_len: int, requested: int | None,
-                       prompt_param: str) -> int:
-    """The number of tokens to generate, after checking the prompt and the total against the model's limits."""
+                       prompt_param: str, max_param: str = "max_tokens") -> int:
+    """The number of tokens to generate, after checking the prompt and the total against the model's limits
+    (max_param: the request's name for the output limit)."""
     max_model_len = int(engine.max_model_len)
     limit = min(max_prompt_tokens or max_model_len - 1, max_model_len - 1)
     if prompt_len == 0:
@@ -96,13 +97,13 @@ def resolve_max_tokens(engine, max_prompt_tokens: int | None, prompt_len: int, r
     if requested is None:
         return max_model_len - prompt_len
     if requested < 1:
-        raise bad_request(f"max_tokens: must be at least 1, got {requested}", param="max_tokens")
+        raise bad_request(f"{max_param}: must be at least 1, got {requested}", param=max_param)
     if prompt_len + requested > max_model_len:
         raise bad_request(
             f"This model's maximum context length is {max_model_len} tokens. However, you requested "
             f"{prompt_len + requested} tokens ({prompt_len} in the {prompt_param}, {requested} in the completion). "
             f"Please reduce the length of the {prompt_param} or completion.",
-            param="max_tokens", code="context_length_exceeded")
+            param=max_param, code="context_length_exceeded")
     return requested
 
 

@@ -38,7 +38,8 @@ async def create_response(request: Request, server) -> Response:
     req = parse_request(ResponsesRequest, await read_json_body(request, config.max_request_bytes))
     check_model(engine, req.model)
     ids = chat_prompt_ids(engine, req, param="input")
-    max_tokens = resolve_max_tokens(engine, config.max_prompt_tokens, len(ids), req.max_output_tokens, "input")
+    max_tokens = resolve_max_tokens(engine, config.max_prompt_tokens, len(ids), req.max_output_tokens, "input",
+                                    "max_output_tokens")
     answer = _Answer(req, f"resp_{uuid.uuid4().hex}", engine.model_name)
     choice = Choice(index=0, request_id=answer.id, prompt_token_ids=ids, params=_sampling_params(req, max_tokens))
     if req.stream:

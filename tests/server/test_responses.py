@@ -115,8 +115,9 @@ def test_structured_output_and_echoed_settings():
     ({"input": [{"role": "tool", "content": "x"}]}, "input"),
     ({"input": "x", "text": {"format": {"type": "json_schema"}}}, "text"),
     ({"input": "x" * 400}, "input"),
+    ({"input": "x" * 200, "max_output_tokens": 100}, "max_output_tokens"),
 ], ids=["store", "previous", "tools", "empty-list", "empty-text", "max-output", "reasoning", "role", "schema",
-        "too-long"])
+        "too-long", "over-the-context"])
 def test_refused_requests_name_the_parameter(body, param):
     async def test(http, client, engine):
         r = await http.post("/v1/responses", json={"model": MODEL, **body})
