@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -220,3 +221,34 @@ def check_fuzzed_answer(response: httpx.Response, body: dict, path: str = "/v1/c
         assert_openai_error(response, 404, param="model")
     else:
         assert_openai_error(response, 400)
+
+
+async def call_and_disconnect(app, path: str, body: dict, disconnect_after_chunks: int) -> list[bytes]:
+    """Drive the ASGI app by hand: POST `body` to `path`, then disconnect once `disconnect_after_chunks` chunks
+    arrived (0: 50 ms after the call)."""
+    chunks: list[bytes] = []
+    gone = asyncio.Event()
+    sent_body = False
+
+    async def receive():
+        nonlocal sent_body
+        if not sent_body:
+            sent_body = True
+            return {"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        if message["type"] == "http.response.body" and message.get("body"):
+            chunks.append(message["body"])
+            if len(chunks) >= disconnect_after_chunks:
+                gone.set()
+
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": path, "raw_path": path.encode(),
+             "query_string": b"", "root_path": "", "headers": [(b"content-type", b"application/json")],
+             "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000)}
+    if disconnect_after_chunks == 0:
+        asyncio.get_running_loop().call_later(0.05, gone.set)
+    await asyncio.wait_for(app(scope, receive, send), timeout=10)
+    return chunks

@@ -14,7 +14,8 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from server_fake_engine import FakeEngine
-from server_testing import assert_openai_error, check_fuzzed_answer, mutated_requests, parse_metrics, parse_sse
+from server_testing import (assert_openai_error, call_and_disconnect, check_fuzzed_answer, mutated_requests,
+                            parse_metrics, parse_sse)
 
 from kda_serving.server.app import create_app
 from kda_serving.server.config import ServerConfig
@@ -587,36 +588,6 @@ def test_engine_errors_become_openai_errors(failure, status):
     serve(test)
 
 
-async def _call_and_disconnect(app, body: dict, disconnect_after_chunks: int) -> list[bytes]:
-    """Drive the ASGI app by hand: send `body`, then disconnect once `disconnect_after_chunks` chunks arrived."""
-    chunks: list[bytes] = []
-    gone = asyncio.Event()
-    sent_body = False
-
-    async def receive():
-        nonlocal sent_body
-        if not sent_body:
-            sent_body = True
-            return {"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}
-        await gone.wait()
-        return {"type": "http.disconnect"}
-
-    async def send(message):
-        if message["type"] == "http.response.body" and message.get("body"):
-            chunks.append(message["body"])
-            if len(chunks) >= disconnect_after_chunks:
-                gone.set()
-
-    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
-             "method": "POST", "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions",
-             "query_string": b"", "root_path": "", "headers": [(b"content-type", b"application/json")],
-             "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000)}
-    if disconnect_after_chunks == 0:
-        asyncio.get_running_loop().call_later(0.05, gone.set)
-    await asyncio.wait_for(app(scope, receive, send), timeout=10)
-    return chunks
-
-
 @pytest.mark.parametrize("stream", [True, False], ids=["stream", "non-stream"])
 def test_client_disconnect_aborts_engine_requests(stream):
     engine = FakeEngine(token_delay=0.005)
@@ -625,7 +596,7 @@ def test_client_disconnect_aborts_engine_requests(stream):
     async def main():
         async with app.router.lifespan_context(app):
             body = {"model": MODEL, "prompt": "p", "max_tokens": 200, "n": 2, "stream": stream}
-            chunks = await _call_and_disconnect(app, body, 3 if stream else 0)
+            chunks = await call_and_disconnect(app, "/v1/completions", body, 3 if stream else 0)
             assert len(chunks) < 20  # it stopped long before 2 x 200 tokens
             assert sorted(engine.aborted) == sorted(f"{rid}-{i}" for rid in {engine.aborted[0].rsplit("-", 1)[0]}
                                                     for i in range(2))

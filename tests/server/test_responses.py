@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 from server_fake_engine import FakeEngine
-from server_testing import assert_openai_error, parse_metrics
+from server_testing import assert_openai_error, call_and_disconnect, parse_metrics
 
 from kda_serving.server.app import create_app
 from kda_serving.server.config import ServerConfig
@@ -128,3 +128,23 @@ def test_refused_requests_name_the_parameter(body, param):
         assert engine.seen_prompts == [] and engine.running == set()
 
     serve(test)
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "non-stream"])
+def test_client_disconnect_aborts_the_engine_request(stream):
+    engine = FakeEngine(token_delay=0.005)
+    app = create_app(engine)
+
+    async def main():
+        async with app.router.lifespan_context(app):
+            body = {"model": MODEL, "input": "p", "max_output_tokens": 200, "stream": stream}
+            chunks = await call_and_disconnect(app, "/v1/responses", body, 6 if stream else 0)
+            assert len(chunks) < 30  # it stopped long before 200 tokens
+            assert len(engine.aborted) == 1 and engine.aborted[0].startswith("resp_")
+            await asyncio.sleep(0.05)  # the stand-in ends its generator on its next tick
+            assert not engine.running and not engine.waiting
+            m = parse_metrics(app.state.server.metrics.render().decode())
+            assert m['kda_serving_requests_aborted_total{endpoint="responses"}'] == 1
+            assert m["kda_serving_http_requests_in_flight"] == 0
+
+    asyncio.run(main())
