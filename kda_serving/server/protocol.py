@@ -340,6 +340,42 @@ class InputMessage(_Strict):
         return {"role": self.role, "content": text}
 
 
+class FunctionCallItem(_Strict):
+    """A Responses API input item: a function call of an earlier reply, sent back in the history."""
+
+    type: Literal["function_call"]
+    call_id: str
+    name: str
+    arguments: str  # JSON text
+    id: str | None = None
+    status: str | None = None
+
+
+class FunctionCallOutputItem(_Strict):
+    """A Responses API input item: the result of a function call, for the model to read."""
+
+    type: Literal["function_call_output"]
+    call_id: str
+    output: str
+    id: str | None = None
+    status: str | None = None
+
+
+class ResponsesFunctionTool(_Strict):
+    """A Responses API tool: a function, its fields at the top level (chat nests them under `function`)."""
+
+    type: Literal["function"]
+    name: str = Field(pattern=NAME)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ResponsesToolChoiceFunction(_Strict):
+    type: Literal["function"]
+    name: str
+
+
 class TextFormat(_Strict):
     """Responses API text.format: plain text, a JSON object, or JSON following a schema."""
 
@@ -361,12 +397,13 @@ class TextConfig(_Strict):
 
 
 class ResponsesRequest(_Strict):
-    """POST /v1/responses (OpenAI's Responses API), the stateless text subset: `input` (a string, or messages)
-    after `instructions` as a system message, one output message. Nothing is stored: `store` true and
-    `previous_response_id` are refused, as are tools and reasoning settings."""
+    """POST /v1/responses (OpenAI's Responses API), its stateless subset: `input` (a string, or messages and
+    function calls with their outputs) after `instructions` as a system message; a message and/or function
+    calls out. Function tools work as on /v1/chat/completions (chat_request() is that request). Nothing is
+    stored: `store` true and `previous_response_id` are refused, as are reasoning settings."""
 
     model: str
-    input: str | list[InputMessage]
+    input: str | list[InputMessage | FunctionCallItem | FunctionCallOutputItem]
     instructions: str | None = None
     max_output_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
@@ -377,8 +414,8 @@ class ResponsesRequest(_Strict):
     metadata: dict[str, str] | None = None
     user: str | None = None
     text: TextConfig | None = None
-    tools: list[Any] | None = None
-    tool_choice: Literal["none"] | None = None
+    tools: list[ResponsesFunctionTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | ResponsesToolChoiceFunction | None = None
     parallel_tool_calls: bool | None = None
     truncation: Literal["disabled"] | None = None
 
@@ -388,30 +425,55 @@ class ResponsesRequest(_Strict):
             raise ValueError("store: responses are not stored here; pass false")
         if self.previous_response_id is not None:
             raise ValueError("previous_response_id: not supported (nothing is stored); send the history in input")
-        if self.tools:
-            raise ValueError("tools: not supported on /v1/responses; use /v1/chat/completions")
         if isinstance(self.input, list) and len(self.input) == 0:
             raise ValueError("input: must contain at least one message")
         if isinstance(self.input, str) and self.input == "":
             raise ValueError("input: must not be empty")
         return self
 
-    def template_messages(self) -> list[dict[str, Any]]:
-        messages = [{"role": "system", "content": self.instructions}] if self.instructions else []
-        if isinstance(self.input, str):
-            return messages + [{"role": "user", "content": self.input}]
-        return messages + [m.template_message() for m in self.input]
-
-    def template_tools(self) -> None:
-        return None
-
-    def structured_output(self) -> tuple[str, str] | None:
+    def chat_request(self) -> ChatCompletionRequest:
+        """The same request in /v1/chat/completions terms, whose prompt, sampling and tool handling it shares:
+        instructions as a system message; a run of function calls as one assistant message carrying them; each
+        call's output as a tool message; tools and tool_choice nested as chat has them; text.format as
+        response_format. Raises ValueError for what chat refuses (a tool_choice naming no tool, ...)."""
+        messages: list[dict[str, Any]] = [{"role": "system", "content": self.instructions}] if self.instructions \
+            else []
+        items = [InputMessage(role="user", content=self.input)] if isinstance(self.input, str) else self.input
+        for item in items:
+            if isinstance(item, FunctionCallItem):
+                call = {"id": item.call_id, "type": "function",
+                        "function": {"name": item.name, "arguments": item.arguments}}
+                last = messages[-1] if messages else None
+                if last is not None and last["role"] == "assistant" and "tool_calls" in last:
+                    last["tool_calls"].append(call)
+                else:
+                    messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+            elif isinstance(item, FunctionCallOutputItem):
+                messages.append({"role": "tool", "tool_call_id": item.call_id, "content": item.output})
+            else:
+                messages.append(item.template_message())
+        body: dict[str, Any] = {"model": self.model, "messages": messages}
+        for name, value in (("max_completion_tokens", self.max_output_tokens), ("temperature", self.temperature),
+                            ("top_p", self.top_p), ("parallel_tool_calls", self.parallel_tool_calls)):
+            if value is not None:
+                body[name] = value
+        if self.tools:
+            body["tools"] = [{"type": "function", "function": t.model_dump(exclude={"type"}, exclude_none=True)}
+                             for t in self.tools]
+        if isinstance(self.tool_choice, ResponsesToolChoiceFunction):
+            body["tool_choice"] = {"type": "function", "function": {"name": self.tool_choice.name}}
+        elif self.tool_choice is not None:
+            body["tool_choice"] = self.tool_choice
         fmt = self.text.format if self.text is not None else None
-        if fmt is None or fmt.type == "text":
-            return None
-        if fmt.type == "json_object":
-            return ("json_object", "")
-        return ("json_schema", json.dumps(fmt.schema_))
+        if fmt is not None and fmt.type == "json_schema":
+            body["response_format"] = {"type": "json_schema", "json_schema": fmt.model_dump(
+                by_alias=True, exclude={"type"}, exclude_none=True)}
+        elif fmt is not None:
+            body["response_format"] = {"type": fmt.type}
+        try:
+            return ChatCompletionRequest.model_validate(body)
+        except ValidationError as exc:
+            raise ValueError(exc.errors()[0]["msg"].removeprefix("Value error, ")) from None
 
     def text_config(self) -> dict[str, Any]:
         """The `text` field of the answer: the format in effect."""

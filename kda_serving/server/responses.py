@@ -1,19 +1,25 @@
-"""POST /v1/responses: OpenAI's Responses API, its stateless text subset (protocol.ResponsesRequest).
+"""POST /v1/responses: OpenAI's Responses API, its stateless subset (protocol.ResponsesRequest).
 
-`instructions` and `input` go through the chat template like /v1/chat/completions messages; the answer is one
-`message` output item holding one `output_text` part. Nothing is stored, so a conversation is continued by
-sending its history (earlier replies' output items included, as the API returned them) in `input`.
+The request is answered as its /v1/chat/completions twin (ResponsesRequest.chat_request) would be: the same
+chat template over `instructions` and `input`, the same sampling, the same function tools (`tool_choice`
+'required' or a named function: grammar-forced calls; 'auto': the model's own call format, read back by the
+server's tool-call parser). The answer is a `message` output item with one `output_text` part and/or one
+`function_call` item per call. Nothing is stored, so a conversation is continued by sending its history
+(earlier replies' output items and `function_call_output` items included) in `input`.
 
 Streaming answers are OpenAI's typed events, each a `data:` line with its `type` and `sequence_number`:
-response.created, response.in_progress, response.output_item.added, response.content_part.added, then
-response.output_text.delta per piece of text, and response.output_text.done, response.content_part.done,
-response.output_item.done and response.completed (response.incomplete when max_output_tokens cut the reply).
-An error after the stream began travels as an `error` event.
+response.created, response.in_progress, then per output item response.output_item.added, its content
+(response.content_part.added, response.output_text.delta ..., response.output_text.done,
+response.content_part.done; or response.function_call_arguments.delta and .done) and
+response.output_item.done, and last response.completed (response.incomplete when max_output_tokens cut the
+reply). Text streams as it is generated; a request with tools sends its items once the reply is complete (its
+calls are known only then). An error after the stream began travels as an `error` event.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import time
 import uuid
 from contextlib import aclosing
@@ -21,10 +27,11 @@ from contextlib import aclosing
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from kda_serving.engine import SamplingParams
+from kda_serving.server.chat import tool_calls
 from kda_serving.server.errors import bad_request
 from kda_serving.server.generation import Choice, generate_choices
-from kda_serving.server.intake import chat_prompt_ids, check_model, read_json_body, resolve_max_tokens
+from kda_serving.server.intake import (chat_prompt_ids, check_model, read_json_body, resolve_max_tokens,
+                                       sampling_params)
 from kda_serving.server.protocol import ResponsesRequest, parse_request
 from kda_serving.server.serving import CLIENT_CLOSED_REQUEST, run_to_end
 from kda_serving.server.sse import EventStreamResponse, sse_event
@@ -37,11 +44,25 @@ async def create_response(request: Request, server) -> Response:
     engine, config = server.engine, server.config
     req = parse_request(ResponsesRequest, await read_json_body(request, config.max_request_bytes))
     check_model(engine, req.model)
-    ids = chat_prompt_ids(engine, req, param="input")
+    try:
+        chat = req.chat_request()
+    except ValueError as exc:
+        message = str(exc)
+        named = re.match(r"([a-z_]+):", message)
+        raise bad_request(message, param=named.group(1) if named else None) from None
+    parser = None
+    if chat.auto_tools():
+        parser = server.tool_parser
+        if parser is None:
+            raise bad_request("tool_choice: 'auto' needs a parser of the model's own tool-call format, and this "
+                              "model's tokenizer has the markers of none; pass 'required', a named function, or "
+                              "'none'", param="tool_choice")
+    ids = chat_prompt_ids(engine, chat, param="input")
     max_tokens = resolve_max_tokens(engine, config.max_prompt_tokens, len(ids), req.max_output_tokens, "input",
                                     "max_output_tokens")
-    answer = _Answer(req, f"resp_{uuid.uuid4().hex}", engine.model_name)
-    choice = Choice(index=0, request_id=answer.id, prompt_token_ids=ids, params=_sampling_params(req, max_tokens))
+    answer = _Answer(req, chat, parser, engine.tokenizer, f"resp_{uuid.uuid4().hex}", engine.model_name)
+    choice = Choice(index=0, request_id=answer.id, prompt_token_ids=ids,
+                    params=sampling_params(chat, max_tokens, 0, None))
     if req.stream:
         return EventStreamResponse(_events(server, choice, answer))
     if not await run_to_end(request, server, [choice], ENDPOINT, answer.id):
@@ -50,38 +71,52 @@ async def create_response(request: Request, server) -> Response:
     return JSONResponse(answer.body(choice))
 
 
-def _sampling_params(req: ResponsesRequest, max_tokens: int) -> SamplingParams:
-    kwargs = {name: getattr(req, name) for name in ("temperature", "top_p") if getattr(req, name) is not None}
-    structured = req.structured_output()
-    if structured is not None:
-        kwargs["structured_output"] = structured
-    try:
-        return SamplingParams(max_tokens=max_tokens, output_kind="delta", **kwargs)
-    except (TypeError, ValueError) as exc:
-        raise bad_request(str(exc)) from None
-
-
 class _Answer:
     """The response object at each stage: in progress (no output yet), then complete or incomplete."""
 
-    def __init__(self, req: ResponsesRequest, response_id: str, model: str):
-        self.req, self.id, self.model = req, response_id, model
+    def __init__(self, req: ResponsesRequest, chat, parser, tokenizer, response_id: str, model: str):
+        self.req, self.chat, self.parser, self.tokenizer = req, chat, parser, tokenizer
+        self.id, self.model = response_id, model
         self.created_at = int(time.time())
         self.message_id = f"msg_{uuid.uuid4().hex}"
+        self._items: list[dict] | None = None
+
+    @property
+    def has_tools(self) -> bool:
+        """Whether the reply may hold function calls (then it streams whole, once complete)."""
+        return self.parser is not None or bool(self.chat.forced_tools())
 
     def status(self, choice: Choice) -> str:
         if not choice.finished:
             return "in_progress"
         return "incomplete" if choice.finish_reason == "length" else "completed"
 
-    def message(self, choice: Choice) -> dict:
-        status = self.status(choice)
+    def message(self, text: str | None, status: str) -> dict:
+        """The message item; text None: in progress, no content part yet."""
         return {"type": "message", "id": self.message_id, "status": status, "role": "assistant",
-                "content": [] if status == "in_progress" else [self.part(choice.text)]}
+                "content": [] if text is None else [self.part(text)]}
 
     @staticmethod
     def part(text: str) -> dict:
         return {"type": "output_text", "text": text, "annotations": []}
+
+    def items(self, choice: Choice) -> list[dict]:
+        """The finished reply's output items: its text as a message (unless it is only calls), then its calls."""
+        if self._items is None:
+            text, calls = choice.text, []
+            if self.parser is not None and self.parser.section_start(choice.output_token_ids) is not None:
+                reply = self.parser.parse(choice.output_token_ids)
+                calls = reply.calls[:1] if self.req.parallel_tool_calls is False else reply.calls
+                text = self.tokenizer.decode(reply.content_ids, skip_special_tokens=True)
+            elif self.chat.forced_tools() and choice.finish_reason == "stop":
+                calls = tool_calls(self.chat, choice.text) or []
+                text = "" if calls else text
+            status = self.status(choice)
+            self._items = ([self.message(text, status)] if text or not calls else []) + [
+                {"type": "function_call", "id": f"fc_{uuid.uuid4().hex}", "call_id": c["id"],
+                 "name": c["function"]["name"], "arguments": c["function"]["arguments"], "status": "completed"}
+                for c in calls]
+        return self._items
 
     def body(self, choice: Choice) -> dict:
         req, status = self.req, self.status(choice)
@@ -96,12 +131,18 @@ class _Answer:
             "error": None,
             "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
             "instructions": req.instructions, "max_output_tokens": req.max_output_tokens, "model": self.model,
-            "output": [] if status == "in_progress" else [self.message(choice)],
-            "parallel_tool_calls": False, "previous_response_id": None, "store": False,
-            "temperature": req.temperature, "top_p": req.top_p, "text": req.text_config(), "tool_choice": "none",
-            "tools": [], "truncation": "disabled", "user": req.user, "metadata": req.metadata or {},
-            "usage": usage,
+            "output": [] if status == "in_progress" else self.items(choice),
+            "parallel_tool_calls": req.parallel_tool_calls is not False, "previous_response_id": None,
+            "store": False, "temperature": req.temperature, "top_p": req.top_p, "text": req.text_config(),
+            "tool_choice": _tool_choice(req), "tools": [t.model_dump(exclude_none=True) for t in req.tools or []],
+            "truncation": "disabled", "user": req.user, "metadata": req.metadata or {}, "usage": usage,
         }
+
+
+def _tool_choice(req: ResponsesRequest):
+    if req.tool_choice is None:
+        return "auto" if req.tools else "none"
+    return req.tool_choice if isinstance(req.tool_choice, str) else req.tool_choice.model_dump()
 
 
 async def _events(server, choice: Choice, answer: _Answer):
@@ -113,21 +154,45 @@ async def _events(server, choice: Choice, answer: _Answer):
         sequence += 1
         return sse_event(payload)
 
+    def text_events(text: str, index: int, streamed: bool) -> list[bytes]:
+        """A message item's text (already sent as deltas when `streamed`) closed out: the done events."""
+        where = {"item_id": answer.message_id, "output_index": index, "content_index": 0}
+        deltas = [] if streamed or not text else [event("response.output_text.delta", delta=text, logprobs=[],
+                                                        **where)]
+        return deltas + [event("response.output_text.done", text=text, logprobs=[], **where),
+                         event("response.content_part.done", part=answer.part(text), **where)]
+
+    incremental = not answer.has_tools
     where = {"item_id": answer.message_id, "output_index": 0, "content_index": 0}
     server.metrics.in_flight.inc()
     try:
         yield event("response.created", response=answer.body(choice))
         yield event("response.in_progress", response=answer.body(choice))
-        yield event("response.output_item.added", output_index=0, item=answer.message(choice))
-        yield event("response.content_part.added", part=answer.part(""), **where)
+        if incremental:
+            yield event("response.output_item.added", output_index=0, item=answer.message(None, "in_progress"))
+            yield event("response.content_part.added", part=answer.part(""), **where)
         async with aclosing(generate_choices(server.engine, [choice], server.metrics, ENDPOINT)) as outputs:
             async for _, out in outputs:
-                if out.delta_text:
+                if incremental and out.delta_text:
                     yield event("response.output_text.delta", delta=out.delta_text, logprobs=[], **where)
         server.metrics.count_prompt(len(choice.prompt_token_ids), choice.num_cached_tokens)
-        yield event("response.output_text.done", text=choice.text, logprobs=[], **where)
-        yield event("response.content_part.done", part=answer.part(choice.text), **where)
-        yield event("response.output_item.done", output_index=0, item=answer.message(choice))
+        for index, item in enumerate(answer.items(choice)):
+            if item["type"] == "message":
+                text = item["content"][0]["text"]
+                if not incremental:
+                    yield event("response.output_item.added", output_index=index,
+                                item=answer.message(None, "in_progress"))
+                    yield event("response.content_part.added", part=answer.part(""), item_id=item["id"],
+                                output_index=index, content_index=0)
+                for chunk in text_events(text, index, incremental):
+                    yield chunk
+            else:
+                yield event("response.output_item.added", output_index=index,
+                            item={**item, "arguments": "", "status": "in_progress"})
+                call = {"item_id": item["id"], "output_index": index}
+                yield event("response.function_call_arguments.delta", delta=item["arguments"], **call)
+                yield event("response.function_call_arguments.done", arguments=item["arguments"], **call)
+            yield event("response.output_item.done", output_index=index, item=item)
         body = answer.body(choice)
         yield event(f"response.{'incomplete' if body['status'] == 'incomplete' else 'completed'}", response=body)
     except Exception as exc:  # the 200 and the headers are out: an error can only travel as an event

@@ -22,6 +22,9 @@ CHAT_TEMPLATE = (
 
 KIMI_TOOL_MARKERS = ["<|tool_calls_section_begin|>", "<|tool_calls_section_end|>", "<|tool_call_begin|>",
                      "<|tool_call_argument_begin|>", "<|tool_call_end|>"]
+# A reply in Kimi K2's tool-call format (with tool_markers=True each marker is one token): text, then one call.
+KIMI_REPLY = ('Checking.<|tool_calls_section_begin|><|tool_call_begin|>functions.search:0<|tool_call_argument_begin|>'
+              '{"q": "kda"}<|tool_call_end|><|tool_calls_section_end|>')
 
 
 def byte_tokenizer(extra_specials: list[str] = ()) -> PreTrainedTokenizerFast:

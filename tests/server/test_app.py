@@ -13,7 +13,7 @@ import os
 import httpx
 import pytest
 from hypothesis import HealthCheck, event, given, settings
-from server_fake_engine import FakeEngine
+from server_fake_engine import KIMI_REPLY, FakeEngine
 from server_testing import (assert_openai_error, call_and_disconnect, check_fuzzed_answer, mutated_requests,
                             parse_metrics, parse_sse)
 
@@ -332,8 +332,6 @@ def test_forced_tool_calls_become_constrained_requests():
     serve(test)
 
 
-KIMI_REPLY = ('Checking.<|tool_calls_section_begin|><|tool_call_begin|>functions.search:0<|tool_call_argument_begin|>'
-              '{"q": "kda"}<|tool_call_end|><|tool_calls_section_end|>')
 
 
 @pytest.mark.parametrize("reply, content, calls, finish", [

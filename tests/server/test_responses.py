@@ -1,6 +1,8 @@
 """POST /v1/responses (server/responses.py) in-process on the stand-in engine: the official `openai` client's
 Responses calls (plain and streamed) read our answers, the body and the event stream hold OpenAI's shape, the
-prompt is the chat template over instructions and input, and what is not supported is a 400 naming it.
+prompt is the chat template over instructions and input (function calls and their outputs included), function
+tools come back as function_call items (forced, and in the model's own format), a client that leaves frees its
+request, and what is not supported is a 400 naming it.
 tests/server/test_server_process.py repeats a call against the real `kda-serve` process."""
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import json
 import httpx
 import openai
 import pytest
-from server_fake_engine import FakeEngine
+from server_fake_engine import KIMI_REPLY, FakeEngine
 from server_testing import assert_openai_error, call_and_disconnect, parse_metrics
 
 from kda_serving.server.app import create_app
@@ -107,7 +109,10 @@ def test_structured_output_and_echoed_settings():
 @pytest.mark.parametrize("body, param", [
     ({"input": "x", "store": True}, "store"),
     ({"input": "x", "previous_response_id": "resp_1"}, "previous_response_id"),
-    ({"input": "x", "tools": [{"type": "function", "name": "f"}]}, "tools"),
+    ({"input": "x", "tools": [{"type": "web_search"}]}, "tools"),
+    ({"input": "x", "tools": [{"type": "function", "name": "f"}]}, "tool_choice"),  # auto: no parser here
+    ({"input": "x", "tools": [{"type": "function", "name": "f"}], "tool_choice": {"type": "function",
+                                                                                 "name": "g"}}, "tool_choice"),
     ({"input": []}, "input"),
     ({"input": ""}, "input"),
     ({"input": "x", "max_output_tokens": 0}, "max_output_tokens"),
@@ -116,8 +121,8 @@ def test_structured_output_and_echoed_settings():
     ({"input": "x", "text": {"format": {"type": "json_schema"}}}, "text"),
     ({"input": "x" * 400}, "input"),
     ({"input": "x" * 200, "max_output_tokens": 100}, "max_output_tokens"),
-], ids=["store", "previous", "tools", "empty-list", "empty-text", "max-output", "reasoning", "role", "schema",
-        "too-long", "over-the-context"])
+], ids=["store", "previous", "tools", "auto-no-parser", "unknown-tool", "empty-list", "empty-text", "max-output",
+        "reasoning", "role", "schema", "too-long", "over-the-context"])
 def test_refused_requests_name_the_parameter(body, param):
     async def test(http, client, engine):
         r = await http.post("/v1/responses", json={"model": MODEL, **body})
@@ -148,3 +153,63 @@ def test_client_disconnect_aborts_the_engine_request(stream):
             assert m["kda_serving_http_requests_in_flight"] == 0
 
     asyncio.run(main())
+
+
+WEATHER = {"type": "function", "name": "weather", "description": "Weather in a city",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+def test_forced_function_call_comes_back_as_a_function_call_item(stream):
+    async def test(http, client, engine):
+        engine.script = engine.tokenizer.encode('{"city": "Paris"}', add_special_tokens=False)
+        kwargs = dict(model=MODEL, input="Weather in Paris?", tools=[WEATHER],
+                      tool_choice={"type": "function", "name": "weather"})
+        if stream:
+            events = [e async for e in await client.responses.create(stream=True, **kwargs)]
+            kinds = [e.type for e in events]
+            assert kinds == ["response.created", "response.in_progress", "response.output_item.added",
+                             "response.function_call_arguments.delta", "response.function_call_arguments.done",
+                             "response.output_item.done", "response.completed"]
+            resp = events[-1].response
+            assert events[4].arguments == '{"city": "Paris"}' and events[5].item.id == resp.output[0].id
+        else:
+            resp = await client.responses.create(**kwargs)
+        [call] = resp.output
+        assert call.type == "function_call" and call.name == "weather" and call.arguments == '{"city": "Paris"}'
+        assert call.call_id.startswith("call_") and resp.status == "completed" and resp.output_text == ""
+        params = engine.seen_params[-1]
+        assert params.structured_output[0] == "json_schema"  # the arguments' schema forced the output
+        assert '"city"' in params.structured_output[1]
+
+        # the call and its output go back in the history: an assistant turn with the call, then a tool turn
+        engine.script = engine.tokenizer.encode("Sunny.", add_special_tokens=False)
+        follow = await client.responses.create(model=MODEL, tools=[WEATHER], tool_choice="none", input=[
+            {"role": "user", "content": "Weather in Paris?"}, call.model_dump(exclude_none=True),
+            {"type": "function_call_output", "call_id": call.call_id, "output": "22C, sunny"}])
+        assert follow.output_text == "Sunny." and follow.output[0].type == "message"
+        prompt = engine.tokenizer.decode(engine.seen_prompts[-1])
+        assert "<|tool|>22C, sunny<|end|>" in prompt and prompt.index("Weather in Paris?") < prompt.index("22C")
+
+    serve(test)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+def test_auto_tools_read_the_models_own_call_format(stream):
+    async def test(http, client, engine):
+        engine.script = engine.tokenizer.encode(KIMI_REPLY, add_special_tokens=False)
+        kwargs = dict(model=MODEL, input="Search kda", tools=[{"type": "function", "name": "search"}])
+        if stream:
+            events = [e async for e in await client.responses.create(stream=True, **kwargs)]
+            assert [e.type for e in events].count("response.output_item.done") == 2
+            assert [e.sequence_number for e in events] == list(range(len(events)))
+            resp = events[-1].response
+        else:
+            resp = await client.responses.create(**kwargs)
+        message, call = resp.output
+        assert message.type == "message" and resp.output_text == "Checking."
+        assert (call.type, call.call_id, call.name, call.arguments) == (
+            "function_call", "functions.search:0", "search", '{"q": "kda"}')
+        assert resp.tool_choice == "auto" and resp.tools[0].name == "search"
+
+    serve(test, FakeEngine(tool_markers=True))

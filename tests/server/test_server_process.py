@@ -264,7 +264,9 @@ def test_openai_client_multiturn_chat_reuses_the_prefix(server):
 def test_openai_client_responses_api_continues_a_conversation(server):
     """The official client's Responses calls against the real process: a reply, then a second turn with the
     first reply's output item sent back in `input` (nothing is stored), its prefix served from the cache, and a
-    streamed reply whose deltas add up to the final text."""
+    streamed reply whose deltas add up to the final text; a forced function call and its output sent back."""
+    import json
+
     import openai
     from openai import OpenAI
 
@@ -286,6 +288,21 @@ def test_openai_client_responses_api_continues_a_conversation(server):
     assert deltas == events[-1].response.output_text
     with pytest.raises(openai.BadRequestError):
         client.responses.create(model=server.model, input="x", previous_response_id=first.id)
+
+    # a forced function call: the grammar makes its arguments follow the parameters; then its output goes back
+    weather = {"type": "function", "name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"enum": ["Paris", "Oslo"]}}, "required": ["city"],
+        "additionalProperties": False}}
+    called = client.responses.create(model=server.model, input="Weather in Paris?", tools=[weather],
+                                     tool_choice={"type": "function", "name": "get_weather"},
+                                     max_output_tokens=60, temperature=0)
+    (call,) = called.output
+    assert call.type == "function_call" and call.name == "get_weather"
+    assert json.loads(call.arguments)["city"] in ("Paris", "Oslo")
+    answer = client.responses.create(model=server.model, max_output_tokens=4, input=[
+        {"role": "user", "content": "Weather in Paris?"}, call.model_dump(exclude_none=True),
+        {"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}])
+    assert answer.output[0].type == "message" and answer.usage.output_tokens >= 1
 
 
 def test_openai_client_structured_outputs(server):
