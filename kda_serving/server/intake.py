@@ -59,9 +59,9 @@ def completion_prompt_ids(engine, prompt: str | list[int]) -> list[int]:
     return list(prompt)
 
 
-def chat_prompt_ids(engine, request, param: str = "messages") -> list[int]:
-    """Token ids of the chat template applied to the request's messages (ChatCompletionRequest, or
-    ResponsesRequest's instructions and input), ending with the assistant's generation prompt."""
+def chat_prompt_ids(engine, request: ChatCompletionRequest, param: str = "messages") -> list[int]:
+    """Token ids of the chat template applied to the messages, ending with the assistant's generation prompt;
+    param: the request field errors name (/v1/responses: "input")."""
     try:
         text = engine.tokenizer.apply_chat_template(request.template_messages(), tools=request.template_tools(),
                                                     add_generation_prompt=True, tokenize=False)
