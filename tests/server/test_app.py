@@ -587,21 +587,24 @@ def test_engine_errors_become_openai_errors(failure, status):
 
 
 @pytest.mark.parametrize("stream", [True, False], ids=["stream", "non-stream"])
-def test_client_disconnect_aborts_engine_requests(stream):
+@pytest.mark.parametrize("endpoint, body, after, choices", [
+    ("completions", {"prompt": "p", "max_tokens": 200, "n": 2}, 3, 2),
+    ("responses", {"input": "p", "max_output_tokens": 200}, 6, 1),  # (its first events carry no text)
+])
+def test_client_disconnect_aborts_engine_requests(stream, endpoint, body, after, choices):
     engine = FakeEngine(token_delay=0.005)
     app = create_app(engine)
 
     async def main():
         async with app.router.lifespan_context(app):
-            body = {"model": MODEL, "prompt": "p", "max_tokens": 200, "n": 2, "stream": stream}
-            chunks = await call_and_disconnect(app, "/v1/completions", body, 3 if stream else 0)
-            assert len(chunks) < 20  # it stopped long before 2 x 200 tokens
-            assert sorted(engine.aborted) == sorted(f"{rid}-{i}" for rid in {engine.aborted[0].rsplit("-", 1)[0]}
-                                                    for i in range(2))
+            chunks = await call_and_disconnect(app, f"/v1/{endpoint}", {"model": MODEL, **body, "stream": stream},
+                                               after if stream else 0)
+            assert len(chunks) < 30  # it stopped long before the 200 tokens
+            assert len(engine.aborted) == choices and len({rid.rsplit("-", 1)[0] for rid in engine.aborted}) == 1
             await asyncio.sleep(0.05)  # the stand-in ends its generators on its next tick
             assert not engine.running and not engine.waiting
             m = parse_metrics(app.state.server.metrics.render().decode())
-            assert m['kda_serving_requests_aborted_total{endpoint="completions"}'] == 2
+            assert m[f'kda_serving_requests_aborted_total{{endpoint="{endpoint}"}}'] == choices
             assert m["kda_serving_http_requests_in_flight"] == 0
 
     asyncio.run(main())
