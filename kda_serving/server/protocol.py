@@ -433,9 +433,10 @@ class ResponsesRequest(_Strict):
 
     def chat_request(self) -> ChatCompletionRequest:
         """The same request in /v1/chat/completions terms, whose prompt, sampling and tool handling it shares:
-        instructions as a system message; a run of function calls as one assistant message carrying them; each
-        call's output as a tool message; tools and tool_choice nested as chat has them; text.format as
-        response_format. Raises ValueError for what chat refuses (a tool_choice naming no tool, ...)."""
+        instructions as a system message; a run of function calls as one assistant message carrying them (the
+        message before them, if it is the same reply's text); each call's output as a tool message; tools and
+        tool_choice nested as chat has them; text.format as response_format. Raises ValueError for what chat
+        refuses (a tool_choice naming no tool, ...)."""
         messages: list[dict[str, Any]] = [{"role": "system", "content": self.instructions}] if self.instructions \
             else []
         items = [InputMessage(role="user", content=self.input)] if isinstance(self.input, str) else self.input
@@ -444,8 +445,8 @@ class ResponsesRequest(_Strict):
                 call = {"id": item.call_id, "type": "function",
                         "function": {"name": item.name, "arguments": item.arguments}}
                 last = messages[-1] if messages else None
-                if last is not None and last["role"] == "assistant" and "tool_calls" in last:
-                    last["tool_calls"].append(call)
+                if last is not None and last["role"] == "assistant":  # the calls of the reply whose text it was
+                    last.setdefault("tool_calls", []).append(call)
                 else:
                     messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
             elif isinstance(item, FunctionCallOutputItem):

@@ -193,3 +193,19 @@ def test_auto_tools_read_the_models_own_call_format(stream):
         assert resp.tool_choice == "auto" and resp.tools[0].name == "search"
 
     serve(test, FakeEngine(tool_markers=True))
+
+
+def test_a_reply_with_text_and_calls_goes_back_as_one_assistant_turn():
+    from kda_serving.server.protocol import ResponsesRequest
+
+    req = ResponsesRequest.model_validate({"model": MODEL, "instructions": "Be brief.", "input": [
+        {"role": "user", "content": "Search kda"},
+        {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Checking."}]},
+        {"type": "function_call", "call_id": "c1", "name": "search", "arguments": "{}"},
+        {"type": "function_call", "call_id": "c2", "name": "search", "arguments": "{\"q\": 1}"},
+        {"type": "function_call_output", "call_id": "c1", "output": "r1"},
+        {"type": "function_call_output", "call_id": "c2", "output": "r2"}]})
+    messages = req.chat_request().template_messages()
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "tool", "tool"]
+    assert messages[2]["content"] == "Checking." and [c["id"] for c in messages[2]["tool_calls"]] == ["c1", "c2"]
+    assert [m.get("tool_call_id") for m in messages[3:]] == ["c1", "c2"]
