@@ -224,9 +224,10 @@ class LLMEngine:
             if seq.matcher is not None:  # a mask per row: now, and after each draft
                 constrained += range(len(index), len(index) + len(c.drafts) + 1)
                 matchers.append((seq.matcher, c.drafts))
+            # row j samples output token num + j: its stop tokens are banned while that is below min_tokens
+            stops = self._stop_tokens(seq.params) if seq.num_output_tokens < seq.params.min_tokens else ()
             for j in range(len(c.drafts) + 1):
-                if seq.params.min_tokens and seq.num_output_tokens + j < seq.params.min_tokens:  # row j: token num + j
-                    stops = self._stop_tokens(seq.params)
+                if stops and seq.num_output_tokens + j < seq.params.min_tokens:
                     banned[0].extend([len(index)] * len(stops))
                     banned[1].extend(stops)
                 index.append(first + j)

@@ -18,7 +18,6 @@ calls are known only then). An error after the stream began travels as an `error
 
 from __future__ import annotations
 
-import logging
 import re
 import time
 import uuid
@@ -33,10 +32,9 @@ from kda_serving.server.generation import Choice, generate_choices
 from kda_serving.server.intake import (chat_prompt_ids, check_model, read_json_body, resolve_max_tokens,
                                        sampling_params)
 from kda_serving.server.protocol import ResponsesRequest, parse_request
-from kda_serving.server.serving import CLIENT_CLOSED_REQUEST, run_to_end
+from kda_serving.server.serving import CLIENT_CLOSED_REQUEST, run_to_end, stream_error_status
 from kda_serving.server.sse import EventStreamResponse, sse_event
 
-logger = logging.getLogger(__name__)
 ENDPOINT = "responses"  # metric label
 
 
@@ -196,10 +194,7 @@ async def _events(server, choice: Choice, answer: _Answer):
         body = answer.body(choice)
         yield event(f"response.{'incomplete' if body['status'] == 'incomplete' else 'completed'}", response=body)
     except Exception as exc:  # the 200 and the headers are out: an error can only travel as an event
-        status = 400 if isinstance(exc, (TypeError, ValueError)) else 500
-        if status == 500:
-            logger.exception("generation failed for %s", answer.id)
-        server.metrics.http_errors.labels(status=str(status)).inc()
+        status = stream_error_status(server, exc, answer.id)
         yield event("error", code="invalid_request_error" if status == 400 else "engine_error",
                     message=str(exc) or type(exc).__name__, param=None)
     finally:

@@ -109,6 +109,16 @@ async def run_to_end(request: Request, server, choices: list[Choice], endpoint: 
     return finished is not None
 
 
+def stream_error_status(server, exc: Exception, response_id: str) -> int:
+    """The HTTP status an error in a stream stands for, counted (and, for an engine failure, logged): the engine
+    refusing the request (TypeError, ValueError) is a 400, anything else a 500."""
+    status = 400 if isinstance(exc, (TypeError, ValueError)) else 500
+    if status == 500:
+        logger.exception("generation failed for %s", response_id)
+    server.metrics.http_errors.labels(status=str(status)).inc()
+    return status
+
+
 async def _events(server, choices: list[Choice], header: ResponseHeader, fmt: EndpointFormat, include_usage: bool):
     server.metrics.in_flight.inc()
     try:
@@ -131,10 +141,7 @@ async def _events(server, choices: list[Choice], header: ResponseHeader, fmt: En
             chunk["usage"] = final_usage
             yield sse_event(chunk)
     except Exception as exc:  # the 200 and the headers are out: an error can only travel as an event
-        status = 400 if isinstance(exc, (TypeError, ValueError)) else 500
-        if status == 500:
-            logger.exception("generation failed for %s", header.id)
-        server.metrics.http_errors.labels(status=str(status)).inc()
+        status = stream_error_status(server, exc, header.id)
         yield sse_event(error_body(status, str(exc) or type(exc).__name__))
     finally:
         server.metrics.in_flight.dec()

@@ -209,3 +209,20 @@ def test_a_reply_with_text_and_calls_goes_back_as_one_assistant_turn():
     assert [m["role"] for m in messages] == ["system", "user", "assistant", "tool", "tool"]
     assert messages[2]["content"] == "Checking." and [c["id"] for c in messages[2]["tool_calls"]] == ["c1", "c2"]
     assert [m.get("tool_call_id") for m in messages[3:]] == ["c1", "c2"]
+
+
+@pytest.mark.parametrize("error, status", [(ValueError("refused"), "400"), (RuntimeError("broken"), "500")])
+def test_an_engine_error_after_the_stream_began_is_an_error_event(error, status):
+    async def test(http, client, engine):
+        engine.fail_with = error
+        r = await http.post("/v1/responses", json={"model": MODEL, "input": "x", "stream": True})
+        events = [json.loads(line[len("data: "):]) for line in r.text.split("\n\n") if line.startswith("data: ")]
+        assert r.status_code == 200 and events[-1]["type"] == "error" and str(error) in events[-1]["message"]
+        assert [e["sequence_number"] for e in events] == list(range(len(events)))
+        metrics = parse_metrics((await http.get("/metrics")).text)
+        assert metrics[f'kda_serving_http_errors_total{{status="{status}"}}'] == 1
+        engine.fail_with = None
+        assert (await http.post("/v1/responses", json={"model": MODEL, "input": "x",
+                                                       "max_output_tokens": 2})).status_code == 200
+
+    serve(test)
