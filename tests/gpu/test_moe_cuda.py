@@ -63,7 +63,6 @@ def _rel(a, b) -> float:
     return ((a.double().cpu() - b.double().cpu()).norm() / b.double().cpu().norm()).item()
 
 
-@pytest.mark.parametrize("T", [1, 64, 700])
 def _grouped_and_loop(layer: MoE, T: int, monkeypatch):
     """Random tokens, their routing, and the layer's experts on the grouped GEMMs (forced at every size: the
     GEMV path has tests/gpu/test_moe_gemv_cuda.py) and on the loop: (x, ids, weights, grouped, loop)."""
@@ -78,6 +77,7 @@ def _grouped_and_loop(layer: MoE, T: int, monkeypatch):
     return x, ids, weights, grouped, _loop_experts(layer, x, ids, weights, monkeypatch)
 
 
+@pytest.mark.parametrize("T", [1, 64, 700])
 def test_grouped_experts_match_loop_and_float64(moe, T, monkeypatch):
     x, ids, weights, grouped, loop = _grouped_and_loop(moe, T, monkeypatch)
     e_loop = _rel(grouped, loop)
