@@ -162,3 +162,39 @@ def test_fp8_experts_engine_tracks_fp32_transformers(device, checkpoint_k128):
     prompts, outs = _run_with_follow_up(path, device, vocab, quantization="fp8")
     errors, _, exact, summary = tracking(f"fp8 experts on {device}", hf, prompts, outs)
     assert statistics.median(errors) <= FP8_MEDIAN_TOL and exact >= FP8_MIN_EXACT, summary
+
+
+@pytest.fixture(scope="module")
+def checkpoint_gemv(tmp_path_factory):
+    """A MoE checkpoint whose hidden size and expert width (256) the small-batch expert kernel takes."""
+    from model.kimi_testing import make_hf_model, save_hf_checkpoint
+
+    hf, cfg = make_hf_model(seed=13, hidden_size=256, moe_intermediate_size=256, linear_attn_config=K128,
+                            **SHAPES["moe"])
+    slow_decay_(hf)
+    return hf, save_hf_checkpoint(hf, str(tmp_path_factory.mktemp("tiny-k128-moe256"))), cfg.vocab_size
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("quantization", [None, "fp8"], ids=["bf16", "fp8"])
+def test_moe_gemv_engine_tracks_fp32_transformers(quantization, checkpoint_gemv, monkeypatch):
+    # The checkpoints above have experts of 128 wide rows, which ops.moe_experts_gemv does not take: there every
+    # step runs the grouped GEMMs. Here decode steps (up to 8 or 12 tokens) run the GEMV kernels, from CUDA
+    # graphs, and prompt steps the grouped GEMMs, on the same weights; the aggregates are the other MoE tests'.
+    from kda_serving.model import moe as moe_module
+
+    from kda_serving.ops import cuda_moe
+
+    hf, path, vocab = checkpoint_gemv
+    calls = []
+    real = moe_module.moe_experts_gemv
+    monkeypatch.setattr(moe_module, "moe_experts_gemv", lambda *a: (calls.append(a[0].shape[0]), real(*a))[1])
+    if not cuda_moe.supports(torch.empty(1, 256, dtype=torch.bfloat16, device="cuda"),
+                             torch.empty(1, 512, 256, dtype=torch.bfloat16, device="cuda"), 2):
+        pytest.skip("needs an SM90 GPU and the library with the MoE GEMV kernel")
+    prompts, outs = _run_with_follow_up(path, "cuda", vocab, quantization=quantization)
+    errors, _, exact, summary = tracking(f"GEMV experts ({quantization or 'bf16'}) on cuda", hf, prompts, outs)
+    assert calls and max(calls) <= moe_module.FP8_GEMV_MAX_TOKENS, calls  # decode steps took the kernel
+    median_tol, min_exact = (FP8_MEDIAN_TOL, FP8_MIN_EXACT) if quantization else (MOE_MEDIAN_TOL, MIN_EXACT)
+    assert statistics.median(errors) <= median_tol and exact >= min_exact, summary
