@@ -37,6 +37,8 @@ class ModelRunner:
         elif config.quantization == "fp8" and getattr(model, "quantization", None) != "fp8":
             model.quantize_experts_()
         config.quantization = getattr(model, "quantization", config.quantization)
+        if config.fp8_fast_accumulation:  # before any graph capture, which keeps it
+            model.set_fp8_fast_accumulation(True)
         self.model = model
         if hasattr(model, "compile_plain_ops"):  # before the profiling step and the graph captures compile it
             model.compile_plain_ops(config.torch_compile)

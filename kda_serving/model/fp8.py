@@ -18,22 +18,16 @@ from __future__ import annotations
 
 import torch
 
-FP8 = torch.float8_e4m3fn
-FP8_MAX = torch.finfo(FP8).max  # 448
-# The smallest row amax a scale is taken from: an all-zero row gets a tiny positive scale (and zeros), not 0/0.
-AMAX_FLOOR = 1e-12
+from ..ops.fp8_quantize import FP8, FP8_MAX  # noqa: F401 - the format's constants, for callers
+from ..ops.fp8_quantize import quantize_rows_reference as quantize_rows
+
 QUANTIZATIONS = (None, "fp8")
 # Rows quantized per call while loading or drawing weights: bounds the fp32 temporaries (64 MB at 2,304 wide).
 QUANTIZE_ROWS_PER_CALL = 1 << 13
 
-
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [..., K] (any float dtype) -> (q e4m3 [..., K], scale fp32 [...]) with x ~= q * scale: each row scaled
-    so that its largest magnitude maps to 448, rounded to nearest: |x - q * scale| <= 2^-4 |x| (3 mantissa
-    bits), or 2^-10 scale for the elements below 2^-6 scale (e4m3's subnormals)."""
-    amax = x.abs().amax(-1).float().clamp_min(AMAX_FLOOR)
-    scale = amax / FP8_MAX
-    return (x.float() / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+# quantize_rows(x [..., K]) -> (q e4m3 [..., K], scale fp32 [...]) with x ~= q * scale: each row scaled so that
+# its largest magnitude maps to 448, rounded to nearest (ops/fp8_quantize.py; in torch ops, for weights of any
+# dtype on any device; the GEMMs' activations go through that module's kernels).
 
 
 def dequantize_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -41,11 +35,17 @@ def dequantize_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.float() * scale[..., None]
 
 
+def fp8_matmul(xq: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+               dtype: torch.dtype) -> torch.Tensor:
+    """Quantized rows (xq e4m3 [T, in], x_scale [T]) @ W^T as the fp8 GEMM computes it: both operands
+    dequantized, multiplied in fp32; [T, out] in `dtype`."""
+    return (dequantize_rows(xq, x_scale) @ dequantize_rows(weight, weight_scale).T).to(dtype)
+
+
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
-    """x [T, in] @ W^T with W = (weight e4m3 [out, in], weight_scale fp32 [out]) as the fp8 GEMM computes it: x's
-    rows quantized, both operands dequantized, multiplied in fp32; [T, out] in x's dtype."""
-    xq, xs = quantize_rows(x)
-    return (dequantize_rows(xq, xs) @ dequantize_rows(weight, weight_scale).T).to(x.dtype)
+    """x [T, in] @ W^T with W = (weight e4m3 [out, in], weight_scale fp32 [out]): x's rows quantized, then
+    fp8_matmul; [T, out] in x's dtype."""
+    return fp8_matmul(*quantize_rows(x), weight, weight_scale, x.dtype)
 
 
 @torch.no_grad()

@@ -17,10 +17,10 @@ from torch import nn
 from .batch import RaggedBatch
 from .caches import ModelCaches
 from .config import DENSE, KDA, ModelConfig
-from .fp8 import check_quantization, quantize_rows
+from .fp8 import check_quantization
 from .kda_block import KDABlock
 from .mla_block import MLABlock
-from .moe import DenseMLP, MoE, combine_experts, route_experts, silu_mul, silu_mul_quantize
+from .moe import DenseMLP, MoE, combine_experts, route_experts, silu_mul
 from .norm import add_rms_norm, rms_norm
 
 log = logging.getLogger(__name__)
@@ -107,10 +107,10 @@ class KimiLinearModel(nn.Module):
 
     def compile_plain_ops(self, enable: bool = True) -> bool:
         """Compiles (torch.compile, Inductor) the model's plain torch pieces between its custom ops and GEMMs:
-        the RMS norms, each residual add with the norm after it, the MoE router, the SwiGLU activation, the
-        experts' weighted sum and (fp8 experts) the rows' quantization and the activation with its own, each one
-        function shared by every layer and compiled once for every token count (dynamic shapes). Their dozens
-        of small elementwise, reduction and top-k kernels per step become a few fused ones: on an H200 a
+        the RMS norms, each residual add with the norm after it, the MoE router, the SwiGLU activation and the
+        experts' weighted sum (fp8 experts' quantizations are kernels of their own), each one function shared by
+        every layer and compiled once for every token count (dynamic shapes). Their dozens of small
+        elementwise, reduction and top-k kernels per step become a few fused ones: on an H200 a
         CUDA-graph decode step of 4 Kimi-Linear-48B-shaped layers went 1.05 -> 0.92 ms at 1 request and 2.63
         -> 2.42 ms at 64 (benchmarks/experiments/compile_decode.py, the first three); a
         48B MoE layer of 8,192 tokens 4.27 -> 3.45 ms (the last two, used from moe.FUSED_MIN_TOKENS tokens).
@@ -129,8 +129,7 @@ class KimiLinearModel(nn.Module):
                 enable = False
         pick = _compiled if enable else (lambda fn: fn)
         norm, add_norm, route = pick(rms_norm), pick(add_rms_norm), pick(route_experts)
-        act, combine, quantize = pick(silu_mul), pick(combine_experts), pick(quantize_rows)
-        act_quantize = pick(silu_mul_quantize)
+        act, combine = pick(silu_mul), pick(combine_experts)
         self.norm_fn = norm
         for layer in self.layers:
             layer.norm_fn, layer.add_norm_fn = norm, add_norm
@@ -139,7 +138,6 @@ class KimiLinearModel(nn.Module):
                 mlp.act_fn = act
             if isinstance(layer.mlp, MoE):
                 layer.mlp.route_fn, layer.mlp.combine_fn = route, combine
-                layer.mlp.quantize_fn, layer.mlp.act_quantize_fn = quantize, act_quantize
         return enable
 
     @torch.inference_mode()  # as forward runs: the compiled code is guarded on it
@@ -158,10 +156,6 @@ class KimiLinearModel(nn.Module):
                 pairs = torch.arange(tokens * moe.top_k, device=self.device)
                 _compiled(combine_experts)(h.repeat_interleave(moe.top_k, 0), pairs,
                                            torch.ones(tokens, moe.top_k, device=self.device))
-                if moe.fp8:
-                    _compiled(quantize_rows)(h)
-                    _compiled(silu_mul_quantize)(torch.ones(tokens, moe.gate_up_proj.shape[1], dtype=self.dtype,
-                                                            device=self.device))
 
     def quantize_experts_(self) -> KimiLinearModel:
         """Turns a loaded model's routed experts into fp8 in place (what load_model(..., quantization="fp8") loads
@@ -172,6 +166,17 @@ class KimiLinearModel(nn.Module):
                 layer.mlp.quantize_experts_()
         self.quantization = "fp8"
         return self
+
+    def set_fp8_fast_accumulation(self, enable: bool) -> None:
+        """Whether the fp8 experts' grouped GEMMs use Hopper's fast accumulation (MoE.fast_accumulation: faster,
+        less exact). Raises ValueError for a model without fp8 experts, where it would mean nothing. Set it
+        before CUDA graphs are captured: they keep the setting they were captured with."""
+        if enable and self.quantization != "fp8":
+            raise ValueError("fp8 fast accumulation needs fp8 experts (quantization='fp8'), got quantization="
+                             f"{self.quantization!r}")
+        for layer in self.layers:
+            if isinstance(layer.mlp, MoE):
+                layer.mlp.fast_accumulation = bool(enable)
 
     @property
     def decode_capturable(self) -> bool:

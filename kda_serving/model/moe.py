@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import cuda_moe, moe_experts_gemv
+from ..ops import cuda_moe, moe_experts_gemv, quantize_rows_fp8, silu_mul_quantize_fp8
 from .config import ModelConfig
-from .fp8 import FP8, fp8_linear, quantize_into_, quantize_rows
+from .fp8 import FP8, fp8_linear, fp8_matmul, quantize_into_
 
 
 def _param(*shape: int, dtype: torch.dtype, device) -> nn.Parameter:
@@ -32,12 +32,6 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """[..., 2I] = [gate, up] -> silu(gate) * up [..., I]."""
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
-
-
-def silu_mul_quantize(gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """silu_mul, its rows quantized to e4m3 (fp8.quantize_rows): the fp8 experts' activation, one fused kernel
-    when compiled (one read of gate_up, no bf16 activation written)."""
-    return quantize_rows(silu_mul(gate_up))
 
 
 def combine_experts(y: torch.Tensor, inverse: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -150,13 +144,18 @@ class MoE(nn.Module):
         """Whether forward runs without a host sync (the grouped GEMMs), so a CUDA graph can capture it."""
         return _grouped_gemm_fits(self.router, self.gate_up_proj)
 
-    # route_experts, silu_mul, combine_experts, quantize_rows and silu_mul_quantize, or their compiled versions on
-    # a compiled model (KimiLinearModel.compile_plain_ops)
+    # fp8 experts' grouped GEMMs with Hopper's fast accumulation (partial sums kept in the tensor cores' reduced
+    # precision instead of promoted to fp32 every few k-steps; KimiLinearModel.set_fp8_fast_accumulation, off by
+    # default): a 48B MoE layer 1.03-1.08x faster at 64-4,096 tokens and 1.31x at 8,192, at 3x the GEMMs' error
+    # (1.2-1.5e-2 from a float64 emulation of the fp8 arithmetic instead of 4-6e-3; e4m3 itself is 6.5e-2 from
+    # the bf16 experts). H100, benchmarks/bench_fp8_quantize.py, docs/quantization.md.
+    fast_accumulation = False
+
+    # route_experts, silu_mul and combine_experts, or their compiled versions on a compiled model
+    # (KimiLinearModel.compile_plain_ops)
     route_fn = staticmethod(route_experts)
     act_fn = staticmethod(silu_mul)
     combine_fn = staticmethod(combine_experts)
-    quantize_fn = staticmethod(quantize_rows)
-    act_quantize_fn = staticmethod(silu_mul_quantize)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, hidden] -> (expert ids [T, top_k] int64, weights [T, top_k] fp32)."""
@@ -199,15 +198,15 @@ class MoE(nn.Module):
             if self.fp8:
                 # each token quantized once, before its top_k copies are gathered (a row's quantization does
                 # not depend on where it goes): k times less quantizing, and the gather moves 1-byte elements
-                xq, x_scale = self.quantize_fn(x)
+                xq, x_scale = quantize_rows_fp8(x)
                 gate_up = torch._scaled_grouped_mm(
                     xq.index_select(0, token), self.gate_up_proj.transpose(1, 2), x_scale.index_select(0, token),
-                    self.gate_up_proj_scale, offs=ends, out_dtype=x.dtype)
-                # (compiled at every token count: eager, the two quantizations are a dozen kernels, 44 us of GPU
-                # time at one token against 6, which a decode graph replays; experiments/fp8_grouped_mm.py)
-                hq, h_scale = self.act_quantize_fn(gate_up)
+                    self.gate_up_proj_scale, offs=ends, out_dtype=x.dtype, use_fast_accum=self.fast_accumulation)
+                # SwiGLU and the quantization in one pass (ops.silu_mul_quantize_fp8: the eager torch ops were a
+                # dozen kernels, the compiled function ~1 ms at 8,192 tokens; docs/quantization.md)
+                hq, h_scale = silu_mul_quantize_fp8(gate_up)
                 y = torch._scaled_grouped_mm(hq, self.down_proj.transpose(1, 2), h_scale, self.down_proj_scale,
-                                             offs=ends, out_dtype=x.dtype)
+                                             offs=ends, out_dtype=x.dtype, use_fast_accum=self.fast_accumulation)
             else:
                 rows = x.index_select(0, token)
                 h = act(torch._grouped_mm(rows, self.gate_up_proj.transpose(1, 2), offs=ends))
@@ -229,5 +228,6 @@ class MoE(nn.Module):
         """Expert e's SwiGLU on its rows [n, hidden], one GEMM at a time (the loop path)."""
         if not self.fp8:
             return swiglu(rows, self.gate_up_proj[e], self.down_proj[e])
-        h = silu_mul(fp8_linear(rows, self.gate_up_proj[e], self.gate_up_proj_scale[e]))
-        return fp8_linear(h, self.down_proj[e], self.down_proj_scale[e])
+        # the activation quantized as the grouped path does it: silu(gate) * up in fp32, then its rows
+        hq, h_scale = silu_mul_quantize_fp8(fp8_linear(rows, self.gate_up_proj[e], self.gate_up_proj_scale[e]))
+        return fp8_matmul(hq, h_scale, self.down_proj[e], self.down_proj_scale[e], rows.dtype)

@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     eng.add_argument("--quantization", default=None, choices=["fp8"],
                      help="fp8: the routed experts' weights in e4m3 (quantized while loading), their GEMMs in fp8: "
                           "half their memory and decode traffic (default: every weight in --dtype)")
+    eng.add_argument("--fp8-fast-accumulation", action="store_true", default=None,
+                     help="with --quantization fp8: the experts' GEMMs in Hopper's fast accumulation mode (up to "
+                          "1.3x faster MoE layers on long prompt chunks, 3x their rounding error)")
     eng.add_argument("--no-cuda-graphs", dest="enable_cuda_graphs", action="store_false", default=None,
                      help="run every step eagerly instead of replaying captured CUDA graphs")
     eng.add_argument("--prompt-graph-tokens", type=int, default=None,
@@ -87,8 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
 ENGINE_FLAGS = ("model", "served_model_name", "device", "dtype", "max_num_seqs", "max_num_batched_tokens",
                 "max_model_len", "num_state_slots", "num_kv_blocks", "block_size", "gpu_memory_utilization",
                 "cpu_cache_bytes", "enable_prefix_caching", "enable_cuda_graphs", "prompt_graph_tokens",
-                "kda_state_dtype", "quantization", "prefix_cache_interval", "seed", "scheduling_policy",
-                "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max", "async_scheduling", "torch_compile")
+                "kda_state_dtype", "quantization", "fp8_fast_accumulation", "prefix_cache_interval", "seed",
+                "scheduling_policy", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max",
+                "async_scheduling", "torch_compile")
 
 
 def main(argv: list[str] | None = None) -> None:

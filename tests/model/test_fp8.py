@@ -155,6 +155,30 @@ def test_engine_and_cli_take_the_setting():
     assert build_parser().parse_args(["--quantization", "fp8"]).quantization == "fp8"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--quantization", "int8"])
+    args = build_parser().parse_args(["--quantization", "fp8", "--fp8-fast-accumulation"])
+    assert args.fp8_fast_accumulation is True and build_parser().parse_args([]).fp8_fast_accumulation is None
+    assert EngineConfig(quantization="fp8", fp8_fast_accumulation=True).fp8_fast_accumulation
+    with pytest.raises(ValueError, match="needs quantization='fp8'"):
+        EngineConfig(fp8_fast_accumulation=True)
+    with pytest.raises(TypeError, match="must be a bool"):
+        EngineConfig(quantization="fp8", fp8_fast_accumulation="yes")
+
+
+def test_fast_accumulation_reaches_every_moe_layer(tmp_path):
+    from kda_serving.engine import LLM
+
+    hf, _ = make_hf_model(seed=9)
+    path = save_hf_checkpoint(hf, str(tmp_path / "ckpt"))
+    with pytest.raises(ValueError, match="needs fp8 experts"):
+        load_model(path, progress=False).set_fp8_fast_accumulation(True)
+    model = load_model(path, progress=False, quantization="fp8")
+    moes = [layer.mlp for layer in model.layers if isinstance(layer.mlp, MoE)]
+    assert moes and not any(m.fast_accumulation for m in moes)  # off by default
+    LLM(model_obj=model, device="cpu", quantization="fp8", fp8_fast_accumulation=True, num_state_slots=4,
+        num_kv_blocks=16)
+    assert all(m.fast_accumulation for m in moes)
+    model.set_fp8_fast_accumulation(False)
+    assert not any(m.fast_accumulation for m in moes)
 
 
 def test_load_model_refuses_weights_over_free_gpu_memory(tmp_path, monkeypatch):
