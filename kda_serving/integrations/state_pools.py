@@ -4,8 +4,9 @@ Our ops take a pool `[S, ...]` whose slots are each contiguous, with any slot st
 vLLM and SGLang keep each layer's recurrent and conv states inside per-block pages, so a layer's pool is a
 strided view whose slot stride (dim 0) is the page size: that goes to the op as it is, in place, no copy.
 Only a layout whose slots are not contiguous (vLLM's dim-first conv layout seen through a transpose) falls
-back to copying the slots the call touches into a contiguous working pool and back, logged once. The copies are gathers and scatters on
-the device with no host synchronisation, so they also run inside CUDA graph capture.
+back to copying the slots the call touches into a contiguous working pool and back, logged once. The copies
+are gathers and scatters on the device with no host synchronisation, so they also run inside CUDA graph
+capture.
 """
 
 from __future__ import annotations

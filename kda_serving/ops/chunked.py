@@ -202,7 +202,8 @@ def _scan(q, k, v, a, b, S, scale, lens, checkpoints=None, chunk: int = CHUNK):
     ST = S.transpose(-1, -2)  # [N, H, K, V]
     for c0 in range(0, nc, group):
         c1 = min(nc, c0 + group)
-        W, U0, P, Qg, Kend, gC = _intra(qc[:, :, c0:c1], kc[:, :, c0:c1], vc[:, :, c0:c1], Gc[:, :, c0:c1], bc[:, :, c0:c1])
+        W, U0, P, Qg, Kend, gC = _intra(qc[:, :, c0:c1], kc[:, :, c0:c1], vc[:, :, c0:c1], Gc[:, :, c0:c1],
+                                        bc[:, :, c0:c1])
         for c in range(c1 - c0):
             U = U0[:, :, c] - W[:, :, c] @ ST
             o[:, :, c0 + c] = scale * (Qg[:, :, c] @ ST + P[:, :, c] @ U)

@@ -31,7 +31,14 @@ from .contract import (
     validate_kda_args,
     validate_scale,
 )
-from .layout import from_padded, gather_initial_states, padded_entries, scatter_final_states, sequence_lengths, to_padded
+from .layout import (
+    from_padded,
+    gather_initial_states,
+    padded_entries,
+    scatter_final_states,
+    sequence_lengths,
+    to_padded,
+)
 from .reference import KDAOutput, prepare_inputs
 
 Tensor = torch.Tensor
