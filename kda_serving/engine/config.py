@@ -53,7 +53,7 @@ class EngineConfig:
     memory (Kimi-Linear-48B fits an 80 GB card) and half the bytes a decode step reads from them. A model
     object passed to the engine has its experts quantized in place; one already in fp8 sets it to "fp8".
     fp8_fast_accumulation: with fp8 experts, their grouped GEMMs accumulate in Hopper's fast mode
-    (MoE.fast_accumulation): 1.03-1.08x per MoE layer at 64-4,096 tokens, 1.31x at 8,192, at 3x the GEMMs'
+    (MoE.fast_accumulation): 1.03-1.08x per MoE layer at 64-4,096 tokens, 1.33x at 8,192, at 3x the GEMMs'
     rounding error (still a fifth of e4m3's own). Off by default.
     enable_cuda_graphs: on CUDA, decode steps replay captured CUDA graphs (engine/cuda_graphs.py) when the
     model allows it (bf16, MoE on grouped GEMMs); False runs every step eagerly.

@@ -146,9 +146,9 @@ class MoE(nn.Module):
 
     # fp8 experts' grouped GEMMs with Hopper's fast accumulation (partial sums kept in the tensor cores' reduced
     # precision instead of promoted to fp32 every few k-steps; KimiLinearModel.set_fp8_fast_accumulation, off by
-    # default): a 48B MoE layer 1.03-1.08x faster at 64-4,096 tokens and 1.31x at 8,192, at 3x the GEMMs' error
-    # (1.2-1.5e-2 from a float64 emulation of the fp8 arithmetic instead of 4-6e-3; e4m3 itself is 6.5e-2 from
-    # the bf16 experts). H100, benchmarks/bench_fp8_quantize.py, docs/quantization.md.
+    # default): a 48B MoE layer 1.03-1.08x faster at 64-4,096 tokens and 1.33x at 8,192, at 3x the GEMMs' error
+    # (1.2-1.5e-2 from a float64 emulation of the fp8 arithmetic instead of 3.9-5.7e-3; e4m3 itself is 6.5e-2
+    # from the bf16 experts). H100, benchmarks/bench_fp8_quantize.py, docs/quantization.md.
     fast_accumulation = False
 
     # route_experts, silu_mul and combine_experts, or their compiled versions on a compiled model
@@ -203,7 +203,7 @@ class MoE(nn.Module):
                     xq.index_select(0, token), self.gate_up_proj.transpose(1, 2), x_scale.index_select(0, token),
                     self.gate_up_proj_scale, offs=ends, out_dtype=x.dtype, use_fast_accum=self.fast_accumulation)
                 # SwiGLU and the quantization in one pass (ops.silu_mul_quantize_fp8: the eager torch ops were a
-                # dozen kernels, the compiled function ~1 ms at 8,192 tokens; docs/quantization.md)
+                # dozen kernels, the compiled function 2.6x its time at 8,192 tokens; docs/quantization.md)
                 hq, h_scale = silu_mul_quantize_fp8(gate_up)
                 y = torch._scaled_grouped_mm(hq, self.down_proj.transpose(1, 2), h_scale, self.down_proj_scale,
                                              offs=ends, out_dtype=x.dtype, use_fast_accum=self.fast_accumulation)
