@@ -26,7 +26,8 @@ from kda_serving.server.completions import create_completion
 from kda_serving.server.config import ServerConfig
 from kda_serving.server.errors import APIError, error_response
 from kda_serving.server.metrics import ServerMetrics
-from kda_serving.server.responses import create_response
+from kda_serving.server.response_store import ResponseStore
+from kda_serving.server.responses import create_response, delete_response, retrieve_response
 from kda_serving.server.tokenize import detokenize, tokenize
 
 logger = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ class ServerState:
     engine: object  # kda_serving.engine.AsyncLLMEngine or anything with its interface
     config: ServerConfig
     metrics: ServerMetrics
+    responses: ResponseStore = None  # the stored /v1/responses answers
     started_at: int = 0
     ready: bool = False
     _tool_parser: object = None
@@ -90,7 +92,8 @@ class BearerAuth:
 def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
     """An app serving `engine` (not yet started: the app's lifespan starts and stops it)."""
     config = config or ServerConfig()
-    server = ServerState(engine=engine, config=config, metrics=ServerMetrics(engine))
+    server = ServerState(engine=engine, config=config, metrics=ServerMetrics(engine),
+                         responses=ResponseStore(config.max_stored_response_bytes))
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -159,6 +162,8 @@ def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
     for path, handler in (("/v1/completions", create_completion), ("/v1/chat/completions", create_chat_completion),
                           ("/v1/responses", create_response), ("/tokenize", tokenize), ("/detokenize", detokenize)):
         app.add_api_route(path, served(handler), methods=["POST"])
+    app.add_api_route("/v1/responses/{response_id}", served(retrieve_response), methods=["GET"])
+    app.add_api_route("/v1/responses/{response_id}", served(delete_response), methods=["DELETE"])
     return app
 
 

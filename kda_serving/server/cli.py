@@ -27,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     http.add_argument("--max-prompt-tokens", type=int, default=None,
                       help="longer prompts get a 400 (default: max-model-len minus one)")
     http.add_argument("--max-n", type=int, default=16, help="most choices per request")
+    http.add_argument("--max-stored-response-bytes", type=int, default=64 << 20,
+                      help="JSON text of /v1/responses answers kept for previous_response_id (LRU; 0: none)")
     http.add_argument("--tool-call-parser", default="auto",
                       help="how tool_choice 'auto' replies are read: auto (the format the tokenizer has markers for), "
                            "none, or kimi_k2")
@@ -116,6 +118,7 @@ def main(argv: list[str] | None = None) -> None:
         server_config = ServerConfig(api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
                                      max_request_bytes=args.max_request_bytes,
                                      max_prompt_tokens=args.max_prompt_tokens, max_n=args.max_n,
+                                     max_stored_response_bytes=args.max_stored_response_bytes,
                                      tool_call_parser=args.tool_call_parser)
     except (TypeError, ValueError) as exc:
         parser.error(str(exc))

@@ -15,7 +15,9 @@ class ServerConfig:
     token. max_n: the most choices (n times the number of prompts) one request may ask for.
     tool_call_parser: how `tool_choice: "auto"` replies are read for tool calls (server/tool_parsers.py):
     "auto" picks the format whose markers the model's tokenizer has (Kimi-Linear: kimi_k2), "none" refuses
-    "auto" requests, or a format's name.
+    "auto" requests, or a format's name. max_stored_response_bytes: the JSON text of the /v1/responses answers
+    kept for `previous_response_id` and retrieval (server/response_store.py), least recently used evicted
+    first; 0 stores none.
     """
 
     api_key: str | None = None
@@ -23,6 +25,7 @@ class ServerConfig:
     max_prompt_tokens: int | None = None
     max_n: int = 16
     tool_call_parser: str = "auto"
+    max_stored_response_bytes: int = 64 << 20
 
     def __post_init__(self):
         if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key):
@@ -31,6 +34,9 @@ class ServerConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"ServerConfig: '{name}' must be a positive int, got {value!r}")
+        value = self.max_stored_response_bytes
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"ServerConfig: 'max_stored_response_bytes' must be an int >= 0, got {value!r}")
         from .tool_parsers import TOOL_PARSERS
 
         if self.tool_call_parser not in ("auto", "none", *TOOL_PARSERS):

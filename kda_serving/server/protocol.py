@@ -397,10 +397,11 @@ class TextConfig(_Strict):
 
 
 class ResponsesRequest(_Strict):
-    """POST /v1/responses (OpenAI's Responses API), its stateless subset: `input` (a string, or messages and
-    function calls with their outputs) after `instructions` as a system message; a message and/or function
-    calls out. Function tools work as on /v1/chat/completions (chat_request() is that request). Nothing is
-    stored: `store` true and `previous_response_id` are refused, as are reasoning settings."""
+    """POST /v1/responses (OpenAI's Responses API): `input` (a string, or messages and function calls with their
+    outputs) after `instructions` as a system message; a message and/or function calls out. Function tools work
+    as on /v1/chat/completions (chat_request() is that request). `store` (default true) keeps the response for
+    `previous_response_id`, whose conversation the server puts before `input` (server/response_store.py);
+    reasoning settings are refused."""
 
     model: str
     input: str | list[InputMessage | FunctionCallItem | FunctionCallOutputItem]
@@ -421,10 +422,6 @@ class ResponsesRequest(_Strict):
 
     @model_validator(mode="after")
     def _check_responses(self):
-        if self.store:
-            raise ValueError("store: responses are not stored here; pass false")
-        if self.previous_response_id is not None:
-            raise ValueError("previous_response_id: not supported (nothing is stored); send the history in input")
         if isinstance(self.input, list) and len(self.input) == 0:
             raise ValueError("input: must contain at least one message")
         if isinstance(self.input, str) and self.input == "":

@@ -1,11 +1,14 @@
-"""POST /v1/responses: OpenAI's Responses API, its stateless subset (protocol.ResponsesRequest).
+"""/v1/responses: OpenAI's Responses API (protocol.ResponsesRequest), with stored responses.
 
 The request is answered as its /v1/chat/completions twin (ResponsesRequest.chat_request) would be: the same
 chat template over `instructions` and `input`, the same sampling, the same function tools (`tool_choice`
 'required' or a named function: grammar-forced calls; 'auto': the model's own call format, read back by the
 server's tool-call parser). The answer is a `message` output item with one `output_text` part and/or one
-`function_call` item per call. Nothing is stored, so a conversation is continued by sending its history
-(earlier replies' output items and `function_call_output` items included) in `input`.
+`function_call` item per call. A conversation is continued either by sending its history in `input` (earlier
+replies' output items and `function_call_output` items included) or by naming the last response in
+`previous_response_id`: the server keeps each response (unless `store: false`) with its conversation
+(server/response_store.py) and puts that before the new input. GET /v1/responses/{id} returns a stored response,
+DELETE /v1/responses/{id} forgets it.
 
 Streaming answers are OpenAI's typed events, each a `data:` line with its `type` and `sequence_number`:
 response.created, response.in_progress, then per output item response.output_item.added, its content
@@ -18,6 +21,7 @@ calls are known only then). An error after the stream began travels as an `error
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 import uuid
@@ -27,7 +31,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from kda_serving.server.chat import tool_calls
-from kda_serving.server.errors import bad_request
+from kda_serving.server.errors import APIError, bad_request
 from kda_serving.server.generation import Choice, generate_choices
 from kda_serving.server.intake import (chat_prompt_ids, check_model, read_json_body, resolve_max_tokens,
                                        sampling_params)
@@ -36,12 +40,24 @@ from kda_serving.server.serving import CLIENT_CLOSED_REQUEST, run_to_end, stream
 from kda_serving.server.sse import EventStreamResponse, sse_event
 
 ENDPOINT = "responses"  # metric label
+logger = logging.getLogger(__name__)
 
 
 async def create_response(request: Request, server) -> Response:
     engine, config = server.engine, server.config
-    req = parse_request(ResponsesRequest, await read_json_body(request, config.max_request_bytes))
+    body = await read_json_body(request, config.max_request_bytes)
+    req = parse_request(ResponsesRequest, body)
     check_model(engine, req.model)
+    if req.store and server.responses.max_bytes == 0:
+        raise bad_request("store: this server keeps no responses (--max-stored-response-bytes 0); pass false",
+                          param="store")
+    if req.previous_response_id is not None:
+        previous = server.responses.get(req.previous_response_id)
+        if previous is None:
+            raise bad_request(f"Previous response with id '{req.previous_response_id}' not found (never stored, "
+                              "deleted, or evicted).", param="previous_response_id")
+        body = {**body, "input": previous.conversation + _input_items(body["input"])}
+        req = parse_request(ResponsesRequest, body)
     try:
         chat = req.chat_request()
     except ValueError as exc:
@@ -58,23 +74,58 @@ async def create_response(request: Request, server) -> Response:
     ids = chat_prompt_ids(engine, chat, param="input")
     max_tokens = resolve_max_tokens(engine, config.max_prompt_tokens, len(ids), req.max_output_tokens, "input",
                                     "max_output_tokens")
-    answer = _Answer(req, chat, parser, engine.tokenizer, f"resp_{uuid.uuid4().hex}", engine.model_name)
+    answer = _Answer(req, chat, parser, engine.tokenizer, f"resp_{uuid.uuid4().hex}", engine.model_name,
+                     store=req.store is not False and server.responses.max_bytes > 0)
+    conversation = _input_items(body["input"])
     choice = Choice(index=0, request_id=answer.id, prompt_token_ids=ids,
                     params=sampling_params(chat, max_tokens, 0, None))
     if req.stream:
-        return EventStreamResponse(_events(server, choice, answer))
+        return EventStreamResponse(_events(server, choice, answer, conversation))
     if not await run_to_end(request, server, [choice], ENDPOINT, answer.id):
         return Response(status_code=CLIENT_CLOSED_REQUEST)
     server.metrics.count_prompt(len(ids), choice.num_cached_tokens)
-    return JSONResponse(answer.body(choice))
+    return JSONResponse(_finished(server, answer, choice, conversation))
+
+
+async def retrieve_response(request: Request, server) -> Response:
+    return JSONResponse(_stored(server, request.path_params["response_id"]).body)
+
+
+async def delete_response(request: Request, server) -> Response:
+    response_id = request.path_params["response_id"]
+    _stored(server, response_id)
+    server.responses.delete(response_id)
+    return JSONResponse({"id": response_id, "object": "response", "deleted": True})
+
+
+def _stored(server, response_id: str):
+    entry = server.responses.get(response_id)
+    if entry is None:
+        raise APIError(404, f"No response with id '{response_id}' is stored (never stored, deleted, or evicted).",
+                       param="response_id", code="not_found")
+    return entry
+
+
+def _input_items(raw_input) -> list:
+    """A request's `input` as a list of items (a string is one user message), in its JSON form."""
+    return [{"role": "user", "content": raw_input}] if isinstance(raw_input, str) else list(raw_input)
+
+
+def _finished(server, answer: _Answer, choice: Choice, conversation: list) -> dict:
+    """The finished response's body, stored with its conversation (input items, then its output) when asked."""
+    body = answer.body(choice)
+    if answer.store and not server.responses.put(body, conversation + body["output"]):
+        logger.warning("response %s not stored: its conversation alone exceeds --max-stored-response-bytes",
+                       answer.id)
+    return body
 
 
 class _Answer:
     """The response object at each stage: in progress (no output yet), then complete or incomplete."""
 
-    def __init__(self, req: ResponsesRequest, chat, parser, tokenizer, response_id: str, model: str):
+    def __init__(self, req: ResponsesRequest, chat, parser, tokenizer, response_id: str, model: str, store: bool):
         self.req, self.chat, self.parser, self.tokenizer = req, chat, parser, tokenizer
-        self.id, self.model = response_id, model
+        self.id, self.model, self.store = response_id, model, store
         self.created_at = int(time.time())
         self.message_id = f"msg_{uuid.uuid4().hex}"
         self._items: list[dict] | None = None
@@ -130,8 +181,9 @@ class _Answer:
             "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
             "instructions": req.instructions, "max_output_tokens": req.max_output_tokens, "model": self.model,
             "output": [] if status == "in_progress" else self.items(choice),
-            "parallel_tool_calls": req.parallel_tool_calls is not False, "previous_response_id": None,
-            "store": False, "temperature": req.temperature, "top_p": req.top_p, "text": req.text_config(),
+            "parallel_tool_calls": req.parallel_tool_calls is not False,
+            "previous_response_id": req.previous_response_id, "store": self.store, "temperature": req.temperature,
+            "top_p": req.top_p, "text": req.text_config(),
             "tool_choice": _tool_choice(req), "tools": [t.model_dump(exclude_none=True) for t in req.tools or []],
             "truncation": "disabled", "user": req.user, "metadata": req.metadata or {}, "usage": usage,
         }
@@ -143,7 +195,7 @@ def _tool_choice(req: ResponsesRequest):
     return req.tool_choice if isinstance(req.tool_choice, str) else req.tool_choice.model_dump()
 
 
-async def _events(server, choice: Choice, answer: _Answer):
+async def _events(server, choice: Choice, answer: _Answer, conversation: list):
     sequence = 0
 
     def event(kind: str, **fields) -> bytes:
@@ -191,7 +243,7 @@ async def _events(server, choice: Choice, answer: _Answer):
                 yield event("response.function_call_arguments.delta", delta=item["arguments"], **call)
                 yield event("response.function_call_arguments.done", arguments=item["arguments"], **call)
             yield event("response.output_item.done", output_index=index, item=item)
-        body = answer.body(choice)
+        body = _finished(server, answer, choice, conversation)
         yield event(f"response.{'incomplete' if body['status'] == 'incomplete' else 'completed'}", response=body)
     except Exception as exc:  # the 200 and the headers are out: an error can only travel as an event
         status = stream_error_status(server, exc, answer.id)

@@ -1,9 +1,10 @@
 """POST /v1/responses (server/responses.py) in-process on the stand-in engine: the official `openai` client's
 Responses calls (plain and streamed) read our answers, the body and the event stream hold OpenAI's shape, the
 prompt is the chat template over instructions and input (function calls and their outputs included), function
-tools come back as function_call items (forced, and in the model's own format), and what is not supported
-is a 400 naming it. A client that leaves is tested with the other endpoints' (test_app.py).
-tests/server/test_server_process.py repeats a call against the real `kda-serve` process."""
+tools come back as function_call items (forced, and in the model's own format), stored responses continue
+conversations (previous_response_id), are retrieved and deleted, and what is not supported is a 400 naming
+it. A client that leaves is tested with the other endpoints' (test_app.py). tests/server/test_server_process.py
+repeats a call against the real `kda-serve` process."""
 
 from __future__ import annotations
 
@@ -22,10 +23,10 @@ from kda_serving.server.config import ServerConfig
 MODEL = FakeEngine.model_name
 
 
-def serve(test, engine: FakeEngine | None = None):
+def serve(test, engine: FakeEngine | None = None, config: ServerConfig | None = None):
     """Run `await test(http_client, openai_client, engine)` against a started app."""
     engine = engine or FakeEngine()
-    app = create_app(engine, ServerConfig())
+    app = create_app(engine, config or ServerConfig())
 
     async def main():
         async with app.router.lifespan_context(app):
@@ -107,7 +108,7 @@ def test_structured_output_and_echoed_settings():
 
 
 @pytest.mark.parametrize("body, param", [
-    ({"input": "x", "store": True}, "store"),
+    ({"input": "x", "store": 3}, "store"),
     ({"input": "x", "previous_response_id": "resp_1"}, "previous_response_id"),
     ({"input": "x", "tools": [{"type": "web_search"}]}, "tools"),
     ({"input": "x", "tools": [{"type": "function", "name": "f"}]}, "tool_choice"),  # auto: no parser here
@@ -226,3 +227,112 @@ def test_an_engine_error_after_the_stream_began_is_an_error_event(error, status)
                                                        "max_output_tokens": 2})).status_code == 200
 
     serve(test)
+
+
+def test_previous_response_id_continues_the_stored_conversation():
+    async def test(http, client, engine):
+        engine.script = engine.tokenizer.encode("abc", add_special_tokens=False)
+        first = await client.responses.create(model=MODEL, input="Hi there", instructions="Be brief.")
+        assert first.store is True and first.previous_response_id is None
+        got = await client.responses.retrieve(first.id)
+        assert got.model_dump() == first.model_dump()
+
+        engine.script = engine.tokenizer.encode("def", add_special_tokens=False)
+        second = await client.responses.create(model=MODEL, input="More", previous_response_id=first.id)
+        assert second.previous_response_id == first.id and second.output_text == "def"
+        prompt = engine.tokenizer.decode(engine.seen_prompts[-1][:-3])
+        # the stored conversation, then the new input; the first turn's instructions are not carried over
+        assert prompt == "<|user|>Hi there<|end|><|assistant|>abc<|end|><|user|>More<|end|><|assistant|>"
+
+        third = await client.responses.create(model=MODEL, input=[{"role": "user", "content": "Again"}],
+                                              previous_response_id=second.id, instructions="Now long.")
+        prompt = engine.tokenizer.decode(engine.seen_prompts[-1][:-3])
+        assert prompt == ("<|system|>Now long.<|end|><|user|>Hi there<|end|><|assistant|>abc<|end|><|user|>More"
+                          "<|end|><|assistant|>def<|end|><|user|>Again<|end|><|assistant|>")
+        # a continuation without new instructions starts with the previous turn's tokens: served from cache
+        fourth = await client.responses.create(model=MODEL, input="Once more", previous_response_id=second.id)
+        assert fourth.usage.input_tokens_details.cached_tokens > len(engine.tokenizer.encode(
+            "<|user|>Hi there<|end|><|assistant|>abc", add_special_tokens=False))
+        assert third.id != fourth.id and (await client.responses.retrieve(second.id)).id == second.id
+
+    serve(test)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+def test_a_function_call_and_its_output_continue_by_previous_response_id(stream):
+    async def test(http, client, engine):
+        engine.script = engine.tokenizer.encode('{"city": "Paris"}', add_special_tokens=False)
+        kwargs = dict(model=MODEL, input="Weather in Paris?", tools=[WEATHER],
+                      tool_choice={"type": "function", "name": "weather"})
+        if stream:
+            events = [e async for e in await client.responses.create(stream=True, **kwargs)]
+            call_resp = events[-1].response
+        else:
+            call_resp = await client.responses.create(**kwargs)
+        [call] = call_resp.output
+        assert (await client.responses.retrieve(call_resp.id)).output[0].call_id == call.call_id  # stored
+        engine.script = engine.tokenizer.encode("Sunny.", add_special_tokens=False)
+        follow = await client.responses.create(
+            model=MODEL, tools=[WEATHER], tool_choice="none", previous_response_id=call_resp.id,
+            input=[{"type": "function_call_output", "call_id": call.call_id, "output": "22C, sunny"}])
+        assert follow.output_text == "Sunny."
+        prompt = engine.tokenizer.decode(engine.seen_prompts[-1])
+        assert "<|tool|>22C, sunny<|end|>" in prompt and prompt.index("Weather in Paris?") < prompt.index("22C")
+
+    serve(test)
+
+
+def test_unstored_deleted_and_unknown_responses():
+    async def test(http, client, engine):
+        kept = await client.responses.create(model=MODEL, input="a", max_output_tokens=2)
+        not_kept = await client.responses.create(model=MODEL, input="b", max_output_tokens=2, store=False)
+        assert not_kept.store is False
+        for response_id in (not_kept.id, "resp_unknown"):
+            r = await http.get(f"/v1/responses/{response_id}")
+            assert_openai_error(r, 404)
+            r = await http.post("/v1/responses", json={"model": MODEL, "input": "c",
+                                                       "previous_response_id": response_id})
+            assert_openai_error(r, 400)
+            assert r.json()["error"]["param"] == "previous_response_id"
+        assert await client.responses.delete(kept.id) is None
+        assert_openai_error(await http.get(f"/v1/responses/{kept.id}"), 404)
+        assert_openai_error(await http.delete(f"/v1/responses/{kept.id}"), 404)
+
+    serve(test)
+
+
+def test_the_store_keeps_within_its_budget_and_can_be_off():
+    async def test(http, client, engine):
+        first = await client.responses.create(model=MODEL, input="first", max_output_tokens=2)
+        second = await client.responses.create(model=MODEL, input="second", max_output_tokens=2)
+        # the budget holds one response of this size: the least recently used went
+        assert_openai_error(await http.get(f"/v1/responses/{first.id}"), 404)
+        assert (await client.responses.retrieve(second.id)).id == second.id
+
+    serve(test, config=ServerConfig(max_stored_response_bytes=1600))  # each takes ~1,100
+
+    async def off(http, client, engine):
+        resp = await client.responses.create(model=MODEL, input="x", max_output_tokens=2)
+        assert resp.store is False  # the default, when the server keeps nothing
+        r = await http.post("/v1/responses", json={"model": MODEL, "input": "x", "store": True})
+        assert_openai_error(r, 400)
+        assert r.json()["error"]["param"] == "store"
+
+    serve(off, config=ServerConfig(max_stored_response_bytes=0))
+
+
+def test_response_store_evicts_least_recently_used_and_refuses_oversize():
+    from kda_serving.server.response_store import ResponseStore
+
+    def body(i):
+        return {"id": f"resp_{i}", "output": []}
+
+    store = ResponseStore(max_bytes=3 * 80)  # each entry below takes 73
+    for i in range(3):
+        assert store.put(body(i), [{"role": "user", "content": "x" * 10}])
+    assert store.get("resp_0") is not None  # now the most recently used
+    store.put(body(3), [{"role": "user", "content": "x" * 10}])
+    assert store.get("resp_1") is None and store.get("resp_0") is not None and len(store) == 3
+    assert store.bytes_used <= store.max_bytes
+    assert not store.put(body(4), [{"role": "user", "content": "x" * 1000}]) and store.get("resp_4") is None
+    assert store.delete("resp_0") and not store.delete("resp_0") and len(store) == 2

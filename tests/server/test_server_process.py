@@ -263,8 +263,9 @@ def test_openai_client_multiturn_chat_reuses_the_prefix(server):
 
 def test_openai_client_responses_api_continues_a_conversation(server):
     """The official client's Responses calls against the real process: a reply, then a second turn with the
-    first reply's output item sent back in `input` (nothing is stored), its prefix served from the cache, and a
-    streamed reply whose deltas add up to the final text; a forced function call and its output sent back."""
+    first reply's output item sent back in `input`, its prefix served from the cache, the same turn by
+    `previous_response_id` (the same prompt), and a streamed reply whose deltas add up to the final text; a
+    forced function call and its output sent back."""
     import json
 
     import openai
@@ -286,8 +287,13 @@ def test_openai_client_responses_api_continues_a_conversation(server):
     assert events[-1].type in ("response.completed", "response.incomplete")
     deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
     assert deltas == events[-1].response.output_text
+    by_id = client.responses.create(model=server.model, instructions="You are terse.", input="Another one?",
+                                    previous_response_id=first.id, max_output_tokens=6, temperature=0)
+    assert by_id.usage.input_tokens == second.usage.input_tokens  # the stored conversation: the same prompt
+    assert by_id.usage.input_tokens_details.cached_tokens > 0 and by_id.previous_response_id == first.id
+    assert client.responses.retrieve(first.id).output_text == first.output_text
     with pytest.raises(openai.BadRequestError):
-        client.responses.create(model=server.model, input="x", previous_response_id=first.id)
+        client.responses.create(model=server.model, input="x", previous_response_id="resp_missing")
 
     # a forced function call: the grammar makes its arguments follow the parameters; then its output goes back
     weather = {"type": "function", "name": "get_weather", "parameters": {
