@@ -94,6 +94,7 @@ def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
     config = config or ServerConfig()
     server = ServerState(engine=engine, config=config, metrics=ServerMetrics(engine),
                          responses=ResponseStore(config.max_stored_response_bytes))
+    server.metrics.watch_response_store(server.responses)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):

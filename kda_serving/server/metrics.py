@@ -85,6 +85,13 @@ class ServerMetrics:
         hit_rate.set_function(self._hit_rate)
         r.register(EngineStatsCollector(engine))
 
+    def watch_response_store(self, store) -> None:
+        """Gauges of the stored /v1/responses answers (server/response_store.py), read at scrape time."""
+        for name, doc, read in (("kda_serving_stored_responses", "Responses kept for previous_response_id", len),
+                                ("kda_serving_stored_response_bytes", "Their JSON text, against the budget",
+                                 lambda s: s.bytes_used)):
+            Gauge(name, doc, registry=self.registry).set_function(lambda read=read: read(store))
+
     def count_prompt(self, prompt_tokens: int, cached_tokens: int) -> None:
         """Count one served prompt and how much of it the prefix cache supplied."""
         self.prompt_tokens.inc(prompt_tokens)

@@ -294,6 +294,8 @@ def test_unstored_deleted_and_unknown_responses():
                                                        "previous_response_id": response_id})
             assert_openai_error(r, 400)
             assert r.json()["error"]["param"] == "previous_response_id"
+        scraped = parse_metrics((await http.get("/metrics")).text)
+        assert scraped["kda_serving_stored_responses"] == 1 and scraped["kda_serving_stored_response_bytes"] > 0
         assert await client.responses.delete(kept.id) is None
         assert_openai_error(await http.get(f"/v1/responses/{kept.id}"), 404)
         assert_openai_error(await http.delete(f"/v1/responses/{kept.id}"), 404)
