@@ -27,7 +27,7 @@ from kda_serving.server.config import ServerConfig
 from kda_serving.server.errors import APIError, error_response
 from kda_serving.server.metrics import ServerMetrics
 from kda_serving.server.response_store import ResponseStore
-from kda_serving.server.responses import create_response, delete_response, retrieve_response
+from kda_serving.server.responses import create_response, delete_response, list_input_items, retrieve_response
 from kda_serving.server.tokenize import detokenize, tokenize
 
 logger = logging.getLogger(__name__)
@@ -165,6 +165,7 @@ def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
         app.add_api_route(path, served(handler), methods=["POST"])
     app.add_api_route("/v1/responses/{response_id}", served(retrieve_response), methods=["GET"])
     app.add_api_route("/v1/responses/{response_id}", served(delete_response), methods=["DELETE"])
+    app.add_api_route("/v1/responses/{response_id}/input_items", served(list_input_items), methods=["GET"])
     return app
 
 

@@ -359,6 +359,8 @@ class FunctionCallOutputItem(_Strict):
     output: str
     id: str | None = None
     status: str | None = None
+    id: str | None = None
+    status: str | None = None
 
 
 class ResponsesFunctionTool(_Strict):

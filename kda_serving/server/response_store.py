@@ -1,11 +1,12 @@
 """The stored responses of /v1/responses: what `previous_response_id`, GET and DELETE /v1/responses/{id} read.
 
 A response is stored (unless its request said `store: false`) with the conversation it ended: the input items
-that led to it, earlier turns' included, then its own output items, in the form a client would send them back
-as `input`. A request naming `previous_response_id` is answered as if it had sent that conversation followed by
-its own input, so the engine's prompt for the new turn starts with the tokens of the last one, and the prefix
-cache restores their states instead of recomputing them (docs/cache-policy.md). As in OpenAI's API, the
-previous response's `instructions` are not carried over.
+that led to it, earlier turns' included, then its own output items, each typed, with an id and a status, as
+GET /v1/responses/{id}/input_items lists them and as a client may send them back as `input`. A request naming
+`previous_response_id` is answered as if it had sent that conversation followed by its own input, so the
+engine's prompt for the new turn starts with the tokens of the last one, and the prefix cache restores their
+states instead of recomputing them (docs/cache-policy.md). As in OpenAI's API, the previous response's
+`instructions` are not carried over.
 
 Each entry keeps its whole conversation, so an entry never depends on another one and eviction cannot break
 a chain; the store is bounded by the size of those conversations (their JSON text), evicting the least
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 class StoredResponse:
     body: dict  # the response object as returned
     conversation: list[dict]  # input items, earlier turns' included, then this response's output items
+    inputs: int  # how many of them are input items
     size: int  # the JSON text length both take, counted against the store's budget
 
 
@@ -41,8 +43,10 @@ class ResponseStore:
     def bytes_used(self) -> int:
         return self._bytes
 
-    def put(self, body: dict, conversation: list[dict]) -> bool:
-        """Stores a finished response; False when it alone exceeds the budget (then it is not kept)."""
+    def put(self, body: dict, inputs: list[dict]) -> bool:
+        """Stores a finished response after `inputs`, its input items (earlier turns' included); False when it
+        alone exceeds the budget (then it is not kept)."""
+        conversation = inputs + body["output"]
         size = len(json.dumps(body)) + len(json.dumps(conversation))
         if size > self.max_bytes:
             return False
@@ -50,7 +54,7 @@ class ResponseStore:
         while self._bytes + size > self.max_bytes:
             _, evicted = self._entries.popitem(last=False)
             self._bytes -= evicted.size
-        self._entries[body["id"]] = StoredResponse(body, conversation, size)
+        self._entries[body["id"]] = StoredResponse(body, conversation, len(inputs), size)
         self._bytes += size
         return True
 

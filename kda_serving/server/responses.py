@@ -8,7 +8,8 @@ server's tool-call parser). The answer is a `message` output item with one `outp
 replies' output items and `function_call_output` items included) or by naming the last response in
 `previous_response_id`: the server keeps each response (unless `store: false`) with its conversation
 (server/response_store.py) and puts that before the new input. GET /v1/responses/{id} returns a stored response,
-DELETE /v1/responses/{id} forgets it.
+GET /v1/responses/{id}/input_items lists its input items (newest first unless `order=asc`, `limit`, `after` /
+`before` an item id), DELETE /v1/responses/{id} forgets it.
 
 Streaming answers are OpenAI's typed events, each a `data:` line with its `type` and `sequence_number`:
 response.created, response.in_progress, then per output item response.output_item.added, its content
@@ -56,7 +57,7 @@ async def create_response(request: Request, server) -> Response:
         if previous is None:
             raise bad_request(f"Previous response with id '{req.previous_response_id}' not found (never stored, "
                               "deleted, or evicted).", param="previous_response_id")
-        body = {**body, "input": previous.conversation + _input_items(body["input"])}
+        body = {**body, "input": previous.conversation + _as_items(body["input"])}
         req = parse_request(ResponsesRequest, body)
     try:
         chat = req.chat_request()
@@ -76,7 +77,7 @@ async def create_response(request: Request, server) -> Response:
                                     "max_output_tokens")
     answer = _Answer(req, chat, parser, engine.tokenizer, f"resp_{uuid.uuid4().hex}", engine.model_name,
                      store=req.store is not False and server.responses.max_bytes > 0)
-    conversation = _input_items(body["input"])
+    conversation = _as_items(body["input"])
     choice = Choice(index=0, request_id=answer.id, prompt_token_ids=ids,
                     params=sampling_params(chat, max_tokens, 0, None))
     if req.stream:
@@ -106,15 +107,58 @@ def _stored(server, response_id: str):
     return entry
 
 
-def _input_items(raw_input) -> list:
-    """A request's `input` as a list of items (a string is one user message), in its JSON form."""
-    return [{"role": "user", "content": raw_input}] if isinstance(raw_input, str) else list(raw_input)
+async def list_input_items(request: Request, server) -> Response:
+    entry = _stored(server, request.path_params["response_id"])
+    query = request.query_params
+    order = query.get("order", "desc")
+    if order not in ("asc", "desc"):
+        raise bad_request(f"order: must be 'asc' or 'desc', got {order!r}", param="order")
+    try:
+        limit = int(query.get("limit", 20))
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= 100:
+        raise bad_request(f"limit: must be an integer from 1 to 100, got {query.get('limit')!r}", param="limit")
+    items = entry.conversation[: entry.inputs][:: 1 if order == "asc" else -1]
+    ids = [item["id"] for item in items]
+    start, end = 0, len(items)
+    for cursor, param in ((query.get("after"), "after"), (query.get("before"), "before")):
+        if cursor is not None:
+            if cursor not in ids:
+                raise bad_request(f"{param}: no input item '{cursor}' in this response", param=param)
+            if param == "after":
+                start = ids.index(cursor) + 1
+            else:
+                end = ids.index(cursor)
+    page = items[start:end][:limit]
+    return JSONResponse({"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+                         "last_id": page[-1]["id"] if page else None, "has_more": start + len(page) < end})
+
+
+def _as_items(raw_input) -> list[dict]:
+    """A request's `input` (validated) as items in the form OpenAI lists them: each typed, with an id and a
+    status; a string is one user message, a message's string content one text part. Items the client sent with
+    an id keep it. Still valid `input` items, so a stored conversation goes back in as it is."""
+    raw = [{"role": "user", "content": raw_input}] if isinstance(raw_input, str) else raw_input
+    items = []
+    for item in raw:
+        item = {key: value for key, value in item.items() if value is not None}  # an id sent as null gets one
+        kind = item.get("type", "message")
+        if kind == "message":
+            content = item["content"]
+            if isinstance(content, str):
+                part = "output_text" if item["role"] == "assistant" else "input_text"
+                content = [{"type": part, "text": content, **({"annotations": []} if part == "output_text" else {})}]
+            item = {**item, "type": "message", "content": content}
+        prefix = {"message": "msg", "function_call": "fc", "function_call_output": "fco"}[kind]
+        items.append({"id": f"{prefix}_{uuid.uuid4().hex}", "status": "completed", **item})
+    return items
 
 
 def _finished(server, answer: _Answer, choice: Choice, conversation: list) -> dict:
-    """The finished response's body, stored with its conversation (input items, then its output) when asked."""
+    """The finished response's body, stored after its input items (earlier turns' included) when asked."""
     body = answer.body(choice)
-    if answer.store and not server.responses.put(body, conversation + body["output"]):
+    if answer.store and not server.responses.put(body, conversation):
         logger.warning("response %s not stored: its conversation alone exceeds --max-stored-response-bytes",
                        answer.id)
     return body

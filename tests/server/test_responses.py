@@ -338,3 +338,34 @@ def test_response_store_evicts_least_recently_used_and_refuses_oversize():
     assert store.bytes_used <= store.max_bytes
     assert not store.put(body(4), [{"role": "user", "content": "x" * 1000}]) and store.get("resp_4") is None
     assert store.delete("resp_0") and not store.delete("resp_0") and len(store) == 2
+
+
+def test_input_items_list_a_stored_conversation():
+    async def test(http, client, engine):
+        first = await client.responses.create(model=MODEL, input="Hi there", max_output_tokens=2)
+        second = await client.responses.create(model=MODEL, previous_response_id=first.id, max_output_tokens=2,
+                                               input=[{"type": None, "role": "user",
+                                                       "content": [{"type": "input_text", "text": "More"}]}])
+        page = await client.responses.input_items.list(second.id, order="asc")
+        items = page.data
+        assert [(i.type, i.role) for i in items] == [("message", "user"), ("message", "assistant"),
+                                                     ("message", "user")]
+        assert items[0].content[0].text == "Hi there" and items[0].content[0].type == "input_text"
+        assert items[1].id == first.output[0].id and items[1].content[0].text == first.output_text
+        assert all(i.id for i in items) and [i.status for i in items] == ["completed", "incomplete", "completed"]
+        # the same items keep their ids from turn to turn
+        assert (await client.responses.input_items.list(first.id)).data[0].id == items[0].id
+        newest = (await http.get(f"/v1/responses/{second.id}/input_items")).json()  # newest first by default
+        assert [i["id"] for i in newest["data"]] == [i.id for i in reversed(items)] and not newest["has_more"]
+        limited = (await http.get(f"/v1/responses/{second.id}/input_items",
+                                  params={"order": "asc", "limit": 1, "after": items[0].id})).json()
+        assert [i["id"] for i in limited["data"]] == [items[1].id] and limited["has_more"]
+        assert limited["first_id"] == limited["last_id"] == items[1].id
+        for params, param in (({"order": "up"}, "order"), ({"limit": 0}, "limit"), ({"limit": "x"}, "limit"),
+                              ({"after": "msg_nope"}, "after")):
+            r = await http.get(f"/v1/responses/{second.id}/input_items", params=params)
+            assert_openai_error(r, 400)
+            assert r.json()["error"]["param"] == param
+        assert_openai_error(await http.get("/v1/responses/resp_nope/input_items"), 404)
+
+    serve(test)
