@@ -9,11 +9,12 @@ disk: a killed server loses only its in-flight requests and restarts clean.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastapi import FastAPI
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -27,7 +28,8 @@ from kda_serving.server.config import ServerConfig
 from kda_serving.server.errors import APIError, error_response
 from kda_serving.server.metrics import ServerMetrics
 from kda_serving.server.response_store import ResponseStore
-from kda_serving.server.responses import create_response, delete_response, list_input_items, retrieve_response
+from kda_serving.server.responses import (cancel_response, create_response, delete_response, list_input_items,
+                                          retrieve_response)
 from kda_serving.server.tokenize import detokenize, tokenize
 
 logger = logging.getLogger(__name__)
@@ -43,6 +45,7 @@ class ServerState:
     config: ServerConfig
     metrics: ServerMetrics
     responses: ResponseStore = None  # the stored /v1/responses answers
+    background: dict = field(default_factory=dict)  # response id -> the asyncio task generating it
     started_at: int = 0
     ready: bool = False
     _tool_parser: object = None
@@ -111,6 +114,9 @@ def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
             yield
         finally:
             server.ready = False
+            for task in list(server.background.values()):  # background responses end cancelled, not cut off
+                task.cancel()
+            await asyncio.gather(*server.background.values(), return_exceptions=True)
             await engine.shutdown()
 
     app = FastAPI(title="kda-serving", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
@@ -166,6 +172,7 @@ def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
     app.add_api_route("/v1/responses/{response_id}", served(retrieve_response), methods=["GET"])
     app.add_api_route("/v1/responses/{response_id}", served(delete_response), methods=["DELETE"])
     app.add_api_route("/v1/responses/{response_id}/input_items", served(list_input_items), methods=["GET"])
+    app.add_api_route("/v1/responses/{response_id}/cancel", served(cancel_response), methods=["POST"])
     return app
 
 

@@ -403,7 +403,7 @@ class ResponsesRequest(_Strict):
     outputs) after `instructions` as a system message; a message and/or function calls out. Function tools work
     as on /v1/chat/completions (chat_request() is that request). `store` (default true) keeps the response for
     `previous_response_id`, whose conversation the server puts before `input` (server/response_store.py);
-    reasoning settings are refused."""
+    `background` answers at once and generates on, for GET to fetch; reasoning settings are refused."""
 
     model: str
     input: str | list[InputMessage | FunctionCallItem | FunctionCallOutputItem]
@@ -421,9 +421,15 @@ class ResponsesRequest(_Strict):
     tool_choice: Literal["none", "auto", "required"] | ResponsesToolChoiceFunction | None = None
     parallel_tool_calls: bool | None = None
     truncation: Literal["disabled"] | None = None
+    background: bool | None = None
 
     @model_validator(mode="after")
     def _check_responses(self):
+        if self.background and self.stream:
+            raise ValueError("background: a background response is not streamed here; poll GET "
+                             "/v1/responses/{id}")
+        if self.background and self.store is False:
+            raise ValueError("background: needs store (a background response is fetched later)")
         if isinstance(self.input, list) and len(self.input) == 0:
             raise ValueError("input: must contain at least one message")
         if isinstance(self.input, str) and self.input == "":

@@ -9,7 +9,9 @@ replies' output items and `function_call_output` items included) or by naming th
 `previous_response_id`: the server keeps each response (unless `store: false`) with its conversation
 (server/response_store.py) and puts that before the new input. GET /v1/responses/{id} returns a stored response,
 GET /v1/responses/{id}/input_items lists its input items (newest first unless `order=asc`, `limit`, `after` /
-`before` an item id), DELETE /v1/responses/{id} forgets it.
+`before` an item id), DELETE /v1/responses/{id} forgets it. `background: true` answers at once with the
+response in progress and generates on in a task of the server's; GET fetches it, POST
+/v1/responses/{id}/cancel ends it ("cancelled", its engine request aborted), as does the server's shutdown.
 
 Streaming answers are OpenAI's typed events, each a `data:` line with its `type` and `sequence_number`:
 response.created, response.in_progress, then per output item response.output_item.added, its content
@@ -22,6 +24,7 @@ calls are known only then). An error after the stream began travels as an `error
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -82,6 +85,10 @@ async def create_response(request: Request, server) -> Response:
                     params=sampling_params(chat, max_tokens, 0, None))
     if req.stream:
         return EventStreamResponse(_events(server, choice, answer, conversation))
+    if req.background:
+        server.responses.put(answer.body(choice), conversation)
+        server.background[answer.id] = asyncio.create_task(_run_in_background(server, choice, answer, conversation))
+        return JSONResponse(answer.body(choice))
     if not await run_to_end(request, server, [choice], ENDPOINT, answer.id):
         return Response(status_code=CLIENT_CLOSED_REQUEST)
     server.metrics.count_prompt(len(ids), choice.num_cached_tokens)
@@ -95,8 +102,50 @@ async def retrieve_response(request: Request, server) -> Response:
 async def delete_response(request: Request, server) -> Response:
     response_id = request.path_params["response_id"]
     _stored(server, response_id)
+    await _cancel(server, response_id)
     server.responses.delete(response_id)
     return JSONResponse({"id": response_id, "object": "response", "deleted": True})
+
+
+async def cancel_response(request: Request, server) -> Response:
+    response_id = request.path_params["response_id"]
+    entry = _stored(server, response_id)
+    if not await _cancel(server, response_id) and entry.body["status"] != "cancelled":
+        raise bad_request(f"Only a background response in progress can be cancelled; '{response_id}' is "
+                          f"{entry.body['status']}.", param="response_id")
+    return JSONResponse(_stored(server, response_id).body)
+
+
+async def _cancel(server, response_id: str) -> bool:
+    """Cancels the background task generating `response_id`, if one runs; waits until it has stored the
+    cancelled response. Whether one ran."""
+    task = server.background.get(response_id)
+    if task is None:
+        return False
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    return True
+
+
+async def _run_in_background(server, choice: Choice, answer: _Answer, conversation: list) -> None:
+    """A background response's generation: stored when done, or as cancelled or failed."""
+    server.metrics.in_flight.inc()
+    try:
+        async with aclosing(generate_choices(server.engine, [choice], server.metrics, ENDPOINT)) as outputs:
+            async for _ in outputs:
+                pass
+        server.metrics.count_prompt(len(choice.prompt_token_ids), choice.num_cached_tokens)
+        _finished(server, answer, choice, conversation)
+    except asyncio.CancelledError:  # cancel, DELETE or shutdown; generate_choices aborted the engine request
+        server.responses.put(answer.body(choice, status="cancelled"), conversation)
+    except Exception as exc:  # the engine refused or failed it: kept as failed, the server serves on
+        status = stream_error_status(server, exc, answer.id)
+        error = {"code": "invalid_request_error" if status == 400 else "server_error",
+                 "message": str(exc) or type(exc).__name__}
+        server.responses.put(answer.body(choice, status="failed", error=error), conversation)
+    finally:
+        server.metrics.in_flight.dec()
+        server.background.pop(answer.id, None)
 
 
 def _stored(server, response_id: str):
@@ -211,8 +260,10 @@ class _Answer:
                 for c in calls]
         return self._items
 
-    def body(self, choice: Choice) -> dict:
-        req, status = self.req, self.status(choice)
+    def body(self, choice: Choice, status: str | None = None, error: dict | None = None) -> dict:
+        """The response object; `status` (and `error`) for an end other than the generation's own: a background
+        response cancelled or failed."""
+        req, status = self.req, status or self.status(choice)
         usage = None
         if choice.finished:
             prompt, output = len(choice.prompt_token_ids), len(choice.output_token_ids)
@@ -221,10 +272,10 @@ class _Answer:
                      "total_tokens": prompt + output}
         return {
             "id": self.id, "object": "response", "created_at": self.created_at, "status": status,
-            "error": None,
+            "error": error, "background": bool(req.background),
             "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
             "instructions": req.instructions, "max_output_tokens": req.max_output_tokens, "model": self.model,
-            "output": [] if status == "in_progress" else self.items(choice),
+            "output": self.items(choice) if choice.finished else [],
             "parallel_tool_calls": req.parallel_tool_calls is not False,
             "previous_response_id": req.previous_response_id, "store": self.store, "temperature": req.temperature,
             "top_p": req.top_p, "text": req.text_config(),

@@ -369,3 +369,90 @@ def test_input_items_list_a_stored_conversation():
         assert_openai_error(await http.get("/v1/responses/resp_nope/input_items"), 404)
 
     serve(test)
+
+
+async def _until_done(client, response_id: str):
+    for _ in range(500):
+        resp = await client.responses.retrieve(response_id)
+        if resp.status not in ("queued", "in_progress"):
+            return resp
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{response_id} still in progress")
+
+
+def test_background_response_answers_at_once_and_is_fetched_when_done():
+    async def test(http, client, engine):
+        engine.token_delay = 0.01
+        started = await client.responses.create(model=MODEL, input="Hi", max_output_tokens=20, background=True)
+        assert started.status == "in_progress" and started.background is True and started.output == []
+        done = await _until_done(client, started.id)
+        assert done.status == "incomplete" and done.output_text == "abcdefghijklmnopqrst" and done.background
+        assert done.usage.output_tokens == 20 and engine.running == set()
+        follow = await client.responses.create(model=MODEL, input="More", previous_response_id=done.id,
+                                               max_output_tokens=2)
+        assert "abcdefghijklmnopqrst" in engine.tokenizer.decode(engine.seen_prompts[-1]) and follow.output_text
+
+    serve(test)
+
+
+@pytest.mark.parametrize("how", ["cancel", "delete", "shutdown"])
+def test_background_response_cancelled_aborts_its_engine_request(how):
+    app_box = {}
+
+    async def test(http, client, engine):
+        engine.token_delay = 0.05  # 200 tokens: 10 s unless cancelled
+        started = await client.responses.create(model=MODEL, input="Hi", max_output_tokens=200, background=True)
+        while not engine.running:
+            await asyncio.sleep(0.005)
+        app_box["id"] = started.id
+        if how == "cancel":
+            cancelled = await client.responses.cancel(started.id)
+            assert cancelled.status == "cancelled" and cancelled.id == started.id
+            assert (await client.responses.retrieve(started.id)).status == "cancelled"
+            assert (await client.responses.cancel(started.id)).status == "cancelled"  # again: the same answer
+        elif how == "delete":
+            await client.responses.delete(started.id)
+            assert_openai_error(await http.get(f"/v1/responses/{started.id}"), 404)
+        if how != "shutdown":
+            assert engine.aborted == [started.id] and engine.running == set()
+        app_box["engine"] = engine
+
+    engine = FakeEngine()
+    app = create_app(engine, ServerConfig())
+
+    async def main():
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+                client = openai.AsyncOpenAI(api_key="none", base_url="http://test/v1", http_client=http)
+                await test(http, client, engine)
+        # the app has shut down: a background response still running was cancelled first
+        server = app.state.server
+        assert server.background == {}
+        if how == "shutdown":
+            assert server.responses.get(app_box["id"]).body["status"] == "cancelled"
+            assert engine.aborted == [app_box["id"]]
+
+    asyncio.run(main())
+
+
+def test_background_refusals_and_failures():
+    async def test(http, client, engine):
+        for body, param in (({"background": True, "stream": True}, "background"),
+                            ({"background": True, "store": False}, "background")):
+            r = await http.post("/v1/responses", json={"model": MODEL, "input": "x", **body})
+            assert_openai_error(r, 400)
+            assert r.json()["error"]["param"] == param
+        plain = await client.responses.create(model=MODEL, input="x", max_output_tokens=2)
+        r = await http.post(f"/v1/responses/{plain.id}/cancel")
+        assert_openai_error(r, 400)  # not a background response in progress
+        assert_openai_error(await http.post("/v1/responses/resp_nope/cancel"), 404)
+        engine.fail_with = RuntimeError("engine broke")
+        started = await client.responses.create(model=MODEL, input="y", max_output_tokens=2, background=True)
+        failed = await _until_done(client, started.id)
+        assert failed.status == "failed" and failed.error.code == "server_error" and "engine broke" in \
+            failed.error.message
+        engine.fail_with = None
+        assert (await client.responses.create(model=MODEL, input="z", max_output_tokens=2)).output_text  # serving on
+
+    serve(test)
