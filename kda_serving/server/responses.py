@@ -52,9 +52,9 @@ async def create_response(request: Request, server) -> Response:
     body = await read_json_body(request, config.max_request_bytes)
     req = parse_request(ResponsesRequest, body)
     check_model(engine, req.model)
-    if req.store and server.responses.max_bytes == 0:
-        raise bad_request("store: this server keeps no responses (--max-stored-response-bytes 0); pass false",
-                          param="store")
+    if (req.store or req.background) and server.responses.max_bytes == 0:
+        name = "background" if req.background else "store"
+        raise bad_request(f"{name}: this server keeps no responses (--max-stored-response-bytes 0)", param=name)
     if req.previous_response_id is not None:
         previous = server.responses.get(req.previous_response_id)
         if previous is None:

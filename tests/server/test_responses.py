@@ -316,9 +316,10 @@ def test_the_store_keeps_within_its_budget_and_can_be_off():
     async def off(http, client, engine):
         resp = await client.responses.create(model=MODEL, input="x", max_output_tokens=2)
         assert resp.store is False  # the default, when the server keeps nothing
-        r = await http.post("/v1/responses", json={"model": MODEL, "input": "x", "store": True})
-        assert_openai_error(r, 400)
-        assert r.json()["error"]["param"] == "store"
+        for name in ("store", "background"):
+            r = await http.post("/v1/responses", json={"model": MODEL, "input": "x", name: True})
+            assert_openai_error(r, 400)
+            assert r.json()["error"]["param"] == name
 
     serve(off, config=ServerConfig(max_stored_response_bytes=0))
 
