@@ -31,8 +31,11 @@ def test_every_engine_flag_is_an_engine_config_field():
     (["--prompt-lookup-min", "5"], "prompt_lookup_min"),
     (["--tool-call-parser", "hermes"], "tool_call_parser"),
     (["--prompt-graph-tokens", "-1"], "prompt_graph_tokens"),
+    (["--max-stored-response-bytes", "-1"], "max_stored_response_bytes"),
+    (["--fp8-fast-accumulation"], "fp8_fast_accumulation"),
 ], ids=["device", "max-num-seqs", "prefix-cache-interval", "max-request-bytes", "cpu-threads", "port",
-        "num-speculative-tokens", "prompt-lookup-min", "tool-call-parser", "prompt-graph-tokens"])
+        "num-speculative-tokens", "prompt-lookup-min", "tool-call-parser", "prompt-graph-tokens",
+        "max-stored-response-bytes", "fp8-fast-accumulation-without-fp8"])
 def test_bad_flags_exit_2_naming_the_flag(argv, names, capsys):
     with pytest.raises(SystemExit) as exc:
         main(argv)
