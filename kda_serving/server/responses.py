@@ -18,8 +18,9 @@ response.created, response.in_progress, then per output item response.output_ite
 (response.content_part.added, response.output_text.delta ..., response.output_text.done,
 response.content_part.done; or response.function_call_arguments.delta and .done) and
 response.output_item.done, and last response.completed (response.incomplete when max_output_tokens cut the
-reply). Text streams as it is generated; a request with tools sends its items once the reply is complete (its
-calls are known only then). An error after the stream began travels as an `error` event.
+reply, or the engine ended it: status "cancelled"). Text streams as it is generated; a request with tools
+sends its items once the reply is complete (its calls are known only then). An error after the stream began
+travels as an `error` event.
 """
 
 from __future__ import annotations
@@ -231,7 +232,8 @@ class _Answer:
     def status(self, choice: Choice) -> str:
         if not choice.finished:
             return "in_progress"
-        return "incomplete" if choice.finish_reason == "length" else "completed"
+        # "abort": the engine ended it unfinished (its shutdown, an abort from elsewhere)
+        return {"length": "incomplete", "abort": "cancelled"}.get(choice.finish_reason, "completed")
 
     def message(self, text: str | None, status: str) -> dict:
         """The message item; text None: in progress, no content part yet."""
@@ -339,7 +341,7 @@ async def _events(server, choice: Choice, answer: _Answer, conversation: list):
                 yield event("response.function_call_arguments.done", arguments=item["arguments"], **call)
             yield event("response.output_item.done", output_index=index, item=item)
         body = _finished(server, answer, choice, conversation)
-        yield event(f"response.{'incomplete' if body['status'] == 'incomplete' else 'completed'}", response=body)
+        yield event(f"response.{'completed' if body['status'] == 'completed' else 'incomplete'}", response=body)
     except Exception as exc:  # the 200 and the headers are out: an error can only travel as an event
         status = stream_error_status(server, exc, answer.id)
         yield event("error", code="invalid_request_error" if status == 400 else "engine_error",

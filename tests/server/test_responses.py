@@ -457,3 +457,27 @@ def test_background_refusals_and_failures():
         assert (await client.responses.create(model=MODEL, input="z", max_output_tokens=2)).output_text  # serving on
 
     serve(test)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+def test_a_reply_the_engine_aborted_is_cancelled_not_completed(stream):
+    async def test(http, client, engine):
+        engine.token_delay = 0.02
+
+        async def abort_when_running():
+            while not engine.running:
+                await asyncio.sleep(0.005)
+            engine.abort(next(iter(engine.running)))
+
+        aborter = asyncio.create_task(abort_when_running())
+        if stream:
+            events = [e async for e in await client.responses.create(model=MODEL, input="x", max_output_tokens=100,
+                                                                     stream=True)]
+            assert events[-1].type == "response.incomplete"
+            resp = events[-1].response
+        else:
+            resp = await client.responses.create(model=MODEL, input="x", max_output_tokens=100)
+        await aborter
+        assert resp.status == "cancelled" and resp.usage.output_tokens < 100
+
+    serve(test)
