@@ -311,6 +311,28 @@ def test_openai_client_responses_api_continues_a_conversation(server):
     assert answer.output[0].type == "message" and answer.usage.output_tokens >= 1
 
 
+def test_openai_client_background_responses(server):
+    """Background responses against the real process: one fetched when done; one cancelled mid-generation
+    (the real engine aborts it and frees its slot and blocks), the server serving on."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server.base_url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+    started = client.responses.create(model=server.model, input="Count.", max_output_tokens=5, temperature=0,
+                                      background=True)
+    assert started.status == "in_progress" and started.background
+    deadline = time.monotonic() + 60
+    while (done := client.responses.retrieve(started.id)).status == "in_progress":
+        assert time.monotonic() < deadline, "background response not done in 60 s"
+        time.sleep(0.05)
+    assert done.status in ("completed", "incomplete") and 1 <= done.usage.output_tokens <= 5
+    long = client.responses.create(model=server.model, input="Talk.", max_output_tokens=2000, temperature=1.0,
+                                   background=True)
+    cancelled = client.responses.cancel(long.id)
+    assert cancelled.status == "cancelled"
+    wait_until_free(server)
+    assert client.responses.create(model=server.model, input="x", max_output_tokens=2).usage.output_tokens >= 1
+
+
 def test_openai_client_structured_outputs(server):
     """response_format json_schema through the official client: the real server's reply parses and follows
     the schema (the embedded model's random weights alone would never write it); a schema the grammar
