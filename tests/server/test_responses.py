@@ -140,22 +140,27 @@ WEATHER = {"type": "function", "name": "weather", "description": "Weather in a c
            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
 
 
+async def _forced_weather_call(client, engine, stream: bool):
+    """A forced call of WEATHER for Paris, plain or streamed: (the response, its events or None)."""
+    engine.script = engine.tokenizer.encode('{"city": "Paris"}', add_special_tokens=False)
+    kwargs = dict(model=MODEL, input="Weather in Paris?", tools=[WEATHER],
+                  tool_choice={"type": "function", "name": "weather"})
+    if stream:
+        events = [e async for e in await client.responses.create(stream=True, **kwargs)]
+        return events[-1].response, events
+    return await client.responses.create(**kwargs), None
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
 def test_forced_function_call_comes_back_as_a_function_call_item(stream):
     async def test(http, client, engine):
-        engine.script = engine.tokenizer.encode('{"city": "Paris"}', add_special_tokens=False)
-        kwargs = dict(model=MODEL, input="Weather in Paris?", tools=[WEATHER],
-                      tool_choice={"type": "function", "name": "weather"})
+        resp, events = await _forced_weather_call(client, engine, stream)
         if stream:
-            events = [e async for e in await client.responses.create(stream=True, **kwargs)]
             kinds = [e.type for e in events]
             assert kinds == ["response.created", "response.in_progress", "response.output_item.added",
                              "response.function_call_arguments.delta", "response.function_call_arguments.done",
                              "response.output_item.done", "response.completed"]
-            resp = events[-1].response
             assert events[4].arguments == '{"city": "Paris"}' and events[5].item.id == resp.output[0].id
-        else:
-            resp = await client.responses.create(**kwargs)
         [call] = resp.output
         assert call.type == "function_call" and call.name == "weather" and call.arguments == '{"city": "Paris"}'
         assert call.call_id.startswith("call_") and resp.status == "completed" and resp.output_text == ""
@@ -261,14 +266,7 @@ def test_previous_response_id_continues_the_stored_conversation():
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
 def test_a_function_call_and_its_output_continue_by_previous_response_id(stream):
     async def test(http, client, engine):
-        engine.script = engine.tokenizer.encode('{"city": "Paris"}', add_special_tokens=False)
-        kwargs = dict(model=MODEL, input="Weather in Paris?", tools=[WEATHER],
-                      tool_choice={"type": "function", "name": "weather"})
-        if stream:
-            events = [e async for e in await client.responses.create(stream=True, **kwargs)]
-            call_resp = events[-1].response
-        else:
-            call_resp = await client.responses.create(**kwargs)
+        call_resp, _ = await _forced_weather_call(client, engine, stream)
         [call] = call_resp.output
         assert (await client.responses.retrieve(call_resp.id)).output[0].call_id == call.call_id  # stored
         engine.script = engine.tokenizer.encode("Sunny.", add_special_tokens=False)
