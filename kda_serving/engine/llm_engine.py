@@ -402,6 +402,8 @@ class LLMEngine:
             top_logprobs=top_logprobs,
             prompt_logprobs=prompt_lp,
             prompt_top_logprobs=prompt_top,
+            accepted_prediction_tokens=seq.accepted_prediction_tokens,
+            rejected_prediction_tokens=seq.rejected_prediction_tokens,
         )
 
     # ---- accounting ---------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Draft tokens for speculative decoding by prompt lookup: the tokens that followed the last occurrence of the
-sequence's current suffix.
+sequence's current suffix; for a request with a prediction (SamplingParams.prediction, OpenAI's predicted
+outputs), first the tokens of the prediction that follow where the output stands in it (PredictionIndex).
 
 For n from `max_n` down to `min_n`, the last n tokens are looked up among the earlier n-grams of the request
 (prompt and output); the first hit proposes the (up to) k tokens that followed it. Code edits, quoted
@@ -57,6 +58,43 @@ class NgramIndex:
         return []
 
 
+class PredictionIndex:
+    """Where a request's output stands in its prediction, and what the prediction says comes next.
+
+    While the output is a prefix of the prediction, the next prediction tokens. Once they part (an edit), the
+    output's last n tokens (max_n down to min_n) are looked up among the prediction's n-grams, the first
+    occurrence at or after the last place found preferred (an edit moves forward through the text), and the
+    tokens after it proposed: the output rejoins the prediction after the edit."""
+
+    def __init__(self, prediction: list[int], min_n: int, max_n: int):
+        self.prediction = list(prediction)
+        self.min_n, self.max_n = min_n, max_n
+        self._ends: dict[int, dict[int, list[int]]] = {n: {} for n in range(min_n, max_n + 1)}
+        for n, table in self._ends.items():
+            for end in range(n, len(self.prediction) + 1):
+                table.setdefault(hash(tuple(self.prediction[end - n : end])), []).append(end)
+        self._cursor = 0  # the prediction position of the last proposal
+        self._matched = 0  # leading output tokens known to equal the prediction's
+        self._parted = False  # whether the output has left the prediction once
+
+    def propose(self, output: list[int], k: int) -> list[int]:
+        """Up to k prediction tokens to follow `output` (the request's output so far, a list that only grows
+        between calls), or []."""
+        at = len(output)
+        if not self._parted:  # compare only the tokens output since the last call
+            if output[self._matched : at] == self.prediction[self._matched : at]:
+                self._matched = self._cursor = at
+                return self.prediction[at : at + k]
+            self._parted = True
+        for n in range(min(self.max_n, at), self.min_n - 1, -1):
+            ends = self._ends[n].get(hash(tuple(output[at - n :])))
+            if ends:
+                end = next((e for e in ends if e >= self._cursor), ends[0])
+                self._cursor = end
+                return self.prediction[end : end + k]
+        return []
+
+
 class DraftRecord:
     """One request's recent drafts: decayed counts of drafts accepted and of drafts judged (a rejection ends a
     run, so a step that accepts m of its k drafts judged m + 1 of them, or k if all held), and the pause."""
@@ -84,9 +122,9 @@ class DraftRecord:
 
 
 class PromptLookup:
-    """The scheduler's draft proposer: up to `num_tokens` drafts per decode from each request's own context
-    (an NgramIndex kept on the Sequence), within what the request may still generate, unless the request's
-    recent drafts mostly failed (DraftRecord)."""
+    """The scheduler's draft proposer: up to `num_tokens` drafts per decode from each request's prediction if
+    it has one (a PredictionIndex), else its own context (an NgramIndex), both kept on the Sequence, within what
+    the request may still generate, unless the request's recent drafts mostly failed (DraftRecord)."""
 
     def __init__(self, num_tokens: int, min_n: int, max_n: int, max_model_len: int):
         self.num_tokens, self.min_n, self.max_n, self.max_model_len = num_tokens, min_n, max_n, max_model_len
@@ -107,7 +145,14 @@ class PromptLookup:
         if seq.draft_record.pause:
             seq.draft_record.pause -= 1
             return []
-        drafts = seq.ngram.propose(seq.token_ids, k)
+        drafts = []
+        if seq.params.prediction:
+            if seq.prediction_index is None:
+                seq.prediction_index = PredictionIndex(seq.params.prediction, self.min_n, self.max_n)
+            drafts = seq.prediction_index.propose(seq.output_token_ids, k)
+        seq.drafts_from_prediction = bool(drafts)
+        if not drafts:
+            drafts = seq.ngram.propose(seq.token_ids, k)
         if drafts and seq.matcher is not None:  # a grammar-constrained request: only drafts its grammar allows
             drafts = drafts[: seq.matcher.validate_tokens(drafts)]
         return drafts
@@ -116,3 +161,6 @@ class PromptLookup:
         """After a verifying step: `accepted` of the request's own `proposed` drafts held."""
         if proposed and seq.draft_record is not None:
             seq.draft_record.record(proposed, accepted)
+        if proposed and seq.drafts_from_prediction:
+            seq.accepted_prediction_tokens += accepted
+            seq.rejected_prediction_tokens += proposed - accepted

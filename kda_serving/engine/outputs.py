@@ -17,6 +17,8 @@ class RequestOutput:
     top_logprobs[i]: {token_id: logprob} of the SamplingParams.logprobs most likely tokens at that step.
     prompt_logprobs / prompt_top_logprobs: the same for every prompt token (None for the first), in the
     request's first update only, where SamplingParams.prompt_logprobs asks for them.
+    accepted_prediction_tokens / rejected_prediction_tokens: so far, the drafts taken from
+    SamplingParams.prediction that verification kept / did not keep (0 without a prediction or speculation).
     """
 
     request_id: str
@@ -32,6 +34,8 @@ class RequestOutput:
     top_logprobs: list[dict[int, float]] | None = None
     prompt_logprobs: list[float | None] | None = None
     prompt_top_logprobs: list[dict[int, float] | None] | None = None
+    accepted_prediction_tokens: int = 0
+    rejected_prediction_tokens: int = 0
 
 
 @dataclass(frozen=True)

@@ -58,7 +58,10 @@ class SamplingParams:
     text == delta_text), which keeps an update's cost independent of the length generated: the server and
     LLM.generate ask for it. `structured_output` constrains the output to a language: ("json_object", "") any
     JSON object, ("json_schema", schema as a JSON string), ("regex", pattern); the request stops when the
-    grammar is complete (engine/structured.py).
+    grammar is complete (engine/structured.py). `prediction`: token ids the output is expected to be (OpenAI's
+    predicted outputs, e.g. a file being edited); with speculative decoding on, drafts come from it first
+    (engine/ngram.py), so the parts of the output that follow it take one verifying step per few tokens. The
+    output is the same with or without it.
     """
 
     max_tokens: int = 16
@@ -79,6 +82,7 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) pairs; a dict is accepted and converted
     output_kind: str = "cumulative"
     structured_output: tuple[str, str] | None = None  # (kind, spec): engine/structured.py
+    prediction: tuple[int, ...] = ()  # the expected output's token ids (drafts for speculative decoding)
 
     def __post_init__(self):
         if not _is_int(self.max_tokens):
@@ -160,6 +164,10 @@ class SamplingParams:
         if not all(-100.0 <= b <= 100.0 for _, b in bias):  # NaN fails too
             raise ValueError("SamplingParams: 'logit_bias' values must be in [-100, 100]")
         object.__setattr__(self, "logit_bias", bias)
+        prediction = self.prediction
+        if not isinstance(prediction, (list, tuple)) or not all(_is_int(t) and t >= 0 for t in prediction):
+            raise TypeError("SamplingParams: 'prediction' must be a sequence of non-negative token ids")
+        object.__setattr__(self, "prediction", tuple(prediction))
         if self.output_kind not in OUTPUT_KINDS:
             raise ValueError(f"SamplingParams: 'output_kind' must be one of {OUTPUT_KINDS}, got {self.output_kind!r}")
         if self.structured_output is not None:

@@ -48,6 +48,10 @@ class Sequence:
         self.matcher: Any = None  # the grammar matcher of a structured output (engine/structured.py)
         self.ngram: Any = None  # the n-gram index of its tokens that draft proposals read (engine/ngram.py)
         self.draft_record: Any = None  # how its recent drafts fared (engine/ngram.py DraftRecord)
+        self.prediction_index: Any = None  # its prediction's n-grams (engine/ngram.py PredictionIndex)
+        self.drafts_from_prediction = False  # whether its last drafts came from the prediction
+        self.accepted_prediction_tokens = 0  # drafts from the prediction that verification kept
+        self.rejected_prediction_tokens = 0  # ... and that it did not
         # SamplingParams.prompt_logprobs: per prompt token, (its log probability, {token: logprob} of the most
         # likely ones), filled as the prompt's chunks run (the first stays None); None when not asked for
         self.prompt_logprobs: list[tuple[float, dict[int, float]] | None] | None = None

@@ -11,7 +11,8 @@ from starlette.responses import Response
 
 from kda_serving.server.errors import bad_request
 from kda_serving.server.generation import Choice
-from kda_serving.server.intake import chat_prompt_ids, check_model, read_json_body, resolve_max_tokens, sampling_params
+from kda_serving.server.intake import (chat_prompt_ids, check_model, prediction_ids, read_json_body,
+                                       resolve_max_tokens, sampling_params)
 from kda_serving.server.logprobs import chat_logprobs
 from kda_serving.server.protocol import ChatCompletionRequest, parse_request
 from kda_serving.server.serving import EndpointFormat, ResponseHeader, respond
@@ -36,8 +37,10 @@ async def create_chat_completion(request: Request, server) -> Response:
                                     "messages")
     response_id = f"chatcmpl-{uuid.uuid4().hex}"
     num_logprobs = req.num_logprobs()
+    prediction = prediction_ids(engine, req)
     choices = [Choice(index=j, request_id=f"{response_id}-{j}", prompt_token_ids=ids,
-                      params=sampling_params(req, max_tokens, j, num_logprobs), priority=req.priority)
+                      params=sampling_params(req, max_tokens, j, num_logprobs, prediction=prediction),
+                      priority=req.priority)
                for j in range(req.n)]
     header = ResponseHeader(response_id, int(time.time()), engine.model_name)
     fmt = _format(engine.tokenizer, num_logprobs is not None, req, parser)

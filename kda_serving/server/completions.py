@@ -10,8 +10,8 @@ from starlette.responses import Response
 
 from kda_serving.server.errors import bad_request
 from kda_serving.server.generation import Choice
-from kda_serving.server.intake import (check_model, completion_prompt_ids, read_json_body, resolve_max_tokens,
-                                       sampling_params)
+from kda_serving.server.intake import (check_model, completion_prompt_ids, prediction_ids, read_json_body,
+                                       resolve_max_tokens, sampling_params)
 from kda_serving.server.logprobs import completion_logprobs
 from kda_serving.server.protocol import CompletionRequest, parse_request
 from kda_serving.server.serving import EndpointFormat, ResponseHeader, respond
@@ -26,6 +26,7 @@ async def create_completion(request: Request, server) -> Response:
         raise bad_request(f"n: {len(prompts)} prompts x n={req.n} choices is more than the limit of {config.max_n}",
                           param="n")
     response_id = f"cmpl-{uuid.uuid4().hex}"
+    prediction = prediction_ids(engine, req)
     choices = []
     for p, prompt in enumerate(prompts):
         ids = completion_prompt_ids(engine, prompt)
@@ -34,7 +35,8 @@ async def create_completion(request: Request, server) -> Response:
             index = p * req.n + j
             choices.append(Choice(index=index, request_id=f"{response_id}-{index}", prompt_token_ids=ids,
                                   params=sampling_params(req, max_tokens, j, req.logprobs,
-                                                         req.logprobs if req.echo else None), prompt_index=p,
+                                                         req.logprobs if req.echo else None, prediction),
+                                  prompt_index=p,
                                   priority=req.priority))
     header = ResponseHeader(response_id, int(time.time()), engine.model_name)
     # echo: each choice's text starts with its prompt (a token-id prompt decoded).

@@ -43,6 +43,8 @@ class Choice:
     top_logprobs: list[dict[int, float]] = field(default_factory=list)
     prompt_logprobs: list[float | None] | None = None  # of each prompt token (the first None), when requested
     prompt_top_logprobs: list[dict[int, float] | None] | None = None
+    accepted_prediction_tokens: int = 0  # drafts from the request's prediction kept, so far
+    rejected_prediction_tokens: int = 0
     _first_token_at: float | None = None
     _last_token_at: float | None = None
 
@@ -129,6 +131,8 @@ def _record(choice: Choice, out, metrics: ServerMetrics, started: float, endpoin
     choice.output_token_ids += out.new_token_ids
     choice.text_parts.append(out.delta_text)
     choice.num_cached_tokens = int(out.num_cached_tokens or 0)
+    choice.accepted_prediction_tokens = int(getattr(out, "accepted_prediction_tokens", 0) or 0)
+    choice.rejected_prediction_tokens = int(getattr(out, "rejected_prediction_tokens", 0) or 0)
     choice.num_updates += 1
     if out.logprobs:
         choice.logprobs.extend(out.logprobs)

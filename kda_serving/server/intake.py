@@ -107,10 +107,23 @@ def resolve_max_tokens(engine, max_prompt_tokens: int | None, prompt_len: int, r
     return requested
 
 
+def prediction_ids(engine, request: CompletionRequest | ChatCompletionRequest) -> tuple[int, ...]:
+    """The token ids of the request's `prediction` (none without one); a 400 when it is longer than the model's
+    context, where no output could follow it."""
+    if request.prediction is None:
+        return ()
+    ids = engine.tokenizer.encode(request.prediction.text(), add_special_tokens=False)
+    if len(ids) > engine.max_model_len:
+        raise bad_request(f"prediction: {len(ids)} tokens, more than the model's context of "
+                          f"{engine.max_model_len}", param="prediction")
+    return tuple(ids)
+
+
 def sampling_params(request: CompletionRequest | ChatCompletionRequest, max_tokens: int, choice: int,
-                    logprobs: int | None, prompt_logprobs: int | None = None) -> SamplingParams:
+                    logprobs: int | None, prompt_logprobs: int | None = None,
+                    prediction: tuple[int, ...] = ()) -> SamplingParams:
     """The engine's SamplingParams for choice number `choice` (seeded choices get distinct seeds)."""
-    kwargs = {}
+    kwargs = {"prediction": prediction}
     if request.temperature is not None:
         kwargs["temperature"] = request.temperature
     if request.top_p is not None:

@@ -82,6 +82,7 @@ class _SamplingFields(_Strict):
     repetition_penalty: float | None = Field(None, gt=0.0, allow_inf_nan=False)
     priority: int = Field(0, ge=-INT64_MAX, le=INT64_MAX)  # lower first; needs --scheduling-policy priority
     response_format: ResponseFormat | None = None  # OpenAI's; on /v1/completions too, as in vLLM
+    prediction: Prediction | None = None  # OpenAI's predicted outputs: drafts when speculation is on
 
     @model_validator(mode="after")
     def _check_shared(self):
@@ -150,6 +151,16 @@ class CompletionRequest(_SamplingFields):
 class TextPart(_Strict):
     type: Literal["text"]
     text: str
+
+
+class Prediction(_Strict):
+    """OpenAI's predicted output: text the reply is expected to be (mostly), e.g. a file being edited."""
+
+    type: Literal["content"]
+    content: str | list[TextPart]
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
 class CalledFunction(_Strict):

@@ -58,12 +58,17 @@ def usage(choices: list[Choice]) -> dict:
     prompt_tokens = sum(len(c.prompt_token_ids) for c in first_of_prompt.values())
     cached_tokens = sum(c.num_cached_tokens for c in first_of_prompt.values())
     completion_tokens = sum(len(c.output_token_ids) for c in choices)
-    return {
+    body = {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
         "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
+    if any(c.params.prediction for c in choices):  # predicted outputs: how the prediction's drafts fared
+        body["completion_tokens_details"] = {
+            "accepted_prediction_tokens": sum(c.accepted_prediction_tokens for c in choices),
+            "rejected_prediction_tokens": sum(c.rejected_prediction_tokens for c in choices)}
+    return body
 
 
 async def respond(request: Request, server, choices: list[Choice], header: ResponseHeader, fmt: EndpointFormat,

@@ -92,3 +92,32 @@ def test_a_long_prompt_is_indexed_over_several_calls():
     answers = [index.propose(tokens, 4) for _ in range(3)]
     assert answers[0] == []  # only the first INDEX_PER_CALL positions indexed yet
     assert answers[2] == brute_force(tokens, 4, 2, 3) == tokens[INDEX_PER_CALL + 53 : INDEX_PER_CALL + 57]
+
+
+def test_prediction_drafts_follow_the_output_through_an_edit():
+    from kda_serving.engine.ngram import PredictionIndex
+
+    index = PredictionIndex(list(range(10, 30)), min_n=2, max_n=3)
+    assert index.propose([], 3) == [10, 11, 12]  # nothing generated: the prediction's start
+    assert index.propose([10, 11, 12], 4) == [13, 14, 15, 16]  # still the prediction
+    assert index.propose([10, 11, 12, 13, 99, 98], 3) == []  # an edit: no n-gram of it in the prediction
+    # the output rejoins the prediction (..., 16, 17): drafts resume after that point
+    assert index.propose([10, 11, 12, 13, 99, 98, 16, 17], 3) == [18, 19, 20]
+    repeated = PredictionIndex([1, 2, 3, 1, 2, 4, 1, 2, 5], min_n=2, max_n=2)
+    assert repeated.propose([7, 1, 2], 1) == [3]  # the first occurrence
+    assert repeated.propose([7, 1, 2, 3, 8, 1, 2], 1) == [3]  # at or after the last place found (end 2)
+    assert repeated.propose([7, 1, 2, 3, 8, 4, 1, 2], 1) == [3]
+
+
+def test_prompt_lookup_prefers_the_prediction_and_counts_its_drafts():
+    lookup = PromptLookup(num_tokens=3, min_n=1, max_n=2, max_model_len=100)
+    seq = Sequence("a", [1, 2, 3, 1, 2], SamplingParams(max_tokens=20, prediction=[40, 41, 42, 43]), 0)
+    assert lookup.propose(seq) == [40, 41, 42] and seq.drafts_from_prediction
+    lookup.record(seq, proposed=3, accepted=1)
+    assert (seq.accepted_prediction_tokens, seq.rejected_prediction_tokens) == (1, 2)
+    seq.token_ids += [40, 41]
+    assert lookup.propose(seq) == [42, 43]
+    seq.token_ids += [7, 1, 2]  # off the prediction, nothing of it to rejoin: the context's lookup instead
+    assert lookup.propose(seq) == [40, 41, 7] and not seq.drafts_from_prediction
+    lookup.record(seq, proposed=3, accepted=3)
+    assert (seq.accepted_prediction_tokens, seq.rejected_prediction_tokens) == (1, 2)

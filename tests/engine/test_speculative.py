@@ -262,3 +262,33 @@ def test_speculation_config_is_validated():
                       ({"prompt_lookup_min": 5, "prompt_lookup_max": 4}, ValueError)):
         with pytest.raises(kind, match="EngineConfig"):
             EngineConfig(**bad)
+
+
+def test_a_prediction_drafts_the_output_and_changes_nothing_in_it(tiny_model):
+    # OpenAI's predicted outputs: the run without speculation's own output as the prediction (a correct one),
+    # then an edited one; the outputs must equal plain decoding's either way, and the counts say how the
+    # prediction's drafts fared.
+    prompts = random_prompts([7, 30], 211, seed=11)
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    plain = generate(engine(tiny_model), prompts, params)
+    for edit in (False, True):
+        llm = engine(tiny_model, num_speculative_tokens=4)
+        eng = llm.engine
+        for i, (prompt, out) in enumerate(zip(prompts, plain)):
+            prediction = list(out.output_token_ids)
+            if edit:  # two tokens inside the first verifying step's drafts (outputs 1-4) wrong: a rejection,
+                # then the output leaves the prediction and must rejoin it
+                prediction[3:5] = [(t + 1) % 211 for t in prediction[3:5]]
+            eng.add_request(str(i), prompt, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True,
+                                                           prediction=prediction))
+        final = {}
+        while eng.has_unfinished_requests():
+            for out in eng.step():
+                if out.finished:
+                    final[int(out.request_id)] = out
+        for i, out in final.items():
+            assert out.output_token_ids == plain[i].output_token_ids
+            # every verifying step also samples one token of its own: 18 of the 23 after the first, all drafted
+            assert out.accepted_prediction_tokens >= (8 if edit else 18), (edit, out.accepted_prediction_tokens)
+            assert (out.rejected_prediction_tokens > 0) == edit
+        assert eng.stats().spec_draft_tokens_total > 0

@@ -59,6 +59,7 @@ class FakeEngine:
         self.seen_priorities: list[int] = []
         self.started = False
         self.fail_with: Exception | None = None  # raised by generate() before any output, when set
+        self.prediction_counts = (0, 0)  # (accepted, rejected) prediction drafts every output reports
         self._slots: asyncio.Semaphore | None = None
         self._abort_events: dict[str, asyncio.Event] = {}
 
@@ -132,7 +133,8 @@ class FakeEngine:
                         prompt_lp = [None] + [-1.0 - 0.25 * i for i in range(1, len(prompt_token_ids))]
                         prompt_top = [None] + [{t: -1.0} for t in prompt_token_ids[1:]]
                     yield RequestOutput(request_id, prompt_token_ids, list(out_ids), [new], text, delta,
-                                        reason is not None, reason, cached, lp, top, prompt_lp, prompt_top)
+                                        reason is not None, reason, cached, lp, top, prompt_lp, prompt_top,
+                                        *self.prediction_counts)
                     if reason is not None:
                         self.seen_prompts.append(list(prompt_token_ids) + out_ids)
                         return

@@ -164,11 +164,11 @@ JSON_VALUES = st.recursive(
 COMPLETION_FIELDS = ["model", "prompt", "max_tokens", "n", "temperature", "top_p", "seed", "stop", "stream",
                      "stream_options", "logprobs", "presence_penalty", "frequency_penalty", "logit_bias", "user",
                      "top_k", "ignore_eos", "stop_token_ids", "repetition_penalty", "echo", "suffix", "best_of",
-                     "priority", "response_format", "min_p", "min_tokens"]
+                     "priority", "response_format", "min_p", "min_tokens", "prediction"]
 CHAT_FIELDS = ["model", "messages", "max_tokens", "max_completion_tokens", "n", "temperature", "top_p", "seed",
                "stop", "stream", "stream_options", "logprobs", "top_logprobs", "presence_penalty",
                "frequency_penalty", "logit_bias", "user", "top_k", "tools", "tool_choice", "parallel_tool_calls",
-               "response_format", "ignore_eos", "priority", "min_p", "min_tokens"]
+               "response_format", "ignore_eos", "priority", "min_p", "min_tokens", "prediction"]
 RESPONSES_FIELDS = ["model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "stream",
                     "store", "previous_response_id", "metadata", "user", "text", "tools", "tool_choice",
                     "parallel_tool_calls", "truncation"]

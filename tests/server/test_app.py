@@ -627,3 +627,32 @@ def test_fuzzed_requests_never_fail_the_server(request):
         assert good.status_code == 200 and good.json()["choices"][0]["text"] == "ab"
 
     serve(test)
+
+
+def test_predicted_outputs_reach_the_engine_and_usage_reports_them():
+    """OpenAI's `prediction` on both endpoints: its text tokenized into SamplingParams.prediction (the engine
+    drafts from it when speculation is on; tests/engine/test_speculative.py), the engine's counts of the
+    prediction's drafts kept and rejected in usage.completion_tokens_details; a prediction past the model's
+    context is a 400 naming it."""
+
+    async def test(client, engine):
+        engine.prediction_counts = (3, 1)
+        r = await client.post("/v1/chat/completions", json={
+            "model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+            "prediction": {"type": "content", "content": [{"type": "text", "text": "ab"}, {"type": "text",
+                                                                                         "text": "cd"}]}})
+        assert r.status_code == 200, r.text
+        assert engine.seen_params[-1].prediction == tuple(engine.tokenizer.encode("abcd", add_special_tokens=False))
+        assert r.json()["usage"]["completion_tokens_details"] == {"accepted_prediction_tokens": 3,
+                                                                  "rejected_prediction_tokens": 1}
+        r = await client.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2, "n": 2,
+                                                       "prediction": {"type": "content", "content": "ab"}})
+        assert r.json()["usage"]["completion_tokens_details"]["accepted_prediction_tokens"] == 6  # both choices
+        plain = await client.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2})
+        assert "completion_tokens_details" not in plain.json()["usage"] and engine.seen_params[-1].prediction == ()
+        for bad in ({"type": "content", "content": "x" * 300}, {"type": "file", "content": "x"}):
+            r = await client.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "prediction": bad})
+            assert_openai_error(r, 400)
+            assert r.json()["error"]["param"].startswith("prediction")
+
+    serve(test)
