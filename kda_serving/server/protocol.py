@@ -24,6 +24,7 @@ from kda_serving.server.errors import APIError, bad_request
 MAX_STOP_SEQUENCES = 4  # OpenAI's limit
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for /v1/completions `logprobs`
 MAX_CHAT_TOP_LOGPROBS = 20  # OpenAI's limit for chat `top_logprobs`
+RESPONSES_INCLUDABLE = ("message.output_text.logprobs",)  # the `include` values /v1/responses honours
 INT64_MAX = 2**63 - 1
 NAME = r"^[A-Za-z0-9_-]{1,64}$"  # OpenAI's rule for function and response-format schema names
 
@@ -433,6 +434,8 @@ class ResponsesRequest(_Strict):
     parallel_tool_calls: bool | None = None
     truncation: Literal["disabled"] | None = None
     background: bool | None = None
+    include: list[str] | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_CHAT_TOP_LOGPROBS)
 
     @model_validator(mode="after")
     def _check_responses(self):
@@ -441,6 +444,10 @@ class ResponsesRequest(_Strict):
                              "/v1/responses/{id}")
         if self.background and self.store is False:
             raise ValueError("background: needs store (a background response is fetched later)")
+        unknown = [name for name in self.include or () if name not in RESPONSES_INCLUDABLE]
+        if unknown:
+            raise ValueError(f"include: {', '.join(map(repr, unknown))} not available here (only "
+                             f"{', '.join(RESPONSES_INCLUDABLE)})")
         if isinstance(self.input, list) and len(self.input) == 0:
             raise ValueError("input: must contain at least one message")
         if isinstance(self.input, str) and self.input == "":
@@ -491,6 +498,11 @@ class ResponsesRequest(_Strict):
             return ChatCompletionRequest.model_validate(body)
         except ValidationError as exc:
             raise ValueError(exc.errors()[0]["msg"].removeprefix("Value error, ")) from None
+
+    def num_logprobs(self) -> int | None:
+        """Alternatives per output token when `include` asks for the text's logprobs (`top_logprobs`, 0 by
+        default), else None: OpenAI returns logprobs only when included."""
+        return (self.top_logprobs or 0) if "message.output_text.logprobs" in (self.include or ()) else None
 
     def text_config(self) -> dict[str, Any]:
         """The `text` field of the answer: the format in effect."""

@@ -40,6 +40,7 @@ from kda_serving.server.errors import APIError, bad_request
 from kda_serving.server.generation import Choice, generate_choices
 from kda_serving.server.intake import (chat_prompt_ids, check_model, read_json_body, resolve_max_tokens,
                                        sampling_params)
+from kda_serving.server.logprobs import chat_logprobs
 from kda_serving.server.protocol import ResponsesRequest, parse_request
 from kda_serving.server.serving import CLIENT_CLOSED_REQUEST, run_to_end, stream_error_status
 from kda_serving.server.sse import EventStreamResponse, sse_event
@@ -83,7 +84,7 @@ async def create_response(request: Request, server) -> Response:
                      store=req.store is not False and server.responses.max_bytes > 0)
     conversation = _as_items(body["input"])
     choice = Choice(index=0, request_id=answer.id, prompt_token_ids=ids,
-                    params=sampling_params(chat, max_tokens, 0, None))
+                    params=sampling_params(chat, max_tokens, 0, req.num_logprobs()))
     if req.stream:
         return EventStreamResponse(_events(server, choice, answer, conversation))
     if req.background:
@@ -235,14 +236,23 @@ class _Answer:
         # "abort": the engine ended it unfinished (its shutdown, an abort from elsewhere)
         return {"length": "incomplete", "abort": "cancelled"}.get(choice.finish_reason, "completed")
 
-    def message(self, text: str | None, status: str) -> dict:
+    def message(self, text: str | None, status: str, logprobs: list | None = None) -> dict:
         """The message item; text None: in progress, no content part yet."""
         return {"type": "message", "id": self.message_id, "status": status, "role": "assistant",
-                "content": [] if text is None else [self.part(text)]}
+                "content": [] if text is None else [self.part(text, logprobs)]}
 
-    @staticmethod
-    def part(text: str) -> dict:
-        return {"type": "output_text", "text": text, "annotations": []}
+    def part(self, text: str, logprobs: list | None = None) -> dict:
+        """An output_text part; with `include` asking for logprobs, those of its tokens (`logprobs`)."""
+        part = {"type": "output_text", "text": text, "annotations": []}
+        if self.req.num_logprobs() is not None:
+            part["logprobs"] = logprobs or []
+        return part
+
+    def logprobs(self, token_ids: list[int], logprobs: list[float] | None, top: list | None) -> list:
+        """Chat-shaped logprobs entries of these tokens ([] when not asked for)."""
+        if self.req.num_logprobs() is None or not logprobs:
+            return []
+        return chat_logprobs(self.tokenizer, token_ids, logprobs, top or [])["content"]
 
     def items(self, choice: Choice) -> list[dict]:
         """The finished reply's output items: its text as a message (unless it is only calls), then its calls."""
@@ -256,7 +266,9 @@ class _Answer:
                 calls = tool_calls(self.chat, choice.text) or []
                 text = "" if calls else text
             status = self.status(choice)
-            self._items = ([self.message(text, status)] if text or not calls else []) + [
+            # the text's logprobs where the text is the whole reply (with calls parsed out of it, none)
+            logprobs = [] if calls else self.logprobs(choice.output_token_ids, choice.logprobs, choice.top_logprobs)
+            self._items = ([self.message(text, status, logprobs)] if text or not calls else []) + [
                 {"type": "function_call", "id": f"fc_{uuid.uuid4().hex}", "call_id": c["id"],
                  "name": c["function"]["name"], "arguments": c["function"]["arguments"], "status": "completed"}
                 for c in calls]
@@ -301,13 +313,14 @@ async def _events(server, choice: Choice, answer: _Answer, conversation: list):
         sequence += 1
         return sse_event(payload)
 
-    def text_events(text: str, index: int, streamed: bool) -> list[bytes]:
-        """A message item's text (already sent as deltas when `streamed`) closed out: the done events."""
+    def text_events(part: dict, index: int, streamed: bool) -> list[bytes]:
+        """A message item's text part (already sent as deltas when `streamed`) closed out: the done events."""
         where = {"item_id": answer.message_id, "output_index": index, "content_index": 0}
-        deltas = [] if streamed or not text else [event("response.output_text.delta", delta=text, logprobs=[],
-                                                        **where)]
-        return deltas + [event("response.output_text.done", text=text, logprobs=[], **where),
-                         event("response.content_part.done", part=answer.part(text), **where)]
+        text, logprobs = part["text"], part.get("logprobs", [])
+        deltas = [] if streamed or not text else [event("response.output_text.delta", delta=text,
+                                                        logprobs=logprobs, **where)]
+        return deltas + [event("response.output_text.done", text=text, logprobs=logprobs, **where),
+                         event("response.content_part.done", part=part, **where)]
 
     incremental = not answer.has_tools
     where = {"item_id": answer.message_id, "output_index": 0, "content_index": 0}
@@ -321,17 +334,18 @@ async def _events(server, choice: Choice, answer: _Answer, conversation: list):
         async with aclosing(generate_choices(server.engine, [choice], server.metrics, ENDPOINT)) as outputs:
             async for _, out in outputs:
                 if incremental and out.delta_text:
-                    yield event("response.output_text.delta", delta=out.delta_text, logprobs=[], **where)
+                    yield event("response.output_text.delta", delta=out.delta_text, **where,
+                                logprobs=answer.logprobs(out.new_token_ids, out.logprobs, out.top_logprobs))
         server.metrics.count_prompt(len(choice.prompt_token_ids), choice.num_cached_tokens)
         for index, item in enumerate(answer.items(choice)):
             if item["type"] == "message":
-                text = item["content"][0]["text"]
+                part = item["content"][0]
                 if not incremental:
                     yield event("response.output_item.added", output_index=index,
                                 item=answer.message(None, "in_progress"))
                     yield event("response.content_part.added", part=answer.part(""), item_id=item["id"],
                                 output_index=index, content_index=0)
-                for chunk in text_events(text, index, incremental):
+                for chunk in text_events(part, index, incremental):
                     yield chunk
             else:
                 yield event("response.output_item.added", output_index=index,

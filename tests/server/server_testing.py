@@ -171,7 +171,7 @@ CHAT_FIELDS = ["model", "messages", "max_tokens", "max_completion_tokens", "n", 
                "response_format", "ignore_eos", "priority", "min_p", "min_tokens", "prediction"]
 RESPONSES_FIELDS = ["model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "stream",
                     "store", "previous_response_id", "metadata", "user", "text", "tools", "tool_choice",
-                    "parallel_tool_calls", "truncation"]
+                    "parallel_tool_calls", "truncation", "include", "top_logprobs"]
 # (path, a valid body, the fields to mutate, the field that bounds the work)
 FUZZED_ENDPOINTS = [
     ("/v1/completions", {"prompt": "hi", "max_tokens": 2}, COMPLETION_FIELDS, "max_tokens"),

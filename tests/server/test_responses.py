@@ -479,3 +479,31 @@ def test_a_reply_the_engine_aborted_is_cancelled_not_completed(stream):
         assert resp.status == "cancelled" and resp.usage.output_tokens < 100
 
     serve(test)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+def test_text_logprobs_when_included(stream):
+    async def test(http, client, engine):
+        kwargs = dict(model=MODEL, input="Hi", max_output_tokens=3, top_logprobs=2,
+                      include=["message.output_text.logprobs"])
+        if stream:
+            events = [e async for e in await client.responses.create(stream=True, **kwargs)]
+            deltas = [e for e in events if e.type == "response.output_text.delta"]
+            assert [lp.token for e in deltas for lp in e.logprobs] == ["a", "b", "c"]
+            done = next(e for e in events if e.type == "response.output_text.done")
+            assert [lp.token for lp in done.logprobs] == ["a", "b", "c"]
+            resp = events[-1].response
+        else:
+            resp = await client.responses.create(**kwargs)
+        logprobs = resp.output[0].content[0].logprobs
+        assert [(lp.token, lp.logprob) for lp in logprobs] == [("a", -0.5), ("b", -0.5), ("c", -0.5)]
+        assert [t.token for t in logprobs[0].top_logprobs] == ["a", "b"] and logprobs[0].bytes == [97]
+        assert engine.seen_params[-1].logprobs == 2
+        # without include: none asked of the engine, none in the part
+        plain = await client.responses.create(model=MODEL, input="Hi", max_output_tokens=3, top_logprobs=2)
+        assert engine.seen_params[-1].logprobs is None and not plain.output[0].content[0].logprobs
+        r = await http.post("/v1/responses", json={"model": MODEL, "input": "x", "include": ["reasoning"]})
+        assert_openai_error(r, 400)
+        assert r.json()["error"]["param"] == "include"
+
+    serve(test)
