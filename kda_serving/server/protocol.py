@@ -74,6 +74,9 @@ class _SamplingFields(_Strict):
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+    # OpenAI's hints that change no output: the prefix cache needs no key, and nothing is moderated here
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
     # vLLM-style extensions the engine implements.
     top_k: int | None = Field(None, ge=-1)  # -1 or 0: no top-k cut
     min_p: float | None = Field(None, ge=0.0, le=1.0)  # 0: no cut
@@ -428,6 +431,8 @@ class ResponsesRequest(_Strict):
     previous_response_id: str | None = None
     metadata: dict[str, str] | None = None
     user: str | None = None
+    prompt_cache_key: str | None = None  # hints that change no output, as on chat
+    safety_identifier: str | None = None
     text: TextConfig | None = None
     tools: list[ResponsesFunctionTool] | None = None
     tool_choice: Literal["none", "auto", "required"] | ResponsesToolChoiceFunction | None = None

@@ -656,3 +656,21 @@ def test_predicted_outputs_reach_the_engine_and_usage_reports_them():
             assert r.json()["error"]["param"].startswith("prediction")
 
     serve(test)
+
+
+def test_openai_hints_that_change_nothing_are_accepted():
+    """prompt_cache_key and safety_identifier (OpenAI's caching and abuse-tracking hints) are accepted on every
+    generation endpoint and change nothing: the prefix cache keys on the tokens themselves."""
+
+    async def test(client, engine):
+        hints = {"prompt_cache_key": "conv-1", "safety_identifier": "user-7"}
+        for path, body in (("/v1/completions", {"prompt": "hi", "max_tokens": 2}),
+                           ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                                     "max_tokens": 2}),
+                           ("/v1/responses", {"input": "hi", "max_output_tokens": 2})):
+            with_hints = await client.post(path, json={"model": MODEL, **body, **hints})
+            without = await client.post(path, json={"model": MODEL, **body})
+            assert with_hints.status_code == without.status_code == 200, with_hints.text
+            assert engine.seen_params[-1] == engine.seen_params[-2]
+
+    serve(test)
