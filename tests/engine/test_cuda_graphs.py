@@ -89,6 +89,35 @@ def test_engine_verifies_drafts_through_graphs(state_dtype):
 
 
 @pytest.mark.gpu
+def test_predicted_outputs_draft_through_graphs():
+    """Predicted outputs (SamplingParams.prediction) on CUDA: the prediction's drafts go through the verifying
+    graphs captured at start-up; a run predicted by its own plain output accepts most of them."""
+    config = dict(device="cuda", max_num_seqs=8, num_state_slots=64, num_kv_blocks=64)
+    prompts = {str(i): list(range(5, 5 + n)) for i, n in enumerate((9, 30, 4))}
+    plain = LLMEngine(EngineConfig(**config))
+    expected = {}
+    for request_id, prompt in prompts.items():
+        plain.add_request(request_id, prompt, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
+    while plain.has_unfinished_requests():
+        for output in plain.step():
+            expected.setdefault(output.request_id, []).extend(output.new_token_ids)
+    engine = LLMEngine(EngineConfig(num_speculative_tokens=3, **config))
+    captured = len(engine.runner.graphs.graphs)
+    for request_id, prompt in prompts.items():
+        engine.add_request(request_id, prompt, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True,
+                                                              prediction=expected[request_id]))
+    final = {}
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            if output.finished:
+                final[output.request_id] = output
+    assert all(len(o.output_token_ids) == 16 for o in final.values())
+    accepted = sum(o.accepted_prediction_tokens for o in final.values())
+    assert accepted >= 24, accepted  # of at most 15 a request, most held
+    assert len(engine.runner.graphs.graphs) == captured
+
+
+@pytest.mark.gpu
 def test_engine_on_the_paged_kernel_captures_nothing_after_start_up():
     """With MLA on the paged kernel, the graphs captured at start-up (every batch bucket and width, at the
     model's length) serve the whole run: decode and verifying steps of sequences that grow from 40 to 1,300
