@@ -309,7 +309,7 @@ def test_the_store_keeps_within_its_budget_and_can_be_off():
         assert_openai_error(await http.get(f"/v1/responses/{first.id}"), 404)
         assert (await client.responses.retrieve(second.id)).id == second.id
 
-    serve(test, config=ServerConfig(max_stored_response_bytes=1600))  # each takes ~1,100
+    serve(test, config=ServerConfig(max_stored_response_bytes=1600))  # each takes ~1,200: room for one
 
     async def off(http, client, engine):
         resp = await client.responses.create(model=MODEL, input="x", max_output_tokens=2)
