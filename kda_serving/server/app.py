@@ -22,6 +22,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from kda_serving.server.admission import Admission
 from kda_serving.server.chat import create_chat_completion
 from kda_serving.server.completions import create_completion
 from kda_serving.server.config import ServerConfig
@@ -45,6 +46,7 @@ class ServerState:
     config: ServerConfig
     metrics: ServerMetrics
     responses: ResponseStore = None  # the stored /v1/responses answers
+    admission: Admission = field(default_factory=Admission)  # generation requests in flight, and their limit
     background: dict = field(default_factory=dict)  # response id -> the asyncio task generating it
     started_at: int = 0
     ready: bool = False
@@ -96,8 +98,10 @@ def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
     """An app serving `engine` (not yet started: the app's lifespan starts and stops it)."""
     config = config or ServerConfig()
     server = ServerState(engine=engine, config=config, metrics=ServerMetrics(engine),
-                         responses=ResponseStore(config.max_stored_response_bytes))
+                         responses=ResponseStore(config.max_stored_response_bytes),
+                         admission=Admission(config.max_concurrent_requests))
     server.metrics.watch_response_store(server.responses)
+    server.metrics.watch_admission(server.admission)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -127,7 +131,7 @@ def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
     @app.exception_handler(APIError)
     async def on_api_error(_request: Request, exc: APIError) -> JSONResponse:
         server.metrics.http_errors.labels(status=str(exc.status)).inc()
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     http.add_argument("--max-n", type=int, default=16, help="most choices per request")
     http.add_argument("--max-stored-response-bytes", type=int, default=64 << 20,
                       help="JSON text of /v1/responses answers kept for previous_response_id (LRU; 0: none)")
+    http.add_argument("--max-concurrent-requests", type=int, default=0,
+                      help="generation requests in flight at once; past it a 429 with Retry-After (0: no limit)")
     http.add_argument("--tool-call-parser", default="auto",
                       help="how tool_choice 'auto' replies are read: auto (the format the tokenizer has markers for), "
                            "none, or kimi_k2")
@@ -119,6 +121,7 @@ def main(argv: list[str] | None = None) -> None:
                                      max_request_bytes=args.max_request_bytes,
                                      max_prompt_tokens=args.max_prompt_tokens, max_n=args.max_n,
                                      max_stored_response_bytes=args.max_stored_response_bytes,
+                                     max_concurrent_requests=args.max_concurrent_requests,
                                      tool_call_parser=args.tool_call_parser)
     except (TypeError, ValueError) as exc:
         parser.error(str(exc))

@@ -17,7 +17,11 @@ class ServerConfig:
     "auto" picks the format whose markers the model's tokenizer has (Kimi-Linear: kimi_k2), "none" refuses
     "auto" requests, or a format's name. max_stored_response_bytes: the JSON text of the /v1/responses answers
     kept for `previous_response_id` and retrieval (server/response_store.py), least recently used evicted
-    first; 0 stores none.
+    first; 0 stores none. max_concurrent_requests: the most generation requests (/v1/completions,
+    /v1/chat/completions, /v1/responses, background ones included) in flight at once; past it a request gets a
+    429 with Retry-After without reaching the engine (server/admission.py). 0, the default, means no limit, as
+    in vLLM: the engine already queues what its batch cannot take, and the right bound depends on the
+    deployment (the clients' patience, prompt sizes, a proxy's own limits), so it is the operator's to set.
     """
 
     api_key: str | None = None
@@ -26,6 +30,7 @@ class ServerConfig:
     max_n: int = 16
     tool_call_parser: str = "auto"
     max_stored_response_bytes: int = 64 << 20
+    max_concurrent_requests: int = 0
 
     def __post_init__(self):
         if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key):
@@ -34,9 +39,10 @@ class ServerConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"ServerConfig: '{name}' must be a positive int, got {value!r}")
-        value = self.max_stored_response_bytes
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise ValueError(f"ServerConfig: 'max_stored_response_bytes' must be an int >= 0, got {value!r}")
+        for name in ("max_stored_response_bytes", "max_concurrent_requests"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"ServerConfig: '{name}' must be an int >= 0, got {value!r}")
         from .tool_parsers import TOOL_PARSERS
 
         if self.tool_call_parser not in ("auto", "none", *TOOL_PARSERS):

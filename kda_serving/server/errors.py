@@ -17,6 +17,7 @@ _ERROR_TYPES = {
     404: "invalid_request_error",
     405: "invalid_request_error",
     413: "invalid_request_error",
+    429: "requests",  # what OpenAI sends for a request-count limit (code "rate_limit_exceeded")
     500: "internal_error",
     503: "service_unavailable",
 }
@@ -25,12 +26,14 @@ _ERROR_TYPES = {
 class APIError(Exception):
     """A request the server refuses; carries the HTTP status and the OpenAI error fields."""
 
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None):
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.code = code
+        self.headers = headers  # sent with the answer, e.g. a 429's Retry-After
 
     def body(self) -> dict:
         return error_body(self.status, self.message, param=self.param, code=self.code)

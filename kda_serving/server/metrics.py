@@ -92,6 +92,13 @@ class ServerMetrics:
                                  lambda s: s.bytes_used)):
             Gauge(name, doc, registry=self.registry).set_function(lambda read=read: read(store))
 
+    def watch_admission(self, admission) -> None:
+        """A gauge of the generation requests admitted (server/admission.py), read at scrape time; refused ones
+        are the 429s of kda_serving_http_errors_total."""
+        Gauge("kda_serving_admitted_requests", "Generation requests admitted and not yet over "
+              "(bounded by --max-concurrent-requests)", registry=self.registry).set_function(
+            lambda: admission.admitted)
+
     def count_prompt(self, prompt_tokens: int, cached_tokens: int) -> None:
         """Count one served prompt and how much of it the prefix cache supplied."""
         self.prompt_tokens.inc(prompt_tokens)

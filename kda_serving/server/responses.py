@@ -85,13 +85,20 @@ async def create_response(request: Request, server) -> Response:
     conversation = _as_items(body["input"])
     choice = Choice(index=0, request_id=answer.id, prompt_token_ids=ids,
                     params=sampling_params(chat, max_tokens, 0, req.num_logprobs()))
+    ticket = server.admission.admit()  # held until the answer (or the background run) is over
     if req.stream:
-        return EventStreamResponse(_events(server, choice, answer, conversation))
+        return EventStreamResponse(_events(server, choice, answer, conversation), on_close=ticket.release)
     if req.background:
         server.responses.put(answer.body(choice), conversation)
-        server.background[answer.id] = asyncio.create_task(_run_in_background(server, choice, answer, conversation))
+        task = asyncio.create_task(_run_in_background(server, choice, answer, conversation))
+        task.add_done_callback(lambda _: ticket.release())  # runs however the task ends, even cancelled unstarted
+        server.background[answer.id] = task
         return JSONResponse(answer.body(choice))
-    if not await run_to_end(request, server, [choice], ENDPOINT, answer.id):
+    try:
+        finished = await run_to_end(request, server, [choice], ENDPOINT, answer.id)
+    finally:
+        ticket.release()
+    if not finished:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
     server.metrics.count_prompt(len(ids), choice.num_cached_tokens)
     return JSONResponse(_finished(server, answer, choice, conversation))

@@ -75,12 +75,19 @@ async def respond(request: Request, server, choices: list[Choice], header: Respo
                   *, stream: bool, include_usage: bool) -> Response:
     """Run the choices on the engine and answer: an SSE stream of chunks, or one JSON object at the end.
 
-    `server` is the app's ServerState (engine, config, metrics). A non-streaming request whose client leaves
-    is aborted like a stream would be; engine refusals become 400s, engine failures 500s.
+    `server` is the app's ServerState (engine, config, metrics, admission). Called once the request is valid:
+    it is admitted here (a 429 past --max-concurrent-requests) and holds its ticket until the answer is over.
+    A non-streaming request whose client leaves is aborted like a stream would be; engine refusals become 400s,
+    engine failures 500s.
     """
+    ticket = server.admission.admit()
     if stream:
-        return EventStreamResponse(_events(server, choices, header, fmt, include_usage))
-    if not await run_to_end(request, server, choices, fmt.name, header.id):
+        return EventStreamResponse(_events(server, choices, header, fmt, include_usage), on_close=ticket.release)
+    try:
+        finished = await run_to_end(request, server, choices, fmt.name, header.id)
+    finally:
+        ticket.release()
+    if not finished:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
     body_usage = usage(choices)
     server.metrics.count_prompt(body_usage["prompt_tokens"], body_usage["prompt_tokens_details"]["cached_tokens"])

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
@@ -26,14 +26,27 @@ def sse_event(payload: dict) -> bytes:
 
 
 class EventStreamResponse(StreamingResponse):
-    """A text/event-stream response whose body iterator is cancelled when the client disconnects."""
+    """A text/event-stream response whose body iterator is cancelled when the client disconnects.
+
+    on_close: called once the response is over, however it ended (sent, failed, the client gone, cancelled),
+    even when the body never started, so an un-started generator's `finally` (which never runs) is not needed
+    to release what the request held.
+    """
 
     media_type = "text/event-stream"
 
-    def __init__(self, content, status_code: int = 200):
+    def __init__(self, content, status_code: int = 200, on_close: Callable[[], None] | None = None):
         super().__init__(content, status_code=status_code, headers=SSE_HEADERS)
+        self.on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self._stream_until_disconnect(receive, send)
+        finally:
+            if self.on_close is not None:
+                self.on_close()
+
+    async def _stream_until_disconnect(self, receive: Receive, send: Send) -> None:
         stream = asyncio.create_task(self.stream_response(send))
         watcher = asyncio.create_task(_wait_for_disconnect(receive))
         try:

@@ -60,6 +60,7 @@ class FakeEngine:
         self.started = False
         self.fail_with: Exception | None = None  # raised by generate() before any output, when set
         self.prediction_counts = (0, 0)  # (accepted, rejected) prediction drafts every output reports
+        self.gate: asyncio.Event | None = None  # if given, a running request waits for it before its first token
         self._slots: asyncio.Semaphore | None = None
         self._abort_events: dict[str, asyncio.Event] = {}
 
@@ -102,6 +103,8 @@ class FakeEngine:
             async with self._slots:
                 self.waiting.discard(request_id)
                 self.running.add(request_id)
+                if self.gate is not None:  # held in flight, deterministically, until the test opens the gate
+                    await self.gate.wait()
                 cached = self._cached_prefix(prompt_token_ids)
                 out_ids: list[int] = []
                 text = ""

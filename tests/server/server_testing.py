@@ -141,12 +141,14 @@ def metrics(srv) -> dict[str, float]:
 
 
 def wait_until_free(srv, timeout=60.0) -> dict[str, float]:
-    """Poll /metrics until nothing runs, waits or holds a slot/block; return the last scrape."""
+    """Poll /metrics until nothing runs, waits, holds a slot/block or an admission ticket; return the last
+    scrape."""
     keys = ("num_running", "num_waiting", "state_slots_used", "kv_blocks_used")
     deadline = time.monotonic() + timeout
     while True:
         m = metrics(srv)
-        if all(m[f"kda_serving_engine_{k}"] == 0 for k in keys) and m["kda_serving_http_requests_in_flight"] == 0:
+        if (all(m[f"kda_serving_engine_{k}"] == 0 for k in keys) and m["kda_serving_http_requests_in_flight"] == 0
+                and m["kda_serving_admitted_requests"] == 0):
             return m
         if time.monotonic() > deadline:
             held = {k: m[f"kda_serving_engine_{k}"] for k in keys}

@@ -18,6 +18,8 @@ def test_every_engine_flag_is_an_engine_config_field():
     assert given == {"device": "cuda:1", "max_num_seqs": 8, "enable_prefix_caching": False}
     defaults = build_parser().parse_args([])
     assert (defaults.host, defaults.port, defaults.api_key) == ("127.0.0.1", 8000, None)
+    assert defaults.max_concurrent_requests == 0  # no limit
+    assert build_parser().parse_args(["--max-concurrent-requests", "8"]).max_concurrent_requests == 8
 
 
 @pytest.mark.parametrize("argv, names", [
@@ -33,9 +35,10 @@ def test_every_engine_flag_is_an_engine_config_field():
     (["--prompt-graph-tokens", "-1"], "prompt_graph_tokens"),
     (["--max-stored-response-bytes", "-1"], "max_stored_response_bytes"),
     (["--fp8-fast-accumulation"], "fp8_fast_accumulation"),
+    (["--max-concurrent-requests", "-1"], "max_concurrent_requests"),
 ], ids=["device", "max-num-seqs", "prefix-cache-interval", "max-request-bytes", "cpu-threads", "port",
         "num-speculative-tokens", "prompt-lookup-min", "tool-call-parser", "prompt-graph-tokens",
-        "max-stored-response-bytes", "fp8-fast-accumulation-without-fp8"])
+        "max-stored-response-bytes", "fp8-fast-accumulation-without-fp8", "max-concurrent-requests"])
 def test_bad_flags_exit_2_naming_the_flag(argv, names, capsys):
     with pytest.raises(SystemExit) as exc:
         main(argv)
