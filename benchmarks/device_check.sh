@@ -27,6 +27,7 @@ case "${1:-tests}" in  # tests | bench | bench-prefill [bench_prefill.py args]
       python3 benchmarks/bench_decode_step.py --out "$OUT/decode_step.json" &&
       python3 benchmarks/bench_sampling.py --out-dir "$OUT" &&
       python3 benchmarks/bench_moe.py --out "$OUT/moe.json" &&
+      python3 benchmarks/bench_moe_routing.py --out "$OUT/moe_routing.json" &&
       python3 benchmarks/bench_fp8_experts.py --out "$OUT/fp8_experts.json" &&
       python3 benchmarks/bench_fp8_quantize.py --out "$OUT/fp8_quantize.json"; } 2>&1 | tee "$OUT/bench.log"
     ;;

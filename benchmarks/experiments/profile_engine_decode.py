@@ -5,6 +5,9 @@ a few decode steps with torch.profiler: total wall time per step, GPU busy time 
 with the most host time. Tells whether the step is bound by the GPU, by launches, or by Python.
 
     python benchmarks/experiments/profile_engine_decode.py [--steps 8] [--requests 64] [--no-cuda-graphs]
+        [--full48b [--quantization fp8]]
+
+--full48b profiles the whole 27-layer model of bench_kimi48b.py instead (random weights, ~51 GB with fp8 experts).
 
 The log in benchmarks/results/logs/session7/h100-engine-decode-profile.log is of eager steps (before the engine
 replayed decode steps from CUDA graphs: --no-cuda-graphs now).
@@ -32,9 +35,18 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--no-cuda-graphs", action="store_true", help="profile eager decode steps")
+    ap.add_argument("--full48b", action="store_true", help="the whole 27-layer model, not 4 layers")
+    ap.add_argument("--quantization", default=None, choices=["fp8"])
+    ap.add_argument("--rows", type=int, default=15, help="kernels listed by GPU time")
     args = ap.parse_args(argv)
-    model = random_kimi48b_model(torch.device("cuda"))
+    if args.full48b:
+        from bench_kimi48b import full_model
+
+        model = full_model(args.quantization)
+    else:
+        model = random_kimi48b_model(torch.device("cuda"))
     engine = LLMEngine(EngineConfig(device="cuda", max_num_seqs=args.requests, max_num_batched_tokens=8192,
+                                    quantization=args.quantization,
                                     enable_cuda_graphs=not args.no_cuda_graphs), model=model)
     params = SamplingParams(temperature=0, max_tokens=10_000, ignore_eos=True)
     for i, ids in enumerate(prompts(args.requests, 8, model.config.vocab_size, seed=2)):
@@ -61,7 +73,7 @@ def main(argv=None) -> int:
     print(f"decode step ({args.requests} sequences): wall {wall_ms:.2f} ms without the profiler; GPU busy "
           f"{gpu_us / 1e3:.2f} ms per step; {launches:.0f} kernel launches per step")
     print(events.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60))
-    print(events.table(sort_by="self_device_time_total", row_limit=15, max_name_column_width=60))
+    print(events.table(sort_by="self_device_time_total", row_limit=args.rows, max_name_column_width=90))
     return 0
 
 

@@ -153,7 +153,7 @@ class KimiLinearModel(nn.Module):
             if moe is not None:
                 _compiled(route_experts)(h, moe.router, moe.e_score_correction_bias, moe.top_k, moe.num_groups,
                                          moe.topk_group, moe.renormalize, moe.scaling)
-                pairs = torch.arange(tokens * moe.top_k, device=self.device)
+                pairs = torch.arange(tokens * moe.top_k, dtype=torch.int32, device=self.device)  # as moe_sort_pairs
                 _compiled(combine_experts)(h.repeat_interleave(moe.top_k, 0), pairs,
                                            torch.ones(tokens, moe.top_k, device=self.device))
 

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import cuda_moe, moe_experts_gemv, quantize_rows_fp8, silu_mul_quantize_fp8
+from ..ops import cuda_moe, moe_experts_gemv, moe_route, moe_sort_pairs, quantize_rows_fp8, silu_mul_quantize_fp8
+from ..ops.moe_routing import route_experts_reference, route_kernel_takes
 from .config import ModelConfig
 from .fp8 import FP8, fp8_linear, fp8_matmul, quantize_into_
 
@@ -83,23 +84,9 @@ class DenseMLP(nn.Module):
         return F.linear(act(F.linear(x, self.gate_up_proj)), self.down_proj)
 
 
-def route_experts(x: torch.Tensor, router: torch.Tensor, bias: torch.Tensor, top_k: int, num_groups: int,
-                  topk_group: int, renormalize: bool, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The router (module doc): x [T, hidden] -> (expert ids [T, top_k] int64, weights [T, top_k] fp32)."""
-    T, E = x.shape[0], router.shape[0]
-    scores = F.linear(x.float(), router.float()).sigmoid()
-    choice = scores + bias
-    if num_groups > 1:
-        per_group = choice.view(T, num_groups, E // num_groups)
-        group_scores = per_group.topk(2, dim=-1).values.sum(-1)  # [T, G]
-        best = group_scores.topk(topk_group, dim=-1, sorted=False).indices
-        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
-        choice = choice.masked_fill(~keep.repeat_interleave(E // num_groups, dim=1), float("-inf"))
-    ids = choice.topk(top_k, dim=-1, sorted=False).indices
-    weights = scores.gather(1, ids)
-    if renormalize:
-        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-    return ids, weights * scaling
+# The router's formula in torch ops (ops/moe_routing.py): what the CPU runs, compiled on a compiled model where
+# the CUDA kernels do not take the layer.
+route_experts = route_experts_reference
 
 
 class MoE(nn.Module):
@@ -158,7 +145,11 @@ class MoE(nn.Module):
     combine_fn = staticmethod(combine_experts)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [T, hidden] -> (expert ids [T, top_k] int64, weights [T, top_k] fp32)."""
+        """x [T, hidden] -> (expert ids [T, top_k] int64, weights [T, top_k] fp32): ops.moe_route's kernels on a
+        GPU that runs them (two launches where torch's were six: docs/moe-routing.md), else the torch formula."""
+        if route_kernel_takes(x, self.router, self.top_k, self.num_groups):
+            return moe_route(x, self.router, self.e_score_correction_bias, self.top_k, self.num_groups,
+                             self.topk_group, self.renormalize, self.scaling)
         return self.route_fn(x, self.router, self.e_score_correction_bias, self.top_k, self.num_groups,
                              self.topk_group, self.renormalize, self.scaling)
 
@@ -188,13 +179,10 @@ class MoE(nn.Module):
                                     getattr(self, "gate_up_proj_scale", None), getattr(self, "down_proj_scale", None))
         fused = x.shape[0] >= FUSED_MIN_TOKENS
         act, combine = (self.act_fn, self.combine_fn) if fused else (silu_mul, combine_experts)
-        flat_ids = ids.reshape(-1)
-        order = flat_ids.argsort(stable=True)
-        token = order // self.top_k  # which token each sorted pair belongs to
+        # the pairs sorted by expert: the token of each sorted row, the row of each pair, the end of each
+        # expert's rows (ops.moe_sort_pairs: one kernel on CUDA, no host sync)
+        token, pair_row, ends = moe_sort_pairs(ids, self.num_experts)
         if _grouped_gemm_fits(x, self.gate_up_proj):
-            # End of each expert's rows in the sorted pairs, computed on the device: no host sync.
-            experts = torch.arange(1, self.num_experts + 1, device=x.device)
-            ends = torch.searchsorted(flat_ids[order], experts, right=False).to(torch.int32)
             if self.fp8:
                 # each token quantized once, before its top_k copies are gathered (a row's quantization does
                 # not depend on where it goes): k times less quantizing, and the gather moves 1-byte elements
@@ -213,16 +201,13 @@ class MoE(nn.Module):
                 y = torch._grouped_mm(h, self.down_proj.transpose(1, 2), offs=ends)
         else:
             rows = x.index_select(0, token)
-            counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()
             y = torch.empty_like(rows)
             start = 0
-            for e, n in enumerate(counts):
-                if n:
-                    y[start : start + n] = self._expert(e, rows[start : start + n])
-                    start += n
-        # where each (token, k) pair landed in the sorted order
-        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-        return combine(y, inverse, weights)
+            for e, end in enumerate(ends.tolist()):
+                if end > start:
+                    y[start:end] = self._expert(e, rows[start:end])
+                    start = end
+        return combine(y, pair_row, weights)
 
     def _expert(self, e: int, rows: torch.Tensor) -> torch.Tensor:
         """Expert e's SwiGLU on its rows [n, hidden], one GEMM at a time (the loop path)."""

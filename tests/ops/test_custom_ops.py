@@ -104,3 +104,14 @@ def test_moe_experts_op_passes_opcheck():
     # on the CPU)
     opcheck(torch.ops.kda_serving.moe_experts_gemv_.default, (x, ids, weights, q1, s1, q2, s2, torch.empty_like(x)),
             test_utils=("test_faketensor",))
+
+
+def test_moe_routing_ops_pass_opcheck():
+    from kda_serving.ops import moe_route  # noqa: F401  (registers the ops)
+
+    gen = torch.Generator().manual_seed(7)
+    x, router, bias = torch.randn(5, 16, generator=gen), torch.randn(32, 16, generator=gen), torch.randn(32)
+    opcheck(torch.ops.kda_serving.moe_route.default, (x, router, bias, 4, 4, 2, True, 2.5),
+            test_utils=("test_schema", "test_faketensor"))
+    opcheck(torch.ops.kda_serving.moe_sort_pairs.default, (torch.randint(0, 32, (5, 4), generator=gen), 32),
+            test_utils=("test_schema", "test_faketensor"))
