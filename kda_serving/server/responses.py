@@ -89,8 +89,12 @@ async def create_response(request: Request, server) -> Response:
     if req.stream:
         return EventStreamResponse(_events(server, choice, answer, conversation), on_close=ticket.release)
     if req.background:
-        server.responses.put(answer.body(choice), conversation)
-        task = asyncio.create_task(_run_in_background(server, choice, answer, conversation))
+        try:
+            server.responses.put(answer.body(choice), conversation)
+            task = asyncio.create_task(_run_in_background(server, choice, answer, conversation))
+        except BaseException:  # no task to give the ticket back: give it back here
+            ticket.release()
+            raise
         task.add_done_callback(lambda _: ticket.release())  # runs however the task ends, even cancelled unstarted
         server.background[answer.id] = task
         return JSONResponse(answer.body(choice))
