@@ -82,6 +82,31 @@ def test_moe_gemv_matches_float64(experts, kind, T, repeat):
     assert torch.equal(out, again)  # fixed summation order
 
 
+@pytest.mark.parametrize("kind", ["bf16", "fp8"])
+@pytest.mark.parametrize("top_k", [3, 6])
+def test_moe_gemv_other_shapes_match_float64(kind, top_k):
+    """Rows wider than one batch of loads (hidden 4,096: two batches of gate/up loads per lane), a narrow
+    intermediate (256: one load per lane and down row), and a top_k the down kernel's groups of experts do not
+    divide (3, 6: groups of 8 for e4m3 and 4 for bf16, the rest empty)."""
+    E_, H_, I_, T = 8, 4096, 256, 4
+    gen = torch.Generator(device="cuda").manual_seed(top_k)
+    gate_up = (torch.randn(E_, 2 * I_, H_, generator=gen, device="cuda") * H_**-0.5).to(torch.bfloat16)
+    down = (torch.randn(E_, H_, I_, generator=gen, device="cuda") * I_**-0.5).to(torch.bfloat16)
+    s1 = s2 = None
+    if kind == "fp8":
+        (gate_up, s1), (down, s2) = quantize_rows(gate_up), quantize_rows(down)
+    x = torch.randn(T, H_, generator=gen, device="cuda").to(torch.bfloat16)
+    ids = torch.rand(T, E_, generator=gen, device="cuda").topk(top_k, dim=-1).indices
+    weights = torch.rand(T, top_k, generator=gen, device="cuda") * 2.4
+    assert cuda_moe.supports(x, gate_up, top_k)
+    out = _call(x, ids, weights, gate_up, down, s1, s2)
+    ref = _float64(x, ids, weights, gate_up, down, s1, s2)
+    assert not torch.isnan(out).any(), "an output element was not written"
+    rel = ((out.double().cpu() - ref).norm() / ref.norm()).item()
+    print(f"{kind} hidden {H_} inter {I_} top_k {top_k}: rel {rel:.2e}")
+    assert rel <= TOL
+
+
 def test_out_of_range_experts_contribute_nothing(experts):
     gate_up, down, _, _ = experts["bf16"]
     x, ids, weights = _routed(2, seed=7)
