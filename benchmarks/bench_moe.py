@@ -33,18 +33,25 @@ from kda_serving.model import moe as moe_module  # noqa: E402
 from kda_serving.model.moe import MoE  # noqa: E402
 
 
+def kimi48b_moe_layers() -> dict[str, MoE]:
+    """The first MoE layer of bench_engine's random Kimi-Linear-48B-shaped model on the GPU (its plain pieces
+    compiled, as the engine runs them), with bf16 experts and as a copy with e4m3 ones: {"bf16": .., "fp8": ..}."""
+    model = random_kimi48b_model(torch.device("cuda"))
+    model.compile_plain_ops(True)
+    bf16 = next(layer.mlp for layer in model.layers if isinstance(layer.mlp, MoE))
+    fp8 = copy.deepcopy(bf16)
+    fp8.quantize_experts_()
+    return {"bf16": bf16, "fp8": fp8}
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", default="1,2,4,8,16,24,32,64")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     rate = copy_rate_bytes_per_s()
-    model = random_kimi48b_model(torch.device("cuda"))
-    model.compile_plain_ops(True)
-    bf16 = next(layer.mlp for layer in model.layers if isinstance(layer.mlp, MoE))
-    fp8 = copy.deepcopy(bf16)
-    fp8.quantize_experts_()
-    layers = {"bf16": bf16, "fp8": fp8}
+    layers = kimi48b_moe_layers()
+    bf16 = layers["bf16"]
     print(f"{torch.cuda.get_device_name()}: copy rate {rate / 1e12:.2f} TB/s", flush=True)
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = []

@@ -18,7 +18,6 @@ Writes benchmarks/results/<card>-moe_routing.json.
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import sys
 from pathlib import Path
@@ -29,13 +28,12 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/common.py
 
-from bench_engine import random_kimi48b_model  # noqa: E402
+from bench_moe import kimi48b_moe_layers  # noqa: E402
 from common import (RESULTS, card_name, copy_rate_bytes_per_s, environment, gpu_ms, graph_replay_us,  # noqa: E402
                     write_json)
 
 from kda_serving.model import moe as moe_module  # noqa: E402
 from kda_serving.model.kimi_linear import _compiled  # noqa: E402
-from kda_serving.model.moe import MoE  # noqa: E402
 from kda_serving.ops import cuda_moe_routing, moe_route  # noqa: E402
 from kda_serving.ops.moe_routing import route_experts_reference, sort_pairs_reference  # noqa: E402
 
@@ -89,12 +87,8 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     rate = copy_rate_bytes_per_s()
-    model = random_kimi48b_model(torch.device("cuda"))
-    model.compile_plain_ops(True)
-    bf16 = next(layer.mlp for layer in model.layers if isinstance(layer.mlp, MoE))
-    fp8 = copy.deepcopy(bf16)
-    fp8.quantize_experts_()
-    layer = bf16
+    layers = kimi48b_moe_layers()
+    layer = layers["bf16"]  # the router is the same in both
     router_args = (layer.router, layer.e_score_correction_bias, layer.top_k, layer.num_groups, layer.topk_group,
                    layer.renormalize, layer.scaling)
     compiled_router = _compiled(route_experts_reference)
@@ -118,7 +112,7 @@ def main(argv=None) -> None:
             for name, fn in cases.items():
                 row[f"{name}_replay_us"] = graph_replay_us(fn)  # one replay from an idle GPU: launch included
                 row[f"{name}_us"], row[f"{name}_kernels"] = kernels_us(fn)
-            for kind, mlp in (("bf16", bf16), ("fp8", fp8)):
+            for kind, mlp in layers.items():
                 moe_module.route_kernel_takes = lambda *a: False
                 moe_module.moe_sort_pairs = sort_pairs_reference
                 row[f"layer_{kind}_torch_routing_ms"] = gpu_ms(lambda: mlp(x))

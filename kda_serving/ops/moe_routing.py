@@ -104,9 +104,11 @@ def _route_cuda(x, router, bias, top_k, num_groups, topk_group, renormalize, sca
     T, E = x.shape[0], router.shape[0]
     if not route_kernel_takes(x, router, top_k, num_groups):
         return route_experts_reference(x, router, bias, top_k, num_groups, topk_group, renormalize, scaling)
-    if T <= ROUTER_KERNEL_MAX_TOKENS and k.supports_logits(x, router):
+    x, router = x.contiguous(), router.contiguous()
+    aligned = x.data_ptr() % 16 == router.data_ptr() % 16 == 0  # the kernel's 16-byte loads (a view may not be)
+    if T <= ROUTER_KERNEL_MAX_TOKENS and aligned and k.supports_logits(x, router):
         logits = torch.empty(T, E, dtype=torch.float32, device=x.device)
-        k.router_logits(x.contiguous(), router.contiguous(), logits)
+        k.router_logits(x, router, logits)
     else:
         logits = F.linear(x.float(), router.float())
     ids = torch.empty(T, top_k, dtype=torch.int64, device=x.device)

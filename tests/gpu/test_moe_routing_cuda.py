@@ -240,3 +240,18 @@ def test_kernel_router_agrees_with_torch_router():
     same = (sids == tids).all(-1)
     assert same.float().mean() > 0.95
     torch.testing.assert_close(weights.gather(1, order)[same], tweights[same], rtol=2e-6, atol=1e-6)
+
+
+def test_router_takes_unaligned_rows():
+    """x as a view that starts 2 bytes into its storage (not 16-byte aligned for the logits kernel's loads):
+    cuBLAS's logits instead, the same experts."""
+    _library_or_skip()
+    x, router, bias = _router_inputs(5, seed=30)
+    padded = torch.empty(5 * HIDDEN + 1, dtype=torch.bfloat16, device="cuda")
+    view = padded[1:].view(5, HIDDEN)
+    view.copy_(x)
+    assert view.data_ptr() % 16
+    ids, weights = moe_route(view, router, bias, TOP_K, 1, 1, True, SCALING)
+    aligned_ids, aligned_weights = moe_route(x, router, bias, TOP_K, 1, 1, True, SCALING)
+    assert torch.equal(ids, aligned_ids)
+    torch.testing.assert_close(weights, aligned_weights, rtol=1e-6, atol=0)
