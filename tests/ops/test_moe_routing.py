@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kda_serving.ops import moe_route, moe_sort_pairs
 
@@ -78,3 +80,18 @@ def test_route_and_sort_refuse_bad_arguments():
         moe_sort_pairs(torch.zeros(3, 2, dtype=torch.int32), 8)
     with pytest.raises(ValueError, match="'num_experts'"):
         moe_sort_pairs(torch.zeros(3, 2, dtype=torch.int64), 0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(T=st.integers(0, 40), k=st.integers(1, 6), E=st.integers(1, 24), seed=st.integers(0, 2**31 - 1),
+       bad=st.booleans())
+def test_sort_pairs_property(T, k, E, seed, bad):
+    """Any shape, ids in range or not: row_token / pair_row / ends describe Python's stable sort by expert."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(-2 if bad else 0, E + 2 if bad else E, (T, k), generator=gen)
+    row_token, pair_row, ends = moe_sort_pairs(ids, E)
+    bucket = [e if 0 <= e < E else E for e in ids.reshape(-1).tolist()]
+    order = sorted(range(T * k), key=lambda p: bucket[p])
+    assert row_token.tolist() == [p // k for p in order]
+    assert [order[r] for r in pair_row.tolist()] == list(range(T * k))
+    assert ends.tolist() == [sum(b <= e for b in bucket) for e in range(E)]
