@@ -8,10 +8,11 @@
 // Why: in torch the router was an fp32 GEMV, a radix top-k and four fused elementwise kernels, 16 us per
 // Kimi-Linear-48B layer at one token of which the weights' reading is under 1; and the grouped GEMMs' sort of
 // the (token, expert) pairs by expert seven more kernels, 40 us per layer at 64 tokens (a 512-key radix sort
-// alone took 27). Each is one small kernel here. None allocates or synchronises: CUDA-graph capturable.
+// alone took 27). Here the router is two small kernels and the sort one. None allocates or synchronises:
+// CUDA-graph capturable.
 //
 // router_logits: fp32 dot products of bf16 rows (each product exact in fp32, as torch's F.linear on the rows
-// cast to fp32 forms them), a warp per expert over a tile of 8 tokens held in shared memory.
+// cast to fp32 forms them), a warp per expert over a tile of 1, 2, 4 or 8 tokens held in shared memory.
 // router_topk (module doc of ops/moe_routing.py for the formula): a warp per token; s = sigmoid(logit), choice =
 // s + bias; with groups, keep the topk_group groups of the best top-2 choice sums; then the k best choices,
 // in decreasing order, ties to the lower expert id, a NaN choice ranked as -inf (ids are always k distinct
