@@ -36,7 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
                            "none, or kimi_k2")
     http.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
-    eng = p.add_argument_group("engine")
+    add_engine_arguments(p)
+    return p
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """The engine's flags (EngineConfig's fields, and --cpu-threads), shared with kda-serve-batch."""
+    eng = parser.add_argument_group("engine")
     eng.add_argument("--model", default=None, help="checkpoint directory (default: the embedded default model)")
     eng.add_argument("--served-model-name", default=None, help="the `model` name clients use")
     eng.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
@@ -88,7 +94,26 @@ def build_parser() -> argparse.ArgumentParser:
     eng.add_argument("--cpu-threads", type=int, default=None,
                      help="torch intra-op threads (default: torch's choice); 1 is fastest for the small "
                           "default model on a busy machine, where extra threads only spin")
-    return p
+
+
+def engine_config_from(args: argparse.Namespace):
+    """The EngineConfig the engine flags ask for; TypeError or ValueError (before anything loads) if they are
+    wrong, an unreadable --model included."""
+    from kda_serving.engine import EngineConfig
+    from kda_serving.model.config import ModelConfig
+
+    if args.model is not None:  # a wrong directory or an unsupported config.json: refused before any load
+        ModelConfig.from_file(args.model)
+    return EngineConfig(**{k: getattr(args, k) for k in ENGINE_FLAGS if getattr(args, k) is not None})
+
+
+def apply_cpu_threads(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    if args.cpu_threads is not None:
+        if args.cpu_threads < 1:
+            parser.error(f"--cpu-threads must be at least 1, got {args.cpu_threads}")
+        import torch
+
+        torch.set_num_threads(args.cpu_threads)
 
 
 ENGINE_FLAGS = ("model", "served_model_name", "device", "dtype", "max_num_seqs", "max_num_batched_tokens",
@@ -107,16 +132,12 @@ def main(argv: list[str] | None = None) -> None:
     # Imported here so that --help and argument errors answer without loading torch.
     import uvicorn
 
-    from kda_serving.engine import AsyncLLMEngine, EngineConfig
-    from kda_serving.model.config import ModelConfig
+    from kda_serving.engine import AsyncLLMEngine
     from kda_serving.server.app import create_app
     from kda_serving.server.config import ServerConfig
 
-    engine_kwargs = {k: getattr(args, k) for k in ENGINE_FLAGS if getattr(args, k) is not None}
     try:
-        if args.model is not None:  # a wrong directory or an unsupported config.json: refused before any load
-            ModelConfig.from_file(args.model)
-        engine_config = EngineConfig(**engine_kwargs)
+        engine_config = engine_config_from(args)
         server_config = ServerConfig(api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
                                      max_request_bytes=args.max_request_bytes,
                                      max_prompt_tokens=args.max_prompt_tokens, max_n=args.max_n,
@@ -128,13 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.host not in LOOPBACK_HOSTS and server_config.api_key is None:
         logging.getLogger("kda_serving.server").warning(
             "listening on %s without --api-key: anyone who can reach this port can use the model", args.host)
-
-    if args.cpu_threads is not None:
-        if args.cpu_threads < 1:
-            parser.error(f"--cpu-threads must be at least 1, got {args.cpu_threads}")
-        import torch
-
-        torch.set_num_threads(args.cpu_threads)
+    apply_cpu_threads(args, parser)
     app = create_app(AsyncLLMEngine(engine_config), server_config)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
 
