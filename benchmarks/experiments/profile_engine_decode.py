@@ -74,7 +74,45 @@ def main(argv=None) -> int:
           f"{gpu_us / 1e3:.2f} ms per step; {launches:.0f} kernel launches per step")
     print(events.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60))
     print(events.table(sort_by="self_device_time_total", row_limit=args.rows, max_name_column_width=90))
+    print_timeline(prof, args.steps)
     return 0
+
+
+# Kernel families by a substring of the kernel's name, first match wins: enough to see where a step goes.
+FAMILIES = [("cuBLAS GEMM/GEMV", ("nvjet", "gemv", "cublas", "gemm", "splitK")),
+            ("MoE experts (ours)", ("moe::",)), ("MoE routing (ours)", ("router_", "sort_pairs")),
+            ("KDA decode", ("decode::",)), ("short conv", ("conv::",)), ("gated norm", ("norm::",)),
+            ("MLA decode", ("mla::",)), ("fp8 quantize", ("quant",)), ("sampling", ("sampling::", "radix")),
+            ("torch.compile (triton)", ("triton_",)), ("torch elementwise/index/copy", ("at::native",))]
+
+
+def family(name: str) -> str:
+    for label, keys in FAMILIES:
+        if any(k in name for k in keys):
+            return label
+    return "other"
+
+
+def print_timeline(prof, steps: int) -> None:
+    """Per step: kernels, GPU busy time, the idle time between kernels, and the busy time by kernel family."""
+    kernels = sorted((e for e in prof.events() if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA),
+                     key=lambda e: e.time_range.start)
+    if not kernels:
+        return
+    busy, idle, by_family, prev_end = 0.0, 0.0, {}, None
+    for e in kernels:
+        start, end = e.time_range.start, e.time_range.end
+        if prev_end is not None and start > prev_end:
+            gap = start - prev_end
+            idle += gap if gap < 200 else 0.0  # a gap over 200 us is the host between steps, not a kernel boundary
+        busy += end - start
+        by_family[family(e.name)] = by_family.get(family(e.name), 0.0) + end - start
+        prev_end = max(prev_end or end, end)
+    print(f"timeline per step: {len(kernels) / steps:.0f} kernels, busy {busy / steps / 1e3:.3f} ms, idle between "
+          f"kernels {idle / steps / 1e3:.3f} ms ({idle / max(len(kernels) - 1, 1):.2f} us per boundary)")
+    for label, us in sorted(by_family.items(), key=lambda kv: -kv[1]):
+        n = sum(1 for e in kernels if family(e.name) == label) / steps
+        print(f"  {label:32s} {us / steps / 1e3:7.3f} ms  {n:5.0f} kernels  {us / max(n * steps, 1):6.2f} us each")
 
 
 if __name__ == "__main__":
