@@ -11,12 +11,13 @@ as `kda-serve --device cuda [--quantization fp8]` would run it:
 
 With bf16 weights (98 GB) the model needs an H200; with --quantization fp8 (51 GB) an 80 GB H100 holds it.
 --torch-routing runs the MoE routing as torch ops (the router compiled, the pairs' sort by argsort) instead of
-ops.moe_route / ops.moe_sort_pairs' kernels: the baseline those are measured against.
+ops.moe_route / ops.moe_sort_pairs' kernels: the baseline those are measured against. --unfused-shared runs
+the shared expert beside the MoE GEMV kernels (cuBLAS, torch) instead of inside them (MoE.fuse_shared_experts).
 
     python benchmarks/bench_kimi48b.py [--quantization fp8] [--batch 1,8,64] [--output-len 64] [--prompt-len 8192]
-        [--torch-routing]
+        [--torch-routing] [--unfused-shared]
 
-Writes benchmarks/results/<card>-kimi48b[-fp8][-torch-routing].json.
+Writes benchmarks/results/<card>-kimi48b[-fp8][-torch-routing][-unfused-shared].json.
 """
 
 from __future__ import annotations
@@ -68,6 +69,8 @@ def main(argv=None) -> None:
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, default=8192)
     ap.add_argument("--torch-routing", action="store_true", help="the MoE routing in torch ops (the baseline)")
+    ap.add_argument("--unfused-shared", action="store_true",
+                    help="the shared expert beside the MoE GEMV kernels, not in them (the baseline)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if args.torch_routing:
@@ -76,6 +79,10 @@ def main(argv=None) -> None:
 
         moe_module.route_kernel_takes = lambda *a: False
         moe_module.moe_sort_pairs = sort_pairs_reference
+    if args.unfused_shared:
+        from kda_serving.model.moe import MoE
+
+        MoE.fuse_shared_experts = False
     rate = copy_rate_bytes_per_s()
     total = torch.cuda.get_device_properties(0).total_memory
     t0 = time.perf_counter()
@@ -124,11 +131,14 @@ def main(argv=None) -> None:
     print(f"first token of a {args.prompt_len}-token prompt: {ttft['ttft_ms']:.1f} ms "
           f"({args.prompt_len / ttft['ttft_ms'] * 1e3:.0f} prompt tokens/s; first try {times[0]:.1f} ms)", flush=True)
 
-    suffix = (f"-{args.quantization}" if args.quantization else "") + ("-torch-routing" if args.torch_routing else "")
+    suffix = ((f"-{args.quantization}" if args.quantization else "") + ("-torch-routing" if args.torch_routing else "")
+              + ("-unfused-shared" if args.unfused_shared else ""))
     out = Path(args.out) if args.out else RESULTS / f"{card_name()}-kimi48b{suffix}.json"
     write_json(out, {"benchmark": "kimi48b", "environment": environment(), "copy_rate_bytes_per_s": rate,
                      "shape": "kimi48b-27layer", "quantization": args.quantization,
-                     "moe_routing": "torch" if args.torch_routing else "kernels", "args": vars(args),
+                     "moe_routing": "torch" if args.torch_routing else "kernels",
+                     "shared_expert": "beside" if args.unfused_shared else "in the MoE GEMV kernels",
+                     "args": vars(args),
                      "setup": setup, "decode": decode, "ttft": ttft})
 
 

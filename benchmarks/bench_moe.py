@@ -6,7 +6,9 @@ fp8 layer is its copy, quantized).
 GPU time (common.gpu_ms) of the layer's whole forward as the engine runs it (routing, experts, shared expert,
 compiled pieces) at T tokens, each path forced through moe.GEMV_MAX_TOKENS and FP8_GEMV_MAX_TOKENS, beside the
 floor: the routed experts the step touches read once at the card's copy rate (the shared expert's and the
-router's weights are in neither path's floor). The crossovers those limits are chosen from.
+router's weights are in neither path's floor). The crossovers those limits are chosen from. The GEMV path runs
+twice: with the shared expert in its kernels (MoE.fuse_shared_experts, the default) and beside them
+("gemv_unfused": cuBLAS GEMVs, SwiGLU and the add in torch).
 
     python benchmarks/bench_moe.py [--tokens 1,2,4,8,16,24,32,64]
 
@@ -65,13 +67,17 @@ def main(argv=None) -> None:
             expert_bytes = sum(getattr(layer, n)[0].numel() * getattr(layer, n).element_size()
                                for n, _ in layer.named_parameters() if n.startswith(("gate_up_proj", "down_proj")))
             row[f"{kind}_floor_ms"] = 1e3 * touched * expert_bytes / rate
-            for path, limit in (("grouped", 0), ("gemv", 1 << 30)):
+            for path, limit, fuse in (("grouped", 0, True), ("gemv", 1 << 30, True),
+                                      ("gemv_unfused", 1 << 30, False)):
                 moe_module.GEMV_MAX_TOKENS = moe_module.FP8_GEMV_MAX_TOKENS = limit
+                MoE.fuse_shared_experts = fuse
                 with torch.inference_mode():
                     row[f"{kind}_{path}_ms"] = gpu_ms(lambda: layer(x))
+            MoE.fuse_shared_experts = True
         rows.append(row)
         print(f"T={T:3d} ({touched:3d} experts): " + "; ".join(
-            f"{kind} grouped {row[f'{kind}_grouped_ms']:.3f} gemv {row[f'{kind}_gemv_ms']:.3f} ms (floor "
+            f"{kind} grouped {row[f'{kind}_grouped_ms']:.3f} gemv {row[f'{kind}_gemv_ms']:.3f} (unfused "
+            f"{row[f'{kind}_gemv_unfused_ms']:.3f}) ms (floor "
             f"{row[f'{kind}_floor_ms']:.3f}, {row[f'{kind}_grouped_ms'] / row[f'{kind}_gemv_ms']:.2f}x)"
             for kind in layers), flush=True)
     out = Path(args.out) if args.out else RESULTS / f"{card_name()}-moe.json"

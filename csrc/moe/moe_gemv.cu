@@ -7,11 +7,16 @@
 // ms per Kimi-Linear-48B MoE layer at one token against 0.03 ms of weights, H200). Here every warp reduces one
 // weight row against the token's activations kept in shared memory as fp32, with 16-byte streaming loads:
 //
-//   gate_up_kernel  grid (inter / 16, T * k): h[pair, o] = silu(W_gate[e] x_t)[o] * (W_up[e] x_t)[o]   (fp32)
-//   down_kernel     grid (hidden / 8, T):     out[t, o] = sum_j w[t, j] * (W_down[e_j] h[t * k + j])[o] (bf16)
+//   gate_up_kernel  grid (inter / 16, T * (k + P)): h[pair, o] = silu(W_gate[e] x_t)[o] * (W_up[e] x_t)[o]  (fp32)
+//   down_kernel     grid (hidden / 8, T):   out[t, o] = sum_j w[t, j] * (W_down[e_j] h[t * k + j])[o]
+//                                                      + sum_s (W_shared_down[:, part s] h[T * k + t * P + s])[o]
 //
-// The SwiGLU activation is the first kernel's epilogue and the routing weights' sum the second's, in a fixed
-// order (j = 0 .. k-1): no atomics, results repeat. Weights are bf16, or e4m3 with an fp32 scale per output row
+// The shared experts (a bf16 SwiGLU MLP of width P * inter beside the routed experts, as Kimi-Linear has one of)
+// may ride along as P more pairs per token of width inter, weight 1: their two GEMVs, SwiGLU and the add to the
+// routed sum cost no launch of their own (five kernels at 4.5 + 1.5 + 1.2 + 4.5 + 1.2 us at one token through
+// cuBLAS and torch, H200) and the layer's output is rounded once. The SwiGLU activation is the first kernel's
+// epilogue and the weighted sum the second's, in a fixed order (j = 0 .. k-1, then the shared parts): no
+// atomics, results repeat. Weights are bf16, or e4m3 with an fp32 scale per output row
 // (W8A16: the activations stay fp32, the scale applied after the row's dot product). Only enqueues work on
 // `stream`: no allocation (h is the caller's workspace), no synchronisation, CUDA-graph capturable. A pair
 // whose expert id is outside [0, E) contributes nothing (the router never makes one).
@@ -44,9 +49,11 @@ struct Params {
   const float* gate_up_scale;  // [E, 2 * inter] (e4m3 only)
   const void* down;         // [E, hidden, inter]
   const float* down_scale;  // [E, hidden] (e4m3 only)
-  float* h;                 // [T * k, inter] workspace
+  const __nv_bfloat16* shared_gate_up;  // [2 * P * inter, hidden]: gate rows, then up rows (P = 0: none)
+  const __nv_bfloat16* shared_down;     // [hidden, P * inter]
+  float* h;                 // [T * (k + P), inter] workspace: the routed pairs, then each token's shared parts
   __nv_bfloat16* out;       // [T, hidden]
-  int tokens, top_k, experts, hidden, inter;
+  int tokens, top_k, experts, hidden, inter, shared_parts;
 };
 
 template <bool kFp8>
@@ -156,44 +163,68 @@ __device__ __forceinline__ const typename Weights<kFp8>::Vec* weight_row(const v
                                                               row * row_len * kBytes);
 }
 
+// Rows o, o + 8 of a CTA's 16 per warp: the gate and up rows' dot products with x, SwiGLU, into h. gate_row is the
+// index of the gate row of o in `weights`; its up row is up_offset rows further.
+template <bool kFp8>
+__device__ __forceinline__ void gate_up_rows(const Params& p, const void* weights, const float* scales,
+                                             int64_t gate_row0, int64_t up_offset, const float* xs, float* h) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int end = min((blockIdx.x + 1) * kGateUpRowsPerCta, p.inter);
+  const float* const xs2[2] = {xs, xs};
+  for (int o = blockIdx.x * kGateUpRowsPerCta + warp; o < end; o += kWarps) {
+    const int64_t gate = gate_row0 + o, up = gate + up_offset;
+    const typename Weights<kFp8>::Vec* const rows[2] = {weight_row<kFp8>(weights, gate, p.hidden),
+                                                        weight_row<kFp8>(weights, up, p.hidden)};
+    float acc[2] = {0.f, 0.f};
+    dot_rows<kFp8, 2>(rows, xs2, p.hidden / kElemsPerVec, lane, acc);
+    acc[0] = warp_sum(acc[0]);
+    acc[1] = warp_sum(acc[1]);
+    if (kFp8) {
+      acc[0] *= scales[gate];
+      acc[1] *= scales[up];
+    }
+    if (lane == 0) h[o] = acc[0] / (1.f + __expf(-acc[0])) * acc[1];
+  }
+}
+
+// Pairs 0 .. T*k-1 are the routed ones (t = pair / k), then T * P shared parts (t, s) in that order.
 template <bool kFp8>
 __global__ void __launch_bounds__(kThreads) gate_up_kernel(Params p) {
   extern __shared__ float4 smem4[];
-  float* xs = reinterpret_cast<float*>(smem4);
+  const float* xs = reinterpret_cast<const float*>(smem4);
   const int pair = blockIdx.y;
-  const int t = pair / p.top_k;
-  const int64_t e = p.ids[pair];
+  const int routed_pairs = p.tokens * p.top_k;
+  const bool routed = pair < routed_pairs;
+  const int t = routed ? pair / p.top_k : (pair - routed_pairs) / p.shared_parts;
   stage_bf16_as_floats<2>(smem4, reinterpret_cast<const uint4*>(p.x + t * p.x_row_stride), p.hidden / 8);
   __syncthreads();
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int end = min((blockIdx.x + 1) * kGateUpRowsPerCta, p.inter);
-  const bool valid = e >= 0 && e < p.experts;
-  for (int o = blockIdx.x * kGateUpRowsPerCta + warp; o < end; o += kWarps) {
-    float acc[2] = {0.f, 0.f};
-    if (valid) {
-      const int64_t gate = e * 2 * p.inter + o, up = gate + p.inter;
-      const typename Weights<kFp8>::Vec* const rows[2] = {weight_row<kFp8>(p.gate_up, gate, p.hidden),
-                                                          weight_row<kFp8>(p.gate_up, up, p.hidden)};
-      const float* const xs2[2] = {xs, xs};
-      dot_rows<kFp8, 2>(rows, xs2, p.hidden / kElemsPerVec, lane, acc);
-      acc[0] = warp_sum(acc[0]);
-      acc[1] = warp_sum(acc[1]);
-      if (kFp8) {
-        acc[0] *= p.gate_up_scale[gate];
-        acc[1] *= p.gate_up_scale[up];
-      }
+  float* h = p.h + static_cast<int64_t>(pair) * p.inter;
+  if (routed) {
+    const int64_t e = p.ids[pair];
+    if (e >= 0 && e < p.experts) {
+      gate_up_rows<kFp8>(p, p.gate_up, p.gate_up_scale, e * 2 * p.inter, p.inter, xs, h);
+    } else {  // an invalid expert contributes nothing; its h row is still written
+      for (int o = blockIdx.x * kGateUpRowsPerCta + threadIdx.x; o < min((blockIdx.x + 1) * kGateUpRowsPerCta,
+                                                                         p.inter); o += kThreads)
+        h[o] = 0.f;
     }
-    if (lane == 0) p.h[static_cast<int64_t>(pair) * p.inter + o] = acc[0] / (1.f + __expf(-acc[0])) * acc[1];
+  } else {
+    const int part = (pair - routed_pairs) % p.shared_parts;
+    const int64_t width = static_cast<int64_t>(p.shared_parts) * p.inter;
+    gate_up_rows<false>(p, p.shared_gate_up, nullptr, part * p.inter, width, xs, h);
   }
 }
 
 template <bool kFp8>
 __global__ void __launch_bounds__(kThreads) down_kernel(Params p) {
   extern __shared__ float4 smem4[];
-  float* hs = reinterpret_cast<float*>(smem4);  // the token's k activations, [k, inter]
+  float* hs = reinterpret_cast<float*>(smem4);  // the token's k routed, then P shared activations, [k + P, inter]
   const int t = blockIdx.y;
   const int64_t first = static_cast<int64_t>(t) * p.top_k;
+  const int64_t first_shared = static_cast<int64_t>(p.tokens) * p.top_k + static_cast<int64_t>(t) * p.shared_parts;
   stage_floats<4>(smem4, reinterpret_cast<const float4*>(p.h + first * p.inter), p.top_k * p.inter / 4);
+  stage_floats<1>(smem4 + p.top_k * p.inter / 4, reinterpret_cast<const float4*>(p.h + first_shared * p.inter),
+                  p.shared_parts * p.inter / 4);
   __syncthreads();
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int end = min((blockIdx.x + 1) * kDownRowsPerCta, p.hidden);
@@ -210,6 +241,14 @@ __global__ void __launch_bounds__(kThreads) down_kernel(Params p) {
       if (kFp8) scale *= p.down_scale[e * p.hidden + o];
       sum += scale * acc[0];  // each lane its share; one reduction for all k below
     }
+    const int64_t shared_width = static_cast<int64_t>(p.shared_parts) * p.inter;
+    for (int part = 0; part < p.shared_parts; ++part) {
+      const uint4* const rows[1] = {reinterpret_cast<const uint4*>(p.shared_down + o * shared_width + part * p.inter)};
+      const float* const xs[1] = {hs + (p.top_k + part) * p.inter};
+      float acc[1] = {0.f};
+      dot_rows<false, 1>(rows, xs, p.inter / kElemsPerVec, lane, acc);
+      sum += acc[0];
+    }
     sum = warp_sum(sum);
     if (lane == 0) p.out[static_cast<int64_t>(t) * p.hidden + o] = __float2bfloat16(sum);
   }
@@ -218,7 +257,7 @@ __global__ void __launch_bounds__(kThreads) down_kernel(Params p) {
 template <bool kFp8>
 cudaError_t launch(const Params& p, cudaStream_t s) {
   const int gate_up_smem = p.hidden * static_cast<int>(sizeof(float));
-  const int down_smem = p.top_k * p.inter * static_cast<int>(sizeof(float));
+  const int down_smem = (p.top_k + p.shared_parts) * p.inter * static_cast<int>(sizeof(float));
   for (auto [kernel, bytes] : {std::pair{reinterpret_cast<const void*>(gate_up_kernel<kFp8>), gate_up_smem},
                                std::pair{reinterpret_cast<const void*>(down_kernel<kFp8>), down_smem}}) {
     if (bytes > 48 * 1024) {
@@ -226,7 +265,7 @@ cudaError_t launch(const Params& p, cudaStream_t s) {
       if (err != cudaSuccess) return err;
     }
   }
-  const dim3 grid1((p.inter + kGateUpRowsPerCta - 1) / kGateUpRowsPerCta, p.tokens * p.top_k);
+  const dim3 grid1((p.inter + kGateUpRowsPerCta - 1) / kGateUpRowsPerCta, p.tokens * (p.top_k + p.shared_parts));
   gate_up_kernel<kFp8><<<grid1, kThreads, gate_up_smem, s>>>(p);
   const dim3 grid2((p.hidden + kDownRowsPerCta - 1) / kDownRowsPerCta, p.tokens);
   down_kernel<kFp8><<<grid2, kThreads, down_smem, s>>>(p);
@@ -241,17 +280,22 @@ using namespace kda_serving::moe;
 extern "C" {
 
 // Sizes: hidden and inter multiples of 256 (whole 8-element loads for every lane's share of a row, 16-byte
-// aligned rows), hidden * 4 and top_k * inter * 4 bytes of shared memory at most 96 KB, tokens * top_k at most
-// 65,535 (the grid's y). Returns a cudaError_t.
+// aligned rows), hidden * 4 and (top_k + shared_parts) * inter * 4 bytes of shared memory at most 96 KB,
+// tokens * (top_k + shared_parts) at most 65,535 (the grid's y). shared_gate_up / shared_down: the bf16 shared
+// experts, [2 * shared_parts * inter, hidden] and [hidden, shared_parts * inter], or null with shared_parts 0.
+// h: [tokens * (top_k + shared_parts), inter]. Returns a cudaError_t.
 int kda_serving_moe_gemv(const void* x, int64_t x_row_stride, const int64_t* ids, const float* route_weights,
                          int tokens, int top_k, int experts, const void* gate_up, const float* gate_up_scale,
-                         const void* down, const float* down_scale, int fp8, int hidden, int inter, float* h,
+                         const void* down, const float* down_scale, int fp8, int hidden, int inter,
+                         const void* shared_gate_up, const void* shared_down, int shared_parts, float* h,
                          void* out, void* stream) {
   const bool valid = tokens >= 0 && top_k >= 1 && experts >= 1 && hidden >= 256 && hidden % 256 == 0 &&
                      inter >= 256 && inter % 256 == 0 && x_row_stride >= hidden && x_row_stride % 8 == 0 &&
                      static_cast<int64_t>(hidden) * 4 <= kMaxSharedBytes &&
-                     static_cast<int64_t>(top_k) * inter * 4 <= kMaxSharedBytes &&
-                     static_cast<int64_t>(tokens) * top_k <= 65535 && (!fp8 || (gate_up_scale && down_scale));
+                     shared_parts >= 0 && (shared_parts == 0 || (shared_gate_up && shared_down)) &&
+                     static_cast<int64_t>(top_k + shared_parts) * inter * 4 <= kMaxSharedBytes &&
+                     static_cast<int64_t>(tokens) * (top_k + shared_parts) <= 65535 &&
+                     (!fp8 || (gate_up_scale && down_scale));
   if (!valid) return static_cast<int>(cudaErrorInvalidValue);
   if (tokens == 0) return static_cast<int>(cudaSuccess);
   Params p{};
@@ -263,6 +307,9 @@ int kda_serving_moe_gemv(const void* x, int64_t x_row_stride, const int64_t* ids
   p.gate_up_scale = gate_up_scale;
   p.down = down;
   p.down_scale = down_scale;
+  p.shared_gate_up = static_cast<const __nv_bfloat16*>(shared_gate_up);
+  p.shared_down = static_cast<const __nv_bfloat16*>(shared_down);
+  p.shared_parts = shared_parts;
   p.h = h;
   p.out = static_cast<__nv_bfloat16*>(out);
   p.tokens = tokens;

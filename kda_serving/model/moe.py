@@ -153,12 +153,38 @@ class MoE(nn.Module):
         return self.route_fn(x, self.router, self.e_score_correction_bias, self.top_k, self.num_groups,
                              self.topk_group, self.renormalize, self.scaling)
 
+    # Where the GEMV kernel runs the routed experts of a step of up to FUSED_SHARED_MAX_TOKENS tokens, the shared
+    # experts ride along in it (ops.moe_experts_gemv's shared_gate_up / shared_down): no launches of their own,
+    # one rounding of the layer's output. Each token's shared pairs stream the shared weights again (from L2 after
+    # the first), so the fusion stops paying near 12 tokens: a 48B MoE layer, H200, fused / unfused at 1, 4, 8,
+    # 12 tokens, e4m3 experts: 0.041 / 0.049, 0.099 / 0.107, 0.169 / 0.172, 0.235 / 0.232 ms (docs/moe-gemv.md).
+    # fuse_shared_experts = False: they run as a DenseMLP beside it, as on the other paths (for comparisons).
+    fuse_shared_experts = True
+    FUSED_SHARED_MAX_TOKENS = 8
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ids, weights = self.route(x)
+        shared = self.shared_experts
+        if (shared is not None and self.fuse_shared_experts and x.shape[0] <= self.FUSED_SHARED_MAX_TOKENS
+                and self._gemv_takes(x, shared.gate_up_proj)):
+            return self._gemv(x, ids, weights, shared)
         out = self._experts(x, ids, weights)
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(x)
+        if shared is not None:
+            out = out + shared(x)
         return out
+
+    def _gemv_takes(self, x: torch.Tensor, shared_gate_up: torch.Tensor | None = None) -> bool:
+        """Whether ops.moe_experts_gemv's kernel runs this step's routed experts (and these shared experts)."""
+        limit = FP8_GEMV_MAX_TOKENS if self.fp8 else GEMV_MAX_TOKENS
+        parts = cuda_moe.shared_parts(self.gate_up_proj, shared_gate_up)
+        return x.shape[0] <= limit and parts >= 0 and cuda_moe.supports(x, self.gate_up_proj, self.top_k, parts)
+
+    def _gemv(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+              shared: DenseMLP | None = None) -> torch.Tensor:
+        return moe_experts_gemv(x, ids, weights, self.gate_up_proj, self.down_proj,
+                                getattr(self, "gate_up_proj_scale", None), getattr(self, "down_proj_scale", None),
+                                shared_gate_up=None if shared is None else shared.gate_up_proj,
+                                shared_down=None if shared is None else shared.down_proj)
 
     def _experts(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Token-expert pairs sorted by expert, one SwiGLU per expert that has tokens, weighted and summed per
@@ -172,11 +198,9 @@ class MoE(nn.Module):
         on rows quantized just before each; the loop runs fp8.fp8_linear, the same arithmetic. Steps of up to
         GEMV_MAX_TOKENS tokens (FP8_GEMV_MAX_TOKENS with fp8 experts) skip the sort on CUDA: ops.moe_experts_gemv,
         both GEMMs, the activation and the weighted sum in two kernels (e4m3 experts dequantized there, the
-        activations unquantized)."""
-        limit = FP8_GEMV_MAX_TOKENS if self.fp8 else GEMV_MAX_TOKENS
-        if x.shape[0] <= limit and cuda_moe.supports(x, self.gate_up_proj, self.top_k):
-            return moe_experts_gemv(x, ids, weights, self.gate_up_proj, self.down_proj,
-                                    getattr(self, "gate_up_proj_scale", None), getattr(self, "down_proj_scale", None))
+        activations unquantized; forward also hands it the shared experts)."""
+        if self._gemv_takes(x):
+            return self._gemv(x, ids, weights)
         fused = x.shape[0] >= FUSED_MIN_TOKENS
         act, combine = (self.act_fn, self.combine_fn) if fused else (silu_mul, combine_experts)
         # the pairs sorted by expert: the token of each sorted row, the row of each pair, the end of each

@@ -1,6 +1,7 @@
 """The routed experts of a few tokens, as matrix-vector products: the MoE layers' decode steps.
 
-    out = moe_experts_gemv(x, ids, weights, gate_up, down[, gate_up_scale, down_scale])
+    out = moe_experts_gemv(x, ids, weights, gate_up, down[, gate_up_scale, down_scale]
+                           [, shared_gate_up=.., shared_down=..])
 
 x [T, hidden]; ids [T, k] int64 the experts each token chose and weights [T, k] fp32 their routing weights
 (model/moe.py's route_experts); gate_up [E, 2I, hidden] each expert's [gate; up] rows and down [E, hidden, I],
@@ -10,7 +11,10 @@ in the model dtype, or e4m3 with fp32 scales [E, 2I] and [E, hidden] per output 
 
 summed in order j = 0 .. k-1, in fp32, rounded once to x's dtype. With e4m3 experts the weights are
 dequantized in the products and the activations stay in fp32 (W8A16; the grouped fp8 GEMMs of larger steps
-also quantize the activations).
+also quantize the activations). Given the layer's shared experts too (a SwiGLU MLP in x's dtype,
+shared_gate_up [2S, hidden] = [gate; up] and shared_down [hidden, S]), their output joins the sum in fp32
+before the rounding: out[t] += shared_down (silu(gate_s x[t]) * up_s x[t]). On CUDA they need S a multiple of I
+(cuda_moe.shared_parts), and then cost the MoE layer no kernel of its own.
 
 Registered as a torch custom op like the KDA ops. CUDA tensors run csrc/moe/moe_gemv.cu through cuda_moe.py
 (bf16 tokens on SM90; docs/moe-gemv.md): each (token, expert) pair streams its expert's weights once, where a
@@ -31,7 +35,8 @@ def _dequantized(w: Tensor, scale: Tensor | None) -> Tensor:
     return w.float() if scale is None else w.float() * scale.float()[..., None]
 
 
-def moe_experts_torch(x, ids, weights, gate_up, gate_up_scale, down, down_scale) -> Tensor:
+def moe_experts_torch(x, ids, weights, gate_up, gate_up_scale, down, down_scale, shared_gate_up=None,
+                      shared_down=None) -> Tensor:
     """The formula in torch ops, in fp32, on any device (each pair's experts gathered whole: for few tokens)."""
     T, k = ids.shape
     inter = gate_up.shape[1] // 2
@@ -45,24 +50,31 @@ def moe_experts_torch(x, ids, weights, gate_up, gate_up_scale, down, down_scale)
     out = torch.zeros(T, y.shape[-1], dtype=torch.float32, device=x.device)
     for j in range(k):  # in order, as the kernel sums
         out += weights[:, j, None].float() * y[:, j]
+    if shared_gate_up is not None:
+        g, u = (x.float() @ shared_gate_up.float().T).chunk(2, dim=-1)
+        out += (F.silu(g) * u) @ shared_down.float().T
     return out.to(x.dtype)
 
 
 @torch.library.custom_op("kda_serving::moe_experts_gemv_", mutates_args=("out",))
 def _moe_experts_op(x: Tensor, ids: Tensor, weights: Tensor, gate_up: Tensor, gate_up_scale: Tensor | None,
-                    down: Tensor, down_scale: Tensor | None, out: Tensor) -> None:
+                    down: Tensor, down_scale: Tensor | None, shared_gate_up: Tensor | None,
+                    shared_down: Tensor | None, out: Tensor) -> None:
     """CPU implementation (the CUDA one is registered below)."""
-    out.copy_(moe_experts_torch(x, ids, weights, gate_up, gate_up_scale, down, down_scale))
+    out.copy_(moe_experts_torch(x, ids, weights, gate_up, gate_up_scale, down, down_scale, shared_gate_up,
+                                shared_down))
 
 
 @_moe_experts_op.register_kernel("cuda")
-def _moe_experts_cuda(x, ids, weights, gate_up, gate_up_scale, down, down_scale, out):
+def _moe_experts_cuda(x, ids, weights, gate_up, gate_up_scale, down, down_scale, shared_gate_up, shared_down, out):
     from . import cuda_moe
 
-    h = torch.empty(ids.numel(), gate_up.shape[1] // 2, dtype=torch.float32, device=x.device)
+    parts = max(cuda_moe.shared_parts(gate_up, shared_gate_up), 0)  # a bad one is reported by moe_gemv
+    h = torch.empty(x.shape[0] * (ids.shape[1] + parts), gate_up.shape[1] // 2, dtype=torch.float32,
+                    device=x.device)
     # (the router's outputs may come strided from a compiled function; the kernel reads them densely)
     cuda_moe.moe_gemv(x.contiguous(), ids.contiguous(), weights.contiguous(), gate_up, gate_up_scale, down,
-                      down_scale, h, out)
+                      down_scale, shared_gate_up, shared_down, h, out)
 
 
 @_moe_experts_op.register_fake
@@ -70,7 +82,7 @@ def _(*args, **kwargs) -> None:
     return None
 
 
-def _validate(x, ids, weights, gate_up, down, gate_up_scale, down_scale) -> None:
+def _validate(x, ids, weights, gate_up, down, gate_up_scale, down_scale, shared_gate_up, shared_down) -> None:
     """What holds on every device; the kernel's own limits are checked by cuda_moe.py."""
     tensors = {"x": x, "ids": ids, "weights": weights, "gate_up": gate_up, "down": down}
     for name, t in tensors.items():
@@ -99,12 +111,30 @@ def _validate(x, ids, weights, gate_up, down, gate_up_scale, down_scale) -> None
                                   or scale.device != x.device):
             raise ValueError(f"kda: argument '{name}': expected fp32 {shape} on {x.device}, got {scale.dtype} "
                              f"{tuple(scale.shape)} on {scale.device}")
+    if (shared_gate_up is None) != (shared_down is None):
+        raise ValueError("kda: arguments 'shared_gate_up' and 'shared_down': give both or neither")
+    if shared_gate_up is not None:
+        for name, t in (("shared_gate_up", shared_gate_up), ("shared_down", shared_down)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"kda: argument '{name}': expected a torch.Tensor, got {type(t).__name__}")
+            if t.device != x.device or t.dtype != x.dtype:
+                raise ValueError(f"kda: argument '{name}': expected {x.dtype} on {x.device}, got {t.dtype} on "
+                                 f"{t.device}")
+        if shared_gate_up.dim() != 2 or shared_gate_up.shape[0] % 2 or shared_gate_up.shape[1] != hidden:
+            raise ValueError(f"kda: argument 'shared_gate_up': expected [2S, {hidden}], got "
+                             f"{tuple(shared_gate_up.shape)}")
+        if tuple(shared_down.shape) != (hidden, shared_gate_up.shape[0] // 2):
+            raise ValueError(f"kda: argument 'shared_down': expected {(hidden, shared_gate_up.shape[0] // 2)}, got "
+                             f"{tuple(shared_down.shape)}")
 
 
 def moe_experts_gemv(x: Tensor, ids: Tensor, weights: Tensor, gate_up: Tensor, down: Tensor,
-                     gate_up_scale: Tensor | None = None, down_scale: Tensor | None = None) -> Tensor:
-    """The routed experts' weighted sum per token (module docstring): [T, hidden] in x's dtype."""
-    _validate(x, ids, weights, gate_up, down, gate_up_scale, down_scale)
+                     gate_up_scale: Tensor | None = None, down_scale: Tensor | None = None, *,
+                     shared_gate_up: Tensor | None = None, shared_down: Tensor | None = None) -> Tensor:
+    """The routed experts' weighted sum per token, plus the shared experts where given (module docstring):
+    [T, hidden] in x's dtype."""
+    _validate(x, ids, weights, gate_up, down, gate_up_scale, down_scale, shared_gate_up, shared_down)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    torch.ops.kda_serving.moe_experts_gemv_(x, ids, weights, gate_up, gate_up_scale, down, down_scale, out)
+    torch.ops.kda_serving.moe_experts_gemv_(x, ids, weights, gate_up, gate_up_scale, down, down_scale,
+                                            shared_gate_up, shared_down, out)
     return out

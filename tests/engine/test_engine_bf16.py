@@ -189,7 +189,8 @@ def test_moe_gemv_engine_tracks_fp32_transformers(quantization, checkpoint_gemv,
     hf, path, vocab = checkpoint_gemv
     calls = []
     real = moe_module.moe_experts_gemv
-    monkeypatch.setattr(moe_module, "moe_experts_gemv", lambda *a: (calls.append(a[0].shape[0]), real(*a))[1])
+    monkeypatch.setattr(moe_module, "moe_experts_gemv",
+                        lambda *a, **kw: (calls.append(a[0].shape[0]), real(*a, **kw))[1])
     if not cuda_moe.supports(torch.empty(1, 256, dtype=torch.bfloat16, device="cuda"),
                              torch.empty(1, 512, 256, dtype=torch.bfloat16, device="cuda"), 2):
         pytest.skip("needs an SM90 GPU and the library with the MoE GEMV kernel")

@@ -61,7 +61,7 @@ def _float64(x, ids, weights, gate_up, down, s1, s2) -> torch.Tensor:
 def _call(x, ids, weights, gate_up, down, s1, s2) -> torch.Tensor:
     """The op with its output poisoned first."""
     out = torch.full(x.shape, float("nan"), dtype=x.dtype, device=x.device)
-    torch.ops.kda_serving.moe_experts_gemv_(x, ids, weights, gate_up, s1, down, s2, out)
+    torch.ops.kda_serving.moe_experts_gemv_(x, ids, weights, gate_up, s1, down, s2, None, None, out)
     return out
 
 
@@ -107,6 +107,41 @@ def test_moe_gemv_other_shapes_match_float64(kind, top_k):
     assert rel <= TOL
 
 
+def _shared(parts: int, seed: int):
+    """bf16 shared experts of width parts * INTER: gate_up [2S, HIDDEN] ([gate; up]) and down [HIDDEN, S]."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    S = parts * INTER
+    gate_up = (torch.randn(2 * S, HIDDEN, generator=gen, device="cuda") * HIDDEN**-0.5).to(torch.bfloat16)
+    down = (torch.randn(HIDDEN, S, generator=gen, device="cuda") * S**-0.5).to(torch.bfloat16)
+    return gate_up, down
+
+
+@pytest.mark.parametrize("kind", ["bf16", "fp8"])
+@pytest.mark.parametrize("T,parts", [(1, 1), (5, 1), (12, 1), (3, 2)])
+def test_shared_experts_ride_along_match_float64(experts, kind, T, parts):
+    """The shared experts as P more pairs per token (P = 1: Kimi-Linear's one shared expert; 2: a width of two
+    experts, its gate and up rows split in parts): the whole MoE layer after routing against float64."""
+    gate_up, down, s1, s2 = experts[kind]
+    sg, sd = _shared(parts, seed=40 + T)
+    x, ids, weights = _routed(T, seed=30 + T)
+    assert cuda_moe.supports(x, gate_up, TOP_K, parts) and cuda_moe.shared_parts(gate_up, sg) == parts
+    out = torch.full(x.shape, float("nan"), dtype=x.dtype, device=x.device)
+    torch.ops.kda_serving.moe_experts_gemv_(x, ids, weights, gate_up, s1, down, s2, sg, sd, out)
+    ref = _float64(x, ids, weights, gate_up, down, s1, s2)
+    g, u = (x.double().cpu() @ sg.double().cpu().T).chunk(2, dim=-1)
+    shared_ref = (F.silu(g) * u) @ sd.double().cpu().T
+    ref += shared_ref
+    assert not torch.isnan(out).any(), "an output element was not written"
+    diff = out.double().cpu() - ref
+    rel = (diff.norm() / ref.norm()).item()
+    print(f"{kind} T={T} shared parts {parts}: rel {rel:.2e}, max abs {diff.abs().max().item():.2e}, shared part "
+          f"of the norm {(shared_ref.norm() / ref.norm()).item():.2f}")
+    assert rel <= TOL
+    again = torch.empty_like(out)
+    torch.ops.kda_serving.moe_experts_gemv_(x, ids, weights, gate_up, s1, down, s2, sg, sd, again)
+    assert torch.equal(out, again)  # fixed summation order
+
+
 def test_out_of_range_experts_contribute_nothing(experts):
     gate_up, down, _, _ = experts["bf16"]
     x, ids, weights = _routed(2, seed=7)
@@ -119,23 +154,29 @@ def test_out_of_range_experts_contribute_nothing(experts):
     assert ((out.double().cpu() - ref).norm() / ref.norm()).item() <= TOL
 
 
-def test_moe_gemv_captures_in_a_cuda_graph(experts):
+@pytest.mark.parametrize("with_shared", [False, True])
+def test_moe_gemv_captures_in_a_cuda_graph(experts, with_shared):
     gate_up, down, s1, s2 = experts["fp8"]
+    sg, sd = _shared(1, seed=9) if with_shared else (None, None)
     x, ids, weights = _routed(4, seed=11)
+
+    def call():
+        return moe_experts_gemv(x, ids, weights, gate_up, down, s1, s2, shared_gate_up=sg, shared_down=sd)
+
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        moe_experts_gemv(x, ids, weights, gate_up, down, s1, s2)
+        call()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        static = moe_experts_gemv(x, ids, weights, gate_up, down, s1, s2)
+        static = call()
     for seed in range(3):
         nx, nids, nw = _routed(4, seed=20 + seed)
         for static_in, new in ((x, nx), (ids, nids), (weights, nw)):
             static_in.copy_(new)
         graph.replay()
-        assert torch.equal(static, moe_experts_gemv(x, ids, weights, gate_up, down, s1, s2))
+        assert torch.equal(static, call())
 
 
 def test_bad_arguments_are_named(experts):
@@ -148,8 +189,16 @@ def test_bad_arguments_are_named(experts):
     with pytest.raises(ValueError, match="weights"):
         moe_experts_gemv(x, ids, weights.double(), gate_up, down, s1, s2)
     with pytest.raises(TypeError, match="x"):
-        cuda_moe.moe_gemv(x.float(), ids, weights, gate_up, s1, down, s2,
+        cuda_moe.moe_gemv(x.float(), ids, weights, gate_up, s1, down, s2, None, None,
                           torch.empty(16, INTER, device="cuda"), torch.empty_like(x))
+    sg, sd = _shared(1, seed=1)
+    with pytest.raises(ValueError, match="shared_gate_up"):  # a width that is no multiple of the experts'
+        narrow_gate_up, narrow_down = sg[INTER // 2:-INTER // 2], sd[:, :INTER // 2].contiguous()
+        cuda_moe.moe_gemv(x, ids, weights, gate_up, s1, down, s2, narrow_gate_up, narrow_down,
+                          torch.empty(2 * (TOP_K + 1), INTER, device="cuda"), torch.empty_like(x))
+    with pytest.raises(ValueError, match="'h'"):  # the workspace must hold the shared pairs too
+        cuda_moe.moe_gemv(x, ids, weights, gate_up, s1, down, s2, sg, sd, torch.empty(2 * TOP_K, INTER,
+                          device="cuda"), torch.empty_like(x))
 
 
 def test_moe_layer_takes_the_gemv_path_up_to_its_limit(experts, monkeypatch):
@@ -172,7 +221,8 @@ def test_moe_layer_takes_the_gemv_path_up_to_its_limit(experts, monkeypatch):
         layer.e_score_correction_bias.zero_()
     calls = []
     real = moe_module.moe_experts_gemv
-    monkeypatch.setattr(moe_module, "moe_experts_gemv", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    monkeypatch.setattr(moe_module, "moe_experts_gemv",
+                        lambda *a, **kw: calls.append(a[0].shape[0]) or real(*a, **kw))
     x = torch.randn(moe_module.GEMV_MAX_TOKENS, HIDDEN, device="cuda").to(torch.bfloat16)
     ids, weights = layer.route(x)
     gemv = layer._experts(x, ids, weights)
@@ -181,4 +231,38 @@ def test_moe_layer_takes_the_gemv_path_up_to_its_limit(experts, monkeypatch):
     monkeypatch.setattr(moe_module, "GEMV_MAX_TOKENS", 0)
     grouped = layer._experts(x, ids, weights)
     rel = ((gemv.double() - grouped.double()).norm() / grouped.double().norm()).item()
+    assert rel <= TOL, rel
+
+
+def test_moe_layer_fuses_its_shared_expert_into_the_gemv(experts, monkeypatch):
+    """A layer with a shared expert hands it to the kernel on the GEMV path (one call, the shared weights in it),
+    and agrees with the unfused layer (kernel for the routed experts, then the DenseMLP added in bf16)."""
+    from kda_serving.model.config import ModelConfig
+
+    cfg = ModelConfig.from_dict({
+        "model_type": "kimi_linear", "vocab_size": 64, "hidden_size": HIDDEN, "intermediate_size": 256,
+        "moe_intermediate_size": INTER, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2,
+        "num_experts": E, "num_experts_per_token": TOP_K, "num_shared_experts": 1, "first_k_dense_replace": 1,
+        "kv_lora_rank": 64, "qk_rope_head_dim": 16, "qk_nope_head_dim": 32, "v_head_dim": 32,
+        "linear_attn_config": {"kda_layers": [1], "full_attn_layers": [2], "num_heads": 2, "head_dim": 128,
+                               "short_conv_kernel_size": 4}})
+    layer = moe_module.MoE(cfg, torch.bfloat16, "cuda")
+    sg, sd = _shared(1, seed=5)
+    with torch.no_grad():
+        layer.gate_up_proj.copy_(experts["bf16"][0])
+        layer.down_proj.copy_(experts["bf16"][1])
+        layer.router.copy_(torch.randn(E, HIDDEN, device="cuda") * 0.1)
+        layer.e_score_correction_bias.zero_()
+        layer.shared_experts.gate_up_proj.copy_(sg)
+        layer.shared_experts.down_proj.copy_(sd)
+    calls = []
+    real = moe_module.moe_experts_gemv
+    monkeypatch.setattr(moe_module, "moe_experts_gemv",
+                        lambda *a, **kw: calls.append(kw.get("shared_gate_up") is not None) or real(*a, **kw))
+    x = torch.randn(3, HIDDEN, device="cuda").to(torch.bfloat16)
+    fused = layer(x)
+    monkeypatch.setattr(moe_module.MoE, "fuse_shared_experts", False)
+    unfused = layer(x)
+    assert calls == [True, False]
+    rel = ((fused.double() - unfused.double()).norm() / unfused.double().norm()).item()
     assert rel <= TOL, rel

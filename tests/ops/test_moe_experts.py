@@ -30,6 +30,22 @@ def test_cpu_path_equals_the_layers_loop():
     assert ((ours - loop).norm() / loop.norm()).item() < 1e-5
 
 
+def test_shared_experts_join_the_sum():
+    """With the shared experts given, the op is the whole MoE layer after routing: the layer's own forward
+    (routed loop + its DenseMLP) within fp32 rounding."""
+    layer = _layer(6)
+    assert layer.shared_experts is not None
+    x = torch.randn(5, layer.gate_up_proj.shape[2], generator=torch.Generator().manual_seed(7))
+    ids, weights = layer.route(x)
+    shared = layer.shared_experts
+    ours = moe_experts_gemv(x, ids, weights, layer.gate_up_proj, layer.down_proj,
+                            shared_gate_up=shared.gate_up_proj, shared_down=shared.down_proj)
+    ref = layer(x)
+    assert ((ours - ref).norm() / ref.norm()).item() < 1e-5
+    routed_only = moe_experts_gemv(x, ids, weights, layer.gate_up_proj, layer.down_proj)
+    assert ((ours - routed_only).norm() / ref.norm()).item() > 1e-2  # the shared part is really in it
+
+
 def test_cpu_path_with_e4m3_experts_is_w8a16():
     layer = _layer(2)
     q1, s1 = quantize_rows(layer.gate_up_proj)
@@ -61,3 +77,12 @@ def test_arguments_are_checked():
         moe_experts_gemv(x, ids, weights, *args, torch.ones(1), torch.ones(1))
     with pytest.raises(TypeError, match="'x'"):
         moe_experts_gemv(x.tolist(), ids, weights, *args)
+    shared = layer.shared_experts
+    with pytest.raises(ValueError, match="both or neither"):
+        moe_experts_gemv(x, ids, weights, *args, shared_gate_up=shared.gate_up_proj)
+    with pytest.raises(ValueError, match="'shared_down'"):
+        moe_experts_gemv(x, ids, weights, *args, shared_gate_up=shared.gate_up_proj,
+                         shared_down=shared.down_proj[:, :-1])
+    with pytest.raises(ValueError, match="'shared_gate_up'"):
+        moe_experts_gemv(x, ids, weights, *args, shared_gate_up=shared.gate_up_proj.double(),
+                         shared_down=shared.down_proj)
