@@ -15,8 +15,9 @@
 // may ride along as P more pairs per token of width inter, weight 1: their two GEMVs, SwiGLU and the add to the
 // routed sum cost no launch of their own (five kernels at 4.5 + 1.5 + 1.2 + 4.5 + 1.2 us at one token through
 // cuBLAS and torch, H200) and the layer's output is rounded once. The SwiGLU activation is the first kernel's
-// epilogue and the weighted sum the second's, in a fixed order (j = 0 .. k-1, then the shared parts): no
-// atomics, results repeat. Weights are bf16, or e4m3 with an fp32 scale per output row
+// epilogue and the weighted sum the second's, in a fixed order (j = 0 .. k-1, then the shared parts, then the
+// decoder layer's residual where given, so that its add is no kernel of its own either): no atomics, results
+// repeat. Weights are bf16, or e4m3 with an fp32 scale per output row
 // (W8A16: the activations stay fp32, the scale applied after the row's dot product). Only enqueues work on
 // `stream`: no allocation (h is the caller's workspace), no synchronisation, CUDA-graph capturable. A pair
 // whose expert id is outside [0, E) contributes nothing (the router never makes one).
@@ -52,6 +53,7 @@ struct Params {
   const __nv_bfloat16* shared_gate_up;  // [2 * P * inter, hidden]: gate rows, then up rows (P = 0: none)
   const __nv_bfloat16* shared_down;     // [hidden, P * inter]
   float* h;                 // [T * (k + P), inter] workspace: the routed pairs, then each token's shared parts
+  const __nv_bfloat16* residual;  // [T, hidden] added to the sum, or null
   __nv_bfloat16* out;       // [T, hidden]
   int tokens, top_k, experts, hidden, inter, shared_parts;
 };
@@ -250,7 +252,8 @@ __global__ void __launch_bounds__(kThreads) down_kernel(Params p) {
       sum += acc[0];
     }
     sum = warp_sum(sum);
-    if (lane == 0) p.out[static_cast<int64_t>(t) * p.hidden + o] = __float2bfloat16(sum);
+    const int64_t at = static_cast<int64_t>(t) * p.hidden + o;
+    if (lane == 0) p.out[at] = __float2bfloat16(p.residual ? sum + __bfloat162float(p.residual[at]) : sum);
   }
 }
 
@@ -283,12 +286,13 @@ extern "C" {
 // aligned rows), hidden * 4 and (top_k + shared_parts) * inter * 4 bytes of shared memory at most 96 KB,
 // tokens * (top_k + shared_parts) at most 65,535 (the grid's y). shared_gate_up / shared_down: the bf16 shared
 // experts, [2 * shared_parts * inter, hidden] and [hidden, shared_parts * inter], or null with shared_parts 0.
-// h: [tokens * (top_k + shared_parts), inter]. Returns a cudaError_t.
+// h: [tokens * (top_k + shared_parts), inter]. residual: [tokens, hidden] bf16 added to out, or null.
+// Returns a cudaError_t.
 int kda_serving_moe_gemv(const void* x, int64_t x_row_stride, const int64_t* ids, const float* route_weights,
                          int tokens, int top_k, int experts, const void* gate_up, const float* gate_up_scale,
                          const void* down, const float* down_scale, int fp8, int hidden, int inter,
                          const void* shared_gate_up, const void* shared_down, int shared_parts, float* h,
-                         void* out, void* stream) {
+                         const void* residual, void* out, void* stream) {
   const bool valid = tokens >= 0 && top_k >= 1 && experts >= 1 && hidden >= 256 && hidden % 256 == 0 &&
                      inter >= 256 && inter % 256 == 0 && x_row_stride >= hidden && x_row_stride % 8 == 0 &&
                      static_cast<int64_t>(hidden) * 4 <= kMaxSharedBytes &&
@@ -311,6 +315,7 @@ int kda_serving_moe_gemv(const void* x, int64_t x_row_stride, const int64_t* ids
   p.shared_down = static_cast<const __nv_bfloat16*>(shared_down);
   p.shared_parts = shared_parts;
   p.h = h;
+  p.residual = static_cast<const __nv_bfloat16*>(residual);
   p.out = static_cast<__nv_bfloat16*>(out);
   p.tokens = tokens;
   p.top_k = top_k;

@@ -4,7 +4,9 @@ Per token x [hidden]:  q, k, v = silu(causal_conv(W_q x, W_k x, W_v x));  g = f_
 beta = b(x) (logits); o = KDA(q, k, v, g, beta; A_log, dt_bias) per head; y = o_proj(rmsnorm(o) * sigmoid(g_b(g_a(x)))).
 The gate activation (softplus form) and sigmoid(beta) are applied inside kda_prefill/kda_decode, so the raw
 projections go straight to the op. The six projections that read x are stored as one matrix and run as one
-matmul; the loader fills its row blocks from the checkpoint's separate tensors.
+matmul; the loader fills its row blocks from the checkpoint's separate tensors. f_b and g_b likewise: stored as
+one [2, D, K] tensor, they run as one batched matmul over f_a(x) | g_a(x), adjacent in the first one's output
+(at one token two cuBLAS GEMVs of 1 MB cost ~4.5 us each, launch-bound; H200, docs/engine.md).
 """
 
 from __future__ import annotations
@@ -31,11 +33,9 @@ class KDABlock(nn.Module):
         self.num_heads, self.head_dim, self.dim = H, K, D
         self.eps = cfg.rms_norm_eps
         # rows: q | k | v (D each) | f_a (K) | g_a (K) | b (H)
-        self.split_sizes = [3 * D, K, K, H]
         self.in_proj = _param(3 * D + 2 * K + H, cfg.hidden_size, dtype=dtype, device=device)
         self.conv_weight = _param(3 * D, cfg.conv_kernel_size, dtype=dtype, device=device)  # [3D, W]
-        self.f_b_proj = _param(D, K, dtype=dtype, device=device)
-        self.g_b_proj = _param(D, K, dtype=dtype, device=device)
+        self.fg_b_proj = _param(2, D, K, dtype=dtype, device=device)  # f_b_proj, g_b_proj
         self.A_log = _param(H, dtype=torch.float32, device=device)
         self.dt_bias = _param(H, K, dtype=torch.float32, device=device)
         self.o_norm = _param(K, dtype=dtype, device=device)
@@ -53,11 +53,13 @@ class KDABlock(nn.Module):
 
     def project(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """The projections of x [T, hidden]: conv inputs "qkv" [T, 3D], raw forget gate "g" [T, H, K], beta
-        logits "beta" [T, H], and "g_a" [T, K] for the output gate."""
+        logits "beta" [T, H], and the output gate's logits "gate" [T, H, K]."""
         T, H, K = x.shape[0], self.num_heads, self.head_dim
-        mixed, f_a, g_a, beta = F.linear(x, self.in_proj).split(self.split_sizes, dim=-1)
-        return {"qkv": mixed.contiguous(), "g": F.linear(f_a, self.f_b_proj).view(T, H, K),
-                "beta": beta.contiguous(), "g_a": g_a}
+        mixed, fg_a, beta = F.linear(x, self.in_proj).split((3 * self.dim, 2 * K, H), dim=-1)
+        # [2, T, K] @ [2, K, D]: f_b(f_a) and g_b(g_a) in one batched matmul
+        g, gate = torch.bmm(fg_a.view(T, 2, K).transpose(0, 1), self.fg_b_proj.transpose(1, 2))
+        return {"qkv": mixed.contiguous(), "g": g.view(T, H, K), "beta": beta.contiguous(),
+                "gate": gate.view(T, H, K)}
 
     @property
     def mix_shape(self) -> tuple[int, int]:
@@ -81,9 +83,8 @@ class KDABlock(nn.Module):
 
     def finish(self, out: torch.Tensor, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """The gated output norm and o_proj: out [T, H, V] -> [T, hidden]."""
-        T, H, K = out.shape[0], self.num_heads, self.head_dim
-        gate = F.linear(inputs["g_a"], self.g_b_proj).view(T, H, K)
-        out = gated_rms_norm(out, gate, self.o_norm, self.eps)
+        T = out.shape[0]
+        out = gated_rms_norm(out, inputs["gate"], self.o_norm, self.eps)
         return F.linear(out.reshape(T, self.dim), self.o_proj)
 
     def _mix(self, mixed, g, beta, batch: RaggedBatch, state_pool, conv_pool) -> torch.Tensor:

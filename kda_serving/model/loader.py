@@ -37,9 +37,11 @@ def _kda_target(rest: str, prefix: str, cfg: ModelConfig) -> Target | None:
         "b_proj.weight": (3 * D + 2 * K, 3 * D + 2 * K + H),
     }
     conv_rows = {"q_conv1d.weight": (0, D), "k_conv1d.weight": (D, 2 * D), "v_conv1d.weight": (2 * D, 3 * D)}
-    whole = {"f_b_proj.weight": "f_b_proj", "g_b_proj.weight": "g_b_proj", "A_log": "A_log", "dt_bias": "dt_bias",
-             "o_norm.weight": "o_norm", "o_proj.weight": "o_proj", "conv1d.weight": "conv_weight"}
+    whole = {"A_log": "A_log", "dt_bias": "dt_bias", "o_norm.weight": "o_norm", "o_proj.weight": "o_proj",
+             "conv1d.weight": "conv_weight"}
     rest = rest.removeprefix("forget_gate.")
+    if rest in ("f_b_proj.weight", "g_b_proj.weight"):  # the two halves of fg_b_proj
+        return f"{prefix}.fg_b_proj", (0 if rest.startswith("f") else 1,)
     if rest in rows:
         a, b = rows[rest]
         return f"{prefix}.in_proj", (slice(a, b),)

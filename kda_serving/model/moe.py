@@ -79,9 +79,11 @@ class DenseMLP(nn.Module):
     # silu_mul, or its compiled version on a compiled model (KimiLinearModel.compile_plain_ops)
     act_fn = staticmethod(silu_mul)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """SwiGLU of x [T, hidden], added to residual [T, hidden] where given."""
         act = self.act_fn if x.shape[0] >= FUSED_MIN_TOKENS else silu_mul
-        return F.linear(act(F.linear(x, self.gate_up_proj)), self.down_proj)
+        y = F.linear(act(F.linear(x, self.gate_up_proj)), self.down_proj)
+        return y if residual is None else residual + y
 
 
 # The router's formula in torch ops (ops/moe_routing.py): what the CPU runs, compiled on a compiled model where
@@ -162,16 +164,18 @@ class MoE(nn.Module):
     fuse_shared_experts = True
     FUSED_SHARED_MAX_TOKENS = 8
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The layer's output for x [T, hidden], added to the decoder's residual stream [T, hidden] where given
+        (inside the GEMV kernel's epilogue when the shared experts ride along: no add kernel)."""
         ids, weights = self.route(x)
         shared = self.shared_experts
         if (shared is not None and self.fuse_shared_experts and x.shape[0] <= self.FUSED_SHARED_MAX_TOKENS
                 and self._gemv_takes(x, shared.gate_up_proj)):
-            return self._gemv(x, ids, weights, shared)
+            return self._gemv(x, ids, weights, shared, residual)
         out = self._experts(x, ids, weights)
         if shared is not None:
             out = out + shared(x)
-        return out
+        return out if residual is None else residual + out
 
     def _gemv_takes(self, x: torch.Tensor, shared_gate_up: torch.Tensor | None = None) -> bool:
         """Whether ops.moe_experts_gemv's kernel runs this step's routed experts (and these shared experts)."""
@@ -179,12 +183,12 @@ class MoE(nn.Module):
         parts = cuda_moe.shared_parts(self.gate_up_proj, shared_gate_up)
         return x.shape[0] <= limit and parts >= 0 and cuda_moe.supports(x, self.gate_up_proj, self.top_k, parts)
 
-    def _gemv(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
-              shared: DenseMLP | None = None) -> torch.Tensor:
+    def _gemv(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, shared: DenseMLP | None = None,
+              residual: torch.Tensor | None = None) -> torch.Tensor:
         return moe_experts_gemv(x, ids, weights, self.gate_up_proj, self.down_proj,
                                 getattr(self, "gate_up_proj_scale", None), getattr(self, "down_proj_scale", None),
                                 shared_gate_up=None if shared is None else shared.gate_up_proj,
-                                shared_down=None if shared is None else shared.down_proj)
+                                shared_down=None if shared is None else shared.down_proj, residual=residual)
 
     def _experts(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Token-expert pairs sorted by expert, one SwiGLU per expert that has tokens, weighted and summed per

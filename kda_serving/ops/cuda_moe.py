@@ -5,7 +5,8 @@ function here checks what keeps the kernel inside its memory (dtypes, device, co
 then enqueues its two kernels on torch's current stream. It neither allocates nor synchronises, so it can be
 captured in a CUDA graph.
 
-    moe_gemv(x, ids, weights, gate_up, gate_up_scale, down, down_scale, shared_gate_up, shared_down, h, out)
+    moe_gemv(x, ids, weights, gate_up, gate_up_scale, down, down_scale, shared_gate_up, shared_down, h, residual,
+             out)
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def library() -> ctypes.CDLL:
     lib = cuda_lib.load()
     fn = lib.kda_serving_moe_gemv
     p, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
-    fn.argtypes = [p, i64, p, p, i32, i32, i32, p, p, p, p, i32, i32, i32, p, p, i32, p, p, p]
+    fn.argtypes = [p, i64, p, p, i32, i32, i32, p, p, p, p, i32, i32, i32, p, p, i32, p, p, p, p]
     fn.restype = ctypes.c_int
     return lib
 
@@ -64,10 +65,11 @@ def _runs_on(index: int) -> bool:
     return cuda_lib.runs_on(index, "kda_serving_moe_gemv")
 
 
-def moe_gemv(x, ids, weights, gate_up, gate_up_scale, down, down_scale, shared_gate_up, shared_down, h,
+def moe_gemv(x, ids, weights, gate_up, gate_up_scale, down, down_scale, shared_gate_up, shared_down, h, residual,
              out) -> None:
-    """out [T, hidden] = sum_j weights[t, j] * expert_{ids[t, j]}(x[t]) (+ shared(x[t])) (moe_experts.py);
-    h [T * (k + P), inter] fp32 is the kernel's workspace, P = shared_parts(gate_up, shared_gate_up)."""
+    """out [T, hidden] = (residual[t] +) sum_j weights[t, j] * expert_{ids[t, j]}(x[t]) (+ shared(x[t]))
+    (moe_experts.py); h [T * (k + P), inter] fp32 is the kernel's workspace, P = shared_parts(gate_up,
+    shared_gate_up)."""
     dev = x.device
     cuda_tensor("x", x, (torch.bfloat16,), ndim=2)
     T, hidden = x.shape
@@ -92,13 +94,16 @@ def moe_gemv(x, ids, weights, gate_up, gate_up_scale, down, down_scale, shared_g
         expected.update({"shared_gate_up": (2 * parts * inter, hidden), "shared_down": (hidden, parts * inter)})
     cuda_tensor("h", h, (torch.float32,), dev)
     cuda_tensor("out", out, (torch.bfloat16,), dev)
+    if residual is not None:
+        cuda_tensor("residual", residual, (torch.bfloat16,), dev)
+        expected["residual"] = (T, hidden)
     if fp8:
         cuda_tensor("gate_up_scale", gate_up_scale, (torch.float32,), dev)
         cuda_tensor("down_scale", down_scale, (torch.float32,), dev)
         expected.update({"gate_up_scale": (E, 2 * inter), "down_scale": (E, hidden)})
     args = {"ids": ids, "weights": weights, "gate_up": gate_up, "down": down, "h": h, "out": out,
             "gate_up_scale": gate_up_scale, "down_scale": down_scale, "shared_gate_up": shared_gate_up,
-            "shared_down": shared_down}
+            "shared_down": shared_down, "residual": residual}
     for name, shape in expected.items():
         if tuple(args[name].shape) != shape:
             raise ValueError(f"kda: argument '{name}': expected shape {shape}, got {tuple(args[name].shape)}")
@@ -113,5 +118,6 @@ def moe_gemv(x, ids, weights, gate_up, gate_up_scale, down, down_scale, shared_g
         x.data_ptr(), hidden, ids.data_ptr(), weights.data_ptr(), T, k, E, gate_up.data_ptr(),
         gate_up_scale.data_ptr() if fp8 else None, down.data_ptr(), down_scale.data_ptr() if fp8 else None,
         int(fp8), hidden, inter, shared_gate_up.data_ptr() if parts else None,
-        shared_down.data_ptr() if parts else None, parts, h.data_ptr(), out.data_ptr(), stream_handle(dev))
+        shared_down.data_ptr() if parts else None, parts, h.data_ptr(),
+        residual.data_ptr() if residual is not None else None, out.data_ptr(), stream_handle(dev))
     check_launch(code, "MoE GEMV")

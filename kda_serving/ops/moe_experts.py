@@ -1,7 +1,7 @@
 """The routed experts of a few tokens, as matrix-vector products: the MoE layers' decode steps.
 
     out = moe_experts_gemv(x, ids, weights, gate_up, down[, gate_up_scale, down_scale]
-                           [, shared_gate_up=.., shared_down=..])
+                           [, shared_gate_up=.., shared_down=..][, residual=..])
 
 x [T, hidden]; ids [T, k] int64 the experts each token chose and weights [T, k] fp32 their routing weights
 (model/moe.py's route_experts); gate_up [E, 2I, hidden] each expert's [gate; up] rows and down [E, hidden, I],
@@ -14,7 +14,8 @@ dequantized in the products and the activations stay in fp32 (W8A16; the grouped
 also quantize the activations). Given the layer's shared experts too (a SwiGLU MLP in x's dtype,
 shared_gate_up [2S, hidden] = [gate; up] and shared_down [hidden, S]), their output joins the sum in fp32
 before the rounding: out[t] += shared_down (silu(gate_s x[t]) * up_s x[t]). On CUDA they need S a multiple of I
-(cuda_moe.shared_parts), and then cost the MoE layer no kernel of its own.
+(cuda_moe.shared_parts), and then cost the MoE layer no kernel of its own. Given the decoder layer's residual
+stream [T, hidden] (x's dtype), out = residual + the above, still rounded once: its add is no kernel either.
 
 Registered as a torch custom op like the KDA ops. CUDA tensors run csrc/moe/moe_gemv.cu through cuda_moe.py
 (bf16 tokens on SM90; docs/moe-gemv.md): each (token, expert) pair streams its expert's weights once, where a
@@ -36,7 +37,7 @@ def _dequantized(w: Tensor, scale: Tensor | None) -> Tensor:
 
 
 def moe_experts_torch(x, ids, weights, gate_up, gate_up_scale, down, down_scale, shared_gate_up=None,
-                      shared_down=None) -> Tensor:
+                      shared_down=None, residual=None) -> Tensor:
     """The formula in torch ops, in fp32, on any device (each pair's experts gathered whole: for few tokens)."""
     T, k = ids.shape
     inter = gate_up.shape[1] // 2
@@ -53,20 +54,23 @@ def moe_experts_torch(x, ids, weights, gate_up, gate_up_scale, down, down_scale,
     if shared_gate_up is not None:
         g, u = (x.float() @ shared_gate_up.float().T).chunk(2, dim=-1)
         out += (F.silu(g) * u) @ shared_down.float().T
+    if residual is not None:
+        out += residual.float()
     return out.to(x.dtype)
 
 
 @torch.library.custom_op("kda_serving::moe_experts_gemv_", mutates_args=("out",))
 def _moe_experts_op(x: Tensor, ids: Tensor, weights: Tensor, gate_up: Tensor, gate_up_scale: Tensor | None,
                     down: Tensor, down_scale: Tensor | None, shared_gate_up: Tensor | None,
-                    shared_down: Tensor | None, out: Tensor) -> None:
+                    shared_down: Tensor | None, residual: Tensor | None, out: Tensor) -> None:
     """CPU implementation (the CUDA one is registered below)."""
     out.copy_(moe_experts_torch(x, ids, weights, gate_up, gate_up_scale, down, down_scale, shared_gate_up,
-                                shared_down))
+                                shared_down, residual))
 
 
 @_moe_experts_op.register_kernel("cuda")
-def _moe_experts_cuda(x, ids, weights, gate_up, gate_up_scale, down, down_scale, shared_gate_up, shared_down, out):
+def _moe_experts_cuda(x, ids, weights, gate_up, gate_up_scale, down, down_scale, shared_gate_up, shared_down,
+                      residual, out):
     from . import cuda_moe
 
     parts = max(cuda_moe.shared_parts(gate_up, shared_gate_up), 0)  # a bad one is reported by moe_gemv
@@ -74,7 +78,8 @@ def _moe_experts_cuda(x, ids, weights, gate_up, gate_up_scale, down, down_scale,
                     device=x.device)
     # (the router's outputs may come strided from a compiled function; the kernel reads them densely)
     cuda_moe.moe_gemv(x.contiguous(), ids.contiguous(), weights.contiguous(), gate_up, gate_up_scale, down,
-                      down_scale, shared_gate_up, shared_down, h, out)
+                      down_scale, shared_gate_up, shared_down, h,
+                      None if residual is None else residual.contiguous(), out)
 
 
 @_moe_experts_op.register_fake
@@ -82,7 +87,8 @@ def _(*args, **kwargs) -> None:
     return None
 
 
-def _validate(x, ids, weights, gate_up, down, gate_up_scale, down_scale, shared_gate_up, shared_down) -> None:
+def _validate(x, ids, weights, gate_up, down, gate_up_scale, down_scale, shared_gate_up, shared_down,
+              residual) -> None:
     """What holds on every device; the kernel's own limits are checked by cuda_moe.py."""
     tensors = {"x": x, "ids": ids, "weights": weights, "gate_up": gate_up, "down": down}
     for name, t in tensors.items():
@@ -126,15 +132,21 @@ def _validate(x, ids, weights, gate_up, down, gate_up_scale, down_scale, shared_
         if tuple(shared_down.shape) != (hidden, shared_gate_up.shape[0] // 2):
             raise ValueError(f"kda: argument 'shared_down': expected {(hidden, shared_gate_up.shape[0] // 2)}, got "
                              f"{tuple(shared_down.shape)}")
+    if residual is not None and (not isinstance(residual, torch.Tensor) or residual.shape != x.shape
+                                 or residual.dtype != x.dtype or residual.device != x.device):
+        got = (f"{residual.dtype} {tuple(residual.shape)} on {residual.device}" if isinstance(residual, torch.Tensor)
+               else type(residual).__name__)
+        raise ValueError(f"kda: argument 'residual': expected {x.dtype} {tuple(x.shape)} on {x.device}, got {got}")
 
 
 def moe_experts_gemv(x: Tensor, ids: Tensor, weights: Tensor, gate_up: Tensor, down: Tensor,
                      gate_up_scale: Tensor | None = None, down_scale: Tensor | None = None, *,
-                     shared_gate_up: Tensor | None = None, shared_down: Tensor | None = None) -> Tensor:
-    """The routed experts' weighted sum per token, plus the shared experts where given (module docstring):
-    [T, hidden] in x's dtype."""
-    _validate(x, ids, weights, gate_up, down, gate_up_scale, down_scale, shared_gate_up, shared_down)
+                     shared_gate_up: Tensor | None = None, shared_down: Tensor | None = None,
+                     residual: Tensor | None = None) -> Tensor:
+    """The routed experts' weighted sum per token, plus the shared experts and the residual where given (module
+    docstring): [T, hidden] in x's dtype."""
+    _validate(x, ids, weights, gate_up, down, gate_up_scale, down_scale, shared_gate_up, shared_down, residual)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     torch.ops.kda_serving.moe_experts_gemv_(x, ids, weights, gate_up, gate_up_scale, down, down_scale,
-                                            shared_gate_up, shared_down, out)
+                                            shared_gate_up, shared_down, residual, out)
     return out

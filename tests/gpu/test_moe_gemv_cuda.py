@@ -61,7 +61,7 @@ def _float64(x, ids, weights, gate_up, down, s1, s2) -> torch.Tensor:
 def _call(x, ids, weights, gate_up, down, s1, s2) -> torch.Tensor:
     """The op with its output poisoned first."""
     out = torch.full(x.shape, float("nan"), dtype=x.dtype, device=x.device)
-    torch.ops.kda_serving.moe_experts_gemv_(x, ids, weights, gate_up, s1, down, s2, None, None, out)
+    torch.ops.kda_serving.moe_experts_gemv_(x, ids, weights, gate_up, s1, down, s2, None, None, None, out)
     return out
 
 
@@ -117,20 +117,25 @@ def _shared(parts: int, seed: int):
 
 
 @pytest.mark.parametrize("kind", ["bf16", "fp8"])
-@pytest.mark.parametrize("T,parts", [(1, 1), (5, 1), (12, 1), (3, 2)])
-def test_shared_experts_ride_along_match_float64(experts, kind, T, parts):
+@pytest.mark.parametrize("T,parts,with_residual", [(1, 1, False), (1, 1, True), (5, 1, True), (12, 1, False),
+                                                  (3, 2, True)])
+def test_shared_experts_ride_along_match_float64(experts, kind, T, parts, with_residual):
     """The shared experts as P more pairs per token (P = 1: Kimi-Linear's one shared expert; 2: a width of two
-    experts, its gate and up rows split in parts): the whole MoE layer after routing against float64."""
+    experts, its gate and up rows split in parts), and the decoder's residual added in the epilogue: the whole
+    MoE layer after routing, with its residual add, against float64."""
     gate_up, down, s1, s2 = experts[kind]
     sg, sd = _shared(parts, seed=40 + T)
     x, ids, weights = _routed(T, seed=30 + T)
+    residual = (torch.randn_like(x, dtype=torch.float32) * 3).to(torch.bfloat16) if with_residual else None
     assert cuda_moe.supports(x, gate_up, TOP_K, parts) and cuda_moe.shared_parts(gate_up, sg) == parts
     out = torch.full(x.shape, float("nan"), dtype=x.dtype, device=x.device)
-    torch.ops.kda_serving.moe_experts_gemv_(x, ids, weights, gate_up, s1, down, s2, sg, sd, out)
+    torch.ops.kda_serving.moe_experts_gemv_(x, ids, weights, gate_up, s1, down, s2, sg, sd, residual, out)
     ref = _float64(x, ids, weights, gate_up, down, s1, s2)
     g, u = (x.double().cpu() @ sg.double().cpu().T).chunk(2, dim=-1)
     shared_ref = (F.silu(g) * u) @ sd.double().cpu().T
     ref += shared_ref
+    if with_residual:
+        ref += residual.double().cpu()
     assert not torch.isnan(out).any(), "an output element was not written"
     diff = out.double().cpu() - ref
     rel = (diff.norm() / ref.norm()).item()
@@ -138,7 +143,7 @@ def test_shared_experts_ride_along_match_float64(experts, kind, T, parts):
           f"of the norm {(shared_ref.norm() / ref.norm()).item():.2f}")
     assert rel <= TOL
     again = torch.empty_like(out)
-    torch.ops.kda_serving.moe_experts_gemv_(x, ids, weights, gate_up, s1, down, s2, sg, sd, again)
+    torch.ops.kda_serving.moe_experts_gemv_(x, ids, weights, gate_up, s1, down, s2, sg, sd, residual, again)
     assert torch.equal(out, again)  # fixed summation order
 
 
@@ -190,15 +195,15 @@ def test_bad_arguments_are_named(experts):
         moe_experts_gemv(x, ids, weights.double(), gate_up, down, s1, s2)
     with pytest.raises(TypeError, match="x"):
         cuda_moe.moe_gemv(x.float(), ids, weights, gate_up, s1, down, s2, None, None,
-                          torch.empty(16, INTER, device="cuda"), torch.empty_like(x))
+                          torch.empty(16, INTER, device="cuda"), None, torch.empty_like(x))
     sg, sd = _shared(1, seed=1)
     with pytest.raises(ValueError, match="shared_gate_up"):  # a width that is no multiple of the experts'
         narrow_gate_up, narrow_down = sg[INTER // 2:-INTER // 2], sd[:, :INTER // 2].contiguous()
         cuda_moe.moe_gemv(x, ids, weights, gate_up, s1, down, s2, narrow_gate_up, narrow_down,
-                          torch.empty(2 * (TOP_K + 1), INTER, device="cuda"), torch.empty_like(x))
+                          torch.empty(2 * (TOP_K + 1), INTER, device="cuda"), None, torch.empty_like(x))
     with pytest.raises(ValueError, match="'h'"):  # the workspace must hold the shared pairs too
         cuda_moe.moe_gemv(x, ids, weights, gate_up, s1, down, s2, sg, sd, torch.empty(2 * TOP_K, INTER,
-                          device="cuda"), torch.empty_like(x))
+                          device="cuda"), None, torch.empty_like(x))
 
 
 def test_moe_layer_takes_the_gemv_path_up_to_its_limit(experts, monkeypatch):
@@ -260,9 +265,13 @@ def test_moe_layer_fuses_its_shared_expert_into_the_gemv(experts, monkeypatch):
     monkeypatch.setattr(moe_module, "moe_experts_gemv",
                         lambda *a, **kw: calls.append(kw.get("shared_gate_up") is not None) or real(*a, **kw))
     x = torch.randn(3, HIDDEN, device="cuda").to(torch.bfloat16)
+    h = torch.randn(3, HIDDEN, device="cuda").to(torch.bfloat16)  # the decoder's residual stream
     fused = layer(x)
+    fused_add = layer(x, residual=h)
     monkeypatch.setattr(moe_module.MoE, "fuse_shared_experts", False)
     unfused = layer(x)
-    assert calls == [True, False]
-    rel = ((fused.double() - unfused.double()).norm() / unfused.double().norm()).item()
-    assert rel <= TOL, rel
+    unfused_add = layer(x, residual=h)
+    assert calls == [True, True, False, False]
+    for a, b in ((fused, unfused), (fused_add, unfused_add)):
+        rel = ((a.double() - b.double()).norm() / b.double().norm()).item()
+        assert rel <= TOL, rel

@@ -97,17 +97,18 @@ def test_moe_experts_op_passes_opcheck():
     weights = torch.rand(3, 2, generator=gen)
     gate_up, down = torch.randn(4, 24, 16, generator=gen), torch.randn(4, 16, 12, generator=gen)
     opcheck(torch.ops.kda_serving.moe_experts_gemv_.default,
-            (x, ids, weights, gate_up, None, down, None, None, None, torch.empty_like(x)),
+            (x, ids, weights, gate_up, None, down, None, None, None, None, torch.empty_like(x)),
             test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
     shared_gate_up, shared_down = torch.randn(48, 16, generator=gen), torch.randn(16, 24, generator=gen)
     opcheck(torch.ops.kda_serving.moe_experts_gemv_.default,
-            (x, ids, weights, gate_up, None, down, None, shared_gate_up, shared_down, torch.empty_like(x)),
+            (x, ids, weights, gate_up, None, down, None, shared_gate_up, shared_down, x.clone(), torch.empty_like(x)),
             test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
     (q1, s1), (q2, s2) = quantize_rows(gate_up), quantize_rows(down)
     # (e4m3 inputs: the fake implementation only; opcheck's schema check multiplies the inputs, which e4m3 lacks
     # on the CPU)
     opcheck(torch.ops.kda_serving.moe_experts_gemv_.default,
-            (x, ids, weights, q1, s1, q2, s2, None, None, torch.empty_like(x)), test_utils=("test_faketensor",))
+            (x, ids, weights, q1, s1, q2, s2, None, None, None, torch.empty_like(x)),
+            test_utils=("test_faketensor",))
 
 
 def test_moe_routing_ops_pass_opcheck():

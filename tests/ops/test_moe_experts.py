@@ -44,6 +44,11 @@ def test_shared_experts_join_the_sum():
     assert ((ours - ref).norm() / ref.norm()).item() < 1e-5
     routed_only = moe_experts_gemv(x, ids, weights, layer.gate_up_proj, layer.down_proj)
     assert ((ours - routed_only).norm() / ref.norm()).item() > 1e-2  # the shared part is really in it
+    h = torch.randn(x.shape, generator=torch.Generator().manual_seed(8))
+    with_residual = moe_experts_gemv(x, ids, weights, layer.gate_up_proj, layer.down_proj,
+                                     shared_gate_up=shared.gate_up_proj, shared_down=shared.down_proj, residual=h)
+    assert ((with_residual - (h + ref)).norm() / (h + ref).norm()).item() < 1e-5
+    assert torch.allclose(layer(x, residual=h), h + ref, rtol=1e-5, atol=1e-5)
 
 
 def test_cpu_path_with_e4m3_experts_is_w8a16():
@@ -83,6 +88,8 @@ def test_arguments_are_checked():
     with pytest.raises(ValueError, match="'shared_down'"):
         moe_experts_gemv(x, ids, weights, *args, shared_gate_up=shared.gate_up_proj,
                          shared_down=shared.down_proj[:, :-1])
+    with pytest.raises(ValueError, match="'residual'"):
+        moe_experts_gemv(x, ids, weights, *args, residual=x[:1])
     with pytest.raises(ValueError, match="'shared_gate_up'"):
         moe_experts_gemv(x, ids, weights, *args, shared_gate_up=shared.gate_up_proj.double(),
                          shared_down=shared.down_proj)
