@@ -206,24 +206,33 @@ def test_bad_arguments_are_named(experts):
                           device="cuda"), None, torch.empty_like(x))
 
 
-def test_moe_layer_takes_the_gemv_path_up_to_its_limit(experts, monkeypatch):
-    """MoE._experts sends steps of up to GEMV_MAX_TOKENS tokens to the kernel and larger ones to the grouped
-    GEMMs: both agree within the bf16 rounding of the grouped path's intermediate activation."""
+def _moe_layer(experts, shared=None) -> moe_module.MoE:
+    """A bf16 MoE layer on the fixture's experts, a random router, and the given shared expert (gate_up, down)."""
     from kda_serving.model.config import ModelConfig
 
     cfg = ModelConfig.from_dict({
         "model_type": "kimi_linear", "vocab_size": 64, "hidden_size": HIDDEN, "intermediate_size": 256,
         "moe_intermediate_size": INTER, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2,
-        "num_experts": E, "num_experts_per_token": TOP_K, "num_shared_experts": 0, "first_k_dense_replace": 1,
-        "kv_lora_rank": 64, "qk_rope_head_dim": 16, "qk_nope_head_dim": 32, "v_head_dim": 32,
-        "linear_attn_config": {"kda_layers": [1], "full_attn_layers": [2], "num_heads": 2, "head_dim": 128,
-                               "short_conv_kernel_size": 4}})
+        "num_experts": E, "num_experts_per_token": TOP_K, "num_shared_experts": 0 if shared is None else 1,
+        "first_k_dense_replace": 1, "kv_lora_rank": 64, "qk_rope_head_dim": 16, "qk_nope_head_dim": 32,
+        "v_head_dim": 32, "linear_attn_config": {"kda_layers": [1], "full_attn_layers": [2], "num_heads": 2,
+                                                 "head_dim": 128, "short_conv_kernel_size": 4}})
     layer = moe_module.MoE(cfg, torch.bfloat16, "cuda")
     with torch.no_grad():
         layer.gate_up_proj.copy_(experts["bf16"][0])
         layer.down_proj.copy_(experts["bf16"][1])
         layer.router.copy_(torch.randn(E, HIDDEN, device="cuda") * 0.1)
         layer.e_score_correction_bias.zero_()
+        if shared is not None:
+            layer.shared_experts.gate_up_proj.copy_(shared[0])
+            layer.shared_experts.down_proj.copy_(shared[1])
+    return layer
+
+
+def test_moe_layer_takes_the_gemv_path_up_to_its_limit(experts, monkeypatch):
+    """MoE._experts sends steps of up to GEMV_MAX_TOKENS tokens to the kernel and larger ones to the grouped
+    GEMMs: both agree within the bf16 rounding of the grouped path's intermediate activation."""
+    layer = _moe_layer(experts)
     calls = []
     real = moe_module.moe_experts_gemv
     monkeypatch.setattr(moe_module, "moe_experts_gemv",
@@ -242,24 +251,7 @@ def test_moe_layer_takes_the_gemv_path_up_to_its_limit(experts, monkeypatch):
 def test_moe_layer_fuses_its_shared_expert_into_the_gemv(experts, monkeypatch):
     """A layer with a shared expert hands it to the kernel on the GEMV path (one call, the shared weights in it),
     and agrees with the unfused layer (kernel for the routed experts, then the DenseMLP added in bf16)."""
-    from kda_serving.model.config import ModelConfig
-
-    cfg = ModelConfig.from_dict({
-        "model_type": "kimi_linear", "vocab_size": 64, "hidden_size": HIDDEN, "intermediate_size": 256,
-        "moe_intermediate_size": INTER, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2,
-        "num_experts": E, "num_experts_per_token": TOP_K, "num_shared_experts": 1, "first_k_dense_replace": 1,
-        "kv_lora_rank": 64, "qk_rope_head_dim": 16, "qk_nope_head_dim": 32, "v_head_dim": 32,
-        "linear_attn_config": {"kda_layers": [1], "full_attn_layers": [2], "num_heads": 2, "head_dim": 128,
-                               "short_conv_kernel_size": 4}})
-    layer = moe_module.MoE(cfg, torch.bfloat16, "cuda")
-    sg, sd = _shared(1, seed=5)
-    with torch.no_grad():
-        layer.gate_up_proj.copy_(experts["bf16"][0])
-        layer.down_proj.copy_(experts["bf16"][1])
-        layer.router.copy_(torch.randn(E, HIDDEN, device="cuda") * 0.1)
-        layer.e_score_correction_bias.zero_()
-        layer.shared_experts.gate_up_proj.copy_(sg)
-        layer.shared_experts.down_proj.copy_(sd)
+    layer = _moe_layer(experts, shared=_shared(1, seed=5))
     calls = []
     real = moe_module.moe_experts_gemv
     monkeypatch.setattr(moe_module, "moe_experts_gemv",
