@@ -135,10 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("-i", "--input-file", required=True, help="JSONL of Batch API requests ('-': stdin)")
     io.add_argument("-o", "--output-file", required=True, help="JSONL of their results ('-': stdout)")
     io.add_argument("--max-concurrency", type=int, default=64, help="requests in flight at once")
-    io.add_argument("--max-prompt-tokens", type=int, default=None,
-                    help="longer prompts get a 400 (default: max-model-len minus one)")
-    io.add_argument("--max-n", type=int, default=16, help="most choices per request")
-    io.add_argument("--tool-call-parser", default="auto", help="as kda-serve's")
+    cli.add_request_arguments(io)
     io.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
     cli.add_engine_arguments(p)
     return p

@@ -24,20 +24,25 @@ def build_parser() -> argparse.ArgumentParser:
     http.add_argument("--api-key", default=None,
                       help=f"require 'Authorization: Bearer KEY' on /v1 (default: ${API_KEY_ENV} if set, else none)")
     http.add_argument("--max-request-bytes", type=int, default=4 << 20, help="larger request bodies get a 413")
-    http.add_argument("--max-prompt-tokens", type=int, default=None,
-                      help="longer prompts get a 400 (default: max-model-len minus one)")
-    http.add_argument("--max-n", type=int, default=16, help="most choices per request")
+    add_request_arguments(http)
     http.add_argument("--max-stored-response-bytes", type=int, default=64 << 20,
                       help="JSON text of /v1/responses answers kept for previous_response_id (LRU; 0: none)")
     http.add_argument("--max-concurrent-requests", type=int, default=0,
                       help="generation requests in flight at once; past it a 429 with Retry-After (0: no limit)")
-    http.add_argument("--tool-call-parser", default="auto",
-                      help="how tool_choice 'auto' replies are read: auto (the format the tokenizer has markers for), "
-                           "none, or kimi_k2")
     http.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
     add_engine_arguments(p)
     return p
+
+
+def add_request_arguments(group) -> None:
+    """How requests are read and bounded (ServerConfig's fields), shared with kda-serve-batch."""
+    group.add_argument("--max-prompt-tokens", type=int, default=None,
+                       help="longer prompts get a 400 (default: max-model-len minus one)")
+    group.add_argument("--max-n", type=int, default=16, help="most choices per request")
+    group.add_argument("--tool-call-parser", default="auto",
+                       help="how tool_choice 'auto' replies are read: auto (the format the tokenizer has markers "
+                            "for), none, or kimi_k2")
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
