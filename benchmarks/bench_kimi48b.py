@@ -13,11 +13,13 @@ With bf16 weights (98 GB) the model needs an H200; with --quantization fp8 (51 G
 --torch-routing runs the MoE routing as torch ops (the router compiled, the pairs' sort by argsort) instead of
 ops.moe_route / ops.moe_sort_pairs' kernels: the baseline those are measured against. --unfused-shared runs
 the shared expert beside the MoE GEMV kernels (cuBLAS, torch) instead of inside them (MoE.fuse_shared_experts).
+--cublas-projections runs every projection on cuBLAS, as before ops.linear took our matrix-vector kernel for
+steps of a few tokens (ops.gemv.LINEAR_MAX_BYTES emptied).
 
     python benchmarks/bench_kimi48b.py [--quantization fp8] [--batch 1,8,64] [--output-len 64] [--prompt-len 8192]
-        [--torch-routing] [--unfused-shared]
+        [--torch-routing] [--unfused-shared] [--cublas-projections]
 
-Writes benchmarks/results/<card>-kimi48b[-fp8][-torch-routing][-unfused-shared].json.
+Writes benchmarks/results/<card>-kimi48b[-fp8][-torch-routing][-unfused-shared][-cublas-projections].json.
 """
 
 from __future__ import annotations
@@ -71,8 +73,14 @@ def main(argv=None) -> None:
     ap.add_argument("--torch-routing", action="store_true", help="the MoE routing in torch ops (the baseline)")
     ap.add_argument("--unfused-shared", action="store_true",
                     help="the shared expert beside the MoE GEMV kernels, not in them (the baseline)")
+    ap.add_argument("--cublas-projections", action="store_true",
+                    help="every projection on cuBLAS, none on ops.gemv's kernel (the baseline)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    if args.cublas_projections:
+        import importlib
+
+        importlib.import_module("kda_serving.ops.gemv").LINEAR_MAX_BYTES = {}  # the module: ops.gemv is its function
     if args.torch_routing:
         from kda_serving.model import moe as moe_module
         from kda_serving.ops.moe_routing import sort_pairs_reference
@@ -132,12 +140,14 @@ def main(argv=None) -> None:
           f"({args.prompt_len / ttft['ttft_ms'] * 1e3:.0f} prompt tokens/s; first try {times[0]:.1f} ms)", flush=True)
 
     suffix = ((f"-{args.quantization}" if args.quantization else "") + ("-torch-routing" if args.torch_routing else "")
-              + ("-unfused-shared" if args.unfused_shared else ""))
+              + ("-unfused-shared" if args.unfused_shared else "")
+              + ("-cublas-projections" if args.cublas_projections else ""))
     out = Path(args.out) if args.out else RESULTS / f"{card_name()}-kimi48b{suffix}.json"
     write_json(out, {"benchmark": "kimi48b", "environment": environment(), "copy_rate_bytes_per_s": rate,
                      "shape": "kimi48b-27layer", "quantization": args.quantization,
                      "moe_routing": "torch" if args.torch_routing else "kernels",
                      "shared_expert": "beside" if args.unfused_shared else "in the MoE GEMV kernels",
+                     "projections": "cuBLAS" if args.cublas_projections else "ops.linear",
                      "args": vars(args),
                      "setup": setup, "decode": decode, "ttft": ttft})
 

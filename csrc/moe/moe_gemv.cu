@@ -120,41 +120,37 @@ __device__ __forceinline__ void dot_rows(const typename Weights<kFp8>::Vec* cons
 }
 
 // Shared-memory staging with kBatch loads per thread in flight at once, where a plain strided loop waits on one L2
-// round trip per iteration (8-9 of them at 48B's sizes): 1-2% per kernel (H200, logs/session23). stage_floats
-// copies n float4; stage_bf16_as_floats widens n chunks of 8 bf16 (16-byte aligned).
-template <int kBatch>
-__device__ __forceinline__ void stage_floats(float4* dst, const float4* src, int n) {
+// round trip per iteration (8-9 of them at 48B's sizes): 1-2% per kernel (H200, logs/session23). stage loads n
+// 16-byte vectors of src and hands each to store(i, vector); stage_floats copies float4s, stage_bf16_as_floats
+// widens chunks of 8 bf16 (16-byte aligned) into two float4s each.
+template <int kBatch, typename Vec, typename Store>
+__device__ __forceinline__ void stage(const Vec* src, int n, Store store) {
   for (int base = threadIdx.x; base < n; base += kThreads * kBatch) {
-    float4 v[kBatch];
+    Vec v[kBatch];
 #pragma unroll
     for (int b = 0; b < kBatch; ++b) {
       if (base + b * kThreads < n) v[b] = src[base + b * kThreads];
     }
 #pragma unroll
     for (int b = 0; b < kBatch; ++b) {
-      if (base + b * kThreads < n) dst[base + b * kThreads] = v[b];
+      if (base + b * kThreads < n) store(base + b * kThreads, v[b]);
     }
   }
 }
 
 template <int kBatch>
+__device__ __forceinline__ void stage_floats(float4* dst, const float4* src, int n) {
+  stage<kBatch>(src, n, [dst](int i, const float4& v) { dst[i] = v; });
+}
+
+template <int kBatch>
 __device__ __forceinline__ void stage_bf16_as_floats(float4* dst, const uint4* src, int n) {
-  for (int base = threadIdx.x; base < n; base += kThreads * kBatch) {
-    uint4 v[kBatch];
-#pragma unroll
-    for (int b = 0; b < kBatch; ++b) {
-      if (base + b * kThreads < n) v[b] = src[base + b * kThreads];
-    }
-#pragma unroll
-    for (int b = 0; b < kBatch; ++b) {
-      const int i = base + b * kThreads;
-      if (i >= n) continue;
-      float f[8];
-      unpack_bf16x8(v[b], f);
-      dst[2 * i] = make_float4(f[0], f[1], f[2], f[3]);
-      dst[2 * i + 1] = make_float4(f[4], f[5], f[6], f[7]);
-    }
-  }
+  stage<kBatch>(src, n, [dst](int i, const uint4& v) {
+    float f[8];
+    unpack_bf16x8(v, f);
+    dst[2 * i] = make_float4(f[0], f[1], f[2], f[3]);
+    dst[2 * i + 1] = make_float4(f[4], f[5], f[6], f[7]);
+  });
 }
 
 template <bool kFp8>

@@ -6,17 +6,17 @@ The gate activation (softplus form) and sigmoid(beta) are applied inside kda_pre
 projections go straight to the op. The six projections that read x are stored as one matrix and run as one
 matmul; the loader fills its row blocks from the checkpoint's separate tensors. f_b and g_b likewise: stored as
 one [2, D, K] tensor, they run as one batched matmul over f_a(x) | g_a(x), adjacent in the first one's output
-(at one token two cuBLAS GEMVs of 1 MB cost ~4.5 us each, launch-bound; H200, docs/engine.md).
+(at one token two cuBLAS GEMVs of 1 MB cost ~4.5 us each, launch-bound; H200, docs/engine.md). The
+projections go through ops.linear: our matrix-vector kernel in steps of a few tokens, cuBLAS otherwise.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..ops import (causal_conv1d_decode, causal_conv1d_prefill, causal_conv1d_verify, gated_rms_norm, kda_decode,
-                   kda_prefill)
+                   kda_prefill, linear)
 from ..ops.contract import KDACheckpoints
 from .batch import RaggedBatch, SpecVerify
 from .config import ModelConfig
@@ -55,9 +55,9 @@ class KDABlock(nn.Module):
         """The projections of x [T, hidden]: conv inputs "qkv" [T, 3D], raw forget gate "g" [T, H, K], beta
         logits "beta" [T, H], and the output gate's logits "gate" [T, H, K]."""
         T, H, K = x.shape[0], self.num_heads, self.head_dim
-        mixed, fg_a, beta = F.linear(x, self.in_proj).split((3 * self.dim, 2 * K, H), dim=-1)
-        # [2, T, K] @ [2, K, D]: f_b(f_a) and g_b(g_a) in one batched matmul
-        g, gate = torch.bmm(fg_a.view(T, 2, K).transpose(0, 1), self.fg_b_proj.transpose(1, 2))
+        mixed, fg_a, beta = linear(x, self.in_proj).split((3 * self.dim, 2 * K, H), dim=-1)
+        # [2, T, K] @ [2, D, K]^T: f_b(f_a) and g_b(g_a) in one batched matmul
+        g, gate = linear(fg_a.view(T, 2, K).transpose(0, 1), self.fg_b_proj)
         return {"qkv": mixed.contiguous(), "g": g.view(T, H, K), "beta": beta.contiguous(),
                 "gate": gate.view(T, H, K)}
 
@@ -85,7 +85,7 @@ class KDABlock(nn.Module):
         """The gated output norm and o_proj: out [T, H, V] -> [T, hidden]."""
         T = out.shape[0]
         out = gated_rms_norm(out, inputs["gate"], self.o_norm, self.eps)
-        return F.linear(out.reshape(T, self.dim), self.o_proj)
+        return linear(out.reshape(T, self.dim), self.o_proj)
 
     def _mix(self, mixed, g, beta, batch: RaggedBatch, state_pool, conv_pool) -> torch.Tensor:
         """Conv and KDA core of a batch without verifying sequences: out [T, H, V]."""

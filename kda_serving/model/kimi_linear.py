@@ -14,14 +14,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops import linear
 from .batch import RaggedBatch
 from .caches import ModelCaches
 from .config import DENSE, KDA, ModelConfig
 from .fp8 import check_quantization
 from .kda_block import KDABlock
-from .mla_block import MLABlock
+from .mla_block import MLABlock, latent_rows
 from .moe import DenseMLP, MoE, combine_experts, route_experts, silu_mul
-from .norm import add_rms_norm, rms_norm
+from .norm import LATENT_NORM_EPS, add_rms_norm, rms_norm
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +108,9 @@ class KimiLinearModel(nn.Module):
 
     def compile_plain_ops(self, enable: bool = True) -> bool:
         """Compiles (torch.compile, Inductor) the model's plain torch pieces between its custom ops and GEMMs:
-        the RMS norms, each residual add with the norm after it, the MoE router, the SwiGLU activation and the
-        experts' weighted sum (fp8 experts' quantizations are kernels of their own), each one function shared by
+        the RMS norms, each residual add with the norm after it, the MoE router, the SwiGLU activation, the
+        experts' weighted sum (fp8 experts' quantizations are kernels of their own) and the MLA latent rows
+        (mla_block.latent_rows), each one function shared by
         every layer and compiled once for every token count (dynamic shapes). Their dozens of small
         elementwise, reduction and top-k kernels per step become a few fused ones: on an H200 a
         CUDA-graph decode step of 4 Kimi-Linear-48B-shaped layers went 1.05 -> 0.92 ms at 1 request and 2.63
@@ -129,10 +131,12 @@ class KimiLinearModel(nn.Module):
                 enable = False
         pick = _compiled if enable else (lambda fn: fn)
         norm, add_norm, route = pick(rms_norm), pick(add_rms_norm), pick(route_experts)
-        act, combine = pick(silu_mul), pick(combine_experts)
+        act, combine, latent = pick(silu_mul), pick(combine_experts), pick(latent_rows)
         self.norm_fn = norm
         for layer in self.layers:
             layer.norm_fn, layer.add_norm_fn = norm, add_norm
+            if not layer.is_kda:
+                layer.self_attn.norm_fn, layer.self_attn.latent_fn = norm, latent
             mlps = [layer.mlp] + ([layer.mlp.shared_experts] if isinstance(layer.mlp, MoE) else [])
             for mlp in filter(None, mlps):
                 mlp.act_fn = act
@@ -144,12 +148,16 @@ class KimiLinearModel(nn.Module):
     def _warm_up_compiled(self) -> None:
         eps = self.config.rms_norm_eps
         moe = next((layer.mlp for layer in self.layers if isinstance(layer.mlp, MoE)), None)
+        mla = next((layer.self_attn for layer in self.layers if not layer.is_kda), None)
         for tokens in (1, 2):
             h = torch.ones(tokens, self.norm.shape[0], dtype=self.dtype, device=self.device)
             _compiled(rms_norm)(h, self.norm, eps)
             _compiled(add_rms_norm)(h, h, self.norm, eps)
             _compiled(silu_mul)(torch.ones(tokens, 2 * self.config.intermediate_size, dtype=self.dtype,
                                            device=self.device))
+            if mla is not None:
+                kv_a = torch.ones(tokens, mla.kv_lora_rank + mla.rope_dim, dtype=self.dtype, device=self.device)
+                _compiled(latent_rows)(kv_a, mla.kv_a_layernorm, LATENT_NORM_EPS, self.dtype)
             if moe is not None:
                 _compiled(route_experts)(h, moe.router, moe.e_score_correction_bias, moe.top_k, moe.num_groups,
                                          moe.topk_group, moe.renormalize, moe.scaling)
@@ -205,7 +213,7 @@ class KimiLinearModel(nn.Module):
     def logits(self, h: torch.Tensor, batch: RaggedBatch) -> torch.Tensor:
         """The final norm and lm_head of the rows batch.logits_indices of h [T, hidden]: fp32 [R, vocab]."""
         last = self.norm_fn(h[batch.logits_indices], self.norm, self.config.rms_norm_eps)
-        return F.linear(last, self.lm_head).float()
+        return linear(last, self.lm_head).float()
 
     # The forward cut where it reads the batch's sequences, for piecewise CUDA graphs (engine/prompt_graphs.py):
     #   carry = piece(0, {}); then for each layer i: carry["mixer_out"] = mix(i, carry); carry = piece(i + 1, carry);

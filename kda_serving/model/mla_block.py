@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import mla_decode
+from ..ops import linear, mla_decode
 from ..ops.contract import skip_index_value_checks
 from ..ops import cuda_mla
 from ..ops.cuda_args import sm_count
@@ -61,7 +61,19 @@ def _param(*shape: int, dtype: torch.dtype, device) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
 
 
+def latent_rows(kv_a: torch.Tensor, weight: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
+    """kv_a_proj_with_mqa's output [T, C + R] -> the cached latent rows [T, C + R] in `dtype`: the KV latent c
+    RMS-normalised by weight [C], the shared key part r as it is. One function, so that a compiled model runs it
+    as one kernel (eagerly it is nine: the norm's casts and reductions, the concatenation)."""
+    c, r = kv_a.split([weight.shape[0], kv_a.shape[-1] - weight.shape[0]], dim=-1)
+    return torch.cat([rms_norm(c, weight, eps), r], dim=-1).to(dtype)
+
+
 class MLABlock(nn.Module):
+    # the plain-torch pieces, or their compiled versions on a compiled model (KimiLinearModel.compile_plain_ops)
+    norm_fn = staticmethod(rms_norm)
+    latent_fn = staticmethod(latent_rows)
+
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device):
         super().__init__()
         self.num_heads = nh = cfg.num_attention_heads
@@ -91,6 +103,12 @@ class MLABlock(nn.Module):
     def _bias(self, name: str):
         return getattr(self, name + "_bias", None) if self.attention_bias else None
 
+    def _linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """x through the projection `name` and its bias where it has one: ops.linear (our matrix-vector kernel in
+        steps of a few tokens) without a bias, F.linear with one."""
+        bias = self._bias(name)
+        return linear(x, getattr(self, name)) if bias is None else F.linear(x, getattr(self, name), bias)
+
     def forward(self, x: torch.Tensor, batch: RaggedBatch, kv_cache: torch.Tensor) -> torch.Tensor:
         """x [T, hidden] -> [T, hidden]. Writes the new latents into kv_cache [blocks, block_size, latent]."""
         return self.finish(self.mix(self.project(x, batch, kv_cache), batch, kv_cache))
@@ -104,14 +122,12 @@ class MLABlock(nn.Module):
         into kv_cache at batch.slot_mapping."""
         T, nh = x.shape[0], self.num_heads
         if self.q_lora_rank is None:
-            q = F.linear(x, self.q_proj)
+            q = linear(x, self.q_proj)
         else:
-            q_lat = F.linear(x, self.q_a_proj, self._bias("q_a_proj"))
-            q = F.linear(rms_norm(q_lat, self.q_a_layernorm, LATENT_NORM_EPS), self.q_b_proj)
-        c, r = F.linear(x, self.kv_a_proj_with_mqa, self._bias("kv_a_proj_with_mqa")).split(
-            [self.kv_lora_rank, self.rope_dim], dim=-1
-        )
-        latent = torch.cat([rms_norm(c, self.kv_a_layernorm, LATENT_NORM_EPS), r], dim=-1).to(kv_cache.dtype)
+            q_lat = self._linear(x, "q_a_proj")
+            q = linear(self.norm_fn(q_lat, self.q_a_layernorm, LATENT_NORM_EPS), self.q_b_proj)
+        kv_a = self._linear(x, "kv_a_proj_with_mqa")
+        latent = self.latent_fn(kv_a, self.kv_a_layernorm, LATENT_NORM_EPS, kv_cache.dtype)
         kv_cache.view(-1, kv_cache.shape[-1])[batch.slot_mapping] = latent  # [T, L]
         return {"q": q.view(T, nh, -1), "latent": latent}  # q: [nope | rope] per head
 
@@ -143,7 +159,7 @@ class MLABlock(nn.Module):
 
     def finish(self, out: torch.Tensor) -> torch.Tensor:
         """o_proj: per-head values [T, nh, v] -> [T, hidden]."""
-        return F.linear(out.reshape(out.shape[0], -1), self.o_proj, self._bias("o_proj"))
+        return self._linear(out.reshape(out.shape[0], -1), "o_proj")
 
     def _absorb(self, q_nope: torch.Tensor, q_rope: torch.Tensor, w_kv: torch.Tensor) -> torch.Tensor:
         """Queries [T, nh, nope], [T, nh, rope] -> absorbed queries [T, nh, L] = [W_uk[h]^T q_nope, q_rope]."""

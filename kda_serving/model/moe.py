@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import cuda_moe, moe_experts_gemv, moe_route, moe_sort_pairs, quantize_rows_fp8, silu_mul_quantize_fp8
+from ..ops import (cuda_moe, linear, moe_experts_gemv, moe_route, moe_sort_pairs, quantize_rows_fp8,
+                   silu_mul_quantize_fp8)
 from ..ops.moe_routing import route_experts_reference, route_kernel_takes
 from .config import ModelConfig
 from .fp8 import FP8, fp8_linear, fp8_matmul, quantize_into_
@@ -82,7 +83,7 @@ class DenseMLP(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """SwiGLU of x [T, hidden], added to residual [T, hidden] where given."""
         act = self.act_fn if x.shape[0] >= FUSED_MIN_TOKENS else silu_mul
-        y = F.linear(act(F.linear(x, self.gate_up_proj)), self.down_proj)
+        y = linear(act(linear(x, self.gate_up_proj)), self.down_proj)
         return y if residual is None else residual + y
 
 

@@ -1,6 +1,6 @@
 """The model with its plain torch pieces compiled (KimiLinearModel.compile_plain_ops: the RMS norms, residual add +
-norm, the MoE router, the SwiGLU activation and the experts' weighted sum through torch.compile / Inductor)
-against the same model eager.
+norm, the MoE router, the SwiGLU activation, the experts' weighted sum and the MLA latent rows through
+torch.compile / Inductor) against the same model eager.
 
 A dense random model (no MoE, whose expert choice is discontinuous: a near-tie flips with any rounding) runs
 a packed prefill of two prompts and decode steps both ways. On the CPU (fp32) the compiled kernels only
@@ -24,6 +24,7 @@ from kimi_testing import save_dense_checkpoint
 from kda_serving.model import load_model
 from kda_serving.model import moe
 from kda_serving.model.kimi_linear import _compiled
+from kda_serving.model.mla_block import latent_rows
 from kda_serving.model.moe import combine_experts, route_experts, silu_mul
 from kda_serving.model.norm import add_rms_norm, rms_norm
 
@@ -69,6 +70,25 @@ def _check_combine(device, dtype, tol) -> None:
         torch.testing.assert_close(out.double().cpu(), ref, rtol=tol, atol=tol)
 
 
+def _check_latent_rows(device, dtype, tol) -> None:
+    """latent_rows on 37 rows of a 48 + 16 latent, compiled and eager, against float64 written out: the first
+    48 columns RMS-normalised and scaled, the last 16 copied, the result in the cache's dtype (fp32 rows into a
+    bf16 cache on the way too). tol is the output dtype's rounding."""
+    gen = torch.Generator().manual_seed(5)
+    kv_a = (3 * torch.randn(37, 64, generator=gen)).to(device, dtype)
+    weight = (1 + 0.5 * torch.randn(48, generator=gen)).to(device, dtype)
+    x = kv_a.double().cpu()
+    c, r = x[:, :48], x[:, 48:]
+    ref = torch.cat([c / (c.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt() * weight.double().cpu(), r], dim=-1)
+    for fn in (latent_rows, _compiled(latent_rows)):
+        for out_dtype in {dtype, torch.bfloat16}:
+            out = fn(kv_a, weight, 1e-6, out_dtype)
+            assert out.dtype == out_dtype and out.shape == (37, 64)
+            assert torch.equal(out[:, 48:], kv_a[:, 48:].to(out_dtype))
+            t = tol if out_dtype == dtype else 1e-2
+            torch.testing.assert_close(out.double().cpu(), ref, rtol=t, atol=t)
+
+
 def test_compiled_pieces_match_eager_cpu(dense_checkpoint, monkeypatch):
     monkeypatch.setattr(moe, "FUSED_MIN_TOKENS", 0)  # the compiled activation at every token count
     model = load_model(dense_checkpoint, device="cpu", progress=False)
@@ -76,15 +96,19 @@ def test_compiled_pieces_match_eager_cpu(dense_checkpoint, monkeypatch):
     model.compile_plain_ops()
     assert model.layers[0].norm_fn is _compiled(rms_norm) and model.layers[0].add_norm_fn is _compiled(add_rms_norm)
     assert model.layers[0].mlp.act_fn is _compiled(silu_mul)
+    mla = next(layer.self_attn for layer in model.layers if not layer.is_kda)
+    assert mla.latent_fn is _compiled(latent_rows) and mla.norm_fn is _compiled(rms_norm)
     compiled = _run(model)
     model.compile_plain_ops(False)
     assert model.norm_fn is rms_norm and model.layers[0].add_norm_fn is add_rms_norm
+    assert mla.latent_fn is latent_rows and mla.norm_fn is rms_norm
     errs = _rel(compiled, eager)
     print(f"cpu: worst per-token logits rel {max(errs):.2e}")
     assert all(torch.isfinite(c).all() for c in compiled) and max(errs) <= 1e-5
     assert model.layers[0].mlp.act_fn is silu_mul  # compile_plain_ops(False) put the eager ones back
     _check_router("cpu", torch.float32)
     _check_combine("cpu", torch.float32, 1e-5)
+    _check_latent_rows("cpu", torch.float32, 1e-5)
 
 
 def test_add_rms_norm_is_the_add_then_the_norm():
@@ -115,6 +139,7 @@ def test_compiled_pieces_track_the_fp32_truth_cuda(dense_checkpoint, monkeypatch
     assert e_comp <= 1.25 * e_eager + 2e-3 and w_comp <= 1.5 * w_eager + 5e-3
     _check_router("cuda", torch.bfloat16)
     _check_combine("cuda", torch.bfloat16, 1e-2)
+    _check_latent_rows("cuda", torch.bfloat16, 1e-2)
 
 
 def test_a_failing_compile_leaves_the_eager_functions(dense_checkpoint, monkeypatch, caplog):
