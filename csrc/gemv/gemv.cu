@@ -3,9 +3,9 @@
 // through ctypes by kda_serving/ops/cuda_gemv.py (docs/gemv.md).
 //
 // At one to a few tokens cuBLAS runs these as 8-column MMA tiles: the 58 MB KDA input projection of
-// Kimi-Linear-48B took 17.3 us against a 12 us floor, its 19 MB output projections 9.3 us in two kernels (split
-// K and its reduction) against 4 us, and 2-4 MB ones 3.4-6 us, where one round trip to memory is under 1 us
-// (H200, logs/session24). Here a group of G threads (a power of two, 16..256) takes whole rows: thread g of the
+// Kimi-Linear-48B took 17.3 us against a 13.7 us floor (the card's copy rate), its 19 MB output projections
+// 9.3 us in two kernels (split K and its reduction) against 4.5 us, and 2-4 MB ones 3.4-6 us, where one round
+// trip to memory is under 1 us (H200, logs/session24). Not yet faster inside the model: docs/gemv.md. Here a group of G threads (a power of two, 16..256) takes whole rows: thread g of the
 // group loads the row's 16-byte vectors g, g + G, ... (kVecs of them at most), so one row is one round of loads
 // however long it is, and every thread keeps its share of the T token rows in registers, loaded once for all the
 // rows it visits. Groups of more than a warp sum their warps' parts through shared memory.

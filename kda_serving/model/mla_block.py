@@ -104,8 +104,8 @@ class MLABlock(nn.Module):
         return getattr(self, name + "_bias", None) if self.attention_bias else None
 
     def _linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        """x through the projection `name` and its bias where it has one: ops.linear (our matrix-vector kernel in
-        steps of a few tokens) without a bias, F.linear with one."""
+        """x through the projection `name` and its bias where it has one: ops.linear (KDABlock's note) without a
+        bias, F.linear with one."""
         bias = self._bias(name)
         return linear(x, getattr(self, name)) if bias is None else F.linear(x, getattr(self, name), bias)
 
