@@ -37,6 +37,7 @@ SHAPES = {
     "mla_kv_a": (1, 576, 2304),
     "mla_values": (32, 128, 512),     # W_uv per head on the latent outputs (transposed views)
     "dense_gate_up": (1, 18432, 2304),  # layer 0's MLP
+    "dense_down": (1, 2304, 9216),
     "lm_head": (1, 163840, 2304),
 }
 ROTATION_BYTES = 512 << 20

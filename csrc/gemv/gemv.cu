@@ -5,21 +5,28 @@
 // At one to a few tokens cuBLAS runs these as 8-column MMA tiles: the 58 MB KDA input projection of
 // Kimi-Linear-48B took 17.3 us against a 13.7 us floor (the card's copy rate), its 19 MB output projections
 // 9.3 us in two kernels (split K and its reduction) against 4.5 us, and 2-4 MB ones 3.4-6 us, where one round
-// trip to memory is under 1 us (H200, logs/session24). Not yet faster inside the model: docs/gemv.md. Here a group of G threads (a power of two, 16..256) takes whole rows: thread g of the
-// group loads the row's 16-byte vectors g, g + G, ... (kVecs of them at most), so one row is one round of loads
-// however long it is, and every thread keeps its share of the T token rows in registers, loaded once for all the
-// rows it visits. Groups of more than a warp sum their warps' parts through shared memory.
+// trip to memory is under 1 us (H200, logs/session24).
 //
-// Each iteration issues the next rows' weight loads before it sums the current ones. Launched with programmatic
-// dependent launch: the first rows' weights (which no kernel writes) are loaded before the wait for the previous
-// kernel, the token rows after it. Only enqueues work on `stream`: no
-// allocation, no synchronisation, CUDA-graph capturable.
+// Design (the second one; the first, a thread group per row summing in fp32 FMAs, grew with the token count and
+// synchronised its groups every few rows: docs/gemv.md). A warp takes a tile of 8 weight rows and a range of K,
+// and multiplies on tensor cores: mma.sync m16n8k16 with the token rows as A (rows 8-15 zero) and the weight
+// tile as B. The sum over k does not care in which order k comes, so each lane loads 16 contiguous bytes of its
+// B row (row lane / 4, columns 8 * (lane % 4) onward of each 32) and the same 16 bytes of its A row (token
+// lane / 4), and the two fragments agree on which k each register holds: no shared memory, no shuffles, and
+// the products cost two tensor-core instructions per 16-byte load, whatever the token count up to 8.
+//
+// Bytes in flight come from occupancy: a warp issues kSteps 16-byte weight loads before it waits, and enough
+// warps are launched to fill the SMs several times over, splitting K across the warps of a CTA where the rows
+// are too few; the split parts are summed through shared memory once, at the end. Launched with programmatic
+// dependent launch: the first weights (which no kernel writes) are loaded before the wait for the previous
+// kernel, the token rows after it. Only enqueues work on `stream`: no allocation, no synchronisation,
+// CUDA-graph capturable.
 #include <cstdint>
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
-#include "common/packed.cuh"
+#include "common/mma_sm80.cuh"
 #include "common/pdl.cuh"
 
 namespace kda_serving::gemv {
@@ -27,7 +34,11 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr int kVecs = 2;  // the most 16-byte vectors per thread and row: rows of up to 8 * 256 * 2 = 4096
+constexpr int kTileRows = 8;   // weight rows per warp: the n of one m16n8k16 product
+constexpr int kStepCols = 32;  // columns per step: 4 lanes x 16 bytes per row
+constexpr int kSteps = 8;      // steps whose loads a warp issues before it waits for them
+constexpr int kWarpsPerSM = 16;  // warps launched per SM at the least, where splitting K gets there
+constexpr int kMaxTokens = 8;  // token rows: A's rows 0-7
 
 struct Params {
   const __nv_bfloat16* x;  // [batch, tokens, cols] at the strides below
@@ -37,137 +48,78 @@ struct Params {
   __nv_bfloat16* out;      // [batch, tokens, rows]
   int64_t out_row_stride, out_batch_stride;
   int tokens, rows, cols;
-  int group;               // threads per row
-  int iterations;          // per CTA: each covers (kThreads / group) * kRows rows
+  int splits;  // warps (consecutive in a CTA) that share a tile, each a range of its steps: 1, 2, 4 or 8
 };
 
-__device__ __forceinline__ float dot8(const float (&a)[8], const float (&b)[8]) {
-  float s = 0.f;
-#pragma unroll
-  for (int i = 0; i < 8; ++i) s += a[i] * b[i];
-  return s;
-}
-
-// kTokens: the most token rows (tokens <= kTokens; the missing ones are zeros). kRows: rows per group and
-// iteration (fewer for more tokens, whose rows in registers take their place).
-template <int kTokens, int kRows>
-__global__ void __launch_bounds__(kThreads, 2) gemv_kernel(Params p) {
-  __shared__ float parts[2][kWarps][kRows * kTokens];  // a group's warps' sums, double-buffered per iteration
-  const int group = p.group, slots = kThreads / group;
-  const int slot = threadIdx.x / group, g = threadIdx.x % group;
+__global__ void __launch_bounds__(kThreads, 3) gemv_kernel(Params p) {
+  __shared__ float parts[kWarps][kMaxTokens][kTileRows];  // a warp's sums when its tile is split
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int vecs = p.cols / 8;
+  const int g = lane / 4, c = lane % 4;  // this lane's B row (weight row of the tile) and A row (token); column
   const int b = blockIdx.y;
-  const __nv_bfloat16* w = p.w + b * p.w_batch_stride;
-  const int64_t first_row = static_cast<int64_t>(blockIdx.x) * p.iterations * slots * kRows;
+  const int tiles_per_cta = kWarps / p.splits, split = warp % p.splits;
+  const int64_t row0 = (static_cast<int64_t>(blockIdx.x) * tiles_per_cta + warp / p.splits) * kTileRows;
+  const int vecs = p.cols / 8, steps = (p.cols + kStepCols - 1) / kStepCols;
+  const int per_split = (steps + p.splits - 1) / p.splits;
+  const int first = split * per_split, last = min(steps, first + per_split);  // this warp's steps
 
-  auto load_weights = [&](int it, uint4 (&wr)[kRows][kVecs]) {
+  const bool row_ok = row0 + g < p.rows, token_ok = g < p.tokens;
+  // 16-byte vector v of this lane's rows is at [v]; step s reads vector 4 s + c
+  const uint4* w = reinterpret_cast<const uint4*>(p.w + b * p.w_batch_stride + (row_ok ? row0 + g : 0) * p.w_row_stride);
+  const uint4* x = reinterpret_cast<const uint4*>(p.x + b * p.x_batch_stride + (token_ok ? g : 0) * p.x_row_stride);
+
+  uint4 wv[kSteps];
+  auto load_weights = [&](int s0) {
 #pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-      const int64_t row = first_row + (static_cast<int64_t>(it) * slots + slot) * kRows + r;
-#pragma unroll
-      for (int i = 0; i < kVecs; ++i) {
-        const int v = g + i * group;
-        wr[r][i] = make_uint4(0, 0, 0, 0);
-        if (row < p.rows && v < vecs) wr[r][i] = __ldcs(reinterpret_cast<const uint4*>(w + row * p.w_row_stride) + v);
-      }
+    for (int j = 0; j < kSteps; ++j) {
+      const int v = 4 * (s0 + j) + c;
+      wv[j] = make_uint4(0, 0, 0, 0);
+      if (row_ok && s0 + j < last && v < vecs) wv[j] = __ldcs(w + v);
     }
   };
-
-  uint4 wr[kRows][kVecs];
-  load_weights(0, wr);
+  load_weights(first);
   kda::grid_dependency_wait();  // x may be the previous kernel's output
   kda::allow_dependent_launch();
-  uint4 xr[kTokens][kVecs];
+
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};  // [0..1]: token g, tile rows 2c and 2c + 1; [2..3]: A's zero rows
+  for (int s0 = first; s0 < last; s0 += kSteps) {
+    if (s0 != first) load_weights(s0);
+    uint4 xv[kSteps];
 #pragma unroll
-  for (int t = 0; t < kTokens; ++t) {
+    for (int j = 0; j < kSteps; ++j) {
+      const int v = 4 * (s0 + j) + c;
+      xv[j] = make_uint4(0, 0, 0, 0);
+      if (token_ok && s0 + j < last && v < vecs) xv[j] = __ldg(x + v);
+    }
 #pragma unroll
-    for (int i = 0; i < kVecs; ++i) {
-      const int v = g + i * group;
-      xr[t][i] = make_uint4(0, 0, 0, 0);
-      if (t < p.tokens && v < vecs) {
-        xr[t][i] = reinterpret_cast<const uint4*>(p.x + b * p.x_batch_stride + t * p.x_row_stride)[v];
-      }
+    for (int j = 0; j < kSteps; ++j) {  // k order 8c + 0..3, then 8c + 4..7, in both fragments
+      const uint32_t a_lo[4] = {xv[j].x, 0u, xv[j].y, 0u}, a_hi[4] = {xv[j].z, 0u, xv[j].w, 0u};
+      kda::mma_16816(acc, a_lo, wv[j].x, wv[j].y);
+      kda::mma_16816(acc, a_hi, wv[j].z, wv[j].w);
     }
   }
 
-  for (int it = 0; it < p.iterations; ++it) {
-    uint4 cur[kRows][kVecs];
+  __nv_bfloat16* out = p.out + b * p.out_batch_stride;
+  if (p.splits == 1) {
+    if (token_ok) {
 #pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-#pragma unroll
-      for (int i = 0; i < kVecs; ++i) cur[r][i] = wr[r][i];
-    }
-    if (it + 1 < p.iterations) load_weights(it + 1, wr);  // the next rows' loads fly while these are summed
-    float acc[kRows][kTokens] = {};
-#pragma unroll
-    for (int i = 0; i < kVecs; ++i) {
-      float wf[kRows][8];
-#pragma unroll
-      for (int r = 0; r < kRows; ++r) unpack_bf16x8(cur[r][i], wf[r]);
-#pragma unroll
-      for (int t = 0; t < kTokens; ++t) {
-        float xf[8];
-        unpack_bf16x8(xr[t][i], xf);
-#pragma unroll
-        for (int r = 0; r < kRows; ++r) acc[r][t] += dot8(wf[r], xf);
+      for (int i = 0; i < 2; ++i) {
+        const int64_t row = row0 + 2 * c + i;
+        if (row < p.rows) out[g * p.out_row_stride + row] = __float2bfloat16(acc[i]);
       }
     }
-    // sum over the group: its lanes in the warp, then (groups wider than a warp) its warps
-    const int width = group < 32 ? group : 32;
-#pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-#pragma unroll
-      for (int t = 0; t < kTokens; ++t) {
-        for (int offset = width / 2; offset > 0; offset >>= 1) {
-          acc[r][t] += __shfl_xor_sync(0xffffffffu, acc[r][t], offset);
-        }
-      }
-    }
-    const int64_t row0 = first_row + (static_cast<int64_t>(it) * slots + slot) * kRows;
-    __nv_bfloat16* out = p.out + b * p.out_batch_stride;
-    if (group <= 32) {
-      if (g == 0) {
-#pragma unroll
-        for (int r = 0; r < kRows; ++r) {
-#pragma unroll
-          for (int t = 0; t < kTokens; ++t) {
-            if (row0 + r < p.rows && t < p.tokens) out[t * p.out_row_stride + row0 + r] = __float2bfloat16(acc[r][t]);
-          }
-        }
-      }
-      continue;
-    }
-    float(&mine)[kWarps][kRows * kTokens] = parts[it & 1];
-    if (lane == 0) {
-#pragma unroll
-      for (int r = 0; r < kRows; ++r) {
-#pragma unroll
-        for (int t = 0; t < kTokens; ++t) mine[warp][r * kTokens + t] = acc[r][t];
-      }
-    }
-    __syncthreads();  // one per iteration: the next one writes the other buffer
-    const int warps_per_group = group / 32;
-    for (int j = threadIdx.x; j < slots * kRows * kTokens; j += kThreads) {
-      const int s = j / (kRows * kTokens), rt = j % (kRows * kTokens), r = rt / kTokens, t = rt % kTokens;
-      const int64_t row = first_row + (static_cast<int64_t>(it) * slots + s) * kRows + r;
-      if (row >= p.rows || t >= p.tokens) continue;
-      float sum = 0.f;
-      for (int k = 0; k < warps_per_group; ++k) sum += mine[s * warps_per_group + k][rt];
-      out[t * p.out_row_stride + row] = __float2bfloat16(sum);
-    }
+    return;
   }
-}
-
-template <int kTokens, int kRows>
-cudaError_t launch(Params p, cudaStream_t s, int batch, int sms) {
-  const int64_t rows_per_iteration = (kThreads / p.group) * kRows;
-  // enough CTAs for four per SM across the batch, each at least one iteration
-  const int64_t steps = (p.rows + rows_per_iteration - 1) / rows_per_iteration;
-  const int64_t wanted = (4LL * sms + batch - 1) / batch;
-  p.iterations = static_cast<int>((steps + wanted - 1) / wanted);
-  const int ctas = static_cast<int>((steps + p.iterations - 1) / p.iterations);
-  return kda::launch_with_pdl(gemv_kernel<kTokens, kRows>, dim3(ctas, batch), dim3(kThreads), 0, s, p);
+  parts[warp][g][2 * c] = acc[0];
+  parts[warp][g][2 * c + 1] = acc[1];
+  __syncthreads();
+  for (int i = threadIdx.x; i < tiles_per_cta * kMaxTokens * kTileRows; i += kThreads) {
+    const int tile = i / (kMaxTokens * kTileRows), t = i / kTileRows % kMaxTokens, r = i % kTileRows;
+    const int64_t row = (static_cast<int64_t>(blockIdx.x) * tiles_per_cta + tile) * kTileRows + r;
+    if (t >= p.tokens || row >= p.rows) continue;
+    float sum = 0.f;
+    for (int s = 0; s < p.splits; ++s) sum += parts[tile * p.splits + s][t][r];
+    out[t * p.out_row_stride + row] = __float2bfloat16(sum);
+  }
 }
 
 }  // namespace
@@ -179,13 +131,13 @@ extern "C" {
 
 // out[b, t, n] = sum_k x[b, t, k] * w[b, n, k] in fp32, rounded to bf16, for b < batch, t < tokens, n < rows,
 // k < cols. All bf16; every stride in elements. Sizes: 1 <= tokens <= 8, cols a multiple of 8 in
-// [8, 4096], strides multiples of 8 and pointers 16-byte aligned, batch <= 65,535.
+// [8, 65536], strides multiples of 8 and pointers 16-byte aligned, batch <= 65,535.
 // sms: the device's SM count (the grid is sized from it). Returns a cudaError_t.
 int kda_serving_gemv(const void* x, int64_t x_row_stride, int64_t x_batch_stride, const void* w,
                      int64_t w_row_stride, int64_t w_batch_stride, void* out, int64_t out_row_stride,
                      int64_t out_batch_stride, int batch, int tokens, int rows, int cols, int sms, void* stream) {
-  const bool valid = tokens >= 1 && tokens <= 8 && rows >= 0 && cols >= 8 && cols % 8 == 0 &&
-                     cols <= 8 * kThreads * kVecs && batch >= 0 && batch <= 65535 && sms >= 1 &&
+  const bool valid = tokens >= 1 && tokens <= kMaxTokens && rows >= 0 && cols >= 8 && cols % 8 == 0 &&
+                     cols <= 65536 && batch >= 0 && batch <= 65535 && sms >= 1 &&
                      x_row_stride % 8 == 0 && x_batch_stride % 8 == 0 && w_row_stride % 8 == 0 &&
                      w_batch_stride % 8 == 0 && w_row_stride >= cols && x_row_stride >= 0 && out_row_stride >= 0 &&
                      (reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(w)) % 16 == 0;
@@ -204,23 +156,17 @@ int kda_serving_gemv(const void* x, int64_t x_row_stride, int64_t x_batch_stride
   p.tokens = tokens;
   p.rows = rows;
   p.cols = cols;
-  // the narrowest group whose threads cover a row in kVecs loads each (16 at least: a row of 128 is 16
-  // vectors), so that a CTA holds as many rows at once as it can
-  int group = 16;
-  while (group * kVecs < cols / 8) group *= 2;
-  p.group = group;
-  const cudaStream_t s = static_cast<cudaStream_t>(stream);
-  cudaError_t err;
-  if (tokens == 1) {
-    err = launch<1, 4>(p, s, batch, sms);
-  } else if (tokens == 2) {
-    err = launch<2, 2>(p, s, batch, sms);
-  } else if (tokens <= 4) {
-    err = launch<4, 1>(p, s, batch, sms);
-  } else {
-    err = launch<8, 1>(p, s, batch, sms);
-  }
-  return static_cast<int>(err);
+  // Split each tile's steps over more warps until there are 16 warps per SM to share the loads, as long as
+  // every warp keeps at least half a round of kSteps (a 19 MB output projection: 288 tiles x 8 splits).
+  const int64_t tiles = (rows + kTileRows - 1) / kTileRows;
+  const int steps = (cols + kStepCols - 1) / kStepCols;
+  int splits = 1;
+  while (splits < kWarps && tiles * batch * splits < static_cast<int64_t>(kWarpsPerSM) * sms && steps >= kSteps * splits) splits *= 2;
+  p.splits = splits;
+  const int64_t ctas = (tiles + kWarps / splits - 1) / (kWarps / splits);
+  if (ctas > 0x7fffffff) return static_cast<int>(cudaErrorInvalidValue);
+  return static_cast<int>(kda::launch_with_pdl(gemv_kernel, dim3(static_cast<unsigned>(ctas), batch),
+                                               dim3(kThreads), 0, static_cast<cudaStream_t>(stream), p));
 }
 
 }  // extern "C"

@@ -22,7 +22,7 @@ from .cuda_args import check_aligned, check_launch, sm_count, stream_handle
 
 CHUNK = 8  # elements per 16-byte load: K and x's and weight's strides are multiples of it
 MAX_TOKENS = 8  # csrc/gemv/gemv.cu: token rows per call
-MAX_COLS = 4096  # csrc/gemv/gemv.cu: 8 * 256 threads * 2 loads
+MAX_COLS = 65536  # csrc/gemv/gemv.cu
 MAX_BATCH = 65535  # the grid's y
 
 

@@ -5,11 +5,12 @@
     out = linear(x, weight[, out])   the same product, on gemv's kernel where it takes the call, else on torch
 
 In fp32, rounded once to x's dtype. Registered as a torch custom op like the KDA ops. CUDA tensors run
-csrc/gemv/gemv.cu through cuda_gemv.py (bf16, 1 to 8 token rows, K up to 4096, rows of K contiguous): where
-cuBLAS spends one to a few microseconds of tile latency on each of a step's dozens of small projections, the
-kernel reads each weight row in one round of loads (docs/gemv.md). CPU tensors run torch.matmul, the reference
-the kernel is tested against. `linear` is what the model calls: the kernel where it takes the layout and was
-measured faster than cuBLAS (LINEAR_MAX_BYTES), torch (cuBLAS, or the CPU) for the rest.
+csrc/gemv/gemv.cu through cuda_gemv.py (bf16, 1 to 8 token rows, K up to 65536, rows of K contiguous): where
+cuBLAS spends one to a few microseconds of tile latency and a split-K reduction on each of a step's dozens of
+projections, the kernel streams the weights straight into tensor-core products with the token rows
+(docs/gemv.md). CPU tensors run torch.matmul, the reference the kernel is tested against. `linear` is what the
+model calls: the kernel where it takes the layout and was measured faster than cuBLAS (LINEAR_MAX_BYTES), torch
+(cuBLAS, or the CPU) for the rest.
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ import torch.nn.functional as F
 Tensor = torch.Tensor
 
 # Where `linear` takes the kernel: the largest weight (bytes, a batch's all) per token count; other counts none.
-# Empty: the kernel does not yet pay inside the model (docs/gemv.md). Alone (H200, benchmarks/bench_gemv.py,
-# results/h200-gemv.json) it took Kimi-Linear-48B's 2-19 MB projections at one token in 0.35-0.8x cuBLAS's time,
-# but the whole 48B decode step at one request, with {1: 24 MB, 2: 8 MB} here, took 2.66 ms against 2.60 on
-# cuBLAS in the same run (logs/session24). docs/gemv.md has the measurements and the design to try next.
-LINEAR_MAX_BYTES: dict[int, int] = {}
+# Alone (H200, benchmarks/bench_gemv.py, results/h200-gemv.json) the kernel takes every projection of
+# Kimi-Linear-48B's decode step up to the 58 MB KDA input projection in 0.39-0.96x cuBLAS's time at 1-8 tokens;
+# layer 0's 85 MB MLP gate_up (1.02-1.08x) and the 755 MB LM head (0.99-1.05x) stay on cuBLAS. With this table
+# the whole 48B (fp8 experts) decode step took 2.51 ms at one request against 2.65 on cuBLAS, 6.35 against 6.45
+# at eight (same run, logs/session25).
+LINEAR_MAX_BYTES: dict[int, int] = {t: 64 << 20 for t in range(1, 9)}
 
 
 def gemv_torch(x: Tensor, weight: Tensor) -> Tensor:
@@ -81,7 +83,7 @@ def gemv(x: Tensor, weight: Tensor, out: Tensor | None = None) -> Tensor:
     """x @ weight^T over the last dimension, in fp32, rounded once to x's dtype.
 
     Args:
-        x: [T, K], or [B, T, K] with a batch of weights. CUDA: bf16, 1 <= T <= 8, K a multiple of 8 up to 4096,
+        x: [T, K], or [B, T, K] with a batch of weights. CUDA: bf16, 1 <= T <= 8, K a multiple of 8 up to 65536,
             rows of K contiguous at strides that are multiples of 8 (any view of such rows works).
         weight: [N, K], or [B, N, K]; x's dtype and device; CUDA: laid out as x.
         out: where to write the result ([T, N] or [B, T, N], last dimension contiguous on CUDA), e.g. a

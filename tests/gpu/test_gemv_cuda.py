@@ -24,9 +24,10 @@ gemv_module = importlib.import_module("kda_serving.ops.gemv")  # the module (ops
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
-# (B, N, K): Kimi-Linear-48B's KDA in_proj, f_b|g_b, o_proj, MLA q_proj, kv_a, value heads; the row limits
+# (B, N, K): Kimi-Linear-48B's KDA in_proj, f_b|g_b, o_proj, MLA q_proj, kv_a, value heads; the row limits; a K not
+# a multiple of the 32-column step; layer 0's MLP down projection; a long row
 SHAPES = [(1, 12576, 2304), (2, 4096, 128), (1, 2304, 4096), (1, 6144, 2304), (1, 576, 2304), (32, 128, 512),
-          (1, 3, 8), (3, 37, 4096), (1, 1, 264)]
+          (1, 3, 8), (3, 37, 4096), (1, 1, 264), (1, 2304, 9216), (1, 21, 18440)]
 
 
 def _weights(B, N, K, seed):
@@ -83,7 +84,7 @@ def test_gemv_takes_the_models_views():
 def test_linear_takes_the_kernel_within_its_limits(monkeypatch):
     """linear: the kernel's result (bit-equal to gemv) for a weight within LINEAR_MAX_BYTES of the token count,
     cuBLAS's (F.linear) for a larger one or another count, and cuBLAS for what the kernel does not take (fp32,
-    a row longer than 4096)."""
+    a row longer than cuda_gemv.MAX_COLS)."""
     w = _weights(1, 640, 2304, seed=3)[0]
     nbytes = w.numel() * 2
     monkeypatch.setattr(gemv_module, "LINEAR_MAX_BYTES", {1: nbytes, 2: nbytes - 1, 3: nbytes})
@@ -94,8 +95,8 @@ def test_linear_takes_the_kernel_within_its_limits(monkeypatch):
         assert torch.equal(linear(x, w), want), T
     x = torch.randn(2, 2304, generator=gen, device="cuda")
     assert torch.equal(linear(x, w.float()), F.linear(x, w.float()))
-    long_w = _weights(1, 16, 4104, seed=4)[0]
-    x = torch.randn(2, 4104, generator=gen, device="cuda").to(torch.bfloat16)
+    long_w = _weights(1, 16, cuda_gemv.MAX_COLS + 8, seed=4)[0]
+    x = torch.randn(2, cuda_gemv.MAX_COLS + 8, generator=gen, device="cuda").to(torch.bfloat16)
     assert not cuda_gemv.supports(x[None], long_w[None])
     assert torch.equal(linear(x, long_w), F.linear(x, long_w))
 
