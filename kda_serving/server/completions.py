@@ -30,14 +30,16 @@ async def create_completion(request: Request, server) -> Response:
     choices = []
     for p, prompt in enumerate(prompts):
         ids = completion_prompt_ids(engine, prompt)
-        max_tokens = resolve_max_tokens(engine, config.max_prompt_tokens, len(ids), req.max_tokens, "prompt")
+        max_tokens = resolve_max_tokens(engine, config.max_prompt_tokens, len(ids), req.max_tokens, "prompt",
+                                        scoring=req.echo)
+        if max_tokens == 0 and req.min_tokens:
+            raise bad_request(f"min_tokens: must be 0 with max_tokens 0, got {req.min_tokens}", param="min_tokens")
         for j in range(req.n):
             index = p * req.n + j
             choices.append(Choice(index=index, request_id=f"{response_id}-{index}", prompt_token_ids=ids,
-                                  params=sampling_params(req, max_tokens, j, req.logprobs,
+                                  params=sampling_params(req, max(max_tokens, 1), j, req.logprobs,
                                                          req.logprobs if req.echo else None, prediction),
-                                  prompt_index=p,
-                                  priority=req.priority))
+                                  prompt_index=p, priority=req.priority, prompt_only=max_tokens == 0))
     header = ResponseHeader(response_id, int(time.time()), engine.model_name)
     # echo: each choice's text starts with its prompt (a token-id prompt decoded).
     echoes = [p if isinstance(p, str) else engine.tokenizer.decode(p) for p in prompts] if req.echo else None

@@ -10,6 +10,7 @@ freed at once instead of generating for nobody.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
 import logging
 import time
@@ -33,6 +34,9 @@ class Choice:
     params: Any  # kda_serving.engine.SamplingParams
     prompt_index: int = 0  # which prompt of a batched completion request it answers
     priority: int = 0  # the request's scheduling priority (lower first)
+    # max_tokens 0 with echo: the prompt is scored, nothing generated. The engine has no prefill-only request,
+    # so it samples one token (params.max_tokens 1), which the outputs drop before anything reads them.
+    prompt_only: bool = False
     # Filled while it runs, from the engine's delta updates (intake.sampling_params asks for them).
     output_token_ids: list[int] = field(default_factory=list)
     text_parts: list[str] = field(default_factory=list)
@@ -73,8 +77,7 @@ async def generate_choices(engine, choices: list[Choice], metrics: ServerMetrics
             async with aclosing(engine.generate(choice.request_id, choice.prompt_token_ids, choice.params,
                                                     choice.priority)) as it:
                 async for out in it:
-                    _record(choice, out, metrics, started, endpoint)
-                    yield choice, out
+                    yield choice, _record(choice, out, metrics, started, endpoint)
             return
 
         queue: asyncio.Queue = asyncio.Queue()
@@ -99,8 +102,7 @@ async def generate_choices(engine, choices: list[Choice], metrics: ServerMetrics
             if out is None:
                 running -= 1
                 continue
-            _record(choice, out, metrics, started, endpoint)
-            yield choice, out
+            yield choice, _record(choice, out, metrics, started, endpoint)
     except (TypeError, ValueError):
         refused = True
         raise
@@ -114,8 +116,18 @@ async def generate_choices(engine, choices: list[Choice], metrics: ServerMetrics
                     metrics.aborted.labels(endpoint=endpoint).inc()
 
 
-def _record(choice: Choice, out, metrics: ServerMetrics, started: float, endpoint: str) -> None:
-    """Fold one engine output into the choice and the latency/token metrics."""
+def _prompt_only(out):
+    """A prompt-only choice's engine output without the token it had to sample: no tokens, text or their
+    logprobs, and a finished one ends at its length limit (of 0), whatever the token was."""
+    return dataclasses.replace(out, output_token_ids=[], new_token_ids=[], text="", delta_text="", logprobs=None,
+                               top_logprobs=None, finish_reason="length" if out.finished else out.finish_reason)
+
+
+def _record(choice: Choice, out, metrics: ServerMetrics, started: float, endpoint: str):
+    """Fold one engine output into the choice and the latency/token metrics; returns the output as the
+    consumer sees it (a prompt-only choice's without its sampled token)."""
+    if choice.prompt_only:
+        out = _prompt_only(out)
     now = time.perf_counter()
     new_tokens = len(out.new_token_ids)
     if new_tokens:
@@ -144,6 +156,7 @@ def _record(choice: Choice, out, metrics: ServerMetrics, started: float, endpoin
         choice.finish_reason = out.finish_reason or "stop"
         metrics.requests.labels(endpoint=endpoint, finish_reason=choice.finish_reason).inc()
         metrics.request_latency.observe(now - started)
+    return out
 
 
 async def _abort(engine, request_id: str) -> None:

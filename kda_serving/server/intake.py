@@ -84,9 +84,10 @@ def vocab_size(engine) -> int:
 
 
 def resolve_max_tokens(engine, max_prompt_tokens: int | None, prompt_len: int, requested: int | None,
-                       prompt_param: str, max_param: str = "max_tokens") -> int:
+                       prompt_param: str, max_param: str = "max_tokens", scoring: bool = False) -> int:
     """The number of tokens to generate, after checking the prompt and the total against the model's limits
-    (max_param: the request's name for the output limit)."""
+    (max_param: the request's name for the output limit). scoring: the request echoes its prompt, and 0 (score
+    the prompt, generate nothing) is allowed."""
     max_model_len = int(engine.max_model_len)
     limit = min(max_prompt_tokens or max_model_len - 1, max_model_len - 1)
     if prompt_len == 0:
@@ -96,8 +97,10 @@ def resolve_max_tokens(engine, max_prompt_tokens: int | None, prompt_len: int, r
                           param=prompt_param, code="context_length_exceeded")
     if requested is None:
         return max_model_len - prompt_len
-    if requested < 1:
-        raise bad_request(f"{max_param}: must be at least 1, got {requested}", param=max_param)
+    if requested < (0 if scoring else 1):
+        hint = "" if scoring or requested < 0 else " (0, to score a prompt without generating, needs echo)"
+        raise bad_request(f"{max_param}: must be at least {0 if scoring else 1}, got {requested}{hint}",
+                          param=max_param)
     if prompt_len + requested > max_model_len:
         raise bad_request(
             f"This model's maximum context length is {max_model_len} tokens. However, you requested "

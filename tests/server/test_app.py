@@ -310,6 +310,43 @@ def test_echo_with_logprobs_scores_the_prompt():
     serve(test)
 
 
+def test_max_tokens_zero_with_echo_scores_the_prompt_alone():
+    """max_tokens 0 with echo (OpenAI's legacy way to score a text): the answer is the prompt, its logprobs and
+    nothing generated (the token the engine had to sample is dropped: no text, logprob or usage), finish_reason
+    "length", streamed or not; without echo, or below 0, a 400 that says so."""
+    async def test(client, engine):
+        prompt = "x yz"
+        n = len(engine.tokenizer.encode(prompt))
+        body = {"model": MODEL, "prompt": prompt, "max_tokens": 0, "echo": True, "logprobs": 1, "n": 2}
+        r = await client.post("/v1/completions", json=body)
+        assert r.status_code == 200, r.text
+        out = r.json()
+        assert engine.seen_params[-1].max_tokens == 1 and engine.seen_params[-1].prompt_logprobs == 1
+        for c in out["choices"]:
+            assert c["text"] == prompt and c["finish_reason"] == "length"
+            lp = c["logprobs"]
+            assert len(lp["tokens"]) == n and lp["token_logprobs"][0] is None
+            assert lp["token_logprobs"][1:] == [-1.0 - 0.25 * i for i in range(1, n)]
+        assert out["usage"]["completion_tokens"] == 0 and out["usage"]["prompt_tokens"] == n
+        async with client.stream("POST", "/v1/completions",
+                                 json={**body, "stream": True, "stream_options": {"include_usage": True}}) as s:
+            events, done = parse_sse((await s.aread()).decode())
+        assert done
+        chunks = [c for e in events for c in e.get("choices", [])]
+        for i in range(2):
+            mine = [c for c in chunks if c["index"] == i]
+            assert "".join(c["text"] for c in mine) == prompt and mine[-1]["finish_reason"] == "length"
+            streamed = sum((c["logprobs"]["tokens"] for c in mine if c["logprobs"]), [])
+            assert streamed == out["choices"][i]["logprobs"]["tokens"]
+        assert events[-1]["usage"]["completion_tokens"] == 0
+        for bad, needle in (({"echo": False}, "needs echo"), ({"max_tokens": -1}, "at least 0"),
+                            ({"min_tokens": 1}, "min_tokens")):
+            r = await client.post("/v1/completions", json={**body, **bad})
+            assert r.status_code == 400 and needle in r.json()["error"]["message"], (bad, r.text)
+
+    serve(test)
+
+
 def test_forced_tool_calls_become_constrained_requests():
     async def test(client, engine):
         params = {"type": "object", "properties": {"q": {"type": "string"}}}

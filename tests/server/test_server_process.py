@@ -225,6 +225,13 @@ def test_openai_client_scores_a_prompt_with_echo_and_logprobs(server):
         assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
         assert lp.token_logprobs[1 : len(ids)] == pytest.approx(ref.prompt_logprobs[1:], abs=1e-4)
         assert all(len(t) <= 2 for t in lp.top_logprobs[1:])
+    # max_tokens 0: the prompt alone, the same logprobs, nothing generated
+    alone = client.completions.create(model=server.model, prompt=text, max_tokens=0, temperature=0, echo=True,
+                                      logprobs=2)
+    lp = alone.choices[0].logprobs
+    assert alone.choices[0].text == text and alone.choices[0].finish_reason == "length"
+    assert len(lp.tokens) == len(ids) and alone.usage.completion_tokens == 0
+    assert lp.token_logprobs[1:] == pytest.approx(ref.prompt_logprobs[1:], abs=1e-4)
     wait_until_free(server, timeout=10)
 
 
