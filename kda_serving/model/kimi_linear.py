@@ -110,11 +110,10 @@ class KimiLinearModel(nn.Module):
         """Compiles (torch.compile, Inductor) the model's plain torch pieces between its custom ops and GEMMs:
         the RMS norms, each residual add with the norm after it, the MoE router, the SwiGLU activation, the
         experts' weighted sum (fp8 experts' quantizations are kernels of their own) and the MLA latent rows
-        (mla_block.latent_rows), each one function shared by
-        every layer and compiled once for every token count (dynamic shapes). Their dozens of small
-        elementwise, reduction and top-k kernels per step become a few fused ones: on an H200 a
-        CUDA-graph decode step of 4 Kimi-Linear-48B-shaped layers went 1.05 -> 0.92 ms at 1 request and 2.63
-        -> 2.42 ms at 64 (benchmarks/experiments/compile_decode.py, the first three); a
+        (mla_block.latent_rows), each one function shared by every layer and compiled once for every token
+        count (dynamic shapes). Their dozens of small elementwise, reduction and top-k kernels per step become a
+        few fused ones: on an H200 a CUDA-graph decode step of 4 Kimi-Linear-48B-shaped layers went 1.05 -> 0.92
+        ms at 1 request and 2.63 -> 2.42 ms at 64 (benchmarks/experiments/compile_decode.py, the first three); a
         48B MoE layer of 8,192 tokens 4.27 -> 3.45 ms (the last two, used from moe.FUSED_MIN_TOKENS tokens).
         The rest stays eager: the custom ops and GEMMs gain nothing from it, and compiling the whole forward
         specialises on the key lengths of every step. enable=False puts the eager functions back.
