@@ -8,6 +8,10 @@ Kimi-Linear-48B, or more (at most 64) where R * state bytes must reach 2.5x L2 s
 HBM. fla runs `fused_recurrent_kda_fwd` in its in-place pool mode (what vLLM calls) with the state in the
 same [V, K] layout; its eager call is timed too, as in ../shared/reference/anchors.md.
 
+Ours runs twice per case, in the same graph setup: in batch order (the slots as given) and with the visit
+order an engine passes (ops.slot_visit_order: the CTAs take the sequences by increasing slot, the results
+bit-identical; docs/decode-kernel.md, "Visit order").
+
 floor = state bytes read + written / the measured device copy rate. Target: floor / ours >= 0.85 at N >= 64,
 ours < 10 us at N = 1.
 
@@ -29,6 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import RESULTS, card_name, copy_rate_bytes_per_s, environment, time_ms, write_json  # noqa: E402
 
+from kda_serving.ops import slot_visit_order  # noqa: E402  (also registers torch.ops.kda_serving.*)
+
 D = 128
 SCALE = D**-0.5
 STATE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -43,9 +49,9 @@ def make_step(N, H, gen):
                 dt_bias=torch.randn(H, D, generator=gen, device="cuda"))
 
 
-def ours_call(s, pool, slots, out):
+def ours_call(s, pool, slots, out, visit=None):
     return lambda: torch.ops.kda_serving.kda_decode_(s["q"], s["k"], s["v"], s["g"], s["beta"], s["A_log"],
-                                                     s["dt_bias"], SCALE, None, pool, slots, None, out)
+                                                     s["dt_bias"], SCALE, None, pool, slots, None, out, visit)
 
 
 def fla_call(s, pool, slots, out):
@@ -88,6 +94,10 @@ def run_case(H, N, state, copy_rate, l2_bytes, with_fla):
     row["ours_graph_us"] = graph_us_per_step(lambda r: ours_call(step, pool, slot_sets[r], out), reps)
     row["ours_eager_us"] = time_ms(ours_call(step, pool, slot_sets[0], out)) * 1e3
     row["floor_frac"] = row["floor_us"] / row["ours_graph_us"]
+    visits = [slot_visit_order(slots) for slots in slot_sets]
+    row["ours_visit_graph_us"] = graph_us_per_step(
+        lambda r: ours_call(step, pool, slot_sets[r], out, visits[r]), reps)
+    row["visit_floor_frac"] = row["floor_us"] / row["ours_visit_graph_us"]
     if with_fla:
         # Same function? One step of each from the same states (fla's bf16 state rounds like ours).
         ref_pool, fla_pool = pool[:N].clone(), pool[:N].clone()
@@ -113,7 +123,6 @@ def main(argv=None) -> int:
     ap.add_argument("--states", nargs="+", default=list(STATE_DTYPES), choices=list(STATE_DTYPES),
                     help="state pool dtypes (experiments; the committed results run both)")
     args = ap.parse_args(argv)
-    import kda_serving.ops  # noqa: F401  (registers torch.ops.kda_serving.*)
 
     copy_rate = copy_rate_bytes_per_s()
     l2_bytes = torch.cuda.get_device_properties(0).L2_cache_size
@@ -127,9 +136,10 @@ def main(argv=None) -> int:
                 r = rows[-1]
                 fla = (f"fla graph {r['fla_graph_us']:8.1f} eager {r['fla_eager_us']:7.1f}  x{r['speedup_graph']:.2f}"
                        f"  diff {r['vs_fla_out_rel']:.1e}") if "fla_graph_us" in r else ""
-                print(f"{state} H{H:3d} N{N:4d}: ours graph {r['ours_graph_us']:8.2f} us eager "
-                      f"{r['ours_eager_us']:7.1f}  floor {r['floor_us']:8.2f} ({100 * r['floor_frac']:5.1f}%)  {fla}",
-                      flush=True)
+                print(f"{state} H{H:3d} N{N:4d}: ours graph {r['ours_graph_us']:8.2f} us "
+                      f"({100 * r['floor_frac']:5.1f}%) by slot {r['ours_visit_graph_us']:8.2f} "
+                      f"({100 * r['visit_floor_frac']:5.1f}%) eager "
+                      f"{r['ours_eager_us']:7.1f}  floor {r['floor_us']:8.2f}  {fla}", flush=True)
     payload = dict(benchmark="kda decode step", environment=environment(), copy_rate_tb_s=copy_rate / 1e12,
                    gate="softplus (lower_bound None)", timing="median of 30 CUDA-graph replays / steps per graph",
                    rows=rows)

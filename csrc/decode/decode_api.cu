@@ -16,8 +16,8 @@ int kda_serving_decode(const void* q, const void* k, const void* v, const void* 
                        const float* A_log, const float* dt_bias, void* state_pool, int state_is_bf16,
                        int64_t pool_slot_stride, int64_t pool_slots,
                        const void* state_indices, int indices_int64, const void* intermediate_slots,
-                       int slots_int64, void* out, int64_t num_seqs, int tokens, int heads, float scale,
-                       int use_lower_bound, float lower_bound, void* stream) {
+                       int slots_int64, const int32_t* visit, void* out, int64_t num_seqs, int tokens,
+                       int heads, float scale, int use_lower_bound, float lower_bound, void* stream) {
   DecodeParams p{};
   p.q = static_cast<const __nv_bfloat16*>(q);
   p.k = static_cast<const __nv_bfloat16*>(k);
@@ -31,6 +31,7 @@ int kda_serving_decode(const void* q, const void* k, const void* v, const void* 
   p.pool_slots = pool_slots;
   p.state_indices = state_indices;
   p.intermediate_slots = intermediate_slots;
+  p.visit = visit;
   p.out = static_cast<__nv_bfloat16*>(out);
   p.num_seqs = num_seqs;
   p.tokens = tokens;

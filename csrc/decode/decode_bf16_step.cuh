@@ -58,17 +58,18 @@ __global__ void __launch_bounds__(kThreads, kStepMinCtasPerSm) kda_decode_bf16_s
   const int slice = blockIdx.x % kStepSlicesPerHead;
   const int64_t seq_head = blockIdx.x / kStepSlicesPerHead;
   const int h = static_cast<int>(seq_head % p.heads);
-  const int64_t n = seq_head / p.heads;  // also the token: T == 1
+  const int64_t pos = seq_head / p.heads;  // position in the visit order
   // Row j of this lane: the two half-warps interleave, so each access of the warp is 2 adjacent rows.
   const int row0 = slice * kStepRowsPerCta + tid / 32 * kStepRowsPerWarp + (tid % 32) / kStepLanesPerRow;
   auto row_of = [&](int j) { return row0 + 2 * j; };
-  const int64_t head_offset = (n * p.heads + h) * kHeadDim;
   const int64_t slice_offset = (static_cast<int64_t>(h) * kHeadDim + slice * kStepRowsPerCta) * kHeadDim;
 
-  if (tid == 0) prefetch_state<StateT>(p, n, slice_offset, kStepRowsPerCta * kHeadDim * sizeof(StateT));
+  if (tid == 0) prefetch_state<StateT>(p, pos, slice_offset, kStepRowsPerCta * kHeadDim * sizeof(StateT));
   kda::grid_dependency_wait();      // launched with PDL: earlier kernels' writes are visible from here on
   kda::allow_dependent_launch();  // the next kernel's CTAs may take SM slots as this grid's last wave drains
-  const int64_t slot = load_index(p.state_indices, p.indices_int64, n);
+  const VisitEntry entry = visit_entry(p, pos);
+  const int64_t n = entry.seq, slot = entry.slot;  // n: also the token (T == 1)
+  const int64_t head_offset = (n * p.heads + h) * kHeadDim;
   if (slot < 0) {  // padded entry: zero outputs, the pool is not touched
     if (c < kStepRowsPerLane) p.out[head_offset + row_of(c)] = __float2bfloat16(0.f);
     return;

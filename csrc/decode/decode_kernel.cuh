@@ -154,16 +154,30 @@ __device__ __forceinline__ TokenScalars prepare_token(const DecodeParams& p, Tok
   return ts;
 }
 
+// The sequence and state slot of grid position `pos` (params.visit), read after the PDL wait. With a visit
+// order the pair is one 8-byte load, so the state loads wait on one round trip, as without.
+struct VisitEntry {
+  int64_t seq;
+  int64_t slot;  // -1: padded entry
+};
+
+__device__ __forceinline__ VisitEntry visit_entry(const DecodeParams& p, int64_t pos) {
+  if (p.visit == nullptr) return {pos, load_index(p.state_indices, p.indices_int64, pos)};
+  const int2 e = *reinterpret_cast<const int2*>(p.visit + 2 * pos);
+  return {e.x, e.y};
+}
+
 // Called before grid_dependency_wait() by one thread of each CTA: a CTA of the first wave may be scheduled
 // while the previous kernel drains (PDL), so it prefetches into L2 the `bytes` of state at element `offset`
-// of sequence n's slot and has them on the way instead of idling (later CTAs skip it: see launch_grid).
+// of grid position pos's slot and has them on the way instead of idling (later CTAs skip it: see launch_grid).
 // The slot index is read through L2 only (load_index_l2), so the read after the wait cannot find a stale L1
-// copy. If the previous kernel is still writing state_indices the guess may be stale; then the prefetch is
+// copy. If the previous kernel is still writing the indices the guess may be stale; then the prefetch is
 // wasted, never the result, and the bounds check keeps it inside the pool.
 template <typename StateT>
-__device__ __forceinline__ void prefetch_state(const DecodeParams& p, int64_t n, int64_t offset, unsigned bytes) {
+__device__ __forceinline__ void prefetch_state(const DecodeParams& p, int64_t pos, int64_t offset, unsigned bytes) {
   if (blockIdx.x >= p.prefetch_ctas) return;
-  const int64_t slot = load_index_l2(p.state_indices, p.indices_int64, n);
+  const int64_t slot = p.visit != nullptr ? load_index_l2(p.visit, false, 2 * pos + 1)
+                                          : load_index_l2(p.state_indices, p.indices_int64, pos);
   if (slot >= 0 && slot < p.pool_slots)
     kda::prefetch_l2(static_cast<const StateT*>(p.state_pool) + slot * p.pool_slot_stride + offset, bytes);
 }
@@ -178,17 +192,18 @@ __global__ void __launch_bounds__(kThreads) kda_decode_kernel(const DecodeParams
   const int slice = blockIdx.x % kSlicesPerHead;
   const int64_t seq_head = blockIdx.x / kSlicesPerHead;
   const int h = static_cast<int>(seq_head % p.heads);
-  const int64_t n = seq_head / p.heads;
+  const int64_t pos = seq_head / p.heads;  // position in the visit order
   const int row = slice * kRowsPerCta + tid / kLanesPerRow;  // value row of this lane group
   const int T = p.tokens;
-  const int64_t token0 = n * T;
   const int64_t row_offset = (static_cast<int64_t>(h) * kHeadDim + row) * kHeadDim;
 
   // This CTA's rows are kRowsPerCta contiguous rows from thread 0's `row`.
-  if (tid == 0) prefetch_state<StateT>(p, n, row_offset, kRowsPerCta * kHeadDim * sizeof(StateT));
+  if (tid == 0) prefetch_state<StateT>(p, pos, row_offset, kRowsPerCta * kHeadDim * sizeof(StateT));
   kda::grid_dependency_wait();      // launched with PDL: earlier kernels' writes are visible from here on
   kda::allow_dependent_launch();  // the next kernel's CTAs may take SM slots as this grid's last wave drains
-  const int64_t slot = load_index(p.state_indices, p.indices_int64, n);
+  const VisitEntry entry = visit_entry(p, pos);
+  const int64_t n = entry.seq, slot = entry.slot;
+  const int64_t token0 = n * T;
   if (slot < 0) {  // padded entry: zero outputs, the pool is not touched
     if (lane == 0) {
       for (int t = 0; t < T; ++t) p.out[((token0 + t) * p.heads + h) * kHeadDim + row] = __float2bfloat16(0.f);

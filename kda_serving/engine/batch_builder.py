@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..model.batch import RaggedBatch, SpecVerify, StateCheckpoints
+from ..ops import slot_visit_order
 from .scheduler import SchedulerOutput
 from .sequence import Sequence
 
@@ -100,6 +101,7 @@ def build_batch(out: SchedulerOutput, block_size: int, pin_memory: bool = False)
         kv_lens=seq_lens,
         is_decode=out.is_decode,
         checkpoints=checkpoints,
+        state_visit=slot_visit_order(torch.tensor(state_slots, dtype=torch.int32)) if out.is_decode else None,
     )
     num_verifying = out.num_verifying
     if num_verifying:

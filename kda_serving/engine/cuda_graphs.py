@@ -39,11 +39,15 @@ import logging
 import torch
 
 from ..model.batch import RaggedBatch, SpecVerify
-from ..ops import indices_checked_by_caller
+from ..ops import indices_checked_by_caller, slot_visit_order
 
 log = logging.getLogger(__name__)
 
 MIN_KV_BUCKET = 512  # tokens: below this the padded key gather costs less than a second graph
+# Batch buckets from which a decode graph passes the KDA kernel its visit order (the sequences by slot,
+# docs/decode-kernel.md): below it the KDA grid is about one wave at H = 32, with little to reorder, and the
+# order's copy would be one more operation per step.
+VISIT_MIN_SEQS = 8
 
 
 @contextlib.contextmanager
@@ -127,6 +131,10 @@ class DecodeGraphs:
         self.out_slots = torch.full((t,), -1 if scratch_state_slot is None else scratch_state_slot, **i32)
         self.seq_lens = torch.zeros(n, **i32)
         self.state_slots = torch.full((n,), -1, **i32)
+        # (row, slot) pairs in the KDA decode kernel's visit order, a padding row (row, -1); host copy of the
+        # padding pairs, appended to a step's own before the one copy
+        self._pad_visit = torch.stack((torch.arange(n, dtype=torch.int32), torch.full((n,), -1, dtype=torch.int32)), 1)
+        self.state_visit = self._pad_visit.to(dev)
         self.block_tables = torch.full((n, self.max_blocks), -1, **i32)
         # Constant: one token per sequence (decode) or W (cu_seqlens made per width).
         self.cu_seqlens = torch.arange(n + 1, **i32)
@@ -193,6 +201,9 @@ class DecodeGraphs:
             dst[: n * w].copy_(src, non_blocking=True)
         for dst, src in ((self.seq_lens, batch.seq_lens), (self.state_slots, batch.state_slots)):
             dst[:n].copy_(src, non_blocking=True)
+        if w == 1 and nb >= VISIT_MIN_SEQS:  # the padding rows' pairs after the step's: any order is a valid one
+            visit = batch.state_visit if batch.state_visit is not None else slot_visit_order(batch.state_slots)
+            self.state_visit[:nb].copy_(torch.cat((visit, self._pad_visit[n:nb])), non_blocking=True)
         if w > 1:
             self.out_slots[: n * w].copy_(batch.spec.out_slots.reshape(-1), non_blocking=True)
         self.block_tables[:n, :width].copy_(batch.block_tables, non_blocking=True)
@@ -233,12 +244,14 @@ class DecodeGraphs:
             kv_lens=[kv] * nb,
             is_decode=w == 1,
             spec=spec,
+            state_visit=self.state_visit[:nb] if w == 1 and nb >= VISIT_MIN_SEQS else None,
         )
 
     def _capture(self, nb: int, w: int, kv: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """Warm-up and capture on an all-padding batch: nothing but the scratch KV slot (and state slot) is
         written."""
         self._pad(0, nb, w, kv // self.block_size)
+        self.state_visit.copy_(self._pad_visit)  # the warm-up runs the kernels: no real slot may be listed
         batch = self._static_batch(nb, w, kv)
         # the warm-up with the index checks off as in capture: the padding rows of a verifying step share the
         # scratch state slot

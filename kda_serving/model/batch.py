@@ -17,7 +17,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..ops.contract import KDACheckpoints, validate_checkpoints, validate_cu_seqlens, validate_slot_indices
+from ..ops.contract import (
+    KDACheckpoints,
+    validate_checkpoints,
+    validate_cu_seqlens,
+    validate_slot_indices,
+    validate_visit_order,
+)
 
 
 def host_to_device(data: list, device: torch.device | str, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -79,6 +85,9 @@ class RaggedBatch:
     is_decode: bool = False  # every sequence has exactly one new token and a cached context
     checkpoints: StateCheckpoints | None = None
     spec: SpecVerify | None = None
+    # [N, 2] int32 (sequence, state slot) pairs by increasing slot, or None: the order in which the KDA decode
+    # kernel takes a decode step's sequences (ops.slot_visit_order), as it streams the states faster
+    state_visit: torch.Tensor | None = None
 
     @property
     def decode_only(self) -> bool:
@@ -130,6 +139,8 @@ class RaggedBatch:
         self.check_host_lengths(block_size)
         if self.spec is not None:
             self._check_spec(num_state_slots, num_kv_blocks, block_size)
+        if self.state_visit is not None:
+            validate_visit_order(self.state_visit, self.state_slots, N, cpu)
         if self.checkpoints is not None:
             ckpt = self.checkpoints
             validate_checkpoints(KDACheckpoints(ckpt.seq, ckpt.pos, ckpt.slot), N, T, 1, self.cu_seqlens,
@@ -220,6 +231,7 @@ class RaggedBatch:
             kv_lens=list(self.kv_lens),
             is_decode=self.is_decode,
             checkpoints=ckpt,
+            state_visit=move(self.state_visit),
             spec=None if self.spec is None else SpecVerify(
                 self.spec.num_seqs, self.spec.width, move(self.spec.out_slots),
                 None if self.spec.rest is None else self.spec.rest.to(device),

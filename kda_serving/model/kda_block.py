@@ -104,7 +104,7 @@ class KDABlock(nn.Module):
         if batch.is_decode:
             return kda_decode(
                 q[:, None], k[:, None], v[:, None], g[:, None], beta[:, None], self.A_log, self.dt_bias,
-                state_pool, batch.state_slots,
+                state_pool, batch.state_slots, visit_order=batch.state_visit,
             ).view(T, H, K)
         ckpt = batch.checkpoints
         return kda_prefill(

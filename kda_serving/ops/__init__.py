@@ -11,7 +11,7 @@ from .flash_attention import flash_attention, merge_attention
 from .fp8_quantize import quantize_rows_fp8, silu_mul_quantize_fp8
 from .gated_norm import gated_rms_norm
 from .gemv import gemv, linear
-from .kda import flash_kda_fwd, kda_decode, kda_prefill
+from .kda import flash_kda_fwd, kda_decode, kda_prefill, slot_visit_order
 from .mla_decode import mla_decode
 from .moe_experts import moe_experts_gemv
 from .moe_routing import moe_route, moe_sort_pairs
@@ -34,6 +34,7 @@ __all__ = [
     "gemv",
     "indices_checked_by_caller",
     "kda_decode",
+    "slot_visit_order",
     "kda_prefill",
     "kda_recurrent_reference",
     "linear",

@@ -318,7 +318,7 @@ def seq_bounds(problem: KDAProblem, cu_seqlens) -> list[tuple[int, int, int]]:
 
 def validate_decode_args(
     q, k, v, g, beta, A_log, dt_bias, state_pool, state_indices, *, scale=None, lower_bound=None,
-    intermediate_slots=None, cuda_kernel: bool | None = None,
+    intermediate_slots=None, visit_order=None, cuda_kernel: bool | None = None,
 ) -> KDAProblem:
     """Checks a decode call: q, k, g [N, T, H, K]; v [N, T, H, V]; beta [N, T, H]; pool [S, H, V, K]."""
     if not isinstance(q, torch.Tensor):
@@ -356,7 +356,22 @@ def validate_decode_args(
             inter = set(intermediate_slots.cpu().reshape(-1).tolist()) - {PAD_SLOT}
             if inter & (set(state_indices.cpu().tolist()) - {PAD_SLOT}):
                 _fail(ValueError, "intermediate_slots", "must differ from state_indices")
+    if visit_order is not None:
+        validate_visit_order(visit_order, state_indices, N, device)
     return KDAProblem(N, T, H, K, V, N, "pool", False)
+
+
+def validate_visit_order(visit_order, state_indices, N: int, device) -> None:
+    """visit_order [N, 2] int32: (n, state_indices[n]) for every sequence n once, in any order."""
+    _check_tensor("visit_order", visit_order, 2, (torch.int32,), device)
+    _check_shape("visit_order", visit_order, (N, 2))
+    if skip_index_value_checks() or N == 0:
+        return
+    host = visit_order.detach().cpu().long()
+    if not torch.equal(host[:, 0].sort().values, torch.arange(N)):
+        _fail(ValueError, "visit_order", "column 0 must hold every sequence 0 .. N-1 once")
+    if not torch.equal(host[:, 1], state_indices.detach().cpu().long()[host[:, 0]]):
+        _fail(ValueError, "visit_order", "column 1 must be the slot state_indices gives its sequence")
 
 
 def validate_conv_args(x, weight, bias, conv_pool, state_indices, *, cu_seqlens=None, has_initial_state=None,

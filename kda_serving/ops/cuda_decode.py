@@ -6,7 +6,7 @@ then enqueue the kernel on torch's current stream. They neither allocate nor syn
 can be captured in a CUDA graph.
 
     decode(q, k, v, g, beta, A_log, dt_bias, scale, lower_bound, state_pool, state_indices, intermediate_slots,
-           out)                               q, k, g [N, T, H, 128]; v, out [N, T, H, 128]; beta [N, T, H]
+           out, visit=None)                   q, k, g [N, T, H, 128]; v, out [N, T, H, 128]; beta [N, T, H]
     conv_prefill(x, weight, bias, cu_seqlens, conv_pool, state_indices, has_initial_state, silu, out)
     conv_decode(x, weight, bias, conv_pool, state_indices, silu, out)        x, out [T or N, D]; weight [D, 4]
 
@@ -36,8 +36,8 @@ _L = ctypes.c_int64
 _F = ctypes.c_float
 
 _SIGNATURES = {
-    "kda_serving_decode": [_P, _P, _P, _P, _P, _P, _P, _P, _I, _L, _L, _P, _I, _P, _I, _P, _L, _I, _I, _F, _I, _F,
-                           _P],
+    "kda_serving_decode": [_P, _P, _P, _P, _P, _P, _P, _P, _I, _L, _L, _P, _I, _P, _I, _P, _P, _L, _I, _I, _F, _I,
+                           _F, _P],
     "kda_serving_conv_prefill": [_P, _P, _I, _P, _I, _P, _I, _L, _P, _I, _P, _I, _P, _P, _I, _L, _L, _I, _I, _I,
                                  _P],
     "kda_serving_conv_decode": [_P, _P, _I, _P, _I, _P, _I, _L, _P, _I, _P, _I, _L, _I, _I, _I, _P],
@@ -81,8 +81,11 @@ _STATE = (torch.float32, torch.bfloat16)
 
 
 def decode(q, k, v, g, beta, A_log, dt_bias, scale, lower_bound, state_pool, state_indices, intermediate_slots,
-           out) -> None:
-    """T tokens for each of N sequences (docs/kda-contract.md, Decode); writes out and the pool in place."""
+           out, visit=None) -> None:
+    """T tokens for each of N sequences (docs/kda-contract.md, Decode); writes out and the pool in place.
+
+    visit: None, or int32 [N, 2] (sequence, its slot) pairs, the order in which the kernel takes the sequences
+    (a permutation: ops.kda.slot_visit_order). The kernel reads each slot from it, not from state_indices."""
     dev = cuda_tensor("q", q, _BF16, ndim=4).device
     N, T, H, K = q.shape
     for name, t in (("k", k), ("v", v), ("g", g), ("out", out)):
@@ -109,11 +112,18 @@ def decode(q, k, v, g, beta, A_log, dt_bias, scale, lower_bound, state_pool, sta
             raise ValueError(f"kda: argument 'intermediate_slots': expected shape {(N, T)}, "
                              f"got {tuple(intermediate_slots.shape)}")
         slots_ptr, slots_int64 = intermediate_slots.data_ptr(), int(intermediate_slots.dtype == torch.int64)
+    visit_ptr = None
+    if visit is not None:
+        if tuple(cuda_tensor("visit", visit, (torch.int32,), dev).shape) != (N, 2):
+            raise ValueError(f"kda: argument 'visit': expected shape {(N, 2)}, got {tuple(visit.shape)}")
+        if visit.data_ptr() % 8:  # each pair is one 8-byte load
+            raise ValueError("kda: argument 'visit': the data must be 8-byte aligned")
+        visit_ptr = visit.data_ptr()
     code = library().kda_serving_decode(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), g.data_ptr(), beta.data_ptr(), A_log.data_ptr(),
         dt_bias.data_ptr(), state_pool.data_ptr(), int(state_pool.dtype == torch.bfloat16), pool_stride,
         state_pool.shape[0],
-        state_indices.data_ptr(), int(state_indices.dtype == torch.int64), slots_ptr, slots_int64,
+        state_indices.data_ptr(), int(state_indices.dtype == torch.int64), slots_ptr, slots_int64, visit_ptr,
         out.data_ptr(), N, T, H, float(scale), int(lower_bound is not None),
         0.0 if lower_bound is None else float(lower_bound), stream_handle(dev),
     )

@@ -191,10 +191,11 @@ def flash_kda_fwd(q, k, v, g, beta, scale, out, A_log, dt_bias, lower_bound, ini
 def _kda_decode_op(
     q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, A_log: Tensor, dt_bias: Tensor, scale: float,
     lower_bound: Optional[float], state_pool: Tensor, state_indices: Tensor, intermediate_slots: Optional[Tensor],
-    out: Tensor,
+    out: Tensor, visit_order: Optional[Tensor] = None,
 ) -> None:
     """CPU implementation: the recurrence, one token at a time, batched over the sequences that have a slot
-    (padded entries get zero output). States are gathered once, stepped, and scattered back."""
+    (padded entries get zero output). States are gathered once, stepped, and scattered back. The visit order
+    only schedules the CUDA kernel's memory traffic: the results do not depend on it."""
     dtype = _compute_dtype(q)
     qn, kn, vv, a, b = prepare_inputs(q, k, v, g, beta, A_log, dt_bias, lower_bound, dtype)
     idx = state_indices.long()
@@ -217,11 +218,11 @@ def _kda_decode_op(
 
 @_kda_decode_op.register_kernel("cuda")
 def _kda_decode_cuda(q, k, v, g, beta, A_log, dt_bias, scale, lower_bound, state_pool, state_indices,
-                     intermediate_slots, out):
+                     intermediate_slots, out, visit_order=None):
     from . import cuda_decode
 
     cuda_decode.decode(q, k, v, g, beta, A_log, dt_bias, scale, lower_bound, state_pool, state_indices,
-                       intermediate_slots, out)
+                       intermediate_slots, out, visit=visit_order)
 
 
 @_kda_decode_op.register_fake
@@ -243,6 +244,7 @@ def kda_decode(
     scale: float | None = None,
     lower_bound: float | None = None,
     intermediate_slots: Tensor | None = None,
+    visit_order: Tensor | None = None,
 ) -> Tensor:
     """T new tokens for each of N sequences with states in a pool, updated in place.
 
@@ -252,17 +254,29 @@ def kda_decode(
         intermediate_slots: [N, T] or None. When given, the state after token t goes to
             state_pool[intermediate_slots[n, t]] and state_pool[state_indices[n]] is only read (speculative
             verification keeps the slot of the last accepted token).
+        visit_order: [N, 2] int32 or None: (sequence, its slot) pairs in the order the CUDA kernel takes the
+            sequences, from slot_visit_order(state_indices). The results are the same in any order; by
+            increasing slot the state streams faster (docs/decode-kernel.md, "Visit order").
     Returns:
         out [N, T, H, V] in q's dtype.
     """
     problem = validate_decode_args(
         q, k, v, g, beta, A_log, dt_bias, state_pool, state_indices, scale=scale, lower_bound=lower_bound,
-        intermediate_slots=intermediate_slots,
+        intermediate_slots=intermediate_slots, visit_order=visit_order,
     )
     scale = validate_scale(scale, problem.key_dim)
     out = torch.empty_like(v)
     torch.ops.kda_serving.kda_decode_(
         q, k, v, g, beta, A_log, dt_bias, scale, None if lower_bound is None else float(lower_bound), state_pool,
-        state_indices, intermediate_slots, out,
+        state_indices, intermediate_slots, out, visit_order,
     )
     return out
+
+
+def slot_visit_order(state_indices: Tensor) -> Tensor:
+    """The visit order of kda_decode for these slots: int32 [N, 2] (sequence, slot) pairs by increasing slot
+    (padded entries, -1, first), on state_indices' device. Computed where the indices live: a caller that
+    builds them on the host (the engine) sorts there and copies the pairs along with them."""
+    slots = state_indices.detach().reshape(-1).to(torch.int64)
+    order = torch.argsort(slots, stable=True)
+    return torch.stack((order, slots[order]), dim=1).to(torch.int32)

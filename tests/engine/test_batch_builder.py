@@ -129,6 +129,22 @@ def test_decode_steps_may_bound_their_key_lengths():
         batch.check(num_state_slots=8, num_kv_blocks=23, block_size=16)
 
 
+def test_decode_steps_carry_the_kda_visit_order():
+    """A decode step lists its sequences by increasing state slot for the KDA decode kernel; the check holds
+    the pairs to state_slots; a step with prompt tokens has none."""
+    seqs = [Sequence(str(i), [3] * 20, SamplingParams(), i) for i in range(4)]
+    for seq, slot in zip(seqs, [6, 1, 7, 3]):
+        seq.state_slot, seq.block_table = slot, [slot]
+    batch = build_batch(SchedulerOutput(chunks=[ScheduledChunk(s, 19, 1, True) for s in seqs]), block_size=32)
+    assert batch.is_decode and batch.state_visit.tolist() == [[1, 1], [3, 3], [0, 6], [2, 7]]
+    batch.check(num_state_slots=8, num_kv_blocks=8, block_size=32)
+    assert torch.equal(batch.to("cpu").state_visit, batch.state_visit)
+    batch.state_visit = torch.tensor([[1, 1], [3, 3], [0, 7], [2, 6]], dtype=torch.int32)
+    with pytest.raises(ValueError, match="visit_order"):
+        batch.check(num_state_slots=8, num_kv_blocks=8, block_size=32)
+    assert _checked_batch().state_visit is None
+
+
 def test_ragged_batch_check_finds_keys_without_a_block():
     """A sequence whose keys reach a table entry of -1 (no block) would send the paged kernel outside the
     cache: refused."""

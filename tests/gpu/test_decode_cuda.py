@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from kda_testing import EXTREME_GATES, MILD_GATES, make_kda_inputs, max_err, rel_err
-from kda_serving.ops import PAD_SLOT, kda_decode, kda_recurrent_reference
+from kda_serving.ops import PAD_SLOT, kda_decode, kda_recurrent_reference, slot_visit_order
 from kda_serving.ops import cuda_decode
 
 pytestmark = pytest.mark.gpu
@@ -43,11 +43,11 @@ def _reference(inputs, pool, slots, lower_bound):
                                    state_pool=pool, state_indices=slots)
 
 
-def _decode(inputs, pool, slots, lower_bound, intermediate_slots=None):
+def _decode(inputs, pool, slots, lower_bound, intermediate_slots=None, visit_order=None):
     q, k, v, g, beta, A_log, dt_bias = inputs
     out = torch.full_like(v, float("nan"))
     torch.ops.kda_serving.kda_decode_(q, k, v, g, beta, A_log, dt_bias, 128**-0.5, lower_bound, pool, slots,
-                                      intermediate_slots, out)
+                                      intermediate_slots, out, visit_order)
     return out
 
 
@@ -238,6 +238,73 @@ def test_graph_of_dependent_steps(state_dtype, N):
     assert torch.equal(graph_pool[keep], pool[keep])
 
 
+# (fp32 pool, T=1: the general kernel; bf16, T=1: the bf16 step kernel; bf16, T=3 with intermediate slots: the
+# general kernel on its multi-token path)
+@pytest.mark.parametrize("state_dtype,T", [(torch.float32, 1), (torch.bfloat16, 1), (torch.bfloat16, 3)],
+                         ids=["fp32", "bf16_step", "bf16_multi_token"])
+def test_visit_order_gives_the_same_bits(state_dtype, T):
+    """The visit order (slot_visit_order: the sequences by increasing slot) changes only which CTA takes which
+    sequence: outputs and states are bit-identical to the plain call, padded entries still give zeros, and the
+    float64 reference agrees. N = 300 over many waves, slots a random permutation."""
+    N, H = 300, 4
+    extra = N * T + 5 if T > 1 else 5
+    inputs, pool, slots = _case(N, T, H, state_dtype=state_dtype, gates=EXTREME_GATES, pad=(0, 17, 299),
+                                seed=41 + T, extra_slots=extra)
+    inter = None
+    if T > 1:
+        free = _untouched_mask(pool.shape[0], slots).nonzero().reshape(-1)
+        inter = free[torch.randperm(len(free), generator=torch.Generator().manual_seed(3))[: N * T]]
+        inter = inter.reshape(N, T).to(DEV, torch.int32)
+    visit = slot_visit_order(slots)
+    assert visit.device.type == "cuda" and not torch.equal(visit[:, 0].cpu(), torch.arange(N, dtype=torch.int32))
+    plain_pool, visit_pool = pool.clone(), pool.clone()
+    plain = _decode(inputs, plain_pool, slots, None, inter)
+    visited = _decode(inputs, visit_pool, slots, None, inter, visit)
+    torch.cuda.synchronize()
+    assert not visited.isnan().any(), "some outputs were never written"
+    assert torch.equal(plain, visited) and torch.equal(plain_pool, visit_pool)
+    assert (visited[slots == PAD_SLOT] == 0).all()
+    ref = _reference(inputs, pool, slots, None)
+    real = slots >= 0
+    e_out = rel_err(visited[real], ref.out[real])
+    print(f"out rel {e_out:.2e} max {max_err(visited[real], ref.out[real]):.2e}")
+    assert e_out <= TOL[state_dtype]
+    if T == 1:
+        e_state = rel_err(visit_pool[slots[real].long()], ref.final_state[real])
+        assert e_state <= TOL[state_dtype], e_state
+    keep = _untouched_mask(pool.shape[0], slots, *(() if inter is None else (inter,))).to(DEV)
+    assert torch.equal(visit_pool[keep], pool[keep])
+
+
+def test_visit_order_in_a_graph():
+    """Captured with a visit order: replays with new slots and a new order in the same static buffers match
+    eager calls in sequence order bit for bit."""
+    N, H, S = 64, 8, 200
+    inputs, pool, _ = _case(N, 1, H, state_dtype=torch.bfloat16, gates=EXTREME_GATES, seed=7, extra_slots=S - N)
+    pool = (torch.randn(pool.shape, generator=torch.Generator().manual_seed(1)) * 0.3).to(DEV, torch.bfloat16)
+    slots = torch.zeros(N, dtype=torch.int32, device=DEV)
+    visit = torch.zeros(N, 2, dtype=torch.int32, device=DEV)
+    q, k, v, g, beta, A_log, dt_bias = inputs
+    graph_pool, eager_pool = pool.clone(), pool.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside capture
+        kda_decode(q, k, v, g, beta, A_log, dt_bias, pool.clone(), torch.arange(N, dtype=torch.int32, device=DEV))
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = kda_decode(q, k, v, g, beta, A_log, dt_bias, graph_pool, slots, visit_order=visit)
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(3):
+        new_slots = torch.randperm(S, generator=gen)[:N].to(DEV, torch.int32)
+        slots.copy_(new_slots)
+        visit.copy_(slot_visit_order(new_slots))
+        graph.replay()
+        eager_out = kda_decode(q, k, v, g, beta, A_log, dt_bias, eager_pool, new_slots)
+        torch.cuda.synchronize()
+        assert torch.equal(static_out, eager_out) and torch.equal(graph_pool, eager_pool)
+
+
 def test_bad_arguments_raise():
     inputs, pool, slots = _case(2, 1, 2, state_dtype=torch.float32, gates=MILD_GATES)
     q, k, v, g, beta, A_log, dt_bias = inputs
@@ -251,3 +318,10 @@ def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="q"):
         kda_decode(q[..., :64].contiguous(), k[..., :64].contiguous(), v, g[..., :64].contiguous(), beta, A_log,
                    dt_bias[:, :64].contiguous(), pool, slots)
+    visit = slot_visit_order(slots)
+    with pytest.raises(ValueError, match="visit"):
+        cuda_decode.decode(q, k, v, g, beta, A_log, dt_bias, 0.1, None, pool, slots, None, out, visit=visit[:1])
+    with pytest.raises(TypeError, match="visit"):
+        cuda_decode.decode(q, k, v, g, beta, A_log, dt_bias, 0.1, None, pool, slots, None, out, visit=visit.long())
+    with pytest.raises(ValueError, match="visit_order"):
+        kda_decode(q, k, v, g, beta, A_log, dt_bias, pool, slots, visit_order=visit.flip(1).contiguous())

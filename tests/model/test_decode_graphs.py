@@ -15,7 +15,7 @@ import pytest
 import torch
 from kimi_testing import Sequence, clone_caches, make_batch, rel_error
 
-from kda_serving.engine.cuda_graphs import MIN_KV_BUCKET, DecodeGraphs
+from kda_serving.engine.cuda_graphs import MIN_KV_BUCKET, VISIT_MIN_SEQS, DecodeGraphs
 
 BLOCK = 16
 
@@ -73,6 +73,47 @@ def test_graph_decode_steps_match_eager_steps():
             assert torch.equal(a[free_slots], b[free_slots])
     for a, b in zip(graphed.kv, before.kv):
         assert torch.equal(a[free_blocks], b[free_blocks])
+
+
+@pytest.mark.gpu
+def test_graph_steps_pass_the_kda_visit_order():
+    """Buckets of VISIT_MIN_SEQS and more pass the KDA decode kernel the step's sequences by slot, padding rows
+    included: 10 sequences in shuffled slots (bucket 16, six padding rows), then 7 (bucket 8, captured after
+    real steps, when the visit buffer holds real pairs that its warm-up must not run on). Logits and states
+    as in eager steps; slots no sequence owns bit-identical."""
+    from kda_serving.model import load_model
+
+    model = load_model(None, device="cuda", dtype=torch.bfloat16, progress=False)
+    n_seqs, num_slots, blocks_per_seq = 10, 24, 3
+    num_blocks, vocab = n_seqs * blocks_per_seq, model.config.vocab_size
+    eager = model.allocate_caches(num_slots, num_blocks + 1, BLOCK)
+    gen = torch.Generator().manual_seed(1)
+    slots = torch.randperm(num_slots, generator=gen)[:n_seqs].tolist()
+    seqs = [Sequence(torch.randint(3, vocab, (int(torch.randint(5, 40, (1,), generator=gen)) + 3,),
+                                   generator=gen).tolist(),
+                     slot=slot, blocks=list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq)))
+            for i, slot in enumerate(slots)]
+    model.forward(make_batch([(s, len(s.tokens) - 3) for s in seqs], BLOCK).to("cuda"), eager)
+    for s in seqs:
+        s.done = len(s.tokens) - 3
+    graphed, before = clone_caches(eager), clone_caches(eager)
+    graphs = DecodeGraphs(model, graphed, max_num_seqs=16, block_size=BLOCK, max_model_len=num_blocks * BLOCK,
+                          scratch_slot=num_blocks * BLOCK)
+    for step, live in enumerate((seqs, seqs, seqs[3:])):
+        batch = make_batch([(s, 1) for s in live], BLOCK)
+        ref = model.forward(batch.to("cuda"), eager)
+        out = graphs.run(batch)
+        torch.cuda.synchronize()
+        err = rel_error(out, ref)
+        print(f"step {step} ({len(live)} sequences): logits rel {err:.2e}")
+        assert torch.isfinite(out).all() and err <= 1e-2
+        for s in live:
+            s.done += 1
+    assert {nb for nb, _, _ in graphs.graphs} == {16, 8} and 8 >= VISIT_MIN_SEQS
+    for ours, ref, old in zip(graphed.recurrent, eager.recurrent, before.recurrent):
+        assert rel_error(ours[slots], ref[slots]) <= 1e-2
+        free = [i for i in range(num_slots) if i not in slots]
+        assert torch.equal(ours[free], old[free])
 
 
 @pytest.mark.gpu

@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kda_testing import EXTREME_GATES, cu_seqlens_of, make_kda_inputs, rel_err
-from kda_serving.ops import PAD_SLOT, kda_decode, kda_prefill, kda_recurrent_reference
+from kda_serving.ops import PAD_SLOT, kda_decode, kda_prefill, kda_recurrent_reference, slot_visit_order
 
 TOL = 3e-4  # float32 rounding, amplified by the chunk's triangular solve when gates are extreme
 
@@ -141,6 +141,24 @@ def test_decode_padding():
     out = kda_decode(q, k, v, g, beta, A_log, dt, pool, torch.tensor([PAD_SLOT, 0]))
     assert torch.equal(out[0], torch.zeros_like(out[0]))
     assert torch.equal(pool[1:], before[1:]) and not torch.equal(pool[0], before[0])
+
+
+def test_slot_visit_order_sorts_by_slot_and_keeps_each_sequence():
+    slots = torch.tensor([7, PAD_SLOT, 2, 9, 0], dtype=torch.int64)
+    visit = slot_visit_order(slots)
+    assert visit.dtype == torch.int32 and visit.tolist() == [[1, -1], [4, 0], [2, 2], [0, 7], [3, 9]]
+    assert slot_visit_order(torch.empty(0, dtype=torch.int32)).shape == (0, 2)
+
+
+def test_decode_with_a_visit_order_gives_the_same_results():
+    gen = torch.Generator().manual_seed(8)
+    q, k, v, g, beta, A_log, dt = _decode_inputs(gen, 4, 1)
+    pool = torch.randn(6, 2, 8, 16, generator=gen)
+    slots = torch.tensor([4, PAD_SLOT, 0, 3])
+    pool2 = pool.clone()
+    out = kda_decode(q, k, v, g, beta, A_log, dt, pool, slots)
+    out2 = kda_decode(q, k, v, g, beta, A_log, dt, pool2, slots, visit_order=slot_visit_order(slots))
+    assert torch.equal(out, out2) and torch.equal(pool, pool2)
 
 
 def test_pools_with_strided_slots_are_used_in_place():

@@ -154,6 +154,13 @@ def test_decode_validation():
     _raises(ValueError, "intermediate_slots", kda_decode, q, k, v, g, beta, A_log, dt, pool, idx,
             intermediate_slots=torch.tensor([[1], [2]]))
     _raises(ValueError, "q", kda_decode, *(x[:, :0] for x in (q, k, v, g, beta)), A_log, dt, pool, idx)
+    visit = torch.tensor([[1, 1], [0, 0]], dtype=torch.int32)
+    _raises(TypeError, "visit_order", kda_decode, q, k, v, g, beta, A_log, dt, pool, idx, visit_order=visit.long())
+    _raises(ValueError, "visit_order", kda_decode, q, k, v, g, beta, A_log, dt, pool, idx, visit_order=visit[:1])
+    _raises(ValueError, "visit_order", kda_decode, q, k, v, g, beta, A_log, dt, pool, idx,
+            visit_order=torch.tensor([[1, 1], [1, 1]], dtype=torch.int32))  # a sequence twice
+    _raises(ValueError, "visit_order", kda_decode, q, k, v, g, beta, A_log, dt, pool, idx,
+            visit_order=torch.tensor([[1, 0], [0, 1]], dtype=torch.int32))  # slots not those of state_indices
 
 
 def test_conv_validation():
