@@ -80,7 +80,8 @@ def graph_us_per_step(make_fn, reps: int) -> float:
     return time_ms(graph.replay, warmup=5, iters=30) * 1e3 / reps
 
 
-def run_case(H, N, state, copy_rate, l2_bytes, with_fla):
+def make_case(H, N, state, l2_bytes):
+    """One case's inputs: (step inputs, pool, slot set of each of the R graph steps, out, state bytes a step)."""
     dtype = STATE_DTYPES[state]
     state_bytes = N * H * D * D * dtype.itemsize
     reps = min(MAX_GRAPH_STEPS, max(MODEL_KDA_LAYERS, -(-int(2.5 * l2_bytes) // state_bytes)))
@@ -88,7 +89,12 @@ def run_case(H, N, state, copy_rate, l2_bytes, with_fla):
     step = make_step(N, H, gen)
     pool = torch.empty(reps * N, H, D, D, dtype=dtype, device="cuda").normal_(0.0, 0.1, generator=gen)
     slot_sets = [(torch.randperm(N, generator=gen, device="cuda") + r * N).to(torch.int32) for r in range(reps)]
-    out = torch.empty_like(step["v"])
+    return step, pool, slot_sets, torch.empty_like(step["v"]), state_bytes
+
+
+def run_case(H, N, state, copy_rate, l2_bytes, with_fla):
+    step, pool, slot_sets, out, state_bytes = make_case(H, N, state, l2_bytes)
+    reps = len(slot_sets)
     row = dict(H=H, N=N, state=state, graph_steps=reps, state_mb=state_bytes / 2**20)
     row["floor_us"] = 2 * state_bytes / copy_rate * 1e6
     row["ours_graph_us"] = graph_us_per_step(lambda r: ours_call(step, pool, slot_sets[r], out), reps)

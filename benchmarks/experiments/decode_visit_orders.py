@@ -14,9 +14,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from bench_decode import (  # noqa: E402
-    D, MAX_GRAPH_STEPS, MODEL_KDA_LAYERS, STATE_DTYPES, graph_us_per_step, make_step, ours_call,
-)
+from bench_decode import graph_us_per_step, make_case, ours_call  # noqa: E402
 from common import copy_rate_bytes_per_s  # noqa: E402
 
 from kda_serving.ops import slot_visit_order  # noqa: E402
@@ -30,19 +28,12 @@ def orders(slots):
 
 copy_rate = copy_rate_bytes_per_s()
 l2 = torch.cuda.get_device_properties(0).L2_cache_size
-pool = None
 for state, H, N in (("bf16", 96, 256), ("bf16", 32, 64), ("fp32", 96, 64), ("bf16", 32, 256)):
     pool = None  # the previous case's pool goes back first
     torch.cuda.empty_cache()
-    dtype = STATE_DTYPES[state]
-    state_bytes = N * H * D * D * dtype.itemsize
-    reps = min(MAX_GRAPH_STEPS, max(MODEL_KDA_LAYERS, -(-int(2.5 * l2) // state_bytes)))
-    gen = torch.Generator(device="cuda").manual_seed(N * 1000 + H)
-    step = make_step(N, H, gen)
-    pool = torch.empty(reps * N, H, D, D, dtype=dtype, device="cuda").normal_(0.0, 0.1, generator=gen)
-    sets = [(torch.randperm(N, generator=gen, device="cuda") + r * N).to(torch.int32) for r in range(reps)]
+    step, pool, sets, out, state_bytes = make_case(H, N, state, l2)
+    reps = len(sets)
     per_set = [orders(s) for s in sets]
-    out = torch.empty_like(step["v"])
     floor_us = 2 * state_bytes / copy_rate * 1e6
     line = []
     for rnd in range(2):

@@ -20,6 +20,22 @@ from kda_serving.engine.cuda_graphs import MIN_KV_BUCKET, VISIT_MIN_SEQS, Decode
 BLOCK = 16
 
 
+def _graph_step_matches_eager(model, graphs, eager, live: list[Sequence]) -> float:
+    """One decode step of `live`, eagerly on `eager` and replayed by `graphs`: logits within bf16 noise of each
+    other; each sequence advances by its token. Returns the logits' relative error."""
+    batch = make_batch([(s, 1) for s in live], BLOCK)
+    assert batch.is_decode
+    ref = model.forward(batch.to("cuda"), eager)
+    out = graphs.run(batch)
+    torch.cuda.synchronize()
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    err = rel_error(out, ref)
+    print(f"step of {len(live)} sequences (keys {[s.done + 1 for s in live]}): logits rel {err:.2e}")
+    assert err <= 1e-2
+    for s in live:
+        s.done += 1
+    return err
+
 
 @pytest.mark.gpu
 def test_graph_decode_steps_match_eager_steps():
@@ -43,17 +59,7 @@ def test_graph_decode_steps_match_eager_steps():
 
     for step in range(4):
         live = seqs if step < 3 else seqs[:2]  # the last step drops a sequence: another bucket
-        batch = make_batch([(s, 1) for s in live], BLOCK)
-        assert batch.is_decode
-        ref = model.forward(batch.to("cuda"), eager)
-        out = graphs.run(batch)
-        torch.cuda.synchronize()
-        assert out.shape == ref.shape and torch.isfinite(out).all()
-        err = rel_error(out, ref)
-        print(f"step {step} ({len(live)} sequences): logits rel {err:.2e}")
-        assert err <= 1e-2
-        for s in live:
-            s.done += 1
+        _graph_step_matches_eager(model, graphs, eager, live)
     assert set(graphs.graphs) == {(4, 1, MIN_KV_BUCKET), (2, 1, MIN_KV_BUCKET)}
 
     slots = [s.slot for s in seqs]
@@ -99,16 +105,8 @@ def test_graph_steps_pass_the_kda_visit_order():
     graphed, before = clone_caches(eager), clone_caches(eager)
     graphs = DecodeGraphs(model, graphed, max_num_seqs=16, block_size=BLOCK, max_model_len=num_blocks * BLOCK,
                           scratch_slot=num_blocks * BLOCK)
-    for step, live in enumerate((seqs, seqs, seqs[3:])):
-        batch = make_batch([(s, 1) for s in live], BLOCK)
-        ref = model.forward(batch.to("cuda"), eager)
-        out = graphs.run(batch)
-        torch.cuda.synchronize()
-        err = rel_error(out, ref)
-        print(f"step {step} ({len(live)} sequences): logits rel {err:.2e}")
-        assert torch.isfinite(out).all() and err <= 1e-2
-        for s in live:
-            s.done += 1
+    for live in (seqs, seqs, seqs[3:]):
+        _graph_step_matches_eager(model, graphs, eager, live)
     assert {nb for nb, _, _ in graphs.graphs} == {16, 8} and 8 >= VISIT_MIN_SEQS
     for ours, ref, old in zip(graphed.recurrent, eager.recurrent, before.recurrent):
         assert rel_error(ours[slots], ref[slots]) <= 1e-2
@@ -143,17 +141,8 @@ def test_one_graph_serves_every_key_length_on_the_paged_kernel():
     graphs = DecodeGraphs(model, graphed, max_num_seqs=8, block_size=BLOCK, max_model_len=num_blocks * BLOCK,
                           scratch_slot=num_blocks * BLOCK, any_length=True)
     graphs.block_tables.random_(0, num_blocks)  # stale columns: blocks other sequences hold
-    for step, live in enumerate(([0, 1, 2], [3, 0], [2, 1, 3, 0])):
-        chunk = [(seqs[i], 1) for i in live]
-        batch = make_batch(chunk, BLOCK)
-        ref = model.forward(batch.to("cuda"), eager)
-        out = graphs.run(batch)
-        torch.cuda.synchronize()
-        err = rel_error(out, ref)
-        print(f"step {step} (sequences of {[seqs[i].done + 1 for i in live]} keys): logits rel {err:.2e}")
-        assert torch.isfinite(out).all() and err <= 1e-2
-        for s, _ in chunk:
-            s.done += 1
+    for live in ([0, 1, 2], [3, 0], [2, 1, 3, 0]):
+        _graph_step_matches_eager(model, graphs, eager, [seqs[i] for i in live])
     assert set(graphs.graphs) == {(4, 1, graphs.kv_limit), (2, 1, graphs.kv_limit)}
     slots = [s.slot for s in seqs]
     for ours, ref in zip(graphed.recurrent + graphed.conv, eager.recurrent + eager.conv):
