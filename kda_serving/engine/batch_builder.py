@@ -9,6 +9,11 @@ from ..ops import slot_visit_order
 from .scheduler import SchedulerOutput
 from .sequence import Sequence
 
+# Decode steps of at least this many sequences carry the KDA decode kernel's visit order (their sequences by
+# slot, docs/decode-kernel.md): below it the KDA grid is about one wave at H = 32, with little to reorder, and
+# the order costs 17-32 us of host time per step (torch argsort of up to 256 slots, this 2-core machine).
+VISIT_MIN_SEQS = 8
+
 
 def block_row(seq: Sequence) -> torch.Tensor:
     """seq.block_table as an int32 tensor, converting only the blocks appended since the last call.
@@ -86,13 +91,14 @@ def build_batch(out: SchedulerOutput, block_size: int, pin_memory: bool = False)
             tensor(list(seq_idx), torch.int32), tensor(list(pos), torch.int32), tensor(list(slot), torch.int32)
         )
     context = tensor(context_lens, torch.int32)
+    slots = tensor(state_slots, torch.int32)
     batch = RaggedBatch(
         input_ids=tensor(input_ids, torch.int64),
         positions=tensor(positions, torch.int64),
         cu_seqlens=tensor(cu_seqlens, torch.int32),
         context_lens=context,
         seq_lens=tensor(seq_lens, torch.int32),
-        state_slots=tensor(state_slots, torch.int32),
+        state_slots=slots,
         has_initial_state=context > 0,
         block_tables=block_tables.pin_memory() if pin_memory else block_tables,
         slot_mapping=tensor(slot_mapping, torch.int64),
@@ -101,7 +107,7 @@ def build_batch(out: SchedulerOutput, block_size: int, pin_memory: bool = False)
         kv_lens=seq_lens,
         is_decode=out.is_decode,
         checkpoints=checkpoints,
-        state_visit=slot_visit_order(torch.tensor(state_slots, dtype=torch.int32)) if out.is_decode else None,
+        state_visit=slot_visit_order(slots) if out.is_decode and len(state_slots) >= VISIT_MIN_SEQS else None,
     )
     num_verifying = out.num_verifying
     if num_verifying:

@@ -40,14 +40,11 @@ import torch
 
 from ..model.batch import RaggedBatch, SpecVerify
 from ..ops import indices_checked_by_caller, slot_visit_order
+from .batch_builder import VISIT_MIN_SEQS  # also the bucket from which a decode graph passes the order
 
 log = logging.getLogger(__name__)
 
 MIN_KV_BUCKET = 512  # tokens: below this the padded key gather costs less than a second graph
-# Batch buckets from which a decode graph passes the KDA kernel its visit order (the sequences by slot,
-# docs/decode-kernel.md): below it the KDA grid is about one wave at H = 32, with little to reorder, and the
-# order's copy would be one more operation per step.
-VISIT_MIN_SEQS = 8
 
 
 @contextlib.contextmanager

@@ -34,7 +34,6 @@ __all__ = [
     "gemv",
     "indices_checked_by_caller",
     "kda_decode",
-    "slot_visit_order",
     "kda_prefill",
     "kda_recurrent_reference",
     "linear",
@@ -45,6 +44,7 @@ __all__ = [
     "moe_sort_pairs",
     "quantize_rows_fp8",
     "silu_mul_quantize_fp8",
+    "slot_visit_order",
     "top_k_floor",
     "top_p_floor",
 ]

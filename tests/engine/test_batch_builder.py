@@ -6,7 +6,7 @@ import pytest
 
 import torch
 
-from kda_serving.engine.batch_builder import block_row, build_batch
+from kda_serving.engine.batch_builder import VISIT_MIN_SEQS, block_row, build_batch
 from kda_serving.engine.sampling_params import SamplingParams
 from kda_serving.engine.scheduler import ScheduledChunk, SchedulerOutput
 from kda_serving.engine.sequence import Sequence
@@ -132,16 +132,21 @@ def test_decode_steps_may_bound_their_key_lengths():
 def test_decode_steps_carry_the_kda_visit_order():
     """A decode step lists its sequences by increasing state slot for the KDA decode kernel; the check holds
     the pairs to state_slots; a step with prompt tokens has none."""
-    seqs = [Sequence(str(i), [3] * 20, SamplingParams(), i) for i in range(4)]
-    for seq, slot in zip(seqs, [6, 1, 7, 3]):
+    slots = [6, 1, 7, 3, 0, 9, 2, 4]
+    assert len(slots) == VISIT_MIN_SEQS
+    seqs = [Sequence(str(i), [3] * 20, SamplingParams(), i) for i in range(len(slots))]
+    for seq, slot in zip(seqs, slots):
         seq.state_slot, seq.block_table = slot, [slot]
     batch = build_batch(SchedulerOutput(chunks=[ScheduledChunk(s, 19, 1, True) for s in seqs]), block_size=32)
-    assert batch.is_decode and batch.state_visit.tolist() == [[1, 1], [3, 3], [0, 6], [2, 7]]
-    batch.check(num_state_slots=8, num_kv_blocks=8, block_size=32)
+    assert batch.is_decode
+    assert batch.state_visit.tolist() == [[4, 0], [1, 1], [6, 2], [3, 3], [7, 4], [0, 6], [2, 7], [5, 9]]
+    batch.check(num_state_slots=10, num_kv_blocks=10, block_size=32)
     assert torch.equal(batch.to("cpu").state_visit, batch.state_visit)
-    batch.state_visit = torch.tensor([[1, 1], [3, 3], [0, 7], [2, 6]], dtype=torch.int32)
+    batch.state_visit[[0, 1], 1] = batch.state_visit[[1, 0], 1]  # two slots swapped between sequences
     with pytest.raises(ValueError, match="visit_order"):
-        batch.check(num_state_slots=8, num_kv_blocks=8, block_size=32)
+        batch.check(num_state_slots=10, num_kv_blocks=10, block_size=32)
+    small = build_batch(SchedulerOutput(chunks=[ScheduledChunk(s, 19, 1, True) for s in seqs[:3]]), block_size=32)
+    assert small.is_decode and small.state_visit is None  # a step of a few sequences: no order to pass
     assert _checked_batch().state_visit is None
 
 
