@@ -198,7 +198,7 @@ class DecodeGraphs:
             dst[: n * w].copy_(src, non_blocking=True)
         for dst, src in ((self.seq_lens, batch.seq_lens), (self.state_slots, batch.state_slots)):
             dst[:n].copy_(src, non_blocking=True)
-        if w == 1 and nb >= VISIT_MIN_SEQS:  # the padding rows' pairs after the step's: any order is a valid one
+        if self._passes_visit(nb, w):  # the padding rows' pairs after the step's: any order is a valid one
             visit = batch.state_visit if batch.state_visit is not None else slot_visit_order(batch.state_slots)
             self.state_visit[:nb].copy_(torch.cat((visit, self._pad_visit[n:nb])), non_blocking=True)
         if w > 1:
@@ -218,6 +218,11 @@ class DecodeGraphs:
         self.state_slots[start:end] = -1
         if not self.any_length:  # with any_length a padding row's length 0 reads no column
             self.block_tables[start:end, :graph_width] = -1
+
+    @staticmethod
+    def _passes_visit(nb: int, w: int) -> bool:
+        """Whether the graph of bucket nb and width w passes the KDA decode kernel its visit order."""
+        return w == 1 and nb >= VISIT_MIN_SEQS
 
     def _static_batch(self, nb: int, w: int, kv: int) -> RaggedBatch:
         t = nb * w
@@ -241,7 +246,7 @@ class DecodeGraphs:
             kv_lens=[kv] * nb,
             is_decode=w == 1,
             spec=spec,
-            state_visit=self.state_visit[:nb] if w == 1 and nb >= VISIT_MIN_SEQS else None,
+            state_visit=self.state_visit[:nb] if self._passes_visit(nb, w) else None,
         )
 
     def _capture(self, nb: int, w: int, kv: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:

@@ -20,9 +20,9 @@ from kda_serving.engine.cuda_graphs import MIN_KV_BUCKET, VISIT_MIN_SEQS, Decode
 BLOCK = 16
 
 
-def _graph_step_matches_eager(model, graphs, eager, live: list[Sequence]) -> float:
+def _graph_step_matches_eager(model, graphs, eager, live: list[Sequence]) -> None:
     """One decode step of `live`, eagerly on `eager` and replayed by `graphs`: logits within bf16 noise of each
-    other; each sequence advances by its token. Returns the logits' relative error."""
+    other; each sequence advances by its token."""
     batch = make_batch([(s, 1) for s in live], BLOCK)
     assert batch.is_decode
     ref = model.forward(batch.to("cuda"), eager)
@@ -34,7 +34,6 @@ def _graph_step_matches_eager(model, graphs, eager, live: list[Sequence]) -> flo
     assert err <= 1e-2
     for s in live:
         s.done += 1
-    return err
 
 
 @pytest.mark.gpu
